@@ -1,0 +1,1 @@
+"""aligncodec.codec."""
