@@ -1,0 +1,293 @@
+"""Scalar quantisers for weight matrices: RTN, GPTQ, and their ECSQ variants.
+
+All functions take a weight matrix W (out × in, "rows × columns"; a linear
+layer computes y = W x) and return a :class:`QuantResult` holding the
+reconstruction, the integer symbols and the side information a decoder needs.
+Pure torch, no file I/O.
+
+Two kinds of quantiser grid (the ``grid`` argument):
+
+* :class:`FixedGrid` — fixed-length B-bit codes. Asymmetric by default:
+  levels q ∈ {0 … 2^B−1}, w ≈ s·(q − z) with one fp16 scale s and one B-bit
+  integer zero-point z per group (a row, or 128 consecutive columns of a row).
+  The range [min, max] of the group is widened to contain 0 (as in GPTQ) and,
+  with ``clip=True`` (default), shrunk by the factor in {1, 0.975, …, 0.2}
+  that minimises the group's squared error (GPTQ's ``mse`` option; it makes
+  RTN a much stronger baseline at 2–3 bits). Symmetric (``sym=True``): a
+  mid-rise grid, z fixed at (2^B−1)/2 and not sent, s = 2·max|w| / (2^B − 1),
+  levels ±s/2, ±3s/2, … up to ±max|w| (0 is not a level). Asymmetric uses
+  every level and was the stronger at every rate we measured (see the
+  baselines notes), so it is the default; the scale is rounded up to fp16
+  *before* use so the reconstruction is exactly what a decoder gets.
+* :class:`ECSQ` — entropy-coded scalar quantisation: w ≈ Δ·q with q an
+  unbounded integer, no clipping, meant to be entropy coded. Δ is a scalar, a
+  per-row tensor, or, with ``group_rel``, Δ = group_rel · rms(group) per group
+  (fp16, sent as side information).
+
+GPTQ (Frantar et al., 2023) follows the reference algorithm: H = 2Σ, dead
+inputs (H_jj = 0) zeroed, damping ``damp``·mean(diag H), the upper Cholesky
+factor of H⁻¹, block-wise lazy batch updates, group parameters computed on the
+fly from the partially updated weights when a group starts. With
+``act_order`` the columns are processed in order of decreasing H_jj; groups
+then stay the contiguous original column groups and their parameters are
+computed up front from the original weights ("static groups"), so a decoder
+needs no permutation or group index — no extra side information.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "FixedGrid",
+    "ECSQ",
+    "QuantResult",
+    "rtn",
+    "gptq",
+    "fixed_length_bits",
+    "CLIP_FACTORS",
+]
+
+CLIP_FACTORS = torch.linspace(1.0, 0.2, 33).tolist()  # shrink factors tried by the clip search
+SCALE_BITS = 16  # fp16 scale / step per group
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round *up* to the next fp16 value (what a decoder reads), positive and finite.
+
+    Rounding up keeps a grid built from a range covering that range, so RTN's
+    error stays within half a step for every entry that is not clipped.
+    """
+    x = x.clamp(6e-8, 65000.0)  # fp16 subnormals included
+    h = x.to(torch.float16)
+    up = torch.nextafter(h, torch.full_like(h, float("inf")))
+    return torch.where(h.to(x.dtype) < x, up, h).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class FixedGrid:
+    """B-bit uniform grid, asymmetric (default) or symmetric, optional MSE clip search."""
+
+    bits: int
+    sym: bool = False
+    clip: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
+            raise ValueError(f"FixedGrid: bits must be an integer in 1..16, got {self.bits!r}")
+        if self.sym and self.bits < 2:
+            raise ValueError("FixedGrid: symmetric grid needs at least 2 bits")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def _scale_zero(self, xmin: torch.Tensor, xmax: torch.Tensor):
+        if self.sym:
+            amax = torch.maximum(xmin.abs(), xmax)
+            scale = _fp16(2 * amax / self.maxq)
+            zero = torch.full_like(scale, self.maxq / 2)  # mid-rise: levels ±s/2, ±3s/2, …
+        else:
+            scale = _fp16((xmax - xmin) / self.maxq)
+            zero = torch.round(-xmin / scale).clamp(0, self.maxq)
+        return scale, zero
+
+    def quant(self, w: torch.Tensor, params):
+        """Quantise w (rows × k, or rows) with per-row params -> (symbols int64, reconstruction)."""
+        scale, zero = params
+        if w.ndim == 2:
+            scale, zero = scale[:, None], zero[:, None]
+        q = torch.clamp(torch.round(w / scale + zero), 0, self.maxq)
+        return q.to(torch.int64), scale * (q - zero)
+
+    def params(self, Wg: torch.Tensor):
+        """Per-row (scale, zero) for the group Wg (rows × k)."""
+        xmin = Wg.min(1).values.clamp(max=0)
+        xmax = Wg.max(1).values.clamp(min=0)
+        tiny = (xmax - xmin) < 1e-12  # all-zero row: any positive scale reconstructs it
+        xmin = torch.where(tiny, torch.full_like(xmin, -1e-3), xmin)
+        xmax = torch.where(tiny, torch.full_like(xmax, 1e-3), xmax)
+        best = self._scale_zero(xmin, xmax)
+        if not self.clip:
+            return best
+        best_err = torch.full_like(xmin, math.inf)
+        for f in CLIP_FACTORS:
+            cand = self._scale_zero(f * xmin, f * xmax)
+            _, deq = self.quant(Wg, cand)
+            err = ((deq - Wg) ** 2).sum(1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = tuple(torch.where(better, c, b) for c, b in zip(cand, best))
+        return best
+
+    def side_bits_per_group(self) -> int:
+        return SCALE_BITS + (0 if self.sym else self.bits)
+
+
+@dataclass(frozen=True)
+class ECSQ:
+    """Uniform step, unbounded integer symbols, no clipping (to be entropy coded).
+
+    ``step``: a positive float or a per-row tensor. ``group_rel``: if set, the
+    step of each group is group_rel · rms(group row) rounded to fp16 (and sent).
+    """
+
+    step: float | torch.Tensor | None = None
+    group_rel: float | None = None
+
+    def __post_init__(self):
+        if (self.step is None) == (self.group_rel is None):
+            raise ValueError("ECSQ: give exactly one of step or group_rel")
+        if self.group_rel is not None and not self.group_rel > 0:
+            raise ValueError(f"ECSQ: group_rel must be positive, got {self.group_rel}")
+        if self.step is not None:
+            s = torch.as_tensor(self.step)
+            if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):
+                raise ValueError("ECSQ: step must be positive and finite")
+
+    def params(self, Wg: torch.Tensor):
+        rows = Wg.shape[0]
+        if self.group_rel is not None:
+            rms = Wg.pow(2).mean(1).sqrt()
+            return (_fp16(self.group_rel * rms),)
+        s = torch.as_tensor(self.step, dtype=Wg.dtype)
+        return (s.expand(rows).clone() if s.ndim == 0 else s.to(Wg.dtype).reshape(rows),)
+
+    def quant(self, w: torch.Tensor, params):
+        (step,) = params
+        if w.ndim == 2:
+            step = step[:, None]
+        q = torch.round(w / step)
+        return q.to(torch.int64), q * step
+
+    def side_bits_per_group(self) -> int:
+        return SCALE_BITS if self.group_rel is not None else 0
+
+
+@dataclass
+class QuantResult:
+    """Reconstruction ``W_hat`` (float32), ``symbols`` (int64, same shape), per-group params
+    (each rows × n_groups), ``group_size`` (0 = one group per row)."""
+
+    W_hat: torch.Tensor
+    symbols: torch.Tensor
+    params: tuple = field(default_factory=tuple)
+    group_size: int = 0
+
+    @property
+    def n_groups(self) -> int:
+        return self.params[0].numel() if self.params else 0
+
+
+def _groups(n: int, group_size: int) -> list[tuple[int, int]]:
+    if group_size < 0:
+        raise ValueError(f"group_size must be >= 0, got {group_size}")
+    g = group_size or n
+    return [(a, min(a + g, n)) for a in range(0, n, g)]
+
+
+def _check_w(W: torch.Tensor) -> torch.Tensor:
+    if not isinstance(W, torch.Tensor) or W.ndim != 2 or W.numel() == 0:
+        raise ValueError("expected a non-empty 2-D weight tensor")
+    if not torch.isfinite(W).all():
+        raise ValueError("weight contains NaN or Inf")
+    return W.detach().to(torch.float32)
+
+
+def rtn(W: torch.Tensor, grid, group_size: int = 0) -> QuantResult:
+    """Round-to-nearest with per-row (group_size=0) or per-group parameters."""
+    W = _check_w(W)
+    W_hat = torch.empty_like(W)
+    sym = torch.empty(W.shape, dtype=torch.int64)
+    plist = []
+    for a, b in _groups(W.shape[1], group_size):
+        p = grid.params(W[:, a:b])
+        sym[:, a:b], W_hat[:, a:b] = grid.quant(W[:, a:b], p)
+        plist.append(p)
+    params = tuple(torch.stack([p[i] for p in plist], 1) for i in range(len(plist[0])))
+    return QuantResult(W_hat, sym, params, group_size)
+
+
+def gptq(
+    W: torch.Tensor,
+    sigma: torch.Tensor,
+    grid,
+    group_size: int = 0,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> QuantResult:
+    """GPTQ with H = 2Σ (Σ = E[x xᵀ] of the layer input, in × in). See the module doc."""
+    W = _check_w(W).clone()
+    rows, n = W.shape
+    if sigma.shape != (n, n):
+        raise ValueError(f"gptq: Σ has shape {tuple(sigma.shape)}, expected {(n, n)}")
+    if not damp > 0:
+        raise ValueError(f"gptq: damp must be positive, got {damp}")
+    H = 2 * sigma.detach().to(torch.float64).clone()
+    dead = torch.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    groups = _groups(n, group_size)
+    gs = group_size or n
+    n_groups = len(groups)
+    P = None  # per-group params, each rows × n_groups
+
+    def store(gi, p):
+        nonlocal P
+        if P is None:
+            P = [torch.empty(rows, n_groups, dtype=W.dtype) for _ in p]
+        for i, t in enumerate(p):
+            P[i][:, gi] = t
+
+    static = act_order or not group_size  # params fixed before the sweep
+    if static:
+        for gi, (a, b) in enumerate(groups):
+            store(gi, grid.params(W[:, a:b]))
+    perm = torch.arange(n)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    Hinv = torch.linalg.cholesky(Hinv, upper=True).to(W.dtype)
+    col_group = perm // gs  # group of the column processed at each position
+    Q = torch.empty_like(W)
+    S = torch.empty(W.shape, dtype=torch.int64)
+    bs = group_size if (group_size and not act_order) else block_size
+    for i1 in range(0, n, bs):
+        i2 = min(i1 + bs, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if not static:  # a group starts here (bs == group_size): params from updated weights
+            store(i1 // gs, grid.params(W1))
+        for i in range(i2 - i1):
+            gi = int(col_group[i1 + i])
+            p = tuple(t[:, gi] for t in P)
+            w = W1[:, i]
+            s, q = grid.quant(w, p)
+            S[:, i1 + i] = s
+            Q[:, i1 + i] = q
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if act_order:
+        inv = torch.argsort(perm)
+        Q, S = Q[:, inv], S[:, inv]
+    return QuantResult(Q.contiguous(), S.contiguous(), tuple(P), group_size)
+
+
+def fixed_length_bits(shape: tuple[int, int], grid: FixedGrid, group_size: int = 0) -> int:
+    """All-in bits of a fixed-length code: B bits per weight + per group an fp16 scale and,
+    asymmetric, a B-bit zero-point."""
+    rows, n = shape
+    n_groups = rows * len(_groups(n, group_size))
+    return rows * n * grid.bits + n_groups * grid.side_bits_per_group()
