@@ -124,8 +124,11 @@ def coded_bits(symbols) -> tuple[int, str]:
     try:
         from aligncodec.codec.entropy import coded_bits as _cb
     except ImportError:
-        return _standin_coded_bits(s), "stand-in order-0 estimate"
-    return int(_cb(s)), "rans"
+        try:  # the rANS module itself: exact stream size (header, table, chunk table, payload)
+            from aligncodec.codec.rans import coded_bits as _cb
+        except ImportError:
+            return _standin_coded_bits(s), "stand-in order-0 estimate"
+    return int(_cb(s.astype(np.int64))), "rans"
 
 
 @dataclass

@@ -18,6 +18,8 @@ from aligncodec import __version__
 # Sub-command modules, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "cmd_archive",  # compress, decompress, inspect, verify
+    "cmd_stats",  # per-tensor diagnostics
+    "cmd_baseline",  # RTN / Hadamard / GPTQ baselines
 ]
 
 # Exit codes: one per kind of failure, documented in the README.
