@@ -78,7 +78,8 @@ DTYPE_CODES = {name: code for code, (name, _) in DTYPES.items()}
 # coding modes (meaning defined in spec §7, implemented in codec/)
 MODE_STORED = 0
 MODE_FLOAT_SPLIT = 1
-MODE_NAMES = {MODE_STORED: "stored", MODE_FLOAT_SPLIT: "float-split"}
+MODE_ECSQ = 2  # lossy, codec/lossy.py (spec §7.4)
+MODE_NAMES = {MODE_STORED: "stored", MODE_FLOAT_SPLIT: "float-split", MODE_ECSQ: "ecsq"}
 
 # stream coders
 CODER_RAW = 0

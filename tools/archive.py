@@ -139,6 +139,10 @@ def decode_entry(entry: C.TensorEntry, streams: list, *, reference: bool = False
     """Decode one tensor to its little-endian bytes (uint8)."""
     if entry.mode in (C.MODE_STORED, C.MODE_FLOAT_SPLIT):
         return lossless.decode(entry, streams, reference=reference)
+    if entry.mode == C.MODE_ECSQ:
+        from aligncodec.codec import lossy
+
+        return lossy.decode(entry, streams, reference=reference)
     raise E.UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not supported by this build")
 
 
@@ -220,6 +224,10 @@ def inspect(archive: str | os.PathLike) -> dict:
         rows = []
         aux_bytes = 0
         n_weights = 0
+        try:  # per-tensor results of the lossy encoder, if any (tools/encode.py)
+            lossy_meta = json.loads(r.metadata.get("acz.lossy", "{}"))
+        except ValueError:
+            lossy_meta = {}
         for e in r.tensors:
             if e.name.startswith(AUX_PREFIX):
                 aux_bytes += C.align(e.size, C.DATA_ALIGN)
@@ -237,6 +245,10 @@ def inspect(archive: str | os.PathLike) -> dict:
                     "bpw": e.size * 8 / e.numel if e.numel else None,
                 }
             )
+            if e.name in lossy_meta and isinstance(lossy_meta[e.name], dict):
+                rows[-1]["transform"] = lossy_meta[e.name].get("kind")
+                rows[-1]["rank"] = lossy_meta[e.name].get("rank", 0)
+                rows[-1]["act_rel_err"] = lossy_meta[e.name].get("act_rel_err")
         file_bytes = r.file_size
         return {
             "file": os.fspath(archive),

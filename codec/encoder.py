@@ -1,0 +1,385 @@
+"""The lossy encoder: per-tensor transform choice, GPTQ error feedback with entropy-coded
+uniform scalar quantisation (ECSQ), exact all-in rate, and one global step found by
+bisection to meet a bits-per-weight (or distortion) target. Pure functions on arrays.
+
+Per lossy tensor W (out × in) with input second moment Σ (calibration; identity if
+unknown) the encoder tries each *candidate* (a transform T of the input space and
+optional per-input-coordinate step scales s_j):
+
+    C  = W T diag(s)⁻¹         quantised by GPTQ with H = 2 diag(s) Tᵀ Σ T diag(s)
+    q  = integers, |q| ≤ 32767  (act-order, no groups: nothing else to send)
+    Ŵ  = lossy.reconstruct_from(q)   — the decoder's own float32 algorithm
+
+and keeps the candidate with the least Lagrangian cost J = D + λ R, with D the
+activation-weighted error tr(ΔW Σ ΔWᵀ) and R the exact bits the tensor adds to
+the archive (symbols, frequency table, chunk table, stream headers, params,
+header entry and alignment). λ follows the global step: λ = 2 ln 2 · Δ²/12 ·
+mean(diag Σ) per bit, the slope of ECSQ's high-rate D(R) for a coefficient of
+that weight.
+
+Candidates (``CANDIDATES``):
+
+* ``identity``     T = I, s = 1;
+* ``hadamard``     T = randomized Hadamard (seeded, sent explicitly), s = 1;
+* ``colscale``     T = I, s_j ∝ Σ_jj^(−α) (reverse water-filling on the diagonal
+                   of Σ), normalised so that the expected output noise at a
+                   given Δ equals that of a uniform step; s sent as float16;
+* ``hadamard-colscale`` the same scales on the diagonal of Tᵀ Σ T.
+
+The global step Δ is one absolute weight-domain step for every tensor (DESIGN.md
+§6: it beat equal-SQNR allocation), optionally multiplied per layer type by
+``type_weights`` (allocation experiments).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import lossy
+from . import rans
+
+CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
+DEFAULT_CANDIDATES = ("hadamard", "colscale")
+SCALE_MIN, SCALE_MAX = 2.0**-14, 2.0**15
+
+
+@dataclass
+class Candidate:
+    """A prepared (transform, scales) choice for one tensor; the Cholesky factor is shared
+    by tensors that read the same input."""
+
+    kind: str
+    transform: int
+    hd: lossy.HadamardData | None
+    scales: np.ndarray | None  # float32 values exactly representable in float16
+    C: torch.Tensor  # W T diag(s)^-1, float32
+    U: torch.Tensor  # upper Cholesky factor of (damped H)^-1, in act-order, float32
+    perm: torch.Tensor  # act order
+
+
+@dataclass
+class TensorCode:
+    """The chosen coding of one tensor at one step."""
+
+    name: str
+    kind: str
+    params: lossy.EcsqParams
+    streams: list
+    W_hat: np.ndarray  # float32, what the decoder reconstructs (after the dtype cast)
+    bytes_all_in: int
+    dist: float  # tr(ΔW Σ ΔWᵀ)
+    rel_err: float  # dist / tr(W Σ Wᵀ)
+    sqnr_db: float  # weight-domain SQNR
+
+
+@dataclass
+class TensorJob:
+    name: str
+    W: torch.Tensor  # float32 (out × in)
+    dtype: str
+    sigma: torch.Tensor | None  # float64 (in × in), None → identity
+    type_weight: float = 1.0
+    cands: list[Candidate] = field(default_factory=list)
+    energy: float = 0.0  # tr(W Σ Wᵀ)
+    sig_mean: float = 1.0  # mean diag Σ
+
+    @property
+    def numel(self) -> int:
+        return self.W.numel()
+
+
+# --------------------------------------------------------------------------- GPTQ core
+
+
+def hinv_factor(Hm: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(upper Cholesky factor of (H + damp·mean(diag H)·I)^-1 in act order, act-order permutation)."""
+    H = Hm.to(torch.float64).clone()
+    d = torch.diag(H)
+    dead = d <= 0
+    H[dead, dead] = 1.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+    H = H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    U = torch.linalg.cholesky(Hinv, upper=True)
+    return U.to(torch.float32), perm
+
+
+def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float, block: int = 128,
+              maxq: int = lossy.MAX_ABS_SYMBOL) -> torch.Tensor:
+    """GPTQ (act order, lazy batches) with the uniform step ``step``: integer symbols (int32),
+    in the original column order."""
+    W = C[:, perm].clone()
+    rows, n = W.shape
+    Q = torch.empty((rows, n), dtype=torch.float32)
+    inv = 1.0 / step
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.empty_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w * inv), -maxq, maxq)
+            Q[:, i1 + i] = q
+            err = (w - q * step) / U1[i, i]
+            if i + 1 < i2 - i1:
+                W1[:, i + 1 :].sub_(err[:, None] * U1[i, i + 1 :][None, :])
+            E1[:, i] = err
+        if i2 < n:
+            W[:, i2:].sub_(E1 @ U[i1:i2, i2:])
+    out = torch.empty_like(Q)
+    out[:, perm] = Q
+    return out.to(torch.int32)
+
+
+# --------------------------------------------------------------------------- candidates
+
+
+def col_scales(diag: torch.Tensor, alpha: float) -> np.ndarray:
+    """s_j ∝ diag_j^(−α), normalised so that Σ_j s_j² diag_j = Σ_j diag_j (same expected output
+    noise as a uniform step), clamped and rounded to float16."""
+    d = diag.to(torch.float64).clamp_min(1e-12 * float(diag.max().clamp_min(1e-30)))
+    s = d.pow(-alpha)
+    s = s * torch.sqrt(d.sum() / (s * s * d).sum())
+    s = s.clamp(SCALE_MIN, SCALE_MAX)
+    return s.numpy().astype(np.float16).astype(np.float32)
+
+
+def prepare(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float = 0.5, seed: int = 0, damp: float = 0.01,
+            cache: dict | None = None) -> None:
+    """Build the job's candidates (transform, scales, factor). ``cache`` shares the Cholesky
+    factors between tensors with the same Σ object (q, k, v; gate, up)."""
+    from .hadamard import tensor_seed
+
+    W64 = job.W.to(torch.float64)
+    n = W64.shape[1]
+    S = job.sigma.to(torch.float64) if job.sigma is not None else None
+    job.sig_mean = float(torch.diag(S).mean()) if S is not None else 1.0
+    job.energy = float(((W64 @ S) * W64).sum()) if S is not None else float((W64 * W64).sum())
+    cache = {} if cache is None else cache
+    job.cands = []
+    for kind in kinds:
+        if kind not in CANDIDATES:
+            raise ValueError(f"unknown candidate {kind!r}; choose from {', '.join(CANDIDATES)}")
+        had = kind.startswith("hadamard")
+        key_s = id(job.sigma) if job.sigma is not None else ("I", n)
+        if had:
+            # one rotation per input site (the Σ shared by q, k, v) keeps the factor shareable
+            hseed = tensor_seed(seed, f"site:{key_s if job.sigma is None else n}")
+            key = (key_s, kind, hseed, alpha)
+            hd = lossy.HadamardData.from_seed(n, hseed)
+        else:
+            key = (key_s, kind, alpha)
+            hd = None
+        if key not in cache:
+            T = torch.from_numpy(hd.matrix64()) if had else None
+            St = (T.T @ S @ T if T is not None else S) if S is not None else torch.eye(n, dtype=torch.float64)
+            sc = col_scales(torch.diag(St), alpha) if kind.endswith("colscale") else None
+            Hm = St if sc is None else St * torch.from_numpy(sc.astype(np.float64))[:, None] * torch.from_numpy(sc.astype(np.float64))[None, :]
+            U, perm = hinv_factor(2 * Hm, damp)
+            cache[key] = (T, sc, U, perm)
+        T, sc, U, perm = cache[key]
+        Cm = W64 @ T if T is not None else W64
+        if sc is not None:
+            Cm = Cm / torch.from_numpy(sc.astype(np.float64))[None, :]
+        job.cands.append(Candidate(kind, lossy.TRANSFORM_HADAMARD if had else lossy.TRANSFORM_IDENTITY, hd, sc,
+                                   Cm.to(torch.float32).contiguous(), U, perm))
+
+
+# --------------------------------------------------------------------------- coding one tensor
+
+
+def _dist(job: TensorJob, W_hat: np.ndarray) -> float:
+    D = torch.from_numpy(W_hat) - job.W
+    if job.sigma is None:
+        return float((D.double() ** 2).sum())
+    return float(((D @ job.sigma.to(torch.float32)) * D).double().sum())
+
+
+def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1) -> TensorCode:
+    """Code the tensor with one candidate at one step. ``stride`` > 1 codes every stride-th row
+    only (GPTQ rows are independent given H) and returns *estimates* for the whole tensor:
+    bytes = exact bytes of the subsample + the symbol payload scaled up; distortion scaled up."""
+    rows = job.W.shape[0]
+    sl = slice(None) if stride <= 1 else slice(0, None, stride)
+    Wt = job.W[sl]
+    q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step).numpy()
+    base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
+                            cand.hd.m if cand.hd is not None else 0)
+    params, streams = lossy.encode_symbols(q, base, cand.scales, cand.hd)
+    W_hat = lossy.reconstruct_from(params, q, cand.scales, cand.hd)
+    W_hat = lossy.cast_f32(W_hat, job.dtype).to(torch.float32).numpy()
+    nbytes = lossy.entry_bytes(job.name, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(streams))
+    D = torch.from_numpy(W_hat) - Wt
+    d = float(((D @ job.sigma.to(torch.float32)) * D).double().sum()) if job.sigma is not None else float((D.double() ** 2).sum())
+    sig = float((Wt.double() ** 2).sum())
+    noise = float((D.double() ** 2).sum())
+    if stride > 1:
+        f = rows / q.shape[0]
+        nbytes = int(round(nbytes + (f - 1) * len(streams[0].payload)))
+        d *= f
+        W_hat, streams = None, []
+    return TensorCode(job.name, cand.kind, params, streams, W_hat, nbytes, d, d / max(job.energy, 1e-300),
+                      10 * math.log10(sig / noise) if noise > 0 else math.inf)
+
+
+def lam(job: TensorJob, step: float) -> float:
+    """Distortion per bit at step Δ (ECSQ high-rate slope), in the units of tr(ΔW Σ ΔWᵀ)."""
+    return 2 * math.log(2) * step * step / 12 * job.sig_mean
+
+
+def choose(job: TensorJob, step: float, stride: int = 1) -> tuple[Candidate, TensorCode]:
+    """The candidate with the least J = D + λR at this step."""
+    st = step * job.type_weight
+    best, bestJ = None, math.inf
+    for cand in job.cands:
+        tc = code_candidate(job, cand, st, stride)
+        J = tc.dist + lam(job, st) * 8 * tc.bytes_all_in
+        if J < bestJ:
+            best, bestJ = (cand, tc), J
+    return best
+
+
+def stride_for(rows: int, sample_rows: int) -> int:
+    return max(1, rows // max(1, sample_rows))
+
+
+# --------------------------------------------------------------------------- the global step
+
+
+@dataclass
+class EncodeResult:
+    codes: dict[str, TensorCode]
+    step: float
+    bpw: float  # all-in over the lossy tensors
+    n_weights: int
+    history: list[tuple[float, float]]
+    seconds: float
+
+    def summary(self) -> dict:
+        kinds: dict[str, int] = {}
+        for c in self.codes.values():
+            kinds[c.kind] = kinds.get(c.kind, 0) + 1
+        return {"step": self.step, "bpw": self.bpw, "n_weights": self.n_weights, "modes": kinds,
+                "history": self.history, "seconds": self.seconds}
+
+
+def total_rate(codes: dict[str, TensorCode], n_weights: int) -> float:
+    return 8 * sum(c.bytes_all_in for c in codes.values()) / n_weights
+
+
+def total_rel_err(codes: dict[str, TensorCode], jobs: list[TensorJob]) -> float:
+    """Mean over tensors of the activation-weighted relative error."""
+    return float(np.mean([codes[j.name].rel_err for j in jobs]))
+
+
+def encode_jobs(jobs: list[TensorJob], *, bpw: float | None = None, distortion: float | None = None,
+                tol: float = 0.005, step0: float | None = None, sample_rows: int = 96, max_full: int = 4,
+                progress: Callable[[str], None] | None = None) -> EncodeResult:
+    """Code every job at one global step chosen to meet ``bpw`` (relative tolerance ``tol``,
+    all-in over these tensors) or ``distortion`` (mean activation-weighted relative error,
+    relative tolerance 4·tol).
+
+    Search: (1) on a subsample of ~``sample_rows`` rows per tensor, choose each tensor's
+    candidate by J at the start step, secant-search the step, re-choose at that step and
+    search again; (2) code every tensor in full with its candidate, and correct the step by
+    secant steps on the exact rates until within tolerance (at most ``max_full`` full passes;
+    the best one is kept)."""
+    if (bpw is None) == (distortion is None):
+        raise ValueError("give exactly one of bpw or distortion")
+    if bpw is not None and not bpw > 0:
+        raise ValueError(f"bpw must be positive, got {bpw}")
+    if distortion is not None and not 0 < distortion < 1:
+        raise ValueError(f"distortion must be in (0, 1), got {distortion}")
+    if not jobs:
+        raise ValueError("no tensors to code")
+    t0 = time.perf_counter()
+    n_weights = sum(j.numel for j in jobs)
+    say = progress or (lambda m: None)
+    if step0 is None:  # ECSQ of a Gaussian at the target rate
+        rms = math.sqrt(sum(float((j.W.double() ** 2).sum()) for j in jobs) / n_weights)
+        step0 = rms * math.sqrt(2 * math.pi * math.e) * 2.0 ** (-(bpw if bpw is not None else 3.0))
+    hist: list[tuple[float, float]] = []
+    tol_f = tol if bpw is not None else 4 * tol
+
+    def objective(codes: dict[str, TensorCode]) -> tuple[float, float]:
+        if bpw is not None:
+            r = total_rate(codes, n_weights)
+            return r, r / bpw - 1.0  # > 0: rate too high, raise the step
+        e = total_rel_err(codes, jobs)
+        return e, distortion / e - 1.0  # > 0: error too low, raise the step
+
+    chosen: dict[str, Candidate] = {}
+
+    def sample_pass(x: float, decide: bool) -> float:
+        st = 2.0**x
+        codes = {}
+        for j in jobs:
+            k = stride_for(j.W.shape[0], sample_rows)
+            if decide or j.name not in chosen:
+                chosen[j.name], codes[j.name] = choose(j, st, k)
+            else:
+                codes[j.name] = code_candidate(j, chosen[j.name], st * j.type_weight, k)
+        v, f = objective(codes)
+        say(f"sample step {st:.4g}: {v:.5f}")
+        return f
+
+    def secant(f_of_x, x0: float, f0: float, max_iter: int, tolerance: float) -> float:
+        lo = hi = None
+        slope = -1.0  # d f / d log2 step, a guess: ~1 bit per halving
+        best = (abs(f0), x0)
+        x1 = x0 - f0 / slope * (bpw if bpw is not None else 0.5)
+        for _ in range(max_iter):
+            if abs(f0) <= tolerance:
+                return x0
+            f1 = f_of_x(x1)
+            best = min(best, (abs(f1), x1))
+            for x, fx in ((x0, f0), (x1, f1)):
+                if fx > 0 and (lo is None or x > lo):
+                    lo = x
+                if fx < 0 and (hi is None or x < hi):
+                    hi = x
+            if abs(f1) <= tolerance:
+                return x1
+            xn = x1 - f1 * (x1 - x0) / (f1 - f0) if f1 != f0 else x1 + 0.5
+            if lo is not None and hi is not None and not (lo < xn < hi):
+                xn = 0.5 * (lo + hi)
+            elif lo is None or hi is None:
+                xn = x1 + max(-3.0, min(3.0, xn - x1))
+            x0, f0, x1 = x1, f1, xn
+        return best[1]
+
+    x = math.log2(step0)
+    f = sample_pass(x, True)
+    x = secant(lambda z: sample_pass(z, False), x, f, 10, tol_f / 2)
+    f = sample_pass(x, True)  # re-decide the modes near the target
+    x = secant(lambda z: sample_pass(z, False), x, f, 10, tol_f / 2)
+
+    fvals: dict[float, float] = {}
+    best_codes: dict[str, TensorCode] | None = None
+
+    def full_pass(z: float) -> float:
+        nonlocal best_codes
+        st = 2.0**z
+        codes = {j.name: code_candidate(j, chosen[j.name], st * j.type_weight) for j in jobs}
+        v, fz = objective(codes)
+        hist.append((st, v))
+        say(f"full step {st:.4g}: {v:.5f}")
+        if best_codes is None or abs(fz) < min(abs(v) for v in fvals.values()):
+            best_codes = codes
+        fvals[z] = fz
+        return fz
+
+    f = full_pass(x)
+    if abs(f) > tol_f:
+        secant(full_pass, x, f, max_full - 1, tol_f)
+    bx = min(fvals, key=lambda k: abs(fvals[k]))
+    return EncodeResult(best_codes, 2.0**bx, total_rate(best_codes, n_weights), n_weights, hist, time.perf_counter() - t0)

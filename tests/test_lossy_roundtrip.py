@@ -1,0 +1,176 @@
+"""Lossy mode ecsq (spec §7.4): bit-exact decode, rate targeting, all-in byte counts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aligncodec.codec import encoder as E
+from aligncodec.codec import lossy
+from aligncodec.formats import container as C
+from aligncodec.formats import errors as FE
+from aligncodec.tools import archive
+from aligncodec.tools import encode as enc
+
+
+def _sigma(n, seed, spike=True):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64) / n**0.5
+    S = A @ A.T + 0.1 * torch.eye(n, dtype=torch.float64)
+    if spike:
+        S[1, 1] *= 50
+    return S
+
+
+def _job(rows, n, seed, dtype="F32", sigma=True):
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(rows, n, generator=g) * 0.05).to(torch.float32)
+    return E.TensorJob(f"m.l{seed}.weight", W, dtype, _sigma(n, seed) if sigma else None)
+
+
+def _through_container(tc: E.TensorCode, name, dtype, shape):
+    data = b""
+    for i, s in enumerate(tc.streams):
+        b = C.serialize_stream(s)
+        if i + 1 < len(tc.streams):
+            b += bytes(C.align(len(b), 8) - len(b))
+        data += b
+    streams = C.parse_streams(data, len(tc.streams))
+    e = C.TensorEntry(name, dtype, shape, lossy.MODE_ECSQ, len(streams), 0, len(data), C.crc32(data), tc.params.pack())
+    return e, streams
+
+
+@pytest.mark.parametrize("kind", E.CANDIDATES)
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_decode_bit_exact(kind, dtype):
+    job = _job(40, 96, 1, dtype)  # 96 = 32·3: the hadamard has an odd factor
+    E.prepare(job, (kind,))
+    tc = E.code_candidate(job, job.cands[0], 0.02)
+    e, streams = _through_container(tc, job.name, dtype, tuple(job.W.shape))
+    raw = archive.decode_entry(e, streams)
+    ref = archive.decode_entry(e, streams, reference=True)
+    assert np.array_equal(raw, ref)
+    got = archive.to_torch(e, raw).to(torch.float32).numpy()
+    assert np.array_equal(got.view(np.uint32), tc.W_hat.view(np.uint32))
+    # and the reconstruction is a quantisation of W, not garbage
+    assert 5 < tc.sqnr_db < 60
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 24), n=st.sampled_from([1, 3, 8, 12, 40, 64]), step=st.floats(1e-3, 0.2),
+       kind=st.sampled_from(E.CANDIDATES), seed=st.integers(0, 100))
+def test_roundtrip_property(rows, n, step, kind, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, n, generator=g) * 0.05
+    job = E.TensorJob("x.weight", W, "F32", _sigma(n, seed, spike=False))
+    E.prepare(job, (kind,))
+    tc = E.code_candidate(job, job.cands[0], step)
+    e, streams = _through_container(tc, "x.weight", "F32", (rows, n))
+    got = lossy.decode(e, streams).view(np.float32).reshape(rows, n)
+    assert np.array_equal(got, tc.W_hat)
+    # error bounded: GPTQ with feedback never gets worse than a few steps per weight
+    assert np.abs(got - W.numpy()).max() < 50 * step + 1e-6
+
+
+def test_transform_is_orthogonal_and_matches_float64():
+    hd = lossy.HadamardData.from_seed(96, 7)
+    T = hd.matrix64()
+    assert np.allclose(T.T @ T, np.eye(96), atol=1e-6)
+    Cm = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32)
+    got = lossy.inverse_hadamard_f32(Cm, hd)
+    assert np.allclose(got, Cm.astype(np.float64) @ T.T, atol=1e-5)
+    # serialisation round trip
+    hd2 = lossy.HadamardData.from_bytes(hd.to_bytes(), 96, hd.m)
+    assert np.array_equal(hd2.signs, hd.signs) and np.array_equal(hd2.Q, hd.Q)
+
+
+def test_bad_params_and_streams_raise_named_errors():
+    job = _job(8, 64, 2)
+    E.prepare(job, ("hadamard-colscale",))
+    tc = E.code_candidate(job, job.cands[0], 0.05)
+    e, streams = _through_container(tc, job.name, "F32", (8, 64))
+    bad = C.TensorEntry(e.name, e.dtype, e.shape, e.mode, e.stream_count, 0, e.size, e.crc, e.params[:-1])
+    with pytest.raises(FE.StreamError):
+        lossy.decode(bad, streams)
+    with pytest.raises(FE.StreamError):
+        lossy.decode(e, streams[:2])
+    p = lossy.EcsqParams.unpack(e.params)
+    p.transform = 9
+    with pytest.raises(FE.UnsupportedError):
+        lossy.decode(C.TensorEntry(e.name, e.dtype, e.shape, e.mode, 3, 0, 0, 0, p.pack()), streams)
+    with pytest.raises(FE.StreamError):  # a 3-D shape cannot be ecsq
+        lossy.decode(C.TensorEntry(e.name, e.dtype, (2, 4, 64), e.mode, 3, 0, 0, 0, e.params), streams)
+
+
+def _write_model(path, seed=0):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(192, 128, generator=g) * 0.05,
+        "model.layers.0.mlp.down_proj.weight": torch.randn(128, 384, generator=g) * 0.03,
+        "model.layers.0.mlp.up_proj.weight": (torch.randn(384, 128, generator=g) * 0.04).to(torch.bfloat16),
+        "model.layers.0.input_layernorm.weight": torch.ones(128) + 0.01 * torch.randn(128, generator=g),
+        "model.embed_tokens.weight": torch.randn(100, 128, generator=g) * 0.1,
+    }
+    save_file(sd, str(path))
+    return sd
+
+
+@pytest.mark.parametrize("target", [2.5, 4.0])
+def test_compress_meets_bpw_and_counts_every_byte(tmp_path, target):
+    src = tmp_path / "model.safetensors"
+    sd = _write_model(src)
+    out = tmp_path / "m.acz"
+    summ = enc.compress_lossy(src, out, bpw=target, sigma="none", progress=False, candidates=("hadamard", "colscale"))
+    assert abs(summ["bpw_lossy_in_archive"] / target - 1) <= 0.01
+    assert summ["bpw_lossy_in_archive"] == pytest.approx(summ["bpw_lossy_all_in"], rel=1e-12)
+    # every byte of the file is accounted for: tensors' all-in bytes + fixed overhead
+    with C.ArchiveReader(out) as r:
+        per = sum(lossy.entry_bytes(e.name, len(e.shape), len(e.params), e.size) for e in r.tensors)
+        meta = C.build_section(C.SECTION_METADATA, 0, json.dumps(r.metadata, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
+        last = r.tensors[-1]
+        slack = C.align(last.size, 64) - last.size  # the last tensor is not padded
+        header_pad = r.header.data_offset - C.PREAMBLE_SIZE - r.header.header_size
+        assert C.PREAMBLE_SIZE + len(meta) + header_pad + per - slack == r.file_size
+        modes = {e.name: e.mode_name for e in r.tensors}
+    assert modes["model.layers.0.self_attn.q_proj.weight"] == "ecsq"
+    assert modes["model.embed_tokens.weight"] in ("stored", "float-split")
+    assert modes["model.layers.0.input_layernorm.weight"] in ("stored", "float-split")
+    # decompress: lossless tensors exact, lossy ones equal to the encoder's reconstruction
+    res, jobs, _ = enc.encode_model(src, bpw=target, sigma="none", progress=False, candidates=("hadamard", "colscale"))
+    outdir = tmp_path / "dec"
+    archive.decompress(out, outdir, progress=False)
+    from safetensors.torch import load_file
+
+    dec = load_file(str(outdir / "model.safetensors"))
+    assert torch.equal(dec["model.embed_tokens.weight"], sd["model.embed_tokens.weight"])
+    for j in jobs:
+        assert dec[j.name].dtype == sd[j.name].dtype
+        assert np.array_equal(dec[j.name].to(torch.float32).numpy(), res.codes[j.name].W_hat)
+    info = archive.inspect(out)
+    row = next(r for r in info["tensors"] if r["name"] == "model.layers.0.mlp.down_proj.weight")
+    assert row["transform"] in ("hadamard", "colscale") and row["act_rel_err"] > 0
+
+
+def test_distortion_target(tmp_path):
+    jobs = [_job(64, 96, s) for s in range(3)]
+    for j in jobs:
+        E.prepare(j, ("hadamard", "colscale"))
+    res = E.encode_jobs(jobs, distortion=0.01)
+    err = E.total_rel_err(res.codes, jobs)
+    assert abs(err / 0.01 - 1) <= 0.02
+
+
+def test_rate_decreases_with_step():
+    job = _job(64, 96, 5)
+    E.prepare(job, ("hadamard",))
+    b = [E.code_candidate(job, job.cands[0], s).bytes_all_in for s in (0.005, 0.01, 0.02, 0.04)]
+    assert b == sorted(b, reverse=True)
+    # ~1 bit per weight per halving at high rate
+    assert 0.7 < (b[0] - b[1]) * 8 / job.numel < 1.3
