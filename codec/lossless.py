@@ -203,14 +203,16 @@ def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> n
         if not isinstance(s0, C.RansStream):
             raise StreamError(f"float-split tensor {entry.name!r}: symbols must be a rANS stream")
         rans.validate_for(s0, n, 1 << (e + k))
-        if reference:
-            from . import rans_reference
-
-            sym = np.asarray(rans_reference.decode(s0), dtype=np.uint16)
-        else:
-            sym = rans.decode(s0)
         rw = width - e - k
-        rest = unpack_bits(_bytes_from(streams[1], packed_size(n, rw), entry.name), n, rw)
+        packed = _bytes_from(streams[1], packed_size(n, rw), entry.name)
+        if not reference:  # fused: symbols decoded and joined with the rest straight into the bits
+            from .decode_cpu import decode_float_split
+
+            return decode_float_split(s0, packed, entry.dtype, k).astype(f"<u{width // 8}", copy=False).view(np.uint8)
+        from . import rans_reference
+
+        sym = np.asarray(rans_reference.decode(s0), dtype=np.uint16)
+        rest = unpack_bits(packed, n, rw)
         bits = join_float(sym, rest, entry.dtype, k)
         return bits.astype(f"<u{width // 8}").view(np.uint8)
     raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")

@@ -3,7 +3,8 @@
 32-bit state in [L, 2^32) with L = 2^16, 16-bit renormalisation words,
 precision P <= 16 bits (frequencies sum to 2^P), every chunk an independent
 stream: a u32 final encoder state followed by the u16 words the decoder reads
-in order. Encoder and decoder here are numba kernels, parallel over chunks;
+in order. Encoder and decoder are numba kernels, parallel over chunks (the
+decoder lives in :mod:`aligncodec.codec.decode_cpu`);
 :mod:`aligncodec.codec.rans_reference` is the plain decoder laid out like the
 spec, and the tests hold the two bit-exact.
 
@@ -164,46 +165,6 @@ def _pack(states, nwords, scratch, chunk_symbols, n):
     return out, lengths
 
 
-@nb.njit(cache=True)
-def _decode_chunk(payload, start, length, out, o0, o1, freq, cum, slot2sym, precision):
-    """Decode out[o0:o1] from payload[start:start+length]. Returns 0 if the
-    chunk is consistent (final state L, all words consumed), else an error code."""
-    L = np.uint32(RANS_STATE_LOWER)
-    mask = np.uint32((1 << precision) - 1)
-    p = start
-    end = start + length
-    x = np.uint32(payload[p]) | (np.uint32(payload[p + 1]) << 8) | (np.uint32(payload[p + 2]) << 16) | (np.uint32(payload[p + 3]) << 24)
-    p += 4
-    if x < L:
-        return 1
-    for k in range(o0, o1):
-        slot = x & mask
-        s = slot2sym[slot]
-        out[k] = s
-        x = np.uint32(freq[s]) * (x >> np.uint32(precision)) + slot - np.uint32(cum[s])
-        if x < L:
-            if p + 2 > end:
-                return 2
-            x = (x << np.uint32(16)) | np.uint32(payload[p]) | (np.uint32(payload[p + 1]) << 8)
-            p += 2
-    if x != L:
-        return 3
-    if p != end:
-        return 4
-    return 0
-
-
-@nb.njit(parallel=True, cache=True)
-def _decode_all(payload, offsets, chunk_symbols, n, freq, cum, slot2sym, precision, out):
-    n_chunks = offsets.shape[0] - 1
-    status = np.zeros(n_chunks, dtype=np.int32)
-    for c in nb.prange(n_chunks):
-        a = c * chunk_symbols
-        b = min(a + chunk_symbols, n)
-        status[c] = _decode_chunk(payload, offsets[c], offsets[c + 1] - offsets[c], out, a, b, freq, cum, slot2sym, precision)
-    return status
-
-
 # ----------------------------------------------------------------- public API
 
 
@@ -252,21 +213,13 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
 
 
 def decode(stream: RansStream, *, out: np.ndarray | None = None) -> np.ndarray:
-    """Decode a :class:`RansStream` into uint16 symbols (numba, parallel over chunks).
+    """Decode a :class:`RansStream` into uint16 symbols (numba, parallel over chunks;
+    the fast decoder of :mod:`aligncodec.codec.decode_cpu`).
 
     Raises CorruptStreamError if any chunk fails its final-state / length checks."""
-    n = stream.n_symbols
-    if out is None:
-        out = np.empty(n, dtype=np.uint16)
-    if n == 0:
-        return out
-    freqs = np.asarray(stream.freqs, dtype=np.uint32)
-    payload = np.frombuffer(stream.payload, dtype=np.uint8)
-    status = _decode_all(payload, stream.chunk_offsets(), stream.chunk_symbols, n, freqs, cumulative(freqs), slot_table(freqs, stream.precision), stream.precision, out)
-    bad = np.flatnonzero(status)
-    if len(bad):
-        raise CorruptStreamError(f"rANS chunk {int(bad[0])} failed its integrity check (code {int(status[bad[0]])})")
-    return out
+    from .decode_cpu import decode_symbols
+
+    return decode_symbols(stream, out=out)
 
 
 def coded_bits(symbols: np.ndarray, chunk_symbols: int = DEFAULT_CHUNK_SYMBOLS) -> int:
