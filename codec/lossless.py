@@ -146,13 +146,12 @@ def join_float(sym: np.ndarray, rest: np.ndarray, dtype: str, k: int) -> np.ndar
     return ((r >> u(low)) << u(width - 1)) | (sym.astype(u) << u(low)) | (r & u((1 << low) - 1))
 
 
-def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: int | None = None) -> tuple[int, bytes, list]:
-    """Choose the smallest lossless coding for a tensor's little-endian bytes.
-
-    Returns (mode, params, streams)."""
+def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: int | None = None, mode: int | None = None) -> tuple[int, bytes, list]:
+    """Choose the smallest lossless coding for a tensor's little-endian bytes
+    (or use ``mode`` if given). Returns (mode, params, streams)."""
     raw = bytes(data) if not isinstance(data, np.ndarray) else data.tobytes()
     candidates: list[tuple[int, bytes, list]] = [(C.MODE_STORED, b"", [_best_bytes_stream(raw)])]
-    if dtype in FLOAT_FORMATS and numel >= MIN_SPLIT_ELEMENTS:
+    if dtype in FLOAT_FORMATS and (numel >= MIN_SPLIT_ELEMENTS or mode == C.MODE_FLOAT_SPLIT):
         width, e = FLOAT_FORMATS[dtype]
         k = DEFAULT_MANTISSA_BITS[dtype] if mantissa_bits is None else mantissa_bits
         bits = np.frombuffer(raw, dtype=f"<u{width // 8}")
@@ -160,6 +159,11 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
         s0 = rans.encode(sym, alphabet_size=int(sym.max()) + 1)
         s1 = _best_bytes_stream(pack_bits(rest, width - e - k))
         candidates.append((C.MODE_FLOAT_SPLIT, bytes([k]), [s0, s1]))
+    if mode is not None:
+        forced = [c for c in candidates if c[0] == mode]
+        if not forced:
+            raise ValueError(f"mode {mode} cannot code a {dtype} tensor")
+        return forced[0]
     return min(candidates, key=lambda c: _streams_size(c[2]))
 
 

@@ -122,7 +122,7 @@ def compress(
     meta.update(metadata or {})
     enc = encode_tensor or (lambda name, dtype, shape, b: lossless.encode(b, dtype, int(np.prod(shape, dtype=np.int64))))
     total = sum(os.path.getsize(f) for f in src.files)
-    with C.ArchiveWriter(out, meta) as w, tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=not progress, leave=False) as bar:
+    with C.ArchiveWriter(out, meta) as w, tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=None if progress else True, leave=False) as bar:
         for _fname, name, dtype, shape, raw in iter_checkpoint(src):
             mode, params, streams = enc(name, dtype, shape, raw)
             w.add(name, dtype, shape, mode, streams, params)
@@ -174,7 +174,7 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
         if orphans:
             files["model.safetensors" if not files else "extra.safetensors"] = {"metadata": {}, "tensors": orphans}
         by_name = {t.name: t for t in tensors}
-        bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="decompress", disable=not progress, leave=False)
+        bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="decompress", disable=None if progress else True, leave=False)
         for fname, info in sorted(files.items()):
             if os.path.basename(fname) != fname or not fname.endswith(".safetensors"):
                 raise E.HeaderError(f"metadata names an unsafe output file {fname!r}")
@@ -271,7 +271,7 @@ def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = 
 
     with C.ArchiveReader(archive) as r:
         r.check_padding()
-        for e in tqdm(r.tensors, desc="verify", disable=not progress, leave=False):
+        for e in tqdm(r.tensors, desc="verify", disable=None if progress else True, leave=False):
             streams = r.read_streams(e)
             if decode:
                 out = decode_entry(e, streams)

@@ -1,0 +1,260 @@
+"""Write the golden test vectors of spec/FORMAT.md §10 (deterministic).
+
+    python spec/make_vectors.py            # (re)write spec/vectors/
+    python spec/make_vectors.py --check    # exit 1 if the files on disk differ
+
+Valid vectors are produced by the real writer and coders with fixed inputs;
+invalid ones are assembled from the same building blocks with one defect each,
+every checksum recomputed so that the defect itself is what a reader meets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import struct
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from aligncodec.codec import lossless, rans
+from aligncodec.formats import container as C
+
+HERE = Path(__file__).resolve().parent / "vectors"
+
+
+# ----------------------------------------------------------------- inputs
+
+
+def _bits(dtype: str, values: np.ndarray) -> np.ndarray:
+    """Little-endian bytes of ``values`` in ``dtype`` (BF16 by truncating F32 with round-to-nearest-even)."""
+    if dtype == "BF16":
+        u = np.asarray(values, dtype="<f4").view("<u4").astype(np.uint64)
+        rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+        return rounded.view(np.uint8)
+    np_dt = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "i1", "I16": "<i2", "I32": "<i4", "I64": "<i8", "U8": "u1",
+             "BOOL": "u1", "U16": "<u2", "U32": "<u4", "U64": "<u8", "F8_E4M3": "u1", "F8_E5M2": "u1"}[dtype]
+    return np.ascontiguousarray(np.asarray(values).astype(np_dt)).view(np.uint8).reshape(-1)
+
+
+def _weights(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(n) * 0.02
+
+
+def valid_cases() -> dict[str, list[tuple]]:
+    """name -> list of (tensor name, dtype, shape, bytes, mode/streams override or None)."""
+    rng = np.random.default_rng(1234)
+    cases: dict[str, list[tuple]] = {}
+    cases["empty_archive"] = []
+    cases["scalar"] = [("scale", "F32", (), _bits("F32", np.array([0.125])), None)]
+    cases["empty_tensor"] = [("nothing", "BF16", (0, 4), b"", None)]
+    cases["odd_shapes"] = [
+        ("w.odd", "BF16", (17, 31), _bits("BF16", _weights(17 * 31, 1)), None),
+        ("w.cube", "F16", (3, 5, 7), _bits("F16", _weights(105, 2)), None),
+        ("w.vec", "F32", (1001,), _bits("F32", _weights(1001, 3)), None),
+    ]
+    # one chunk: 4000 BF16 weights, default chunk size (float-split wins at this size)
+    cases["one_chunk"] = [("w", "BF16", (40, 100), _bits("BF16", _weights(4000, 4)), None)]
+    # many chunks: same weights, 64 symbols per chunk -> 16 chunks
+    w = _bits("BF16", _weights(1000, 4))
+    sym, rest = lossless.split_float(w.view("<u2"), "BF16", 2)
+    many = [rans.encode(sym, chunk_symbols=64), C.RawStream(lossless.pack_bits(rest, 6))]
+    cases["many_chunks"] = [("w", "BF16", (10, 100), w, (C.MODE_FLOAT_SPLIT, bytes([2]), many))]
+    every = []
+    for i, (code, (dt, size)) in enumerate(sorted(C.DTYPES.items())):
+        if dt.startswith("F") and not dt.startswith("F8"):
+            vals = _weights(300, 10 + i)
+        elif dt == "BOOL":
+            vals = rng.integers(0, 2, 300)
+        elif dt.startswith("F8"):
+            vals = rng.integers(0, 256, 300)
+        else:
+            hi = 127 if dt == "I8" else 255 if dt == "U8" else 30000
+            lo = 0 if dt.startswith("U") else -hi
+            vals = rng.integers(lo, hi, 300)
+        every.append((f"t.{dt.lower()}", dt, (20, 15), _bits(dt, vals), None))
+    cases["every_dtype"] = every
+    cases["stored_zstd"] = [("ids", "I64", (512,), _bits("I64", np.arange(512) % 7), None)]
+    cases["unicode_names"] = [
+        ("模型.层.0.权重", "F32", (2, 2), _bits("F32", np.array([1.0, 2.0, 3.0, 4.0])), None),
+        ("ü/ß.bias", "F64", (3,), _bits("F64", np.array([-1.5, 0.0, 2.25])), None),
+    ]
+    cases["aux_file"] = [
+        ("w", "F32", (4,), _bits("F32", np.array([1.0, -2.0, 0.5, 0.0])), None),
+        ("acz:file/config.json", "U8", (16,), b'{"hidden": 576}\n', None),
+    ]
+    return cases
+
+
+def _write_valid(path: Path, tensors: list[tuple], extensions=()) -> list[dict]:
+    expect = []
+    with C.ArchiveWriter(path, {"acz.tool": "spec/make_vectors.py", "purpose": "golden vector"}) as w:
+        for name, dtype, shape, data, override in tensors:
+            data = bytes(data)
+            numel = int(np.prod(shape, dtype=np.int64))
+            mode, params, streams = override or lossless.encode(data, dtype, numel)
+            w.add(name, dtype, shape, mode, streams, params)
+            expect.append({"name": name, "dtype": dtype, "shape": list(shape), "mode": C.MODE_NAMES[mode],
+                           "sha256": hashlib.sha256(data).hexdigest()})
+    if extensions:  # re-assemble with extra optional sections
+        raw = path.read_bytes()
+        _, hsize, doff, dsize, ntens, nsec, _ = C.parse_preamble(raw)
+        header = raw[64 : 64 + hsize] + b"".join(C.build_section(k, f, p) for k, f, p in extensions)
+        path.write_bytes(_assemble(header, raw[doff:], ntens, nsec + len(extensions)))
+    return sorted(expect, key=lambda e: e["name"])
+
+
+def _assemble(header: bytes, data: bytes, ntens: int, nsec: int, **pre) -> bytes:
+    doff = C.align(64 + len(header), 64)
+    fields = dict(header_size=len(header), data_offset=doff, data_size=len(data), n_tensors=ntens, n_sections=nsec, header_crc=C.crc32(header))
+    fields.update(pre)
+    p = C.build_preamble(**fields)
+    return p + header + bytes(doff - 64 - len(header)) + data
+
+
+# ----------------------------------------------------------------- invalid vectors
+
+
+def _entry(name, dtype, shape, mode, streams, params=b"", offset=0):
+    parts = []
+    for i, s in enumerate(streams):
+        b = C.serialize_stream(s)
+        if i + 1 < len(streams):
+            b += bytes(C.align(len(b), 8) - len(b))
+        parts.append(b)
+    data = b"".join(parts)
+    e = C.TensorEntry(name, dtype, tuple(shape), mode, len(streams), offset, len(data), C.crc32(data), params)
+    return e, data
+
+
+def _archive(entries_data, metadata=None, sections=None, **pre) -> bytes:
+    entries = [e for e, _ in entries_data]
+    data = b""
+    for e, d in entries_data:
+        data += bytes(e.offset - len(data)) + d
+    header = sections if sections is not None else C.build_header(metadata or {"k": "v"}, entries)
+    nsec = pre.pop("n_sections", len(entries) + 1)
+    return _assemble(header, data, len(entries), nsec, **pre)
+
+
+def invalid_cases() -> dict[str, tuple[bytes, str]]:
+    out: dict[str, tuple[bytes, str]] = {}
+    w = _bits("BF16", _weights(4000, 4))
+    mode, params, streams = lossless.encode(bytes(w), "BF16", 4000)
+    assert mode == C.MODE_FLOAT_SPLIT
+    good_e, good_d = _entry("w", "BF16", (40, 100), mode, streams, params)
+    good = _archive([(good_e, good_d)])
+
+    out["bad_magic"] = (b"PK\x03\x04" + good[4:], "BadMagicError")
+    out["empty_file"] = (b"", "BadMagicError")
+    out["truncated_preamble"] = (good[:40], "TruncatedError")
+    b = bytearray(good); b[13] ^= 0x01
+    out["preamble_crc"] = (bytes(b), "ChecksumError")
+    hdr = C.build_header({"k": "v"}, [good_e])
+    out["unsupported_version"] = (_assemble(hdr, good_d, 1, 2, version=2), "UnsupportedError")
+    p = bytearray(good[:60]); p[50] = 1
+    out["reserved_nonzero"] = (bytes(p) + struct.pack("<I", C.crc32(bytes(p))) + good[64:], "HeaderError")
+    b = bytearray(good); b[64 + 10] ^= 0x20
+    out["header_crc"] = (bytes(b), "ChecksumError")
+    cut = C.align(64 + len(hdr), 64)
+    out["truncated_header"] = (good[: 64 + len(hdr) // 2], "TruncatedError")
+    out["truncated_data"] = (good[: cut + len(good_d) // 2], "TruncatedError")
+    out["trailing_bytes"] = (good + b"\0", "LayoutError")
+    b = bytearray(good); b[cut + 100] ^= 0x01
+    out["data_crc"] = (bytes(b), "ChecksumError")
+    # header-level defects
+    ext_req = C.build_header({"k": "v"}, [good_e], [(0x0123, C.SECTION_FLAG_REQUIRED, b"future")])
+    out["required_extension"] = (_assemble(ext_req, good_d, 1, 3), "UnsupportedError")
+    meta_second = C.build_section(C.SECTION_TENSOR, 0, C._serialize_entry(good_e)) + C.build_section(C.SECTION_METADATA, 0, b"{}")
+    out["metadata_not_first"] = (_assemble(meta_second, good_d, 1, 2), "HeaderError")
+    bad_json = C.build_section(C.SECTION_METADATA, 0, b"{not json") + C.build_section(C.SECTION_TENSOR, 0, C._serialize_entry(good_e))
+    out["bad_metadata_json"] = (_assemble(bad_json, good_d, 1, 2), "HeaderError")
+    reserved_kind = C.build_header({"k": "v"}, [good_e], [(0x0042, 0, b"x")])
+    out["reserved_section_kind"] = (_assemble(reserved_kind, good_d, 1, 3), "HeaderError")
+    e2, d2 = _entry("w", "F32", (4,), C.MODE_STORED, [C.RawStream(bytes(16))], offset=C.align(len(good_d), 64))
+    out["duplicate_name"] = (_archive([(good_e, good_d), (e2, d2)]), "HeaderError")
+    e3, d3 = _entry("v", "F32", (4,), C.MODE_STORED, [C.RawStream(bytes(16))], offset=C.align(len(good_d), 64) + 64)
+    out["noncanonical_offset"] = (_archive([(good_e, good_d), (e3, d3)]), "LayoutError")
+    e4, d4 = _entry("v", "F32", (4,), C.MODE_STORED, [C.RawStream(bytes(16))], offset=0)
+    out["overlapping_tensors"] = (_archive([(good_e, good_d)], sections=C.build_header({"k": "v"}, [good_e, e4]), n_sections=3, n_tensors=2), "LayoutError")
+    huge = C.TensorEntry("big", "F32", (1 << 40, 1 << 20), C.MODE_STORED, 1, 0, 24, C.crc32(C.serialize_stream(C.RawStream(b""))))
+    out["huge_shape"] = (_archive([(huge, C.serialize_stream(C.RawStream(b"")))]), "LimitError")
+    out["huge_counts"] = (_archive([(good_e, good_d)], n_tensors=0xFFFFFFF, n_sections=0xFFFFFFF), "HeaderError")
+    # stream-level defects (checksums valid)
+    rs = streams[0]
+    bad_sum = C.RansStream(rs.precision, rs.chunk_symbols, rs.n_symbols, rs.freqs.copy(), rs.chunk_lengths, rs.payload)
+    bad_sum.freqs[int(np.argmax(bad_sum.freqs))] += 1
+    e5, d5 = _entry("w", "BF16", (40, 100), mode, [bad_sum, streams[1]], params)
+    out["freq_sum"] = (_archive([(e5, d5)]), "StreamError")
+    corrupt = C.RansStream(rs.precision, rs.chunk_symbols, rs.n_symbols, rs.freqs, rs.chunk_lengths, bytes([rs.payload[0] ^ 0x5A]) + rs.payload[1:])
+    e6, d6 = _entry("w", "BF16", (40, 100), mode, [corrupt, streams[1]], params)
+    out["rans_state_corrupt"] = (_archive([(e6, d6)]), "CorruptStreamError")
+    short = C.RansStream(rs.precision, rs.chunk_symbols, rs.n_symbols - 1, rs.freqs, rs.chunk_lengths, rs.payload)
+    e7, d7 = _entry("w", "BF16", (40, 100), mode, [short, streams[1]], params)
+    out["symbol_count_mismatch"] = (_archive([(e7, d7)]), "StreamError")
+    raw = C.serialize_stream(C.RawStream(bytes(16)))
+    e8, d8 = _entry("w", "F32", (4,), C.MODE_STORED, [C.RawStream(bytes(16))])
+    d8 = bytes([7]) + d8[1:]
+    e8.crc = C.crc32(d8)
+    out["unknown_coder"] = (_archive([(e8, d8)]), "UnsupportedError")
+    e9, d9 = _entry("w", "F32", (4,), 0x7777, [C.RawStream(bytes(16))])
+    out["unknown_mode"] = (_archive([(e9, d9)]), "UnsupportedError")
+    import zstandard
+
+    z = zstandard.ZstdCompressor().compress(bytes(16))
+    e10, d10 = _entry("w", "F32", (8,), C.MODE_STORED, [C.ZstdStream(z, 32)])
+    out["zstd_size_mismatch"] = (_archive([(e10, d10)]), "CorruptStreamError")
+    e11, d11 = _entry("w", "F32", (8,), C.MODE_STORED, [C.RawStream(bytes(16))])
+    out["raw_size_mismatch"] = (_archive([(e11, d11)]), "StreamError")
+    b = bytearray(good); pad_at = 64 + len(hdr)
+    if pad_at < cut:
+        b[pad_at] = 1
+        b[40:44] = struct.pack("<I", C.crc32(bytes(b[64 : 64 + len(hdr)])))
+        b[60:64] = struct.pack("<I", C.crc32(bytes(b[:60])))
+        out["nonzero_header_padding"] = (bytes(b), "LayoutError")
+    del raw
+    return out
+
+
+# ----------------------------------------------------------------- main
+
+
+def generate(root: Path) -> None:
+    (root / "valid").mkdir(parents=True, exist_ok=True)
+    (root / "invalid").mkdir(parents=True, exist_ok=True)
+    for name, tensors in valid_cases().items():
+        exts = [(0x0100, 0, b"an optional extension a reader skips")] if name == "aux_file" else ()
+        expect = _write_valid(root / "valid" / f"{name}.acz", tensors, exts)
+        (root / "valid" / f"{name}.json").write_text(json.dumps({"tensors": expect}, indent=1) + "\n")
+    for name, (data, err) in invalid_cases().items():
+        (root / "invalid" / f"{name}.acz").write_bytes(data)
+        (root / "invalid" / f"{name}.json").write_text(json.dumps({"error": err}) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="compare with the files in spec/vectors instead of writing")
+    ap.add_argument("--out", type=Path, default=HERE)
+    args = ap.parse_args()
+    if not args.check:
+        generate(args.out)
+        print(f"wrote vectors to {args.out}")
+        return 0
+    with tempfile.TemporaryDirectory() as d:
+        generate(Path(d))
+        fresh = {p.relative_to(d): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()}
+        disk = {p.relative_to(HERE): p.read_bytes() for p in HERE.rglob("*") if p.is_file()}
+        if fresh != disk:
+            diff = sorted(str(k) for k in set(fresh) | set(disk) if fresh.get(k) != disk.get(k))
+            print("vectors differ: " + ", ".join(diff))
+            return 1
+    print("vectors match")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
