@@ -17,12 +17,14 @@ from aligncodec import __version__
 
 # Sub-command modules, in the order ``--help`` lists them.
 COMMAND_MODULES = [
+    "cmd_demo",  # the README's main job on the default model
     "cmd_archive",  # compress, decompress, inspect, verify
     "cmd_models",  # fetch / list reference models
     "cmd_eval",  # perplexity, bits/byte, KLD
     "cmd_calibrate",  # per-linear input second moments
     "cmd_stats",  # per-tensor diagnostics
     "cmd_baseline",  # RTN / Hadamard / GPTQ baselines
+    "cmd_rd",  # rate–distortion study of the lossy encoder against the baselines
 ]
 
 # Exit codes: one per kind of failure, documented in the README.
