@@ -1,0 +1,124 @@
+"""CUDA kernels of codec/decode_cuda.py under numba's CUDA simulator, bit-exact with the CPU decoder.
+
+The simulator must be switched on before numba is imported, so the kernel tests run in a
+child pytest process with NUMBA_ENABLE_CUDASIM=1 (``test_kernels_under_simulator``); in the
+parent process they are skipped. Run them directly with
+
+    NUMBA_ENABLE_CUDASIM=1 pytest tests/test_cudasim_decode.py
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+sim_only = pytest.mark.skipif(not IN_SIM, reason="runs in the NUMBA_ENABLE_CUDASIM=1 child process")
+N_SIM_TESTS = 6  # kernel tests below, checked by the driver
+
+
+def test_kernels_under_simulator():
+    """Driver: run this module's kernel tests in a child process with the simulator on."""
+    if IN_SIM:
+        pytest.skip("already in the simulator")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBA_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                       env=env, capture_output=True, text=True, timeout=1200)
+    tail = r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0, tail
+    m = re.search(r"(\d+) passed", r.stdout)
+    assert m and int(m.group(1)) == N_SIM_TESTS, tail
+
+
+# ----------------------------------------------------------------- kernel tests (child process)
+
+
+@pytest.fixture
+def dc():
+    from numba import config
+
+    assert config.ENABLE_CUDASIM, "simulator not active"
+    from aligncodec.codec import decode_cuda
+
+    old = decode_cuda.THREADS_PER_BLOCK, decode_cuda.JOIN_THREADS_PER_BLOCK
+    decode_cuda.THREADS_PER_BLOCK = 16  # several blocks even for small inputs; few simulated threads
+    decode_cuda.JOIN_THREADS_PER_BLOCK = 64
+    yield decode_cuda
+    decode_cuda.THREADS_PER_BLOCK, decode_cuda.JOIN_THREADS_PER_BLOCK = old
+
+
+def _random_table(rng, precision, alphabet):
+    M = 1 << precision
+    k = min(alphabet, M)
+    cuts = np.sort(rng.choice(np.arange(1, M), size=k - 1, replace=False)) if k > 1 else np.zeros(0, np.int64)
+    f = np.zeros(alphabet, np.uint32)
+    f[rng.choice(alphabet, size=k, replace=False)] = np.diff(np.concatenate([[0], cuts, [M]]))
+    return f
+
+
+@sim_only
+@pytest.mark.parametrize("precision", [4, 12, 13, 16])  # shared-memory table up to 12, global above
+def test_rans_kernel_matches_cpu(dc, precision):
+    from numba import cuda
+
+    from aligncodec.codec import decode_cpu, rans
+
+    rng = np.random.default_rng(precision)
+    for trial in range(3):
+        f = _random_table(rng, precision, int(rng.integers(1, 40)))
+        n = int(rng.integers(1, 400))
+        p = f / f.sum()
+        sym = rng.choice(len(f), size=n, p=p).astype(np.uint16)
+        chunk = int(rng.choice([1, 7, 10, 64]))
+        s = rans.encode(sym, freqs=f, precision=precision, chunk_symbols=chunk)
+        want = decode_cpu.decode_symbols(s)
+        got = dc.decode_symbols_device(s).copy_to_host()
+        assert np.array_equal(got, want) and np.array_equal(got, sym), (precision, trial)
+        # int32 output (what the torch path hands to lossy reconstruction)
+        out = cuda.to_device(np.full(n, -1, np.int32))
+        assert np.array_equal(dc.decode_symbols_device(s, out).copy_to_host(), sym.astype(np.int32))
+
+
+@sim_only
+def test_rans_kernel_corruption_verdict_matches_cpu(dc):
+    from aligncodec.codec import decode_cpu, rans
+    from aligncodec.formats import container as C
+    from aligncodec.formats.errors import CorruptStreamError
+
+    rng = np.random.default_rng(9)
+    sym = rng.integers(0, 12, 300).astype(np.uint16)
+    s = rans.encode(sym, chunk_symbols=20)
+    for i in rng.choice(len(s.payload), size=40, replace=False):
+        bad = bytearray(s.payload)
+        bad[i] ^= int(rng.integers(1, 256))
+        t = C.RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad))
+        try:
+            want = ("ok", decode_cpu.decode_symbols(t).tobytes())
+        except CorruptStreamError as exc:
+            want = ("corrupt", str(exc))
+        try:
+            got = ("ok", dc.decode_symbols_device(t).copy_to_host().tobytes())
+        except CorruptStreamError as exc:
+            got = ("corrupt", str(exc))
+        assert got == want, i
+
+
+@sim_only
+def test_float_split_on_device_matches_cpu(dc):
+    from aligncodec.codec import decode_cpu, lossless, rans
+
+    rng = np.random.default_rng(2)
+    for dtype, k in [("BF16", 2), ("F16", 3), ("F32", 0), ("F32", 3), ("F64", 1)]:
+        width, e = lossless.FLOAT_FORMATS[dtype]
+        u = {16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
+        n = int(rng.integers(50, 300))
+        bits = rng.integers(0, np.iinfo(u).max, size=n, dtype=u, endpoint=True)
+        sym, rest = lossless.split_float(bits, dtype, k)
+        s = rans.encode(sym, alphabet_size=1 << (e + k), chunk_symbols=int(rng.choice([5, 32, 1000])))
+        packed = lossless.pack_bits(rest, width - e - k)
+        want = decode_cpu.decode_float_split(s, packed, dtype, k)
+        got = dc.decode_float_split_device(s, packed, dtype, k).copy_to_host()
+        assert got.dtype == u and np.array_equal(got, want) and np.array_equal(got, bits), dtype
