@@ -304,12 +304,9 @@ def decode_symbols(stream: RansStream, *, out: np.ndarray | None = None, threads
     return out
 
 
-def decode_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int, *, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
-    """Decode a float-split tensor (spec §7.2) straight into its bit patterns.
-
-    ``stream`` holds the E+k-bit symbols (exponent and top k mantissa bits),
-    ``rest`` the bit-packed sign and low mantissa bits (W-E-k bits each, LSB first).
-    Returns a uint{W} array of ``stream.n_symbols`` elements (``out`` if given)."""
+def float_split_layout(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int) -> tuple[int, int, int, np.ndarray]:
+    """Check a float-split tensor's parameters and rest stream before decoding.
+    Returns (width W, rest bits W-E-k, low mantissa bits W-1-E-k, rest as uint8 array)."""
     if dtype not in FLOAT_FORMATS:
         raise StreamError(f"float-split needs a float dtype, not {dtype}")
     width, e = FLOAT_FORMATS[dtype]
@@ -317,7 +314,6 @@ def decode_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str,
         raise StreamError(f"float-split: {k} mantissa bits impossible for {dtype}")
     n = stream.n_symbols
     rw = width - e - k
-    low = width - 1 - e - k
     raw = np.frombuffer(rest, dtype=np.uint8) if not isinstance(rest, np.ndarray) else rest.reshape(-1).view(np.uint8)
     need = (n * rw + 7) // 8
     if raw.size != need:
@@ -326,6 +322,17 @@ def decode_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str,
         raise CorruptStreamError("non-zero padding bits in a packed stream")
     if stream.alphabet_size > 1 << (e + k):
         raise StreamError(f"float-split symbols: alphabet {stream.alphabet_size} exceeds 2^{e + k}")
+    return width, rw, rw - 1, raw
+
+
+def decode_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int, *, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """Decode a float-split tensor (spec §7.2) straight into its bit patterns.
+
+    ``stream`` holds the E+k-bit symbols (exponent and top k mantissa bits),
+    ``rest`` the bit-packed sign and low mantissa bits (W-E-k bits each, LSB first).
+    Returns a uint{W} array of ``stream.n_symbols`` elements (``out`` if given)."""
+    width, rw, low, raw = float_split_layout(stream, rest, dtype, k)
+    n = stream.n_symbols
     u = _UINT[width]
     if out is None:
         out = np.empty(n, dtype=u)

@@ -160,40 +160,18 @@ def decode_symbols_device(stream: C.RansStream, out=None, *, stream_obj=0):
     return out
 
 
-def join_float_device(out, rest: bytes | np.ndarray, dtype: str, k: int, *, stream_obj=0):
-    """Float-split join on the device: ``out`` (uint{W} device array) holds the symbols on
-    entry and the float bit patterns on return."""
-    width, e = decode_cpu.FLOAT_FORMATS[dtype]
-    n = out.shape[0]
-    rw = width - e - k
-    low = width - 1 - e - k
-    raw = np.frombuffer(rest, dtype=np.uint8) if not isinstance(rest, np.ndarray) else rest.reshape(-1).view(np.uint8)
-    need = (n * rw + 7) // 8
-    if raw.size != need:
-        raise StreamError(f"float-split rest stream has {raw.size} bytes, {need} expected")
-    if n * rw % 8 and raw[-1] >> (n * rw % 8):
-        raise CorruptStreamError("non-zero padding bits in a packed stream")
-    if n == 0:
-        return out
-    d_rest = cuda.to_device(np.ascontiguousarray(raw), stream=stream_obj)
-    join_kernel[_grid(n, JOIN_THREADS_PER_BLOCK), JOIN_THREADS_PER_BLOCK, stream_obj](out, d_rest, n, rw, low, width)
-    return out
-
-
 def decode_float_split_device(stream: C.RansStream, rest, dtype: str, k: int, out=None, *, stream_obj=0):
-    """Float-split tensor decoded on the device: a uint{W} device array of its bit patterns."""
-    if dtype not in decode_cpu.FLOAT_FORMATS:
-        raise StreamError(f"float-split needs a float dtype, not {dtype}")
-    width, e = decode_cpu.FLOAT_FORMATS[dtype]
-    if not 0 <= k <= width - 1 - e or e + k > 16:
-        raise StreamError(f"float-split: {k} mantissa bits impossible for {dtype}")
-    if stream.alphabet_size > 1 << (e + k):
-        raise StreamError(f"float-split symbols: alphabet {stream.alphabet_size} exceeds 2^{e + k}")
-    u = {16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
+    """Float-split tensor decoded on the device: a uint{W} device array of its bit patterns
+    (symbols decoded into ``out``, then joined with the rest by :func:`join_kernel`)."""
+    width, rw, low, raw = decode_cpu.float_split_layout(stream, rest, dtype, k)
+    n = stream.n_symbols
     if out is None:
-        out = cuda.device_array(stream.n_symbols, dtype=u, stream=stream_obj)
+        out = cuda.device_array(n, dtype={16: np.uint16, 32: np.uint32, 64: np.uint64}[width], stream=stream_obj)
     decode_symbols_device(stream, out, stream_obj=stream_obj)
-    return join_float_device(out, rest, dtype, k, stream_obj=stream_obj)
+    if n:
+        d_rest = cuda.to_device(np.ascontiguousarray(raw), stream=stream_obj)
+        join_kernel[_grid(n, JOIN_THREADS_PER_BLOCK), JOIN_THREADS_PER_BLOCK, stream_obj](out, d_rest, n, rw, low, width)
+    return out
 
 
 # ----------------------------------------------------------------- torch interop and reconstruction
