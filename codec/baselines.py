@@ -18,8 +18,13 @@ H is the seeded randomized Hadamard on the input dimension
 rotated second moment Hᵀ Σ H. The group size of any method can be overridden.
 
 Fixed-length methods: ``bits`` is the code length B; the all-in count is
-B·weights + per group (fp16 scale + B-bit zero-point) + 32 bits of rotation
-seed for rotated tensors.
+B·weights + per group (fp16 scale + B-bit zero-point if asymmetric) + 32 bits
+of rotation seed for rotated tensors. Grid: ``sym=None`` (auto) picks the
+stronger one as measured by RTN weight SQNR on four layers of SmolLM2
+(layers 0/10/20/29, all 7 linears): symmetric mid-rise at B = 2 (8.77 vs
+8.06 dB per channel, 8.91 vs 8.46 dB g128, and fewer side bits), asymmetric
+at B ≥ 3 (g128: 14.20 vs 13.98 dB at 3 bits, 20.18 vs 19.55 dB at 4 bits;
+per channel within ±0.15 dB).
 
 Entropy-coded (``-ec``) methods use ECSQ (uniform step, unbounded integers, no
 clipping) and code each tensor's symbols with the project's rANS
@@ -151,11 +156,18 @@ class TensorResult:
         return self.bits / self.numel
 
 
-def _grid_for(method: Method, W_rows: list[torch.Tensor], bits: int | None, mult: float | None, step_rule: str):
+def auto_sym(bits: int) -> bool:
+    """The stronger fixed grid, measured on SmolLM2's weights (see the module doc): symmetric
+    mid-rise at 2 bits, asymmetric with a zero-point from 3 bits on."""
+    return int(bits) <= 2
+
+
+def _grid_for(method: Method, W_rows: list[torch.Tensor], bits: int | None, mult: float | None, step_rule: str,
+              sym: bool | None = None):
     if not method.entropy_coded:
         if bits is None:
             raise ValueError(f"{method.name}: needs bits (code length)")
-        return _q.FixedGrid(int(bits))
+        return _q.FixedGrid(int(bits), sym=auto_sym(bits) if sym is None else bool(sym))
     if mult is None or not mult > 0:
         raise ValueError(f"{method.name}: needs a positive step multiplier")
     if method.name.startswith("rtn-g128"):
@@ -179,6 +191,7 @@ def quantize_site(
     step_rule: str = "shared",
     act_order: bool = False,
     damp: float = 0.01,
+    sym: bool | None = None,
 ) -> list[TensorResult]:
     """Quantise the weights that read the same input (e.g. q, k, v) with one method.
 
@@ -204,7 +217,7 @@ def quantize_site(
         Wall = _had.fold_weight(Wall.double(), rh).float()
         if sigma is not None:
             sigma = _had.rotate_sigma(sigma, rh)
-    grid = _grid_for(method, Ws, bits, mult, step_rule)
+    grid = _grid_for(method, Ws, bits, mult, step_rule, sym)
     if method.algo == "gptq":
         res = _q.gptq(Wall, sigma, grid, method.group_size, act_order=act_order, damp=damp)
     else:

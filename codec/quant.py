@@ -15,9 +15,9 @@ Two kinds of quantiser grid (the ``grid`` argument):
   that minimises the group's squared error (GPTQ's ``mse`` option; it makes
   RTN a much stronger baseline at 2–3 bits). Symmetric (``sym=True``): a
   mid-rise grid, z fixed at (2^B−1)/2 and not sent, s = 2·max|w| / (2^B − 1),
-  levels ±s/2, ±3s/2, … up to ±max|w| (0 is not a level). Asymmetric uses
-  every level and was the stronger at every rate we measured (see the
-  baselines notes), so it is the default; the scale is rounded up to fp16
+  levels ±s/2, ±3s/2, … up to ±max|w| (0 is not a level). Which is stronger
+  depends on B (symmetric at 2 bits, asymmetric from 3 bits on SmolLM2; see
+  ``aligncodec.codec.baselines.auto_sym``); the scale is rounded up to fp16
   *before* use so the reconstruction is exactly what a decoder gets.
 * :class:`ECSQ` — entropy-coded scalar quantisation: w ≈ Δ·q with q an
   unbounded integer, no clipping, meant to be entropy coded. Δ is a scalar, a

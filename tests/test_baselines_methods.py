@@ -33,7 +33,8 @@ def test_fixed_length_bits_equal_formula(name, bits):
     for r, (k, W) in zip(res, ws.items()):
         rows, n = W.shape
         groups = rows * (math.ceil(n / m.group_size) if m.group_size else 1)
-        expect = rows * n * bits + groups * (16 + bits) + (32 if m.rotate else 0)
+        zero_bits = 0 if bits <= 2 else bits  # auto grid: symmetric (no zero-point) at 2 bits
+        expect = rows * n * bits + groups * (16 + zero_bits) + (32 if m.rotate else 0)
         assert r.name == k and r.numel == W.numel()
         assert r.bits == expect
         assert r.W_hat.shape == W.shape

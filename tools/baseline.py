@@ -60,7 +60,7 @@ def sites(names: list[str], sigma: dict[str, torch.Tensor]) -> list[list[str]]:
 
 
 def quantize_model_weights(weights: dict[str, torch.Tensor], sigma: dict[str, torch.Tensor], method,
-                           *, bits=None, mult=None, seed=0, step_rule="shared", act_order=False,
+                           *, bits=None, mult=None, seed=0, step_rule="shared", act_order=False, sym=None,
                            progress=False, desc="quantise") -> list[B.TensorResult]:
     """Run ``quantize_site`` over every site; results in site order."""
     from tqdm import tqdm
@@ -69,7 +69,7 @@ def quantize_model_weights(weights: dict[str, torch.Tensor], sigma: dict[str, to
     groups = sites(list(weights), sigma)
     for g in tqdm(groups, desc=desc, unit="site", disable=not progress, dynamic_ncols=True, leave=False):
         out += B.quantize_site({n: weights[n] for n in g}, method, bits=bits, mult=mult, sigma=sigma[g[0]],
-                               seed=Hd.tensor_seed(seed, g[0]), step_rule=step_rule, act_order=act_order)
+                               seed=Hd.tensor_seed(seed, g[0]), step_rule=step_rule, act_order=act_order, sym=sym)
     return out
 
 
@@ -84,7 +84,7 @@ def initial_multiplier(method, weights: dict[str, torch.Tensor], target: float, 
 
 
 def run_baseline(model_name: str, method_name: str, bits: float, *, group: int | None = None,
-                 step_rule: str = "shared", act_order: bool = False, seed: int = 0, outdir=None,
+                 step_rule: str = "shared", act_order: bool = False, seed: int = 0, outdir=None, sym=None,
                  evaluate: bool = False, n_tokens: int = 8192, kld_topk: int = 0, threads: int = 2,
                  progress: bool = True, log=print) -> dict:
     """Quantise, optionally write the model folder and evaluate; returns a JSON-able dict."""
@@ -128,7 +128,7 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
         results = cache[c] if c in cache else quantize_model_weights(weights, sigma, method, mult=c, **kw)
         search = {"multiplier": c, "history": hist, "tolerance_bpw": RATE_TOL}
     else:
-        results = quantize_model_weights(weights, sigma, method, bits=int(bits), **kw)
+        results = quantize_model_weights(weights, sigma, method, bits=int(bits), sym=sym, **kw)
     qsecs = time.time() - t0
     per_tensor = []
     with torch.no_grad():
@@ -148,6 +148,7 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
         "group_size": method.group_size, "rotate": method.rotate, "algo": method.algo,
         "entropy_coded": method.entropy_coded, "coder": sorted({t.coder for t in results}),
         "step_rule": step_rule if method.entropy_coded else None, "act_order": act_order, "seed": seed,
+        "grid": None if method.entropy_coded else ("sym" if (B.auto_sym(bits) if sym is None else sym) else "asym"),
         "n_linear": len(results), "linear_weights": numel, "total_bits": total_bits,
         "bpw": total_bits / numel,
         "symbol_bpw": sum(t.symbol_bits for t in results) / numel,

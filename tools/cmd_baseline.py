@@ -34,6 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--step-rule", choices=STEP_RULES, default="shared",
                    help="-ec methods: 'shared' = one absolute step for every tensor (default), 'rms' = step "
                         "proportional to each tensor's rms (equal SQNR); rtn-g128-ec always scales per group")
+    p.add_argument("--grid", choices=("auto", "asym", "sym"), default="auto",
+                   help="fixed-length methods: asymmetric grid with a B-bit zero-point per group, symmetric "
+                        "mid-rise grid, or auto (default: symmetric at 2 bits, asymmetric from 3 bits, the "
+                        "stronger one measured on SmolLM2)")
     p.add_argument("--act-order", action="store_true",
                    help="GPTQ: process columns by decreasing Hessian diagonal (groups stay static)")
     p.add_argument("--seed", type=int, default=0, help="global seed of the Hadamard rotations (default 0)")
@@ -60,6 +64,7 @@ def run(args) -> int:
     try:
         res = BL.run_baseline(args.model, args.method, args.bits, group=args.group, step_rule=args.step_rule,
                               act_order=args.act_order, seed=args.seed, outdir=args.outdir,
+                              sym={'auto': None, 'asym': False, 'sym': True}[args.grid],
                               evaluate=args.eval, n_tokens=args.tokens, kld_topk=args.kld_topk,
                               threads=args.threads, progress=not args.no_progress,
                               log=lambda s: print(s, file=sys.stderr))
