@@ -204,7 +204,12 @@ def _dist(job: TensorJob, W_hat: np.ndarray) -> float:
     return float(((D @ job.sigma.to(torch.float32)) * D).double().sum())
 
 
-def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1) -> TensorCode:
+# symbol classes tried per tensor (k, axis): each class has its own frequency table (spec §7.4)
+CLASS_OPTIONS = ((1, 0), (4, 0), (8, 0), (4, 1), (8, 1), (16, 1))
+
+
+def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1,
+                   class_options=None) -> TensorCode:
     """Code the tensor with one candidate at one step. ``stride`` > 1 codes every stride-th row
     only (GPTQ rows are independent given H) and returns *estimates* for the whole tensor:
     bytes = exact bytes of the subsample + the symbol payload scaled up; distortion scaled up."""
@@ -214,18 +219,25 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step).numpy()
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
                             cand.hd.m if cand.hd is not None else 0)
-    params, streams = lossy.encode_symbols(q, base, cand.scales, cand.hd)
+    params = streams = None
+    nbytes = payload = 0
+    for cls in (class_options if class_options is not None else CLASS_OPTIONS):
+        p_, s_ = lossy.encode_symbols(q, base, cand.scales, cand.hd, classes=cls)
+        b_ = lossy.entry_bytes(job.name, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(s_))
+        pay = sum(len(x.payload) for x in s_[: p_.n_classes])
+        if stride > 1:  # compare the whole tensor's estimate
+            b_ += (rows / q.shape[0] - 1) * pay
+        if params is None or b_ < nbytes:
+            params, streams, nbytes, payload = p_, s_, b_, pay
     W_hat = lossy.reconstruct_from(params, q, cand.scales, cand.hd)
     W_hat = lossy.cast_f32(W_hat, job.dtype).to(torch.float32).numpy()
-    nbytes = lossy.entry_bytes(job.name, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(streams))
     D = torch.from_numpy(W_hat) - Wt
     d = float(((D @ job.sigma.to(torch.float32)) * D).double().sum()) if job.sigma is not None else float((D.double() ** 2).sum())
     sig = float((Wt.double() ** 2).sum())
     noise = float((D.double() ** 2).sum())
+    nbytes = int(round(nbytes))
     if stride > 1:
-        f = rows / q.shape[0]
-        nbytes = int(round(nbytes + (f - 1) * len(streams[0].payload)))
-        d *= f
+        d *= rows / q.shape[0]
         W_hat, streams = None, []
     return TensorCode(job.name, cand.kind, params, streams, W_hat, nbytes, d, d / max(job.energy, 1e-300),
                       10 * math.log10(sig / noise) if noise > 0 else math.inf)

@@ -46,8 +46,11 @@ FLAG_COL_SCALES = 0x01
 # the largest |q| the encoder emits: keeps the alphabet (and its table) bounded; clamping is
 # part of the quantiser, so its error is part of the measured distortion
 MAX_ABS_SYMBOL = 32767
-# params: version u8, transform u8, flags u8, reserved u8, step f32, offset i32, m u16, rank u16, reserved u32
-_PARAMS = struct.Struct("<BBBBfiHHI")
+MAX_CLASSES = 16
+CLASS_AXES = ("rows", "columns")
+# params: version u8, transform u8, flags u8, n_classes u8, step f32, offset i32, m u16, rank u16,
+#         class_axis u8, reserved u8 u16
+_PARAMS = struct.Struct("<BBBBfiHHBBH")
 PARAMS_SIZE = _PARAMS.size  # 20
 LOSSY_DTYPES = ("F32", "F16", "BF16")
 
@@ -60,26 +63,31 @@ class EcsqParams:
     flags: int = 0
     m: int = 0  # odd factor of n (hadamard), 0 otherwise
     rank: int = 0  # reserved for partial bases, 0
+    n_classes: int = 1  # symbol classes, each with its own rANS stream (table)
+    class_axis: int = 0  # 0: rows are classed, 1: columns
 
     def pack(self) -> bytes:
-        return _PARAMS.pack(PARAMS_VERSION, self.transform, self.flags, 0, self.step, self.offset, self.m, self.rank, 0)
+        return _PARAMS.pack(PARAMS_VERSION, self.transform, self.flags, self.n_classes, self.step, self.offset, self.m,
+                            self.rank, self.class_axis, 0, 0)
 
     @classmethod
     def unpack(cls, b: bytes, name: str = "?") -> "EcsqParams":
         if len(b) != PARAMS_SIZE:
             raise StreamError(f"ecsq tensor {name!r}: params are {len(b)} bytes, {PARAMS_SIZE} expected")
-        ver, tr, flags, r0, step, offset, m, rank, r1 = _PARAMS.unpack(b)
+        ver, tr, flags, k, step, offset, m, rank, axis, r0, r1 = _PARAMS.unpack(b)
         if ver != PARAMS_VERSION:
             raise UnsupportedError(f"ecsq tensor {name!r}: params version {ver} not supported")
         if r0 or r1 or rank:
             raise StreamError(f"ecsq tensor {name!r}: reserved params field not zero")
+        if not 1 <= k <= MAX_CLASSES or axis > 1 or (k == 1 and axis):
+            raise StreamError(f"ecsq tensor {name!r}: {k} classes on axis {axis} invalid")
         if tr not in TRANSFORM_NAMES:
             raise UnsupportedError(f"ecsq tensor {name!r}: unknown transform {tr}")
         if flags & ~FLAG_COL_SCALES:
             raise StreamError(f"ecsq tensor {name!r}: unknown flag bits {flags:#x}")
         if not (math.isfinite(step) and step > 0):
             raise StreamError(f"ecsq tensor {name!r}: step {step} is not positive and finite")
-        return cls(tr, step, offset, flags, m, rank)
+        return cls(tr, step, offset, flags, m, rank, k, axis)
 
 
 # --------------------------------------------------------------------------- transforms
@@ -200,6 +208,73 @@ def cast_f32(W: np.ndarray, dtype: str) -> np.ndarray:
     return t.to(tdt)
 
 
+def _raw_any(stream, what: str) -> bytes:
+    if not isinstance(stream, C.RawStream):
+        raise StreamError(f"{what} must be a raw stream")
+    return stream.data
+
+
+@dataclass
+class ClassMap:
+    """Symbol classes along one axis: ``ids[i]`` is the class of row/column i; class c's
+    symbols are q[i, j] + ... for the rows/columns of class c, in row-major order of that
+    sub-matrix, coded in their own rANS stream with integer offset ``offsets[c]``."""
+
+    ids: np.ndarray  # uint8, length = the classed axis
+    offsets: list[int]
+
+    @property
+    def k(self) -> int:
+        return len(self.offsets)
+
+    def to_bytes(self) -> bytes:
+        ids = self.ids.astype(np.uint8)
+        if len(ids) % 2:
+            ids = np.append(ids, np.uint8(0))
+        packed = (ids[0::2] | (ids[1::2] << 4)).astype(np.uint8)  # 4 bits per id, low nibble first
+        return np.asarray(self.offsets, dtype="<i4").tobytes() + packed.tobytes()
+
+    @classmethod
+    def from_bytes(cls, b: bytes, k: int, length: int, name: str = "?") -> "ClassMap":
+        need = 4 * k + (length + 1) // 2
+        if len(b) != need:
+            raise StreamError(f"ecsq tensor {name!r}: class map is {len(b)} bytes, {need} expected")
+        offsets = [int(x) for x in np.frombuffer(b, dtype="<i4", count=k)]
+        if any(not -MAX_ABS_SYMBOL <= o <= 0 for o in offsets):
+            raise StreamError(f"ecsq tensor {name!r}: class offset outside [-{MAX_ABS_SYMBOL}, 0]")
+        packed = np.frombuffer(b, dtype=np.uint8, offset=4 * k)
+        ids = np.empty(2 * len(packed), dtype=np.uint8)
+        ids[0::2] = packed & 15
+        ids[1::2] = packed >> 4
+        if length % 2 and ids[-1]:
+            raise StreamError(f"ecsq tensor {name!r}: non-zero padding nibble in the class map")
+        ids = ids[:length]
+        if ids.max(initial=0) >= k:
+            raise StreamError(f"ecsq tensor {name!r}: class id ≥ {k}")
+        return cls(ids, offsets)
+
+    def symbol_counts(self, other: int) -> list[int]:
+        return [int((self.ids == c).sum()) * other for c in range(self.k)]
+
+    def split(self, q: np.ndarray, axis: int, k: int) -> list[np.ndarray]:
+        return [(q[self.ids == c] if axis == 0 else q[:, self.ids == c]).reshape(-1) for c in range(k)]
+
+    def assemble(self, syms: list[np.ndarray], shape: tuple[int, int], axis: int, name: str = "?") -> np.ndarray:
+        q = np.empty(shape, dtype=np.int32)
+        other = shape[1 - axis]
+        for c in range(self.k):
+            sel = self.ids == c
+            cnt = int(sel.sum())
+            if syms[c].size != cnt * other:
+                raise StreamError(f"ecsq tensor {name!r}: class {c} has {syms[c].size} symbols, {cnt * other} expected")
+            v = syms[c].astype(np.int32) + np.int32(self.offsets[c])
+            if axis == 0:
+                q[sel] = v.reshape(cnt, other)
+            else:
+                q[:, sel] = v.reshape(other, cnt)
+        return q
+
+
 def _raw(stream, size: int, what: str) -> bytes:
     if not isinstance(stream, C.RawStream):
         raise StreamError(f"{what} must be a raw stream")
@@ -218,12 +293,17 @@ def parse_side(entry: C.TensorEntry, side_streams: list) -> tuple[EcsqParams, np
         raise StreamError(f"ecsq tensor {name!r}: shape {entry.shape} is not a non-empty matrix")
     rows, n = entry.shape
     p = EcsqParams.unpack(entry.params, name)
-    want = bool(p.flags & FLAG_COL_SCALES) + (p.transform == TRANSFORM_HADAMARD)
+    want = (p.n_classes > 1) + bool(p.flags & FLAG_COL_SCALES) + (p.transform == TRANSFORM_HADAMARD)
     if len(side_streams) != want:
-        raise StreamError(f"ecsq tensor {name!r}: {len(side_streams) + 1} streams, {want + 1} expected")
+        raise StreamError(f"ecsq tensor {name!r}: {len(side_streams) + p.n_classes} streams, {want + p.n_classes} expected")
     if not -MAX_ABS_SYMBOL <= p.offset <= 0:
         raise StreamError(f"ecsq tensor {name!r}: symbol offset {p.offset} outside [-{MAX_ABS_SYMBOL}, 0]")
     i = 0
+    classes = None
+    if p.n_classes > 1:
+        classes = ClassMap.from_bytes(_raw_any(side_streams[0], f"ecsq tensor {name!r} class map"), p.n_classes,
+                                      entry.shape[p.class_axis], name)
+        i += 1
     scales = None
     if p.flags & FLAG_COL_SCALES:
         scales = np.frombuffer(_raw(side_streams[i], 2 * n, f"ecsq tensor {name!r} column scales"), dtype="<f2").astype(np.float32)
@@ -237,19 +317,28 @@ def parse_side(entry: C.TensorEntry, side_streams: list) -> tuple[EcsqParams, np
         hd = HadamardData.from_bytes(side_streams[i].data, n, p.m, name)
     elif p.m:
         raise StreamError(f"ecsq tensor {name!r}: m must be 0 without a hadamard transform")
-    return p, scales, hd
+    return p, scales, hd, classes
 
 
-def parse(entry: C.TensorEntry, streams: list) -> tuple[EcsqParams, C.RansStream, np.ndarray | None, HadamardData | None]:
-    """Validate an ecsq entry and all its streams (before decoding anything)."""
-    if not streams or not isinstance(streams[0], C.RansStream):
-        raise StreamError(f"ecsq tensor {entry.name!r}: stream 0 must be rANS")
-    p, scales, hd = parse_side(entry, list(streams[1:]))
-    s0 = streams[0]
-    rans.validate_for(s0, entry.numel, 1 << 16)
-    if p.offset + s0.alphabet_size - 1 > MAX_ABS_SYMBOL:
-        raise StreamError(f"ecsq tensor {entry.name!r}: alphabet reaches past +{MAX_ABS_SYMBOL}")
-    return p, s0, scales, hd
+def n_symbol_streams(entry: C.TensorEntry) -> int:
+    return EcsqParams.unpack(entry.params, entry.name).n_classes
+
+
+def parse(entry: C.TensorEntry, streams: list):
+    """Validate an ecsq entry and all its streams (before decoding anything).
+    Returns (params, symbol streams, scales, hadamard data, class map)."""
+    k = n_symbol_streams(entry)
+    if len(streams) < k or not all(isinstance(s, C.RansStream) for s in streams[:k]):
+        raise StreamError(f"ecsq tensor {entry.name!r}: the first {k} streams must be rANS")
+    p, scales, hd, cm = parse_side(entry, list(streams[k:]))
+    rows, n = entry.shape
+    counts = [entry.numel] if cm is None else cm.symbol_counts(entry.shape[1 - p.class_axis])
+    offsets = [p.offset] if cm is None else cm.offsets
+    for c, (s, cnt, off) in enumerate(zip(streams[:k], counts, offsets)):
+        rans.validate_for(s, cnt, 1 << 16)
+        if off + s.alphabet_size - 1 > MAX_ABS_SYMBOL:
+            raise StreamError(f"ecsq tensor {entry.name!r}: class {c} alphabet reaches past +{MAX_ABS_SYMBOL}")
+    return p, list(streams[:k]), scales, hd, cm
 
 
 def reconstruct(entry: C.TensorEntry, decoded_streams: list) -> np.ndarray:
@@ -257,25 +346,29 @@ def reconstruct(entry: C.TensorEntry, decoded_streams: list) -> np.ndarray:
     decoded to symbols (uint16 array); the other streams as parsed (raw bytes).
 
     This is the step the CPU/GPU loaders call after symbol decoding."""
-    sym = np.asarray(decoded_streams[0])
-    p, scales, hd = parse_side(entry, list(decoded_streams[1:]))
+    k = n_symbol_streams(entry)
+    p, scales, hd, cm = parse_side(entry, list(decoded_streams[k:]))
     rows, n = entry.shape
-    if sym.size != rows * n:
-        raise StreamError(f"ecsq tensor {entry.name!r}: {sym.size} symbols, {rows * n} expected")
-    q = sym.reshape(rows, n).astype(np.int32) + np.int32(p.offset)
+    syms = [np.asarray(x) for x in decoded_streams[:k]]
+    if cm is None:
+        if syms[0].size != rows * n:
+            raise StreamError(f"ecsq tensor {entry.name!r}: {syms[0].size} symbols, {rows * n} expected")
+        q = syms[0].reshape(rows, n).astype(np.int32) + np.int32(p.offset)
+    else:
+        q = cm.assemble(syms, (rows, n), p.class_axis, entry.name)
     return reconstruct_from(p, q, scales, hd)
 
 
 def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
     """Decode an ecsq tensor to its little-endian bytes (uint8), as archive.decode_entry wants."""
-    p, s0, _scales, _hd = parse(entry, streams)
+    p, sstreams, _scales, _hd, _cm = parse(entry, streams)
     if reference:
         from . import rans_reference
 
-        sym = np.asarray(rans_reference.decode(s0), dtype=np.uint16)
+        syms = [np.asarray(rans_reference.decode(s0), dtype=np.uint16) for s0 in sstreams]
     else:
-        sym = rans.decode(s0)
-    W = reconstruct(entry, [sym] + list(streams[1:]))
+        syms = [rans.decode(s0) for s0 in sstreams]
+    W = reconstruct(entry, syms + list(streams[len(sstreams):]))
     t = cast_f32(W, entry.dtype)
     import torch
 
@@ -285,17 +378,43 @@ def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> n
 # --------------------------------------------------------------------------- encoding
 
 
-def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None, hd: HadamardData | None,
-                   chunk_symbols: int = rans.DEFAULT_CHUNK_SYMBOLS) -> tuple[EcsqParams, list]:
-    """Streams (and params with the offset filled in) for integer symbols q (out × in)."""
-    q = np.asarray(q)
-    lo, hi = int(q.min()), int(q.max())
+def _sym_stream(v: np.ndarray, chunk_symbols: int) -> tuple[int, C.RansStream]:
+    lo, hi = int(v.min()), int(v.max())
     if -lo > MAX_ABS_SYMBOL or hi > MAX_ABS_SYMBOL:
         raise ValueError(f"symbols outside ±{MAX_ABS_SYMBOL}")
     lo = min(lo, 0)  # offset ≤ 0 keeps the params check simple
-    sym = (q.reshape(-1).astype(np.int64) - lo).astype(np.uint16)
-    params = EcsqParams(params.transform, float(np.float32(params.step)), lo, params.flags, params.m, 0)
-    streams = [rans.encode(sym, chunk_symbols=chunk_symbols)]
+    return lo, rans.encode((v.astype(np.int64) - lo).astype(np.uint16), chunk_symbols=chunk_symbols)
+
+
+def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """Class ids: rows/columns sorted by the mean |q|, split into k groups of equal count."""
+    a = np.abs(q.astype(np.float64)).mean(axis=1 - axis)
+    order = np.argsort(a, kind="stable")
+    ids = np.empty(len(a), dtype=np.uint8)
+    ids[order] = (np.arange(len(a)) * k // len(a)).astype(np.uint8)
+    return ids
+
+
+def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None, hd: HadamardData | None,
+                   chunk_symbols: int = rans.DEFAULT_CHUNK_SYMBOLS, classes: tuple[int, int] = (1, 0)) -> tuple[EcsqParams, list]:
+    """Streams (and params with offsets filled in) for integer symbols q (out × in);
+    ``classes = (k, axis)`` splits the symbols into k classes of rows (axis 0) or columns (1)."""
+    q = np.asarray(q)
+    k, axis = classes
+    k = min(k, q.shape[axis])
+    if k > 1:
+        cm = ClassMap(make_classes(q, k, axis), [])
+        streams = []
+        for part in cm.split(q, axis, k):
+            lo, st = _sym_stream(part, chunk_symbols)
+            cm.offsets.append(lo)
+            streams.append(st)
+        params = EcsqParams(params.transform, float(np.float32(params.step)), 0, params.flags, params.m, 0, k, axis)
+        streams.append(C.RawStream(cm.to_bytes()))
+    else:
+        lo, st = _sym_stream(q.reshape(-1), chunk_symbols)
+        params = EcsqParams(params.transform, float(np.float32(params.step)), lo, params.flags, params.m, 0)
+        streams = [st]
     if scales is not None:
         streams.append(C.RawStream(np.asarray(scales, dtype="<f2").tobytes()))
     if hd is not None:
