@@ -247,7 +247,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         generate(Path(d))
         fresh = {p.relative_to(d): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()}
-        disk = {p.relative_to(HERE): p.read_bytes() for p in HERE.rglob("*") if p.is_file()}
+        disk = {p.relative_to(HERE): p.read_bytes() for sub in ("valid", "invalid") for p in (HERE / sub).rglob("*") if p.is_file()}
         if fresh != disk:
             diff = sorted(str(k) for k in set(fresh) | set(disk) if fresh.get(k) != disk.get(k))
             print("vectors differ: " + ", ".join(diff))

@@ -49,7 +49,12 @@ class Source:
 def find_inputs(path: str | os.PathLike) -> Source:
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"input {str(p)!r} does not exist")
+        from . import models
+
+        if str(path) in models.MODELS:  # a reference model name: its cached folder
+            p = models.resolve_model(str(path))
+        else:
+            raise FileNotFoundError(f"input {str(p)!r} does not exist")
     if p.is_file():
         if p.suffix != ".safetensors":
             raise InputError(f"{str(p)!r} is not a .safetensors file")
