@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "cmd_stats",  # per-tensor diagnostics
     "cmd_baseline",  # RTN / Hadamard / GPTQ baselines
     "cmd_rd",  # rate–distortion study of the lossy encoder against the baselines
+    "cmd_bench",  # decode throughput, load time and peak RSS
 ]
 
 # Exit codes: one per kind of failure, documented in the README.
