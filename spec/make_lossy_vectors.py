@@ -1,0 +1,81 @@
+"""Golden vectors of the lossy mode 2 `ecsq` (spec/FORMAT.md §7.4).
+
+Writes spec/vectors/lossy/*.acz and *.json (the decoded tensor's SHA-256, and its first
+values as float32). Inputs are fixed integers and fixed float32 constants (no QR, no
+encoder search), so the files are the same on every machine. ``--check`` regenerates in
+a temporary folder and compares byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from aligncodec.codec import lossy
+from aligncodec.formats import container as C
+from aligncodec.tools import archive
+
+OUT = Path(__file__).resolve().parent / "vectors" / "lossy"
+# a fixed 3 × 3 float32 matrix (need not be orthogonal for decoding; this one nearly is)
+Q3 = np.array([[0.6, -0.8, 0.0], [0.48, 0.36, -0.8], [0.64, 0.48, 0.6]], dtype=np.float32)
+
+
+def _q(shape, seed, spread):
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return np.round(rng.laplace(0.0, spread, size=shape)).astype(np.int32)
+
+
+def cases():
+    # 1. identity, one class, F32
+    q = _q((6, 10), 1, 2.0)
+    yield "lossy_identity", "w", "F32", q, lossy.EcsqParams(lossy.TRANSFORM_IDENTITY, 0.0125, 0), None, None, (1, 0)
+    # 2. hadamard (n = 24 = 8·3), column scales, 3 column classes, BF16
+    q = _q((12, 24), 2, 3.0)
+    q[:, :4] *= 5  # wide columns
+    hd = lossy.HadamardData(np.where(np.arange(24) % 5 == 1, -1.0, 1.0).astype(np.float32), Q3)
+    sc = (1.0 + (np.arange(24) % 4) / 4).astype(np.float16).astype(np.float32)
+    yield ("lossy_hadamard_colscale_classes", "layer.weight", "BF16", q,
+           lossy.EcsqParams(lossy.TRANSFORM_HADAMARD, 0.03, 0, lossy.FLAG_COL_SCALES, 3), sc, hd, (3, 1))
+    # 3. identity, 4 row classes, F16, odd column count
+    q = _q((16, 7), 3, 1.5)
+    q[::3] *= 4
+    yield "lossy_row_classes", "x.weight", "F16", q, lossy.EcsqParams(lossy.TRANSFORM_IDENTITY, 0.5, 0), None, None, (4, 0)
+
+
+def write(outdir: Path) -> None:
+    outdir.mkdir(parents=True, exist_ok=True)
+    for stem, name, dtype, q, base, sc, hd, cls in cases():
+        params, streams = lossy.encode_symbols(q, base, sc, hd, chunk_symbols=64, classes=cls)
+        path = outdir / f"{stem}.acz"
+        with C.ArchiveWriter(path, {"acz.tool": "spec/make_lossy_vectors.py"}) as w:
+            w.add(name, dtype, q.shape, lossy.MODE_ECSQ, streams, params.pack())
+        with C.ArchiveReader(path) as r:
+            e = r.tensors[0]
+            raw = archive.decode_entry(e, r.read_streams(e))
+            vals = archive.to_torch(e, raw).float().reshape(-1)[:8].tolist()
+        (outdir / f"{stem}.json").write_text(json.dumps({"tensors": [{
+            "name": name, "dtype": dtype, "shape": list(q.shape), "mode": "ecsq",
+            "sha256": hashlib.sha256(raw.tobytes()).hexdigest(), "first_values_f32": vals}]}, indent=1) + "\n")
+
+
+def main(argv) -> int:
+    if "--check" in argv:
+        with tempfile.TemporaryDirectory() as d:
+            write(Path(d))
+            bad = [p.name for p in sorted(Path(d).iterdir()) if not (OUT / p.name).is_file() or (OUT / p.name).read_bytes() != p.read_bytes()]
+        if bad:
+            print("differ:", ", ".join(bad))
+            return 1
+        print("lossy vectors reproduce byte for byte")
+        return 0
+    write(OUT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
