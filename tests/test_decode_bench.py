@@ -1,0 +1,45 @@
+"""Benchmarks run end to end on tiny inputs (their numbers are not asserted: no timing in tests)."""
+
+import json
+
+import pytest
+
+from aligncodec.tools import bench
+from aligncodec.tools.cli import main
+
+
+def test_bench_decode_small_runs_every_decoder():
+    res = bench.bench_decode(64, 80, threads=(1, 2), repeat=1, reference_symbols=1000, chunk_symbols=256, gpu=False)
+    names = [r["decoder"] for r in res["rows"]]
+    assert names[0].startswith("reference")
+    assert any(n.startswith("constriction") for n in names)
+    whats = {(r["decoder"], r["what"]) for r in res["rows"]}
+    assert ("numba CPU, 1 thread", "bf16 (fused)") in whats and ("numba CPU, 2 threads", "symbols") in whats
+    for r in res["rows"]:
+        assert r["seconds"] > 0 and r["GB_per_s_bf16"] == pytest.approx(2 * r["symbols"] / r["seconds"] / 1e9)
+    assert "x constr." in bench.format_table(res)
+
+
+def test_cli_bench_decode_json(tmp_path, capsys):
+    out = tmp_path / "d.json"
+    assert main(["bench", "decode", "--rows", "32", "--cols", "40", "--repeat", "1", "--threads", "1",
+                 "--reference-symbols", "500", "--chunk-symbols", "100", "--no-gpu", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["kind"] == "decode" and res["info"]["symbols"] == 32 * 40
+    assert "numba CPU, 1 thread" in capsys.readouterr().out
+    assert main(["bench", "decode", "--threads", "x"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_load_tiny_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    res = bench.bench_load(str(tmp_path / "tiny"), repeat=1, workdir=tmp_path / "work", progress=False)
+    kinds = [r["kind"] for r in res["rows"]]
+    assert kinds == ["st-sd", "acz-sd", "st-hf", "acz-hf"]
+    sd = {r["kind"]: r["tensor_bytes"] for r in res["rows"]}
+    assert sd["st-sd"] == sd["acz-sd"] > 0  # both loads hold the same fp16 weights
+    assert "peak RSS" in bench.format_table(res)
