@@ -219,16 +219,26 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step).numpy()
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
                             cand.hd.m if cand.hd is not None else 0)
-    params = streams = None
-    nbytes = payload = 0
+    # choose the symbol classes by an order-0 estimate (entropy + table + stream headers), then
+    # code only the chosen option for real (rANS table fitting is the slow part)
+    f = rows / q.shape[0]
+    best_cls, best_est = (1, 0), math.inf
     for cls in (class_options if class_options is not None else CLASS_OPTIONS):
-        p_, s_ = lossy.encode_symbols(q, base, cand.scales, cand.hd, classes=cls)
-        b_ = lossy.entry_bytes(job.name, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(s_))
-        pay = sum(len(x.payload) for x in s_[: p_.n_classes])
-        if stride > 1:  # compare the whole tensor's estimate
-            b_ += (rows / q.shape[0] - 1) * pay
-        if params is None or b_ < nbytes:
-            params, streams, nbytes, payload = p_, s_, b_, pay
+        k, axis = cls
+        k = min(k, q.shape[axis])
+        parts = [q.reshape(-1)] if k == 1 else lossy.ClassMap(lossy.make_classes(q, k, axis), []).split(q, axis, k)
+        est = 0.0 if k == 1 else 4 * k + (q.shape[axis] + 1) / 2 + 8
+        for part in parts:
+            lo = int(part.min())
+            cnt = np.bincount(part - lo)
+            nz = cnt[cnt > 0].astype(np.float64)
+            est += f * float(-(nz * np.log2(nz / part.size)).sum()) / 8 + 1.2 * len(cnt) + 56
+        if est < best_est:
+            best_cls, best_est = (k, axis), est
+    params, streams = lossy.encode_symbols(q, base, cand.scales, cand.hd, classes=best_cls)
+    nbytes = lossy.entry_bytes(job.name, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(streams))
+    if stride > 1:  # whole-tensor estimate: the symbol payload scales with the rows
+        nbytes += (f - 1) * sum(len(x.payload) for x in streams[: params.n_classes])
     W_hat = lossy.reconstruct_from(params, q, cand.scales, cand.hd)
     W_hat = lossy.cast_f32(W_hat, job.dtype).to(torch.float32).numpy()
     D = torch.from_numpy(W_hat) - Wt
@@ -294,7 +304,7 @@ def total_rel_err(codes: dict[str, TensorCode], jobs: list[TensorJob]) -> float:
 
 
 def encode_jobs(jobs: list[TensorJob], *, bpw: float | None = None, distortion: float | None = None,
-                tol: float = 0.005, step0: float | None = None, sample_rows: int = 96, max_full: int = 4,
+                tol: float = 0.005, step0: float | None = None, sample_rows: int = 64, max_full: int = 3,
                 progress: Callable[[str], None] | None = None) -> EncodeResult:
     """Code every job at one global step chosen to meet ``bpw`` (relative tolerance ``tol``,
     all-in over these tensors) or ``distortion`` (mean activation-weighted relative error,
@@ -370,10 +380,12 @@ def encode_jobs(jobs: list[TensorJob], *, bpw: float | None = None, distortion: 
         return best[1]
 
     x = math.log2(step0)
+    x_start = x
     f = sample_pass(x, True)
     x = secant(lambda z: sample_pass(z, False), x, f, 10, tol_f / 2)
-    f = sample_pass(x, True)  # re-decide the modes near the target
-    x = secant(lambda z: sample_pass(z, False), x, f, 10, tol_f / 2)
+    if abs(x - x_start) > 0.25:  # the step moved by more than ~19 %: re-decide the modes there
+        f = sample_pass(x, True)
+        x = secant(lambda z: sample_pass(z, False), x, f, 10, tol_f / 2)
 
     fvals: dict[float, float] = {}
     best_codes: dict[str, TensorCode] | None = None

@@ -116,9 +116,12 @@ def run_rd(model_name: str, rates: list[float], methods: list[str], *, n_tokens:
     base = None
     if evaluate:
         model, tok = load_causal_lm(model_name)
-        ref = Ev.reference_stats(model_name, n_tokens, topk=kld_topk, threads=threads, progress=progress)
-        b = Ev.evaluate(model, tok, n_tokens=n_tokens, ref_model=None, threads=threads, progress=progress, label="reference")
-        base = {"perplexity": b["perplexity"], "bits_per_byte": b["bits_per_byte"]}
+        if kld_topk:
+            ref = Ev.reference_stats(model_name, n_tokens, topk=kld_topk, threads=threads, progress=progress)
+            base = {"perplexity": math.exp(-float(ref.target_logp[:n_tokens].double().mean()))}
+        else:
+            ref = load_causal_lm(model_name)[0]
+            base = None
     rows = []
     for r in rates:
         for m in methods:
