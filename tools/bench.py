@@ -11,7 +11,8 @@ decode: throughput of every decoder on the same symbols, the float-split symbols
 
 load: the default model as fp16 safetensors vs its lossless .acz archive, each loaded
     in a fresh subprocess (state dict, and the Hugging Face model), timing the load
-    call and recording the peak RSS (getrusage) and the RSS before the call.
+    call (and the call plus one touch of every page: safetensors maps lazily) and recording
+    the peak RSS (VmHWM of the child) and the RSS before the call.
 """
 
 from __future__ import annotations
@@ -200,11 +201,17 @@ else:
 t = time.perf_counter() - t0
 sd = obj if isinstance(obj, dict) else obj.state_dict()
 seen = set(); nbytes = 0
-for v in sd.values():
-    if v.data_ptr() in seen: continue
+for v in sd.values():  # touch every page once (safetensors maps the file lazily)
+    if v.data_ptr() in seen or not v.numel(): continue
     seen.add(v.data_ptr()); nbytes += v.numel() * v.element_size()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"kind": kind, "seconds": t, "rss_before": before, "peak_rss": peak, "tensor_bytes": nbytes}))
+    v.reshape(-1).view(torch.uint8)[::4096].sum()
+t_touch = time.perf_counter() - t0
+def hwm():  # VmHWM: peak RSS of this process image (ru_maxrss would include the forking parent's)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+print(json.dumps({"kind": kind, "seconds": t, "seconds_touched": t_touch, "rss_before": before, "peak_rss": hwm(), "tensor_bytes": nbytes}))
 """
 
 
@@ -288,10 +295,12 @@ def bench_load(model: str = "smollm2", *, repeat: int = 3, cold: bool = False, w
     for kind in kinds:
         rs = runs[kind]
         sec = float(np.median([r["seconds"] for r in rs]))
+        sec_t = float(np.median([r["seconds_touched"] for r in rs]))
         peak = float(np.median([r["peak_rss"] for r in rs]))
         before = float(np.median([r["rss_before"] for r in rs]))
         tb = rs[0]["tensor_bytes"]
         rows.append({"load": labels[kind], "kind": kind, "seconds_median": sec, "seconds_all": [r["seconds"] for r in rs],
+                     "seconds_touched_median": sec_t,
                      "tensor_bytes": tb, "rss_before": before, "peak_rss": peak,
                      "peak_rss_over_model": peak / tb, "peak_rss_growth_over_model": (peak - before) / tb})
     return {"kind": "load", "info": {**inp, "repeat": repeat, "cold_page_cache": cold, "loadavg_after": os.getloadavg()}, "rows": rows}
@@ -311,10 +320,10 @@ def format_table(res: dict) -> str:
                      f"{i['rans_bits_per_symbol']:.3f} bits/symbol, best of {i['repeat']}, GPU: {i.get('gpu', 'none')}, "
                      f"load average {i['loadavg_before'][0]:.1f} -> {i['loadavg_after'][0]:.1f} on {i['cpu_count']} CPUs")
         return "\n".join(lines)
-    head = f"{'load':62s} {'seconds':>8s} {'model MB':>9s} {'RSS before MB':>13s} {'peak RSS MB':>11s} {'peak/model':>10s} {'growth/model':>12s}"
+    head = f"{'load':62s} {'seconds':>8s} {'+touch s':>8s} {'model MB':>9s} {'RSS before MB':>13s} {'peak RSS MB':>11s} {'peak/model':>10s} {'growth/model':>12s}"
     lines = [head, "-" * len(head)]
     for r in res["rows"]:
-        lines.append(f"{r['load']:62s} {r['seconds_median']:8.3f} {r['tensor_bytes'] / 1e6:9.1f} {r['rss_before'] / 1e6:13.1f} "
+        lines.append(f"{r['load']:62s} {r['seconds_median']:8.3f} {r['seconds_touched_median']:8.3f} {r['tensor_bytes'] / 1e6:9.1f} {r['rss_before'] / 1e6:13.1f} "
                      f"{r['peak_rss'] / 1e6:11.1f} {r['peak_rss_over_model']:10.2f} {r['peak_rss_growth_over_model']:12.2f}")
     i = res["info"]
     lines.append(f"model {i['model']}: fp16 safetensors {i['fp16_bytes'] / 1e6:.1f} MB, archive {i['archive_bytes'] / 1e6:.1f} MB; "
