@@ -13,9 +13,8 @@ optional per-input-coordinate step scales s_j):
 and keeps the candidate with the least Lagrangian cost J = D + λ R, with D the
 activation-weighted error tr(ΔW Σ ΔWᵀ) and R the exact bits the tensor adds to
 the archive (symbols, frequency table, chunk table, stream headers, params,
-header entry and alignment). λ follows the global step: λ = 2 ln 2 · Δ²/12 ·
-mean(diag Σ) per bit, the slope of ECSQ's high-rate D(R) for a coefficient of
-that weight.
+header entry and alignment). λ = 2 ln 2 · D/N per bit, the local slope of the
+tensor's D(R) ∝ 2^(−2R) at the measured distortion (see ``choose``).
 
 Candidates (``CANDIDATES``):
 
@@ -180,14 +179,20 @@ def prepare(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float = 0.5, see
             key = (key_s, kind, alpha)
             hd = None
         if key not in cache:
-            T = torch.from_numpy(hd.matrix64()) if had else None
-            St = (T.T @ S @ T if T is not None else S) if S is not None else torch.eye(n, dtype=torch.float64)
+            if S is None:
+                St = torch.eye(n, dtype=torch.float64)
+            elif had:  # Tᵀ Σ T by two fast transforms
+                A = hd.apply64(S.numpy())  # Σ T
+                St = torch.from_numpy(hd.apply64(np.ascontiguousarray(A.T)))
+                St = (St + St.T) / 2
+            else:
+                St = S
             sc = col_scales(torch.diag(St), alpha) if kind.endswith("colscale") else None
             Hm = St if sc is None else St * torch.from_numpy(sc.astype(np.float64))[:, None] * torch.from_numpy(sc.astype(np.float64))[None, :]
             U, perm = hinv_factor(2 * Hm, damp)
-            cache[key] = (T, sc, U, perm)
-        T, sc, U, perm = cache[key]
-        Cm = W64 @ T if T is not None else W64
+            cache[key] = (sc, U, perm)
+        sc, U, perm = cache[key]
+        Cm = torch.from_numpy(hd.apply64(W64.numpy())) if had else W64
         if sc is not None:
             Cm = Cm / torch.from_numpy(sc.astype(np.float64))[None, :]
         job.cands.append(Candidate(kind, lossy.TRANSFORM_HADAMARD if had else lossy.TRANSFORM_IDENTITY, hd, sc,
@@ -253,21 +258,17 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
                       10 * math.log10(sig / noise) if noise > 0 else math.inf)
 
 
-def lam(job: TensorJob, step: float) -> float:
-    """Distortion per bit at step Δ (ECSQ high-rate slope), in the units of tr(ΔW Σ ΔWᵀ)."""
-    return 2 * math.log(2) * step * step / 12 * job.sig_mean
-
-
 def choose(job: TensorJob, step: float, stride: int = 1) -> tuple[Candidate, TensorCode]:
-    """The candidate with the least J = D + λR at this step."""
+    """The candidate with the least J = D + λR at this step.
+
+    λ is the local slope of the tensor's operational D(R): for ECSQ, D ∝ 2^(−2R) per
+    weight, so −dD/dR_bits = 2 ln 2 · D / N, with D the *measured* distortion (the least
+    over the candidates). A slope from Δ²/12 would ignore GPTQ's noise shaping, which
+    lowers the output error well below Δ²/12 per weight, and over-reward rate savings."""
     st = step * job.type_weight
-    best, bestJ = None, math.inf
-    for cand in job.cands:
-        tc = code_candidate(job, cand, st, stride)
-        J = tc.dist + lam(job, st) * 8 * tc.bytes_all_in
-        if J < bestJ:
-            best, bestJ = (cand, tc), J
-    return best
+    codes = [(cand, code_candidate(job, cand, st, stride)) for cand in job.cands]
+    lam = 2 * math.log(2) * min(tc.dist for _, tc in codes) / job.numel
+    return min(codes, key=lambda ct: ct[1].dist + lam * 8 * ct[1].bytes_all_in)
 
 
 def stride_for(rows: int, sample_rows: int) -> int:

@@ -142,6 +142,22 @@ class HadamardData:
         rh = RandomizedHadamard(n, seed)
         return cls(rh.signs.numpy().astype(np.float32), rh.Q.numpy().astype(np.float32))
 
+    def apply64(self, X: np.ndarray) -> np.ndarray:
+        """X · T for row vectors X (k × n), float64, fast (butterflies + the m × m factor)."""
+        X = np.asarray(X, dtype=np.float64) * self.signs.astype(np.float64)[None, :]
+        k, n = X.shape
+        p, m = split_pow2(n)
+        Y = X.reshape(k, p, m).copy()
+        h = 1
+        while h < p:
+            Z = Y.reshape(k, p // (2 * h), 2, h, m)
+            a = Z[:, :, 0].copy()
+            Z[:, :, 0] += Z[:, :, 1]
+            Z[:, :, 1] = a - Z[:, :, 1]
+            h *= 2
+        Y = Y @ self.Q.astype(np.float64)
+        return (Y / math.sqrt(p)).reshape(k, n)
+
     def matrix64(self) -> np.ndarray:
         """T as a float64 n × n matrix built from the float32 data (encoder side)."""
         p, m = split_pow2(self.n)

@@ -114,7 +114,7 @@ def add_parser(sub) -> None:
     p.add_argument("--distortion", type=float, help="lossy: target mean activation-weighted relative error per tensor instead of --bpw")
     p.add_argument("--candidates", default="hadamard,colscale",
                    help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")
-    p.add_argument("--alpha", type=float, default=0.5, help="lossy: column steps ∝ Σ_jj^-alpha for the colscale transforms")
+    p.add_argument("--alpha", type=float, default=0.25, help="lossy: column steps ∝ Σ_jj^-alpha for the colscale transforms (default 0.25)")
     p.add_argument("--lossy-embeddings", action="store_true", help="lossy: code the embeddings lossy too (weight MSE)")
     p.add_argument("--no-calibration", action="store_true", help="lossy: no calibration Σ (plain weight MSE)")
     p.add_argument("--seed", type=int, default=0, help="lossy: seed of the randomized Hadamard transforms")

@@ -95,7 +95,7 @@ def build_jobs(src: Path, sigma: dict, *, lossy_embeddings: bool = False, type_w
 
 def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distortion: float | None = None,
                  candidates=E.DEFAULT_CANDIDATES, lossy_embeddings: bool = False, sigma="auto",
-                 alpha: float = 0.5, seed: int = 0, type_weights: dict | None = None, tol: float = 0.005,
+                 alpha: float = 0.25, seed: int = 0, type_weights: dict | None = None, tol: float = 0.005,
                  names: list[str] | None = None, progress: bool = True) -> tuple[E.EncodeResult, list[E.TensorJob], dict]:
     """Run the encoder over a model's lossy tensors. Returns (result, jobs, info)."""
     log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
