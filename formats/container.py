@@ -400,11 +400,27 @@ class Header:
     extensions: list[tuple[int, int, bytes]] = field(default_factory=list)  # (kind, flags, payload)
 
 
+READ_BLOCK = 16 << 20
+
+
 def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
-    buf = f.read(n)
-    if buf is None or len(buf) != n:
-        raise E.TruncatedError(f"archive truncated in {what}")
-    return buf
+    """Read exactly n bytes. Large reads go in blocks, so a declared size that the
+    stream does not back (a hostile header on a pipe) never allocates more than
+    the bytes that actually arrive plus one block."""
+    if n <= READ_BLOCK:
+        buf = f.read(n)
+        if buf is None or len(buf) != n:
+            raise E.TruncatedError(f"archive truncated in {what}")
+        return buf
+    parts = []
+    left = n
+    while left:
+        b = f.read(min(left, READ_BLOCK))
+        if not b:
+            raise E.TruncatedError(f"archive truncated in {what}")
+        parts.append(b)
+        left -= len(b)
+    return b"".join(parts)
 
 
 def parse_preamble(b: bytes) -> tuple[int, int, int, int, int, int, int]:

@@ -254,3 +254,20 @@ def test_container_roundtrip_property(tmp_path_factory, specs, seed):
     _write(p, tensors, {"seed": str(seed)})
     got = _read_all(p)
     assert got == {n: (d, s, r) for n, d, s, r in tensors}
+
+
+def test_hostile_sizes_on_a_pipe_do_not_allocate(tmp_path):
+    """Sequential reading (no file size to check against): a tensor entry claiming an
+    enormous data size fails as truncated without allocating that size."""
+    import io
+
+    e = C.TensorEntry("t", "U8", (4,), C.MODE_STORED, 1, 0, 1 << 40, 0)
+    header = C.build_header({}, [e])
+    data = C.build_preamble(len(header), C.align(64 + len(header), 64), 1 << 40, 1, 2, C.crc32(header))
+    data += header + bytes(C.align(64 + len(header), 64) - 64 - len(header)) + bytes(1000)
+    tracemalloc.start()
+    with pytest.raises(E.TruncatedError):
+        for _ in C.iter_archive(io.BufferedReader(io.BytesIO(data))):
+            pass
+    assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    tracemalloc.stop()
