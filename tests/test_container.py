@@ -2,6 +2,7 @@
 
 import os
 import struct
+from pathlib import Path
 import tracemalloc
 
 import numpy as np
@@ -271,3 +272,51 @@ def test_hostile_sizes_on_a_pipe_do_not_allocate(tmp_path):
             pass
     assert tracemalloc.get_traced_memory()[1] < 64 << 20
     tracemalloc.stop()
+
+
+def _refresh_crcs(b: bytearray) -> bytes:
+    """Recompute header and preamble CRCs after a mutation (a hostile writer would)."""
+    hsize = struct.unpack_from("<I", b, 12)[0]
+    if 64 + hsize <= len(b):
+        struct.pack_into("<I", b, 40, C.crc32(bytes(b[64 : 64 + hsize])))
+    struct.pack_into("<I", b, 60, C.crc32(bytes(b[:60])))
+    return bytes(b)
+
+
+_LOSSY_VECTORS = sorted((Path(__file__).resolve().parent.parent / "spec" / "vectors" / "lossy").glob("*.acz"))
+
+
+@pytest.mark.parametrize("source", ["lossless"] + [p.stem for p in _LOSSY_VECTORS])
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_mutated_archives_with_valid_checksums_never_crash(tmp_path_factory, source, data):
+    """Fuzz the validation itself: mutate header fields or stream bytes, then make every
+    checksum valid again. The reader must raise a named AczError or decode; nothing else."""
+    d = tmp_path_factory.mktemp("fz")
+    if source == "lossless":
+        raw, _ = _small_archive(d)
+    else:
+        raw = next(p for p in _LOSSY_VECTORS if p.stem == source).read_bytes()
+        (d / "s.acz").write_bytes(raw)
+    b = bytearray(raw)
+    _, hsize, doff, dsize, *_ = C.parse_preamble(raw)
+    n = data.draw(st.integers(1, 6))
+    in_data = data.draw(st.booleans())
+    for _ in range(n):
+        lo, hi = (doff, doff + dsize) if in_data else (8, 64 + hsize)
+        i = data.draw(st.integers(lo, hi - 1))
+        b[i] = data.draw(st.integers(0, 255))
+    if in_data:  # re-sign every tensor's data through a rebuilt header
+        with C.ArchiveReader(d / "s.acz") as r:
+            entries = r.tensors
+            meta = r.metadata
+        for e in entries:
+            e.crc = C.crc32(bytes(b[doff + e.offset : doff + e.offset + e.size]))
+        header = C.build_header(meta, entries)
+        b[64 : 64 + len(header)] = header
+    p = d / "m.acz"
+    p.write_bytes(_refresh_crcs(b))
+    try:
+        _read_all(p)
+    except E.AczError:
+        pass
