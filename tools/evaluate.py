@@ -287,6 +287,8 @@ def evaluate(model, tokenizer, n_tokens: int = 8192, ref_model=None, split: str 
         for w in data.windows:
             lg = _logits(model, w)
             rlg = _logits(ref_mod, w) if ref_mod is not None else None
+            if rlg is not None and rlg.shape != lg.shape:
+                raise EvalError(f"reference logits {tuple(rlg.shape)} do not match the model's {tuple(lg.shape)}")
             tgt = w[1:]
             for a in range(0, lg.shape[0], ROW_CHUNK):
                 b = min(a + ROW_CHUNK, lg.shape[0])

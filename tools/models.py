@@ -351,7 +351,7 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
 
 
 def list_models() -> list[dict]:
-    """Every known model with its cache state, plus unknown folders found in the cache."""
+    """Every known model with its cache state (path, size, weights sha256)."""
     rows = []
     for name, spec in MODELS.items():
         man = read_manifest(name)
