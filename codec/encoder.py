@@ -112,9 +112,10 @@ def hinv_factor(Hm: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, tor
 
 
 def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float, block: int = 128,
-              maxq: int = lossy.MAX_ABS_SYMBOL) -> torch.Tensor:
+              maxq: int = lossy.MAX_ABS_SYMBOL, deadzone: float = 0.0) -> torch.Tensor:
     """GPTQ (act order, lazy batches) with the uniform step ``step``: integer symbols (int32),
-    in the original column order."""
+    in the original column order. ``deadzone`` θ rounds |w|/Δ with offset ½ − θ (towards zero,
+    cheaper symbols; the extra error is fed back like any other)."""
     W = C[:, perm].clone()
     rows, n = W.shape
     Q = torch.empty((rows, n), dtype=torch.float32)
@@ -126,7 +127,10 @@ def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float,
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             w = W1[:, i]
-            q = torch.clamp(torch.round(w * inv), -maxq, maxq)
+            if deadzone:
+                q = torch.clamp(torch.sign(w) * torch.floor(torch.abs(w) * inv + (0.5 - deadzone)), -maxq, maxq)
+            else:
+                q = torch.clamp(torch.round(w * inv), -maxq, maxq)
             Q[:, i1 + i] = q
             err = (w - q * step) / U1[i, i]
             if i + 1 < i2 - i1:
@@ -213,15 +217,18 @@ def _dist(job: TensorJob, W_hat: np.ndarray) -> float:
 CLASS_OPTIONS = ((1, 0), (4, 0), (8, 0), (4, 1), (8, 1), (16, 1))
 
 
+DEADZONE = 0.0
+
+
 def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1,
-                   class_options=None) -> TensorCode:
+                   class_options=None, deadzone: float | None = None) -> TensorCode:
     """Code the tensor with one candidate at one step. ``stride`` > 1 codes every stride-th row
     only (GPTQ rows are independent given H) and returns *estimates* for the whole tensor:
     bytes = exact bytes of the subsample + the symbol payload scaled up; distortion scaled up."""
     rows = job.W.shape[0]
     sl = slice(None) if stride <= 1 else slice(0, None, stride)
     Wt = job.W[sl]
-    q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step).numpy()
+    q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step, deadzone=DEADZONE if deadzone is None else deadzone).numpy()
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
                             cand.hd.m if cand.hd is not None else 0)
     # choose the symbol classes by an order-0 estimate (entropy + table + stream headers), then
