@@ -312,7 +312,7 @@ def total_rel_err(codes: dict[str, TensorCode], jobs: list[TensorJob]) -> float:
 
 
 def encode_jobs(jobs: list[TensorJob], *, bpw: float | None = None, distortion: float | None = None,
-                tol: float = 0.005, step0: float | None = None, sample_rows: int = 64, max_full: int = 3,
+                tol: float = 0.009, step0: float | None = None, sample_rows: int = 64, max_full: int = 3,
                 progress: Callable[[str], None] | None = None) -> EncodeResult:
     """Code every job at one global step chosen to meet ``bpw`` (relative tolerance ``tol``,
     all-in over these tensors) or ``distortion`` (mean activation-weighted relative error,

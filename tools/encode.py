@@ -95,11 +95,12 @@ def build_jobs(src: Path, sigma: dict, *, lossy_embeddings: bool = False, type_w
 
 def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distortion: float | None = None,
                  candidates=E.DEFAULT_CANDIDATES, lossy_embeddings: bool = False, sigma="auto",
-                 alpha: float = 0.25, seed: int = 0, type_weights: dict | None = None, tol: float = 0.005,
+                 alpha: float = 0.25, seed: int = 0, type_weights: dict | None = None, tol: float = 0.009,
                  names: list[str] | None = None, progress: bool = True) -> tuple[E.EncodeResult, list[E.TensorJob], dict]:
     """Run the encoder over a model's lossy tensors. Returns (result, jobs, info)."""
     log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
     t0 = time.perf_counter()
+    c0 = time.process_time()
     src = resolve_input(model)
     sig, sig_src = get_sigma(str(model), sigma, log)
     t_cal = time.perf_counter() - t0
@@ -116,6 +117,7 @@ def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distorti
     res = E.encode_jobs(jobs, bpw=bpw, distortion=distortion, tol=tol, progress=log)
     info = {"sigma": sig_src, "seconds_calibration": t_cal, "seconds_prepare": t_prep,
             "seconds_search": res.seconds, "seconds_total": time.perf_counter() - t0,
+            "cpu_seconds_total": time.process_time() - c0,
             "candidates": list(candidates), "alpha": alpha}
     return res, jobs, info
 
