@@ -166,7 +166,7 @@ def leb128_decode(buf: bytes, count: int, max_value: int) -> np.ndarray:
 class RawStream:
     """Bytes stored as they are (coder 0)."""
 
-    data: bytes
+    data: bytes | memoryview
 
     coder = CODER_RAW
 
@@ -175,7 +175,7 @@ class RawStream:
 class ZstdStream:
     """One zstd frame (coder 1) that decompresses to exactly ``size`` bytes."""
 
-    data: bytes
+    data: bytes | memoryview
     size: int
 
     coder = CODER_ZSTD
@@ -194,7 +194,7 @@ class RansStream:
     n_symbols: int
     freqs: np.ndarray  # uint32, len = alphabet size
     chunk_lengths: np.ndarray  # uint32
-    payload: bytes
+    payload: bytes | memoryview
 
     coder = CODER_RANS
 
@@ -233,8 +233,8 @@ def serialize_stream(s: Stream) -> bytes:
 def parse_streams(data: bytes | memoryview, count: int) -> list[Stream]:
     """Parse ``count`` streams that exactly fill ``data`` (spec §5, §6).
 
-    Validates every field before using it; payloads are returned as views/bytes
-    of ``data`` (no decoding happens here)."""
+    Validates every field before using it; payloads are zero-copy memoryviews
+    into ``data`` (no decoding happens here)."""
     mv = memoryview(data)
     n = len(mv)
     pos = 0
@@ -257,11 +257,11 @@ def parse_streams(data: bytes | memoryview, count: int) -> list[Stream]:
                 raise E.StreamError(f"stream {i}: raw stream with aux bytes")
             if count_field != payload_size:
                 raise E.StreamError(f"stream {i}: raw stream size {count_field} != payload {payload_size}")
-            out.append(RawStream(bytes(payload)))
+            out.append(RawStream(payload))
         elif coder == CODER_ZSTD:
             if aux_size:
                 raise E.StreamError(f"stream {i}: zstd stream with aux bytes")
-            out.append(ZstdStream(bytes(payload), int(count_field)))
+            out.append(ZstdStream(payload, int(count_field)))
         elif coder == CODER_RANS:
             out.append(_parse_rans(i, aux, payload, count_field))
         else:
@@ -310,7 +310,7 @@ def _parse_rans(i: int, aux: memoryview, payload: memoryview, n_symbols: int) ->
         raise E.StreamError(f"stream {i}: chunk length below 4 or odd")
     if int(lengths.sum(dtype=np.uint64)) != len(payload):
         raise E.StreamError(f"stream {i}: chunk lengths sum to {int(lengths.sum())}, payload is {len(payload)}")
-    return RansStream(int(precision), int(chunk_symbols), int(n_symbols), freqs, lengths, bytes(payload))
+    return RansStream(int(precision), int(chunk_symbols), int(n_symbols), freqs, lengths, payload)
 
 
 # --------------------------------------------------------------------------- tensor entries
@@ -624,7 +624,9 @@ def iter_archive(f: BinaryIO, **limits) -> Iterator[tuple[Header | None, TensorE
         if crc32(data) != e.crc:
             raise E.ChecksumError(f"tensor {e.name!r}: data checksum mismatch")
         pos = e.offset + e.size
-        yield None, e, parse_streams(data, e.stream_count)
+        streams = parse_streams(data, e.stream_count)  # views into data: one copy in flight
+        del data
+        yield None, e, streams
     if f.read(1):
         raise E.LayoutError("trailing bytes after the data section")
 
