@@ -155,7 +155,10 @@ def to_torch(entry: C.TensorEntry, raw: np.ndarray):
     import torch
 
     dt = getattr(torch, TORCH_DTYPES[entry.dtype])
-    t = torch.frombuffer(bytearray(raw.tobytes()), dtype=torch.uint8) if raw.size else torch.zeros(0, dtype=torch.uint8)
+    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    if not raw.flags.writeable:  # e.g. a view of zstd output: torch needs memory it may own
+        raw = raw.copy()
+    t = torch.from_numpy(raw) if raw.size else torch.zeros(0, dtype=torch.uint8)
     return t.view(dt).reshape(entry.shape)
 
 
