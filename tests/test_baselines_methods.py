@@ -67,6 +67,7 @@ def test_entropy_coded_bits_and_error(name):
 
 def test_gptq_beats_rtn_in_baselines():
     ws, S = _site(1)
+    ws = {k: w[:, :] for k, w in ws.items()}
     for a, b in (("rtn", "gptq"), ("hadamard-rtn", "hadamard-gptq"), ("rtn-ec", "gptq-ec")):
         kw = dict(bits=3, mult=0.01, sigma=S, seed=2)
         ra = B.quantize_site(ws, B.get_method(a, 0), **kw)

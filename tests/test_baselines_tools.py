@@ -42,22 +42,26 @@ def _capture_sigma(model, ids):
     return acc
 
 
-def test_linear_weights_skip_tied_head_and_sites():
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, ids, Σ) shared by the tests; tests restore any weight they change."""
     model = _tiny_llama()
+    ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(1))
+    return model, ids, _capture_sigma(model, ids)
+
+
+def test_linear_weights_skip_tied_head_and_sites(tiny):
+    model, ids, sig = tiny
     lw = BL.linear_weights(model)
     assert len(lw) == 2 * 7 and not any("lm_head" in n for n in lw)
-    ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(1))
-    sig = _capture_sigma(model, ids)
     groups = BL.sites(list(lw), sig)
     assert len(groups) == 2 * 4  # qkv, o, gate+up, down per layer
     assert sorted(len(g) for g in groups) == [1, 1, 1, 1, 2, 2, 3, 3]
 
 
 @pytest.mark.parametrize("method", ["rtn", "rtn-g128", "hadamard-rtn", "gptq", "hadamard-gptq"])
-def test_quantised_tiny_model_close_at_8_bits_and_bits_add_up(method):
-    model = _tiny_llama()
-    ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(1))
-    sig = _capture_sigma(model, ids)
+def test_quantised_tiny_model_close_at_8_bits_and_bits_add_up(tiny, method):
+    model, ids, sig = tiny
     mods = BL.linear_weights(model)
     weights = {n: m.weight.detach().clone() for n, m in mods.items()}
     with torch.no_grad():
@@ -68,6 +72,8 @@ def test_quantised_tiny_model_close_at_8_bits_and_bits_add_up(method):
         for r in res:
             mods[r.name].weight.copy_(r.W_hat)
         out = torch.log_softmax(model(ids).logits, -1)
+        for n, w in weights.items():  # restore the shared model
+            mods[n].weight.copy_(w)
     kl = (ref.exp() * (ref - out)).sum(-1).mean()
     assert kl < 1e-3
     numel = sum(w.numel() for w in weights.values())
@@ -75,10 +81,8 @@ def test_quantised_tiny_model_close_at_8_bits_and_bits_add_up(method):
     assert 8 < bpw < 8.7
 
 
-def test_rate_search_hits_target_on_tiny_model():
-    model = _tiny_llama()
-    ids = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(1))
-    sig = _capture_sigma(model, ids)
+def test_rate_search_hits_target_on_tiny_model(tiny):
+    model, ids, sig = tiny
     weights = {n: m.weight.detach().clone() for n, m in BL.linear_weights(model).items()}
     numel = sum(w.numel() for w in weights.values())
     m = B.get_method("hadamard-gptq-ec")
@@ -105,10 +109,10 @@ def test_tensor_stats_known_answers():
     assert st["aligned"]["entropy_bits"] < st["as_is"]["entropy_bits"]
 
 
-def test_stats_table_json_png(tmp_path):
+def test_stats_table_json_png(tiny, tmp_path):
     from safetensors.torch import save_model
 
-    model = _tiny_llama()
+    model = tiny[0]
     save_model(model, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text(model.config.to_json_string())
     res = S.model_stats(str(tmp_path), use_sigma=False, progress=False)

@@ -102,6 +102,12 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
     mods = linear_weights(model)
     weights = {n: m.weight.detach().clone() for n, m in mods.items()}
     sigma = load_sigma(model_name, progress=progress)
+    xf = B.MODEL_TRANSFORMS.get(method.name)  # SmoothQuant / KurTail / SpinQuant: function-preserving transform
+    if xf is not None:
+        xf = xf(model, sigma, method=method, bits=bits, seed=seed, tokenizer=tok, model_name=model_name, log=log)
+        sigma = xf.sigma
+        weights = {n: xf.coded(n, m.weight.detach().clone()) for n, m in mods.items()}
+    extra = xf.side_bits if xf is not None else 0  # unfolded side information (a learned rotation), once
     numel = sum(w.numel() for w in weights.values())
     kw = dict(seed=seed, step_rule=step_rule, act_order=act_order, progress=progress)
     search = None
@@ -111,7 +117,7 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
         def rate(c):
             cache.clear()
             cache[c] = quantize_model_weights(weights, sigma, method, mult=c, desc=f"c={c:.3g}", **kw)
-            r = sum(t.bits for t in cache[c]) / numel
+            r = (sum(t.bits for t in cache[c]) + extra) / numel
             log(f"  step multiplier {c:.5g}: {r:.4f} bpw")
             return r
 
@@ -120,7 +126,7 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
             pre = B.Method(method.name + "(rtn pre-search)", method.rotate, "rtn", method.group_size, True)
 
             def pre_rate(c):
-                return sum(t.bits for t in quantize_model_weights(weights, sigma, pre, mult=c, **kw)) / numel
+                return (sum(t.bits for t in quantize_model_weights(weights, sigma, pre, mult=c, **kw)) + extra) / numel
 
             c0, _, _ = B.find_multiplier(pre_rate, float(bits), c0, tol=0.02)
             log(f"  RTN-rounding pre-search: start GPTQ search at multiplier {c0:.5g}")
@@ -129,6 +135,8 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
         search = {"multiplier": c, "history": hist, "tolerance_bpw": RATE_TOL}
     else:
         results = quantize_model_weights(weights, sigma, method, bits=int(bits), sym=sym, **kw)
+    if extra:
+        results[0].side_bits += extra
     qsecs = time.time() - t0
     per_tensor = []
     with torch.no_grad():
@@ -140,7 +148,7 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
                 "sqnr_db": Mx.sqnr_db(W, tr.W_hat),
                 "act_rel_err": Mx.act_weighted_rel_error(W, tr.W_hat, sigma[tr.name]),
             })
-            mods[tr.name].weight.copy_(tr.W_hat)
+            mods[tr.name].weight.copy_(xf.install(tr.name, tr.W_hat) if xf is not None else tr.W_hat)
     total_bits = sum(t.bits for t in results)
     res = {
         "model": model_name, "method": method.name, "bits_arg": bits,
@@ -156,7 +164,7 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
         "mean_act_rel_err": sum(p["act_rel_err"] for p in per_tensor) / len(per_tensor),
         "mean_sqnr_db": sum(p["sqnr_db"] for p in per_tensor) / len(per_tensor),
         "untouched": "embeddings (incl. a tied lm_head), norms, biases: float32, not counted",
-        "rate_search": search, "quantise_seconds": qsecs, "tensors": per_tensor,
+        "rate_search": search, "transform": xf.info if xf is not None else None, "quantise_seconds": qsecs, "tensors": per_tensor,
     }
     if outdir is not None:
         res["outdir"] = str(save_model_folder(model, model_name, outdir, res))
@@ -215,3 +223,23 @@ def format_summary(res: dict) -> str:
                      ("reference perplexity", f"{ev['ref_perplexity']:.4f}")]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def markdown_table(results: list[dict]) -> str:
+    """Markdown table of baseline results (one row per run), sorted by method then bits."""
+    head = ("| method | --bits | grid / step rule | all-in bpw (linear) | side bpw | mean act. rel. err | "
+            "perplexity | bits/byte | KLD (nats) |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        ev = r.get("eval") or {}
+        kld = ev.get("kld_mean")
+        mode = r.get("grid") or f"ECSQ, {r.get('step_rule')}"
+        if r["method"].startswith("rtn-g128-ec"):
+            mode = "ECSQ, step ∝ group rms"
+        out.append(
+            f"| {r['method']} | {r['bits_arg']:g} | {mode} | {r['bpw']:.3f} | {r['side_bpw']:.3f} | "
+            f"{r['mean_act_rel_err']:.4f} | "
+            + (f"{ev['perplexity']:.2f} | {ev['bits_per_byte']:.4f} | " if ev else "— | — | ")
+            + (f"{kld:.4f} ({ev.get('kld_method')}) |" if kld is not None else "— |")
+        )
+    return "\n".join(out)
