@@ -132,3 +132,13 @@ def test_real_cache_verifies():
         man = M.verify(name)
         assert "quantization_config" not in json.loads((M.model_dir(name) / "config.json").read_text())
         assert man["source"]["sha256"]
+
+
+def test_cached_folder_path_has_the_models_identity(home):
+    d = home / "models" / "smollm2"
+    _tiny_folder(d)
+    (d / "manifest.json").write_text(json.dumps({"files": M._hash_tree(d)}))
+    by_name = M.model_identity("smollm2")
+    for alias in (str(d), d / "model.safetensors"):
+        assert M.model_identity(alias)["name"] == "smollm2"
+        assert M.model_identity(alias)["weights_sha256"] == by_name["weights_sha256"]

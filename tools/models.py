@@ -412,6 +412,9 @@ def model_identity(name_or_path: str | os.PathLike) -> dict:
     """``{"name", "path", "weights_sha256"}``: what caches (Σ, reference stats) are keyed by."""
     path = resolve_model(name_or_path)
     s = str(name_or_path)
+    for name in MODELS:  # a cached model's folder (or its weights file) is that model
+        if s not in MODELS and path.resolve() in (model_dir(name).resolve(), (model_dir(name) / WEIGHTS).resolve()):
+            s = name
     if s in MODELS:
         man = read_manifest(s)
         return {"name": s, "path": str(path), "weights_sha256": man["files"][WEIGHTS]}
