@@ -296,3 +296,21 @@ def find_multiplier(
         f"find_multiplier: no multiplier within {tol} bpw of {target} after {max_iter} steps "
         f"(closest: c={best[0]:.4g} gives {best[1]:.4f} bpw)"
     )
+
+
+# --------------------------------------------------------------------------- whole-model transforms
+# Methods whose model is first changed by a function-preserving transform (SmoothQuant, KurTail,
+# SpinQuant: codec/smoothquant.py, codec/kurtail.py, codec/spinquant.py register themselves below).
+# tools/baseline.run_baseline calls MODEL_TRANSFORMS[name](model, sigma, method=, bits=, seed=,
+# tokenizer=, model_name=, log=) -> codec.folding.Prepared before quantising.
+MODEL_TRANSFORMS: dict[str, Callable] = {}
+
+
+def register_method(method: Method, transform: Callable | None = None) -> None:
+    """Add a method (and the whole-model transform it needs) to METHODS."""
+    METHODS[method.name] = method
+    if transform is not None:
+        MODEL_TRANSFORMS[method.name] = transform
+
+
+from aligncodec.codec import kurtail, smoothquant, spinquant  # noqa: E402,F401  (they register their methods)

@@ -40,7 +40,8 @@ ENCODER_METHODS = {
     "hadamard": ("hadamard",),
     "identity": ("identity",),
 }
-BASELINE_METHODS = ("rtn", "gptq", "hadamard-gptq")
+BASELINE_METHODS = ("rtn", "gptq", "hadamard-gptq",
+                    "smoothquant-rtn", "smoothquant-gptq", "kurtail-gptq", "spinquant-gptq")  # last 4: issue 6
 METHODS = tuple(ENCODER_METHODS) + BASELINE_METHODS
 
 
