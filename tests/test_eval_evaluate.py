@@ -141,11 +141,28 @@ def test_bad_requests(tiny):
         E.evaluate(model, tok, 40, ref_model=st, window=16, text=TEXT, progress=False)
 
 
-def test_archive_hook_raises_named_error(tmp_path):
-    p = tmp_path / "m.acz"
-    p.write_bytes(b"x")
-    with pytest.raises(E.ArchiveNotSupportedError, match="streaming loader"):
-        E.load_model_for_eval(str(p))
+def test_archive_is_evaluated_through_the_streaming_loader(tiny, tmp_path):
+    """A lossless archive of a model folder evaluates exactly like the folder itself."""
+    from safetensors.torch import save_model
+
+    from aligncodec.formats.errors import BadMagicError
+    from aligncodec.tools import archive
+
+    model, tok = tiny
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
+    archive.compress(folder, tmp_path / "tiny.acz", progress=False)
+    m2, tok2 = E.load_model_for_eval(str(tmp_path / "tiny.acz"))
+    a = E.evaluate(model, tok, 40, window=16, text=TEXT, progress=False)
+    b = E.evaluate(m2, tok2, 40, window=16, text=TEXT, progress=False)
+    assert a["perplexity"] == b["perplexity"] and a["n_bytes"] == b["n_bytes"]
+    bad = tmp_path / "bad.acz"
+    bad.write_bytes(b"not an archive")
+    with pytest.raises(BadMagicError):
+        E.load_model_for_eval(str(bad))
 
 
 # ----------------------------------------------------------------------------- Σ capture

@@ -86,6 +86,34 @@ def iter_checkpoint(src: Source) -> Iterator[tuple[str, str, str, tuple[int, ...
                 yield f.name, name, dtype, shape, _torch_bytes(st.get_tensor(name))
 
 
+def _reference_model_of(folder: Path) -> str | None:
+    """The reference model name (tools/models.py) whose cached folder this is, if any."""
+    from . import models
+
+    for name in models.MODELS:
+        d = models.model_dir(name)
+        if d.is_dir() and d.resolve() == Path(folder).resolve():
+            return name
+    return None
+
+
+def extract_aux_files(archive_path: str | os.PathLike, outdir: str | os.PathLike) -> list[Path]:
+    """Write the archive's auxiliary files (config, tokenizer, ...) into ``outdir``."""
+    outdir = Path(outdir)
+    written = []
+    with C.ArchiveReader(archive_path) as r:
+        for e in r.tensors:
+            if e.name.startswith(AUX_PREFIX):
+                fname = e.name[len(AUX_PREFIX) :]
+                if not fname or os.path.basename(fname) != fname or fname in (".", ".."):
+                    raise E.HeaderError(f"auxiliary file has an unsafe name {fname!r}")
+                data = decode_entry(e, r.read_streams(e)).tobytes()
+                dest = outdir / fname
+                _atomic(dest, lambda tmp: Path(tmp).write_bytes(data))
+                written.append(dest)
+    return written
+
+
 def _file_metadata(src: Source) -> dict[str, dict]:
     from safetensors import safe_open
 
@@ -124,6 +152,9 @@ def compress(
         "acz.tool": f"aligncodec {__version__}",
         "acz.files": json.dumps({f: {"metadata": i["metadata"], "tensors": i["tensors"]} for f, i in files.items()}, sort_keys=True),
     }
+    src_model = _reference_model_of(src.root)
+    if src_model:
+        meta["acz.source_model"] = src_model
     meta.update(metadata or {})
     enc = encode_tensor or (lambda name, dtype, shape, b: lossless.encode(b, dtype, int(np.prod(shape, dtype=np.int64))))
     total = sum(os.path.getsize(f) for f in src.files)
@@ -198,15 +229,7 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
             written.append(dest)
             del sd
         bar.close()
-        for e in r.tensors:
-            if e.name.startswith(AUX_PREFIX):
-                fname = e.name[len(AUX_PREFIX) :]
-                if not fname or os.path.basename(fname) != fname or fname in (".", ".."):
-                    raise E.HeaderError(f"auxiliary file has an unsafe name {fname!r}")
-                data = decode_entry(e, r.read_streams(e)).tobytes()
-                dest = outdir / fname
-                _atomic(dest, lambda tmp: Path(tmp).write_bytes(data))
-                written.append(dest)
+    written += extract_aux_files(archive, outdir)
     return written
 
 

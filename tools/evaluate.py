@@ -27,8 +27,10 @@ KLD comes in two flavours, reported in ``kld_method``:
     processing inequality), equal to it when the reference's tail mass is ~0.  Cheap:
     the reference model does not run again, memory is n_tokens × K × 8 bytes.
 
-Archives (``.acz``) are decoded into a model by the streaming loader; until that exists
-``load_model_for_eval`` raises ``ArchiveNotSupportedError``.
+Archives (``.acz``) are decoded into a model by the streaming loader
+(:func:`aligncodec.tools.loader.load_hf_model`); the tokenizer comes from the
+archive's auxiliary files and the default KLD reference from its
+``acz.source_model`` metadata.
 """
 
 from __future__ import annotations
@@ -346,8 +348,23 @@ def evaluate(model, tokenizer, n_tokens: int = 8192, ref_model=None, split: str 
 
 
 def _load_archive(path: Path):
-    """Hook for the streaming loader: decode an .acz archive into ``(model, tokenizer)``."""
-    raise ArchiveNotSupportedError(f"{path}: archives need the streaming loader (not wired in yet)")
+    """Decode an .acz archive into ``(model, tokenizer)`` through the streaming loader
+    (the model is built from the archive's own config.json and filled tensor by
+    tensor; the tokenizer comes from the archive's auxiliary files)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from aligncodec.tools import archive
+    from aligncodec.tools.loader import load_hf_model
+
+    model = load_hf_model(path, device="cpu", dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as d:
+        files = archive.extract_aux_files(path, d)
+        if not any(f.name.startswith("tokenizer") for f in files):
+            raise ArchiveNotSupportedError(f"{path}: the archive carries no tokenizer files")
+        tok = AutoTokenizer.from_pretrained(d)
+    return model, tok
 
 
 def load_model_for_eval(name_or_path: str):
@@ -374,8 +391,14 @@ def default_reference(name_or_path: str) -> str | None:
     from aligncodec.tools import models as M
 
     s = str(name_or_path)
-    if s in M.MODELS or s.endswith(".acz"):
-        return None  # archives: the lead's loader knows the base model
+    if s in M.MODELS:
+        return None
+    if s.endswith(".acz"):  # the writer records the reference model it compressed
+        from aligncodec.formats.container import ArchiveReader
+
+        with ArchiveReader(s) as r:
+            name = r.metadata.get("acz.source_model")
+        return name if name in M.MODELS else None
     path = M.resolve_model(s)
     try:
         from safetensors import safe_open
