@@ -96,7 +96,8 @@ def build_jobs(src: Path, sigma: dict, *, lossy_embeddings: bool = False, type_w
 def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distortion: float | None = None,
                  candidates=E.DEFAULT_CANDIDATES, lossy_embeddings: bool = False, sigma="auto",
                  alpha: float = 0.25, seed: int = 0, type_weights: dict | None = None, tol: float = 0.009,
-                 names: list[str] | None = None, progress: bool = True) -> tuple[E.EncodeResult, list[E.TensorJob], dict]:
+                 names: list[str] | None = None, progress: bool = True,
+                 step0: float | None = None) -> tuple[E.EncodeResult, list[E.TensorJob], dict]:
     """Run the encoder over a model's lossy tensors. Returns (result, jobs, info)."""
     log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
     t0 = time.perf_counter()
@@ -114,7 +115,7 @@ def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distorti
         E.prepare(j, candidates, alpha=alpha, seed=seed, cache=cache)
     cache.clear()
     t_prep = time.perf_counter() - t0 - t_cal
-    res = E.encode_jobs(jobs, bpw=bpw, distortion=distortion, tol=tol, progress=log)
+    res = E.encode_jobs(jobs, bpw=bpw, distortion=distortion, tol=tol, progress=log, step0=step0)
     info = {"sigma": sig_src, "seconds_calibration": t_cal, "seconds_prepare": t_prep,
             "seconds_search": res.seconds, "seconds_total": time.perf_counter() - t0,
             "cpu_seconds_total": time.process_time() - c0,
