@@ -36,6 +36,7 @@ __all__ = ["ste_rtn", "train_rotations", "prepare"]
 STEPS = 40
 SEQLEN = 128
 LR = 1e-3
+STE_BITS = None  # None: the STE bit width is round(bits); an int: train at that width whatever the target
 
 
 def ste_rtn(W: torch.Tensor, bits: int) -> torch.Tensor:
@@ -134,10 +135,14 @@ def _cache_file(model_name: str, bits: int, steps: int, seqlen: int, seed: int, 
 
 
 def prepare(model, sigma, *, method, bits, seed: int = 0, tokenizer=None, model_name=None, log=None,
-            steps: int = STEPS, seqlen: int = SEQLEN, lr: float = LR, **_) -> F.Prepared:
+            steps: int | None = None, seqlen: int | None = None, lr: float | None = None, **_) -> F.Prepared:
     """run_baseline hook: train (or load cached) rotations, fold what folds, return the coded view.
-    STE bit width: ``bits`` (fixed-length methods) or round(target bpw) (-ec methods), within 2..8."""
-    b = int(min(8, max(2, round(float(bits)))))
+    STE bit width: ``STE_BITS`` if set, else ``bits`` (fixed-length methods) or round(target bpw) (-ec
+    methods), within 2..8. ``steps``/``seqlen``/``lr`` default to the module's STEPS/SEQLEN/LR."""
+    steps = STEPS if steps is None else steps
+    seqlen = SEQLEN if seqlen is None else seqlen
+    lr = LR if lr is None else lr
+    b = int(min(8, max(2, round(float(bits) if STE_BITS is None else STE_BITS))))
     path = _cache_file(model_name, b, steps, seqlen, seed, lr) if model_name else None
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
