@@ -148,6 +148,7 @@ def test_baseline_smollm2_rtn_end_to_end(tmp_path):
         pytest.skip("smollm2 not cached (aligncodec models fetch smollm2)")
     res = BL.run_baseline("smollm2", "rtn-g128", 4, outdir=tmp_path, progress=False, log=lambda s: None)
     assert res["n_linear"] == 210
-    assert res["bpw"] == pytest.approx(4 + 20 / 128, abs=0.01)
+    expect = sum(r * n * 4 + r * math.ceil(n / 128) * (16 + 4) for r, n in (t["shape"] for t in res["tensors"]))
+    assert res["total_bits"] == expect
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.json").is_file()
     assert math.isfinite(res["mean_act_rel_err"])
