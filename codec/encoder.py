@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numba
 import numpy as np
 import torch
 
@@ -113,36 +114,55 @@ def hinv_factor(Hm: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, tor
     return U.to(torch.float32), perm
 
 
+@numba.njit(parallel=True, cache=True)
+def _gptq_block(W1, U1, inv, step, maxq, deadzone, Q1, E1):  # pragma: no cover - numba
+    """One lazy-batch block of GPTQ, row-parallel (rows are independent given U): quantise each
+    column in turn, feed its error forward into the block's later columns, record the scaled errors
+    E1 for the trailing update."""
+    rows, b = W1.shape
+    for r in numba.prange(rows):
+        for i in range(b):
+            w = W1[r, i]
+            if deadzone != 0.0:
+                a = np.floor(abs(w) * inv + (0.5 - deadzone))
+                q = a if w >= 0 else -a
+            else:
+                q = np.rint(w * inv)
+            if q > maxq:
+                q = maxq
+            elif q < -maxq:
+                q = -maxq
+            Q1[r, i] = q
+            err = (w - q * step) / U1[i, i]
+            E1[r, i] = err
+            for j in range(i + 1, b):
+                W1[r, j] -= err * U1[i, j]
+
+
 def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float, block: int = 128,
               maxq: int = lossy.MAX_ABS_SYMBOL, deadzone: float = 0.0) -> torch.Tensor:
     """GPTQ (act order, lazy batches) with the uniform step ``step``: integer symbols (int32),
     in the original column order. ``deadzone`` θ rounds |w|/Δ with offset ½ − θ (towards zero,
-    cheaper symbols; the extra error is fed back like any other)."""
-    W = C[:, perm].clone()
+    cheaper symbols; the extra error is fed back like any other). Within a block the column loop
+    runs in a numba kernel, parallel over rows; the trailing update is one float32 GEMM."""
+    W = C[:, perm].contiguous().numpy().copy()
     rows, n = W.shape
-    Q = torch.empty((rows, n), dtype=torch.float32)
-    inv = 1.0 / step
+    Un = U.contiguous().numpy()
+    Q = np.empty((rows, n), dtype=np.float32)
+    inv = np.float32(1.0 / step)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            if deadzone:
-                q = torch.clamp(torch.sign(w) * torch.floor(torch.abs(w) * inv + (0.5 - deadzone)), -maxq, maxq)
-            else:
-                q = torch.clamp(torch.round(w * inv), -maxq, maxq)
-            Q[:, i1 + i] = q
-            err = (w - q * step) / U1[i, i]
-            if i + 1 < i2 - i1:
-                W1[:, i + 1 :].sub_(err[:, None] * U1[i, i + 1 :][None, :])
-            E1[:, i] = err
+        W1 = np.ascontiguousarray(W[:, i1:i2])
+        E1 = np.empty_like(W1)
+        Q1 = np.empty_like(W1)
+        _gptq_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), inv, np.float32(step), np.float32(maxq),
+                    np.float32(deadzone), Q1, E1)
+        Q[:, i1:i2] = Q1
         if i2 < n:
-            W[:, i2:].sub_(E1 @ U[i1:i2, i2:])
-    out = torch.empty_like(Q)
-    out[:, perm] = Q
-    return out.to(torch.int32)
+            W[:, i2:] -= E1 @ Un[i1:i2, i2:]
+    out = np.empty_like(Q)
+    out[:, perm.numpy()] = Q
+    return torch.from_numpy(out.astype(np.int32))
 
 
 # --------------------------------------------------------------------------- candidates

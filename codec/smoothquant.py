@@ -53,9 +53,11 @@ def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
 
 
 def _rel_err(W: torch.Tensor, W_hat: torch.Tensor, S: torch.Tensor) -> float:
-    D = (W_hat.double() - W.double())
-    num = float(torch.einsum("ij,jk,ik->", D, S, D))
-    den = float(torch.einsum("ij,jk,ik->", W.double(), S, W.double()))
+    # float32 products, float64 sums: the α ranking needs ~3 digits, not 15 (and fp64 GEMMs dominated)
+    S32 = S.float()
+    D = W_hat.float() - W.float()
+    num = float(((D @ S32) * D).sum(dtype=torch.float64))
+    den = float(((W.float() @ S32) * W.float()).sum(dtype=torch.float64))
     return num / den if den > 0 else math.inf
 
 
@@ -66,6 +68,7 @@ def choose_scales(W: torch.Tensor, S: torch.Tensor, grid, group_size: int, alpha
     applicable (e.g. GQA tying for o_proj)."""
     W = W.double()
     xmax = torch.diagonal(S.double()).clamp_min(0).sqrt()
+    S = S.float()  # the error products run in float32 (see _rel_err)
     wmax = W.abs().amax(0)
     best = None
     for a in (None, *alphas):
