@@ -39,6 +39,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numba
+import numpy as np
 import torch
 
 __all__ = [
@@ -126,6 +128,12 @@ class FixedGrid:
     def side_bits_per_group(self) -> int:
         return SCALE_BITS + (0 if self.sym else self.bits)
 
+    def affine(self, params):
+        """(scale, zero, lo, hi) such that quant(w) = clamp(round(w / scale + zero), lo, hi) and
+        w_hat = scale · (q − zero): the form the GPTQ kernel evaluates."""
+        scale, zero = params
+        return scale, zero, 0.0, float(self.maxq)
+
 
 @dataclass(frozen=True)
 class ECSQ:
@@ -165,6 +173,10 @@ class ECSQ:
 
     def side_bits_per_group(self) -> int:
         return SCALE_BITS if self.group_rel is not None else 0
+
+    def affine(self, params):
+        (step,) = params
+        return step, torch.zeros_like(step), -math.inf, math.inf
 
 
 @dataclass
@@ -211,6 +223,28 @@ def rtn(W: torch.Tensor, grid, group_size: int = 0) -> QuantResult:
     return QuantResult(W_hat, sym, params, group_size)
 
 
+@numba.njit(parallel=True, cache=True)
+def _gptq_affine_block(W1, Hinv1, scale, zero, lo, hi, S1, Q1, E1):  # pragma: no cover - numba
+    """GPTQ's column loop over one block, row-parallel: symbol clamp(round(w/scale + zero), lo, hi),
+    reconstruction scale·(q − zero), error fed forward through the block's inverse-Hessian factor."""
+    rows, b = W1.shape
+    for r in numba.prange(rows):
+        for i in range(b):
+            w = W1[r, i]
+            q = np.rint(w / scale[r, i] + zero[r, i])
+            if q < lo:
+                q = lo
+            elif q > hi:
+                q = hi
+            S1[r, i] = np.int64(q)
+            d = scale[r, i] * (q - zero[r, i])
+            Q1[r, i] = d
+            err = (w - d) / Hinv1[i, i]
+            E1[r, i] = err
+            for j in range(i + 1, b):
+                W1[r, j] -= err * Hinv1[i, j]
+
+
 def gptq(
     W: torch.Tensor,
     sigma: torch.Tensor,
@@ -220,6 +254,7 @@ def gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    use_kernel: bool = True,
 ) -> QuantResult:
     """GPTQ with H = 2Σ (Σ = E[x xᵀ] of the layer input, in × in). See the module doc."""
     W = _check_w(W).clone()
@@ -261,6 +296,7 @@ def gptq(
     Q = torch.empty_like(W)
     S = torch.empty(W.shape, dtype=torch.int64)
     bs = group_size if (group_size and not act_order) else block_size
+    fast = hasattr(grid, "affine") and W.dtype in (torch.float32, torch.float64) and use_kernel
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
         W1 = W[:, i1:i2].clone()
@@ -268,16 +304,30 @@ def gptq(
         Hinv1 = Hinv[i1:i2, i1:i2]
         if not static:  # a group starts here (bs == group_size): params from updated weights
             store(i1 // gs, grid.params(W1))
-        for i in range(i2 - i1):
-            gi = int(col_group[i1 + i])
-            p = tuple(t[:, gi] for t in P)
-            w = W1[:, i]
-            s, q = grid.quant(w, p)
-            S[:, i1 + i] = s
-            Q[:, i1 + i] = q
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+        if fast:  # the column loop in a numba kernel, parallel over rows (same arithmetic)
+            gis = col_group[i1:i2]
+            scale, zero, lo, hi = grid.affine(tuple(t[:, gis] for t in P))
+            S1 = np.empty(W1.shape, dtype=np.int64)
+            Q1 = np.empty(W1.shape, dtype=np.float32 if W1.dtype == torch.float32 else np.float64)
+            E1 = np.empty_like(Q1)
+            W1n = W1.numpy()
+            _gptq_affine_block(W1n, np.ascontiguousarray(Hinv1.numpy()),
+                               np.ascontiguousarray(scale.to(W1.dtype).numpy()),
+                               np.ascontiguousarray(zero.to(W1.dtype).numpy()), lo, hi, S1, Q1, E1)
+            S[:, i1:i2] = torch.from_numpy(S1)
+            Q[:, i1:i2] = torch.from_numpy(Q1)
+            Err1 = torch.from_numpy(E1)
+        else:
+            for i in range(i2 - i1):
+                gi = int(col_group[i1 + i])
+                p = tuple(t[:, gi] for t in P)
+                w = W1[:, i]
+                s, q = grid.quant(w, p)
+                S[:, i1 + i] = s
+                Q[:, i1 + i] = q
+                err = (w - q) / Hinv1[i, i]
+                W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+                Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     if act_order:
         inv = torch.argsort(perm)
