@@ -101,11 +101,12 @@ def learn_r1(col_rows: torch.Tensor, row_mats: list[torch.Tensor], H1: torch.Ten
 
 
 def kurtail_rotations(model, seed: int = 0, steps_r1: int = STEPS_R1, steps_r2: int = STEPS_R2,
-                      lr: float = LR, log=None) -> tuple[F.Rotations, dict, dict]:
-    """Fold the norm gains in place and learn (R2 per layer, then R1); returns (rotations, gains, info)."""
+                      lr: float = LR, log=None, fold_norms: bool = True) -> tuple[F.Rotations, dict, dict]:
+    """Fold the norm gains in place (unless ``fold_norms`` is false: R1 is decoder-applied, so the
+    gains may stay in the norms) and learn (R2 per layer, then R1); returns (rotations, gains, info)."""
     t0 = time.time()
     blocks = F.llama_blocks(model)
-    gains = F.fold_norm_gains(blocks)
+    gains = F.fold_norm_gains(blocks) if fold_norms else {}
     d = model.config.hidden_size
     r1_seed = Hd.tensor_seed(seed, "R1")
     H1 = F.seeded_hadamard(d, r1_seed)
@@ -128,7 +129,7 @@ def kurtail_rotations(model, seed: int = 0, steps_r1: int = STEPS_R1, steps_r2: 
     A1, hist = learn_r1(col_rows, mats, H1, steps_r1, lr, seed=seed)
     del col_rows
     rot = F.Rotations(r1_seed, A1, R2s, down_seed)
-    info = {"transform": "kurtail", "steps_r1": steps_r1, "steps_r2": steps_r2, "lr": lr,
+    info = {"transform": "kurtail", "steps_r1": steps_r1, "steps_r2": steps_r2, "lr": lr, "fold_norms": fold_norms,
             "r1_loss_first_last": [hist[0], hist[-1]] if hist else None, "seconds_r2": t_r2,
             "seconds": time.time() - t0}
     if log:
@@ -138,10 +139,11 @@ def kurtail_rotations(model, seed: int = 0, steps_r1: int = STEPS_R1, steps_r2: 
 
 
 def prepare(model, sigma, *, method, bits=None, seed: int = 0, log=None, steps_r1: int = STEPS_R1,
-            steps_r2: int = STEPS_R2, **_) -> F.Prepared:
+            steps_r2: int = STEPS_R2, fold_norms: bool = True, **_) -> F.Prepared:
     """run_baseline hook: learn the rotations, fold what folds, return the coded view."""
-    rot, gains, info = kurtail_rotations(model, seed=seed, steps_r1=steps_r1, steps_r2=steps_r2, log=log)
-    return F.apply_rotations(model, sigma, rot, gains=gains, info=info)
+    rot, gains, info = kurtail_rotations(model, seed=seed, steps_r1=steps_r1, steps_r2=steps_r2, log=log,
+                                         fold_norms=fold_norms)
+    return F.apply_rotations(model, sigma, rot, fold_norms=fold_norms, gains=gains, info=info)
 
 
 F.register_methods((("kurtail-gptq", "gptq", 0), ("kurtail-rtn", "rtn", 0)), prepare)

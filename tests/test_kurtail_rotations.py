@@ -35,14 +35,20 @@ def test_learn_r1_lowers_kurtosis_of_heavy_tailed_rows():
     assert after < 0.6 * before and hist[-1] < hist[0]
 
 
-def test_kurtail_prepare_keeps_function_and_counts_rotation():
+@pytest.mark.parametrize("fold_norms", [True, False])
+def test_kurtail_prepare_keeps_function_and_counts_rotation(fold_norms):
     model = tiny_llama()
     x = ids()
     ref = torch.log_softmax(logits(model, x), -1)
     sigma, _ = capture(model, x)
     plain_w = {n: m.weight.detach().clone() for n, m in BL.linear_weights(model).items()}
     method = B.get_method("kurtail-rtn")
-    prep = KT.prepare(model, sigma, method=method, bits=8, seed=0, steps_r1=40, steps_r2=20)
+    norms = [m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("layernorm")]
+    prep = KT.prepare(model, sigma, method=method, bits=8, seed=0, steps_r1=40, steps_r2=20, fold_norms=fold_norms)
+    after = [m.weight.detach() for n, m in model.named_modules() if n.endswith("layernorm")]
+    assert norms and not all(bool((b == 1).all()) for b in norms)  # the tiny model has real gains
+    for a, b in zip(after, norms):  # folded into the linears, or left in the norms untouched
+        assert bool((a == 1).all()) if fold_norms else torch.equal(a, b)
     mods = BL.linear_weights(model)
     coded = {n: prep.coded(n, m.weight.detach().clone()) for n, m in mods.items()}
     with torch.no_grad():  # before quantisation: the same function
