@@ -318,7 +318,8 @@ def apply_rotations(model, sigma: dict[str, torch.Tensor], rot: Rotations, fold_
     side = rot.side_bits(d, len(blocks))
     info = {**(info or {}), "side_bits": side,
             "side_info": "R1 generator fp16 (d(d-1)/2 x 16 bits) + 32-bit seeds (R1 Hadamard, one per down_proj "
-                         "Hadamard); R2 folded into v/o (free); norm gains folded (free)"}
+                         "Hadamard); R2 folded into v/o (free); norm gains "
+                         + ("folded (free)" if gains else "left in the norms")}
     return Prepared(new_sigma, coded, install, side, info)
 
 

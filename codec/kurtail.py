@@ -8,7 +8,11 @@ grid): k(r) = mean(r⁴) / mean(r²)² (uncentred; Gaussian 3, uniform 1.8), ave
 
 Rotation sites and what they cost (the same structure as SpinQuant, ``codec/folding.py``):
 
-1. norm gains folded into q/k/v and gate/up (free);
+1. norm gains: left in the norms by default (``fold_norms=False``). R1 is applied by the decoder
+   (Ŵ = Q(W R1) R1ᵀ), so nothing requires folding them, and folding hurts: on SmolLM2 at 3 bits
+   (GPTQ, 8,192 tokens) kurtail-gptq scores perplexity 38.97 / KLD 0.546 with the gains folded
+   into q/k/v and gate/up and 35.50 / 0.455 without (the gains rescale the coded columns, which
+   a per-row grid, and even more an entropy-coded shared step, cannot follow);
 2. R2, per layer, head_dim × head_dim, between v_proj and o_proj — folded, free. Learned
    layer by layer (``steps_r2`` Adam steps) on the kurtosis of the rows of R2ᵀ W_v H1 and of
    H1ᵀ W_o blockdiag(R2), starting from a seeded randomized Hadamard;
@@ -34,6 +38,7 @@ __all__ = ["row_kurtosis", "learn_r2", "learn_r1", "kurtail_rotations", "prepare
 
 STEPS_R1 = 200
 STEPS_R2 = 100
+FOLD_NORMS = False  # see the module doc, item 1
 LR = 2e-3
 
 
@@ -101,7 +106,7 @@ def learn_r1(col_rows: torch.Tensor, row_mats: list[torch.Tensor], H1: torch.Ten
 
 
 def kurtail_rotations(model, seed: int = 0, steps_r1: int = STEPS_R1, steps_r2: int = STEPS_R2,
-                      lr: float = LR, log=None, fold_norms: bool = True) -> tuple[F.Rotations, dict, dict]:
+                      lr: float = LR, log=None, fold_norms: bool = FOLD_NORMS) -> tuple[F.Rotations, dict, dict]:
     """Fold the norm gains in place (unless ``fold_norms`` is false: R1 is decoder-applied, so the
     gains may stay in the norms) and learn (R2 per layer, then R1); returns (rotations, gains, info)."""
     t0 = time.time()
@@ -139,7 +144,7 @@ def kurtail_rotations(model, seed: int = 0, steps_r1: int = STEPS_R1, steps_r2: 
 
 
 def prepare(model, sigma, *, method, bits=None, seed: int = 0, log=None, steps_r1: int = STEPS_R1,
-            steps_r2: int = STEPS_R2, fold_norms: bool = True, **_) -> F.Prepared:
+            steps_r2: int = STEPS_R2, fold_norms: bool = FOLD_NORMS, **_) -> F.Prepared:
     """run_baseline hook: learn the rotations, fold what folds, return the coded view."""
     rot, gains, info = kurtail_rotations(model, seed=seed, steps_r1=steps_r1, steps_r2=steps_r2, log=log,
                                          fold_norms=fold_norms)
