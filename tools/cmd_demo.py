@@ -91,7 +91,7 @@ def _lossy(args, src: Path, out_dir: Path) -> int:
           f"{had['encode_seconds']:.0f} |")
     d = had["kld"] - ev["kld_mean"]
     rel = d / max(had["kld"], 1e-12)
-    verdict = ("a tie (under 2 % of the KLD, within run-to-run noise)" if abs(rel) < 0.02
+    verdict = ("a tie (difference under 2 % of the KLD)" if abs(rel) < 0.02
                else "align is better" if d > 0 else "the rotation baseline is better")
     print(f"KLD difference (hadamard − align): {d:+.4f} nats ({100 * rel:+.1f} %): {verdict} at this rate.")
     return 0
