@@ -59,10 +59,7 @@ def _lossy(args, src: Path, out_dir: Path) -> int:
     summ = enc.compress_lossy(args.model, acz, bpw=bpw, candidates=rd.ENCODER_METHODS["align"], progress=True)
     t_align = time.perf_counter() - t0
     per = json.loads(archive.inspect(acz)["metadata"]["acz.lossy"])
-    modes: dict[str, dict[str, int]] = {}
-    for v in per.values():
-        modes.setdefault(v["type"], {}).setdefault(v["kind"], 0)
-        modes[v["type"]][v["kind"]] += 1
+    modes = enc.modes_by_type((v["type"], v["kind"]) for v in per.values())
     print(f"      {summ['n_lossy_weights']:,} lossy weights at {summ['bpw_lossy_in_archive']:.4f} bits/weight all-in; "
           f"file {summ['file_bytes'] / 1e6:.1f} MB (norms, embeddings, tokenizer lossless); {t_align:.0f} s")
     print(f"      modes by layer type: {_modes_line(modes)}")

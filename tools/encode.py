@@ -50,6 +50,15 @@ def layer_type(name: str) -> str:
     return "other"
 
 
+def modes_by_type(pairs) -> dict[str, dict[str, int]]:
+    """{layer type: {coding transform: tensor count}} from (layer type, transform) pairs."""
+    out: dict[str, dict[str, int]] = {}
+    for t, kind in pairs:
+        out.setdefault(t, {}).setdefault(kind, 0)
+        out[t][kind] += 1
+    return out
+
+
 def resolve_input(model: str | os.PathLike) -> Path:
     p = Path(model)
     if p.exists():

@@ -58,11 +58,7 @@ def run_encoder_method(model_name: str, method: str, bpw: float, *, model=None, 
 
     res, jobs, info = enc.encode_model(model_name, bpw=bpw, candidates=ENCODER_METHODS[method], sigma=sigma,
                                        progress=progress, **kw)
-    modes: dict[str, dict[str, int]] = {}
-    for j in jobs:
-        c = res.codes[j.name]
-        modes.setdefault(enc.layer_type(j.name), {}).setdefault(c.kind, 0)
-        modes[enc.layer_type(j.name)][c.kind] += 1
+    modes = enc.modes_by_type((enc.layer_type(j.name), res.codes[j.name].kind) for j in jobs)
     rel = [res.codes[j.name].rel_err for j in jobs]
     out = {"method": method, "target_bpw": bpw, "bpw": res.bpw, "step": res.step,
            "mean_act_rel_err": float(np.mean(rel)), "act_sqnr_db": _act_sqnr(float(np.mean(rel))),
