@@ -300,7 +300,6 @@ def gptq(
     for i1 in range(0, n, bs):
         i2 = min(i1 + bs, n)
         W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         if not static:  # a group starts here (bs == group_size): params from updated weights
             store(i1 // gs, grid.params(W1))
@@ -318,6 +317,7 @@ def gptq(
             Q[:, i1:i2] = torch.from_numpy(Q1)
             Err1 = torch.from_numpy(E1)
         else:
+            Err1 = torch.empty_like(W1)
             for i in range(i2 - i1):
                 gi = int(col_group[i1 + i])
                 p = tuple(t[:, gi] for t in P)
