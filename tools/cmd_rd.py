@@ -20,6 +20,22 @@ def cmd_rd(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in rd.METHODS]
     if bad:
         raise CLIError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(rd.METHODS)}", 2)
+    if args.merge:
+        if not args.output:
+            raise CLIError("--merge needs -o/--output, the folder for the merged rd.json, rd.md and rd.png", 2)
+        try:
+            res, notes = rd.merge_results(args.merge)
+        except rd.MergeError as exc:
+            raise CLIError(str(exc), 2) from None
+        for n in notes:
+            print(f"replaced: {n}", file=sys.stderr)
+        rd.save_result(args.output, res)
+        if args.json:
+            json.dump(res, sys.stdout, indent=1)
+            print()
+        else:
+            print(rd.format_table(res))
+        return 0
     if args.weight_domain:
         res = rd.weight_domain_curve(args.model, rates, progress=not args.quiet)
         json.dump(res, sys.stdout, indent=1)
@@ -58,6 +74,9 @@ def add_parser(sub) -> None:
     p.add_argument("--weight-domain", action="store_true",
                    help="weight-domain curve instead: SQNR vs bpw with Σ = I (use with the fp32 model minilm)")
     p.add_argument("-o", "--output", help="folder for rd.json, rd.md and rd.png (written as rows complete)")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="no new runs: merge the rd.json of earlier runs (same model, tokens and reference) into "
+                        "one table and plot in -o; a method/rate present twice is taken from the later DIR")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_rd)

@@ -142,14 +142,77 @@ def run_rd(model_name: str, rates: list[float], methods: list[str], *, n_tokens:
 
 
 def _save(outdir, model_name, base, rows, n_tokens, kld_topk) -> None:
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     res = {"model": model_name, "n_tokens": n_tokens, "kld": f"top-{kld_topk} reference" if kld_topk else "exact",
            "reference": base, "rows": [{k: v for k, v in r.items() if k != "eval"} for r in rows]}
-    (outdir / "rd.json").write_text(json.dumps(res, indent=1))
-    (outdir / "rd.md").write_text(format_table(res))
-    if any(r.get("perplexity") for r in rows):
-        plot(res, outdir / "rd.png")
+    save_result(outdir, res)
+
+
+def save_result(outdir, res: dict) -> None:
+    """rd.json, rd.md and (when there are perplexities) rd.png in ``outdir``; each file is
+    written to a temporary name and renamed, so an interrupted run never leaves half a file."""
+    import os
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, write) -> None:
+        stem, ext = name.rsplit(".", 1)
+        tmp = outdir / f".{stem}.tmp.{ext}"  # the suffix tells matplotlib the format
+        write(tmp)
+        os.replace(tmp, outdir / name)
+
+    put("rd.json", lambda t: t.write_text(json.dumps(res, indent=1)))
+    put("rd.md", lambda t: t.write_text(format_table(res)))
+    if any(r.get("perplexity") for r in res["rows"]):
+        put("rd.png", lambda t: plot(res, t))
+
+
+class MergeError(ValueError):
+    """rd results that cannot be put in one table (missing, malformed or from different setups)."""
+
+
+def merge_results(paths) -> tuple[dict, list[str]]:
+    """One table from several ``rd`` runs (folders holding rd.json, or rd.json files) of the same
+    model, evaluation length, KLD reference and reference perplexity. A (method, target) row that
+    appears twice is taken from the later argument. Returns (result, notes on replaced rows)."""
+    merged: dict | None = None
+    rows: dict[tuple, dict] = {}
+    notes = []
+    for p in paths:
+        p = Path(p)
+        f = p / "rd.json" if p.is_dir() else p
+        try:
+            res = json.loads(f.read_text())
+        except FileNotFoundError:
+            raise MergeError(f"{f}: no such file (expected an rd output folder or its rd.json)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MergeError(f"{f}: not a readable rd.json ({exc})") from None
+        if not isinstance(res, dict) or not isinstance(res.get("rows"), list) or "model" not in res:
+            raise MergeError(f"{f}: not an rd result (needs 'model' and a list of 'rows')")
+        for r in res["rows"]:
+            if not isinstance(r, dict) or not {"method", "target_bpw", "bpw", "act_sqnr_db"} <= set(r):
+                raise MergeError(f"{f}: malformed row {str(r)[:80]!r}")
+        if merged is None:
+            merged = {k: res.get(k) for k in ("model", "n_tokens", "kld", "reference")}
+        else:
+            for k in ("model", "n_tokens", "kld"):
+                if res.get(k) != merged[k]:
+                    raise MergeError(f"{f}: {k} is {res.get(k)!r}, the first result has {merged[k]!r}; "
+                                     f"only runs of one setup go in one table")
+            ref, ref0 = res.get("reference"), merged["reference"]
+            if ref and ref0 and not math.isclose(ref["perplexity"], ref0["perplexity"], rel_tol=1e-9):
+                raise MergeError(f"{f}: reference perplexity {ref['perplexity']} differs from {ref0['perplexity']}")
+            merged["reference"] = ref0 or ref
+        for r in res["rows"]:
+            key = (r["method"], float(r["target_bpw"]))
+            if key in rows:
+                notes.append(f"{r['method']} at {r['target_bpw']} bpw: taken from {f}")
+            rows[key] = r
+    if merged is None:
+        raise MergeError("nothing to merge")
+    order = list(dict.fromkeys(m for m, _ in rows))
+    merged["rows"] = [rows[k] for k in sorted(rows, key=lambda k: (k[1], order.index(k[0])))]
+    return merged, notes
 
 
 def format_row(r: dict) -> str:
