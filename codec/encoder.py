@@ -42,6 +42,7 @@ import torch
 
 from . import lossy
 from . import rans
+from .quant import gptq_affine_block
 
 CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
 DEFAULT_CANDIDATES = ("hadamard", "colscale")
@@ -122,8 +123,6 @@ def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float,
 
     Rounding is plain (unbiased): a dead zone (offset ½ − θ towards zero) was measured inside
     GPTQ at −0.07 dB (θ = 0.1) and −0.8 dB (θ = 0.2) at equal rate, so there is none."""
-    from .quant import _gptq_affine_block
-
     W = C[:, perm].contiguous().numpy().copy()
     rows, n = W.shape
     Un = U.contiguous().numpy()
@@ -135,7 +134,7 @@ def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float,
         V1 = np.empty_like(W1)
         S1 = np.empty(W1.shape, dtype=np.int64)
         scale = np.full(W1.shape, step, dtype=W1.dtype)
-        _gptq_affine_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), scale, np.zeros_like(scale),
+        gptq_affine_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), scale, np.zeros_like(scale),
                            float(-maxq), float(maxq), S1, V1, E1)
         Q[:, i1:i2] = S1
         if i2 < n:

@@ -224,7 +224,7 @@ def rtn(W: torch.Tensor, grid, group_size: int = 0) -> QuantResult:
 
 
 @numba.njit(parallel=True, cache=True)
-def _gptq_affine_block(W1, Hinv1, scale, zero, lo, hi, S1, Q1, E1):  # pragma: no cover - numba
+def gptq_affine_block(W1, Hinv1, scale, zero, lo, hi, S1, Q1, E1):  # pragma: no cover - numba
     """GPTQ's column loop over one block, row-parallel: symbol clamp(round(w/scale + zero), lo, hi),
     reconstruction scale·(q − zero), error fed forward through the block's inverse-Hessian factor."""
     rows, b = W1.shape
@@ -310,7 +310,7 @@ def gptq(
             Q1 = np.empty(W1.shape, dtype=np.float32 if W1.dtype == torch.float32 else np.float64)
             E1 = np.empty_like(Q1)
             W1n = W1.numpy()
-            _gptq_affine_block(W1n, np.ascontiguousarray(Hinv1.numpy()),
+            gptq_affine_block(W1n, np.ascontiguousarray(Hinv1.numpy()),
                                np.ascontiguousarray(scale.to(W1.dtype).numpy()),
                                np.ascontiguousarray(zero.to(W1.dtype).numpy()), lo, hi, S1, Q1, E1)
             S[:, i1:i2] = torch.from_numpy(S1)
