@@ -51,7 +51,7 @@ def test_merge_orders_rows_and_later_run_wins(tmp_path):
     assert (out / "rd.png").stat().st_size > 0 and not list(out.glob(".*tmp*"))
 
 
-@pytest.mark.parametrize("case", ["tokens", "reference", "missing", "garbage", "row"])
+@pytest.mark.parametrize("case", ["tokens", "reference", "missing", "garbage", "row", "badref", "badtarget"])
 def test_merge_refuses_mixed_or_bad_inputs(tmp_path, case, capsys):
     from aligncodec.tools.cli import main
 
@@ -65,6 +65,10 @@ def test_merge_refuses_mixed_or_bad_inputs(tmp_path, case, capsys):
     elif case == "garbage":
         b = tmp_path / "b.json"
         b.write_bytes(b"\x00{not json")
+    elif case == "badref":
+        b = _write(tmp_path / "b", [_row("rtn", 3.0, 50.0)], ref="x")
+    elif case == "badtarget":
+        b = _write(tmp_path / "b", [dict(_row("rtn", 3.0, 50.0), target_bpw="3.0")])
     else:
         b = _write(tmp_path / "b", [{"method": "rtn"}])
     with pytest.raises(rd.MergeError):

@@ -193,8 +193,12 @@ def merge_results(paths) -> tuple[dict, list[str]]:
         if not isinstance(res, dict) or not isinstance(res.get("rows"), list) or "model" not in res:
             raise MergeError(f"{f}: not an rd result (needs 'model' and a list of 'rows')")
         for r in res["rows"]:
-            if not isinstance(r, dict) or not {"method", "target_bpw", "bpw", "act_sqnr_db"} <= set(r):
+            if (not isinstance(r, dict) or not {"method", "target_bpw", "bpw", "act_sqnr_db"} <= set(r)
+                    or not isinstance(r["target_bpw"], (int, float))):
                 raise MergeError(f"{f}: malformed row {str(r)[:80]!r}")
+        ref = res.get("reference")
+        if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("perplexity"), (int, float))):
+            raise MergeError(f"{f}: malformed reference {str(ref)[:80]!r}")
         if merged is None:
             merged = {k: res.get(k) for k in ("model", "n_tokens", "kld", "reference")}
         else:
@@ -202,7 +206,7 @@ def merge_results(paths) -> tuple[dict, list[str]]:
                 if res.get(k) != merged[k]:
                     raise MergeError(f"{f}: {k} is {res.get(k)!r}, the first result has {merged[k]!r}; "
                                      f"only runs of one setup go in one table")
-            ref, ref0 = res.get("reference"), merged["reference"]
+            ref0 = merged["reference"]
             if ref and ref0 and not math.isclose(ref["perplexity"], ref0["perplexity"], rel_tol=1e-9):
                 raise MergeError(f"{f}: reference perplexity {ref['perplexity']} differs from {ref0['perplexity']}")
             merged["reference"] = ref0 or ref
