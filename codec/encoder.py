@@ -135,7 +135,7 @@ def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float,
         S1 = np.empty(W1.shape, dtype=np.int64)
         scale = np.full(W1.shape, step, dtype=W1.dtype)
         gptq_affine_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), scale, np.zeros_like(scale),
-                           float(-maxq), float(maxq), S1, V1, E1)
+                          float(-maxq), float(maxq), S1, V1, E1)
         Q[:, i1:i2] = S1
         if i2 < n:
             W[:, i2:] -= E1 @ Un[i1:i2, i2:]
@@ -217,7 +217,6 @@ def _dist(job: TensorJob, W_hat: np.ndarray) -> float:
 
 # symbol classes tried per tensor (k, axis): each class has its own frequency table (spec §7.4)
 CLASS_OPTIONS = ((1, 0), (4, 0), (8, 0), (4, 1), (8, 1), (16, 1))
-
 
 
 def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1,

@@ -311,8 +311,8 @@ def gptq(
             E1 = np.empty_like(Q1)
             W1n = W1.numpy()
             gptq_affine_block(W1n, np.ascontiguousarray(Hinv1.numpy()),
-                               np.ascontiguousarray(scale.to(W1.dtype).numpy()),
-                               np.ascontiguousarray(zero.to(W1.dtype).numpy()), lo, hi, S1, Q1, E1)
+                              np.ascontiguousarray(scale.to(W1.dtype).numpy()),
+                              np.ascontiguousarray(zero.to(W1.dtype).numpy()), lo, hi, S1, Q1, E1)
             S[:, i1:i2] = torch.from_numpy(S1)
             Q[:, i1:i2] = torch.from_numpy(Q1)
             Err1 = torch.from_numpy(E1)

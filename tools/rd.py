@@ -123,6 +123,8 @@ def run_rd(model_name: str, rates: list[float], methods: list[str], *, n_tokens:
             ref = load_causal_lm(model_name)[0]
             base = None
     rows = []
+    res = {"model": model_name, "n_tokens": n_tokens, "kld": f"top-{kld_topk} reference" if kld_topk else "exact",
+           "reference": base, "rows": rows}
     for r in rates:
         for m in methods:
             t0 = time.perf_counter()
@@ -135,24 +137,17 @@ def run_rd(model_name: str, rates: list[float], methods: list[str], *, n_tokens:
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             log(format_row(row))
-            if outdir is not None:
-                _save(outdir, model_name, base, rows, n_tokens, kld_topk)
-    res = {"model": model_name, "n_tokens": n_tokens, "kld": f"top-{kld_topk} reference" if kld_topk else "exact",
-           "reference": base, "rows": rows}
-    if outdir is not None:
-        _save(outdir, model_name, base, rows, n_tokens, kld_topk)
+            if outdir is not None:  # after every row: a long study keeps what it has measured
+                save_result(outdir, res)
+    if outdir is not None and not rows:
+        save_result(outdir, res)
     return res
 
 
-def _save(outdir, model_name, base, rows, n_tokens, kld_topk) -> None:
-    res = {"model": model_name, "n_tokens": n_tokens, "kld": f"top-{kld_topk} reference" if kld_topk else "exact",
-           "reference": base, "rows": [{k: v for k, v in r.items() if k != "eval"} for r in rows]}
-    save_result(outdir, res)
-
-
 def save_result(outdir, res: dict) -> None:
-    """rd.json, rd.md and (when there are perplexities) rd.png in ``outdir``; each file is
-    written to a temporary name and renamed, so an interrupted run never leaves half a file."""
+    """rd.json (rows without their per-window ``eval`` detail), rd.md and (when there are
+    perplexities) rd.png in ``outdir``; each file is written to a temporary name and renamed, so
+    an interrupted run never leaves half a file."""
     import os
 
     outdir = Path(outdir)
@@ -164,7 +159,8 @@ def save_result(outdir, res: dict) -> None:
         write(tmp)
         os.replace(tmp, outdir / name)
 
-    put("rd.json", lambda t: t.write_text(json.dumps(res, indent=1)))
+    slim = {**res, "rows": [{k: v for k, v in r.items() if k != "eval"} for r in res["rows"]]}
+    put("rd.json", lambda t: t.write_text(json.dumps(slim, indent=1)))
     put("rd.md", lambda t: t.write_text(format_table(res)))
     if any(r.get("perplexity") for r in res["rows"]):
         put("rd.png", lambda t: plot(res, t))
