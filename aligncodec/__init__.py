@@ -13,7 +13,7 @@ _LOADER_API = ("load", "load_state_dict", "load_hf_model")
 
 def __getattr__(name):  # lazy: importing aligncodec stays cheap (no torch, no numba)
     if name in _LOADER_API:
-        from aligncodec.tools import loader
+        from aligncodec import loader
 
         return getattr(loader, name)
     raise AttributeError(f"module 'aligncodec' has no attribute {name!r}")

@@ -40,9 +40,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import lossy
-from . import rans
-from .quant import gptq_affine_block
+from aligncodec.codec.modes import lossy
+from aligncodec.codec.entropy import rans
+from aligncodec.codec.quant import gptq_affine_block
 
 CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
 DEFAULT_CANDIDATES = ("hadamard", "colscale")
@@ -161,7 +161,7 @@ def prepare(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float = 0.5, see
             cache: dict | None = None) -> None:
     """Build the job's candidates (transform, scales, factor). ``cache`` shares the Cholesky
     factors between tensors with the same Σ object (q, k, v; gate, up)."""
-    from .hadamard import tensor_seed
+    from aligncodec.codec.transforms.hadamard import tensor_seed
 
     W64 = job.W.to(torch.float64)
     n = W64.shape[1]

@@ -26,7 +26,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from . import errors as E
+from aligncodec.formats import errors as E
 
 # --------------------------------------------------------------------------- constants
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aligncodec.codec import lossy
+from aligncodec.codec.modes import lossy
 from aligncodec.formats import container as C
-from aligncodec.tools import archive
+from aligncodec import archive
 
 OUT = Path(__file__).resolve().parent / "vectors" / "lossy"
 # a fixed 3 × 3 float32 matrix (need not be orthogonal for decoding; this one nearly is)

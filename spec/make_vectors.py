@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aligncodec.codec import lossless, rans
+from aligncodec.codec.modes import lossless
+from aligncodec.codec.entropy import rans
 from aligncodec.formats import container as C
 
 HERE = Path(__file__).resolve().parent / "vectors"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aligncodec.codec import encoder as E
-from aligncodec.codec import lossy
+from aligncodec.codec.modes import lossy
 
 
 def _setup(rows=48, n=96, seed=0):

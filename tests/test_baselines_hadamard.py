@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aligncodec.codec import hadamard as Hd
+from aligncodec.codec.transforms import hadamard as Hd
 from aligncodec.codec import metrics as M
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aligncodec.codec import baselines as B
-from aligncodec.codec import hadamard as Hd
+from aligncodec.codec.transforms import hadamard as Hd
 from aligncodec.codec import metrics as M
 from aligncodec.codec import quant as Q
 

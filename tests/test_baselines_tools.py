@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from aligncodec.codec import baselines as B
-from aligncodec.tools import baseline as BL
-from aligncodec.tools import stats as S
+from aligncodec.tools.experiments import baseline as BL
+from aligncodec.tools.eval import stats as S
 
 transformers = pytest.importorskip("transformers")
 
@@ -140,7 +140,7 @@ def test_layer_type():
 @pytest.mark.model
 @pytest.mark.slow
 def test_baseline_smollm2_rtn_end_to_end(tmp_path):
-    from aligncodec.tools import models as Mo
+    from aligncodec.tools.eval import models as Mo
 
     try:
         Mo.resolve_model("smollm2")

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aligncodec.codec import lossless
+from aligncodec.codec.modes import lossless
 from aligncodec.formats import container as C
 from aligncodec.formats import errors as E
-from aligncodec.tools import archive
+from aligncodec import archive
 
 
 def _write(path, tensors, meta=None):
@@ -108,7 +108,7 @@ def test_writer_rejects_bad_input(tmp_path):
 
 def _small_archive(tmp_path):
     """~1 KB archive with a float-split tensor in 3 rANS chunks, a zstd/raw stored tensor and ints."""
-    from aligncodec.codec import rans
+    from aligncodec.codec.entropy import rans
 
     rng = np.random.default_rng(1)
     w = (rng.standard_normal(300) * 0.05).astype("<f4").view("<u4") >> 16

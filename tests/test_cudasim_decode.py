@@ -41,7 +41,7 @@ def dc():
     from numba import config
 
     assert config.ENABLE_CUDASIM, "simulator not active"
-    from aligncodec.codec import decode_cuda
+    from aligncodec.codec.entropy import decode_cuda
 
     old = decode_cuda.THREADS_PER_BLOCK, decode_cuda.JOIN_THREADS_PER_BLOCK
     decode_cuda.THREADS_PER_BLOCK = 16  # several blocks even for small inputs; few simulated threads
@@ -64,7 +64,7 @@ def _random_table(rng, precision, alphabet):
 def test_rans_kernel_matches_cpu(dc, precision):
     from numba import cuda
 
-    from aligncodec.codec import decode_cpu, rans
+    from aligncodec.codec.entropy import decode_cpu, rans
 
     rng = np.random.default_rng(precision)
     for trial in range(3):
@@ -84,7 +84,7 @@ def test_rans_kernel_matches_cpu(dc, precision):
 
 @sim_only
 def test_rans_kernel_corruption_verdict_matches_cpu(dc):
-    from aligncodec.codec import decode_cpu, rans
+    from aligncodec.codec.entropy import decode_cpu, rans
     from aligncodec.formats import container as C
     from aligncodec.formats.errors import CorruptStreamError
 
@@ -108,7 +108,8 @@ def test_rans_kernel_corruption_verdict_matches_cpu(dc):
 
 @sim_only
 def test_float_split_on_device_matches_cpu(dc):
-    from aligncodec.codec import decode_cpu, lossless, rans
+    from aligncodec.codec.entropy import decode_cpu, rans
+    from aligncodec.codec.modes import lossless
 
     rng = np.random.default_rng(2)
     for dtype, k in [("BF16", 2), ("F16", 3), ("F32", 0), ("F32", 3), ("F64", 1)]:

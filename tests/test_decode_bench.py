@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from aligncodec.tools import bench
+from aligncodec.tools.bench import bench
 from aligncodec.tools.cli import main
 
 

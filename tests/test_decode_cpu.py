@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aligncodec.codec import decode_cpu, lossless, rans, rans_reference
+from aligncodec.codec.entropy import decode_cpu, rans, rans_reference
+from aligncodec.codec.modes import lossless
 from aligncodec.formats import container as C
 from aligncodec.formats.errors import CorruptStreamError, StreamError
 
@@ -201,7 +202,7 @@ def _archive(tmp_path, tensors):
     import torch
     from safetensors.torch import save_file
 
-    from aligncodec.tools import archive
+    from aligncodec import archive
 
     src = tmp_path / "m.safetensors"
     save_file(tensors, str(src))
@@ -213,7 +214,7 @@ def _archive(tmp_path, tensors):
 def test_lossless_archive_fast_equals_reference_and_original(tmp_path):
     import torch
 
-    from aligncodec.tools import archive
+    from aligncodec import archive
 
     g = torch.Generator().manual_seed(0)
     tensors = {

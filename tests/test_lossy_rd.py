@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from aligncodec.tools import rd
+from aligncodec.tools.experiments import rd
 
 
 def test_encoder_methods_rows_and_table(tmp_path):

@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aligncodec.codec import encoder as E
-from aligncodec.codec import lossy
+from aligncodec.codec.modes import lossy
 from aligncodec.formats import container as C
 from aligncodec.formats import errors as FE
-from aligncodec.tools import archive
-from aligncodec.tools import encode as enc
+from aligncodec import archive
+from aligncodec import lossy_compress as enc
 
 
 def _sigma(n, seed, spike=True):

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aligncodec.codec import lossy
+from aligncodec.codec.modes import lossy
 from aligncodec.formats import container as C
-from aligncodec.tools import archive
+from aligncodec import archive
 
 ROOT = Path(__file__).resolve().parent.parent
 VEC = sorted((ROOT / "spec" / "vectors" / "lossy").glob("*.acz"))
@@ -33,7 +33,7 @@ def test_lossy_vector_decodes_to_recorded_bytes(path):
         got = archive.to_torch(e, raw).float().numpy()
         # independent float64 check of the normative reconstruction: W ≈ (q·d) Tᵀ
         p, sstreams, scales, hd, cm = lossy.parse(e, streams)
-        from aligncodec.codec import rans
+        from aligncodec.codec.entropy import rans
 
         syms = [rans.decode(s) for s in sstreams]
         q = (cm.assemble(syms, e.shape, p.class_axis) if cm is not None

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aligncodec.codec import rans, rans_reference
+from aligncodec.codec.entropy import rans, rans_reference
 from aligncodec.formats import container as C
 from aligncodec.formats.errors import CorruptStreamError
 

@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from aligncodec.codec import baselines as B
-from aligncodec.codec import folding as F
+from aligncodec.codec.transforms import folding as F
 from aligncodec.codec import quant as Q
-from aligncodec.codec import kurtail as KT
-from aligncodec.codec import smoothquant as SQ
-from aligncodec.codec import spinquant as SP
-from aligncodec.tools import baseline as BL
-from aligncodec.tools import models
-from aligncodec.tools.calibrate import capture_sigma
-from aligncodec.tools.evaluate import prepare as prep_text
+from aligncodec.codec.baselines import kurtail as KT
+from aligncodec.codec.baselines import smoothquant as SQ
+from aligncodec.codec.baselines import spinquant as SP
+from aligncodec.tools.experiments import baseline as BL
+from aligncodec.tools.eval import models
+from aligncodec.tools.eval.calibrate import capture_sigma
+from aligncodec.tools.eval.evaluate import prepare as prep_text
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

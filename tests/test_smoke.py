@@ -5,7 +5,8 @@ import pytest
 from safetensors import safe_open
 
 from aligncodec.formats import container as C
-from aligncodec.tools import archive, models
+from aligncodec import archive
+from aligncodec.tools.eval import models
 
 pytestmark = [pytest.mark.smoke, pytest.mark.model, pytest.mark.slow]
 

@@ -7,8 +7,8 @@ import torch
 
 from aligncodec.codec import baselines as B
 from aligncodec.codec import quant as Q
-from aligncodec.codec import smoothquant as SQ
-from aligncodec.tools import baseline as BL
+from aligncodec.codec.baselines import smoothquant as SQ
+from aligncodec.tools.experiments import baseline as BL
 
 from test_folding_rotations import capture, ids, logits, tiny_llama
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from aligncodec.codec import baselines as B
-from aligncodec.codec import folding as F
-from aligncodec.codec import spinquant as SP
-from aligncodec.tools import baseline as BL
+from aligncodec.codec.transforms import folding as F
+from aligncodec.codec.baselines import spinquant as SP
+from aligncodec.tools.experiments import baseline as BL
 
 from test_folding_rotations import capture, ids, logits, tiny_llama
 

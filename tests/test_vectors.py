@@ -11,7 +11,7 @@ import pytest
 
 from aligncodec.formats import container as C
 from aligncodec.formats import errors as E
-from aligncodec.tools import archive
+from aligncodec import archive
 
 VEC = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 VALID = sorted((VEC / "valid").glob("*.acz"))

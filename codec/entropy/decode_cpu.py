@@ -1,0 +1,348 @@
+"""Fast CPU decoder of chunked rANS streams (spec/FORMAT.md §6), in numba.
+
+Same bitstream as :mod:`aligncodec.codec.entropy.rans` and the reference decoder
+:mod:`aligncodec.codec.entropy.rans_reference`; the tests hold all three bit-exact.
+What makes it fast, without changing the format:
+
+* **one table lookup per symbol**: a packed ``uint64`` slot table of 2^P
+  entries, ``freq | (slot - cum) << 32 | symbol << 48``, so the state update
+  ``x = freq * (x >> P) + (slot - cum)`` needs one load;
+* **four chunks interleaved per thread**: chunks are independent streams, so one
+  thread steps four of them in lock step; their dependency chains overlap and
+  the core is no longer bound by the latency of a single state;
+* **branchless renormalisation**: the next word is always loaded (its index
+  clamped inside the payload) and selected, so no mispredicted branches; a
+  corrupt chunk is still caught by the final checks (state == L, every word
+  consumed, none read past the chunk's end);
+* **parallel over chunk groups** on all numba threads (``threads=``);
+* **fused float-split reconstruction**: each task, right after decoding its
+  chunks, joins their symbols with the bit-packed rest of the float while they
+  are still in cache, writing the final bit patterns into the output array.
+
+Reconstruction of other (lossy) modes is a separate step after
+:func:`decode_symbols`; see ``aligncodec.loader.register_reconstructor``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import numba as nb
+import numpy as np
+
+from aligncodec.formats.container import RANS_STATE_LOWER, RansStream
+from aligncodec.formats.errors import CorruptStreamError, StreamError
+
+# chunks decoded together by one thread
+GROUP = 4
+
+_U64 = np.uint64
+_L = _U64(RANS_STATE_LOWER)
+
+# float-split layouts: dtype -> (width W, exponent bits E)   (spec §7.2)
+FLOAT_FORMATS = {"F16": (16, 5), "BF16": (16, 8), "F32": (32, 8), "F64": (64, 11)}
+_UINT = {16: np.uint16, 32: np.uint32, 64: np.uint64}
+
+ERROR_TEXT = {
+    1: "initial state below L",
+    2: "chunk ran out of words",
+    3: "final state is not L",
+    4: "words left over in chunk",
+}
+
+
+# ----------------------------------------------------------------- tables
+
+
+def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
+    """Packed decode table of 2**precision uint64 entries:
+    ``freq[s] | (slot - cum[s]) << 32 | s << 48`` for the symbol s owning the slot."""
+    f = np.asarray(freqs, dtype=np.int64)
+    if len(f) > 1 << 16:
+        raise StreamError("rANS alphabet larger than 2^16")
+    if int(f.sum()) != 1 << precision:
+        raise StreamError(f"frequencies sum to {int(f.sum())}, not 2^{precision}")
+    sym = np.repeat(np.arange(len(f), dtype=np.uint64), f)
+    cum = np.zeros(len(f), dtype=np.int64)
+    np.cumsum(f[:-1], out=cum[1:])
+    slots = np.arange(1 << precision, dtype=np.int64)
+    bias = (slots - cum[sym.astype(np.int64)]).astype(np.uint64)
+    return f.astype(np.uint64)[sym.astype(np.int64)] | (bias << _U64(32)) | (sym << _U64(48))
+
+
+# ----------------------------------------------------------------- kernels
+
+
+@nb.njit(cache=True, inline="always")
+def _state(words, w):
+    return _U64(words[w]) | (_U64(words[w + 1]) << _U64(16))
+
+
+@nb.njit(cache=True, inline="always")
+def _finish(x, p, wend):
+    if p > wend:
+        return 2
+    if x != _L:
+        return 3
+    if p != wend:
+        return 4
+    return 0
+
+
+@nb.njit(cache=True)
+def _decode_one(words, last, tab, precision, w0, wend, m, out, o):
+    """Decode m symbols of the chunk occupying words[w0:wend] into out[o:o+m]. Returns an error code (0 = ok)."""
+    P = _U64(precision)
+    mask = _U64((1 << precision) - 1)
+    M32 = _U64(0xFFFFFFFF)
+    M16 = _U64(0xFFFF)
+    S16 = _U64(16)
+    S32 = _U64(32)
+    S48 = _U64(48)
+    x = _state(words, w0)
+    if x < _L:
+        return 1
+    p = w0 + 2
+    for k in range(m):
+        e = tab[x & mask]
+        out[o + k] = e >> S48
+        x = (e & M32) * (x >> P) + ((e >> S32) & M16)
+        y = (x << S16) | _U64(words[min(p, last)])
+        c = x < _L
+        x = y if c else x
+        p += 1 if c else 0
+    return _finish(x, p, wend)
+
+
+@nb.njit(cache=True)
+def _decode_four(words, last, tab, precision, wa, wb, wc, wd, ea, eb, ec, ed, m, out, oa, ob, oc, od, status, c0):
+    """Four chunks of m symbols each, stepped in lock step (independent dependency chains)."""
+    P = _U64(precision)
+    mask = _U64((1 << precision) - 1)
+    M32 = _U64(0xFFFFFFFF)
+    M16 = _U64(0xFFFF)
+    S16 = _U64(16)
+    S32 = _U64(32)
+    S48 = _U64(48)
+    xa = _state(words, wa)
+    xb = _state(words, wb)
+    xc = _state(words, wc)
+    xd = _state(words, wd)
+    if xa < _L or xb < _L or xc < _L or xd < _L:
+        # let the single-chunk path name the culprit
+        status[c0] = _decode_one(words, last, tab, precision, wa, ea, m, out, oa)
+        status[c0 + 1] = _decode_one(words, last, tab, precision, wb, eb, m, out, ob)
+        status[c0 + 2] = _decode_one(words, last, tab, precision, wc, ec, m, out, oc)
+        status[c0 + 3] = _decode_one(words, last, tab, precision, wd, ed, m, out, od)
+        return
+    pa = wa + 2
+    pb = wb + 2
+    pc = wc + 2
+    pd = wd + 2
+    for k in range(m):
+        e_a = tab[xa & mask]
+        e_b = tab[xb & mask]
+        e_c = tab[xc & mask]
+        e_d = tab[xd & mask]
+        out[oa + k] = e_a >> S48
+        out[ob + k] = e_b >> S48
+        out[oc + k] = e_c >> S48
+        out[od + k] = e_d >> S48
+        xa = (e_a & M32) * (xa >> P) + ((e_a >> S32) & M16)
+        xb = (e_b & M32) * (xb >> P) + ((e_b >> S32) & M16)
+        xc = (e_c & M32) * (xc >> P) + ((e_c >> S32) & M16)
+        xd = (e_d & M32) * (xd >> P) + ((e_d >> S32) & M16)
+        ya = (xa << S16) | _U64(words[min(pa, last)])
+        yb = (xb << S16) | _U64(words[min(pb, last)])
+        yc = (xc << S16) | _U64(words[min(pc, last)])
+        yd = (xd << S16) | _U64(words[min(pd, last)])
+        ca = xa < _L
+        cb = xb < _L
+        cc = xc < _L
+        cd = xd < _L
+        xa = ya if ca else xa
+        xb = yb if cb else xb
+        xc = yc if cc else xc
+        xd = yd if cd else xd
+        pa += 1 if ca else 0
+        pb += 1 if cb else 0
+        pc += 1 if cc else 0
+        pd += 1 if cd else 0
+    status[c0] = _finish(xa, pa, ea)
+    status[c0 + 1] = _finish(xb, pb, eb)
+    status[c0 + 2] = _finish(xc, pc, ec)
+    status[c0 + 3] = _finish(xd, pd, ed)
+
+
+@nb.njit(cache=True)
+def _join_range(out, a, b, rest, rw, low, width):
+    """out[i] (a symbol) := the float bit pattern of symbol out[i] and rest i (rw bits at bit i*rw of rest)."""
+    bit = a * rw
+    pos = bit >> 3
+    sh = bit & 7
+    acc = _U64(0)
+    nacc = 0
+    if b > a:
+        acc = _U64(rest[pos]) >> _U64(sh)
+        nacc = 8 - sh
+        pos += 1
+    rmask = _U64((1 << rw) - 1)
+    lmask = _U64((1 << low) - 1)
+    RW = _U64(rw)
+    LOW = _U64(low)
+    TOP = _U64(width - 1)
+    for i in range(a, b):
+        while nacc < rw:
+            acc |= _U64(rest[pos]) << _U64(nacc)
+            nacc += 8
+            pos += 1
+        r = acc & rmask
+        acc >>= RW
+        nacc -= rw
+        s = _U64(out[i])
+        out[i] = ((r >> LOW) << TOP) | (s << LOW) | (r & lmask)
+
+
+@nb.njit(parallel=True, cache=True)
+def _decode_kernel(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, width, join):
+    """All chunks of one stream. chunk_w[c] is the word index where chunk c starts (chunk_w[-1] the end).
+    Tasks: groups of GROUP full chunks, then the remaining chunks one by one."""
+    n_chunks = chunk_w.shape[0] - 1
+    status = np.zeros(n_chunks, dtype=np.int32)
+    last = words.shape[0] - 1
+    n_full = n // cs
+    n_groups = n_full // 4
+    n_tasks = n_groups + (n_chunks - 4 * n_groups)
+    for t in nb.prange(n_tasks):
+        if t < n_groups:
+            c = 4 * t
+            a = c * cs
+            _decode_four(
+                words, last, tab, precision,
+                chunk_w[c], chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3],
+                chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3], chunk_w[c + 4],
+                cs, out, a, a + cs, a + 2 * cs, a + 3 * cs, status, c,
+            )
+            if join:
+                _join_range(out, a, a + 4 * cs, rest, rw, low, width)
+        else:
+            c = 4 * n_groups + (t - n_groups)
+            a = c * cs
+            b = min(a + cs, n)
+            status[c] = _decode_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, out, a)
+            if join:
+                _join_range(out, a, b, rest, rw, low, width)
+    return status
+
+
+# ----------------------------------------------------------------- public API
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None):
+    """Run numba parallel kernels with ``threads`` threads (None: leave as is)."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError("threads must be >= 1")
+    old = nb.get_num_threads()
+    nb.set_num_threads(min(int(threads), nb.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        nb.set_num_threads(old)
+
+
+def _words(stream: RansStream) -> tuple[np.ndarray, np.ndarray]:
+    payload = stream.payload
+    if len(payload) % 2:
+        raise StreamError("rANS payload has an odd number of bytes")
+    lengths = np.asarray(stream.chunk_lengths, dtype=np.int64)
+    if len(lengths) != -(-stream.n_symbols // stream.chunk_symbols):
+        raise StreamError(f"rANS stream has {len(lengths)} chunks, {-(-stream.n_symbols // stream.chunk_symbols)} expected")
+    if len(lengths) and (lengths.min() < 4 or np.any(lengths % 2)):
+        raise StreamError("rANS chunk length below 4 or odd")
+    if int(lengths.sum()) != len(payload):
+        raise StreamError("rANS chunk lengths do not add up to the payload")
+    words = np.frombuffer(payload, dtype="<u2")
+    if sys.byteorder != "little":  # numba wants native byte order
+        words = words.astype(np.uint16)
+    chunk_w = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths // 2, out=chunk_w[1:])
+    return words, chunk_w
+
+
+def _raise_status(status: np.ndarray) -> None:
+    bad = np.flatnonzero(status)
+    if len(bad):
+        c = int(bad[0])
+        code = int(status[c])
+        raise CorruptStreamError(f"rANS chunk {c} failed its integrity check: {ERROR_TEXT.get(code, code)} (code {code})")
+
+
+_EMPTY_U8 = np.zeros(1, dtype=np.uint8)
+
+
+def decode_symbols(stream: RansStream, *, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """Decode a rANS stream into ``out`` (default a new uint16 array; any unsigned
+    integer array of ``n_symbols`` elements works). Raises CorruptStreamError if any
+    chunk fails its integrity checks."""
+    n = stream.n_symbols
+    if out is None:
+        out = np.empty(n, dtype=np.uint16)
+    elif out.shape != (n,) or out.dtype.kind != "u":
+        raise ValueError(f"out must be a 1-d unsigned array of {n} elements")
+    if n == 0:
+        return out
+    words, chunk_w = _words(stream)
+    tab = slot_table(stream.freqs, stream.precision)
+    with num_threads(threads):
+        status = _decode_kernel(words, chunk_w, stream.chunk_symbols, n, tab, stream.precision, out, _EMPTY_U8, 1, 0, 16, False)
+    _raise_status(status)
+    return out
+
+
+def float_split_layout(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int) -> tuple[int, int, int, np.ndarray]:
+    """Check a float-split tensor's parameters and rest stream before decoding.
+    Returns (width W, rest bits W-E-k, low mantissa bits W-1-E-k, rest as uint8 array)."""
+    if dtype not in FLOAT_FORMATS:
+        raise StreamError(f"float-split needs a float dtype, not {dtype}")
+    width, e = FLOAT_FORMATS[dtype]
+    if not 0 <= k <= width - 1 - e or e + k > 16:
+        raise StreamError(f"float-split: {k} mantissa bits impossible for {dtype}")
+    n = stream.n_symbols
+    rw = width - e - k
+    raw = np.frombuffer(rest, dtype=np.uint8) if not isinstance(rest, np.ndarray) else rest.reshape(-1).view(np.uint8)
+    need = (n * rw + 7) // 8
+    if raw.size != need:
+        raise StreamError(f"float-split rest stream has {raw.size} bytes, {need} expected")
+    if n * rw % 8 and raw[-1] >> (n * rw % 8):
+        raise CorruptStreamError("non-zero padding bits in a packed stream")
+    if stream.alphabet_size > 1 << (e + k):
+        raise StreamError(f"float-split symbols: alphabet {stream.alphabet_size} exceeds 2^{e + k}")
+    return width, rw, rw - 1, raw
+
+
+def decode_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int, *, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """Decode a float-split tensor (spec §7.2) straight into its bit patterns.
+
+    ``stream`` holds the E+k-bit symbols (exponent and top k mantissa bits),
+    ``rest`` the bit-packed sign and low mantissa bits (W-E-k bits each, LSB first).
+    Returns a uint{W} array of ``stream.n_symbols`` elements (``out`` if given)."""
+    width, rw, low, raw = float_split_layout(stream, rest, dtype, k)
+    n = stream.n_symbols
+    u = _UINT[width]
+    if out is None:
+        out = np.empty(n, dtype=u)
+    elif out.shape != (n,) or out.dtype != u:
+        raise ValueError(f"out must be a 1-d {np.dtype(u).name} array of {n} elements")
+    if n == 0:
+        return out
+    words, chunk_w = _words(stream)
+    tab = slot_table(stream.freqs, stream.precision)
+    with num_threads(threads):
+        status = _decode_kernel(words, chunk_w, stream.chunk_symbols, n, tab, stream.precision, out, raw, rw, low, width, True)
+    _raise_status(status)
+    return out

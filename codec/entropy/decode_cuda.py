@@ -1,0 +1,239 @@
+"""GPU decoding of chunked rANS streams through numba.cuda, reconstruction on the device.
+
+Same bitstream and the same packed slot table as :mod:`aligncodec.codec.entropy.decode_cpu`
+(``freq | (slot - cum) << 32 | symbol << 48``), so all decoders agree bit for bit.
+
+* :func:`rans_kernel` - one thread per chunk (the format's chunks are independent
+  streams with one state each); the slot table is staged in shared memory when it
+  fits (precision <= 12, 32 KiB), else read from global memory. Renormalisation is
+  branchless with the word index clamped inside the payload, and a corrupt chunk is
+  reported in ``status`` exactly as on the CPU (1 state < L, 2 ran out of words,
+  3 final state != L, 4 words left over).
+* :func:`join_kernel` - float-split reconstruction, one thread per element: the
+  symbol (exponent and top mantissa bits) joined with its bit-packed rest.
+* :func:`decode_tensor` - an archive entry to a torch tensor in GPU memory
+  (numba <-> torch through ``__cuda_array_interface__``, no host round trip for
+  the decoded data); modes other than the lossless ones plug in a reconstruction
+  with :func:`register_reconstructor` (symbols decoded on the device first).
+
+Without a GPU the kernels run under numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``, set before numba.cuda is first imported), which is
+how CI checks them (tests/test_cudasim_decode.py).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+from numba import cuda
+
+from aligncodec.formats import container as C
+from aligncodec.formats.errors import CorruptStreamError, StreamError
+
+from aligncodec.codec.entropy import decode_cpu
+
+SHARED_MAX_PRECISION = 12  # 2^12 uint64 slots = 32 KiB of shared memory per block
+SHARED_SLOTS = 1 << SHARED_MAX_PRECISION
+THREADS_PER_BLOCK = 128
+JOIN_THREADS_PER_BLOCK = 256
+
+_L = np.uint64(C.RANS_STATE_LOWER)
+
+
+# ----------------------------------------------------------------- kernels
+
+
+@cuda.jit(device=True)
+def _decode_chunk(words, last, tab, precision, w0, wend, m, out, o):
+    P = np.uint64(precision)
+    mask = np.uint64((1 << precision) - 1)
+    x = np.uint64(words[w0]) | (np.uint64(words[w0 + 1]) << np.uint64(16))
+    if x < _L:
+        return 1
+    p = w0 + 2
+    for k in range(m):
+        e = tab[x & mask]
+        out[o + k] = e >> np.uint64(48)
+        x = (e & np.uint64(0xFFFFFFFF)) * (x >> P) + ((e >> np.uint64(32)) & np.uint64(0xFFFF))
+        y = (x << np.uint64(16)) | np.uint64(words[min(p, last)])
+        c = x < _L
+        x = y if c else x
+        p += 1 if c else 0
+    if p > wend:
+        return 2
+    if x != _L:
+        return 3
+    if p != wend:
+        return 4
+    return 0
+
+
+@cuda.jit
+def rans_kernel_global(words, chunk_w, cs, n, tab, precision, out, status):
+    """One thread per chunk, slot table in global memory."""
+    c = cuda.grid(1)
+    n_chunks = chunk_w.shape[0] - 1
+    if c < n_chunks:
+        a = c * cs
+        m = min(cs, n - a)
+        status[c] = _decode_chunk(words, words.shape[0] - 1, tab, precision, chunk_w[c], chunk_w[c + 1], m, out, a)
+
+
+@cuda.jit
+def rans_kernel_shared(words, chunk_w, cs, n, tab, precision, out, status):
+    """One thread per chunk, slot table (precision <= SHARED_MAX_PRECISION) staged in shared memory."""
+    sh = cuda.shared.array(SHARED_SLOTS, dtype=np.uint64)
+    size = 1 << precision
+    i = cuda.threadIdx.x
+    while i < size:
+        sh[i] = tab[i]
+        i += cuda.blockDim.x
+    cuda.syncthreads()
+    c = cuda.grid(1)
+    n_chunks = chunk_w.shape[0] - 1
+    if c < n_chunks:
+        a = c * cs
+        m = min(cs, n - a)
+        status[c] = _decode_chunk(words, words.shape[0] - 1, sh, precision, chunk_w[c], chunk_w[c + 1], m, out, a)
+
+
+@cuda.jit
+def join_kernel(out, rest, n, rw, low, width):
+    """out[i] := float bits from symbol out[i] and the rw-bit rest i (LSB-first at bit i*rw of rest)."""
+    i = cuda.grid(1)
+    if i < n:
+        bit = i * rw
+        pos = bit >> 3
+        sh = bit & 7
+        nbytes = (sh + rw + 7) >> 3
+        acc = np.uint64(0)
+        for j in range(nbytes):
+            acc |= np.uint64(rest[pos + j]) << np.uint64(8 * j)
+        r = (acc >> np.uint64(sh)) & np.uint64((1 << rw) - 1)
+        s = np.uint64(out[i])
+        out[i] = ((r >> np.uint64(low)) << np.uint64(width - 1)) | (s << np.uint64(low)) | (r & np.uint64((1 << low) - 1))
+
+
+# ----------------------------------------------------------------- host side (numba device arrays)
+
+
+def available() -> bool:
+    """True when numba's CUDA target (or its simulator) can run kernels."""
+    try:
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+def _grid(n: int, block: int) -> int:
+    return max(1, math.ceil(n / block))
+
+
+def decode_symbols_device(stream: C.RansStream, out=None, *, stream_obj=0):
+    """Decode a rANS stream on the device into ``out`` (a numba device array of any
+    unsigned/signed integer type wide enough; default a new uint16 device array).
+    Raises CorruptStreamError like the CPU decoder. Returns ``out``."""
+    n = stream.n_symbols
+    if out is None:
+        out = cuda.device_array(n, dtype=np.uint16, stream=stream_obj)
+    if out.shape != (n,):
+        raise ValueError(f"out must hold {n} symbols")
+    if n == 0:
+        return out
+    words, chunk_w = decode_cpu._words(stream)
+    tab = decode_cpu.slot_table(stream.freqs, stream.precision)
+    d_words = cuda.to_device(np.ascontiguousarray(words), stream=stream_obj)
+    d_chunk_w = cuda.to_device(chunk_w, stream=stream_obj)
+    d_tab = cuda.to_device(tab, stream=stream_obj)
+    n_chunks = len(chunk_w) - 1
+    d_status = cuda.device_array(n_chunks, dtype=np.int32, stream=stream_obj)
+    kernel = rans_kernel_shared if stream.precision <= SHARED_MAX_PRECISION else rans_kernel_global
+    kernel[_grid(n_chunks, THREADS_PER_BLOCK), THREADS_PER_BLOCK, stream_obj](
+        d_words, d_chunk_w, stream.chunk_symbols, n, d_tab, stream.precision, out, d_status
+    )
+    status = d_status.copy_to_host(stream=stream_obj)
+    if stream_obj != 0:
+        stream_obj.synchronize()
+    decode_cpu._raise_status(status)
+    return out
+
+
+def decode_float_split_device(stream: C.RansStream, rest, dtype: str, k: int, out=None, *, stream_obj=0):
+    """Float-split tensor decoded on the device: a uint{W} device array of its bit patterns
+    (symbols decoded into ``out``, then joined with the rest by :func:`join_kernel`)."""
+    width, rw, low, raw = decode_cpu.float_split_layout(stream, rest, dtype, k)
+    n = stream.n_symbols
+    if out is None:
+        out = cuda.device_array(n, dtype={16: np.uint16, 32: np.uint32, 64: np.uint64}[width], stream=stream_obj)
+    decode_symbols_device(stream, out, stream_obj=stream_obj)
+    if n:
+        d_rest = cuda.to_device(np.ascontiguousarray(raw), stream=stream_obj)
+        join_kernel[_grid(n, JOIN_THREADS_PER_BLOCK), JOIN_THREADS_PER_BLOCK, stream_obj](out, d_rest, n, rw, low, width)
+    return out
+
+
+# ----------------------------------------------------------------- torch interop and reconstruction
+
+# mode -> (symbol_streams(entry, streams) -> [RansStream, ...],
+#          reconstruct(entry, streams, [int32 symbol tensors on the device], device) -> torch tensor of entry.dtype)
+SymbolStreams = Callable[[C.TensorEntry, list], list]
+Reconstructor = Callable[[C.TensorEntry, list, list, object], object]
+_RECONSTRUCTORS: dict[int, tuple[SymbolStreams, Reconstructor]] = {}
+
+
+def register_reconstructor(mode: int, symbol_streams: SymbolStreams, reconstruct: Reconstructor) -> None:
+    """Plug a coding mode (e.g. a lossy one of codec/lossy*.py) into the GPU path.
+
+    ``symbol_streams(entry, streams)`` validates the entry and returns its rANS symbol
+    streams; each is decoded on the device into an int32 torch tensor, and
+    ``reconstruct(entry, streams, symbols, device)`` turns them into the tensor (torch
+    operations on the device, returning the entry's dtype). Modes without a registered
+    reconstruction are decoded on the CPU and copied to the device."""
+    _RECONSTRUCTORS[mode] = (symbol_streams, reconstruct)
+
+
+_INT_OF_WIDTH = {16: "int16", 32: "int32", 64: "int64"}
+_UNSIGNED_OF_WIDTH = {16: np.uint16, 32: np.uint32, 64: np.uint64}
+
+
+def _as_numba(t, view_dtype=None):
+    a = cuda.as_cuda_array(t)
+    return a.view(view_dtype) if view_dtype is not None else a
+
+
+def decode_tensor(entry: C.TensorEntry, streams: list, *, device="cuda"):
+    """Decode an archive entry into a torch tensor on a CUDA device, or None when this
+    entry's mode has no GPU path (the caller then decodes on the CPU)."""
+    import torch
+
+    from aligncodec.codec.modes import lossless
+    from aligncodec.loader import torch_dtype
+
+    dev = torch.device(device)
+    ts = torch.cuda.current_stream(dev)
+    nstream = cuda.external_stream(ts.cuda_stream)
+    if entry.mode == C.MODE_FLOAT_SPLIT and entry.dtype in decode_cpu.FLOAT_FORMATS:
+        width, e = decode_cpu.FLOAT_FORMATS[entry.dtype]
+        if len(entry.params) != 1 or len(streams) != 2 or not isinstance(streams[0], C.RansStream):
+            raise StreamError(f"float-split tensor {entry.name!r}: bad parameters or streams")
+        k = entry.params[0]
+        from aligncodec.codec.entropy import rans
+
+        rans.validate_for(streams[0], entry.numel, 1 << (e + k))
+        rest = lossless._bytes_from(streams[1], lossless.packed_size(entry.numel, width - e - k), entry.name)
+        t = torch.empty(entry.numel, dtype=getattr(torch, _INT_OF_WIDTH[width]), device=dev)
+        with torch.cuda.device(dev):
+            decode_float_split_device(streams[0], rest, entry.dtype, k, out=_as_numba(t, _UNSIGNED_OF_WIDTH[width]), stream_obj=nstream)
+        return t.view(torch_dtype(entry.dtype)).reshape(entry.shape)
+    if entry.mode in _RECONSTRUCTORS:
+        get_streams, rec = _RECONSTRUCTORS[entry.mode]
+        syms = []
+        for s in get_streams(entry, streams):
+            sym = torch.empty(s.n_symbols, dtype=torch.int32, device=dev)
+            with torch.cuda.device(dev):
+                decode_symbols_device(s, _as_numba(sym), stream_obj=nstream)
+            syms.append(sym)
+        return rec(entry, streams, syms, dev)
+    return None

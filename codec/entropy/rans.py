@@ -1,0 +1,250 @@
+"""Chunked rANS over integer frequency tables (spec/FORMAT.md §6).
+
+32-bit state in [L, 2^32) with L = 2^16, 16-bit renormalisation words,
+precision P <= 16 bits (frequencies sum to 2^P), every chunk an independent
+stream: a u32 final encoder state followed by the u16 words the decoder reads
+in order. Encoder and decoder are numba kernels, parallel over chunks (the
+decoder lives in :mod:`aligncodec.codec.entropy.decode_cpu`);
+:mod:`aligncodec.codec.entropy.rans_reference` is the plain decoder laid out like the
+spec, and the tests hold the two bit-exact.
+
+Why not constriction: its Python API builds models from floats at a fixed
+24-bit precision, so it can neither use the archive's stored integer tables
+nor a table small enough for lookup decoding on a GPU. It stays in the
+benchmarks as the speed reference.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import numba as nb
+import numpy as np
+
+from aligncodec.formats.container import MAX_PRECISION, RANS_STATE_LOWER, RansStream
+from aligncodec.formats.errors import CorruptStreamError, StreamError
+
+DEFAULT_CHUNK_SYMBOLS = 1 << 14
+PRECISION_CHOICES = (10, 11, 12, 13, 14, 15, 16)
+
+# ----------------------------------------------------------------- frequency tables
+
+
+def quantize_counts(counts: np.ndarray, precision: int) -> np.ndarray:
+    """Integer frequencies summing to exactly 2**precision, every symbol with a
+    non-zero count getting at least 1, chosen greedily to minimise the code
+    length sum(c_s * log2(M / f_s)). Deterministic."""
+    counts = np.asarray(counts, dtype=np.int64)
+    M = 1 << precision
+    used = np.flatnonzero(counts)
+    if len(used) == 0:
+        raise ValueError("no symbols to model")
+    if len(used) > M:
+        raise ValueError(f"{len(used)} distinct symbols do not fit precision {precision}")
+    total = int(counts.sum())
+    c = counts[used].astype(np.float64)
+    f = np.maximum(1, np.floor(c * M / total)).astype(np.int64)
+    diff = M - int(f.sum())
+    if diff:
+        # heap of the cost of one more (diff > 0) or one less (diff < 0) unit per symbol
+        def gain(i: int) -> float:
+            fi = f[i]
+            if diff > 0:
+                return -c[i] * math.log2((fi + 1) / fi)  # most negative = largest saving first
+            if fi <= 1:
+                return math.inf
+            return c[i] * math.log2(fi / (fi - 1))
+
+        heap = [(gain(i), i) for i in range(len(f))]
+        heapq.heapify(heap)
+        step = 1 if diff > 0 else -1
+        for _ in range(abs(diff)):
+            g, i = heapq.heappop(heap)
+            f[i] += step
+            heapq.heappush(heap, (gain(i), i))
+    out = np.zeros(len(counts), dtype=np.uint32)
+    out[used] = f
+    return out
+
+
+def table_bytes(freqs: np.ndarray) -> int:
+    """Bytes of the LEB128 frequency table (spec §6.2)."""
+    f = np.asarray(freqs, dtype=np.int64)
+    return int(len(f) + (f >= 128).sum() + (f >= 1 << 14).sum())
+
+
+def cost_bits(counts: np.ndarray, freqs: np.ndarray, precision: int) -> float:
+    """Ideal code length of symbols with these counts under this table, plus the table."""
+    m = counts > 0
+    return float(np.sum(counts[m] * (precision - np.log2(freqs[m].astype(np.float64))))) + 8 * table_bytes(freqs)
+
+
+def choose_table(counts: np.ndarray, precisions=PRECISION_CHOICES) -> tuple[int, np.ndarray]:
+    """The precision and table that minimise payload + table bits."""
+    counts = np.asarray(counts, dtype=np.int64)
+    n_used = int((counts > 0).sum())
+    best = None
+    for p in precisions:
+        if (1 << p) < n_used:
+            continue
+        f = quantize_counts(counts, p)
+        c = cost_bits(counts, f, p)
+        if best is None or c < best[0]:
+            best = (c, p, f)
+    if best is None:
+        raise ValueError(f"{n_used} distinct symbols exceed 2^{max(precisions)}")
+    return best[1], best[2]
+
+
+# ----------------------------------------------------------------- numba kernels
+
+
+@nb.njit(cache=True)
+def _encode_chunk(sym, start, stop, freq, cum, precision, out_words):
+    """Encode sym[start:stop] in reverse; returns (final state, number of words);
+    words are written to out_words in the order the decoder reads them."""
+    L = np.uint64(RANS_STATE_LOWER)
+    x = L
+    n = 0
+    shift = np.uint64(32 - precision)
+    cap = out_words.shape[0]
+    for k in range(stop - 1, start - 1, -1):
+        s = sym[k]
+        f = np.uint64(freq[s])
+        x_max = f << shift
+        if x >= x_max:
+            out_words[cap - 1 - n] = np.uint16(x & np.uint64(0xFFFF))
+            n += 1
+            x >>= np.uint64(16)
+        x = ((x // f) << np.uint64(precision)) + (x % f) + np.uint64(cum[s])
+    return x, n
+
+
+@nb.njit(parallel=True, cache=True)
+def _encode_all(sym, chunk_symbols, freq, cum, precision, n_chunks):
+    n = sym.shape[0]
+    states = np.empty(n_chunks, dtype=np.uint32)
+    nwords = np.empty(n_chunks, dtype=np.int64)
+    # worst case: one word per symbol
+    scratch = np.empty(n, dtype=np.uint16)
+    for c in nb.prange(n_chunks):
+        a = c * chunk_symbols
+        b = min(a + chunk_symbols, n)
+        region = scratch[a:b]
+        x, w = _encode_chunk(sym, a, b, freq, cum, precision, region)
+        states[c] = np.uint32(x)
+        nwords[c] = w
+    return states, nwords, scratch
+
+
+@nb.njit(cache=True)
+def _pack(states, nwords, scratch, chunk_symbols, n):
+    n_chunks = states.shape[0]
+    lengths = np.empty(n_chunks, dtype=np.uint32)
+    total = 0
+    for c in range(n_chunks):
+        lengths[c] = 4 + 2 * nwords[c]
+        total += lengths[c]
+    out = np.empty(total, dtype=np.uint8)
+    pos = 0
+    for c in range(n_chunks):
+        x = states[c]
+        for j in range(4):
+            out[pos + j] = np.uint8((x >> np.uint32(8 * j)) & np.uint32(0xFF))
+        pos += 4
+        a = c * chunk_symbols
+        b = min(a + chunk_symbols, n)
+        w = nwords[c]
+        # words sit at the end of the chunk's scratch region, already in decode order
+        for j in range(w):
+            v = scratch[b - w + j]
+            out[pos] = np.uint8(v & np.uint16(0xFF))
+            out[pos + 1] = np.uint8(v >> np.uint16(8))
+            pos += 2
+    return out, lengths
+
+
+# ----------------------------------------------------------------- public API
+
+
+def cumulative(freqs: np.ndarray) -> np.ndarray:
+    cum = np.zeros(len(freqs), dtype=np.uint32)
+    np.cumsum(freqs[:-1], out=cum[1:])
+    return cum
+
+
+def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
+    """slot -> symbol lookup table of 2**precision entries (uint16)."""
+    return np.repeat(np.arange(len(freqs), dtype=np.uint16), np.asarray(freqs, dtype=np.int64))
+
+
+def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: int | None = None, freqs: np.ndarray | None = None, chunk_symbols: int = DEFAULT_CHUNK_SYMBOLS) -> RansStream:
+    """Entropy-code non-negative integer symbols (< 2^16) into a :class:`RansStream`.
+
+    The table is fitted to the symbols' own counts (precision chosen to
+    minimise payload + table) unless ``freqs``/``precision`` are given."""
+    sym = np.ascontiguousarray(symbols).reshape(-1)
+    if sym.size and (sym.min() < 0 or sym.max() >= 1 << 16):
+        raise ValueError("rANS symbols must lie in [0, 65536)")
+    sym = sym.astype(np.uint16, copy=False)
+    n = int(sym.size)
+    if alphabet_size is None:
+        alphabet_size = int(sym.max()) + 1 if n else 1
+    if freqs is None:
+        counts = np.bincount(sym, minlength=alphabet_size).astype(np.int64) if n else np.eye(1, alphabet_size, dtype=np.int64)[0]
+        if len(counts) > alphabet_size:
+            raise ValueError("symbol outside the alphabet")
+        if precision is None:
+            precision, freqs = choose_table(counts)
+        else:
+            freqs = quantize_counts(counts, precision)
+    freqs = np.asarray(freqs, dtype=np.uint32)
+    if precision is None or not 1 <= precision <= MAX_PRECISION or int(freqs.sum()) != 1 << precision:
+        raise ValueError("frequencies must sum to 2**precision with precision in 1..16")
+    if n and np.any(freqs[sym] == 0):
+        raise ValueError("a symbol has zero frequency")
+    n_chunks = -(-n // chunk_symbols)
+    if n == 0:
+        return RansStream(precision, chunk_symbols, 0, freqs, np.zeros(0, np.uint32), b"")
+    states, nwords, scratch = _encode_all(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks)
+    payload, lengths = _pack(states, nwords, scratch, chunk_symbols, n)
+    return RansStream(precision, chunk_symbols, n, freqs, lengths, payload.tobytes())
+
+
+def decode(stream: RansStream, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Decode a :class:`RansStream` into uint16 symbols (numba, parallel over chunks;
+    the fast decoder of :mod:`aligncodec.codec.entropy.decode_cpu`).
+
+    Raises CorruptStreamError if any chunk fails its final-state / length checks."""
+    from aligncodec.codec.entropy.decode_cpu import decode_symbols
+
+    return decode_symbols(stream, out=out)
+
+
+def coded_bits(symbols: np.ndarray, chunk_symbols: int = DEFAULT_CHUNK_SYMBOLS) -> int:
+    """Exact size in bits of the rANS stream for these symbols as stored in an
+    archive (stream header, table, chunk table and payload; spec §5-6)."""
+    from aligncodec.formats.container import serialize_stream
+
+    s = encode(symbols, chunk_symbols=chunk_symbols)
+    return 8 * (len(serialize_stream(s)) - len(s.payload)) + 8 * len(s.payload)
+
+
+def empirical_entropy_bits(symbols: np.ndarray) -> float:
+    """n * H(empirical distribution), in bits."""
+    sym = np.asarray(symbols).reshape(-1)
+    if sym.size == 0:
+        return 0.0
+    c = np.bincount(sym.astype(np.int64)).astype(np.float64)
+    c = c[c > 0]
+    p = c / c.sum()
+    return float(-(c * np.log2(p)).sum())
+
+
+def validate_for(stream: RansStream, n_symbols: int, alphabet_size: int) -> None:
+    """Check that a parsed stream is what a coding mode expects before decoding."""
+    if stream.n_symbols != n_symbols:
+        raise StreamError(f"rANS stream has {stream.n_symbols} symbols, {n_symbols} expected")
+    if stream.alphabet_size > alphabet_size:
+        raise StreamError(f"rANS alphabet of {stream.alphabet_size} symbols, at most {alphabet_size} allowed")

@@ -1,0 +1,222 @@
+"""Lossless coding modes (spec/FORMAT.md §7): ``stored`` and ``float-split``.
+
+``float-split`` codes a float tensor's bits in two streams: the 8 bits just
+below the sign (the exponent of BF16/F32/F64, or the exponent and the top
+three mantissa bits of F16) as rANS symbols, where weights carry their
+redundancy, and the remaining bits (sign and low mantissa) as
+(W-8)/8 bytes per element, stored raw or as one zstd frame — whichever is
+smaller. ``stored`` keeps the little-endian bytes, raw or zstd. The encoder
+tries the candidates and keeps the smallest; decoding is always bit-exact.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+import zstandard
+
+from aligncodec.formats import container as C
+from aligncodec.formats.errors import CorruptStreamError, StreamError, UnsupportedError
+
+from aligncodec.codec.entropy import rans
+
+# dtype -> (width W, exponent bits E)
+FLOAT_FORMATS = {"F16": (16, 5), "BF16": (16, 8), "F32": (32, 8), "F64": (64, 11)}
+_UINT = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
+# mantissa bits moved into the symbol, per dtype (measured on MiniLM weights: for BF16 the joint
+# (exponent, top-2 mantissa) entropy is 0.066 bit lower than the exponent's + 2 bits)
+DEFAULT_MANTISSA_BITS = {"F16": 3, "BF16": 2, "F32": 0, "F64": 0}
+ZSTD_LEVEL = 3
+# below this many elements the rANS table outweighs what float-split saves
+MIN_SPLIT_ELEMENTS = 256
+
+
+def _zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_content_size=True).compress(data)
+
+
+def _best_bytes_stream(data: bytes) -> C.RawStream | C.ZstdStream:
+    z = _zstd(data)
+    return C.ZstdStream(z, len(data)) if len(z) < len(data) else C.RawStream(data)
+
+
+def _streams_size(streams) -> int:
+    return sum(C.align(len(C.serialize_stream(s)), C.STREAM_ALIGN) for s in streams)
+
+
+@nb.njit(cache=True)
+def _pack_bits(v, width, out):
+    acc = np.uint64(0)
+    nacc = 0
+    pos = 0
+    mask = np.uint64((1 << width) - 1) if width < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+    for i in range(v.shape[0]):
+        x = v[i] & mask
+        # append `width` bits LSB-first, flushing whole bytes
+        left = width
+        while left > 0:
+            take = min(left, 56 - nacc) if nacc < 56 else 0
+            if take == 0:
+                while nacc >= 8:
+                    out[pos] = np.uint8(acc & np.uint64(0xFF))
+                    acc >>= np.uint64(8)
+                    nacc -= 8
+                    pos += 1
+                continue
+            part = x & np.uint64((1 << take) - 1)
+            acc |= part << np.uint64(nacc)
+            nacc += take
+            x >>= np.uint64(take)
+            left -= take
+        while nacc >= 8:
+            out[pos] = np.uint8(acc & np.uint64(0xFF))
+            acc >>= np.uint64(8)
+            nacc -= 8
+            pos += 1
+    if nacc > 0:
+        out[pos] = np.uint8(acc & np.uint64(0xFF))
+
+
+@nb.njit(cache=True)
+def _unpack_bits(raw, n, width, out):
+    acc = np.uint64(0)
+    nacc = 0
+    pos = 0
+    for i in range(n):
+        x = np.uint64(0)
+        got = 0
+        while got < width:
+            if nacc == 0:
+                acc = np.uint64(raw[pos])
+                pos += 1
+                nacc = 8
+            take = min(width - got, nacc)
+            x |= (acc & np.uint64((1 << take) - 1)) << np.uint64(got)
+            acc >>= np.uint64(take)
+            nacc -= take
+            got += take
+        out[i] = x
+
+
+def pack_bits(values: np.ndarray, width: int) -> bytes:
+    """Pack unsigned values of ``width`` bits LSB-first (spec §7.2): bit b of value i is
+    bit (i*width + b) of the stream, stream bit j being bit j%8 of byte j//8; the
+    unused high bits of the last byte are zero."""
+    v = np.ascontiguousarray(values, dtype=np.uint64)
+    if width % 8 == 0:
+        return v.astype("<u8").view(np.uint8).reshape(-1, 8)[:, : width // 8].tobytes()
+    out = np.zeros(packed_size(len(v), width), dtype=np.uint8)
+    _pack_bits(v, width, out)
+    return out.tobytes()
+
+
+def unpack_bits(data: bytes, n: int, width: int) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if width % 8 == 0:
+        padded = np.zeros((n, 8), dtype=np.uint8)
+        padded[:, : width // 8] = raw.reshape(n, width // 8)
+        return padded.reshape(-1).view("<u8").astype(np.uint64)
+    if n * width % 8 and raw[-1] >> (n * width % 8):
+        raise CorruptStreamError("non-zero padding bits in a packed stream")
+    out = np.empty(n, dtype=np.uint64)
+    _unpack_bits(raw, n, width, out)
+    return out
+
+
+def packed_size(n: int, width: int) -> int:
+    return (n * width + 7) // 8
+
+
+def split_float(bits: np.ndarray, dtype: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(symbols: exponent and top-k mantissa bits; rest: sign and the low bits, W-E-k bits each)."""
+    width, e = FLOAT_FORMATS[dtype]
+    low = width - 1 - e - k
+    u = _UINT[width]
+    b = bits.astype(u, copy=False)
+    sym = ((b >> u(low)) & u((1 << (e + k)) - 1)).astype(np.uint16)
+    rest = ((b >> u(width - 1)) << u(low)) | (b & u((1 << low) - 1))
+    return sym, rest.astype(np.uint64)
+
+
+def join_float(sym: np.ndarray, rest: np.ndarray, dtype: str, k: int) -> np.ndarray:
+    width, e = FLOAT_FORMATS[dtype]
+    low = width - 1 - e - k
+    u = _UINT[width]
+    r = rest.astype(u)
+    return ((r >> u(low)) << u(width - 1)) | (sym.astype(u) << u(low)) | (r & u((1 << low) - 1))
+
+
+def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: int | None = None, mode: int | None = None) -> tuple[int, bytes, list]:
+    """Choose the smallest lossless coding for a tensor's little-endian bytes
+    (or use ``mode`` if given). Returns (mode, params, streams)."""
+    raw = bytes(data) if not isinstance(data, np.ndarray) else data.tobytes()
+    candidates: list[tuple[int, bytes, list]] = [(C.MODE_STORED, b"", [_best_bytes_stream(raw)])]
+    if dtype in FLOAT_FORMATS and (numel >= MIN_SPLIT_ELEMENTS or mode == C.MODE_FLOAT_SPLIT):
+        width, e = FLOAT_FORMATS[dtype]
+        k = DEFAULT_MANTISSA_BITS[dtype] if mantissa_bits is None else mantissa_bits
+        bits = np.frombuffer(raw, dtype=f"<u{width // 8}")
+        sym, rest = split_float(bits, dtype, k)
+        s0 = rans.encode(sym, alphabet_size=int(sym.max()) + 1)
+        s1 = _best_bytes_stream(pack_bits(rest, width - e - k))
+        candidates.append((C.MODE_FLOAT_SPLIT, bytes([k]), [s0, s1]))
+    if mode is not None:
+        forced = [c for c in candidates if c[0] == mode]
+        if not forced:
+            raise ValueError(f"mode {mode} cannot code a {dtype} tensor")
+        return forced[0]
+    return min(candidates, key=lambda c: _streams_size(c[2]))
+
+
+def _bytes_from(stream, size: int, what: str) -> bytes:
+    if isinstance(stream, C.RawStream):
+        if len(stream.data) != size:
+            raise StreamError(f"{what}: {len(stream.data)} raw bytes, {size} expected")
+        return stream.data
+    if isinstance(stream, C.ZstdStream):
+        if stream.size != size:
+            raise StreamError(f"{what}: zstd stream declares {stream.size} bytes, {size} expected")
+        try:
+            out = zstandard.ZstdDecompressor().decompress(stream.data, max_output_size=size)
+        except zstandard.ZstdError as exc:
+            raise CorruptStreamError(f"{what}: zstd frame invalid: {exc}") from None
+        if len(out) != size:
+            raise CorruptStreamError(f"{what}: zstd frame gave {len(out)} bytes, {size} expected")
+        return out
+    raise StreamError(f"{what}: a {C.CODER_NAMES[stream.coder]} stream cannot hold bytes here")
+
+
+def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
+    """Decode a lossless tensor to its little-endian bytes (uint8 array of entry.nbytes).
+
+    ``reference=True`` uses the plain reference rANS decoder (slow; tests)."""
+    if entry.mode == C.MODE_STORED:
+        if len(streams) != 1:
+            raise StreamError(f"stored tensor {entry.name!r} needs 1 stream, has {len(streams)}")
+        return np.frombuffer(_bytes_from(streams[0], entry.nbytes, entry.name), dtype=np.uint8)
+    if entry.mode == C.MODE_FLOAT_SPLIT:
+        if entry.dtype not in FLOAT_FORMATS:
+            raise StreamError(f"float-split used on {entry.dtype} tensor {entry.name!r}")
+        width, e = FLOAT_FORMATS[entry.dtype]
+        if len(entry.params) != 1 or not 0 <= entry.params[0] <= min(16 - e, width - 1 - e):
+            raise StreamError(f"float-split tensor {entry.name!r}: bad parameters")
+        k = entry.params[0]
+        if len(streams) != 2:
+            raise StreamError(f"float-split tensor {entry.name!r} needs 2 streams, has {len(streams)}")
+        n = entry.numel
+        s0 = streams[0]
+        if not isinstance(s0, C.RansStream):
+            raise StreamError(f"float-split tensor {entry.name!r}: symbols must be a rANS stream")
+        rans.validate_for(s0, n, 1 << (e + k))
+        rw = width - e - k
+        packed = _bytes_from(streams[1], packed_size(n, rw), entry.name)
+        if not reference:  # fused: symbols decoded and joined with the rest straight into the bits
+            from aligncodec.codec.entropy.decode_cpu import decode_float_split
+
+            return decode_float_split(s0, packed, entry.dtype, k).astype(f"<u{width // 8}", copy=False).view(np.uint8)
+        from aligncodec.codec.entropy import rans_reference
+
+        sym = np.asarray(rans_reference.decode(s0), dtype=np.uint16)
+        rest = unpack_bits(packed, n, rw)
+        bits = join_float(sym, rest, entry.dtype, k)
+        return bits.astype(f"<u{width // 8}").view(np.uint8)
+    raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")

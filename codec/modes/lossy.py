@@ -1,0 +1,451 @@
+"""Lossy coding mode 2, ``ecsq`` (spec/FORMAT.md §7.4): entropy-coded uniform
+scalar quantisation of a 2-D weight in a transform basis.
+
+A weight W (out × in) is coded as integer symbols q (out × in) in a basis T of
+its input space, with per-input-coordinate steps d_j:
+
+    C[i, j] = q[i, j] · d_j          (float32, one rounding)
+    W       = C · Tᵀ                  (float32, the fixed algorithm below)
+
+Transforms (``params.transform``):
+
+* 0 ``identity``: T = I;
+* 1 ``hadamard``: T = D · (H_p/√p ⊗ Q_m), the randomized Hadamard of
+  :mod:`aligncodec.codec.transforms.hadamard` with its sign diagonal D and odd-order
+  orthogonal factor Q_m sent explicitly (n sign bits + m² float32), so a
+  decoder needs no random-number generator or QR routine;
+
+Per-input-coordinate steps are d_j = f32(Δ · s_j) with s_j float16 scales sent in
+a raw stream (flag bit 0), else d_j = Δ.
+
+Everything here is pure: arrays in, arrays out. The reconstruction is written
+as a fixed sequence of float32 element-wise operations (numpy, no BLAS, no
+fused multiply-add), so every IEEE-754 machine gets the same bits; the encoder
+evaluates exactly these bits.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from aligncodec.formats import container as C
+from aligncodec.formats.errors import StreamError, UnsupportedError
+
+from aligncodec.codec.entropy import rans
+
+MODE_ECSQ = 2
+PARAMS_VERSION = 1
+TRANSFORM_IDENTITY = 0
+TRANSFORM_HADAMARD = 1
+TRANSFORM_NAMES = {TRANSFORM_IDENTITY: "identity", TRANSFORM_HADAMARD: "hadamard"}
+FLAG_COL_SCALES = 0x01
+# the largest |q| the encoder emits: keeps the alphabet (and its table) bounded; clamping is
+# part of the quantiser, so its error is part of the measured distortion
+MAX_ABS_SYMBOL = 32767
+MAX_CLASSES = 16
+CLASS_AXES = ("rows", "columns")
+# params: version u8, transform u8, flags u8, n_classes u8, step f32, offset i32, m u16, rank u16,
+#         class_axis u8, reserved u8 u16
+_PARAMS = struct.Struct("<BBBBfiHHBBH")
+PARAMS_SIZE = _PARAMS.size  # 20
+LOSSY_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass
+class EcsqParams:
+    transform: int
+    step: float  # float32 value
+    offset: int  # q = symbol + offset
+    flags: int = 0
+    m: int = 0  # odd factor of n (hadamard), 0 otherwise
+    rank: int = 0  # reserved for partial bases, 0
+    n_classes: int = 1  # symbol classes, each with its own rANS stream (table)
+    class_axis: int = 0  # 0: rows are classed, 1: columns
+
+    def pack(self) -> bytes:
+        return _PARAMS.pack(PARAMS_VERSION, self.transform, self.flags, self.n_classes, self.step, self.offset, self.m,
+                            self.rank, self.class_axis, 0, 0)
+
+    @classmethod
+    def unpack(cls, b: bytes, name: str = "?") -> "EcsqParams":
+        if len(b) != PARAMS_SIZE:
+            raise StreamError(f"ecsq tensor {name!r}: params are {len(b)} bytes, {PARAMS_SIZE} expected")
+        ver, tr, flags, k, step, offset, m, rank, axis, r0, r1 = _PARAMS.unpack(b)
+        if ver != PARAMS_VERSION:
+            raise UnsupportedError(f"ecsq tensor {name!r}: params version {ver} not supported")
+        if r0 or r1 or rank:
+            raise StreamError(f"ecsq tensor {name!r}: reserved params field not zero")
+        if not 1 <= k <= MAX_CLASSES or axis > 1 or (k == 1 and axis):
+            raise StreamError(f"ecsq tensor {name!r}: {k} classes on axis {axis} invalid")
+        if tr not in TRANSFORM_NAMES:
+            raise UnsupportedError(f"ecsq tensor {name!r}: unknown transform {tr}")
+        if flags & ~FLAG_COL_SCALES:
+            raise StreamError(f"ecsq tensor {name!r}: unknown flag bits {flags:#x}")
+        if not (math.isfinite(step) and step > 0):
+            raise StreamError(f"ecsq tensor {name!r}: step {step} is not positive and finite")
+        return cls(tr, step, offset, flags, m, rank, k, axis)
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def split_pow2(n: int) -> tuple[int, int]:
+    p = n & -n
+    return p, n // p
+
+
+@dataclass
+class HadamardData:
+    """The explicit randomized Hadamard T = D (H_p/√p ⊗ Q_m) of dimension n = p·m."""
+
+    signs: np.ndarray  # float32 ±1, n
+    Q: np.ndarray  # float32 m × m (row-major)
+
+    @property
+    def n(self) -> int:
+        return len(self.signs)
+
+    @property
+    def m(self) -> int:
+        return self.Q.shape[0]
+
+    def to_bytes(self) -> bytes:
+        bits = (self.signs < 0).astype(np.uint8)
+        return np.packbits(bits, bitorder="little").tobytes() + self.Q.astype("<f4").tobytes()
+
+    @classmethod
+    def from_bytes(cls, b: bytes, n: int, m: int, name: str = "?") -> "HadamardData":
+        p, mm = split_pow2(n)
+        if mm != m:
+            raise StreamError(f"ecsq tensor {name!r}: hadamard odd factor {m}, {n} needs {mm}")
+        nb = (n + 7) // 8
+        if len(b) != nb + 4 * m * m:
+            raise StreamError(f"ecsq tensor {name!r}: hadamard data is {len(b)} bytes, {nb + 4 * m * m} expected")
+        raw = np.frombuffer(b, dtype=np.uint8, count=nb)
+        if n % 8 and raw[-1] >> (n % 8):
+            raise StreamError(f"ecsq tensor {name!r}: non-zero padding bits in the sign bits")
+        bits = np.unpackbits(raw, bitorder="little")[:n]
+        signs = np.where(bits == 1, np.float32(-1), np.float32(1)).astype(np.float32)
+        Q = np.frombuffer(b, dtype="<f4", offset=nb, count=m * m).reshape(m, m).astype(np.float32)
+        if not np.all(np.isfinite(Q)):
+            raise StreamError(f"ecsq tensor {name!r}: non-finite hadamard factor")
+        return cls(signs, Q)
+
+    @classmethod
+    def from_seed(cls, n: int, seed: int) -> "HadamardData":
+        from aligncodec.codec.transforms.hadamard import RandomizedHadamard
+
+        rh = RandomizedHadamard(n, seed)
+        return cls(rh.signs.numpy().astype(np.float32), rh.Q.numpy().astype(np.float32))
+
+    def apply64(self, X: np.ndarray) -> np.ndarray:
+        """X · T for row vectors X (k × n), float64, fast (butterflies + the m × m factor)."""
+        X = np.asarray(X, dtype=np.float64) * self.signs.astype(np.float64)[None, :]
+        k, n = X.shape
+        p, m = split_pow2(n)
+        Y = X.reshape(k, p, m).copy()
+        h = 1
+        while h < p:
+            Z = Y.reshape(k, p // (2 * h), 2, h, m)
+            a = Z[:, :, 0].copy()
+            Z[:, :, 0] += Z[:, :, 1]
+            Z[:, :, 1] = a - Z[:, :, 1]
+            h *= 2
+        Y = Y @ self.Q.astype(np.float64)
+        return (Y / math.sqrt(p)).reshape(k, n)
+
+    def matrix64(self) -> np.ndarray:
+        """T as a float64 n × n matrix built from the float32 data (encoder side)."""
+        p, m = split_pow2(self.n)
+        Hp = np.ones((1, 1))
+        while Hp.shape[0] < p:
+            Hp = np.block([[Hp, Hp], [Hp, -Hp]])
+        K = np.kron(Hp / math.sqrt(p), self.Q.astype(np.float64))
+        return self.signs.astype(np.float64)[:, None] * K
+
+
+def inverse_hadamard_f32(Cm: np.ndarray, hd: HadamardData) -> np.ndarray:
+    """W = C · Tᵀ in float32 by the normative algorithm of spec §7.4 (rows of C are row vectors)."""
+    rows, n = Cm.shape
+    p, m = split_pow2(n)
+    X = np.array(Cm, dtype=np.float32, copy=True).reshape(rows, p, m)
+    h = 1
+    while h < p:  # Sylvester butterflies, element-wise float32
+        Y = X.reshape(rows, p // (2 * h), 2, h, m)
+        a = Y[:, :, 0].copy()
+        b = Y[:, :, 1]
+        Y[:, :, 0] = a + b
+        Y[:, :, 1] = a - b
+        h *= 2
+    if m > 1:  # Y[., j] = sum_k X[., k] · Q[j, k], k ascending, float32 each step
+        out = np.zeros_like(X)
+        for j in range(m):
+            acc = np.zeros((rows, p), dtype=np.float32)
+            for k in range(m):
+                acc = acc + X[:, :, k] * np.float32(hd.Q[j, k])
+            out[:, :, j] = acc
+        X = out
+    g = np.float32(1.0 / math.sqrt(p))
+    X = X * g
+    return X.reshape(rows, n) * hd.signs[None, :]
+
+
+# --------------------------------------------------------------------------- reconstruction
+
+
+def column_steps(params: EcsqParams, scales: np.ndarray | None) -> np.ndarray | np.float32:
+    step = np.float32(params.step)
+    if scales is None:
+        return step
+    return (step * scales.astype(np.float32)).astype(np.float32)
+
+
+def reconstruct_from(params: EcsqParams, q: np.ndarray, scales: np.ndarray | None, hd: HadamardData | None) -> np.ndarray:
+    """float32 weight (out × in) from integer symbols q (out × in, already offset)."""
+    d = column_steps(params, scales)
+    Cm = q.astype(np.float32) * (d[None, :] if isinstance(d, np.ndarray) else d)
+    if params.transform == TRANSFORM_IDENTITY:
+        return Cm
+    if params.transform == TRANSFORM_HADAMARD:
+        return inverse_hadamard_f32(Cm, hd)
+    raise UnsupportedError(f"unknown transform {params.transform}")
+
+
+def cast_f32(W: np.ndarray, dtype: str) -> np.ndarray:
+    """The stored value: float32 rounded to the tensor's dtype (round-to-nearest-even)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32))
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    return t.to(tdt)
+
+
+def _raw_any(stream, what: str) -> bytes:
+    if not isinstance(stream, C.RawStream):
+        raise StreamError(f"{what} must be a raw stream")
+    return stream.data
+
+
+@dataclass
+class ClassMap:
+    """Symbol classes along one axis: ``ids[i]`` is the class of row/column i; class c's
+    symbols are q[i, j] + ... for the rows/columns of class c, in row-major order of that
+    sub-matrix, coded in their own rANS stream with integer offset ``offsets[c]``."""
+
+    ids: np.ndarray  # uint8, length = the classed axis
+    offsets: list[int]
+
+    @property
+    def k(self) -> int:
+        return len(self.offsets)
+
+    def to_bytes(self) -> bytes:
+        ids = self.ids.astype(np.uint8)
+        if len(ids) % 2:
+            ids = np.append(ids, np.uint8(0))
+        packed = (ids[0::2] | (ids[1::2] << 4)).astype(np.uint8)  # 4 bits per id, low nibble first
+        return np.asarray(self.offsets, dtype="<i4").tobytes() + packed.tobytes()
+
+    @classmethod
+    def from_bytes(cls, b: bytes, k: int, length: int, name: str = "?") -> "ClassMap":
+        need = 4 * k + (length + 1) // 2
+        if len(b) != need:
+            raise StreamError(f"ecsq tensor {name!r}: class map is {len(b)} bytes, {need} expected")
+        offsets = [int(x) for x in np.frombuffer(b, dtype="<i4", count=k)]
+        if any(not -MAX_ABS_SYMBOL <= o <= 0 for o in offsets):
+            raise StreamError(f"ecsq tensor {name!r}: class offset outside [-{MAX_ABS_SYMBOL}, 0]")
+        packed = np.frombuffer(b, dtype=np.uint8, offset=4 * k)
+        ids = np.empty(2 * len(packed), dtype=np.uint8)
+        ids[0::2] = packed & 15
+        ids[1::2] = packed >> 4
+        if length % 2 and ids[-1]:
+            raise StreamError(f"ecsq tensor {name!r}: non-zero padding nibble in the class map")
+        ids = ids[:length]
+        if ids.max(initial=0) >= k:
+            raise StreamError(f"ecsq tensor {name!r}: class id ≥ {k}")
+        return cls(ids, offsets)
+
+    def symbol_counts(self, other: int) -> list[int]:
+        return [int((self.ids == c).sum()) * other for c in range(self.k)]
+
+    def split(self, q: np.ndarray, axis: int, k: int) -> list[np.ndarray]:
+        return [(q[self.ids == c] if axis == 0 else q[:, self.ids == c]).reshape(-1) for c in range(k)]
+
+    def assemble(self, syms: list[np.ndarray], shape: tuple[int, int], axis: int, name: str = "?") -> np.ndarray:
+        q = np.empty(shape, dtype=np.int32)
+        other = shape[1 - axis]
+        for c in range(self.k):
+            sel = self.ids == c
+            cnt = int(sel.sum())
+            if syms[c].size != cnt * other:
+                raise StreamError(f"ecsq tensor {name!r}: class {c} has {syms[c].size} symbols, {cnt * other} expected")
+            v = syms[c].astype(np.int32) + np.int32(self.offsets[c])
+            if axis == 0:
+                q[sel] = v.reshape(cnt, other)
+            else:
+                q[:, sel] = v.reshape(other, cnt)
+        return q
+
+
+def _raw(stream, size: int, what: str) -> bytes:
+    if not isinstance(stream, C.RawStream):
+        raise StreamError(f"{what} must be a raw stream")
+    if len(stream.data) != size:
+        raise StreamError(f"{what}: {len(stream.data)} bytes, {size} expected")
+    return stream.data
+
+
+def parse_side(entry: C.TensorEntry, side_streams: list) -> tuple[EcsqParams, np.ndarray | None, HadamardData | None]:
+    """Validate an ecsq entry's params and its streams after the first (column scales,
+    transform data): everything but the symbols."""
+    name = entry.name
+    if entry.dtype not in LOSSY_DTYPES:
+        raise StreamError(f"ecsq tensor {name!r}: dtype {entry.dtype} not allowed")
+    if len(entry.shape) != 2 or entry.numel == 0:
+        raise StreamError(f"ecsq tensor {name!r}: shape {entry.shape} is not a non-empty matrix")
+    rows, n = entry.shape
+    p = EcsqParams.unpack(entry.params, name)
+    want = (p.n_classes > 1) + bool(p.flags & FLAG_COL_SCALES) + (p.transform == TRANSFORM_HADAMARD)
+    if len(side_streams) != want:
+        raise StreamError(f"ecsq tensor {name!r}: {len(side_streams) + p.n_classes} streams, {want + p.n_classes} expected")
+    if not -MAX_ABS_SYMBOL <= p.offset <= 0:
+        raise StreamError(f"ecsq tensor {name!r}: symbol offset {p.offset} outside [-{MAX_ABS_SYMBOL}, 0]")
+    i = 0
+    classes = None
+    if p.n_classes > 1:
+        classes = ClassMap.from_bytes(_raw_any(side_streams[0], f"ecsq tensor {name!r} class map"), p.n_classes,
+                                      entry.shape[p.class_axis], name)
+        i += 1
+    scales = None
+    if p.flags & FLAG_COL_SCALES:
+        scales = np.frombuffer(_raw(side_streams[i], 2 * n, f"ecsq tensor {name!r} column scales"), dtype="<f2").astype(np.float32)
+        if not np.all(np.isfinite(scales)) or np.any(scales <= 0):
+            raise StreamError(f"ecsq tensor {name!r}: column scales must be positive and finite")
+        i += 1
+    hd = None
+    if p.transform == TRANSFORM_HADAMARD:
+        if not isinstance(side_streams[i], C.RawStream):
+            raise StreamError(f"ecsq tensor {name!r}: hadamard data must be a raw stream")
+        hd = HadamardData.from_bytes(side_streams[i].data, n, p.m, name)
+    elif p.m:
+        raise StreamError(f"ecsq tensor {name!r}: m must be 0 without a hadamard transform")
+    return p, scales, hd, classes
+
+
+def n_symbol_streams(entry: C.TensorEntry) -> int:
+    return EcsqParams.unpack(entry.params, entry.name).n_classes
+
+
+def parse(entry: C.TensorEntry, streams: list):
+    """Validate an ecsq entry and all its streams (before decoding anything).
+    Returns (params, symbol streams, scales, hadamard data, class map)."""
+    k = n_symbol_streams(entry)
+    if len(streams) < k or not all(isinstance(s, C.RansStream) for s in streams[:k]):
+        raise StreamError(f"ecsq tensor {entry.name!r}: the first {k} streams must be rANS")
+    p, scales, hd, cm = parse_side(entry, list(streams[k:]))
+    rows, n = entry.shape
+    counts = [entry.numel] if cm is None else cm.symbol_counts(entry.shape[1 - p.class_axis])
+    offsets = [p.offset] if cm is None else cm.offsets
+    for c, (s, cnt, off) in enumerate(zip(streams[:k], counts, offsets)):
+        rans.validate_for(s, cnt, 1 << 16)
+        if off + s.alphabet_size - 1 > MAX_ABS_SYMBOL:
+            raise StreamError(f"ecsq tensor {entry.name!r}: class {c} alphabet reaches past +{MAX_ABS_SYMBOL}")
+    return p, list(streams[:k]), scales, hd, cm
+
+
+def reconstruct(entry: C.TensorEntry, decoded_streams: list) -> np.ndarray:
+    """float32 weight (out × in) from the entry and its streams with stream 0 already
+    decoded to symbols (uint16 array); the other streams as parsed (raw bytes).
+
+    This is the step the CPU/GPU loaders call after symbol decoding."""
+    k = n_symbol_streams(entry)
+    p, scales, hd, cm = parse_side(entry, list(decoded_streams[k:]))
+    rows, n = entry.shape
+    syms = [np.asarray(x) for x in decoded_streams[:k]]
+    if cm is None:
+        if syms[0].size != rows * n:
+            raise StreamError(f"ecsq tensor {entry.name!r}: {syms[0].size} symbols, {rows * n} expected")
+        q = syms[0].reshape(rows, n).astype(np.int32) + np.int32(p.offset)
+    else:
+        q = cm.assemble(syms, (rows, n), p.class_axis, entry.name)
+    return reconstruct_from(p, q, scales, hd)
+
+
+def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
+    """Decode an ecsq tensor to its little-endian bytes (uint8), as archive.decode_entry wants."""
+    p, sstreams, _scales, _hd, _cm = parse(entry, streams)
+    if reference:
+        from aligncodec.codec.entropy import rans_reference
+
+        syms = [np.asarray(rans_reference.decode(s0), dtype=np.uint16) for s0 in sstreams]
+    else:
+        syms = [rans.decode(s0) for s0 in sstreams]
+    W = reconstruct(entry, syms + list(streams[len(sstreams):]))
+    t = cast_f32(W, entry.dtype)
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _sym_stream(v: np.ndarray, chunk_symbols: int) -> tuple[int, C.RansStream]:
+    lo, hi = int(v.min()), int(v.max())
+    if -lo > MAX_ABS_SYMBOL or hi > MAX_ABS_SYMBOL:
+        raise ValueError(f"symbols outside ±{MAX_ABS_SYMBOL}")
+    lo = min(lo, 0)  # offset ≤ 0 keeps the params check simple
+    return lo, rans.encode((v.astype(np.int64) - lo).astype(np.uint16), chunk_symbols=chunk_symbols)
+
+
+def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """Class ids: rows/columns sorted by the mean |q|, split into k groups of equal count."""
+    a = np.abs(q.astype(np.float64)).mean(axis=1 - axis)
+    order = np.argsort(a, kind="stable")
+    ids = np.empty(len(a), dtype=np.uint8)
+    ids[order] = (np.arange(len(a)) * k // len(a)).astype(np.uint8)
+    return ids
+
+
+def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None, hd: HadamardData | None,
+                   chunk_symbols: int = rans.DEFAULT_CHUNK_SYMBOLS, classes: tuple[int, int] = (1, 0)) -> tuple[EcsqParams, list]:
+    """Streams (and params with offsets filled in) for integer symbols q (out × in);
+    ``classes = (k, axis)`` splits the symbols into k classes of rows (axis 0) or columns (1)."""
+    q = np.asarray(q)
+    k, axis = classes
+    k = min(k, q.shape[axis])
+    if k > 1:
+        cm = ClassMap(make_classes(q, k, axis), [])
+        streams = []
+        for part in cm.split(q, axis, k):
+            lo, st = _sym_stream(part, chunk_symbols)
+            cm.offsets.append(lo)
+            streams.append(st)
+        params = EcsqParams(params.transform, float(np.float32(params.step)), 0, params.flags, params.m, 0, k, axis)
+        streams.append(C.RawStream(cm.to_bytes()))
+    else:
+        lo, st = _sym_stream(q.reshape(-1), chunk_symbols)
+        params = EcsqParams(params.transform, float(np.float32(params.step)), lo, params.flags, params.m, 0)
+        streams = [st]
+    if scales is not None:
+        streams.append(C.RawStream(np.asarray(scales, dtype="<f2").tobytes()))
+    if hd is not None:
+        streams.append(C.RawStream(hd.to_bytes()))
+    return params, streams
+
+
+def streams_bytes(streams: list) -> int:
+    """Bytes the streams take in a tensor's data (inner padding included, as the writer lays them out)."""
+    sizes = [len(C.serialize_stream(s)) for s in streams]
+    return sum(C.align(s, C.STREAM_ALIGN) for s in sizes[:-1]) + sizes[-1]
+
+
+def entry_bytes(name: str, ndim: int, params_len: int, data_size: int) -> int:
+    """All-in bytes a tensor adds to an archive: its header section (padded to 8) and its
+    data padded to the 64-byte alignment."""
+    section = C.align(8 + 32 + 8 * ndim + len(name.encode("utf-8")) + params_len, C.SECTION_ALIGN)
+    return section + C.align(data_size, C.DATA_ALIGN)

@@ -1,0 +1,341 @@
+"""Decode and load benchmarks (``aligncodec bench decode|load``).
+
+decode: throughput of every decoder on the same symbols, the float-split symbols of a
+    bf16 weight matrix (exponent + top 2 mantissa bits, as the lossless coder makes
+    them): the spec's reference decoder (on a prefix: it is slow), constriction
+    (AnsCoder + Categorical fitted to the same symbols: its own bitstream, decoding
+    the same symbols; the speed reference), the numba CPU decoder with 1 and 2
+    threads (symbols only, and the full fused reconstruction into bf16 bit patterns),
+    and the CUDA decoder when a GPU is present. Times are the best of ``repeat`` runs.
+    GB/s = bytes of reconstructed bf16 (2 per symbol) per second.
+
+load: the default model as fp16 safetensors vs its lossless .acz archive, each loaded
+    in a fresh subprocess (state dict, and the Hugging Face model), timing the load
+    call (and the call plus one touch of every page: safetensors maps lazily) and recording
+    the peak RSS (VmHWM of the child) and the RSS before the call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _best(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def bf16_weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """bf16 bit patterns (uint16) of a Gaussian weight matrix with std 0.02 (RNE from float32)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * 0.02).to(torch.bfloat16)
+    return w.view(torch.int16).numpy().view(np.uint16).reshape(-1)
+
+
+def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: int = 3, reference_symbols: int = 100_000,
+                 chunk_symbols: int | None = None, gpu: bool = True, constriction_check: bool = True) -> dict:
+    """Throughput of the decoders on the float-split symbols of a rows x cols bf16 matrix."""
+    import constriction
+    import numba
+
+    from aligncodec.codec.entropy import decode_cpu, rans, rans_reference
+    from aligncodec.codec.modes import lossless
+
+    bits = bf16_weights(rows, cols)
+    n = bits.size
+    k = lossless.DEFAULT_MANTISSA_BITS["BF16"]
+    sym, rest = lossless.split_float(bits, "BF16", k)
+    kw = {} if chunk_symbols is None else {"chunk_symbols": chunk_symbols}
+    s = rans.encode(sym, alphabet_size=int(sym.max()) + 1, **kw)
+    packed = lossless.pack_bits(rest, 16 - 8 - k)
+    out_bytes = 2 * n
+    rows_out = []
+    info = {"shape": [rows, cols], "symbols": n, "precision": s.precision, "chunk_symbols": s.chunk_symbols,
+            "rans_bits_per_symbol": 8 * len(s.payload) / n, "numba_threads_available": numba.config.NUMBA_NUM_THREADS,
+            "cpu_count": os.cpu_count(), "repeat": repeat, "loadavg_before": os.getloadavg()}
+
+    def row(name, what, nsym, secs, **extra):
+        rows_out.append({"decoder": name, "what": what, "symbols": nsym, "seconds": secs,
+                         "Msym_per_s": nsym / secs / 1e6, "GB_per_s_bf16": 2 * nsym / secs / 1e9, **extra})
+
+    # reference decoder on a prefix (whole chunks)
+    m_ref = min(n, max(s.chunk_symbols, reference_symbols // s.chunk_symbols * s.chunk_symbols))
+    n_chunks = -(-m_ref // s.chunk_symbols)
+    sub = type(s)(s.precision, s.chunk_symbols, m_ref, s.freqs, s.chunk_lengths[:n_chunks],
+                  s.payload[: int(np.sum(s.chunk_lengths[:n_chunks], dtype=np.int64))])
+    t = _best(lambda: rans_reference.decode(sub), 1)
+    row("reference (python)", "symbols", m_ref, t)
+
+    # constriction: the same symbols under a Categorical fitted to their counts
+    counts = np.bincount(sym.astype(np.int64)).astype(np.float64)
+    sym32 = sym.astype(np.int32)
+    for perfect in (False, True):
+        try:
+            model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=perfect)
+        except TypeError:
+            if perfect:
+                continue
+            model = constriction.stream.model.Categorical(counts / counts.sum())
+        enc = constriction.stream.stack.AnsCoder()
+        enc.encode_reverse(sym32, model)
+        comp = enc.get_compressed()
+        out = {}
+
+        def run():
+            out["d"] = constriction.stream.stack.AnsCoder(comp).decode(model, n)
+
+        t = _best(run, repeat)
+        if constriction_check and not np.array_equal(out["d"], sym32):
+            raise AssertionError("constriction did not decode the same symbols")
+        row(f"constriction AnsCoder (perfect={perfect})", "symbols", n, t, bits_per_symbol=32 * comp.size / n)
+
+    for th in threads:
+        if th > numba.config.NUMBA_NUM_THREADS:
+            continue
+        o16 = np.empty(n, np.uint16)
+        decode_cpu.decode_symbols(s, out=o16, threads=th)  # JIT / cache load outside the timing
+        if not np.array_equal(o16, sym):
+            raise AssertionError("numba decoder mismatch")
+        t = _best(lambda: decode_cpu.decode_symbols(s, out=o16, threads=th), repeat)
+        row(f"numba CPU, {th} thread{'s' * (th > 1)}", "symbols", n, t)
+        decode_cpu.decode_float_split(s, packed, "BF16", k, out=o16, threads=th)
+        if not np.array_equal(o16, bits):
+            raise AssertionError("numba float-split mismatch")
+        t = _best(lambda: decode_cpu.decode_float_split(s, packed, "BF16", k, out=o16, threads=th), repeat)
+        row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (fused)", n, t)
+
+    if gpu:
+        g = _bench_gpu(s, packed, bits, k, repeat)
+        if g is not None:
+            info["gpu"] = g.pop("device")
+            for r in g["rows"]:
+                row(**r)
+    info["loadavg_after"] = os.getloadavg()
+    # ratios against the best constriction variant
+    con = [r for r in rows_out if r["decoder"].startswith("constriction")]
+    if con:
+        base = max(r["Msym_per_s"] for r in con)
+        for r in rows_out:
+            r["x_constriction"] = r["Msym_per_s"] / base
+    return {"kind": "decode", "info": info, "rows": rows_out}
+
+
+def _bench_gpu(s, packed, bits, k, repeat):
+    """CUDA decoder timings (device-resident input; and with the host->device copy), or None."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        from numba import cuda
+
+        from aligncodec.codec.entropy import decode_cuda
+    except Exception:
+        return None
+    n = bits.size
+    d_out = cuda.device_array(n, dtype=np.uint16)
+    decode_cuda.decode_float_split_device(s, packed, "BF16", k, out=d_out)
+    cuda.synchronize()
+    if not np.array_equal(d_out.copy_to_host(), bits):
+        raise AssertionError("CUDA float-split mismatch")
+    rows = []
+
+    def timed(fn):
+        best = float("inf")
+        for _ in range(repeat):
+            cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    t = timed(lambda: decode_cuda.decode_float_split_device(s, packed, "BF16", k, out=d_out))
+    rows.append({"name": "CUDA (tools/bench_gpu.py has more)", "what": "bf16 incl. H2D copy", "nsym": n, "secs": t})
+    return {"device": torch.cuda.get_device_name(0), "rows": rows}
+
+
+# ----------------------------------------------------------------- load benchmark
+
+_CHILD = r"""
+import json, os, resource, sys, time
+kind, path, dtype_name = sys.argv[1], sys.argv[2], sys.argv[3]
+import torch
+torch.set_num_threads(int(os.environ.get("ACZ_BENCH_TORCH_THREADS", "2")))
+dtype = getattr(torch, dtype_name)
+def rss_now():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+if kind.startswith("acz"):
+    import aligncodec
+    from aligncodec import loader  # imports numba and the decoders
+else:
+    import safetensors.torch, transformers
+if kind.endswith("hf"):
+    import transformers, accelerate
+before = rss_now()
+t0 = time.perf_counter()
+if kind == "st-sd":
+    obj = safetensors.torch.load_file(os.path.join(path, "model.safetensors"))
+elif kind == "st-hf":
+    obj = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+elif kind == "acz-sd":
+    obj = aligncodec.load_state_dict(path)
+elif kind == "acz-hf":
+    obj = aligncodec.load_hf_model(path)
+else:
+    raise SystemExit("unknown kind " + kind)
+t = time.perf_counter() - t0
+sd = obj if isinstance(obj, dict) else obj.state_dict()
+seen = set(); nbytes = 0
+for v in sd.values():  # touch every page once (safetensors maps the file lazily)
+    if v.data_ptr() in seen or not v.numel(): continue
+    seen.add(v.data_ptr()); nbytes += v.numel() * v.element_size()
+    v.reshape(-1).view(torch.uint8)[::4096].sum()
+t_touch = time.perf_counter() - t0
+def hwm():  # VmHWM: peak RSS of this process image (ru_maxrss would include the forking parent's)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+print(json.dumps({"kind": kind, "seconds": t, "seconds_touched": t_touch, "rss_before": before, "peak_rss": hwm(), "tensor_bytes": nbytes}))
+"""
+
+
+def _drop_page_cache(paths) -> bool:
+    """Evict these files from the page cache (posix_fadvise DONTNEED); other files are untouched."""
+    ok = True
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            ok = False
+    return ok
+
+
+def prepare_load_inputs(model: str, workdir: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """fp16 safetensors folder of ``model`` and its lossless archive, cached in ``workdir``."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from aligncodec import archive
+    from aligncodec.tools.eval.models import resolve_model
+
+    src = resolve_model(model)
+    src_dir = src if src.is_dir() else src.parent
+    home = Path(os.environ.get("ALIGNCODEC_HOME", Path.home() / ".cache" / "aligncodec"))
+    work = Path(workdir) if workdir else home / "bench" / src_dir.name
+    fp16 = work / "fp16"
+    acz = work / f"{src_dir.name}-fp16.acz"
+    if not (fp16 / "model.safetensors").exists():
+        fp16.mkdir(parents=True, exist_ok=True)
+        sd = {}
+        for f in sorted(src_dir.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    t = st.get_tensor(name)
+                    sd[name] = t.to(torch.float16) if t.is_floating_point() else t
+        tmp = fp16 / "model.safetensors.part"
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, fp16 / "model.safetensors")
+        del sd
+        for a in src_dir.iterdir():
+            if a.is_file() and a.suffix in (".json", ".txt", ".model", ".jinja") and a.name != "manifest.json":
+                data = a.read_bytes()
+                if a.name == "config.json":
+                    cfg = json.loads(data)
+                    cfg["torch_dtype"] = cfg["dtype"] = "float16"
+                    data = json.dumps(cfg, indent=2).encode()
+                (fp16 / a.name).write_bytes(data)
+    if not acz.exists():
+        archive.compress(fp16, acz, progress=progress)
+    return {"model": model, "source": str(src_dir), "fp16_dir": str(fp16), "archive": str(acz),
+            "fp16_bytes": os.path.getsize(fp16 / "model.safetensors"), "archive_bytes": os.path.getsize(acz)}
+
+
+def bench_load(model: str = "smollm2", *, repeat: int = 3, cold: bool = False, workdir=None, progress: bool = True,
+               kinds=("st-sd", "acz-sd", "st-hf", "acz-hf")) -> dict:
+    """Load times and peak RSS, each run in a fresh subprocess, interleaved; medians over ``repeat``."""
+    inp = prepare_load_inputs(model, workdir, progress=progress)
+    paths = {"st-sd": inp["fp16_dir"], "st-hf": inp["fp16_dir"], "acz-sd": inp["archive"], "acz-hf": inp["archive"]}
+    files = {"st": [str(Path(inp["fp16_dir"]) / "model.safetensors")], "acz": [inp["archive"]]}
+    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    env = dict(os.environ)
+    for _ in range(repeat):
+        for kind in kinds:
+            if cold:
+                _drop_page_cache(files[kind.split("-")[0]])
+            r = subprocess.run([sys.executable, "-c", _CHILD, kind, paths[kind], "float16"], capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                raise RuntimeError(f"load benchmark child {kind} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            runs[kind].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    rows = []
+    labels = {"st-sd": "fp16 safetensors -> state dict (safetensors.torch.load_file)",
+              "acz-sd": "lossless .acz -> state dict (aligncodec.load_state_dict)",
+              "st-hf": "fp16 safetensors -> HF model (from_pretrained)",
+              "acz-hf": "lossless .acz -> HF model (aligncodec.load_hf_model)"}
+    for kind in kinds:
+        rs = runs[kind]
+        sec = float(np.median([r["seconds"] for r in rs]))
+        sec_t = float(np.median([r["seconds_touched"] for r in rs]))
+        peak = float(np.median([r["peak_rss"] for r in rs]))
+        before = float(np.median([r["rss_before"] for r in rs]))
+        tb = rs[0]["tensor_bytes"]
+        rows.append({"load": labels[kind], "kind": kind, "seconds_median": sec, "seconds_all": [r["seconds"] for r in rs],
+                     "seconds_touched_median": sec_t,
+                     "tensor_bytes": tb, "rss_before": before, "peak_rss": peak,
+                     "peak_rss_over_model": peak / tb, "peak_rss_growth_over_model": (peak - before) / tb})
+    return {"kind": "load", "info": {**inp, "repeat": repeat, "cold_page_cache": cold, "loadavg_after": os.getloadavg()}, "rows": rows}
+
+
+# ----------------------------------------------------------------- output
+
+
+def format_table(res: dict) -> str:
+    if res["kind"] == "decode":
+        head = f"{'decoder':44s} {'what':20s} {'symbols':>10s} {'Msym/s':>9s} {'GB/s bf16':>10s} {'x constr.':>9s}"
+        lines = [head, "-" * len(head)]
+        for r in res["rows"]:
+            lines.append(f"{r['decoder']:44s} {r['what']:20s} {r['symbols']:10d} {r['Msym_per_s']:9.3g} {r['GB_per_s_bf16']:10.3g} {r.get('x_constriction', float('nan')):9.3g}")
+        i = res["info"]
+        lines.append(f"shape {i['shape']}, precision {i['precision']}, chunk {i['chunk_symbols']} symbols, "
+                     f"{i['rans_bits_per_symbol']:.3f} bits/symbol, best of {i['repeat']}, GPU: {i.get('gpu', 'none')}, "
+                     f"load average {i['loadavg_before'][0]:.1f} -> {i['loadavg_after'][0]:.1f} on {i['cpu_count']} CPUs")
+        return "\n".join(lines)
+    head = f"{'load':62s} {'seconds':>8s} {'+touch s':>8s} {'model MB':>9s} {'RSS before MB':>13s} {'peak RSS MB':>11s} {'peak/model':>10s} {'growth/model':>12s}"
+    lines = [head, "-" * len(head)]
+    for r in res["rows"]:
+        lines.append(f"{r['load']:62s} {r['seconds_median']:8.3f} {r['seconds_touched_median']:8.3f} {r['tensor_bytes'] / 1e6:9.1f} {r['rss_before'] / 1e6:13.1f} "
+                     f"{r['peak_rss'] / 1e6:11.1f} {r['peak_rss_over_model']:10.2f} {r['peak_rss_growth_over_model']:12.2f}")
+    i = res["info"]
+    lines.append(f"model {i['model']}: fp16 safetensors {i['fp16_bytes'] / 1e6:.1f} MB, archive {i['archive_bytes'] / 1e6:.1f} MB; "
+                 f"median of {i['repeat']} fresh processes; page cache {'dropped' if i['cold_page_cache'] else 'warm'}; "
+                 f"load average {i['loadavg_after'][0]:.1f}")
+    return "\n".join(lines)
+
+
+def write_json(res: dict, dest: str) -> None:
+    text = json.dumps(res, indent=1)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text)

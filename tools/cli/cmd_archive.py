@@ -1,0 +1,140 @@
+"""compress, decompress, inspect and verify sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from aligncodec import archive
+from aligncodec.tools.cli import EXIT_IO, CLIError
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    lossy_target = args.bpw is not None or args.distortion is not None
+    if args.lossless == lossy_target:
+        raise CLIError("give exactly one of --lossless, --bpw B or --distortion D", 2)
+    if os.path.exists(args.output) and not args.force:
+        raise CLIError(f"{args.output} exists (use --force to overwrite)", EXIT_IO)
+    if lossy_target:
+        from aligncodec import lossy_compress as _enc
+
+        if args.bpw is not None and args.distortion is not None:
+            raise CLIError("give --bpw or --distortion, not both", 2)
+        try:
+            summ = _enc.compress_lossy(args.input, args.output, bpw=args.bpw, distortion=args.distortion,
+                                       candidates=tuple(args.candidates.split(",")), alpha=args.alpha,
+                                       lossy_embeddings=args.lossy_embeddings, seed=args.seed,
+                                       sigma="none" if args.no_calibration else "auto", progress=not args.quiet)
+        except (archive.InputError, FileNotFoundError) as exc:
+            raise CLIError(str(exc), EXIT_IO) from None
+        except ValueError as exc:
+            raise CLIError(str(exc), 2) from None
+        if not args.quiet:
+            _print_table(archive.inspect(args.output))
+            print(f"lossy tensors: {summ['n_lossy_weights']:,} weights at {summ['bpw_lossy_in_archive']:.4f} bits/weight all-in "
+                  f"(step {summ['step']:.5g}, modes {summ['modes']}); encoded in {summ['seconds_total']:.1f} s")
+        return 0
+    t0 = time.perf_counter()
+    try:
+        archive.compress(args.input, args.output, progress=not args.quiet)
+    except archive.InputError as exc:
+        raise CLIError(str(exc), EXIT_IO) from None
+    dt = time.perf_counter() - t0
+    info = archive.inspect(args.output)
+    if not args.quiet:
+        _print_table(info)
+        print(f"wrote {args.output} in {dt:.1f} s ({info['raw_bytes'] / dt / 1e6:.1f} MB/s)")
+    return 0
+
+
+def cmd_decompress(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    paths = archive.decompress(args.archive, args.output, progress=not args.quiet)
+    if not args.quiet:
+        for p in paths:
+            print(p)
+        print(f"decoded in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _print_table(info: dict) -> None:
+    rows = info["tensors"]
+    w = max([len(r["name"]) for r in rows] + [6])
+    lossy_cols = any("transform" in r for r in rows)
+    extra = f" {'transform':<18} {'rank':>4} {'act err':>9}" if lossy_cols else ""
+    print(f"{'tensor':<{w}}  {'shape':<16} {'dtype':<5} {'mode':<12} {'bytes':>11} {'bpw':>7}{extra}")
+    for r in rows:
+        bpw = f"{r['bpw']:.3f}" if r["bpw"] is not None else "-"
+        ex = ""
+        if lossy_cols:
+            err = f"{r['act_rel_err']:.3e}" if r.get("act_rel_err") is not None else "-"
+            ex = f" {r.get('transform') or '-':<18} {r.get('rank', '-'):>4} {err:>9}"
+        print(f"{r['name']:<{w}}  {'x'.join(map(str, r['shape'])) or '()':<16} {r['dtype']:<5} {r['mode']:<12} {r['bytes']:>11} {bpw:>7}{ex}")
+    ratio = info["raw_bytes"] / max(1, info["file_bytes"] - info["aux_bytes"])
+    bpw = f"{info['bpw']:.4f}" if info["bpw"] is not None else "-"
+    print(
+        f"total: {info['n_tensors']} tensors, {info['n_weights']:,} weights, {_size(info['file_bytes'])} archive "
+        f"({_size(info['aux_bytes'])} auxiliary files), {bpw} bits/weight all-in, ratio {ratio:.3f}x vs raw"
+    )
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = archive.inspect(args.archive)
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        print()
+    else:
+        _print_table(info)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    res = archive.verify(args.archive, decode=not args.no_decode, progress=not args.quiet)
+    print(f"{args.archive}: OK ({res['tensors']} tensors, every checksum{'' if args.no_decode else ' and stream'} verified)")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compress", help="compress a .safetensors file or model folder into an .acz archive")
+    p.add_argument("input", help="a .safetensors file, or a folder of them (a Hugging Face model folder); with --bpw/--distortion also a cached model name (smollm2)")
+    p.add_argument("-o", "--output", required=True, help="archive to write (.acz); written atomically")
+    p.add_argument("--lossless", action="store_true", help="bit-exact coding of every tensor (float-split rANS / zstd)")
+    p.add_argument("--bpw", type=float, help="lossy: target bits per weight, all-in over the lossy tensors (met within 1%%)")
+    p.add_argument("--distortion", type=float, help="lossy: target mean activation-weighted relative error per tensor instead of --bpw")
+    p.add_argument("--candidates", default="hadamard,colscale",
+                   help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")
+    p.add_argument("--alpha", type=float, default=0.25, help="lossy: column steps ∝ Σ_jj^-alpha for the colscale transforms (default 0.25)")
+    p.add_argument("--lossy-embeddings", action="store_true", help="lossy: code the embeddings lossy too (weight MSE)")
+    p.add_argument("--no-calibration", action="store_true", help="lossy: no calibration Σ (plain weight MSE)")
+    p.add_argument("--seed", type=int, default=0, help="lossy: seed of the randomized Hadamard transforms")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("decompress", help="decode an archive back to safetensors (+ auxiliary files)")
+    p.add_argument("archive")
+    p.add_argument("-o", "--output", required=True, help="output folder (created)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file list")
+    p.set_defaults(func=cmd_decompress)
+
+    p = sub.add_parser("inspect", help="per-tensor shape, dtype, mode, bytes and bits per weight")
+    p.add_argument("archive")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="check every checksum and decode every stream")
+    p.add_argument("archive")
+    p.add_argument("--no-decode", action="store_true", help="check checksums and structure only, do not decode")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_verify)

@@ -1,0 +1,68 @@
+"""``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench.py)."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: rANS decode throughput, model load time and peak memory",
+        description=(
+            "decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba "
+            "CPU decoder (1 and 2 threads) and the GPU if present, on the float-split symbols of a Gaussian bf16 "
+            "matrix. load: load time and peak RSS of the default model from its fp16 safetensors vs its lossless "
+            "archive, each in a fresh subprocess. Prints a table; --json writes the full result."
+        ),
+    )
+    bs = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+    d = bs.add_parser("decode", help="decoder throughput on the same symbols",
+                      description="Decoder throughput on the float-split symbols of a ROWSxCOLS bf16 matrix.")
+    d.add_argument("--rows", type=int, default=4096, help="matrix rows (default 4096)")
+    d.add_argument("--cols", type=int, default=4096, help="matrix columns (default 4096)")
+    d.add_argument("--threads", default="1,2", help="comma-separated numba thread counts (default 1,2)")
+    d.add_argument("--repeat", type=int, default=3, help="timed runs per decoder, best kept (default 3)")
+    d.add_argument("--reference-symbols", type=int, default=100_000,
+                   help="symbols the slow reference decoder decodes (whole chunks, default 100000)")
+    d.add_argument("--chunk-symbols", type=int, default=None, help="rANS chunk size (default: the encoder's)")
+    d.add_argument("--no-gpu", action="store_true", help="skip the GPU even if one is present")
+    d.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
+    d.set_defaults(func=run)
+    ld = bs.add_parser("load", help="load time and peak RSS: fp16 safetensors vs lossless archive",
+                       description="Load the model from its fp16 safetensors and from its lossless .acz (built and "
+                                   "cached under $ALIGNCODEC_HOME/bench/ on first use), each in fresh subprocesses.")
+    ld.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
+                    help="cached model name, model folder or .safetensors file (default smollm2)")
+    ld.add_argument("--repeat", type=int, default=3, help="fresh processes per variant, median kept (default 3)")
+    ld.add_argument("--cold", action="store_true",
+                    help="evict the two files from the page cache before each run (posix_fadvise)")
+    ld.add_argument("--workdir", metavar="DIR", help="where the fp16 folder and archive are kept")
+    ld.add_argument("--only", choices=["state-dict", "hf"], help="only the state-dict or only the HF-model loads")
+    ld.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
+    ld.add_argument("--no-progress", action="store_true", help="no progress bar while building the archive")
+    ld.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from aligncodec.tools.bench import bench
+    from aligncodec.tools.cli import EXIT_USAGE, CLIError
+
+    if args.repeat < 1:
+        raise CLIError("--repeat must be >= 1", EXIT_USAGE)
+    if args.bench_kind == "decode":
+        try:
+            threads = tuple(int(x) for x in args.threads.split(",") if x.strip())
+        except ValueError:
+            raise CLIError(f"--threads must be comma-separated integers, not {args.threads!r}", EXIT_USAGE) from None
+        if not threads or min(threads) < 1 or args.rows < 1 or args.cols < 1:
+            raise CLIError("--threads, --rows and --cols must be positive", EXIT_USAGE)
+        res = bench.bench_decode(args.rows, args.cols, threads=threads, repeat=args.repeat,
+                                 reference_symbols=args.reference_symbols, chunk_symbols=args.chunk_symbols,
+                                 gpu=not args.no_gpu)
+    else:
+        kinds = {"state-dict": ("st-sd", "acz-sd"), "hf": ("st-hf", "acz-hf"), None: ("st-sd", "acz-sd", "st-hf", "acz-hf")}[args.only]
+        res = bench.bench_load(args.model, repeat=args.repeat, cold=args.cold, workdir=args.workdir,
+                               progress=not args.no_progress, kinds=kinds)
+    print(bench.format_table(res))
+    if args.json:
+        bench.write_json(res, args.json)
+    return 0

@@ -1,0 +1,46 @@
+"""``aligncodec calibrate``: capture each linear layer's input second moment Σ = E[x xᵀ]."""
+
+from __future__ import annotations
+
+import json
+
+from aligncodec.tools.cli.cmd_models import model_errors
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="capture per-linear input second moments Σ on calibration text (cached)",
+        description=(
+            "Run the model over N tokens of the calibration half of the text (windows of 1024 positions, "
+            "BOS + 1023 tokens) and store, for every nn.Linear, Σ = E[x xᵀ] of its input in float64, in a "
+            "safetensors file under $ALIGNCODEC_HOME/sigma/ keyed to the model's weights (see the README "
+            "for the layout). Reuses the cached file when it matches the model and text."
+        ),
+    )
+    p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
+                   help="cached model name, model folder or .safetensors file (default: smollm2)")
+    p.add_argument("--tokens", type=int, default=16384, metavar="N", help="calibration tokens (default 16384)")
+    p.add_argument("--threads", type=int, default=2, metavar="T", help="torch threads (default 2)")
+    p.add_argument("--force", action="store_true", help="recompute even if a matching file is cached")
+    p.add_argument("--json", action="store_true", help="print the file's path and metadata as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from aligncodec.tools.eval import calibrate as C
+
+    with model_errors():
+        path = C.calibrate(args.model, args.tokens, threads=args.threads, progress=not args.no_progress,
+                           force=args.force)
+        sigma, meta = C.read_sigma_file(path)
+    stored = len(sigma) - len(json.loads(meta["aliases"]))
+    if args.json:
+        meta = {k: v for k, v in meta.items() if k not in ("linears", "aliases")}
+        print(json.dumps({"path": str(path), "linears": len(sigma), "stored": stored, **meta}, indent=2))
+    else:
+        print(path)
+        print(f"{len(sigma)} linears ({stored} distinct inputs stored), {meta['n_tokens']} tokens, "
+              f"{meta['n_positions']} positions, model {meta['model']}")
+    return 0

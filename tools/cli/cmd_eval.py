@@ -1,0 +1,69 @@
+"""``aligncodec eval``: perplexity, bits per byte and KL divergence on the evaluation text."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from aligncodec.tools.cli import CLIError
+from aligncodec.tools.cli.cmd_models import model_errors
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, bits/byte and KL divergence of a model or archive",
+        description=(
+            "Evaluate a causal LM on the evaluation half of the Wikipedia text: disjoint windows of "
+            "1024 positions (BOS, never scored, + 1023 tokens), float32, fixed thread count. Reports "
+            "perplexity, bits per byte (NLL / ln 2 / UTF-8 bytes of the scored tokens' text) and the "
+            "mean per-token KL(reference || model)."
+        ),
+    )
+    p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL_OR_ARCHIVE",
+                   help="cached model name (smollm2, gemma3-270m), model folder, .safetensors file or "
+                        ".acz archive (default: smollm2)")
+    p.add_argument("--ref", default=None, metavar="MODEL",
+                   help="reference model for KLD; 'none' to skip. Default: the unmodified model this one "
+                        "derives from (found from safetensors metadata 'aligncodec.base_model' or a "
+                        "matching config), none for a reference model itself")
+    p.add_argument("--tokens", type=int, default=8192, metavar="N",
+                   help="evaluation tokens to score (default 8192; 32768 for reported numbers)")
+    p.add_argument("--split", choices=("eval", "calib"), default="eval",
+                   help="text half to score (default eval; calib only for diagnostics)")
+    p.add_argument("--kld-topk", type=int, default=0, metavar="K",
+                   help="compare against cached top-K reference log-probs instead of running the reference "
+                        "beside the model (lower bound of the exact KLD; 0 = exact, default)")
+    p.add_argument("--threads", type=int, default=2, metavar="T", help="torch threads (default 2; fixed for determinism)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from aligncodec.tools.eval import evaluate as E
+    from aligncodec.tools.eval import models as M
+
+    with model_errors():
+        model, tok = E.load_model_for_eval(args.model)
+        ref_name = E.default_reference(args.model) if args.ref is None else (
+            None if args.ref.lower() == "none" else args.ref)
+        ref = None
+        if ref_name is not None:
+            if args.kld_topk > 0:
+                ref = E.reference_stats(ref_name, args.tokens, args.split, args.kld_topk,
+                                        threads=args.threads, progress=not args.no_progress)
+            else:
+                ref, _ = M.load_causal_lm(ref_name)
+        try:
+            res = E.evaluate(model, tok, n_tokens=args.tokens, ref_model=ref, split=args.split,
+                             threads=args.threads, progress=not args.no_progress, label=str(args.model))
+        except E.EvalError as exc:
+            raise CLIError(str(exc)) from exc
+    res["ref"] = ref_name
+    res["command"] = "aligncodec " + " ".join(sys.argv[1:])
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(E.format_table(res))
+    return 0

@@ -1,0 +1,287 @@
+"""Rate–distortion study (``aligncodec rd``): methods × rates → all-in bits per weight,
+perplexity, KLD, activation-weighted SQNR; JSON, a markdown table and a PNG.
+
+Methods:
+
+* ``align``      the lossy encoder (codec/encoder.py) with the alignment candidates
+                 (per-tensor choice by J = D + λR among ``ALIGN_CANDIDATES``);
+* ``hadamard``   the same encoder, GPTQ and coder, but the randomized Hadamard basis
+                 for every tensor (QuaRot's rotation + GPTQ + ECSQ) — the rotation
+                 baseline through the very same entropy coder and counting;
+* ``identity``   the same encoder, no transform (GPTQ + ECSQ);
+* ``rtn``, ``gptq``, ``hadamard-gptq``: the entropy-coded baselines of
+  :mod:`aligncodec.codec.baselines` (``<name>-ec``: ECSQ symbols coded with the
+  project's rANS, per-tensor tables, rate searched to the same target). GPTQ runs
+  with act order, as in the encoder: without it plain GPTQ is far weaker on these
+  models (SmolLM2, 3.0 bpw, 8,192 tokens: perplexity 55.9 → 42.0), and a weakened
+  baseline would flatter the encoder.
+
+Rates count every bit a decoder needs for the lossy tensors (the linear layers):
+symbols, tables, chunk tables, stream headers, params, header entries (for the
+encoder's methods). Embeddings and norms are untouched and not counted.
+
+Weight-domain curve (``weight_domain_curve``): SQNR against all-in bits per weight on
+the fp32 MiniLM linear weights (Σ = I, no quantisation grid underneath).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aligncodec.codec import encoder as E
+
+from aligncodec import lossy_compress as enc
+
+ENCODER_METHODS = {
+    "align": ("hadamard", "colscale"),
+    "hadamard": ("hadamard",),
+    "identity": ("identity",),
+}
+BASELINE_METHODS = ("rtn", "gptq", "hadamard-gptq",
+                    "smoothquant-rtn", "smoothquant-gptq", "kurtail-gptq", "spinquant-gptq")  # last 4: issue 6
+METHODS = tuple(ENCODER_METHODS) + BASELINE_METHODS
+
+
+def _act_sqnr(mean_rel_err: float) -> float:
+    return -10 * math.log10(mean_rel_err) if mean_rel_err > 0 else math.inf
+
+
+def run_encoder_method(model_name: str, method: str, bpw: float, *, model=None, tok=None, ref=None,
+                       n_tokens: int = 8192, threads: int = 2, progress: bool = True, evaluate: bool = True,
+                       sigma="auto", **kw) -> dict:
+    """Encode the model's linear layers with the encoder, put the decoder's reconstruction
+    into ``model`` (restored afterwards) and evaluate."""
+    from aligncodec.tools.eval import evaluate as Ev
+
+    res, jobs, info = enc.encode_model(model_name, bpw=bpw, candidates=ENCODER_METHODS[method], sigma=sigma,
+                                       progress=progress, **kw)
+    modes = enc.modes_by_type((enc.layer_type(j.name), res.codes[j.name].kind) for j in jobs)
+    rel = [res.codes[j.name].rel_err for j in jobs]
+    out = {"method": method, "target_bpw": bpw, "bpw": res.bpw, "step": res.step,
+           "mean_act_rel_err": float(np.mean(rel)), "act_sqnr_db": _act_sqnr(float(np.mean(rel))),
+           "mean_sqnr_db": float(np.mean([res.codes[j.name].sqnr_db for j in jobs])),
+           "modes_by_type": modes, "encode_seconds": info["seconds_total"], "encode_info": info,
+           "search": res.history}
+    if evaluate and model is not None:
+        params = dict(model.named_parameters())
+        saved = {}
+        with torch.no_grad():
+            for j in jobs:
+                p = params[j.name]
+                saved[j.name] = p.detach().clone()
+                p.copy_(torch.from_numpy(res.codes[j.name].W_hat))
+        try:
+            ev = Ev.evaluate(model, tok, n_tokens=n_tokens, ref_model=ref, threads=threads, progress=progress,
+                             label=f"{method}@{bpw}")
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    params[n].copy_(w)
+        out.update({"perplexity": ev["perplexity"], "kld": ev["kld_mean"], "bits_per_byte": ev["bits_per_byte"],
+                    "eval": ev})
+    return out
+
+
+def run_baseline_method(model_name: str, method: str, bpw: float, *, n_tokens: int = 8192, threads: int = 2,
+                        kld_topk: int = 256, progress: bool = True, evaluate: bool = True) -> dict:
+    from aligncodec.tools.experiments.baseline import run_baseline
+
+    r = run_baseline(model_name, f"{method}-ec", bpw, evaluate=evaluate, n_tokens=n_tokens, kld_topk=kld_topk,
+                     threads=threads, progress=progress, log=lambda m: None, act_order=True)
+    out = {"method": method, "target_bpw": bpw, "bpw": r["bpw"], "mean_act_rel_err": r["mean_act_rel_err"],
+           "act_sqnr_db": _act_sqnr(r["mean_act_rel_err"]), "mean_sqnr_db": r["mean_sqnr_db"],
+           "encode_seconds": r["quantise_seconds"], "baseline": f"{method}-ec (codec/baselines.py, act order)"}
+    if evaluate:
+        ev = r["eval"]
+        out.update({"perplexity": ev["perplexity"], "kld": ev["kld_mean"], "bits_per_byte": ev["bits_per_byte"], "eval": ev})
+    return out
+
+
+def run_rd(model_name: str, rates: list[float], methods: list[str], *, n_tokens: int = 8192, threads: int = 2,
+           kld_topk: int = 256, progress: bool = True, evaluate: bool = True, outdir=None, log=print) -> dict:
+    from aligncodec.tools.eval import evaluate as Ev
+    from aligncodec.tools.eval.models import load_causal_lm
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    torch.set_num_threads(threads)
+    model = tok = ref = None
+    base = None
+    if evaluate:
+        model, tok = load_causal_lm(model_name)
+        if kld_topk:
+            ref = Ev.reference_stats(model_name, n_tokens, topk=kld_topk, threads=threads, progress=progress)
+            base = {"perplexity": math.exp(-float(ref.target_logp[:n_tokens].double().mean()))}
+        else:
+            ref = load_causal_lm(model_name)[0]
+            base = None
+    rows = []
+    res = {"model": model_name, "n_tokens": n_tokens, "kld": f"top-{kld_topk} reference" if kld_topk else "exact",
+           "reference": base, "rows": rows}
+    for r in rates:
+        for m in methods:
+            t0 = time.perf_counter()
+            if m in ENCODER_METHODS:
+                row = run_encoder_method(model_name, m, r, model=model, tok=tok, ref=ref, n_tokens=n_tokens,
+                                         threads=threads, progress=progress, evaluate=evaluate)
+            else:
+                row = run_baseline_method(model_name, m, r, n_tokens=n_tokens, threads=threads, kld_topk=kld_topk,
+                                          progress=progress, evaluate=evaluate)
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            log(format_row(row))
+            if outdir is not None:  # after every row: a long study keeps what it has measured
+                save_result(outdir, res)
+    if outdir is not None and not rows:
+        save_result(outdir, res)
+    return res
+
+
+def save_result(outdir, res: dict) -> None:
+    """rd.json (rows without their per-window ``eval`` detail), rd.md and (when there are
+    perplexities) rd.png in ``outdir``; each file is written to a temporary name and renamed, so
+    an interrupted run never leaves half a file."""
+    import os
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, write) -> None:
+        stem, ext = name.rsplit(".", 1)
+        tmp = outdir / f".{stem}.tmp.{ext}"  # the suffix tells matplotlib the format
+        write(tmp)
+        os.replace(tmp, outdir / name)
+
+    slim = {**res, "rows": [{k: v for k, v in r.items() if k != "eval"} for r in res["rows"]]}
+    put("rd.json", lambda t: t.write_text(json.dumps(slim, indent=1)))
+    put("rd.md", lambda t: t.write_text(format_table(res)))
+    if any(r.get("perplexity") for r in res["rows"]):
+        put("rd.png", lambda t: plot(res, t))
+
+
+class MergeError(ValueError):
+    """rd results that cannot be put in one table (missing, malformed or from different setups)."""
+
+
+def merge_results(paths) -> tuple[dict, list[str]]:
+    """One table from several ``rd`` runs (folders holding rd.json, or rd.json files) of the same
+    model, evaluation length, KLD reference and reference perplexity. A (method, target) row that
+    appears twice is taken from the later argument. Returns (result, notes on replaced rows)."""
+    merged: dict | None = None
+    rows: dict[tuple, dict] = {}
+    notes = []
+    for p in paths:
+        p = Path(p)
+        f = p / "rd.json" if p.is_dir() else p
+        try:
+            res = json.loads(f.read_text())
+        except FileNotFoundError:
+            raise MergeError(f"{f}: no such file (expected an rd output folder or its rd.json)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MergeError(f"{f}: not a readable rd.json ({exc})") from None
+        if not isinstance(res, dict) or not isinstance(res.get("rows"), list) or "model" not in res:
+            raise MergeError(f"{f}: not an rd result (needs 'model' and a list of 'rows')")
+        for r in res["rows"]:
+            if (not isinstance(r, dict) or not {"method", "target_bpw", "bpw", "act_sqnr_db"} <= set(r)
+                    or not isinstance(r["target_bpw"], (int, float))):
+                raise MergeError(f"{f}: malformed row {str(r)[:80]!r}")
+        ref = res.get("reference")
+        if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("perplexity"), (int, float))):
+            raise MergeError(f"{f}: malformed reference {str(ref)[:80]!r}")
+        if merged is None:
+            merged = {k: res.get(k) for k in ("model", "n_tokens", "kld", "reference")}
+        else:
+            for k in ("model", "n_tokens", "kld"):
+                if res.get(k) != merged[k]:
+                    raise MergeError(f"{f}: {k} is {res.get(k)!r}, the first result has {merged[k]!r}; "
+                                     f"only runs of one setup go in one table")
+            ref0 = merged["reference"]
+            if ref and ref0 and not math.isclose(ref["perplexity"], ref0["perplexity"], rel_tol=1e-9):
+                raise MergeError(f"{f}: reference perplexity {ref['perplexity']} differs from {ref0['perplexity']}")
+            merged["reference"] = ref0 or ref
+        for r in res["rows"]:
+            key = (r["method"], float(r["target_bpw"]))
+            if key in rows:
+                notes.append(f"{r['method']} at {r['target_bpw']} bpw: taken from {f}")
+            rows[key] = r
+    if merged is None:
+        raise MergeError("nothing to merge")
+    order = list(dict.fromkeys(m for m, _ in rows))
+    merged["rows"] = [rows[k] for k in sorted(rows, key=lambda k: (k[1], order.index(k[0])))]
+    return merged, notes
+
+
+def format_row(r: dict) -> str:
+    ppl = f"{r['perplexity']:.3f}" if r.get("perplexity") else "-"
+    kld = f"{r['kld']:.4f}" if r.get("kld") is not None else "-"
+    return (f"{r['method']:<14} target {r['target_bpw']:<5} bpw {r['bpw']:.4f}  ppl {ppl:>8}  KLD {kld:>7}  "
+            f"act-SQNR {r['act_sqnr_db']:.2f} dB  encode {r['encode_seconds']:.0f} s")
+
+
+def format_table(res: dict) -> str:
+    lines = [f"model {res['model']}, {res['n_tokens']} evaluation tokens, KLD vs {res['kld']}"]
+    if res.get("reference"):
+        lines.append(f"reference perplexity {res['reference']['perplexity']:.3f}")
+    lines += ["", "| method | target | all-in bpw | perplexity | KLD | act-weighted SQNR (dB) | weight SQNR (dB) | encode s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        ppl = f"{r['perplexity']:.3f}" if r.get("perplexity") else "-"
+        kld = f"{r['kld']:.4f}" if r.get("kld") is not None else "-"
+        lines.append(f"| {r['method']} | {r['target_bpw']} | {r['bpw']:.4f} | {ppl} | {kld} | {r['act_sqnr_db']:.2f} | "
+                     f"{r['mean_sqnr_db']:.2f} | {r['encode_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for m in dict.fromkeys(r["method"] for r in res["rows"]):
+        pts = sorted((r["bpw"], r.get("perplexity"), r.get("kld")) for r in res["rows"] if r["method"] == m and r.get("perplexity"))
+        if not pts:
+            continue
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=m)
+    if res.get("reference"):
+        axes[0].axhline(res["reference"]["perplexity"], color="k", ls=":", label="reference")
+    axes[0].set(xlabel="all-in bits per weight (linear layers)", ylabel="perplexity", yscale="log", title=res["model"])
+    axes[1].set(xlabel="all-in bits per weight (linear layers)", ylabel="KLD (nats/token)", yscale="log")
+    for a in axes:
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# --------------------------------------------------------------------------- weight domain
+
+
+def weight_domain_curve(model_name: str = "minilm", rates=(2.0, 2.5, 3.0, 3.5, 4.0),
+                        candidates_by_method=None, progress: bool = False) -> dict:
+    """SQNR (dB, weight domain, Σ = I) against all-in bpw on a model's linear weights, and the
+    bpw each method needs for 20 dB (interpolated)."""
+    cands = candidates_by_method or {"ecsq": ("identity",), "hadamard": ("hadamard",), "best-of": ("identity", "hadamard")}
+    out = {}
+    for m, cs in cands.items():
+        pts = []
+        for r in rates:
+            res, jobs, info = enc.encode_model(model_name, bpw=r, candidates=cs, sigma="none", progress=progress)
+            sig = sum(float((j.W.double() ** 2).sum()) for j in jobs)
+            noise = sum(float(((torch.from_numpy(res.codes[j.name].W_hat) - j.W).double() ** 2).sum()) for j in jobs)
+            pts.append({"bpw": res.bpw, "sqnr_db": 10 * math.log10(sig / noise), "seconds": info["seconds_total"]})
+        b = [p["bpw"] for p in pts]
+        s = [p["sqnr_db"] for p in pts]
+        out[m] = {"points": pts, "bpw_at_20db": float(np.interp(20.0, s, b)) if min(s) <= 20 <= max(s) else None}
+    return out
