@@ -89,6 +89,8 @@ class StreamOptions:
     lossy_embeddings: bool | None = None  # None: True for scope "all", False for "linear"
     threads: int | None = None
     sample_rows: int = 64
+    workers: int = 1
+    device: str | None = None  # torch device of the calibration forward passes (None: cuda if present, else cpu)
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -105,8 +107,14 @@ class StreamOptions:
         if self.lossy_embeddings is None:
             self.lossy_embeddings = self.scope == "all"
 
-    def fingerprint(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=str)
+    def fingerprint(self) -> dict:
+        """What the archive bytes depend on (workers and device do not change them)."""
+        d = asdict(self)
+        for k in ("workers", "device", "threads"):
+            d.pop(k)
+        if self.calib_text:
+            d["calib_text"] = hashlib.sha256(Path(self.calib_text).read_bytes()).hexdigest()
+        return json.loads(json.dumps(d))  # the form it has after a trip through the manifest
 
 
 # --------------------------------------------------------------------------- rate curves
@@ -205,6 +213,13 @@ class RateController:
         self.predicted[c.kind] = self.predicted.get(c.kind, 0.0) + c.bytes_at(x)
         self.remaining.discard(name)
         self.spent += nbytes
+
+    def restore(self, st: dict) -> None:
+        self.spent = st["spent"]
+        self.actual = dict(st["actual"])
+        self.predicted = dict(st["predicted"])
+        self.remaining = set(st["remaining"])
+        self.steps = list(st["steps"])
 
     def state(self) -> dict:
         return {"spent": self.spent, "actual": dict(self.actual), "predicted": dict(self.predicted),
@@ -331,7 +346,19 @@ def head_input_sigma(plan: A.ModelPlan, windows, finals: list[torch.Tensor]) -> 
     return (acc + acc.T) / 2
 
 
-def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], capture: list[tuple[str, torch.nn.Module]] | None):
+def _to(obj, dev):
+    """``obj`` (tensors inside tuples, lists and dicts) moved to ``dev``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(x, dev) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, dev) for k, v in obj.items()}
+    return obj
+
+
+def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], capture: list[tuple[str, torch.nn.Module]] | None,
+              dev: torch.device | None = None):
     """Outputs of ``block`` per window; with ``capture``, also Σ per linear (aliases share the
     tensor: linears that read the very same input get the same Σ object)."""
     acc: dict[str, torch.Tensor] = {}
@@ -350,7 +377,7 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
             # one window's product in float32 (≤ 1024 positions), accumulated in float64
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
             if key not in acc:
-                acc[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64)
+                acc[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
             acc[key] += (x2.T @ x2).double()
 
         return hook
@@ -362,8 +389,8 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
         with torch.no_grad():
             for h, kw in zip(hs, kws):
                 last["x"] = last["key"] = None
-                o = block(h, **kw)
-                outs.append((o[0] if isinstance(o, tuple) else o).detach())
+                o = block(h.to(dev) if dev is not None else h, **kw)
+                outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
                 n_pos += h.shape[0] * h.shape[1]
     finally:
         for hd in handles:
@@ -374,6 +401,7 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
         for k in acc:
             acc[k] /= n_pos
             acc[k] = (acc[k] + acc[k].T) / 2
+        acc = {k: v.cpu() for k, v in acc.items()}
         for key, _m in capture:
             if key in acc:
                 sig[key] = acc[key]
@@ -382,6 +410,154 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
             else:
                 raise CalibrationError(f"linear {key} was never called during the calibration pass")
     return outs, sig
+
+
+# --------------------------------------------------------------------------- spool (resume)
+
+
+class ResumeError(ValueError):
+    """A resume does not fit the spool: different input or settings, or a damaged spool."""
+
+
+class SpoolSpaceError(OSError):
+    """Too little free disk for the spool and the archive."""
+
+
+SPOOL_FORMAT = "aligncodec-stream-spool/1"
+
+
+def spool_dir(out: str | os.PathLike) -> Path:
+    o = Path(os.path.abspath(out))
+    return o.parent / f".{o.name}.spool"
+
+
+def input_fingerprint(ckpt: A.Checkpoint) -> dict:
+    """Names, sizes and modification times of the shards plus a hash of their headers."""
+    h = hashlib.sha256()
+    files = []
+    for f in ckpt.files:
+        st = f.stat()
+        files.append([f.name, st.st_size, st.st_mtime_ns])
+        with open(f, "rb") as fh:
+            (n,) = __import__("struct").unpack("<Q", fh.read(8))
+            h.update(fh.read(n))
+    return {"files": files, "headers_sha256": h.hexdigest()}
+
+
+def _sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for b in iter(lambda: f.read(1 << 22), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+class Spool:
+    """Finished blocks of an interrupted encode: ``manifest.json`` (input and settings
+    fingerprints, the list of finished steps with each file's sha256), one ``step-N.pt`` per
+    finished block (its coded tensors, the controller state and the activations for the next
+    block). Every file is written to a temporary name, fsynced and renamed; the manifest last."""
+
+    def __init__(self, path: Path, ident: dict):
+        self.path = path
+        self.ident = ident
+        self.steps: list[dict] = []
+
+    @classmethod
+    def create(cls, path: Path, ident: dict) -> "Spool":
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        sp = cls(path, ident)
+        sp._write_manifest()
+        return sp
+
+    @classmethod
+    def open(cls, path: Path, ident: dict) -> "Spool":
+        man = path / "manifest.json"
+        if not man.is_file():
+            raise ResumeError(f"no spool to resume from at {path}")
+        try:
+            m = json.loads(man.read_text())
+        except ValueError:
+            raise ResumeError(f"{man} is damaged (not JSON)") from None
+        if m.get("format") != SPOOL_FORMAT:
+            raise ResumeError(f"{man}: not an {SPOOL_FORMAT} spool")
+        if m.get("input") != ident["input"]:
+            raise ResumeError(f"the spool at {path} was written for a different input checkpoint")
+        if m.get("options") != ident["options"]:
+            diff = sorted(k for k in set(m.get("options", {})) | set(ident["options"])
+                          if m.get("options", {}).get(k) != ident["options"].get(k))
+            raise ResumeError(f"the spool at {path} was written with different settings ({', '.join(diff)})")
+        sp = cls(path, ident)
+        for st in m.get("steps", []):
+            f = path / st["file"]
+            if not f.is_file() or _sha256_file(f) != st["sha256"]:
+                raise ResumeError(f"the spool at {path} is damaged ({st['file']} is missing or fails its checksum)")
+            sp.steps.append(st)
+        return sp
+
+    def _write_manifest(self) -> None:
+        m = {"format": SPOOL_FORMAT, **self.ident, "steps": self.steps}
+        _atomic_write(self.path / "manifest.json", json.dumps(m, indent=1, sort_keys=True).encode())
+
+    def save_step(self, key: str, payload: dict, acts=None) -> None:
+        """Record a finished step; ``acts`` (the activations for the next block) are kept for the
+        latest step only: written first, then the manifest that names them, then the old ones go."""
+        fname = f"step-{len(self.steps):05d}.pt"
+        data = _torch_bytes(payload)
+        _atomic_write(self.path / fname, data)
+        st = {"key": key, "file": fname, "sha256": hashlib.sha256(data).hexdigest()}
+        old = self.steps[-1].get("acts") if self.steps else None
+        if acts is not None:
+            an = f"acts-{len(self.steps):05d}.pt"
+            ad = _torch_bytes(acts)
+            _atomic_write(self.path / an, ad)
+            st["acts"], st["acts_sha256"] = an, hashlib.sha256(ad).hexdigest()
+        for prev in self.steps:
+            prev.pop("acts", None)
+            prev.pop("acts_sha256", None)
+        self.steps.append(st)
+        self._write_manifest()
+        if old:
+            try:
+                os.unlink(self.path / old)
+            except FileNotFoundError:
+                pass
+
+    def load_step(self, i: int) -> dict:
+        return torch.load(self.path / self.steps[i]["file"], weights_only=False)
+
+    def load_acts(self):
+        st = self.steps[-1]
+        f = self.path / st["acts"]
+        if not f.is_file() or _sha256_file(f) != st["acts_sha256"]:
+            raise ResumeError(f"{f}: the activations of the last finished block are missing or damaged")
+        return torch.load(f, weights_only=False)
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the encoder
@@ -416,7 +592,7 @@ def code_tensor(name: str, W: torch.Tensor, dtype: str, S: torch.Tensor | None, 
 
 
 def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: StreamOptions, *, progress: bool = True,
-                  tokenizer=None) -> dict:
+                  tokenizer=None, resume: bool = False, on_block=None) -> dict:
     """Encode ``model`` block by block into ``out`` (see the module doc). Returns a summary."""
     from aligncodec import archive
 
@@ -460,6 +636,25 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
     n_linear = sum(ckpt.tensors[n].numel for n in linear_names)
     if not order:
         raise ValueError(f"{model}: no tensor qualifies for lossy coding")
+
+    # ---- spool: finished blocks survive a kill; --resume continues from them
+    ident = {"input": input_fingerprint(ckpt), "options": opts.fingerprint()}
+    sp_path = spool_dir(out)
+    if resume:
+        spool = Spool.open(sp_path, ident)
+    else:
+        if sp_path.exists():
+            log(f"note: discarding the spool of an interrupted encode at {sp_path} (use --resume to continue it)")
+        spool = None
+    import shutil
+
+    need = 3 * opts.bpw * n_params / 8 + (2 * opts.calib_tokens * 4 * _hidden(plan) if calibrate else 0) + (64 << 20)
+    free = shutil.disk_usage(sp_path.parent).free
+    if free < need:
+        raise SpoolSpaceError(f"{sp_path.parent}: {free / 1e9:.2f} GB free, the encode needs about {need / 1e9:.2f} GB "
+                              "(archive, its spool and the resume spool)")
+    if spool is None:
+        spool = Spool.create(sp_path, ident)
 
     # ---- rate pass (also the NaN/Inf check)
     had = any(c.startswith("hadamard") for c in opts.candidates)
@@ -565,46 +760,82 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
                 ctl.record(nm, x, nb)
             coded[nm] = Coded(nm, tc.kind, float(tc.params.step), nb, float(tc.rel_err), float(tc.sqnr_db), kinds[nm])
 
-        # ---- block pass
+        # ---- block pass (finished blocks of an interrupted run come back from the spool)
         by_block: dict[int | None, list[str]] = {}
         for nm, _k, b in order:
             by_block.setdefault(b, []).append(nm)
         blocks_list = plan.blocks if plan is not None else []
         blocks_mod = A.get_module(plan.model, plan.blocks_path) if plan is not None else None
+        done = 0
+        if resume and spool.steps:
+            for i in range(len(spool.steps)):
+                pl = spool.load_step(i)
+                for nm, dtype, shape, mode, params, streams in pl["entries"]:
+                    w.add(nm, dtype, shape, mode, streams, params)
+                for c in pl["coded"]:
+                    coded[c["name"]] = Coded(**c)
+            ctl.restore(pl["ctl"])
+            done = len(spool.steps)
+            if calibrate:
+                hs = spool.load_acts()
+            log(f"resume: {done} finished blocks from {spool.path}")
         from tqdm import tqdm
 
-        bar = tqdm(total=len(blocks_list), desc="blocks", unit="blk", disable=not progress, leave=False)
-        for b in blocks_list:
+        dev = torch.device(opts.device) if opts.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if calibrate and dev.type != "cpu":
+            kws = [[_to(kw, dev) for kw in per] for per in kws]
+        pool = None
+        if opts.workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=opts.workers)
+        bar = tqdm(total=len(blocks_list), initial=done, desc="blocks", unit="blk", disable=not progress, leave=False)
+        for b in blocks_list[done:]:
             blk = blocks_mod[b.index]
             if calibrate:
                 for path, cname in b.params.items():
-                    A.set_param(plan.model, path, ckpt.float32(cname))
+                    A.set_param(plan.model, path, ckpt.float32(cname).to(dev))
                 lin_by_w = {li.weight: li for li in b.linears}
                 cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
-                outs, sig = run_block(blk, hs, kws[b.index], cap)
+                outs, sig = run_block(blk, hs, kws[b.index], cap, dev)
             else:
                 sig = {}
             x = ctl.solve()
             ctl.steps.append(2.0**x)
             cache: dict = {}
-            for nm in by_block.get(b.index, []):
-                W = ckpt.float32(nm)
-                tc, _job = code_tensor(nm, W, ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache)
+            names = by_block.get(b.index, [])
+
+            def work(nm, x=x, sig=sig, cache=cache):
+                tc, _job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache)
+                return tc
+
+            results = pool.map(work, names) if pool is not None else map(work, names)
+            entries = []
+            for nm, tc in zip(names, results):
                 put(nm, tc, x)
+                ti = ckpt.tensors[nm]
+                entries.append((nm, ti.dtype, ti.shape, lossy.MODE_ECSQ, tc.params.pack(), tc.streams))
                 if calibrate and opts.calibration == "quantized":
-                    A.set_param(plan.model, lin_by_w[nm].module + ".weight", torch.from_numpy(tc.W_hat))
-                del W, tc, _job
+                    A.set_param(plan.model, lin_by_w[nm].module + ".weight", torch.from_numpy(tc.W_hat).to(dev))
+                del tc
             cache.clear()
             if calibrate:
                 if opts.calibration == "quantized":
-                    outs, _ = run_block(blk, hs, kws[b.index], None)
+                    outs, _ = run_block(blk, hs, kws[b.index], None, dev)
                 hs = outs
                 for path in b.params:
                     A.set_param(plan.model, path, None)
             sig = None
+            spool.save_step(f"block{b.index}", {"entries": entries, "ctl": ctl.state(),
+                                               "coded": [asdict(coded[n]) for n in names]},
+                            hs if calibrate else None)
+            if on_block is not None:  # tests: interrupt after a given block
+                on_block(b.index)
             bar.update(1)
             bar.set_postfix_str(f"step {2.0**x:.4g}, {8 * ctl.spent / max(1, sum(ckpt.tensors[n].numel for n in coded)):.3f} bpw")
         bar.close()
+        if pool is not None:
+            pool.shutdown()
 
         # ---- tensors outside the blocks (embeddings, lm_head; everything without a plan)
         rest = by_block.get(None, [])
@@ -645,10 +876,16 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
         raise
     finally:
         ckpt.close()
+    spool.remove()
     fb = os.path.getsize(out)
     summ.update({"file_bytes": fb, "bpw_file": 8 * fb / n_params, "seconds_total": time.perf_counter() - t0,
                  "bpw_lossy_in_archive": summ["bpw_lossy_all_in"]})
     return summ
+
+
+def _hidden(plan) -> int:
+    cfg = plan.config if plan is not None else None
+    return int(getattr(cfg, "hidden_size", 0) or getattr(getattr(cfg, "text_config", None), "hidden_size", 0) or 4096)
 
 
 def _overhead(meta: dict[str, str], extra_json: int) -> int:

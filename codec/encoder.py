@@ -44,6 +44,7 @@ from aligncodec.codec.modes import lossy
 from aligncodec.codec.entropy import rans
 from aligncodec.codec.quant import gptq_affine_block
 
+_KERNEL_LOCK = rans.KERNEL_LOCK
 CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
 DEFAULT_CANDIDATES = ("hadamard", "colscale")
 SCALE_MIN, SCALE_MAX = 2.0**-14, 2.0**15
@@ -134,8 +135,9 @@ def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float,
         V1 = np.empty_like(W1)
         S1 = np.empty(W1.shape, dtype=np.int64)
         scale = np.full(W1.shape, step, dtype=W1.dtype)
-        gptq_affine_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), scale, np.zeros_like(scale),
-                          float(-maxq), float(maxq), S1, V1, E1)
+        with _KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
+            gptq_affine_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), scale, np.zeros_like(scale),
+                              float(-maxq), float(maxq), S1, V1, E1)
         Q[:, i1:i2] = S1
         if i2 < n:
             W[:, i2:] -= E1 @ Un[i1:i2, i2:]

@@ -26,7 +26,7 @@ def ckpt(tmp_path):
 def test_cli_lossy_compress_inspect_verify_decompress(tmp_path, ckpt, capsys):
     src, sd = ckpt
     out = tmp_path / "m.acz"
-    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--no-calibration", "-q"]) == 0
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--bpw-scope", "linear", "--no-calibration", "-q"]) == 0
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

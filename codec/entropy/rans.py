@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import heapq
 import math
+import threading
 
 import numba as nb
 import numpy as np
 
 from aligncodec.formats.container import MAX_PRECISION, RANS_STATE_LOWER, RansStream
 from aligncodec.formats.errors import CorruptStreamError, StreamError
+
+# held around every parallel numba kernel the encoders launch (aligncodec.codec.encoder uses it too)
+KERNEL_LOCK = threading.RLock()
 
 DEFAULT_CHUNK_SYMBOLS = 1 << 14
 PRECISION_CHOICES = (10, 11, 12, 13, 14, 15, 16)
@@ -207,7 +211,8 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
     n_chunks = -(-n // chunk_symbols)
     if n == 0:
         return RansStream(precision, chunk_symbols, 0, freqs, np.zeros(0, np.uint32), b"")
-    states, nwords, scratch = _encode_all(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks)
+    with KERNEL_LOCK:  # numba's default (workqueue) threading layer must not be entered by two threads at once
+        states, nwords, scratch = _encode_all(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks)
     payload, lengths = _pack(states, nwords, scratch, chunk_symbols, n)
     return RansStream(precision, chunk_symbols, n, freqs, lengths, payload.tobytes())
 
