@@ -58,7 +58,8 @@ import torch
 from aligncodec import arch as A
 from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossless, lossy
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import MODE_ECSQ, PREAMBLE_SIZE, SECTION_METADATA
+from aligncodec.formats.writer import ArchiveWriter, build_section
 
 CALIB_MODES = ("quantized", "float", "none")
 SCOPES = ("all", "linear")
@@ -685,6 +686,9 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
         log(f"calibration: {data.n_tokens} tokens in {len(windows)} windows")
 
     # ---- writer: lossless tensors and auxiliary files first (their bytes are then known)
+    from aligncodec.auxfiles import AUX_PREFIX
+    from aligncodec.codec.torch_interop import tensor_bytes
+
     src = archive.find_inputs(src_path)
     files_meta = {}
     for f in ckpt.files:
@@ -698,21 +702,21 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
     src_model = archive._reference_model_of(src.root)
     if src_model:
         meta["acz.source_model"] = src_model
-    w = C.ArchiveWriter(out, meta)
+    w = ArchiveWriter(out, meta)
     try:
         other_bytes = 0
         for nm, ti in ckpt.tensors.items():
             if nm in lossy_names:
                 continue
-            raw = archive._torch_bytes(ckpt.get(nm))
+            raw = tensor_bytes(ckpt.get(nm))
             mode, params, streams = lossless.encode(raw, ti.dtype, ti.numel)
             e = w.add(nm, ti.dtype, ti.shape, mode, streams, params)
             other_bytes += lossy.entry_bytes(nm, len(ti.shape), len(params), e.size)
         for a in src.aux:
             data_b = a.read_bytes()
             mode, params, streams = lossless.encode(data_b, "U8", len(data_b))
-            e = w.add(archive.AUX_PREFIX + a.name, "U8", (len(data_b),), mode, streams, params)
-            other_bytes += lossy.entry_bytes(archive.AUX_PREFIX + a.name, 1, len(params), e.size)
+            e = w.add(AUX_PREFIX + a.name, "U8", (len(data_b),), mode, streams, params)
+            other_bytes += lossy.entry_bytes(AUX_PREFIX + a.name, 1, len(params), e.size)
         # bytes outside the entries: preamble, the metadata section (per-tensor results ≈ 150 bytes
         # each, recomputed exactly before the last tensor), final alignment
         overhead = _overhead(meta, 150 * len(order) + 1200)
@@ -754,7 +758,7 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
 
         def put(nm: str, tc: E.TensorCode, x: float):
             ti = ckpt.tensors[nm]
-            e = w.add(nm, ti.dtype, ti.shape, lossy.MODE_ECSQ, tc.streams, tc.params.pack())
+            e = w.add(nm, ti.dtype, ti.shape, MODE_ECSQ, tc.streams, tc.params.pack())
             nb = lossy.entry_bytes(nm, 2, lossy.PARAMS_SIZE, e.size)
             if nm in ctl.curves:
                 ctl.record(nm, x, nb)
@@ -814,7 +818,7 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
             for nm, tc in zip(names, results):
                 put(nm, tc, x)
                 ti = ckpt.tensors[nm]
-                entries.append((nm, ti.dtype, ti.shape, lossy.MODE_ECSQ, tc.params.pack(), tc.streams))
+                entries.append((nm, ti.dtype, ti.shape, MODE_ECSQ, tc.params.pack(), tc.streams))
                 if calibrate and opts.calibration == "quantized":
                     A.set_param(plan.model, lin_by_w[nm].module + ".weight", torch.from_numpy(tc.W_hat).to(dev))
                 del tc
@@ -890,7 +894,7 @@ def _hidden(plan) -> int:
 
 def _overhead(meta: dict[str, str], extra_json: int) -> int:
     body = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return C.PREAMBLE_SIZE + len(C.build_section(C.SECTION_METADATA, 0, body)) + extra_json + 32
+    return PREAMBLE_SIZE + len(build_section(SECTION_METADATA, 0, body)) + extra_json + 32
 
 
 def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exact: bool, log) -> tuple[E.TensorCode, float]:
