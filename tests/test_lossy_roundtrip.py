@@ -183,3 +183,22 @@ def test_rate_decreases_with_step():
     assert b == sorted(b, reverse=True)
     # ~1 bit per weight per halving at high rate
     assert 0.7 < (b[0] - b[1]) * 8 / job.numel < 1.3
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_round_to_dtype_is_bit_equal_to_torch(dtype):
+    """The decoder's numpy rounding (no torch) gives torch's bits for every non-NaN float32:
+    random bit patterns over the whole range, values near the target's subnormals, overflow and ties."""
+    rng = np.random.default_rng(1)
+    u = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    near = (u & np.uint32(0x807FFFFF)) | (rng.integers(95, 145, size=u.size, dtype=np.uint64).astype(np.uint32) << np.uint32(23))
+    ties = (rng.integers(0, 2**16, size=1000, dtype=np.uint64).astype(np.uint32) << np.uint32(16)) | np.uint32(0x8000)
+    W = np.concatenate([u, near, ties]).view(np.float32)
+    W = W[~np.isnan(W)]
+    W = W[: W.size // 7 * 7].reshape(-1, 7)  # a matrix, as the decoder rounds it
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    want = torch.from_numpy(W.copy()).to(tdt).contiguous().view(torch.uint8).numpy()
+    got = lossy.round_to_dtype(W, dtype).view(np.uint8)
+    assert np.array_equal(got.reshape(-1), want.reshape(-1))
+    back = torch.from_numpy(W.copy()).to(tdt).to(torch.float32).numpy()
+    assert np.array_equal(lossy.rounded_f32(W, dtype).view(np.uint32), back.view(np.uint32))
