@@ -582,7 +582,7 @@ def _lossy_shape_ok(shape) -> bool:
 def code_tensor(name: str, W: torch.Tensor, dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
                 cache: dict) -> tuple[E.TensorCode, E.TensorJob]:
     job = E.TensorJob(name, W, dtype, S)
-    E.prepare(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
+    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
     if len(job.cands) > 1:
         cand, _ = E.choose(job, step, E.stride_for(W.shape[0], opts.sample_rows))
     else:

@@ -25,9 +25,9 @@ import numpy as np
 
 from aligncodec.formats.constants import MAX_PRECISION, RANS_STATE_LOWER
 from aligncodec.formats.streams import RansStream
-from aligncodec.formats.errors import CorruptStreamError, StreamError
+from aligncodec.formats.errors import StreamError
 
-# held around every parallel numba kernel the encoders launch (aligncodec.codec.encoder uses it too)
+# held around every parallel numba kernel the encoders launch (codec/quant/gptq.py's gptq_ecsq too)
 KERNEL_LOCK = threading.RLock()
 
 DEFAULT_CHUNK_SYMBOLS = 1 << 14
