@@ -235,7 +235,7 @@ class _Stop(Exception):
 
 
 def calibration_windows(folder: Path, opts: StreamOptions, tokenizer=None):
-    from aligncodec.tools.eval.evaluate import prepare
+    from aligncodec.tools.eval.evaluate import make_windows
 
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -249,7 +249,7 @@ def calibration_windows(folder: Path, opts: StreamOptions, tokenizer=None):
     if opts.calib_text:
         text = Path(opts.calib_text).read_text(encoding="utf-8")
     try:
-        return prepare(tokenizer, opts.calib_tokens, "calib", opts.window, text=text)
+        return make_windows(tokenizer, opts.calib_tokens, "calib", opts.window, text=text)
     except Exception as exc:  # noqa: BLE001 - too little text etc.
         raise CalibrationError(f"calibration text: {exc}") from None
 

@@ -59,7 +59,12 @@ def test_calibration_failure_is_an_error_not_weight_mse(tmp_path, ckpt, capsys):
     Σ = I is used only when --no-calibration asks for it."""
     src, _ = ckpt
     out = tmp_path / "m.acz"
-    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "-q"]) == 7
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--encoder", "whole", "-q"]) == 7
     err = capsys.readouterr().err
     assert "no calibration Σ" in err and "--no-calibration" in err
+    assert not out.exists()
+    # the block-sequential encoder (default) cannot build a model without its config either
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "-q"]) == 6
+    err = capsys.readouterr().err
+    assert "config.json" in err and "--no-calibration" in err
     assert not out.exists()
