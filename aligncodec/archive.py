@@ -23,6 +23,8 @@ from aligncodec import __version__
 from aligncodec.codec.modes import lossless
 from aligncodec.formats import container as C
 from aligncodec.formats import errors as E
+from aligncodec.formats import metadata as M
+from aligncodec.formats.limits import Limits
 
 AUX_PREFIX = "acz:file/"
 AUX_MAX_BYTES = 256 << 20  # auxiliary files above this size are refused
@@ -97,11 +99,11 @@ def _reference_model_of(folder: Path) -> str | None:
     return None
 
 
-def extract_aux_files(archive_path: str | os.PathLike, outdir: str | os.PathLike) -> list[Path]:
+def extract_aux_files(archive_path: str | os.PathLike, outdir: str | os.PathLike, *, limits: Limits | None = None) -> list[Path]:
     """Write the archive's auxiliary files (config, tokenizer, ...) into ``outdir``."""
     outdir = Path(outdir)
     written = []
-    with C.ArchiveReader(archive_path) as r:
+    with open_archive(archive_path, limits) as r:
         for e in r.tensors:
             if e.name.startswith(AUX_PREFIX):
                 fname = e.name[len(AUX_PREFIX) :]
@@ -171,6 +173,59 @@ def compress(
     return entries
 
 
+def check_entry_header(entry: C.TensorEntry, limits: Limits | None = None) -> None:
+    """Validate what a tensor's header entry says about its coding (mode known, dtype, params,
+    stream count, auxiliary-file rules of spec §7.3) before reading its data."""
+    if entry.name.startswith(AUX_PREFIX) and (entry.dtype != "U8" or len(entry.shape) != 1 or entry.mode != C.MODE_STORED):
+        raise E.HeaderError(f"auxiliary file {entry.name!r} must be a 1-D U8 tensor in mode stored")
+    if entry.mode in (C.MODE_STORED, C.MODE_FLOAT_SPLIT):
+        lossless.check_params(entry)
+        want = 1 if entry.mode == C.MODE_STORED else 2
+        if entry.stream_count != want:
+            raise E.StreamError(f"tensor {entry.name!r}: {entry.stream_count} streams, mode {entry.mode_name} needs {want}")
+    elif entry.mode == C.MODE_ECSQ:
+        from aligncodec.codec.modes import lossy
+
+        lossy.check_params(entry, None if limits is None else limits.max_hadamard_m)
+    else:
+        raise E.UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not supported by this build")
+
+
+def check_header(header: C.Header, limits: Limits | None = None) -> None:
+    """Every check the header alone decides beyond the container's (formats/container.parse_header
+    did those): each entry's coding. One path for every reader (verify, inspect, decompress, load)."""
+    for e in header.tensors:
+        check_entry_header(e, limits)
+
+
+def check_entry(entry: C.TensorEntry, streams: list, limits: Limits | None = None) -> None:
+    """Validate a tensor's parsed streams against its mode, shape and dtype without decoding."""
+    check_entry_header(entry, limits)
+    if entry.mode == C.MODE_ECSQ:
+        from aligncodec.codec.modes import lossy
+
+        lossy.parse(entry, streams)
+    else:
+        lossless.check_streams(entry, streams)
+
+
+class _Reader(C.ArchiveReader):
+    """An ArchiveReader whose header has also passed :func:`check_header`."""
+
+    def __init__(self, path, limits: Limits | None = None):
+        super().__init__(path, limits)
+        try:
+            check_header(self.header, self.limits)
+        except BaseException:
+            self.close()
+            raise
+
+
+def open_archive(path: str | os.PathLike, limits: Limits | None = None) -> C.ArchiveReader:
+    """Open and validate an archive for random access: the one way every command opens one."""
+    return _Reader(path, limits)
+
+
 def decode_entry(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
     """Decode one tensor to its little-endian bytes (uint8)."""
     if entry.mode in (C.MODE_STORED, C.MODE_FLOAT_SPLIT):
@@ -193,25 +248,27 @@ def to_torch(entry: C.TensorEntry, raw: np.ndarray):
     return t.view(dt).reshape(entry.shape)
 
 
-def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progress: bool = True) -> list[Path]:
+def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progress: bool = True, limits: Limits | None = None) -> list[Path]:
     """Write the archive's tensors back as safetensors files (the original file
     split and per-file metadata) plus its auxiliary files. Returns the paths written."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    with C.ArchiveReader(archive) as r:
-        try:
-            files = json.loads(r.metadata.get("acz.files", "{}"))
-        except ValueError:
-            raise E.HeaderError("metadata acz.files is not JSON") from None
+    with open_archive(archive, limits) as r:
+        files = M.parse_files(r.metadata.get(M.KEY_FILES, "{}"))  # validated on open (formats/metadata.py)
+        outdir.mkdir(parents=True, exist_ok=True)
+        written: list[Path] = []
         tensors = [t for t in r.tensors if not t.name.startswith(AUX_PREFIX)]
         assigned = {n for info in files.values() for n in info.get("tensors", [])}
         orphans = [t.name for t in tensors if t.name not in assigned]
         if orphans:
-            files["model.safetensors" if not files else "extra.safetensors"] = {"metadata": {}, "tensors": orphans}
+            stem, i = ("model", 0) if not files else ("extra", 0)
+            fname = f"{stem}.safetensors"
+            while fname in files:  # never replace a listed file's tensors
+                i += 1
+                fname = f"{stem}-{i}.safetensors"
+            files[fname] = {"metadata": {}, "tensors": orphans}
         by_name = {t.name: t for t in tensors}
         bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="decompress", disable=None if progress else True, leave=False)
         for fname, info in sorted(files.items()):
@@ -229,7 +286,7 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
             written.append(dest)
             del sd
         bar.close()
-    written += extract_aux_files(archive, outdir)
+    written += extract_aux_files(archive, outdir, limits=limits)
     return written
 
 
@@ -247,19 +304,22 @@ def _atomic(dest: Path, write: Callable[[str], object]) -> None:
         raise
 
 
-def inspect(archive: str | os.PathLike) -> dict:
+def inspect(archive: str | os.PathLike, *, limits: Limits | None = None) -> dict:
     """Per-tensor and total sizes. bits per weight = archive bytes * 8 / weights,
     header, padding and side information included; auxiliary files are
-    reported separately and excluded from the weights' total."""
-    with C.ArchiveReader(archive) as r:
+    reported separately and excluded from the weights' total.
+
+    Validates the archive as ``verify(decode=False)`` does (every checksum, stream and
+    declared size), so inspect, verify and decompress agree on what is valid; only the
+    decode-time integrity checks (rANS final states, zstd frame contents) are left to them."""
+    with open_archive(archive, limits) as r:
         rows = []
         aux_bytes = 0
         n_weights = 0
-        try:  # per-tensor results of the lossy encoder, if any (tools/encode.py)
-            lossy_meta = json.loads(r.metadata.get("acz.lossy", "{}"))
-        except ValueError:
-            lossy_meta = {}
+        # per-tensor results of the lossy encoder, if any (validated on open)
+        lossy_meta = M.parse_lossy(r.metadata.get(M.KEY_LOSSY, "{}"))
         for e in r.tensors:
+            check_entry(e, r.read_streams(e), r.limits)
             if e.name.startswith(AUX_PREFIX):
                 aux_bytes += C.align(e.size, C.DATA_ALIGN)
                 continue
@@ -295,15 +355,15 @@ def inspect(archive: str | os.PathLike) -> dict:
         }
 
 
-def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = False) -> dict:
+def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = False, limits: Limits | None = None) -> dict:
     """Check every checksum and padding byte, parse every stream and (``decode``)
     decode every tensor. Raises the first error; returns a summary."""
     from tqdm import tqdm
 
-    with C.ArchiveReader(archive) as r:
-        r.check_padding()
+    with open_archive(archive, limits) as r:
         for e in tqdm(r.tensors, desc="verify", disable=None if progress else True, leave=False):
             streams = r.read_streams(e)
+            check_entry(e, streams, r.limits)
             if decode:
                 out = decode_entry(e, streams)
                 if out.size != e.nbytes:
@@ -311,6 +371,6 @@ def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = 
         return {"file": os.fspath(archive), "tensors": len(r.tensors), "ok": True}
 
 
-def iter_entries(archive: str | os.PathLike) -> Iterable[C.TensorEntry]:
-    with C.ArchiveReader(archive) as r:
+def iter_entries(archive: str | os.PathLike, *, limits: Limits | None = None) -> Iterable[C.TensorEntry]:
+    with open_archive(archive, limits) as r:
         return list(r.tensors)

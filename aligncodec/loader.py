@@ -36,6 +36,7 @@ import numpy as np
 
 from aligncodec.formats import container as C
 from aligncodec.formats import errors as E
+from aligncodec.formats.limits import Limits, resolve as resolve_limits
 
 AUX_PREFIX = "acz:file/"
 
@@ -97,7 +98,7 @@ class _Prefetcher:
 
     _END = object()
 
-    def __init__(self, f: _ExactReader, capacity: int, stats: LoadStats, limits: dict):
+    def __init__(self, f: _ExactReader, capacity: int, stats: LoadStats, limits: Limits):
         self.f = f
         self.q: queue.Queue = queue.Queue()
         self.slots = threading.Semaphore(capacity)
@@ -133,7 +134,7 @@ class _Prefetcher:
 
     def _run(self) -> None:
         try:
-            it = C.iter_archive(self.f, **self.limits)
+            it = C.iter_archive(self.f, self.limits)
             header, _, _ = next(it)
             self.q.put(("header", header))
             while True:
@@ -198,7 +199,7 @@ def _bytes_to_torch(entry: C.TensorEntry, raw: np.ndarray):
     return t.view(torch_dtype(entry.dtype)).reshape(entry.shape)
 
 
-def decode_tensor(entry: C.TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None):
+def decode_tensor(entry: C.TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None, limits: Limits | None = None):
     """Decode one archive entry into a torch tensor on ``device``.
 
     ``dtype`` (a torch dtype) converts floating-point tensors; others keep their dtype.
@@ -207,8 +208,9 @@ def decode_tensor(entry: C.TensorEntry, streams: list, *, device="cpu", dtype=No
     import torch
 
     from aligncodec.codec.entropy.decode_cpu import num_threads
-    from aligncodec.archive import decode_entry
+    from aligncodec.archive import check_entry, decode_entry
 
+    check_entry(entry, streams, limits)  # as verify does, before the GPU or CPU decoder
     dev = torch.device(device)
     t = None
     if dev.type == "cuda":
@@ -238,8 +240,9 @@ def load(
     prefetch: int = 1,
     include_aux: bool = False,
     stats: LoadStats | None = None,
-    max_header_bytes: int = C.DEFAULT_MAX_HEADER_BYTES,
-    max_tensor_bytes: int = C.DEFAULT_MAX_TENSOR_BYTES,
+    limits: Limits | None = None,
+    max_header_bytes: int | None = None,
+    max_tensor_bytes: int | None = None,
 ) -> Iterator[tuple[str, object]]:
     """Yield ``(name, tensor)`` for every tensor of an archive, in file order.
 
@@ -247,16 +250,23 @@ def load(
     ``device``/``dtype``: where tensors are decoded and the floating-point dtype they get
     (None keeps the stored dtype). ``threads``: numba CPU threads (None: all).
     ``prefetch``: tensors read ahead while one is decoded (>= 0).
-    ``include_aux``: also yield auxiliary files (``acz:file/<name>``) as uint8 tensors."""
+    ``include_aux``: also yield auxiliary files (``acz:file/<name>``) as uint8 tensors.
+    ``limits``: the reader's limits (:class:`aligncodec.formats.limits.Limits`; the
+    defaults bound memory and work by the bytes read)."""
+    from aligncodec.archive import check_header
+
     if prefetch < 0:
         raise ValueError("prefetch must be >= 0")
+    lim = resolve_limits(limits, max_header_bytes=max_header_bytes, max_tensor_bytes=max_tensor_bytes)
     f, owned = _open(source)
     reader = _ExactReader(f)
     st = stats if stats is not None else LoadStats()
     st.source = reader
-    pf = _Prefetcher(reader, 1 + prefetch, st, {"max_header_bytes": max_header_bytes, "max_tensor_bytes": max_tensor_bytes})
+    pf = _Prefetcher(reader, 1 + prefetch, st, lim)
     try:
-        kind, _header = pf.get()
+        kind, header = pf.get()
+        check_header(header, lim)  # the same header checks as verify/inspect/decompress
+        del header
         while True:
             kind, item = pf.get()
             if kind == "end":
@@ -268,7 +278,7 @@ def load(
                 del streams
                 pf.release()
                 continue
-            t = decode_tensor(entry, streams, device=device, dtype=None if entry.name.startswith(AUX_PREFIX) else dtype, threads=threads)
+            t = decode_tensor(entry, streams, device=device, dtype=None if entry.name.startswith(AUX_PREFIX) else dtype, threads=threads, limits=lim)
             del streams
             pf.release()
             st.tensors += 1
@@ -283,17 +293,17 @@ def load(
             f.close()
 
 
-def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1) -> dict:
+def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1, limits: Limits | None = None) -> dict:
     """All tensors of an archive (auxiliary files excluded) as a dict name -> tensor."""
-    return dict(load(source, device=device, dtype=dtype, threads=threads, prefetch=prefetch))
+    return dict(load(source, device=device, dtype=dtype, threads=threads, prefetch=prefetch, limits=limits))
 
 
-def read_aux_files(path: str | os.PathLike) -> dict[str, bytes]:
+def read_aux_files(path: str | os.PathLike, *, limits: Limits | None = None) -> dict[str, bytes]:
     """The auxiliary files (config, tokenizer, ...) of an archive on disk, by random access."""
-    from aligncodec.archive import decode_entry
+    from aligncodec.archive import decode_entry, open_archive
 
     out = {}
-    with C.ArchiveReader(path) as r:
+    with open_archive(path, limits) as r:
         for e in r.tensors:
             if e.name.startswith(AUX_PREFIX):
                 out[e.name[len(AUX_PREFIX):]] = decode_entry(e, r.read_streams(e)).tobytes()

@@ -185,38 +185,77 @@ def _bytes_from(stream, size: int, what: str) -> bytes:
     raise StreamError(f"{what}: a {C.CODER_NAMES[stream.coder]} stream cannot hold bytes here")
 
 
-def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
-    """Decode a lossless tensor to its little-endian bytes (uint8 array of entry.nbytes).
-
-    ``reference=True`` uses the plain reference rANS decoder (slow; tests)."""
+def check_params(entry: C.TensorEntry) -> None:
+    """Validate a lossless entry's header fields (dtype, params) before any data is read."""
     if entry.mode == C.MODE_STORED:
-        if len(streams) != 1:
-            raise StreamError(f"stored tensor {entry.name!r} needs 1 stream, has {len(streams)}")
-        return np.frombuffer(_bytes_from(streams[0], entry.nbytes, entry.name), dtype=np.uint8)
-    if entry.mode == C.MODE_FLOAT_SPLIT:
+        if entry.params:
+            raise StreamError(f"stored tensor {entry.name!r}: params must be empty")
+    elif entry.mode == C.MODE_FLOAT_SPLIT:
         if entry.dtype not in FLOAT_FORMATS:
             raise StreamError(f"float-split used on {entry.dtype} tensor {entry.name!r}")
         width, e = FLOAT_FORMATS[entry.dtype]
         if len(entry.params) != 1 or not 0 <= entry.params[0] <= min(16 - e, width - 1 - e):
             raise StreamError(f"float-split tensor {entry.name!r}: bad parameters")
-        k = entry.params[0]
-        if len(streams) != 2:
-            raise StreamError(f"float-split tensor {entry.name!r} needs 2 streams, has {len(streams)}")
-        n = entry.numel
-        s0 = streams[0]
-        if not isinstance(s0, C.RansStream):
-            raise StreamError(f"float-split tensor {entry.name!r}: symbols must be a rANS stream")
-        rans.validate_for(s0, n, 1 << (e + k))
-        rw = width - e - k
-        packed = _bytes_from(streams[1], packed_size(n, rw), entry.name)
-        if not reference:  # fused: symbols decoded and joined with the rest straight into the bits
-            from aligncodec.codec.entropy.decode_cpu import decode_float_split
+    else:
+        raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")
 
-            return decode_float_split(s0, packed, entry.dtype, k).astype(f"<u{width // 8}", copy=False).view(np.uint8)
-        from aligncodec.codec.entropy import rans_reference
 
-        sym = np.asarray(rans_reference.decode(s0), dtype=np.uint16)
-        rest = unpack_bits(packed, n, rw)
-        bits = join_float(sym, rest, entry.dtype, k)
-        return bits.astype(f"<u{width // 8}").view(np.uint8)
-    raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")
+def check_streams(entry: C.TensorEntry, streams: list) -> None:
+    """Validate a lossless entry's streams against its shape and dtype without decoding
+    (every declared size; a zstd frame's own content size where it states one)."""
+    check_params(entry)
+    if entry.mode == C.MODE_STORED:
+        if len(streams) != 1:
+            raise StreamError(f"stored tensor {entry.name!r} needs 1 stream, has {len(streams)}")
+        _check_bytes_stream(streams[0], entry.nbytes, entry.name)
+        return
+    width, e = FLOAT_FORMATS[entry.dtype]
+    k = entry.params[0]
+    if len(streams) != 2:
+        raise StreamError(f"float-split tensor {entry.name!r} needs 2 streams, has {len(streams)}")
+    if not isinstance(streams[0], C.RansStream):
+        raise StreamError(f"float-split tensor {entry.name!r}: symbols must be a rANS stream")
+    rans.validate_for(streams[0], entry.numel, 1 << (e + k))
+    _check_bytes_stream(streams[1], packed_size(entry.numel, width - e - k), entry.name)
+
+
+def _check_bytes_stream(stream, size: int, what: str) -> None:
+    if isinstance(stream, C.RawStream):
+        if len(stream.data) != size:
+            raise StreamError(f"{what}: {len(stream.data)} raw bytes, {size} expected")
+    elif isinstance(stream, C.ZstdStream):
+        if stream.size != size:
+            raise StreamError(f"{what}: zstd stream declares {stream.size} bytes, {size} expected")
+        try:
+            fcs = zstandard.frame_content_size(bytes(stream.data[:18]))
+        except zstandard.ZstdError as exc:
+            raise CorruptStreamError(f"{what}: zstd frame invalid: {exc}") from None
+        if fcs >= 0 and fcs != size:
+            raise CorruptStreamError(f"{what}: zstd frame holds {fcs} bytes, {size} declared")
+    else:
+        raise StreamError(f"{what}: a {C.CODER_NAMES[stream.coder]} stream cannot hold bytes here")
+
+
+def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
+    """Decode a lossless tensor to its little-endian bytes (uint8 array of entry.nbytes).
+
+    ``reference=True`` uses the plain reference rANS decoder (slow; tests)."""
+    check_streams(entry, streams)
+    if entry.mode == C.MODE_STORED:
+        return np.frombuffer(_bytes_from(streams[0], entry.nbytes, entry.name), dtype=np.uint8)
+    width, e = FLOAT_FORMATS[entry.dtype]
+    k = entry.params[0]
+    n = entry.numel
+    s0 = streams[0]
+    rw = width - e - k
+    packed = _bytes_from(streams[1], packed_size(n, rw), entry.name)
+    if not reference:  # fused: symbols decoded and joined with the rest straight into the bits
+        from aligncodec.codec.entropy.decode_cpu import decode_float_split
+
+        return decode_float_split(s0, packed, entry.dtype, k).astype(f"<u{width // 8}", copy=False).view(np.uint8)
+    from aligncodec.codec.entropy import rans_reference
+
+    sym = np.asarray(rans_reference.decode(s0), dtype=np.uint16)
+    rest = unpack_bits(packed, n, rw)
+    bits = join_float(sym, rest, entry.dtype, k)
+    return bits.astype(f"<u{width // 8}").view(np.uint8)
