@@ -176,8 +176,13 @@ def compress(
 def check_entry_header(entry: C.TensorEntry, limits: Limits | None = None) -> None:
     """Validate what a tensor's header entry says about its coding (mode known, dtype, params,
     stream count, auxiliary-file rules of spec §7.3) before reading its data."""
-    if entry.name.startswith(AUX_PREFIX) and (entry.dtype != "U8" or len(entry.shape) != 1 or entry.mode != C.MODE_STORED):
-        raise E.HeaderError(f"auxiliary file {entry.name!r} must be a 1-D U8 tensor in mode stored")
+    if entry.name.startswith(AUX_PREFIX):
+        if entry.dtype != "U8" or len(entry.shape) != 1 or entry.mode != C.MODE_STORED:
+            raise E.HeaderError(f"auxiliary file {entry.name!r} must be a 1-D U8 tensor in mode stored")
+        # the minimum every reader path enforces; the portable-name rules of spec §7.3 build on it
+        fname = entry.name[len(AUX_PREFIX):]
+        if not fname or fname in (".", "..") or any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in fname):
+            raise E.HeaderError(f"auxiliary file has an unsafe name {fname!r}")
     if entry.mode in (C.MODE_STORED, C.MODE_FLOAT_SPLIT):
         lossless.check_params(entry)
         want = 1 if entry.mode == C.MODE_STORED else 2

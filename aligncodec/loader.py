@@ -253,7 +253,7 @@ def load(
     ``include_aux``: also yield auxiliary files (``acz:file/<name>``) as uint8 tensors.
     ``limits``: the reader's limits (:class:`aligncodec.formats.limits.Limits`; the
     defaults bound memory and work by the bytes read)."""
-    from aligncodec.archive import check_header
+    from aligncodec.archive import check_entry, check_header
 
     if prefetch < 0:
         raise ValueError("prefetch must be >= 0")
@@ -275,6 +275,7 @@ def load(
             del item
             st.compressed_bytes += entry.size
             if entry.name.startswith(AUX_PREFIX) and not include_aux:
+                check_entry(entry, streams, lim)  # not decoded, but validated as verify does
                 del streams
                 pf.release()
                 continue

@@ -213,6 +213,9 @@ CASES: dict[str, Case] = {
                               "CorruptStreamError", "zstd frame's own content size differs from the declared size"),
     "ecsq_m_mismatch": Case(lambda: build({}, [T("h", "F32", (2, 12), 2, [one_symbol_rans(24), C.RawStream(bytes(2 + 4 * 25))], ecsq_params(1, 5))]),
                             "StreamError", "ecsq Hadamard m that does not divide n as spec §7.4 says"),
+    "aux_name_nul": Case(lambda: build({}, [W, stored("acz:file/a\x00b.json", b"{}")]), "HeaderError", "auxiliary name with NUL (ValueError in decompress)"),
+    "aux_name_newline": Case(lambda: build({}, [W, stored("acz:file/a\nb.json", b"{}")]), "HeaderError", "auxiliary name with a newline (written as given)"),
+    "aux_name_path": Case(lambda: build({}, [W, stored("acz:file/../x.json", b"{}")]), "HeaderError", "auxiliary name that is a path"),
     # ---- bounded work (issue table)
     "zstd_bogus_256MiB": Case(lambda: build({}, [T("w", "U8", (256 * MiB,), C.MODE_STORED, [C.ZstdStream(b"\x28\xb5\x2f\xfd" + bytes(12), 256 * MiB)])]),
                               "LimitError", "280 bytes declaring a 256 MiB tensor (verify peaked at 968 MB)"),
@@ -241,7 +244,6 @@ CASES: dict[str, Case] = {
 
 # writer-side cases (auxiliary-file names, decompress file safety): to add here once they land on main
 WRITER_HOOKS = {
-    "aux_name_nul": "acz:file/a\\x00b: NUL in an auxiliary name (ValueError today)",
     "aux_name_collision": "acz:file/model.safetensors replaces the decoded weights",
     "aux_name_escape": "acz:file/ with newlines or ANSI/OSC escapes",
 }
