@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-DEFAULT_MAX_HEADER_BYTES = 256 << 20
-DEFAULT_MAX_TENSOR_BYTES = 64 << 30
+from aligncodec.formats.constants import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_TENSOR_BYTES
 DEFAULT_MAX_METADATA_BYTES = 16 << 20
 DEFAULT_MAX_RATIO = 256.0
 DEFAULT_RATIO_SLACK_BYTES = 4 << 20

@@ -13,8 +13,7 @@ import json
 import math
 
 from aligncodec.formats import errors as E
-
-AUX_PREFIX = "acz:file/"
+from aligncodec.formats.constants import AUX_PREFIX
 KEY_FILES = "acz.files"
 KEY_LOSSY = "acz.lossy"
 KEY_LOSSY_SUMMARY = "acz.lossy.summary"

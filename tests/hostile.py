@@ -29,7 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from aligncodec.formats import container as C  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from aligncodec.formats import constants as _k, layout as _l, streams as _s, writer as _w  # noqa: E402
+
+# the container's serialisers and constants under one name
+C = SimpleNamespace(**{k: v for m in (_k, _l, _s, _w) for k, v in vars(m).items() if not k.startswith("__")})
+C._serialize_entry = _w.serialize_entry
+C._PREAMBLE, C._SECTION = _l.PREAMBLE, _l.SECTION
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -147,7 +154,7 @@ def _hadamard(rows: int, n: int, m: int) -> bytes:
     p = n // m
     assert p * m == n and lossy.split_pow2(n) == (p, m)
     hd = bytes((n + 7) // 8) + np.eye(m, dtype="<f4").tobytes()
-    t = T("h.weight", "F32", (rows, n), lossy.MODE_ECSQ, [one_symbol_rans(rows * n, 1 << 14), C.RawStream(hd)], ecsq_params(1, m))
+    t = T("h.weight", "F32", (rows, n), C.MODE_ECSQ, [one_symbol_rans(rows * n, 1 << 14), C.RawStream(hd)], ecsq_params(1, m))
     return build({}, [t])
 
 

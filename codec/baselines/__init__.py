@@ -300,9 +300,9 @@ def find_multiplier(
 
 # --------------------------------------------------------------------------- whole-model transforms
 # Methods whose model is first changed by a function-preserving transform (SmoothQuant, KurTail,
-# SpinQuant: codec/smoothquant.py, codec/kurtail.py, codec/spinquant.py register themselves below).
-# tools/baseline.run_baseline calls MODEL_TRANSFORMS[name](model, sigma, method=, bits=, seed=,
-# tokenizer=, model_name=, log=) -> codec.folding.Prepared before quantising.
+# SpinQuant: codec/baselines/smoothquant.py, kurtail.py, spinquant.py register themselves below).
+# tools/experiments/baseline.run_baseline calls MODEL_TRANSFORMS[name](model, sigma, method=, bits=, seed=,
+# log=, calib_windows=, cache_dir=) -> codec.folding.Prepared before quantising.
 MODEL_TRANSFORMS: dict[str, Callable] = {}
 
 

@@ -87,7 +87,8 @@ def main(argv: list[str]) -> int:
     with atheris.instrument_imports(include=["aligncodec"]):
         import aligncodec.archive  # noqa: F401
         import aligncodec.loader  # noqa: F401
-        import aligncodec.formats.container  # noqa: F401
+        import aligncodec.formats.reader  # noqa: F401
+        import aligncodec.validation  # noqa: F401
         import aligncodec.formats.metadata  # noqa: F401
     atheris.Setup(argv, test_one_input, custom_mutator=custom_mutator)
     atheris.Fuzz()

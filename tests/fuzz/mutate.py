@@ -34,7 +34,14 @@ for p in (str(ROOT), str(HERE.parent)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from aligncodec.formats import container as C  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from aligncodec.formats import constants as _k, layout as _l, streams as _s, writer as _w  # noqa: E402
+
+# the container's serialisers and constants under one name
+C = SimpleNamespace(**{k: v for m in (_k, _l, _s, _w) for k, v in vars(m).items() if not k.startswith("__")})
+C._serialize_entry = _w.serialize_entry
+C._PREAMBLE, C._SECTION = _l.PREAMBLE, _l.SECTION
 from aligncodec.formats import errors as E  # noqa: E402
 
 VECTORS = ROOT / "spec" / "vectors"
