@@ -227,12 +227,8 @@ def validate(entry: TensorEntry, streams: list) -> None:
             raise StreamError(f"stored tensor {entry.name!r} needs 1 stream, has {len(streams)}")
         _check_bytes_stream(streams[0], entry.nbytes, entry.name)
         return
-    if entry.mode == MODE_FLOAT_SPLIT:
-        if entry.dtype not in FLOAT_FORMATS:
-            raise StreamError(f"float-split used on {entry.dtype} tensor {entry.name!r}")
+    if entry.mode == MODE_FLOAT_SPLIT:  # dtype and params checked by check_params
         width, e = FLOAT_FORMATS[entry.dtype]
-        if len(entry.params) != 1 or not 0 <= entry.params[0] <= min(16 - e, width - 1 - e):
-            raise StreamError(f"float-split tensor {entry.name!r}: bad parameters")
         k = entry.params[0]
         if len(streams) != 2:
             raise StreamError(f"float-split tensor {entry.name!r} needs 2 streams, has {len(streams)}")
