@@ -366,9 +366,11 @@ def work_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="acz-fuzz-", dir=base))
 
 
-def fuzz(n: int, seed: int = 0, *, start: int = 0, on_case=None, decompress_every: int = 8, save_dir: Path | None = None) -> dict:
+def fuzz(n: int, seed: int = 0, *, start: int = 0, on_case=None, on_done=None, decompress_every: int = 8,
+         save_dir: Path | None = None) -> dict:
     """Run inputs start..start+n-1 of the stream of ``seed`` (input i is a pure function of
-    (seed, i), so a run can be split or resumed). Returns counts and the failing inputs."""
+    (seed, i), so a run can be split or resumed). Returns counts and the failing inputs.
+    ``on_case(i)`` is called before input i, ``on_done(i, category, ops)`` after it."""
     import shutil
 
     import numba
@@ -387,14 +389,10 @@ def fuzz(n: int, seed: int = 0, *, start: int = 0, on_case=None, decompress_ever
                 on_case(i)
             r = run_input(data, wd / "in.acz", decompress=(i % decompress_every == 0))
             counts["inputs"] += 1
-            if r["unnamed"]:
-                counts["unnamed"] += 1
-            elif r["disagree"]:
-                counts["disagree"] += 1
-            elif r["ops"]["verify"] == "OK":
-                counts["ok"] += 1
-            else:
-                counts["named"] += 1
+            cat = "unnamed" if r["unnamed"] else "disagree" if r["disagree"] else "ok" if r["ops"]["verify"] == "OK" else "named"
+            counts[cat] += 1
+            if on_done:
+                on_done(i, cat, r["ops"])
             for v in r["ops"].values():
                 errors[v] = errors.get(v, 0) + 1
             if r["unnamed"] or r["disagree"]:

@@ -7,7 +7,9 @@ it starts; an input during which the worker is silent for more than ``--hang`` s
 (default 10) is a hang: the worker is killed, the input recorded (and saved under
 ``--save``), and the batch resumes after it. Each worker measures its peak resident set
 size (``ru_maxrss``) over its baseline taken after warming every read path on the seeds;
-the report gives the largest increase. Exit status 1 if any input raised an unnamed
+the report gives the largest increase. A hang is judged by the worker's CPU time on one
+input (``--hang`` seconds), or ten times that in wall time, so a starved worker on a
+shared machine is not taken for a hung one. Exit status 1 if any input raised an unnamed
 exception, the read paths disagreed, or an input hung.
 """
 
@@ -39,16 +41,30 @@ def worker(seed: int, start: int, n: int, save: str | None) -> None:
         F.run_input(s, wd / "warm.acz", decompress=True)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print("READY", flush=True)
-    res = F.fuzz(n, seed, start=start, on_case=lambda i: print(i, flush=True), save_dir=Path(save) if save else None)
-    res["base_kb"] = base
-    res["peak_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print("RESULT " + json.dumps(res), flush=True)
+
+    def done(i, cat, ops):  # one line per input: the parent keeps the counts, even if it kills us
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"D {i} {cat} {peak - base} " + ",".join(f"{k}={v}" for k, v in ops.items()), flush=True)
+
+    res = F.fuzz(n, seed, start=start, on_case=lambda i: print(f"S {i}", flush=True), on_done=done,
+                 save_dir=Path(save) if save else None)
+    print("RESULT " + json.dumps({"failures": res["failures"]}), flush=True)
 
 
-def run_batch(seed: int, start: int, n: int, hang: float, save: str | None, nice: int) -> tuple[dict, list[int]]:
-    """Run inputs [start, start+n) in workers, restarting after a hang. Returns (merged result, hung indices)."""
-    merged = {"counts": {}, "outcomes": {}, "failures": [], "peak_over_base_mb": 0.0}
-    hung = []
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), or 0 where unknown."""
+    try:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def run_batch(seed: int, start: int, n: int, hang: float, save: str | None, nice: int, report: dict) -> None:
+    """Run inputs [start, start+n) in worker processes, adding to ``report``. An input on which
+    the worker spends more than ``hang`` seconds of CPU time (not wall time: a shared machine
+    may starve a niced worker) or ``10 × hang`` of wall time is a hang: the worker is killed,
+    the input recorded, and the batch resumes after it."""
     pos = start
     end = start + n
     while pos < end:
@@ -56,55 +72,66 @@ def run_batch(seed: int, start: int, n: int, hang: float, save: str | None, nice
         if save:
             cmd += ["--save", save]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1, preexec_fn=(lambda: os.nice(nice)) if nice else None)
-        last = None
+        current = None  # the input being run
+        cpu0 = wall0 = None
         ready = False
-        buf = ""
-        result = None
         while True:
-            r, _, _ = select.select([p.stdout], [], [], hang if ready else 600)
-            if not r:  # silent for too long: the current input hangs
-                p.kill()
-                p.wait()
-                idx = pos if last is None else last
-                hung.append(idx)
-                if save:
-                    import random
-
-                    sys.path.insert(0, str(HERE))
-                    import mutate as F
-
-                    rng = random.Random(f"{seed}:{idx}")
-                    pool = F.seeds()
-                    Path(save).mkdir(parents=True, exist_ok=True)
-                    (Path(save) / f"hang-{seed}-{idx}.acz").write_bytes(F.mutate(rng, pool[rng.randrange(len(pool))]))
-                pos = idx + 1
-                break
+            r, _, _ = select.select([p.stdout], [], [], 1.0)
+            if not r:
+                if not ready or current is None:
+                    continue
+                cpu = _cpu_seconds(p.pid) - cpu0
+                if cpu > hang or time.time() - wall0 > 10 * hang:
+                    p.kill()
+                    p.wait()
+                    report["hangs"].append({"index": current, "cpu_s": round(cpu, 1), "wall_s": round(time.time() - wall0, 1)})
+                    _save_input(seed, current, save, "hang")
+                    pos = current + 1
+                    break
+                continue
             line = p.stdout.readline()
-            if not line:  # worker died
+            if not line:  # the worker died
                 p.wait()
-                idx = pos if last is None else last
-                merged["failures"].append({"index": idx, "crash": f"worker exited with {p.returncode}"})
+                idx = current if current is not None else pos
+                report["failures"].append({"index": idx, "crash": f"worker exited with {p.returncode}"})
+                _save_input(seed, idx, save, "crash")
                 pos = idx + 1
                 break
-            if line.startswith("READY"):
+            if line.startswith("S "):
+                current = int(line.split()[1])
+                cpu0, wall0 = _cpu_seconds(p.pid), time.time()
+            elif line.startswith("D "):
+                _, i, cat, grow_kb, ops = line.split(" ", 4)
+                report["counts"][cat] = report["counts"].get(cat, 0) + 1
+                report["counts"]["inputs"] = report["counts"].get("inputs", 0) + 1
+                for kv in ops.strip().split(","):
+                    v = kv.split("=", 1)[1]
+                    report["outcomes"][v] = report["outcomes"].get(v, 0) + 1
+                report["peak_over_base_mb"] = max(report["peak_over_base_mb"], int(grow_kb) / 1024)
+                report["max_input_cpu_s"] = max(report.get("max_input_cpu_s", 0.0), _cpu_seconds(p.pid) - cpu0)
+                current = None
+                pos = int(i) + 1
+            elif line.startswith("READY"):
                 ready = True
             elif line.startswith("RESULT "):
-                result = json.loads(line[7:])
-            else:
-                last = int(line)
-                continue
-            if result is not None:
+                report["failures"] += json.loads(line[7:])["failures"]
                 p.wait()
-                for k, v in result["counts"].items():
-                    merged["counts"][k] = merged["counts"].get(k, 0) + v
-                for k, v in result["outcomes"].items():
-                    merged["outcomes"][k] = merged["outcomes"].get(k, 0) + v
-                merged["failures"] += result["failures"]
-                merged["peak_over_base_mb"] = max(merged["peak_over_base_mb"], (result["peak_kb"] - result["base_kb"]) / 1024)
-                merged.setdefault("base_mb", result["base_kb"] / 1024)
                 pos = end
                 break
-    return merged, hung
+
+
+def _save_input(seed: int, idx: int, save: str | None, kind: str) -> None:
+    if not save:
+        return
+    import random
+
+    sys.path.insert(0, str(HERE))
+    import mutate as F
+
+    rng = random.Random(f"{seed}:{idx}")
+    pool = F.seeds()
+    Path(save).mkdir(parents=True, exist_ok=True)
+    (Path(save) / f"{kind}-{seed}-{idx}.acz").write_bytes(F.mutate(rng, pool[rng.randrange(len(pool))]))
 
 
 def main(argv=None) -> int:
@@ -124,21 +151,13 @@ def main(argv=None) -> int:
         return 0
     t0 = time.time()
     report = {"inputs_requested": args.n, "seed": args.seed, "start": args.start, "counts": {}, "outcomes": {}, "failures": [],
-              "hangs": [], "peak_over_base_mb": 0.0}
+              "hangs": [], "peak_over_base_mb": 0.0, "max_input_cpu_s": 0.0}
     for b in range(args.start, args.start + args.n, args.batch):
-        m, hung = run_batch(args.seed, b, min(args.batch, args.start + args.n - b), args.hang, args.save, args.nice)
-        for k, v in m["counts"].items():
-            report["counts"][k] = report["counts"].get(k, 0) + v
-        for k, v in m["outcomes"].items():
-            report["outcomes"][k] = report["outcomes"].get(k, 0) + v
-        report["failures"] += m["failures"]
-        report["hangs"] += hung
-        report["peak_over_base_mb"] = max(report["peak_over_base_mb"], m["peak_over_base_mb"])
-        report.setdefault("base_mb", m.get("base_mb"))
+        run_batch(args.seed, b, min(args.batch, args.start + args.n - b), args.hang, args.save, args.nice, report)
         report["seconds"] = round(time.time() - t0, 1)
         print(json.dumps({"done": b + min(args.batch, args.start + args.n - b) - args.start, "seconds": report["seconds"],
-                          "counts": report["counts"], "hangs": len(report["hangs"]), "peak_over_base_mb": round(report["peak_over_base_mb"], 1)}),
-              flush=True)
+                          "counts": report["counts"], "hangs": len(report["hangs"]), "peak_over_base_mb": round(report["peak_over_base_mb"], 1),
+                          "max_input_cpu_s": round(report["max_input_cpu_s"], 2)}), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
     bad = report["counts"].get("unnamed", 0) + report["counts"].get("disagree", 0) + len(report["hangs"]) + sum(
