@@ -18,7 +18,7 @@ Same bitstream and the same packed slot table as :mod:`aligncodec.codec.entropy.
 
 Without a GPU the kernels run under numba's CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``, set before numba.cuda is first imported), which is
-how CI checks them (tests/test_cudasim_decode.py).
+how CI checks them (tests/test_codec_entropy_decode_cuda.py).
 """
 
 from __future__ import annotations
