@@ -1,11 +1,10 @@
 """Lossless coding modes (spec/FORMAT.md §7): ``stored`` and ``float-split``.
 
-``float-split`` codes a float tensor's bits in two streams: the 8 bits just
-below the sign (the exponent of BF16/F32/F64, or the exponent and the top
-three mantissa bits of F16) as rANS symbols, where weights carry their
-redundancy, and the remaining bits (sign and low mantissa) as
-(W-8)/8 bytes per element, stored raw or as one zstd frame — whichever is
-smaller. ``stored`` keeps the little-endian bytes, raw or zstd. The encoder
+``float-split`` codes a float tensor's bits in two streams: the exponent and
+the top k mantissa bits (``DEFAULT_MANTISSA_BITS``: 2 for BF16, 3 for F16, 0 for
+F32/F64) as rANS symbols, where weights carry their redundancy, and the
+remaining bits (sign and low mantissa) bit-packed, stored raw or as one zstd
+frame — whichever is smaller. ``stored`` keeps the little-endian bytes, raw or zstd. The encoder
 tries the candidates and keeps the smallest; decoding is always bit-exact.
 """
 
