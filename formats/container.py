@@ -27,6 +27,7 @@ from typing import BinaryIO, Iterator, Sequence
 import numpy as np
 
 from aligncodec.formats import errors as E
+from aligncodec.formats.atomic import atomic_path
 
 # --------------------------------------------------------------------------- constants
 
@@ -696,40 +697,21 @@ class ArchiveWriter:
             header = build_header(self.metadata, [e for e, _ in entries])
             data_offset = align(PREAMBLE_SIZE + len(header), DATA_ALIGN)
             pre = build_preamble(len(header), data_offset, data_size, len(entries), len(entries) + 1, crc32(header))
-            d = os.path.dirname(os.path.abspath(self.path))
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=".acz-tmp-", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(pre)
-                    out.write(header)
-                    out.write(bytes(data_offset - PREAMBLE_SIZE - len(header)))
-                    written = 0
-                    for e, spool_off in entries:
-                        out.write(bytes(e.offset - written))
-                        self._spool.seek(spool_off)
-                        left = e.size
-                        while left:
-                            buf = self._spool.read(min(left, 8 << 20))
-                            out.write(buf)
-                            left -= len(buf)
-                        written = e.offset + e.size
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
-            try:  # make the rename durable
-                dfd = os.open(d, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            except OSError:
-                pass
+            with atomic_path(self.path) as tmp, open(tmp, "wb") as out:
+                out.write(pre)
+                out.write(header)
+                out.write(bytes(data_offset - PREAMBLE_SIZE - len(header)))
+                written = 0
+                for e, spool_off in entries:
+                    out.write(bytes(e.offset - written))
+                    self._spool.seek(spool_off)
+                    left = e.size
+                    while left:
+                        buf = self._spool.read(min(left, 8 << 20))
+                        out.write(buf)
+                        left -= len(buf)
+                    written = e.offset + e.size
+                out.flush()
             return [e for e, _ in entries]
         finally:
             self._spool.close()
