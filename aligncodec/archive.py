@@ -42,6 +42,8 @@ class InputError(Exception):
     duplicate tensor names, an auxiliary file name outside the portable set, a symlink
     leaving the input folder)."""
 
+    exit_code = 3  # the CLI's exit code (README)
+
 
 class OutputError(OSError):
     """An output could not be written (disk full, permission, an existing destination)."""

@@ -172,19 +172,20 @@ def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distorti
         E.prepare(j, candidates, alpha=alpha, seed=seed, cache=cache)
     cache.clear()
     t_prep = time.perf_counter() - t0 - t_cal
-    if jobs:
+    res = E.EncodeResult({}, math.nan, 0.0, 0, [], 0.0)
+    for _ in range(3):  # tensors the chosen step cannot serve go lossless; the others are searched again
+        if not jobs:
+            break
         res = E.encode_jobs(jobs, bpw=bpw, distortion=distortion, tol=tol, progress=log, step0=step0)
-        for j in jobs:
-            why = E.unfit_reason(res.codes[j.name], j)
-            if why:
-                lossless_why[j.name] = why
-                del res.codes[j.name]
-        if len(res.codes) < len(jobs):
-            jobs = [j for j in jobs if j.name in res.codes]
-            res.n_weights = sum(j.numel for j in jobs)
-            res.bpw = E.total_rate(res.codes, res.n_weights) if jobs else 0.0
-    else:
-        res = E.EncodeResult({}, math.nan, 0.0, 0, [], 0.0)
+        unfit = {j.name: E.unfit_reason(res.codes[j.name], j) for j in jobs}
+        unfit = {n: w for n, w in unfit.items() if w}
+        if not unfit:
+            break
+        lossless_why.update(unfit)
+        jobs = [j for j in jobs if j.name not in unfit]
+        res = E.EncodeResult({n: c for n, c in res.codes.items() if n not in unfit}, res.step, 0.0,
+                             sum(j.numel for j in jobs), res.history, res.seconds)
+        res.bpw = E.total_rate(res.codes, res.n_weights) if jobs else 0.0
     if lossless_why:
         log(f"note: {len(lossless_why)} tensor(s) coded lossless instead of lossy: "
             + "; ".join(f"{n}: {w}" for n, w in list(lossless_why.items())[:3]) + (" ..." if len(lossless_why) > 3 else ""))

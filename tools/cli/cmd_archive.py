@@ -41,8 +41,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                        nonfinite=args.nonfinite, follow_symlinks=args.follow_symlinks)
         except encoder.EncodeError:
             raise  # TargetError (2), NonFiniteError (3), EncodeVerifyError (8): named, exit code on the class
-        except (archive.InputError, FileNotFoundError) as exc:
-            raise CLIError(str(exc), EXIT_IO) from None
+        except (archive.InputError, OSError):
+            raise  # named, exit 3
         except ValueError as exc:
             raise CLIError(str(exc), EXIT_USAGE) from None
         if not args.quiet:
@@ -55,10 +55,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 print(f"{n_ll} tensor(s) chosen for lossy coding were coded lossless (reasons in the archive's acz.lossy.summary)")
         return 0
     t0 = time.perf_counter()
-    try:
-        archive.compress(args.input, args.output, progress=not args.quiet, follow_symlinks=args.follow_symlinks)
-    except archive.InputError as exc:
-        raise CLIError(str(exc), EXIT_IO) from None
+    archive.compress(args.input, args.output, progress=not args.quiet, follow_symlinks=args.follow_symlinks)
     dt = time.perf_counter() - t0
     info = archive.inspect(args.output)
     if not args.quiet:
