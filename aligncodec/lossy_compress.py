@@ -24,7 +24,8 @@ import torch
 
 from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossless, lossy
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import MODE_ECSQ
+from aligncodec.formats.layout import TensorEntry
 
 from aligncodec import archive
 
@@ -217,14 +218,18 @@ def verify_lossy(path: str | os.PathLike, expected: dict[str, float], original, 
     an archive that does not decode to what was measured never gets its final name.
     Returns name -> decoded error. One tensor decoded at a time."""
     out = {}
-    with C.ArchiveReader(path) as r:
+    from aligncodec.codec.modes import decode_entry
+    from aligncodec.codec.torch_interop import bytes_to_tensor
+    from aligncodec.formats.reader import ArchiveReader
+
+    with ArchiveReader(path) as r:
         by_name = {e.name: e for e in r.tensors}
         for name, want in expected.items():
             e = by_name.get(name)
-            if e is None or e.mode != lossy.MODE_ECSQ:
+            if e is None or e.mode != MODE_ECSQ:
                 raise E.EncodeVerifyError(f"tensor {name!r} is not in the archive as a lossy tensor")
             W = torch.as_tensor(original(name)).to(torch.float32)
-            What = archive.to_torch(e, archive.decode_entry(e, r.read_streams(e))).to(torch.float32)
+            What = bytes_to_tensor(e, decode_entry(e, r.read_streams(e))).to(torch.float32)
             if What.shape != W.shape or not bool(torch.isfinite(What).all()):
                 raise E.EncodeVerifyError(f"tensor {name!r} decodes to a wrong shape or to non-finite values")
             got = float(((What - W).double() ** 2).sum())
@@ -236,7 +241,7 @@ def verify_lossy(path: str | os.PathLike, expected: dict[str, float], original, 
 
 def write_archive(model: str | os.PathLike, out: str | os.PathLike, res: E.EncodeResult, metadata: dict[str, str],
                   progress: bool = True, *, jobs: list[E.TensorJob] | None = None,
-                  follow_symlinks: bool = False) -> list[C.TensorEntry]:
+                  follow_symlinks: bool = False) -> list[TensorEntry]:
     """Write the archive: ``res.codes`` lossy, everything else lossless. With ``jobs`` (the
     originals), the written archive is checked by :func:`verify_lossy` before it gets its name."""
     codes = res.codes
@@ -245,7 +250,7 @@ def write_archive(model: str | os.PathLike, out: str | os.PathLike, res: E.Encod
         c = codes.get(name)
         if c is None:
             return lossless.encode(raw, dtype, int(np.prod(shape, dtype=np.int64)))
-        return lossy.MODE_ECSQ, c.params.pack(), c.streams
+        return MODE_ECSQ, c.params.pack(), c.streams
 
     check = None
     if jobs is not None:

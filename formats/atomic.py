@@ -1,7 +1,11 @@
-"""The one way aligncodec writes an output: into a temporary name beside it, then a rename.
+"""All-or-nothing file output: the one helper every writer of the project uses
+(archives, decoded safetensors, auxiliary files, calibration and result files). It lives
+in ``formats/``, the lowest layer, so that the container writer can use it; it needs only
+the standard library.
 
 * :func:`atomic_path` / :func:`atomic_write` — a file: the body writes a temporary file
-  ``.acz-tmp-<host>-<pid>-<random>.part`` in the destination's folder; on success it is
+  ``.acz-tmp-<host>-<pid>-<random>.part<suffix>`` in the destination's folder (ending in
+  the destination's suffix, so tools that infer the format from it still work); on success it is
   fsynced and renamed over the destination (then the folder is fsynced); on any error
   (Ctrl-C included) it is removed and nothing appears under the destination's name.
 * :func:`atomic_dir` — a folder: the body fills a temporary folder
@@ -34,7 +38,8 @@ from typing import Callable, Iterator
 
 TMP_PREFIX = ".acz-tmp-"
 STALE_SECONDS = 24 * 3600
-_TMP_RE = re.compile(r"^\.acz-tmp-(?:(?P<host>[A-Za-z0-9_-]{1,32})-(?P<pid>\d{1,10})-)?[A-Za-z0-9_]+\.(?:part|d)$")
+_TMP_RE = re.compile(r"^\.acz-tmp-(?:(?P<host>[A-Za-z0-9_]{1,32})-(?P<pid>\d{1,10})-)?[A-Za-z0-9_]+\.(?:part(?:\.[A-Za-z0-9_]{1,16})?|d)$")
+_SUFFIX_RE = re.compile(r"\.[A-Za-z0-9_]{1,16}")
 
 
 def _host_tag() -> str:
@@ -141,17 +146,18 @@ def _remove(p: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike) -> Iterator[str]:
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``dest`` (already created, empty, umask-respecting mode);
     the body writes it (by name: any library's ``save(path)`` works); on success it is fsynced
     and renamed to ``dest``; on error it is removed."""
     dest = os.path.abspath(os.fspath(dest))
     d = os.path.dirname(dest)
     clean_stale(d)
-    tmp = os.path.join(d, temp_name(".part"))
+    suffix = os.path.splitext(dest)[1]
+    tmp = os.path.join(d, temp_name(".part" + (suffix if _SUFFIX_RE.fullmatch(suffix) else "")))
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        yield tmp
+        yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _fix_mode(tmp)
@@ -162,10 +168,12 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[str]:
     _fsync_dir(d)
 
 
-def atomic_write(dest: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """``write(tmp_path)`` then rename to ``dest`` (see :func:`atomic_path`)."""
+def atomic_write(dest: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write ``dest`` all or nothing: ``write(tmp)`` writes a temporary file beside it, which
+    is then fsynced and renamed over ``dest`` (see :func:`atomic_path`). Returns ``dest`` as a Path."""
     with atomic_path(dest) as tmp:
         write(tmp)
+    return Path(dest)
 
 
 def dir_is_empty(path: str | os.PathLike) -> bool:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from aligncodec import archive
 from aligncodec.codec.modes import lossless
 from aligncodec.formats import atomic
-from aligncodec.formats import container as C
+from aligncodec.formats.writer import ArchiveWriter
 from aligncodec.tools.cli import main
 
 
@@ -35,7 +35,7 @@ def folder(tmp_path):
 
 def _archive(path, tensors: dict[str, bytes], aux: dict[str, bytes], meta: dict | None = None):
     """An archive written by the container writer directly (no name checks of the archive layer)."""
-    with C.ArchiveWriter(path, meta or {}) as w:
+    with ArchiveWriter(path, meta or {}) as w:
         for name, data in tensors.items():
             mode, params, streams = lossless.encode(np.frombuffer(data, np.uint8), "U8", len(data))
             w.add(name, "U8", (len(data),), mode, streams, params)
@@ -141,14 +141,16 @@ def test_decompress_is_all_or_nothing_and_needs_force(folder, tmp_path, capsys):
 def test_decompress_failure_leaves_nothing(folder, tmp_path, monkeypatch):
     acz = tmp_path / "m.acz"
     archive.compress(folder, acz, progress=False)
-    real = archive.decode_entry
+    from aligncodec.codec import modes
+
+    real = modes.decode_entry
 
     def fail_on_aux(e, streams, **k):
         if e.name.startswith(archive.AUX_PREFIX):
             raise archive.E.CorruptStreamError("boom")
         return real(e, streams, **k)
 
-    monkeypatch.setattr(archive, "decode_entry", fail_on_aux)
+    monkeypatch.setattr(modes, "decode_entry", fail_on_aux)
     with pytest.raises(archive.E.CorruptStreamError):
         archive.decompress(acz, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()  # the weights were decoded first, yet nothing is left
@@ -273,7 +275,7 @@ def test_kill_9_leftover_is_cleaned_by_the_next_write(folder, tmp_path):
             "    os.kill(os.getpid(), signal.SIGKILL)\n")
     p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.acz")])
     assert p.returncode == -signal.SIGKILL
-    left = list(tmp_path.glob(".acz-tmp-*.part"))
+    left = list(tmp_path.glob(".acz-tmp-*"))
     assert len(left) == 1 and not (tmp_path / "m.acz").exists()
     assert main(["compress", str(folder), "-o", str(tmp_path / "m.acz"), "--lossless", "-q"]) == 0
     assert not list(tmp_path.glob(".acz-tmp-*"))

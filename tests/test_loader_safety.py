@@ -11,7 +11,7 @@ import torch
 import aligncodec
 from aligncodec import archive, loader
 from aligncodec.codec.modes import lossless
-from aligncodec.formats import container as C
+from aligncodec.formats.writer import ArchiveWriter
 
 
 def _tiny_llama_folder(tmp_path, **over):
@@ -31,7 +31,7 @@ def _tiny_llama_folder(tmp_path, **over):
 
 def _acz_with_config(tmp_path, config: bytes, tensors=None, name="c.acz"):
     path = tmp_path / name
-    with C.ArchiveWriter(path, {}) as w:
+    with ArchiveWriter(path, {}) as w:
         for n, data in {"acz:file/config.json": config, **(tensors or {})}.items():
             mode, params, streams = lossless.encode(np.frombuffer(data, np.uint8), "U8", len(data))
             w.add(n, "U8", (len(data),), mode, streams, params)
@@ -100,7 +100,7 @@ def test_tensor_list_checked_before_weights_are_decoded(tmp_path, monkeypatch):
 
 def test_no_config_fails_before_decoding(tmp_path, monkeypatch):
     path = tmp_path / "w.acz"
-    with C.ArchiveWriter(path, {}) as w:
+    with ArchiveWriter(path, {}) as w:
         mode, params, streams = lossless.encode(np.zeros(16, np.uint8), "U8", 16)
         w.add("w", "U8", (16,), mode, streams, params)
     monkeypatch.setattr(loader, "decode_tensor", lambda *a, **k: pytest.fail("decoded"))

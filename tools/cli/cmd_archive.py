@@ -9,7 +9,7 @@ import sys
 import time
 
 from aligncodec import archive
-from aligncodec.tools.cli import EXIT_IO, EXIT_USAGE, CLIError
+from aligncodec.tools.cli import EXIT_IO, EXIT_USAGE, CLIError, add_command
 
 
 def _size(n: float) -> str:
@@ -75,19 +75,21 @@ def cmd_decompress(args: argparse.Namespace) -> int:
 
 
 def _print_table(info: dict) -> None:
-    rows = [{**r, "name": archive.printable(r["name"]), "transform": archive.printable(r["transform"]) if r.get("transform") else r.get("transform")}
-            for r in info["tensors"]]
+    rows = [dict(r) for r in info["tensors"]]
+    for r in rows:  # names come from the file: never raw escape sequences to the terminal
+        r["name"] = archive.printable(r["name"])
+        if isinstance(r.get("transform"), str):
+            r["transform"] = archive.printable(r["transform"])
     w = max([len(r["name"]) for r in rows] + [6])
     lossy_cols = any("transform" in r for r in rows)
-    extra = f" {'transform':<18} {'rank':>4} {'act err':>9}" if lossy_cols else ""
+    extra = f" {'transform':<18} {'act err':>9}" if lossy_cols else ""
     print(f"{'tensor':<{w}}  {'shape':<16} {'dtype':<5} {'mode':<12} {'bytes':>11} {'bpw':>7}{extra}")
     for r in rows:
         bpw = f"{r['bpw']:.3f}" if r["bpw"] is not None else "-"
         ex = ""
         if lossy_cols:
             err = f"{r['act_rel_err']:.3e}" if r.get("act_rel_err") is not None else "-"
-            rank = r.get("rank")
-            ex = f" {r.get('transform') or '-':<18} {'-' if rank is None else rank:>4} {err:>9}"
+            ex = f" {r.get('transform') or '-':<18} {err:>9}"
         print(f"{r['name']:<{w}}  {'x'.join(map(str, r['shape'])) or '()':<16} {r['dtype']:<5} {r['mode']:<12} {r['bytes']:>11} {bpw:>7}{ex}")
     ratio = info["raw_bytes"] / max(1, info["file_bytes"] - info["aux_bytes"])
     bpw = f"{info['bpw']:.4f}" if info["bpw"] is not None else "-"
@@ -114,7 +116,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compress", help="compress a .safetensors file or model folder into an .acz archive")
+    p = add_command(sub, "compress")
     p.add_argument("input", help="a .safetensors file, or a folder of them (a Hugging Face model folder); with --bpw/--distortion also a cached model name (smollm2)")
     p.add_argument("-o", "--output", required=True, help="archive to write (.acz); written atomically")
     p.add_argument("--lossless", action="store_true", help="bit-exact coding of every tensor (float-split rANS / zstd)")
@@ -133,19 +135,19 @@ def add_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("decompress", help="decode an archive back to safetensors (+ auxiliary files)")
+    p = add_command(sub, "decompress")
     p.add_argument("archive")
     p.add_argument("-o", "--output", required=True, help="output folder (created; written in a temporary folder beside it, then renamed)")
     p.add_argument("-f", "--force", action="store_true", help="write into an existing non-empty output folder (replacing the files it decodes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file list")
     p.set_defaults(func=cmd_decompress)
 
-    p = sub.add_parser("inspect", help="per-tensor shape, dtype, mode, bytes and bits per weight")
+    p = add_command(sub, "inspect")
     p.add_argument("archive")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("verify", help="check every checksum and decode every stream")
+    p = add_command(sub, "verify")
     p.add_argument("archive")
     p.add_argument("--no-decode", action="store_true", help="check checksums and structure only, do not decode")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
