@@ -56,7 +56,7 @@ def _poison(value, count=1):
 def test_nonfinite_is_a_named_error_before_any_work(tmp_path, capsys, monkeypatch, value):
     src, _ = _ckpt(tmp_path, _poison(value, 3))
     called = []
-    monkeypatch.setattr(encoder, "prepare", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(encoder, "build_candidates", lambda *a, **k: called.append(1))
     monkeypatch.setattr(lossy_compress, "get_sigma", lambda *a, **k: called.append(2))
     out = tmp_path / "m.acz"
     assert _compress(src, out, "--bpw", "3") == 3
@@ -152,7 +152,7 @@ def test_clamped_symbols_go_lossless(tmp_path, capsys):
 
 def test_unfit_reason_underflowing_step():
     job = encoder.TensorJob("w", torch.randn(32, 32), "F32", None)
-    encoder.prepare(job, ("identity",))
+    encoder.build_candidates(job, ("identity",))
     code = encoder.code_candidate(job, job.cands[0], 1e-3)
     assert encoder.unfit_reason(code, job) is None
     code.params.step = 1e-46  # float32 of it is 0

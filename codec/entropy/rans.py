@@ -24,7 +24,7 @@ import numpy as np
 
 from aligncodec.formats.constants import MAX_PRECISION, RANS_STATE_LOWER
 from aligncodec.formats.streams import RansStream
-from aligncodec.formats.errors import CorruptStreamError, StreamError
+from aligncodec.formats.errors import StreamError
 
 DEFAULT_CHUNK_SYMBOLS = 1 << 14
 PRECISION_CHOICES = (10, 11, 12, 13, 14, 15, 16)

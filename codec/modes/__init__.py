@@ -16,26 +16,15 @@ imported on first use, so importing this registry costs nothing (no numba, no to
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from aligncodec.codec.registry import lazy
 from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED
 from aligncodec.formats.errors import UnsupportedError
 from aligncodec.formats.layout import TensorEntry
-
-
-def _lazy(module: str, attr: str) -> Callable:
-    """``module.attr``, imported when first called."""
-
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
-
-    call.__name__ = attr
-    call.__qualname__ = f"{module}.{attr}"
-    return call
 
 
 @dataclass(frozen=True)
@@ -50,9 +39,9 @@ _LOSSY = "aligncodec.codec.modes.lossy"
 _CUDA = "aligncodec.codec.entropy.decode_cuda"
 
 MODES: dict[int, Mode] = {
-    MODE_STORED: Mode(_lazy(_LOSSLESS, "validate"), _lazy(_LOSSLESS, "decode")),
-    MODE_FLOAT_SPLIT: Mode(_lazy(_LOSSLESS, "validate"), _lazy(_LOSSLESS, "decode"), _lazy(_CUDA, "decode_float_split_tensor")),
-    MODE_ECSQ: Mode(_lazy(_LOSSY, "validate"), _lazy(_LOSSY, "decode")),
+    MODE_STORED: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode")),
+    MODE_FLOAT_SPLIT: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), lazy(_CUDA, "decode_float_split_tensor")),
+    MODE_ECSQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode")),
 }
 assert set(MODES) == set(MODE_NAMES), "every mode id in formats.constants has a registry entry"
 

@@ -38,6 +38,7 @@ from aligncodec.formats.streams import RansStream, RawStream, serialize_stream
 from aligncodec.formats.errors import StreamError, UnsupportedError
 
 from aligncodec.codec.entropy import rans
+from aligncodec.codec.transforms.fwht import butterflies, split_pow2
 
 PARAMS_VERSION = 1
 TRANSFORM_IDENTITY = 0
@@ -93,11 +94,6 @@ class EcsqParams:
 # --------------------------------------------------------------------------- transforms
 
 
-def split_pow2(n: int) -> tuple[int, int]:
-    p = n & -n
-    return p, n // p
-
-
 @dataclass
 class HadamardData:
     """The explicit randomized Hadamard T = D (H_p/√p ⊗ Q_m) of dimension n = p·m."""
@@ -147,14 +143,7 @@ class HadamardData:
         X = np.asarray(X, dtype=np.float64) * self.signs.astype(np.float64)[None, :]
         k, n = X.shape
         p, m = split_pow2(n)
-        Y = X.reshape(k, p, m).copy()
-        h = 1
-        while h < p:
-            Z = Y.reshape(k, p // (2 * h), 2, h, m)
-            a = Z[:, :, 0].copy()
-            Z[:, :, 0] += Z[:, :, 1]
-            Z[:, :, 1] = a - Z[:, :, 1]
-            h *= 2
+        Y = butterflies(X.reshape(k, p, m))
         Y = Y @ self.Q.astype(np.float64)
         return (Y / math.sqrt(p)).reshape(k, n)
 
@@ -172,15 +161,7 @@ def inverse_hadamard_f32(Cm: np.ndarray, hd: HadamardData) -> np.ndarray:
     """W = C · Tᵀ in float32 by the normative algorithm of spec §7.4 (rows of C are row vectors)."""
     rows, n = Cm.shape
     p, m = split_pow2(n)
-    X = np.array(Cm, dtype=np.float32, copy=True).reshape(rows, p, m)
-    h = 1
-    while h < p:  # Sylvester butterflies, element-wise float32
-        Y = X.reshape(rows, p // (2 * h), 2, h, m)
-        a = Y[:, :, 0].copy()
-        b = Y[:, :, 1]
-        Y[:, :, 0] = a + b
-        Y[:, :, 1] = a - b
-        h *= 2
+    X = butterflies(np.asarray(Cm, dtype=np.float32).reshape(rows, p, m))  # Sylvester butterflies, element-wise float32
     if m > 1:  # Y[., j] = sum_k X[., k] · Q[j, k], k ascending, float32 each step
         out = np.zeros_like(X)
         for j in range(m):

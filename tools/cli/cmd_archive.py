@@ -9,7 +9,7 @@ import sys
 import time
 
 from aligncodec import archive
-from aligncodec.tools.cli import EXIT_IO, EXIT_USAGE, CLIError, add_command
+from aligncodec.tools.cli import EXIT_DEPENDENCY, EXIT_IO, EXIT_USAGE, CLIError, add_command
 
 
 def _size(n: float) -> str:
@@ -43,6 +43,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             raise  # TargetError (2), NonFiniteError (3), EncodeVerifyError (8): named, exit code on the class
         except (archive.InputError, OSError):
             raise  # named, exit 3
+        except _enc.CalibrationUnavailableError as exc:
+            raise CLIError(str(exc), EXIT_DEPENDENCY) from None
         except ValueError as exc:
             raise CLIError(str(exc), EXIT_USAGE) from None
         if not args.quiet:
@@ -126,7 +128,8 @@ def add_parser(sub) -> None:
                    help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")
     p.add_argument("--alpha", type=float, default=0.25, help="lossy: column steps ∝ Σ_jj^-alpha for the colscale transforms (default 0.25)")
     p.add_argument("--lossy-embeddings", action="store_true", help="lossy: code the embeddings lossy too (weight MSE)")
-    p.add_argument("--no-calibration", action="store_true", help="lossy: no calibration Σ (plain weight MSE)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="lossy: no calibration Σ (plain weight MSE); without it a model that cannot be calibrated is an error")
     p.add_argument("--seed", type=int, default=0, help="lossy: seed of the randomized Hadamard transforms")
     p.add_argument("--nonfinite", choices=("error", "lossless"), default="error",
                    help="lossy: a tensor holding NaN or Inf is an error (default) or is coded lossless")
