@@ -163,6 +163,15 @@ class _Interrupts:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _flush_and_exit(code: int) -> None:
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
+            pass
+    os._exit(code)
+
+
 def _run(argv: list[str], want_tb: list) -> int:
     want_tb[0] = "--traceback" in argv[: argv.index("--") if "--" in argv else len(argv)]
     parser = build_parser(_command_in(argv) or "")
@@ -187,19 +196,23 @@ def main(argv: list[str] | None = None) -> int:
     want_tb = [False]
     try:
         try:
-            return _run(argv, want_tb)
+            code = _run(argv, want_tb)
+            if intr.count:  # a library caught the KeyboardInterrupt and carried on: still an interrupted run
+                raise KeyboardInterrupt
+            return code
         except KeyboardInterrupt:
             print("aligncodec: interrupted", file=sys.stderr)
             if as_program and installed:  # the work is abandoned: no slow interpreter shutdown to interrupt
                 intr.for_shutdown()
-                for f in (sys.stdout, sys.stderr):
-                    try:
-                        f.flush()
-                    except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
-                        pass
-                os._exit(EXIT_INTERRUPTED)
+                _flush_and_exit(EXIT_INTERRUPTED)
             return EXIT_INTERRUPTED
         except Exception as exc:  # one line per error, distinct exit codes
+            if intr.count:  # e.g. numpy turns a Ctrl-C during its import into an ImportError
+                print("aligncodec: interrupted", file=sys.stderr)
+                if as_program and installed:
+                    intr.for_shutdown()
+                    _flush_and_exit(EXIT_INTERRUPTED)
+                return EXIT_INTERRUPTED
             if want_tb[0]:
                 raise
             msg = _printable(str(exc))
