@@ -20,14 +20,16 @@ from typing import Callable, Iterator
 import numpy as np
 
 from aligncodec import __version__
-from aligncodec.auxfiles import (AUX_PREFIX, add_aux_file, archive_aux_names, aux_name_problem, extract_aux_files,
-                                 file_name_problem, find_aux_files, is_aux)
+from aligncodec.auxfiles import AUX_PREFIX, add_aux_file, aux_name_problem, extract_aux_files, find_aux_files, is_aux
 from aligncodec.formats import errors as E
+from aligncodec.formats import metadata as M
+from aligncodec.formats.limits import Limits
 from aligncodec.formats.atomic import atomic_dir, atomic_write
 from aligncodec.formats.constants import DATA_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
 from aligncodec.formats.reader import ArchiveReader
 from aligncodec.formats.writer import ArchiveWriter
+from aligncodec.validation import check_entry, open_archive
 
 
 class InputError(Exception):
@@ -227,42 +229,11 @@ def _save_safetensors(sd: dict, path: str, metadata: dict | None) -> None:
         raise OutputError(f"cannot write {path}: {exc}") from None
 
 
-def _check_files_meta(files) -> dict[str, dict]:
-    """``acz.files`` parsed into {safetensors file name: {"metadata": {str: str}, "tensors": [str]}},
-    or HeaderError."""
-    if not isinstance(files, dict):
-        raise E.HeaderError("metadata acz.files is not a JSON object")
-    out = {}
-    for fname, info in files.items():
-        if not isinstance(fname, str) or file_name_problem(fname) or not fname.endswith(".safetensors"):
-            raise E.HeaderError(f"metadata names an unsafe output file {fname!r}")
-        if not isinstance(info, dict):
-            raise E.HeaderError(f"metadata acz.files[{fname!r}] is not a JSON object")
-        tensors = info.get("tensors", [])
-        meta = info.get("metadata") or {}
-        if not isinstance(tensors, list) or not all(isinstance(t, str) for t in tensors):
-            raise E.HeaderError(f"metadata acz.files[{fname!r}].tensors is not a list of names")
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise E.HeaderError(f"metadata acz.files[{fname!r}].metadata is not a map of strings")
-        out[fname] = {"metadata": meta, "tensors": tensors}
-    return out
-
-
-def check_names(r: ArchiveReader) -> tuple[dict[str, dict], list[str]]:
-    """The output file map (``acz.files``) and auxiliary file names of an open archive,
-    checked (HeaderError otherwise). inspect, verify and decompress all call it, so they
-    agree on which archives are valid."""
-    try:
-        files = json.loads(r.metadata.get("acz.files", "{}"))
-    except (ValueError, RecursionError):
-        raise E.HeaderError("metadata acz.files is not JSON") from None
-    return _check_files_meta(files), archive_aux_names(r)
-
-
 def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progress: bool = True,
-               force: bool = False) -> list[Path]:
+               limits: Limits | None = None, force: bool = False) -> list[Path]:
     """Write the archive's tensors back as safetensors files (the original file
     split and per-file metadata) plus its auxiliary files. Returns the paths written.
+    ``limits``: the reader's limits (formats/limits.py).
 
     Everything is written into a temporary folder beside ``outdir`` and renamed into
     place at the end, so a failure leaves nothing under ``outdir``. An existing non-empty
@@ -277,33 +248,32 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
     if outdir.is_dir() and not force and any(outdir.iterdir()):
         raise OutputError(f"{outdir} exists and is not empty (use --force to write into it)")
     written: list[Path] = []
-    with ArchiveReader(archive) as r:
-        files, _aux_names = check_names(r)
+    with open_archive(archive, limits) as r:  # aux names (spec §7.3) and acz.files checked on open
+        files = M.parse_files(r.metadata.get(M.KEY_FILES, "{}"))
         tensors = [t for t in r.tensors if not is_aux(t.name)]
-        assigned: dict[str, str] = {}
-        for fname, info in files.items():
-            for n in info["tensors"]:
-                if n in assigned:
-                    raise E.HeaderError(f"metadata lists tensor {n!r} in both {assigned[n]!r} and {fname!r}")
-                assigned[n] = fname
+        assigned = {n for info in files.values() for n in info.get("tensors", [])}
         orphans = [t.name for t in tensors if t.name not in assigned]
         if orphans:
-            extra = "model.safetensors" if not files else "extra.safetensors"
-            if extra in files:
-                raise E.HeaderError(f"metadata acz.files does not list tensor {orphans[0]!r}")
-            files[extra] = {"metadata": {}, "tensors": orphans}
+            stem, i = ("model" if not files else "extra"), 0
+            fname = f"{stem}.safetensors"
+            while fname in files:  # never replace a listed file's tensors
+                i += 1
+                fname = f"{stem}-{i}.safetensors"
+            files[fname] = {"metadata": {}, "tensors": orphans}
         by_name = {t.name: t for t in tensors}
         bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="decompress", disable=None if progress else True, leave=False)
         with atomic_dir(outdir, merge=force) as tmpdir:
             for fname, info in sorted(files.items()):
+                if os.path.basename(fname) != fname or not fname.endswith(".safetensors"):
+                    raise E.HeaderError(f"metadata names an unsafe output file {fname!r}")
                 sd = {}
-                for n in info["tensors"]:
+                for n in info.get("tensors", []):
                     e = by_name.get(n)
                     if e is None:
                         raise E.HeaderError(f"metadata lists tensor {n!r} that the archive lacks")
                     sd[n] = bytes_to_tensor(e, decode_entry(e, r.read_streams(e)))
                     bar.update(e.nbytes)
-                _save_safetensors(sd, os.path.join(tmpdir, fname), info["metadata"] or None)
+                _save_safetensors(sd, os.path.join(tmpdir, fname), info.get("metadata") or None)
                 written.append(outdir / fname)
                 del sd
             for e in r.tensors:
@@ -318,22 +288,22 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
     return written
 
 
-def inspect(archive: str | os.PathLike) -> dict:
+def inspect(archive: str | os.PathLike, *, limits: Limits | None = None) -> dict:
     """Per-tensor and total sizes. bits per weight = archive bytes * 8 / weights,
     header, padding and side information included; auxiliary files are
-    reported separately and excluded from the weights' total."""
-    with ArchiveReader(archive) as r:
-        check_names(r)
+    reported separately and excluded from the weights' total.
+
+    Validates the archive as ``verify(decode=False)`` does (every checksum, stream and
+    declared size), so inspect, verify, decompress and load agree on what is valid; only
+    decode-time integrity checks (rANS final states, zstd frame contents) are left to them."""
+    with open_archive(archive, limits) as r:
         rows = []
         aux_bytes = 0
         n_weights = 0
-        try:  # per-tensor results of the lossy encoder, if any (aligncodec/lossy_compress.py)
-            lossy_meta = json.loads(r.metadata.get("acz.lossy", "{}"))
-        except (ValueError, RecursionError):
-            lossy_meta = {}
-        if not isinstance(lossy_meta, dict):
-            lossy_meta = {}
+        # per-tensor results of the lossy encoder, if any (aligncodec/lossy_compress.py; validated on open)
+        lossy_meta = M.parse_lossy(r.metadata.get(M.KEY_LOSSY, "{}"))
         for e in r.tensors:
+            check_entry(e, r.read_streams(e), r.limits)
             if is_aux(e.name):
                 aux_bytes += align(e.size, DATA_ALIGN)
                 continue
@@ -350,11 +320,9 @@ def inspect(archive: str | os.PathLike) -> dict:
                     "bpw": e.size * 8 / e.numel if e.numel else None,
                 }
             )
-            lm = lossy_meta.get(e.name)
-            if isinstance(lm, dict):  # informational: keep only values of the expected types
-                kind, err = lm.get("kind"), lm.get("act_rel_err")
-                rows[-1]["transform"] = kind if isinstance(kind, str) else None
-                rows[-1]["act_rel_err"] = float(err) if isinstance(err, (int, float)) and not isinstance(err, bool) else None
+            if e.name in lossy_meta and isinstance(lossy_meta[e.name], dict):
+                rows[-1]["transform"] = lossy_meta[e.name].get("kind")
+                rows[-1]["act_rel_err"] = lossy_meta[e.name].get("act_rel_err")
         file_bytes = r.file_size
         return {
             "file": os.fspath(archive),
@@ -370,20 +338,18 @@ def inspect(archive: str | os.PathLike) -> dict:
         }
 
 
-def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = False) -> dict:
+def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = False, limits: Limits | None = None) -> dict:
     """Check every checksum and padding byte, parse every stream, check it against the
     tensor's coding mode and (``decode``) decode every tensor. Raises the first error;
     returns a summary."""
     from tqdm import tqdm
 
-    from aligncodec.codec.modes import decode_entry, validate_entry
+    from aligncodec.codec.modes import decode_entry
 
-    with ArchiveReader(archive) as r:
-        r.check_padding()
-        check_names(r)
+    with open_archive(archive, limits) as r:  # padding, header, metadata: checked on open
         for e in tqdm(r.tensors, desc="verify", disable=None if progress else True, leave=False):
             streams = r.read_streams(e)
-            validate_entry(e, streams)
+            check_entry(e, streams, r.limits)
             if decode:
                 out = decode_entry(e, streams)
                 if out.size != e.nbytes:

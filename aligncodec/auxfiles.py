@@ -112,26 +112,26 @@ def add_aux_file(writer: ArchiveWriter, path: Path) -> None:
     writer.add(AUX_PREFIX + Path(path).name, "U8", (len(data),), mode, streams, params)
 
 
-def iter_aux_files(archive: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+def iter_aux_files(archive: str | os.PathLike, limits=None) -> Iterator[tuple[str, bytes]]:
     """``(file name, bytes)`` of each auxiliary file of an archive on disk, by random access."""
     from aligncodec.codec.modes import decode_entry
+    from aligncodec.validation import open_archive
 
-    with ArchiveReader(archive) as r:
-        archive_aux_names(r)  # every name checked before the first file is handed out
+    with open_archive(archive, limits) as r:  # every aux name checked on open (validation.check_header)
         for e in r.tensors:
             if is_aux(e.name):
                 fname = file_name(e.name)
                 yield fname, decode_entry(e, r.read_streams(e)).tobytes()
 
 
-def read_aux_files(archive: str | os.PathLike) -> dict[str, bytes]:
+def read_aux_files(archive: str | os.PathLike, limits=None) -> dict[str, bytes]:
     """All auxiliary files of an archive on disk, by file name."""
-    return dict(iter_aux_files(archive))
+    return dict(iter_aux_files(archive, limits))
 
 
-def extract_aux_files(archive: str | os.PathLike, outdir: str | os.PathLike) -> list[Path]:
+def extract_aux_files(archive: str | os.PathLike, outdir: str | os.PathLike, limits=None) -> list[Path]:
     """Write the archive's auxiliary files into ``outdir`` (each atomically); returns their paths."""
     written = []
-    for fname, data in iter_aux_files(archive):
+    for fname, data in iter_aux_files(archive, limits):
         written.append(atomic_write(Path(outdir) / fname, lambda tmp, data=data: tmp.write_bytes(data)))
     return written
