@@ -252,9 +252,9 @@ def test_cli_stream_compress_and_named_errors(tmp_path, capsys):
     d = make_checkpoint(tmp_path / "m", "llama", False)
     out = tmp_path / "o.acz"
     # no tokenizer in the folder: calibration cannot run, a named error before any output
-    assert main(["compress", str(d), "-o", str(out), "--bpw", "4"]) == EXIT_IO
+    assert main(["compress", str(d), "-o", str(out), "--bpw", "4", "--encoder", "stream"]) == EXIT_IO
     assert "tokenizer" in capsys.readouterr().err and not out.exists()
-    assert main(["compress", str(d), "-o", str(out), "--bpw", "4", "--no-calibration", "-q"]) == 0
+    assert main(["compress", str(d), "-o", str(out), "--bpw", "4", "--encoder", "stream", "--no-calibration", "-q"]) == 0
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -263,5 +263,5 @@ def test_cli_stream_compress_and_named_errors(tmp_path, capsys):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "no_such_model"
     (d / "config.json").write_text(json.dumps(cfg))
-    assert main(["compress", str(d), "-o", str(tmp_path / "x.acz"), "--bpw", "4"]) == EXIT_UNSUPPORTED
+    assert main(["compress", str(d), "-o", str(tmp_path / "x.acz"), "--bpw", "4", "--encoder", "stream"]) == EXIT_UNSUPPORTED
     assert not (tmp_path / "x.acz").exists()

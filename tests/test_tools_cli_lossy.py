@@ -26,7 +26,7 @@ def ckpt(tmp_path):
 def test_cli_lossy_compress_inspect_verify_decompress(tmp_path, ckpt, capsys):
     src, sd = ckpt
     out = tmp_path / "m.acz"
-    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--bpw-scope", "linear", "--no-calibration", "-q"]) == 0
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--no-calibration", "-q"]) == 0
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -59,12 +59,12 @@ def test_calibration_failure_is_an_error_not_weight_mse(tmp_path, ckpt, capsys):
     Σ = I is used only when --no-calibration asks for it."""
     src, _ = ckpt
     out = tmp_path / "m.acz"
-    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--encoder", "whole", "-q"]) == 7
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "-q"]) == 7
     err = capsys.readouterr().err
     assert "no calibration Σ" in err and "--no-calibration" in err
     assert not out.exists()
-    # the block-sequential encoder (default) cannot build a model without its config either
-    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "-q"]) == 6
+    # the block-sequential encoder cannot build a model without its config either
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--encoder", "stream", "-q"]) == 6
     err = capsys.readouterr().err
     assert "config.json" in err and "--no-calibration" in err
     assert not out.exists()

@@ -29,7 +29,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if lossy_target:
         if args.bpw is not None and args.distortion is not None:
             raise CLIError("give --bpw or --distortion, not both", EXIT_USAGE)
-        encoder_kind = args.encoder or ("whole" if args.distortion is not None else "stream")
+        encoder_kind = args.encoder or "whole"  # the stream encoder is opt-in until its quality is measured
         if encoder_kind == "stream":
             return _compress_stream(args)
         if args.bpw_scope == "all":
@@ -181,13 +181,13 @@ def add_parser(sub) -> None:
     p.add_argument("input", help="a .safetensors file, or a folder of them (a Hugging Face model folder); with --bpw/--distortion also a cached model name (smollm2)")
     p.add_argument("-o", "--output", required=True, help="archive to write (.acz); written atomically")
     p.add_argument("--lossless", action="store_true", help="bit-exact coding of every tensor (float-split rANS / zstd)")
-    p.add_argument("--bpw", type=float, help="lossy: target bits per weight (met within 1%%): file bytes x 8 / every parameter "
-                   "(--bpw-scope all, default), or all-in over the decoder blocks' linear layers (--bpw-scope linear)")
+    p.add_argument("--bpw", type=float, help="lossy: target bits per weight (met within 1%%): all-in over the lossy linear layers (--bpw-scope linear, "
+                   "the whole encoder's), or file bytes x 8 / every parameter (--bpw-scope all, the stream encoder's default)")
     p.add_argument("--bpw-scope", choices=("all", "linear"), default=None,
-                   help="lossy: what --bpw counts (default all; the whole-model encoder only knows linear)")
+                   help="lossy: what --bpw counts (stream encoder: default all; the whole encoder only knows linear)")
     p.add_argument("--encoder", choices=("stream", "whole"), default=None,
-                   help="lossy: stream = block by block, memory of one block (default for --bpw); "
-                        "whole = every lossy tensor at once (the studies' encoder; default for --distortion)")
+                   help="lossy: whole = every lossy tensor at once (default; the studies' encoder); "
+                        "stream = block by block, memory of one block, any Transformers causal LM")
     p.add_argument("--calibration", choices=("quantized", "float"), default="quantized",
                    help="lossy (stream): Σ of block L from the outputs of the already encoded blocks (quantized, "
                         "default) or of the unmodified model (float)")
