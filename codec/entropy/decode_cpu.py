@@ -14,13 +14,17 @@ What makes it fast, without changing the format:
   clamped inside the payload) and selected, so no mispredicted branches; a
   corrupt chunk is still caught by the final checks (state == L, every word
   consumed, none read past the chunk's end);
-* **parallel over chunk groups** on all numba threads (``threads=``);
+* **parallel over chunk ranges** on a pool of plain threads running ``nogil`` kernels
+  (:mod:`aligncodec.codec.parallel`; ``threads=``), not numba's OpenMP team: a task
+  is picked up by whichever worker is free, so a descheduled thread on a busy
+  machine delays only its own range, and chunks of different tensors overlap in the
+  loader (:func:`plan_decode` is the plan form);
 * **fused float-split reconstruction**: each task, right after decoding its
   chunks, joins their symbols with the bit-packed rest of the float while they
   are still in cache, writing the final bit patterns into the output array.
 
-Reconstruction of other (lossy) modes is a separate step after
-:func:`decode_symbols`; see ``aligncodec.loader.register_reconstructor``.
+Reconstruction of other (lossy) modes is a separate step after symbol decoding
+(:mod:`aligncodec.codec.modes.lossy`).
 """
 
 from __future__ import annotations
@@ -58,28 +62,38 @@ ERROR_TEXT = {
 def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
     """Packed decode table of 2**precision uint64 entries:
     ``freq[s] | (slot - cum[s]) << 32 | s << 48`` for the symbol s owning the slot."""
-    f = np.asarray(freqs, dtype=np.int64)
+    f = np.ascontiguousarray(freqs, dtype=np.int64)
     if len(f) > 1 << 16:
         raise StreamError("rANS alphabet larger than 2^16")
+    if f.size and f.min() < 0:
+        raise StreamError("negative rANS frequency")
     if int(f.sum()) != 1 << precision:
         raise StreamError(f"frequencies sum to {int(f.sum())}, not 2^{precision}")
-    sym = np.repeat(np.arange(len(f), dtype=np.uint64), f)
-    cum = np.zeros(len(f), dtype=np.int64)
-    np.cumsum(f[:-1], out=cum[1:])
-    slots = np.arange(1 << precision, dtype=np.int64)
-    bias = (slots - cum[sym.astype(np.int64)]).astype(np.uint64)
-    return f.astype(np.uint64)[sym.astype(np.int64)] | (bias << _U64(32)) | (sym << _U64(48))
+    tab = np.empty(1 << precision, dtype=np.uint64)
+    _fill_table(f, tab)
+    return tab
+
+
+@nb.njit(nogil=True, cache=True)
+def _fill_table(freqs, tab):
+    pos = 0
+    for s in range(freqs.shape[0]):
+        f = freqs[s]
+        base = _U64(f) | (_U64(s) << _U64(48))
+        for j in range(f):
+            tab[pos + j] = base | (_U64(j) << _U64(32))
+        pos += f
 
 
 # ----------------------------------------------------------------- kernels
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(nogil=True, cache=True, inline="always")
 def _state(words, w):
     return _U64(words[w]) | (_U64(words[w + 1]) << _U64(16))
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(nogil=True, cache=True, inline="always")
 def _finish(x, p, wend):
     if p > wend:
         return 2
@@ -90,7 +104,7 @@ def _finish(x, p, wend):
     return 0
 
 
-@nb.njit(cache=True)
+@nb.njit(nogil=True, cache=True)
 def _decode_one(words, last, tab, precision, w0, wend, m, out, o):
     """Decode m symbols of the chunk occupying words[w0:wend] into out[o:o+m]. Returns an error code (0 = ok)."""
     P = _U64(precision)
@@ -115,7 +129,7 @@ def _decode_one(words, last, tab, precision, w0, wend, m, out, o):
     return _finish(x, p, wend)
 
 
-@nb.njit(cache=True)
+@nb.njit(nogil=True, cache=True)
 def _decode_four(words, last, tab, precision, wa, wb, wc, wd, ea, eb, ec, ed, m, out, oa, ob, oc, od, status, c0):
     """Four chunks of m symbols each, stepped in lock step (independent dependency chains)."""
     P = _U64(precision)
@@ -175,7 +189,7 @@ def _decode_four(words, last, tab, precision, wa, wb, wc, wd, ea, eb, ec, ed, m,
     status[c0 + 3] = _finish(xd, pd, ed)
 
 
-@nb.njit(cache=True)
+@nb.njit(nogil=True, cache=True)
 def _join_range(out, a, b, rest, rw, low, width):
     """out[i] (a symbol) := the float bit pattern of symbol out[i] and rest i (rw bits at bit i*rw of rest)."""
     bit = a * rw
@@ -204,36 +218,37 @@ def _join_range(out, a, b, rest, rw, low, width):
         out[i] = ((r >> LOW) << TOP) | (s << LOW) | (r & lmask)
 
 
-@nb.njit(parallel=True, cache=True)
-def _decode_kernel(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, width, join):
-    """All chunks of one stream. chunk_w[c] is the word index where chunk c starts (chunk_w[-1] the end).
-    Tasks: groups of GROUP full chunks, then the remaining chunks one by one."""
-    n_chunks = chunk_w.shape[0] - 1
-    status = np.zeros(n_chunks, dtype=np.int32)
+@nb.njit(nogil=True, cache=True)
+def _decode_range(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, width, join, c0, c1, status):
+    """Chunks [c0, c1) of one stream (chunk_w[c]: the word where chunk c starts, chunk_w[-1] the end):
+    full chunks four at a time, the rest one by one; with ``join`` each group's symbols are
+    joined with their float-split rest right after decoding, while still in cache."""
     last = words.shape[0] - 1
-    n_full = n // cs
-    n_groups = n_full // 4
-    n_tasks = n_groups + (n_chunks - 4 * n_groups)
-    for t in nb.prange(n_tasks):
-        if t < n_groups:
-            c = 4 * t
-            a = c * cs
-            _decode_four(
-                words, last, tab, precision,
-                chunk_w[c], chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3],
-                chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3], chunk_w[c + 4],
-                cs, out, a, a + cs, a + 2 * cs, a + 3 * cs, status, c,
-            )
-            if join:
-                _join_range(out, a, a + 4 * cs, rest, rw, low, width)
-        else:
-            c = 4 * n_groups + (t - n_groups)
-            a = c * cs
-            b = min(a + cs, n)
-            status[c] = _decode_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, out, a)
-            if join:
-                _join_range(out, a, b, rest, rw, low, width)
-    return status
+    c = c0
+    while c + 4 <= c1 and (c + 4) * cs <= n:
+        a = c * cs
+        _decode_four(
+            words, last, tab, precision,
+            chunk_w[c], chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3],
+            chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3], chunk_w[c + 4],
+            cs, out, a, a + cs, a + 2 * cs, a + 3 * cs, status, c,
+        )
+        if join:
+            _join_range(out, a, a + 4 * cs, rest, rw, low, width)
+        c += 4
+    while c < c1:
+        a = c * cs
+        b = min(a + cs, n)
+        status[c] = _decode_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, out, a)
+        if join:
+            _join_range(out, a, b, rest, rw, low, width)
+        c += 1
+
+
+# chunks per task: at least this many (a task is then ~0.1-1 ms), and about TASKS_PER_THREAD tasks
+# per worker so that a worker slowed down by other processes delays only a small share
+MIN_TASK_CHUNKS = 8
+TASKS_PER_THREAD = 4
 
 
 # ----------------------------------------------------------------- public API
@@ -241,18 +256,11 @@ def _decode_kernel(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, wi
 
 @contextlib.contextmanager
 def num_threads(threads: int | None):
-    """Run numba parallel kernels with ``threads`` threads (None: leave as is)."""
-    if threads is None:
+    """Decode with ``threads`` worker threads inside this block, in this thread (None: leave as is)."""
+    from aligncodec.codec import parallel
+
+    with parallel.threads_override(threads):
         yield
-        return
-    if threads < 1:
-        raise ValueError("threads must be >= 1")
-    old = nb.get_num_threads()
-    nb.set_num_threads(min(int(threads), nb.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        nb.set_num_threads(old)
 
 
 def _words(stream: RansStream) -> tuple[np.ndarray, np.ndarray]:
@@ -285,23 +293,55 @@ def _raise_status(status: np.ndarray) -> None:
 _EMPTY_U8 = np.zeros(1, dtype=np.uint8)
 
 
-def decode_symbols(stream: RansStream, *, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
-    """Decode a rANS stream into ``out`` (default a new uint16 array; any unsigned
-    integer array of ``n_symbols`` elements works). Raises CorruptStreamError if any
-    chunk fails its integrity checks."""
-    n = stream.n_symbols
+def _check_out(out, n: int, dtype=None) -> np.ndarray:
+    if dtype is not None:
+        if out is None:
+            return np.empty(n, dtype=dtype)
+        if out.shape != (n,) or out.dtype != dtype:
+            raise ValueError(f"out must be a 1-d {np.dtype(dtype).name} array of {n} elements")
+        return out
     if out is None:
-        out = np.empty(n, dtype=np.uint16)
-    elif out.shape != (n,) or out.dtype.kind != "u":
+        return np.empty(n, dtype=np.uint16)
+    if out.shape != (n,) or out.dtype.kind != "u":
         raise ValueError(f"out must be a 1-d unsigned array of {n} elements")
+    return out
+
+
+def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = None, rest: np.ndarray | None = None,
+                rw: int = 1, low: int = 0, width: int = 16):
+    """Plan (see :mod:`aligncodec.codec.parallel`) decoding ``stream`` into ``out`` (checked by the
+    caller), joined with a float-split ``rest`` when given; returns ``out``. The stream's table and
+    chunk layout are checked when the plan starts; a corrupt chunk raises CorruptStreamError."""
+    from aligncodec.codec import parallel
+
+    n = stream.n_symbols
     if n == 0:
         return out
     words, chunk_w = _words(stream)
     tab = slot_table(stream.freqs, stream.precision)
-    with num_threads(threads):
-        status = _decode_kernel(words, chunk_w, stream.chunk_symbols, n, tab, stream.precision, out, _EMPTY_U8, 1, 0, 16, False)
+    n_chunks = len(chunk_w) - 1
+    status = np.zeros(n_chunks, dtype=np.int32)
+    join = rest is not None
+    rest_arr = rest if join else _EMPTY_U8
+    parts = parallel.resolve_threads(threads) * TASKS_PER_THREAD
+    cs, precision = stream.chunk_symbols, stream.precision
+
+    def task(c0, c1):
+        _decode_range(words, chunk_w, cs, n, tab, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
+
+    yield parallel.stage(task, parallel.split_ranges(n_chunks, parts, multiple=GROUP, minimum=MIN_TASK_CHUNKS))
     _raise_status(status)
     return out
+
+
+def decode_symbols(stream: RansStream, *, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+    """Decode a rANS stream into ``out`` (default a new uint16 array; any unsigned
+    integer array of ``n_symbols`` elements works). Raises CorruptStreamError if any
+    chunk fails its integrity checks."""
+    from aligncodec.codec import parallel
+
+    out = _check_out(out, stream.n_symbols)
+    return parallel.run(plan_decode(stream, out, threads=threads), threads)
 
 
 def float_split_layout(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int) -> tuple[int, int, int, np.ndarray]:
@@ -325,24 +365,20 @@ def float_split_layout(stream: RansStream, rest: bytes | np.ndarray, dtype: str,
     return width, rw, rw - 1, raw
 
 
+def plan_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int, out: np.ndarray | None = None,
+                     *, threads: int | None = None):
+    """Plan form of :func:`decode_float_split` (parameters checked now, decoding when run)."""
+    width, rw, low, raw = float_split_layout(stream, rest, dtype, k)
+    out = _check_out(out, stream.n_symbols, _UINT[width])
+    return plan_decode(stream, out, threads=threads, rest=raw, rw=rw, low=low, width=width)
+
+
 def decode_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int, *, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
     """Decode a float-split tensor (spec §7.2) straight into its bit patterns.
 
     ``stream`` holds the E+k-bit symbols (exponent and top k mantissa bits),
     ``rest`` the bit-packed sign and low mantissa bits (W-E-k bits each, LSB first).
     Returns a uint{W} array of ``stream.n_symbols`` elements (``out`` if given)."""
-    width, rw, low, raw = float_split_layout(stream, rest, dtype, k)
-    n = stream.n_symbols
-    u = _UINT[width]
-    if out is None:
-        out = np.empty(n, dtype=u)
-    elif out.shape != (n,) or out.dtype != u:
-        raise ValueError(f"out must be a 1-d {np.dtype(u).name} array of {n} elements")
-    if n == 0:
-        return out
-    words, chunk_w = _words(stream)
-    tab = slot_table(stream.freqs, stream.precision)
-    with num_threads(threads):
-        status = _decode_kernel(words, chunk_w, stream.chunk_symbols, n, tab, stream.precision, out, raw, rw, low, width, True)
-    _raise_status(status)
-    return out
+    from aligncodec.codec import parallel
+
+    return parallel.run(plan_float_split(stream, rest, dtype, k, out, threads=threads), threads)
