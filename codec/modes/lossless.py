@@ -11,6 +11,8 @@ tries the candidates and keeps the smallest; decoding is always bit-exact.
 
 from __future__ import annotations
 
+import sys
+
 import numba as nb
 import numpy as np
 import zstandard
@@ -185,37 +187,86 @@ def _bytes_from(stream, size: int, what: str) -> bytes:
     raise StreamError(f"{what}: a {C.CODER_NAMES[stream.coder]} stream cannot hold bytes here")
 
 
-def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
+def _check_float_split(entry: C.TensorEntry, streams: list) -> tuple[int, int, int]:
+    """(width, exponent bits, k) of a valid float-split entry (its streams' kinds and counts checked)."""
+    if entry.dtype not in FLOAT_FORMATS:
+        raise StreamError(f"float-split used on {entry.dtype} tensor {entry.name!r}")
+    width, e = FLOAT_FORMATS[entry.dtype]
+    if len(entry.params) != 1 or not 0 <= entry.params[0] <= min(16 - e, width - 1 - e):
+        raise StreamError(f"float-split tensor {entry.name!r}: bad parameters")
+    k = entry.params[0]
+    if len(streams) != 2:
+        raise StreamError(f"float-split tensor {entry.name!r} needs 2 streams, has {len(streams)}")
+    s0 = streams[0]
+    if not isinstance(s0, C.RansStream):
+        raise StreamError(f"float-split tensor {entry.name!r}: symbols must be a rANS stream")
+    rans.validate_for(s0, entry.numel, 1 << (e + k))
+    return width, e, k
+
+
+def plan_decode(entry: C.TensorEntry, streams: list, out: np.ndarray | None = None, *, threads: int | None = None):
+    """Plan (:mod:`aligncodec.codec.parallel`) decoding a lossless tensor into ``out`` (uint8 of
+    entry.nbytes; new if None) and returning it: a zstd frame in one task, then the rANS chunks of
+    a float-split tensor in parallel, joined with the rest straight into the output bits.
+    Parameters and stream kinds are checked before the plan is returned."""
+    if out is None:
+        out = np.empty(entry.nbytes, dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.shape != (entry.nbytes,):
+        raise ValueError(f"out must be a 1-d uint8 array of {entry.nbytes} bytes")
+    if entry.mode == C.MODE_STORED:
+        if len(streams) != 1:
+            raise StreamError(f"stored tensor {entry.name!r} needs 1 stream, has {len(streams)}")
+        if isinstance(streams[0], C.RawStream) and len(streams[0].data) != entry.nbytes:
+            raise StreamError(f"{entry.name}: {len(streams[0].data)} raw bytes, {entry.nbytes} expected")
+        return _plan_stored(entry, streams[0], out)
+    if entry.mode == C.MODE_FLOAT_SPLIT:
+        width, e, k = _check_float_split(entry, streams)
+        return _plan_float_split(entry, streams, out, width, e, k, threads)
+    raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")
+
+
+def _plan_stored(entry, stream, out):
+    yield [lambda: out.__setitem__(slice(None), np.frombuffer(_bytes_from(stream, entry.nbytes, entry.name), dtype=np.uint8))]
+    return out
+
+
+def _plan_float_split(entry, streams, out, width, e, k, threads):
+    from aligncodec.codec.entropy import decode_cpu
+
+    n = entry.numel
+    rw = width - e - k
+    box = {}
+    if isinstance(streams[1], C.ZstdStream):  # decompress first (one task; zstd releases the GIL)
+        yield [lambda: box.__setitem__("rest", _bytes_from(streams[1], packed_size(n, rw), entry.name))]
+    rest = box["rest"] if box else _bytes_from(streams[1], packed_size(n, rw), entry.name)
+    little = sys.byteorder == "little"
+    bits = out.view(_UINT[width]) if little else np.empty(n, _UINT[width])  # the kernels write native order
+    yield from decode_cpu.plan_float_split(streams[0], rest, entry.dtype, k, bits, threads=threads)
+    if not little:  # pragma: no cover
+        out[:] = bits.astype(f"<u{width // 8}").view(np.uint8)
+    return out
+
+
+def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False, threads: int | None = None) -> np.ndarray:
     """Decode a lossless tensor to its little-endian bytes (uint8 array of entry.nbytes).
 
     ``reference=True`` uses the plain reference rANS decoder (slow; tests)."""
+    if not reference:
+        from aligncodec.codec import parallel
+
+        return parallel.run(plan_decode(entry, streams, threads=threads), threads)
     if entry.mode == C.MODE_STORED:
         if len(streams) != 1:
             raise StreamError(f"stored tensor {entry.name!r} needs 1 stream, has {len(streams)}")
         return np.frombuffer(_bytes_from(streams[0], entry.nbytes, entry.name), dtype=np.uint8)
     if entry.mode == C.MODE_FLOAT_SPLIT:
-        if entry.dtype not in FLOAT_FORMATS:
-            raise StreamError(f"float-split used on {entry.dtype} tensor {entry.name!r}")
-        width, e = FLOAT_FORMATS[entry.dtype]
-        if len(entry.params) != 1 or not 0 <= entry.params[0] <= min(16 - e, width - 1 - e):
-            raise StreamError(f"float-split tensor {entry.name!r}: bad parameters")
-        k = entry.params[0]
-        if len(streams) != 2:
-            raise StreamError(f"float-split tensor {entry.name!r} needs 2 streams, has {len(streams)}")
+        width, e, k = _check_float_split(entry, streams)
         n = entry.numel
-        s0 = streams[0]
-        if not isinstance(s0, C.RansStream):
-            raise StreamError(f"float-split tensor {entry.name!r}: symbols must be a rANS stream")
-        rans.validate_for(s0, n, 1 << (e + k))
         rw = width - e - k
         packed = _bytes_from(streams[1], packed_size(n, rw), entry.name)
-        if not reference:  # fused: symbols decoded and joined with the rest straight into the bits
-            from aligncodec.codec.entropy.decode_cpu import decode_float_split
-
-            return decode_float_split(s0, packed, entry.dtype, k).astype(f"<u{width // 8}", copy=False).view(np.uint8)
         from aligncodec.codec.entropy import rans_reference
 
-        sym = np.asarray(rans_reference.decode(s0), dtype=np.uint16)
+        sym = np.asarray(rans_reference.decode(streams[0]), dtype=np.uint16)
         rest = unpack_bits(packed, n, rw)
         bits = join_float(sym, rest, entry.dtype, k)
         return bits.astype(f"<u{width // 8}").view(np.uint8)
