@@ -10,8 +10,9 @@ def add_parser(sub) -> None:
         description=(
             "decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba "
             "CPU decoder (1 and 2 threads) and the GPU if present, on the float-split symbols of a Gaussian bf16 "
-            "matrix. load: load time and peak RSS of the default model from its fp16 safetensors vs its lossless "
-            "archive, each in a fresh subprocess. Prints a table; --json writes the full result."
+            "matrix. load: load time, CPU time and peak RSS of the default model from its fp16 safetensors vs its "
+            "lossless archive (and a lossy archive with --lossy), warm and cold page cache, each in a fresh "
+            "subprocess. Prints a table; --json writes the full result."
         ),
     )
     bs = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
@@ -27,14 +28,20 @@ def add_parser(sub) -> None:
     d.add_argument("--no-gpu", action="store_true", help="skip the GPU even if one is present")
     d.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
     d.set_defaults(func=run)
-    ld = bs.add_parser("load", help="load time and peak RSS: fp16 safetensors vs lossless archive",
-                       description="Load the model from its fp16 safetensors and from its lossless .acz (built and "
-                                   "cached under $ALIGNCODEC_HOME/bench/ on first use), each in fresh subprocesses.")
+    ld = bs.add_parser("load", help="load time and peak RSS: fp16 safetensors vs lossless (and lossy) archives",
+                       description="Load the model from its fp16 safetensors, from its lossless .acz (built and "
+                                   "cached under $ALIGNCODEC_HOME/bench/ on first use) and from a lossy .acz "
+                                   "(--lossy; make one with 'aligncodec compress smollm2 -o s3.acz --bpw 3'), each in "
+                                   "fresh subprocesses, with the file in the page cache (warm) and evicted (cold).")
     ld.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
                     help="cached model name, model folder or .safetensors file (default smollm2)")
     ld.add_argument("--repeat", type=int, default=3, help="fresh processes per variant, median kept (default 3)")
-    ld.add_argument("--cold", action="store_true",
-                    help="evict the two files from the page cache before each run (posix_fadvise)")
+    ld.add_argument("--lossy", metavar="ARCHIVE", help="also load this lossy archive of the same model")
+    ld.add_argument("--page-cache", choices=["warm", "cold", "both"], default="both",
+                    help="warm: files cached; cold: each file evicted (posix_fadvise DONTNEED) before each run "
+                         "(default both)")
+    ld.add_argument("--cold", action="store_true", help="same as --page-cache cold")
+    ld.add_argument("--threads", type=int, help="decoder threads in the children (default: all CPUs)")
     ld.add_argument("--workdir", metavar="DIR", help="where the fp16 folder and archive are kept")
     ld.add_argument("--only", choices=["state-dict", "hf"], help="only the state-dict or only the HF-model loads")
     ld.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
@@ -43,6 +50,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import os
+
     from aligncodec.tools.bench import bench
     from aligncodec.tools.cli import EXIT_USAGE, CLIError
 
@@ -60,8 +69,13 @@ def run(args) -> int:
                                  gpu=not args.no_gpu)
     else:
         kinds = {"state-dict": ("st-sd", "acz-sd"), "hf": ("st-hf", "acz-hf"), None: ("st-sd", "acz-sd", "st-hf", "acz-hf")}[args.only]
-        res = bench.bench_load(args.model, repeat=args.repeat, cold=args.cold, workdir=args.workdir,
-                               progress=not args.no_progress, kinds=kinds)
+        if args.lossy is not None and not os.path.isfile(args.lossy):
+            raise CLIError(f"lossy archive {args.lossy!r} does not exist", EXIT_USAGE)
+        if args.threads is not None and args.threads < 1:
+            raise CLIError("--threads must be positive", EXIT_USAGE)
+        caches = {"warm": ("warm",), "cold": ("cold",), "both": ("warm", "cold")}["cold" if args.cold else args.page_cache]
+        res = bench.bench_load(args.model, repeat=args.repeat, workdir=args.workdir, progress=not args.no_progress,
+                               kinds=kinds, lossy=args.lossy, caches=caches, threads=args.threads)
     print(bench.format_table(res))
     if args.json:
         bench.write_json(res, args.json)
