@@ -314,7 +314,17 @@ def _raise_status(status: np.ndarray) -> None:
         raise CorruptStreamError(f"rANS chunk {c} failed its integrity check: {ERROR_TEXT.get(code, code)} (code {code})")
 
 
-_EMPTY_U8 = np.zeros(1, dtype=np.uint8)
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: the kernels then see one array type whatever the caller passed (one
+    compiled and cached specialisation instead of two to load at first use)."""
+    if not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+_EMPTY_U8 = _readonly(np.zeros(1, dtype=np.uint8))
 
 
 def _check_out(out, n: int, dtype=None) -> np.ndarray:
@@ -342,11 +352,12 @@ def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = No
     if n == 0:
         return out
     words, chunk_w = _words(stream)
+    words = _readonly(words)
     tab = slot_table(stream.freqs, stream.precision)
     n_chunks = len(chunk_w) - 1
     status = np.zeros(n_chunks, dtype=np.int32)
     join = rest is not None
-    rest_arr = rest if join else _EMPTY_U8
+    rest_arr = _readonly(rest) if join else _EMPTY_U8
     parts = parallel.resolve_threads(threads) * TASKS_PER_THREAD
     cs, precision = stream.chunk_symbols, stream.precision
 

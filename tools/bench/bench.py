@@ -51,7 +51,8 @@ def bf16_weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 
 def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: int = 3, reference_symbols: int = 100_000,
-                 chunk_symbols: int | None = None, gpu: bool = True, constriction_check: bool = True) -> dict:
+                 chunk_symbols: int | None = None, gpu: bool = True, constriction_check: bool = True,
+                 lossy: bool = True) -> dict:
     """Throughput of the decoders on the float-split symbols of a rows x cols bf16 matrix."""
     import constriction
     import numba
@@ -108,8 +109,6 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
         row(f"constriction AnsCoder (perfect={perfect})", "symbols", n, t, bits_per_symbol=32 * comp.size / n)
 
     for th in threads:
-        if th > numba.config.NUMBA_NUM_THREADS:
-            continue
         o16 = np.empty(n, np.uint16)
         decode_cpu.decode_symbols(s, out=o16, threads=th)  # JIT / cache load outside the timing
         if not np.array_equal(o16, sym):
@@ -122,6 +121,20 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
         t = _best(lambda: decode_cpu.decode_float_split(s, packed, "BF16", k, out=o16, threads=th), repeat)
         row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (fused)", n, t)
 
+    if lossy:
+        from aligncodec.codec.modes import lossy as lossy_mode
+        from aligncodec.codec.modes import lossy_cpu
+
+        e, st = lossy_entry(rows, cols)
+        info["lossy_bits_per_weight"] = 8 * e.size / e.numel
+        want = lossy_mode.decode_numpy(e, st)
+        for th in threads:
+            if lossy_cpu.decode(e, st, threads=th).tobytes() != want.tobytes():  # cache load + bit-exactness
+                raise AssertionError("numba ecsq decoder mismatch")
+            ob = np.empty(e.nbytes, np.uint8)
+            t = _best(lambda: lossy_cpu.decode(e, st, threads=th, out=ob), repeat)
+            row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (lossy ecsq)", n, t,
+                bits_per_weight=info["lossy_bits_per_weight"])
     if gpu:
         g = _bench_gpu(s, packed, bits, k, repeat)
         if g is not None:
@@ -136,6 +149,29 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
         for r in rows_out:
             r["x_constriction"] = r["Msym_per_s"] / base
     return {"kind": "decode", "info": info, "rows": rows_out}
+
+
+def lossy_entry(rows: int, cols: int, seed: int = 0):
+    """An ecsq (mode 2) BF16 tensor as the lossy encoder writes one at about 3 bits per weight:
+    hadamard transform with its odd factor, column scales, 4 row classes; symbols Gaussian with
+    a per-row spread (the coefficients of a rotated weight). Returns (entry, parsed streams)."""
+    from aligncodec.codec.modes import lossy as L
+    from aligncodec.formats import container as C
+
+    rng = np.random.default_rng(seed)
+    spread = 1.5 + 1.5 * rng.random((rows, 1))
+    q = np.clip(np.round(rng.standard_normal((rows, cols)) * spread), -L.MAX_ABS_SYMBOL, L.MAX_ABS_SYMBOL).astype(np.int32)
+    hd = L.HadamardData(np.where(rng.random(cols) < 0.5, -1, 1).astype(np.float32),
+                        np.linalg.qr(rng.standard_normal((L.split_pow2(cols)[1],) * 2))[0].astype(np.float32))
+    scales = (0.5 + rng.random(cols)).astype(np.float16)
+    p = L.EcsqParams(L.TRANSFORM_HADAMARD, 0.002, 0, L.FLAG_COL_SCALES, hd.m)
+    p, streams = L.encode_symbols(q, p, scales, hd, classes=(4, 0))
+    data = b""
+    for i, st in enumerate(streams):
+        b = C.serialize_stream(st)
+        data += b + (bytes(C.align(len(b), 8) - len(b)) if i + 1 < len(streams) else b"")
+    e = C.TensorEntry("bench.weight", "BF16", (rows, cols), L.MODE_ECSQ, len(streams), 0, len(data), C.crc32(data), p.pack())
+    return e, C.parse_streams(data, len(streams))
 
 
 def _bench_gpu(s, packed, bits, k, repeat):
