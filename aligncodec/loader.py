@@ -7,7 +7,7 @@
     >>> model = aligncodec.load_hf_model("model.acz", device="cuda")          # doctest: +SKIP
 
 The archive is read sequentially, so a pipe, ``sys.stdin.buffer`` or an HTTP
-response body works as well as a path (:func:`aligncodec.formats.container.iter_archive`);
+response body works as well as a path (:func:`aligncodec.formats.reader.iter_archive`);
 a path is memory-mapped instead of copied, each tensor's pages dropped from the
 process once it has been decoded. A reader thread reads and checks (CRC) the next
 tensors' bytes and starts decoding each as soon as it is read; at most
@@ -42,10 +42,13 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from aligncodec.formats import container as C
+from aligncodec.auxfiles import AUX_PREFIX, is_aux
 from aligncodec.formats import errors as E
-
-AUX_PREFIX = "acz:file/"
+from aligncodec.formats.constants import (DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_TENSOR_BYTES, MODE_ECSQ, MODE_FLOAT_SPLIT,
+                                          MODE_STORED)
+from aligncodec.formats.layout import TensorEntry, crc32
+from aligncodec.formats.reader import iter_archive, parse_header
+from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, parse_streams
 
 
 class LoadError(Exception):
@@ -147,7 +150,7 @@ class _MappedSource:
 def _iter_mapped(src: _MappedSource, **limits):
     """iter_archive over a mapped file: the same checks and errors, tensor bytes as views of the map."""
     src.f.seek(0)
-    header = C.parse_header(src.f, **limits)
+    header = parse_header(src.f, **limits)
     end = header.data_offset + header.data_size
     if src.size < end:
         raise E.TruncatedError(f"archive is {src.size} bytes, its header says {end}")
@@ -161,11 +164,11 @@ def _iter_mapped(src: _MappedSource, **limits):
         if i + 1 < len(ts):
             src.will_need(base + ts[i + 1].offset, base + ts[i + 1].offset + ts[i + 1].size)
         data = src.mv[base + e.offset : base + e.offset + e.size]
-        if C.crc32(data) != e.crc:
+        if crc32(data) != e.crc:
             raise E.ChecksumError(f"tensor {e.name!r}: data checksum mismatch")
         pos = e.offset + e.size
         src.bytes_read = base + pos
-        streams = C.parse_streams(data, e.stream_count)
+        streams = parse_streams(data, e.stream_count)
         del data
         yield None, e, streams
     if src.size > end:
@@ -261,38 +264,17 @@ def _open(source) -> tuple[BinaryIO, bool]:
 # ----------------------------------------------------------------- decoding one tensor
 
 
-def torch_dtype(name: str):
-    import torch
-
-    from aligncodec.archive import TORCH_DTYPES
-
-    return getattr(torch, TORCH_DTYPES[name])
+_KNOWN_STREAMS = (RawStream, ZstdStream, RansStream)
 
 
-def _bytes_to_torch(entry: C.TensorEntry, raw: np.ndarray):
-    """Zero-copy view of decoded little-endian bytes as a torch tensor of the entry's dtype."""
-    import torch
-
-    raw = np.asarray(raw).reshape(-1).view(np.uint8)
-    if raw.size != entry.nbytes:
-        raise E.StreamError(f"tensor {entry.name!r} decoded to {raw.size} bytes, {entry.nbytes} expected")
-    if not raw.flags.writeable:  # bytes of a stored stream: copy once (torch wants writable memory)
-        raw = raw.copy()
-    t = torch.from_numpy(raw) if raw.size else torch.zeros(0, dtype=torch.uint8)
-    return t.view(torch_dtype(entry.dtype)).reshape(entry.shape)
-
-
-_KNOWN_STREAMS = (C.RawStream, C.ZstdStream, C.RansStream)
-
-
-def _plan_bytes(entry: C.TensorEntry, streams: list, out: np.ndarray, threads: int | None):
+def _plan_bytes(entry: TensorEntry, streams: list, out: np.ndarray, threads: int | None):
     """The plan that decodes a tensor's bytes into ``out`` (uint8, entry.nbytes)."""
     if all(isinstance(s, _KNOWN_STREAMS) for s in streams):
-        if entry.mode in (C.MODE_STORED, C.MODE_FLOAT_SPLIT):
+        if entry.mode in (MODE_STORED, MODE_FLOAT_SPLIT):
             from aligncodec.codec.modes import lossless
 
             return lossless.plan_decode(entry, streams, out, threads=threads)
-        if entry.mode == C.MODE_ECSQ:
+        if entry.mode == MODE_ECSQ:
             from aligncodec.codec.modes import lossy_cpu
 
             return lossy_cpu.plan_ecsq(entry, streams, out, threads=threads)
@@ -300,8 +282,8 @@ def _plan_bytes(entry: C.TensorEntry, streams: list, out: np.ndarray, threads: i
 
 
 def _plan_whole(entry, streams, out):
-    """Any other mode or stream kind: the archive's decoder, as one task."""
-    from aligncodec.archive import decode_entry
+    """Any other mode or stream kind: the mode registry's CPU decoder, as one task."""
+    from aligncodec.codec.modes import decode_entry
 
     def task():
         raw = np.asarray(decode_entry(entry, streams)).reshape(-1).view(np.uint8)
@@ -313,9 +295,11 @@ def _plan_whole(entry, streams, out):
     return out
 
 
-def _plan_tensor(entry: C.TensorEntry, streams: list, dtype, threads: int | None):
+def _plan_tensor(entry: TensorEntry, streams: list, dtype, threads: int | None):
     """Plan: decode into a new torch tensor's memory (no copy), then convert to ``dtype``."""
     import torch
+
+    from aligncodec.codec.torch_interop import torch_dtype
 
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
     yield from _plan_bytes(entry, streams, buf.numpy(), threads)
@@ -328,7 +312,7 @@ def _plan_tensor(entry: C.TensorEntry, streams: list, dtype, threads: int | None
     return t
 
 
-def decode_tensor(entry: C.TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None):
+def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None):
     """Decode one archive entry into a torch tensor on ``device``.
 
     ``dtype`` (a torch dtype) converts floating-point tensors; others keep their dtype.
@@ -337,14 +321,15 @@ def decode_tensor(entry: C.TensorEntry, streams: list, *, device="cpu", dtype=No
     import torch
 
     from aligncodec.codec import parallel
+    from aligncodec.codec.modes import decode_entry_gpu, has_gpu_path
 
     dev = torch.device(device)
     t = None
-    if dev.type == "cuda":
+    if dev.type == "cuda" and has_gpu_path(entry):
         from aligncodec.codec.entropy import decode_cuda
 
         if decode_cuda.available():
-            t = decode_cuda.decode_tensor(entry, streams, device=dev)
+            t = decode_entry_gpu(entry, streams, dev)
     if t is None:
         t = parallel.run(_plan_tensor(entry, streams, dtype if dev.type == "cpu" else None, threads), threads)
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
@@ -382,8 +367,8 @@ def load(
     prefetch: int = 1,
     include_aux: bool = False,
     stats: LoadStats | None = None,
-    max_header_bytes: int = C.DEFAULT_MAX_HEADER_BYTES,
-    max_tensor_bytes: int = C.DEFAULT_MAX_TENSOR_BYTES,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
 ) -> Iterator[tuple[str, object]]:
     """Yield ``(name, tensor)`` for every tensor of an archive, in file order.
 
@@ -415,7 +400,9 @@ def load(
     else:
         reader = _ExactReader(f)
         st.source = reader
-        it = C.iter_archive(reader, **limits)
+        it = iter_archive(reader, **limits)
+    from aligncodec.codec.modes import has_gpu_path
+
     gpu = dev.type == "cuda"
     if gpu:
         from aligncodec.codec.entropy import decode_cuda
@@ -424,11 +411,11 @@ def load(
 
     def start(entry, streams):
         """Runs in the reader thread: start decoding as soon as the tensor is read."""
-        aux = entry.name.startswith(AUX_PREFIX)
+        aux = is_aux(entry.name)
         if aux and not include_aux:
             return None
         want = None if aux else dtype
-        if gpu:  # the CUDA path runs in the consumer's thread
+        if gpu and has_gpu_path(entry):  # the CUDA path runs in the consumer's thread
             return _Deferred(lambda: decode_tensor(entry, streams, device=dev, dtype=want, threads=threads))
         try:
             plan = _plan_tensor(entry, streams, want, threads)
@@ -476,18 +463,6 @@ def load(
 def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1) -> dict:
     """All tensors of an archive (auxiliary files excluded) as a dict name -> tensor."""
     return dict(load(source, device=device, dtype=dtype, threads=threads, prefetch=prefetch))
-
-
-def read_aux_files(path: str | os.PathLike) -> dict[str, bytes]:
-    """The auxiliary files (config, tokenizer, ...) of an archive on disk, by random access."""
-    from aligncodec.archive import decode_entry
-
-    out = {}
-    with C.ArchiveReader(path) as r:
-        for e in r.tensors:
-            if e.name.startswith(AUX_PREFIX):
-                out[e.name[len(AUX_PREFIX):]] = decode_entry(e, r.read_streams(e)).tobytes()
-    return out
 
 
 def _build_empty_model(config_json: bytes, model_class, trust_remote_code: bool):
@@ -567,7 +542,7 @@ def load_hf_model(
             unexpected.append(name)
 
     for name, t in load(source, device=dev, dtype=dtype, threads=threads, prefetch=prefetch, include_aux=True):
-        if name.startswith(AUX_PREFIX):
+        if is_aux(name):
             if name == AUX_PREFIX + "config.json" and model is None:
                 model = _build_empty_model(t.numpy().tobytes(), model_class, trust_remote_code)
                 for n2, t2 in pending:

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from aligncodec.codec.modes import lossy, lossy_cpu
-from aligncodec.formats import container as C
+from aligncodec.formats.layout import TensorEntry, align, crc32
+from aligncodec.formats.reader import ArchiveReader
+from aligncodec.formats.streams import parse_streams, serialize_stream
 
 VECTORS = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "lossy")
 
@@ -20,12 +22,12 @@ VECTORS = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors", "loss
 def _entry(name, dtype, shape, params, streams):
     data = b""
     for i, s in enumerate(streams):
-        b = C.serialize_stream(s)
+        b = serialize_stream(s)
         if i + 1 < len(streams):
-            b += bytes(C.align(len(b), 8) - len(b))
+            b += bytes(align(len(b), 8) - len(b))
         data += b
-    parsed = C.parse_streams(data, len(streams))
-    return C.TensorEntry(name, dtype, shape, lossy.MODE_ECSQ, len(parsed), 0, len(data), C.crc32(data), params.pack()), parsed
+    parsed = parse_streams(data, len(streams))
+    return TensorEntry(name, dtype, shape, lossy.MODE_ECSQ, len(parsed), 0, len(data), crc32(data), params.pack()), parsed
 
 
 def _make(rows, n, *, dtype="F32", transform=1, colscale=False, classes=(1, 0), spread=40, step=0.01, seed=0, chunk=1 << 14):
@@ -72,7 +74,7 @@ def test_default_decode_path_is_numba_and_matches_golden_vectors():
     assert files
     n = 0
     for f in files:
-        with C.ArchiveReader(f) as r:
+        with ArchiveReader(f) as r:
             for e in r.tensors:
                 if e.mode != lossy.MODE_ECSQ:
                     continue

@@ -12,10 +12,16 @@ from hypothesis import strategies as st
 
 from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossy
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import MODE_ECSQ, PREAMBLE_SIZE, SECTION_METADATA
+from aligncodec.formats.layout import TensorEntry, align, crc32
+from aligncodec.formats.streams import parse_streams, serialize_stream
+from aligncodec.formats.reader import ArchiveReader
+from aligncodec.formats.writer import build_section
 from aligncodec.formats import errors as FE
 from aligncodec import archive
 from aligncodec import lossy_compress as enc
+from aligncodec.codec.modes import decode_entry
+from aligncodec.codec.torch_interop import bytes_to_tensor
 
 
 def _sigma(n, seed, spike=True):
@@ -36,12 +42,12 @@ def _job(rows, n, seed, dtype="F32", sigma=True):
 def _through_container(tc: E.TensorCode, name, dtype, shape):
     data = b""
     for i, s in enumerate(tc.streams):
-        b = C.serialize_stream(s)
+        b = serialize_stream(s)
         if i + 1 < len(tc.streams):
-            b += bytes(C.align(len(b), 8) - len(b))
+            b += bytes(align(len(b), 8) - len(b))
         data += b
-    streams = C.parse_streams(data, len(tc.streams))
-    e = C.TensorEntry(name, dtype, shape, lossy.MODE_ECSQ, len(streams), 0, len(data), C.crc32(data), tc.params.pack())
+    streams = parse_streams(data, len(tc.streams))
+    e = TensorEntry(name, dtype, shape, MODE_ECSQ, len(streams), 0, len(data), crc32(data), tc.params.pack())
     return e, streams
 
 
@@ -49,13 +55,13 @@ def _through_container(tc: E.TensorCode, name, dtype, shape):
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])
 def test_decode_bit_exact(kind, dtype):
     job = _job(40, 96, 1, dtype)  # 96 = 32·3: the hadamard has an odd factor
-    E.prepare(job, (kind,))
+    E.build_candidates(job, (kind,))
     tc = E.code_candidate(job, job.cands[0], 0.02)
     e, streams = _through_container(tc, job.name, dtype, tuple(job.W.shape))
-    raw = archive.decode_entry(e, streams)
-    ref = archive.decode_entry(e, streams, reference=True)
+    raw = decode_entry(e, streams)
+    ref = decode_entry(e, streams, reference=True)
     assert np.array_equal(raw, ref)
-    got = archive.to_torch(e, raw).to(torch.float32).numpy()
+    got = bytes_to_tensor(e, raw).to(torch.float32).numpy()
     assert np.array_equal(got.view(np.uint32), tc.W_hat.view(np.uint32))
     # and the reconstruction is a quantisation of W, not garbage
     assert 5 < tc.sqnr_db < 60
@@ -69,7 +75,7 @@ def test_roundtrip_property(rows, n, step, kind, seed, cls):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, n, generator=g) * 0.05
     job = E.TensorJob("x.weight", W, "F32", _sigma(n, seed, spike=False))
-    E.prepare(job, (kind,))
+    E.build_candidates(job, (kind,))
     tc = E.code_candidate(job, job.cands[0], step, class_options=[cls])
     e, streams = _through_container(tc, "x.weight", "F32", (rows, n))
     got = lossy.decode(e, streams).view(np.float32).reshape(rows, n)
@@ -92,10 +98,10 @@ def test_transform_is_orthogonal_and_matches_float64():
 
 def test_bad_params_and_streams_raise_named_errors():
     job = _job(8, 64, 2)
-    E.prepare(job, ("hadamard-colscale",))
+    E.build_candidates(job, ("hadamard-colscale",))
     tc = E.code_candidate(job, job.cands[0], 0.05)
     e, streams = _through_container(tc, job.name, "F32", (8, 64))
-    bad = C.TensorEntry(e.name, e.dtype, e.shape, e.mode, e.stream_count, 0, e.size, e.crc, e.params[:-1])
+    bad = TensorEntry(e.name, e.dtype, e.shape, e.mode, e.stream_count, 0, e.size, e.crc, e.params[:-1])
     with pytest.raises(FE.StreamError):
         lossy.decode(bad, streams)
     with pytest.raises(FE.StreamError):
@@ -103,9 +109,9 @@ def test_bad_params_and_streams_raise_named_errors():
     p = lossy.EcsqParams.unpack(e.params)
     p.transform = 9
     with pytest.raises(FE.UnsupportedError):
-        lossy.decode(C.TensorEntry(e.name, e.dtype, e.shape, e.mode, 3, 0, 0, 0, p.pack()), streams)
+        lossy.decode(TensorEntry(e.name, e.dtype, e.shape, e.mode, 3, 0, 0, 0, p.pack()), streams)
     with pytest.raises(FE.StreamError):  # a 3-D shape cannot be ecsq
-        lossy.decode(C.TensorEntry(e.name, e.dtype, (2, 4, 64), e.mode, 3, 0, 0, 0, e.params), streams)
+        lossy.decode(TensorEntry(e.name, e.dtype, (2, 4, 64), e.mode, 3, 0, 0, 0, e.params), streams)
 
 
 def _write_model(path, seed=0):
@@ -135,13 +141,13 @@ def test_compress_meets_bpw_and_counts_every_byte(tmp_path):
     assert lossy_bytes * 8 / res.n_weights == pytest.approx(res.bpw, rel=1e-12)  # the encoder's count is the archive's
     assert abs(res.bpw / target - 1) <= 0.01
     # every byte of the file is accounted for: tensors' all-in bytes + fixed overhead
-    with C.ArchiveReader(out) as r:
+    with ArchiveReader(out) as r:
         per = sum(lossy.entry_bytes(e.name, len(e.shape), len(e.params), e.size) for e in r.tensors)
-        meta = C.build_section(C.SECTION_METADATA, 0, json.dumps(r.metadata, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
+        meta = build_section(SECTION_METADATA, 0, json.dumps(r.metadata, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
         last = r.tensors[-1]
-        slack = C.align(last.size, 64) - last.size  # the last tensor is not padded
-        header_pad = r.header.data_offset - C.PREAMBLE_SIZE - r.header.header_size
-        assert C.PREAMBLE_SIZE + len(meta) + header_pad + per - slack == r.file_size
+        slack = align(last.size, 64) - last.size  # the last tensor is not padded
+        header_pad = r.header.data_offset - PREAMBLE_SIZE - r.header.header_size
+        assert PREAMBLE_SIZE + len(meta) + header_pad + per - slack == r.file_size
         modes = {e.name: e.mode_name for e in r.tensors}
     assert modes["model.layers.0.self_attn.q_proj.weight"] == "ecsq"
     assert modes["model.embed_tokens.weight"] in ("stored", "float-split")
@@ -164,7 +170,7 @@ def test_compress_meets_bpw_and_counts_every_byte(tmp_path):
 def test_distortion_target(tmp_path):
     jobs = [_job(64, 96, s) for s in range(3)]
     for j in jobs:
-        E.prepare(j, ("hadamard", "colscale"))
+        E.build_candidates(j, ("hadamard", "colscale"))
     res = E.encode_jobs(jobs, distortion=0.01)
     err = E.total_rel_err(res.codes, jobs)
     assert abs(err / 0.01 - 1) <= 0.02
@@ -172,8 +178,27 @@ def test_distortion_target(tmp_path):
 
 def test_rate_decreases_with_step():
     job = _job(64, 96, 5)
-    E.prepare(job, ("hadamard",))
+    E.build_candidates(job, ("hadamard",))
     b = [E.code_candidate(job, job.cands[0], s).bytes_all_in for s in (0.005, 0.01, 0.02, 0.04)]
     assert b == sorted(b, reverse=True)
     # ~1 bit per weight per halving at high rate
     assert 0.7 < (b[0] - b[1]) * 8 / job.numel < 1.3
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_round_to_dtype_is_bit_equal_to_torch(dtype):
+    """The decoder's numpy rounding (no torch) gives torch's bits for every non-NaN float32:
+    random bit patterns over the whole range, values near the target's subnormals, overflow and ties."""
+    rng = np.random.default_rng(1)
+    u = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    near = (u & np.uint32(0x807FFFFF)) | (rng.integers(95, 145, size=u.size, dtype=np.uint64).astype(np.uint32) << np.uint32(23))
+    ties = (rng.integers(0, 2**16, size=1000, dtype=np.uint64).astype(np.uint32) << np.uint32(16)) | np.uint32(0x8000)
+    W = np.concatenate([u, near, ties]).view(np.float32)
+    W = W[~np.isnan(W)]
+    W = W[: W.size // 7 * 7].reshape(-1, 7)  # a matrix, as the decoder rounds it
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    want = torch.from_numpy(W.copy()).to(tdt).contiguous().view(torch.uint8).numpy()
+    got = lossy.round_to_dtype(W, dtype).view(np.uint8)
+    assert np.array_equal(got.reshape(-1), want.reshape(-1))
+    back = torch.from_numpy(W.copy()).to(tdt).to(torch.float32).numpy()
+    assert np.array_equal(lossy.rounded_f32(W, dtype).view(np.uint32), back.view(np.uint32))

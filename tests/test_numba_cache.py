@@ -20,7 +20,9 @@ import torch
 
 from aligncodec import archive
 from aligncodec.codec.modes import lossy
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED
+from aligncodec.formats.reader import ArchiveReader
+from aligncodec.formats.writer import ArchiveWriter
 
 pytestmark = pytest.mark.slow
 
@@ -77,11 +79,11 @@ def _archive(path, seed):
         from aligncodec.codec.modes import lossless
 
         split = dtype in lossless.FLOAT_FORMATS and name != "f.small"
-        return lossless.encode(raw, dtype, int(np.prod(shape)), mode=C.MODE_FLOAT_SPLIT if split else C.MODE_STORED)
+        return lossless.encode(raw, dtype, int(np.prod(shape)), mode=MODE_FLOAT_SPLIT if split else MODE_STORED)
 
     entries = archive.compress(src, path, encode_tensor=encode, progress=False)
     # add the lossy tensors by rewriting the archive with them appended
-    with C.ArchiveReader(path) as r, C.ArchiveWriter(str(path) + ".new", r.metadata) as w:
+    with ArchiveReader(path) as r, ArchiveWriter(str(path) + ".new", r.metadata) as w:
         for e in entries:
             w.add(e.name, e.dtype, e.shape, e.mode, r.read_streams(e), e.params)
         for name, (dtype, shape, tr, cs, cls) in lossy_specs.items():
@@ -94,10 +96,10 @@ def _archive(path, seed):
             p, streams = lossy.encode_symbols(q, p, scales, hd, chunk_symbols=100, classes=cls)
             w.add(name, dtype, shape, lossy.MODE_ECSQ, streams, p.pack())
     os.replace(str(path) + ".new", path)
-    with C.ArchiveReader(path) as r:
+    with ArchiveReader(path) as r:
         modes = {e.mode for e in r.tensors}
-        dtypes = {e.dtype for e in r.tensors if e.mode == C.MODE_FLOAT_SPLIT}
-    assert modes == {C.MODE_STORED, C.MODE_FLOAT_SPLIT, C.MODE_ECSQ} and dtypes == {"F16", "BF16", "F32", "F64"}
+        dtypes = {e.dtype for e in r.tensors if e.mode == MODE_FLOAT_SPLIT}
+    assert modes == {MODE_STORED, MODE_FLOAT_SPLIT, MODE_ECSQ} and dtypes == {"F16", "BF16", "F32", "F64"}
     return path
 
 

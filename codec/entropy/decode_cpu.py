@@ -23,8 +23,9 @@ What makes it fast, without changing the format:
   chunks, joins their symbols with the bit-packed rest of the float while they
   are still in cache, writing the final bit patterns into the output array.
 
-Reconstruction of other (lossy) modes is a separate step after symbol decoding
-(:mod:`aligncodec.codec.modes.lossy`).
+Reconstruction of other (lossy) modes is a separate step after
+:func:`decode_symbols` (the coding modes' registry, :mod:`aligncodec.codec.modes`;
+the lossy one in :mod:`aligncodec.codec.modes.lossy_cpu`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import sys
 import numba as nb
 import numpy as np
 
-from aligncodec.formats.container import RANS_STATE_LOWER, RansStream
+from aligncodec.formats.constants import FLOAT_FORMATS, RANS_STATE_LOWER
+from aligncodec.formats.streams import RansStream
 from aligncodec.formats.errors import CorruptStreamError, StreamError
 
 # chunks decoded together by one thread
@@ -45,8 +47,6 @@ _U64 = np.uint64
 _U32 = np.uint32
 _L = _U64(RANS_STATE_LOWER)
 
-# float-split layouts: dtype -> (width W, exponent bits E)   (spec §7.2)
-FLOAT_FORMATS = {"F16": (16, 5), "BF16": (16, 8), "F32": (32, 8), "F64": (64, 11)}
 _UINT = {16: np.uint16, 32: np.uint32, 64: np.uint64}
 
 ERROR_TEXT = {

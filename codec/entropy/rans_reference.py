@@ -52,7 +52,7 @@ def decode_chunk(chunk: bytes, m: int, freqs: list[int], precision: int) -> list
 
 
 def decode(stream) -> list[int]:
-    """Decode a whole :class:`~aligncodec.formats.container.RansStream`, chunk after chunk."""
+    """Decode a whole :class:`~aligncodec.formats.streams.RansStream`, chunk after chunk."""
     freqs = [int(f) for f in stream.freqs]
     out: list[int] = []
     pos = 0

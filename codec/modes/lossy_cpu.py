@@ -13,9 +13,9 @@ The plan (:func:`plan_ecsq`, run by :mod:`aligncodec.codec.parallel`) has two st
 Every float operation is one IEEE binary32 operation in the order of spec §7.4
 (numba does not contract ``a·b + c`` into a fused multiply-add without fastmath, and
 none is used), so the result is bit-identical to :func:`lossy.reconstruct_from` +
-:func:`lossy.cast_f32`; the golden lossy vectors and tests/test_lossy_cpu.py pin it.
+:func:`lossy.round_to_dtype`; the golden lossy vectors and tests/test_lossy_cpu.py pin it.
 A NaN (possible only from an absurd step in a hand-made archive) makes the tensor
-fall back to that numpy path, whose NaN bits are torch's.
+fall back to that numpy path, which defines the NaN bits.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from aligncodec.codec import parallel
 from aligncodec.codec.entropy import decode_cpu
 from aligncodec.codec.modes import lossy
-from aligncodec.formats import container as C
+from aligncodec.formats.layout import TensorEntry
 
 KIND_F32, KIND_F16, KIND_BF16 = 0, 1, 2
 KINDS = {"F32": KIND_F32, "F16": KIND_F16, "BF16": KIND_BF16}
@@ -226,7 +226,7 @@ def _rows_hadamard(U, rowbase, rowoff, colbase_t, colstride_t, coloff_t, gather,
 # ----------------------------------------------------------------- plan
 
 
-def _index_maps(entry: C.TensorEntry, p: lossy.EcsqParams, cm, bases: list[int], counts: list[int]):
+def _index_maps(entry: TensorEntry, p: lossy.EcsqParams, cm, bases: list[int], counts: list[int]):
     """(rowbase, rowoff, colbase, colstride, coloff, gather) for the kernel's q lookup."""
     rows, n = entry.shape
     i64 = np.int64
@@ -247,7 +247,7 @@ def _index_maps(entry: C.TensorEntry, p: lossy.EcsqParams, cm, bases: list[int],
     return (np.zeros(rows, i64), np.zeros(rows, np.int32), base[ids] + rank, cnt[ids], offs[ids], True)
 
 
-def plan_ecsq(entry: C.TensorEntry, streams: list, out: np.ndarray | None = None, *, threads: int | None = None):
+def plan_ecsq(entry: TensorEntry, streams: list, out: np.ndarray | None = None, *, threads: int | None = None):
     """Plan decoding an ecsq tensor into ``out`` (uint8, entry.nbytes; new if None); returns ``out``.
     Everything is validated (:func:`lossy.parse`) before the plan is returned."""
     prm, sstreams, scales, hd, cm = lossy.parse(entry, streams)
@@ -296,11 +296,10 @@ def _plan(entry, streams, prm, sstreams, scales, hd, cm, out, threads):
         k = len(sstreams)
         with np.errstate(all="ignore"):
             W = lossy.reconstruct(entry, syms + list(streams[k:]))
-        t = lossy.cast_f32(W, entry.dtype)
-        out[:] = t.contiguous().reshape(-1).view(__import__("torch").uint8).numpy()
+        out[:] = lossy.round_to_dtype(W, entry.dtype).reshape(-1).view(np.uint8)
     return out
 
 
-def decode(entry: C.TensorEntry, streams: list, *, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+def decode(entry: TensorEntry, streams: list, *, threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """An ecsq tensor's little-endian bytes (uint8), decoded with the numba kernels."""
     return parallel.run(plan_ecsq(entry, streams, out, threads=threads), threads)

@@ -25,11 +25,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from aligncodec.formats.atomic import atomic_write
 
 
 def _best(fn, repeat: int) -> float:
@@ -156,7 +157,8 @@ def lossy_entry(rows: int, cols: int, seed: int = 0):
     hadamard transform with its odd factor, column scales, 4 row classes; symbols Gaussian with
     a per-row spread (the coefficients of a rotated weight). Returns (entry, parsed streams)."""
     from aligncodec.codec.modes import lossy as L
-    from aligncodec.formats import container as C
+    from aligncodec.formats.layout import TensorEntry, align, crc32
+    from aligncodec.formats.streams import parse_streams, serialize_stream
 
     rng = np.random.default_rng(seed)
     spread = 1.5 + 1.5 * rng.random((rows, 1))
@@ -168,10 +170,10 @@ def lossy_entry(rows: int, cols: int, seed: int = 0):
     p, streams = L.encode_symbols(q, p, scales, hd, classes=(4, 0))
     data = b""
     for i, st in enumerate(streams):
-        b = C.serialize_stream(st)
-        data += b + (bytes(C.align(len(b), 8) - len(b)) if i + 1 < len(streams) else b"")
-    e = C.TensorEntry("bench.weight", "BF16", (rows, cols), L.MODE_ECSQ, len(streams), 0, len(data), C.crc32(data), p.pack())
-    return e, C.parse_streams(data, len(streams))
+        b = serialize_stream(st)
+        data += b + (bytes(align(len(b), 8) - len(b)) if i + 1 < len(streams) else b"")
+    e = TensorEntry("bench.weight", "BF16", (rows, cols), L.MODE_ECSQ, len(streams), 0, len(data), crc32(data), p.pack())
+    return e, parse_streams(data, len(streams))
 
 
 def _bench_gpu(s, packed, bits, k, repeat):
@@ -299,9 +301,7 @@ def prepare_load_inputs(model: str, workdir: str | os.PathLike | None = None, pr
                 for name in st.keys():
                     t = st.get_tensor(name)
                     sd[name] = t.to(torch.float16) if t.is_floating_point() else t
-        tmp = fp16 / "model.safetensors.part"
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, fp16 / "model.safetensors")
+        atomic_write(fp16 / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
         del sd
         for a in src_dir.iterdir():
             if a.is_file() and a.suffix in (".json", ".txt", ".model", ".jinja") and a.name != "manifest.json":

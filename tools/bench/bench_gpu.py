@@ -3,7 +3,7 @@
     python tools/bench_gpu.py [--json OUT] [--rows 4096 --cols 4096] [--repeat 20]
 
 1. Bit-exactness on the GPU: rANS symbols (shared-memory and global-memory tables),
-   float-split bf16 / fp16 / fp32 reconstruction, the torch path (decode_cuda.decode_tensor)
+   float-split bf16 / fp16 / fp32 reconstruction, the torch path (codec.modes.decode_entry_gpu)
    and the streaming loader with device="cuda", each compared with the CPU decoder.
 2. Throughput for a 4096x4096 bf16 layer, in GB/s of reconstructed bf16 (2 bytes per weight):
    - lossless float-split, kernels only (compressed data already on the device),
@@ -38,8 +38,10 @@ def main(argv=None) -> int:
     from numba import cuda
 
     from aligncodec.codec.entropy import decode_cpu, decode_cuda, rans
-    from aligncodec.codec.modes import lossless
-    from aligncodec.formats import container as C
+    from aligncodec.codec.modes import decode_entry_gpu, lossless
+    from aligncodec.formats.constants import MODE_STORED
+    from aligncodec.formats.layout import TensorEntry
+    from aligncodec.formats.streams import RansStream
 
     if not torch.cuda.is_available() or not cuda.is_available():
         print("no CUDA device: nothing to do", file=sys.stderr)
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
         s = rans.encode(sym, freqs=f, precision=P, chunk_symbols=1000)
         got = decode_cuda.decode_symbols_device(s).copy_to_host()
         checks[f"symbols P={P}"] = bool(np.array_equal(got, decode_cpu.decode_symbols(s)) and np.array_equal(got, sym))
-    bad = C.RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes([s.payload[0] ^ 1]) + s.payload[1:])
+    bad = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes([s.payload[0] ^ 1]) + s.payload[1:])
     try:
         decode_cuda.decode_symbols_device(bad)
         checks["corrupt chunk detected"] = False
@@ -69,10 +71,10 @@ def main(argv=None) -> int:
         w = (torch.randn(1000, 777, generator=g) * 0.02).to(tdt)
         raw = w.contiguous().view(torch.uint8).numpy()
         mode, params, streams = lossless.encode(raw, dt, w.numel())
-        entry = C.TensorEntry(f"w.{dt}", dt, tuple(w.shape), mode, len(streams), 0, 0, 0, params)
-        t = decode_cuda.decode_tensor(entry, streams, device=dev)
+        entry = TensorEntry(f"w.{dt}", dt, tuple(w.shape), mode, len(streams), 0, 0, 0, params)
+        t = decode_entry_gpu(entry, streams, dev)
         if t is None:  # no GPU path for this mode (stored): the loader decodes it on the CPU
-            ok = mode == C.MODE_STORED
+            ok = mode == MODE_STORED
         else:
             ok = t.dtype == tdt and t.device.type == "cuda" and torch.equal(t.cpu().view(torch.uint8), w.view(torch.uint8))
         ok = ok and np.array_equal(lossless.decode(entry, streams), raw.reshape(-1))

@@ -1,26 +1,24 @@
-"""``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench.py)."""
+"""``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench/bench.py)."""
 
 from __future__ import annotations
 
+from aligncodec.tools.cli import add_command
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmarks: rANS decode throughput, model load time and peak memory",
-        description=(
-            "decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba "
-            "CPU decoder (1 and 2 threads) and the GPU if present, on the float-split symbols of a Gaussian bf16 "
-            "matrix. load: load time, CPU time and peak RSS of the default model from its fp16 safetensors vs its "
-            "lossless archive (and a lossy archive with --lossy), warm and cold page cache, each in a fresh "
-            "subprocess. Prints a table; --json writes the full result."
-        ),
-    )
+    p = add_command(sub, "bench", description=(
+        "decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba "
+        "CPU decoders (lossless and lossy) and the GPU if present. load: load time, CPU time and peak RSS of "
+        "the default model from its fp16 safetensors vs its lossless archive (and a lossy archive with "
+        "--lossy), warm and cold page cache, each in a fresh subprocess. Prints a table; --json writes the "
+        "full result."
+    ))
     bs = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     d = bs.add_parser("decode", help="decoder throughput on the same symbols",
                       description="Decoder throughput on the float-split symbols of a ROWSxCOLS bf16 matrix.")
     d.add_argument("--rows", type=int, default=4096, help="matrix rows (default 4096)")
     d.add_argument("--cols", type=int, default=4096, help="matrix columns (default 4096)")
-    d.add_argument("--threads", default="1,2", help="comma-separated numba thread counts (default 1,2)")
+    d.add_argument("--threads", default="1,2", help="comma-separated decoder thread counts (default 1,2)")
     d.add_argument("--repeat", type=int, default=3, help="timed runs per decoder, best kept (default 3)")
     d.add_argument("--reference-symbols", type=int, default=100_000,
                    help="symbols the slow reference decoder decodes (whole chunks, default 100000)")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from aligncodec.codec import baselines as B
+from aligncodec.codec.baselines import quantize as BQ
 from aligncodec.codec.transforms import hadamard as Hd
 from aligncodec.codec import metrics as Mx
 
@@ -61,14 +62,14 @@ def sites(names: list[str], sigma: dict[str, torch.Tensor]) -> list[list[str]]:
 
 def quantize_model_weights(weights: dict[str, torch.Tensor], sigma: dict[str, torch.Tensor], method,
                            *, bits=None, mult=None, seed=0, step_rule="shared", act_order=False, sym=None,
-                           progress=False, desc="quantise") -> list[B.TensorResult]:
+                           progress=False, desc="quantise") -> list[BQ.TensorResult]:
     """Run ``quantize_site`` over every site; results in site order."""
     from tqdm import tqdm
 
     out = []
     groups = sites(list(weights), sigma)
     for g in tqdm(groups, desc=desc, unit="site", disable=not progress, dynamic_ncols=True, leave=False):
-        out += B.quantize_site({n: weights[n] for n in g}, method, bits=bits, mult=mult, sigma=sigma[g[0]],
+        out += BQ.quantize_site({n: weights[n] for n in g}, method, bits=bits, mult=mult, sigma=sigma[g[0]],
                                seed=Hd.tensor_seed(seed, g[0]), step_rule=step_rule, act_order=act_order, sym=sym)
     return out
 
@@ -81,6 +82,22 @@ def initial_multiplier(method, weights: dict[str, torch.Tensor], target: float, 
     tot = sum(float(w.double().pow(2).sum()) for w in weights.values())
     n = sum(w.numel() for w in weights.values())
     return k * math.sqrt(tot / n)
+
+
+def transform_inputs(model_name: str, tokenizer) -> dict:
+    """What the whole-model transforms (codec.baselines.MODEL_TRANSFORMS) get from the harness:
+    ``calib_windows(n_tokens, window)``, the calibration text as token windows, and ``cache_dir``,
+    where learned rotations of this model are cached."""
+    from aligncodec.tools.eval import evaluate as Ev
+    from aligncodec.tools.eval import models as Mo
+
+    ident = Mo.model_identity(model_name)
+    cache_dir = Mo.cache_root() / "rotations" / f"{ident['name'].split('/')[-1]}-{ident['weights_sha256'][:16]}"
+
+    def calib_windows(n_tokens: int, window: int) -> list:
+        return list(Ev.make_windows(tokenizer, n_tokens, "calib", window=window).windows)
+
+    return {"calib_windows": calib_windows, "cache_dir": cache_dir}
 
 
 def run_baseline(model_name: str, method_name: str, bits: float, *, group: int | None = None,
@@ -104,7 +121,7 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
     sigma = load_sigma(model_name, progress=progress)
     xf = B.MODEL_TRANSFORMS.get(method.name)  # SmoothQuant / KurTail / SpinQuant: function-preserving transform
     if xf is not None:
-        xf = xf(model, sigma, method=method, bits=bits, seed=seed, tokenizer=tok, model_name=model_name, log=log)
+        xf = xf(model, sigma, method=method, bits=bits, seed=seed, log=log, **transform_inputs(model_name, tok))
         sigma = xf.sigma
         weights = {n: xf.coded(n, m.weight.detach().clone()) for n, m in mods.items()}
     extra = xf.side_bits if xf is not None else 0  # unfolded side information (a learned rotation), once
@@ -128,9 +145,9 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
             def pre_rate(c):
                 return (sum(t.bits for t in quantize_model_weights(weights, sigma, pre, mult=c, **kw)) + extra) / numel
 
-            c0, _, _ = B.find_multiplier(pre_rate, float(bits), c0, tol=0.02)
+            c0, _, _ = BQ.find_multiplier(pre_rate, float(bits), c0, tol=0.02)
             log(f"  RTN-rounding pre-search: start GPTQ search at multiplier {c0:.5g}")
-        c, r, hist = B.find_multiplier(rate, float(bits), c0, tol=RATE_TOL)
+        c, r, hist = BQ.find_multiplier(rate, float(bits), c0, tol=RATE_TOL)
         results = cache[c] if c in cache else quantize_model_weights(weights, sigma, method, mult=c, **kw)
         search = {"multiplier": c, "history": hist, "tolerance_bpw": RATE_TOL}
     else:
