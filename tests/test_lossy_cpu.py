@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from aligncodec.codec.modes import lossy, lossy_cpu
+from aligncodec.formats.constants import MODE_ECSQ
 from aligncodec.formats.layout import TensorEntry, align, crc32
 from aligncodec.formats.reader import ArchiveReader
 from aligncodec.formats.streams import parse_streams, serialize_stream
@@ -27,7 +28,7 @@ def _entry(name, dtype, shape, params, streams):
             b += bytes(align(len(b), 8) - len(b))
         data += b
     parsed = parse_streams(data, len(streams))
-    return TensorEntry(name, dtype, shape, lossy.MODE_ECSQ, len(parsed), 0, len(data), crc32(data), params.pack()), parsed
+    return TensorEntry(name, dtype, shape, MODE_ECSQ, len(parsed), 0, len(data), crc32(data), params.pack()), parsed
 
 
 def _make(rows, n, *, dtype="F32", transform=1, colscale=False, classes=(1, 0), spread=40, step=0.01, seed=0, chunk=1 << 14):
@@ -76,7 +77,7 @@ def test_default_decode_path_is_numba_and_matches_golden_vectors():
     for f in files:
         with ArchiveReader(f) as r:
             for e in r.tensors:
-                if e.mode != lossy.MODE_ECSQ:
+                if e.mode != MODE_ECSQ:
                     continue
                 s = r.read_streams(e)
                 assert np.array_equal(lossy.decode(e, s), lossy.decode_numpy(e, s, reference=True))

@@ -94,7 +94,7 @@ def _archive(path, seed):
             scales = (0.5 + rng.random(n)).astype(np.float16) if cs else None
             p = lossy.EcsqParams(tr, 0.01, 0, lossy.FLAG_COL_SCALES if cs else 0, m)
             p, streams = lossy.encode_symbols(q, p, scales, hd, chunk_symbols=100, classes=cls)
-            w.add(name, dtype, shape, lossy.MODE_ECSQ, streams, p.pack())
+            w.add(name, dtype, shape, MODE_ECSQ, streams, p.pack())
     os.replace(str(path) + ".new", path)
     with ArchiveReader(path) as r:
         modes = {e.mode for e in r.tensors}

@@ -157,6 +157,7 @@ def lossy_entry(rows: int, cols: int, seed: int = 0):
     hadamard transform with its odd factor, column scales, 4 row classes; symbols Gaussian with
     a per-row spread (the coefficients of a rotated weight). Returns (entry, parsed streams)."""
     from aligncodec.codec.modes import lossy as L
+    from aligncodec.formats.constants import MODE_ECSQ
     from aligncodec.formats.layout import TensorEntry, align, crc32
     from aligncodec.formats.streams import parse_streams, serialize_stream
 
@@ -172,7 +173,7 @@ def lossy_entry(rows: int, cols: int, seed: int = 0):
     for i, st in enumerate(streams):
         b = serialize_stream(st)
         data += b + (bytes(align(len(b), 8) - len(b)) if i + 1 < len(streams) else b"")
-    e = TensorEntry("bench.weight", "BF16", (rows, cols), L.MODE_ECSQ, len(streams), 0, len(data), crc32(data), p.pack())
+    e = TensorEntry("bench.weight", "BF16", (rows, cols), MODE_ECSQ, len(streams), 0, len(data), crc32(data), p.pack())
     return e, parse_streams(data, len(streams))
 
 
