@@ -9,7 +9,9 @@
 The archive is read sequentially, so a pipe, ``sys.stdin.buffer`` or an HTTP
 response body works as well as a path (:func:`aligncodec.formats.reader.iter_archive`);
 a path is memory-mapped instead of copied, each tensor's pages dropped from the
-process once it has been decoded. A reader thread reads and checks (CRC) the next
+process once it has been decoded (as with any memory map, e.g. safetensors', a file
+truncated in place by another process while it loads can end the process with
+SIGBUS; aligncodec itself replaces archives atomically, never in place). A reader thread reads and checks (CRC) the next
 tensors' bytes and starts decoding each as soon as it is read; at most
 ``1 + prefetch`` tensors are in flight (read, being decoded or waiting to be
 yielded) at any time, and the loader keeps no reference to a tensor once it has
