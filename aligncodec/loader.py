@@ -46,9 +46,9 @@ import numpy as np
 
 from aligncodec.auxfiles import AUX_PREFIX, is_aux
 from aligncodec.formats import errors as E
-from aligncodec.formats.constants import (DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_TENSOR_BYTES, MODE_ECSQ, MODE_FLOAT_SPLIT,
-                                          MODE_STORED)
+from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED
 from aligncodec.formats.layout import TensorEntry, crc32
+from aligncodec.formats.limits import Limits, resolve as resolve_limits
 from aligncodec.formats.reader import iter_archive, parse_header
 from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, parse_streams
 
@@ -149,10 +149,10 @@ class _MappedSource:
             pass
 
 
-def _iter_mapped(src: _MappedSource, **limits):
+def _iter_mapped(src: _MappedSource, limits: Limits):
     """iter_archive over a mapped file: the same checks and errors, tensor bytes as views of the map."""
     src.f.seek(0)
-    header = parse_header(src.f, **limits)
+    header = parse_header(src.f, limits)
     end = header.data_offset + header.data_size
     if src.size < end:
         raise E.TruncatedError(f"archive is {src.size} bytes, its header says {end}")
@@ -314,7 +314,8 @@ def _plan_tensor(entry: TensorEntry, streams: list, dtype, threads: int | None):
     return t
 
 
-def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None):
+def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None,
+                  limits: Limits | None = None):
     """Decode one archive entry into a torch tensor on ``device``.
 
     ``dtype`` (a torch dtype) converts floating-point tensors; others keep their dtype.
@@ -324,7 +325,9 @@ def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None
 
     from aligncodec.codec import parallel
     from aligncodec.codec.modes import decode_entry_gpu, has_gpu_path
+    from aligncodec.validation import check_entry
 
+    check_entry(entry, streams, limits)  # as verify does, before the GPU or the CPU decoder
     dev = torch.device(device)
     t = None
     if dev.type == "cuda" and has_gpu_path(entry):
@@ -369,8 +372,9 @@ def load(
     prefetch: int = 1,
     include_aux: bool = False,
     stats: LoadStats | None = None,
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    limits: Limits | None = None,
+    max_header_bytes: int | None = None,
+    max_tensor_bytes: int | None = None,
 ) -> Iterator[tuple[str, object]]:
     """Yield ``(name, tensor)`` for every tensor of an archive, in file order.
 
@@ -378,17 +382,20 @@ def load(
     ``device``/``dtype``: where tensors are decoded and the floating-point dtype they get
     (None keeps the stored dtype). ``threads``: CPU decoding threads (None: all CPUs, or ``ACZ_THREADS``).
     ``prefetch``: tensors read (and decoded) ahead of the one being yielded (>= 0).
-    ``include_aux``: also yield auxiliary files (``acz:file/<name>``) as uint8 tensors."""
+    ``include_aux``: also yield auxiliary files (``acz:file/<name>``) as uint8 tensors.
+    ``limits``: the reader's limits (:class:`aligncodec.formats.limits.Limits`; the defaults
+    bound memory and work by the bytes read). The archive is validated as ``verify`` does."""
     import torch
 
     from aligncodec.codec import parallel
+    from aligncodec.validation import check_entry, check_header
 
     if prefetch < 0:
         raise ValueError("prefetch must be >= 0")
     threads = parallel.resolve_threads(threads)
     dev = torch.device(device)
+    lim = resolve_limits(limits, max_header_bytes=max_header_bytes, max_tensor_bytes=max_tensor_bytes)
     f, owned = _open(source)
-    limits = {"max_header_bytes": max_header_bytes, "max_tensor_bytes": max_tensor_bytes}
     mapped = None
     if owned:
         try:
@@ -398,11 +405,11 @@ def load(
     st = stats if stats is not None else LoadStats()
     if mapped is not None:
         st.source = mapped
-        it = _iter_mapped(mapped, **limits)
+        it = _iter_mapped(mapped, lim)
     else:
         reader = _ExactReader(f)
         st.source = reader
-        it = iter_archive(reader, **limits)
+        it = iter_archive(reader, lim)
     from aligncodec.codec.modes import has_gpu_path
 
     gpu = dev.type == "cuda"
@@ -411,21 +418,33 @@ def load(
 
         gpu = decode_cuda.available()
 
+    def checked(it):
+        """The header as verify checks it, before any tensor is read or decoded."""
+        header, _, _ = next(it)
+        check_header(header, lim)
+        yield header, None, None
+        yield from it
+
     def start(entry, streams):
-        """Runs in the reader thread: start decoding as soon as the tensor is read."""
+        """Runs in the reader thread: validate (as verify does) and start decoding the tensor
+        as soon as it is read; a failure is reported by the consumer, in file order."""
         aux = is_aux(entry.name)
+        try:
+            check_entry(entry, streams, lim)
+        except BaseException as exc:  # noqa: BLE001
+            return _failed(exc)
         if aux and not include_aux:
             return None
         want = None if aux else dtype
         if gpu and has_gpu_path(entry):  # the CUDA path runs in the consumer's thread
-            return _Deferred(lambda: decode_tensor(entry, streams, device=dev, dtype=want, threads=threads))
+            return _Deferred(lambda: decode_tensor(entry, streams, device=dev, dtype=want, threads=threads, limits=lim))
         try:
             plan = _plan_tensor(entry, streams, want, threads)
         except BaseException as exc:  # noqa: BLE001 - reported in file order by the consumer
             return _failed(exc)
         return parallel.submit(plan, threads)
 
-    pf = _Prefetcher(it, 1 + prefetch, st, start)
+    pf = _Prefetcher(checked(it), 1 + prefetch, st, start)
     try:
         kind, header = pf.get()
         base = header.data_offset
@@ -462,9 +481,10 @@ def load(
             f.close()
 
 
-def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1) -> dict:
+def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1,
+                    limits: Limits | None = None) -> dict:
     """All tensors of an archive (auxiliary files excluded) as a dict name -> tensor."""
-    return dict(load(source, device=device, dtype=dtype, threads=threads, prefetch=prefetch))
+    return dict(load(source, device=device, dtype=dtype, threads=threads, prefetch=prefetch, limits=limits))
 
 
 def _build_empty_model(config_json: bytes, model_class, trust_remote_code: bool):

@@ -25,8 +25,8 @@ Candidates (``CANDIDATES``):
                    given Δ equals that of a uniform step; s sent as float16;
 * ``hadamard-colscale`` the same scales on the diagonal of Tᵀ Σ T.
 
-The global step Δ is one absolute weight-domain step for every tensor (DESIGN.md
-§6: it beat equal-SQNR allocation), optionally multiplied per layer type by
+The global step Δ is one absolute weight-domain step for every tensor (measured
+to beat equal-SQNR allocation: docs/results/2026-11-28-rd.md), optionally multiplied per layer type by
 ``type_weights`` (allocation experiments).
 """
 

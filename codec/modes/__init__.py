@@ -1,8 +1,10 @@
 """Coding modes (spec/FORMAT.md §7): the one registry that maps a tensor's mode id to
 what the decoders call.
 
-Each :class:`Mode` names three callables:
+Each :class:`Mode` names these callables:
 
+* ``check_params(entry, limits)``: check what the header entry alone says (params, dtype,
+  shape, stream count, reader limits such as the ecsq Hadamard factor), before any data;
 * ``validate(entry, streams)``: check the entry's params and its parsed streams, decode
   nothing (``aligncodec verify --no-decode``);
 * ``decode(entry, streams, *, reference=False)``: the tensor's little-endian bytes as a
@@ -32,6 +34,7 @@ class Mode:
     validate: Callable[[TensorEntry, list], None]
     decode: Callable[..., np.ndarray]
     decode_gpu: Callable | None = None
+    check_params: Callable | None = None
 
 
 _LOSSLESS = "aligncodec.codec.modes.lossless"
@@ -39,9 +42,10 @@ _LOSSY = "aligncodec.codec.modes.lossy"
 _CUDA = "aligncodec.codec.entropy.decode_cuda"
 
 MODES: dict[int, Mode] = {
-    MODE_STORED: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode")),
-    MODE_FLOAT_SPLIT: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), lazy(_CUDA, "decode_float_split_tensor")),
-    MODE_ECSQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode")),
+    MODE_STORED: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), None, lazy(_LOSSLESS, "check_params")),
+    MODE_FLOAT_SPLIT: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), lazy(_CUDA, "decode_float_split_tensor"),
+                           lazy(_LOSSLESS, "check_params")),
+    MODE_ECSQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode"), None, lazy(_LOSSY, "check_params")),
 }
 assert set(MODES) == set(MODE_NAMES), "every mode id in formats.constants has a registry entry"
 
@@ -51,6 +55,14 @@ def mode_of(entry: TensorEntry) -> Mode:
         return MODES[entry.mode]
     except KeyError:
         raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not supported by this build") from None
+
+
+def check_entry_params(entry: TensorEntry, limits=None) -> None:
+    """Check what a tensor's header entry says about its coding (mode known, params, dtype,
+    shape, stream count, the reader's limits) before reading its data."""
+    m = mode_of(entry)
+    if m.check_params is not None:
+        m.check_params(entry, limits)
 
 
 def validate_entry(entry: TensorEntry, streams: list) -> None:

@@ -162,14 +162,15 @@ def inverse_hadamard_f32(Cm: np.ndarray, hd: HadamardData) -> np.ndarray:
     rows, n = Cm.shape
     p, m = split_pow2(n)
     X = butterflies(np.asarray(Cm, dtype=np.float32).reshape(rows, p, m))  # Sylvester butterflies, element-wise float32
-    if m > 1:  # Y[., j] = sum_k X[., k] · Q[j, k], k ascending, float32 each step
-        out = np.zeros_like(X)
-        for j in range(m):
-            acc = np.zeros((rows, p), dtype=np.float32)
-            for k in range(m):
-                acc = acc + X[:, :, k] * np.float32(hd.Q[j, k])
-            out[:, :, j] = acc
-        X = out
+    if m > 1:  # Y[., j] = sum_k X[., k] · Q[j, k], k ascending, float32 each step (all j at once)
+        Q = np.ascontiguousarray(hd.Q, dtype=np.float32)
+        acc = np.zeros_like(X)
+        prod = np.empty_like(X)
+        for k in range(m):
+            np.multiply(X[:, :, k : k + 1], Q[None, None, :, k], out=prod)
+            np.add(acc, prod, out=acc)
+        del prod
+        X = acc
     g = np.float32(1.0 / math.sqrt(p))
     X = X * g
     return X.reshape(rows, n) * hd.signs[None, :]
@@ -334,6 +335,33 @@ def parse_side(entry: TensorEntry, side_streams: list) -> tuple[EcsqParams, np.n
     elif p.m:
         raise StreamError(f"ecsq tensor {name!r}: m must be 0 without a hadamard transform")
     return p, scales, hd, classes
+
+
+def check_params(entry: TensorEntry, limits=None) -> EcsqParams:
+    """Validate an ecsq entry's header fields (dtype, shape, params, stream count, the Hadamard
+    factor's m against the reader limit, formats/limits.py) before any of its data is read."""
+    from aligncodec.formats.errors import LimitError
+    from aligncodec.formats.limits import DEFAULT_MAX_HADAMARD_M
+
+    name = entry.name
+    if entry.dtype not in LOSSY_DTYPES:
+        raise StreamError(f"ecsq tensor {name!r}: dtype {entry.dtype} not allowed")
+    if len(entry.shape) != 2 or entry.numel == 0:
+        raise StreamError(f"ecsq tensor {name!r}: shape {entry.shape} is not a non-empty matrix")
+    p = EcsqParams.unpack(entry.params, name)
+    n = entry.shape[1]
+    if p.transform == TRANSFORM_HADAMARD:
+        if p.m != split_pow2(n)[1]:
+            raise StreamError(f"ecsq tensor {name!r}: hadamard odd factor {p.m}, {n} needs {split_pow2(n)[1]}")
+        limit = DEFAULT_MAX_HADAMARD_M if limits is None else limits.max_hadamard_m
+        if p.m > limit:
+            raise LimitError(f"ecsq tensor {name!r}: hadamard odd factor m = {p.m} above the reader limit {limit}")
+    elif p.m:
+        raise StreamError(f"ecsq tensor {name!r}: m must be 0 without a hadamard transform")
+    want = p.n_classes + (p.n_classes > 1) + bool(p.flags & FLAG_COL_SCALES) + (p.transform == TRANSFORM_HADAMARD)
+    if entry.stream_count != want:
+        raise StreamError(f"ecsq tensor {name!r}: {entry.stream_count} streams, {want} expected")
+    return p
 
 
 def n_symbol_streams(entry: TensorEntry) -> int:

@@ -1,6 +1,6 @@
 """GPU check and benchmark of the CUDA decoder, one short script (a few minutes on an H100/H200).
 
-    python tools/bench_gpu.py [--json OUT] [--rows 4096 --cols 4096] [--repeat 20]
+    python -m aligncodec.tools.bench.bench_gpu [--json OUT] [--rows 4096 --cols 4096] [--repeat 20]
 
 1. Bit-exactness on the GPU: rANS symbols (shared-memory and global-memory tables),
    float-split bf16 / fp16 / fp32 reconstruction, the torch path (codec.modes.decode_entry_gpu)

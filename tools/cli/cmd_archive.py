@@ -60,9 +60,26 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limits(args: argparse.Namespace):
+    """The reader limits the command line asks for (formats/limits.py)."""
+    from aligncodec.formats.limits import Limits
+
+    if args.max_ratio is not None and not args.max_ratio > 0:
+        raise CLIError("--max-ratio must be > 0 (inf: no limit)", 2)
+    return Limits().with_(max_ratio=args.max_ratio)
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    from aligncodec.formats.limits import DEFAULT_MAX_RATIO, DEFAULT_RATIO_SLACK_BYTES
+
+    p.add_argument("--max-ratio", type=float, default=None, metavar="R",
+                   help=f"expansion limit: decoded bytes per archive byte, up to each tensor (default {DEFAULT_MAX_RATIO:g}, "
+                        f"plus {DEFAULT_RATIO_SLACK_BYTES >> 20} MiB; 'inf' for none). Raise it only for archives you trust")
+
+
 def cmd_decompress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    paths = archive.decompress(args.archive, args.output, progress=not args.quiet)
+    paths = archive.decompress(args.archive, args.output, progress=not args.quiet, limits=_limits(args))
     if not args.quiet:
         for p in paths:
             print(p)
@@ -92,7 +109,7 @@ def _print_table(info: dict) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = archive.inspect(args.archive)
+    info = archive.inspect(args.archive, limits=_limits(args))
     if args.json:
         json.dump(info, sys.stdout, indent=2)
         print()
@@ -102,7 +119,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    res = archive.verify(args.archive, decode=not args.no_decode, progress=not args.quiet)
+    res = archive.verify(args.archive, decode=not args.no_decode, progress=not args.quiet, limits=_limits(args))
     print(f"{args.archive}: OK ({res['tensors']} tensors, every checksum{'' if args.no_decode else ' and stream'} verified)")
     return 0
 
@@ -129,15 +146,18 @@ def add_parser(sub) -> None:
     p.add_argument("archive")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file list")
+    _add_limit_args(p)
     p.set_defaults(func=cmd_decompress)
 
     p = add_command(sub, "inspect")
     p.add_argument("archive")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_limit_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = add_command(sub, "verify")
     p.add_argument("archive")
     p.add_argument("--no-decode", action="store_true", help="check checksums and structure only, do not decode")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_limit_args(p)
     p.set_defaults(func=cmd_verify)
