@@ -269,9 +269,9 @@ def _decode_range(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, wid
         c += 1
 
 
-# chunks per task: at least this many (a task is then ~0.1-1 ms), and about TASKS_PER_THREAD tasks
-# per worker so that a worker slowed down by other processes delays only a small share
-MIN_TASK_CHUNKS = 8
+# symbols per task: at least this many (a task is then ~0.3 ms or more), and about TASKS_PER_THREAD
+# tasks per worker so that a worker slowed down by other processes delays only a small share
+MIN_TASK_SYMBOLS = 1 << 17
 TASKS_PER_THREAD = 4
 
 
@@ -364,7 +364,8 @@ def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = No
     def task(c0, c1):
         _decode_range(words, chunk_w, cs, n, tab, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
 
-    yield parallel.stage(task, parallel.split_ranges(n_chunks, parts, multiple=GROUP, minimum=MIN_TASK_CHUNKS))
+    minimum = max(1, -(-MIN_TASK_SYMBOLS // cs))
+    yield parallel.stage(task, parallel.split_ranges(n_chunks, parts, multiple=GROUP, minimum=minimum))
     _raise_status(status)
     return out
 
