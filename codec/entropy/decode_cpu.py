@@ -47,7 +47,7 @@ _U64 = np.uint64
 _U32 = np.uint32
 _L = _U64(RANS_STATE_LOWER)
 
-_UINT = {16: np.uint16, 32: np.uint32, 64: np.uint64}
+UINT_OF_WIDTH = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}  # unsigned numpy dtype of a bit width
 
 ERROR_TEXT = {
     1: "initial state below L",
@@ -405,7 +405,7 @@ def plan_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k
                      *, threads: int | None = None):
     """Plan form of :func:`decode_float_split` (parameters checked now, decoding when run)."""
     width, rw, low, raw = float_split_layout(stream, rest, dtype, k)
-    out = _check_out(out, stream.n_symbols, _UINT[width])
+    out = _check_out(out, stream.n_symbols, UINT_OF_WIDTH[width])
     return plan_decode(stream, out, threads=threads, rest=raw, rw=rw, low=low, width=width)
 
 

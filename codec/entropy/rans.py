@@ -175,11 +175,6 @@ def cumulative(freqs: np.ndarray) -> np.ndarray:
     return cum
 
 
-def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
-    """slot -> symbol lookup table of 2**precision entries (uint16)."""
-    return np.repeat(np.arange(len(freqs), dtype=np.uint16), np.asarray(freqs, dtype=np.int64))
-
-
 def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: int | None = None, freqs: np.ndarray | None = None, chunk_symbols: int = DEFAULT_CHUNK_SYMBOLS) -> RansStream:
     """Entropy-code non-negative integer symbols (< 2^16) into a :class:`RansStream`.
 

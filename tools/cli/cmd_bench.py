@@ -1,18 +1,18 @@
-"""``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench/bench.py)."""
+"""``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench/bench.py).
+
+decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba
+CPU decoders (lossless float-split and lossy ecsq; 1 and 2 threads) and the GPU if present. load:
+load time, CPU time and peak RSS of the default model from its fp16 safetensors vs its lossless
+archive (and a lossy archive with --lossy), warm and cold page cache, each in a fresh subprocess.
+Prints a table; --json writes the full result."""
 
 from __future__ import annotations
 
-from aligncodec.tools.cli import add_command
+from aligncodec.tools.cli import add_command, add_model_argument, add_run_options
 
 
 def add_parser(sub) -> None:
-    p = add_command(sub, "bench", description=(
-        "decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba "
-        "CPU decoders (lossless and lossy) and the GPU if present. load: load time, CPU time and peak RSS of "
-        "the default model from its fp16 safetensors vs its lossless archive (and a lossy archive with "
-        "--lossy), warm and cold page cache, each in a fresh subprocess. Prints a table; --json writes the "
-        "full result."
-    ))
+    p = add_command(sub, "bench", description=__doc__)
     bs = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     d = bs.add_parser("decode", help="decoder throughput on the same symbols",
                       description="Decoder throughput on the float-split symbols of a ROWSxCOLS bf16 matrix.")
@@ -31,8 +31,7 @@ def add_parser(sub) -> None:
                                    "cached under $ALIGNCODEC_HOME/bench/ on first use) and from a lossy .acz "
                                    "(--lossy; make one with 'aligncodec compress smollm2 -o s3.acz --bpw 3'), each in "
                                    "fresh subprocesses, with the file in the page cache (warm) and evicted (cold).")
-    ld.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
-                    help="cached model name, model folder or .safetensors file (default smollm2)")
+    add_model_argument(ld)
     ld.add_argument("--repeat", type=int, default=3, help="fresh processes per variant, median kept (default 3)")
     ld.add_argument("--lossy", metavar="ARCHIVE", help="also load this lossy archive of the same model")
     ld.add_argument("--page-cache", choices=["warm", "cold", "both"], default="both",
@@ -43,7 +42,7 @@ def add_parser(sub) -> None:
     ld.add_argument("--workdir", metavar="DIR", help="where the fp16 folder and archive are kept")
     ld.add_argument("--only", choices=["state-dict", "hf"], help="only the state-dict or only the HF-model loads")
     ld.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
-    ld.add_argument("--no-progress", action="store_true", help="no progress bar while building the archive")
+    add_run_options(ld, threads=None, progress="no progress bar while building the archive")
     ld.set_defaults(func=run)
 
 
