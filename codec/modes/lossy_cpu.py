@@ -13,7 +13,7 @@ The plan (:func:`plan_ecsq`, run by :mod:`aligncodec.codec.parallel`) has two st
 Every float operation is one IEEE binary32 operation in the order of spec §7.4
 (numba does not contract ``a·b + c`` into a fused multiply-add without fastmath, and
 none is used), so the result is bit-identical to :func:`lossy.reconstruct_from` +
-:func:`lossy.round_to_dtype`; the golden lossy vectors and tests/test_lossy_cpu.py pin it.
+:func:`lossy.round_to_dtype`; the golden lossy vectors and tests/test_codec_modes_lossy_cpu.py pin it.
 A NaN (possible only from an absurd step in a hand-made archive) makes the tensor
 fall back to that numpy path, which defines the NaN bits.
 """
