@@ -273,7 +273,7 @@ def _plan_float_split(entry, streams, out, threads):
         yield [lambda: box.__setitem__("rest", _bytes_from(streams[1], packed_size(n, rw), entry.name))]
     rest = box["rest"] if box else _bytes_from(streams[1], packed_size(n, rw), entry.name)
     little = sys.byteorder == "little"
-    bits = out.view(_UINT[width]) if little else np.empty(n, _UINT[width])  # the kernels write native order
+    bits = out.view(UINT_OF_WIDTH[width]) if little else np.empty(n, UINT_OF_WIDTH[width])  # the kernels write native order
     yield from decode_cpu.plan_float_split(streams[0], rest, entry.dtype, k, bits, threads=threads)
     if not little:  # pragma: no cover
         out[:] = bits.astype(f"<u{width // 8}").view(np.uint8)
