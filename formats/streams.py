@@ -221,3 +221,12 @@ def _parse_rans(i: int, aux: memoryview, payload: memoryview, n_symbols: int) ->
     if int(lengths.sum(dtype=np.uint64)) != len(payload):
         raise E.StreamError(f"stream {i}: chunk lengths sum to {int(lengths.sum())}, payload is {len(payload)}")
     return RansStream(int(precision), int(chunk_symbols), int(n_symbols), freqs, lengths, payload)
+
+
+def check_rans_stream(stream: RansStream, n_symbols: int, alphabet_size: int) -> None:
+    """Check that a parsed rANS stream is what a coding mode expects, before decoding: exactly
+    ``n_symbols`` symbols, an alphabet of at most ``alphabet_size``."""
+    if stream.n_symbols != n_symbols:
+        raise E.StreamError(f"rANS stream has {stream.n_symbols} symbols, {n_symbols} expected")
+    if stream.alphabet_size > alphabet_size:
+        raise E.StreamError(f"rANS alphabet of {stream.alphabet_size} symbols, at most {alphabet_size} allowed")

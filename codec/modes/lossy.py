@@ -34,10 +34,9 @@ import numpy as np
 
 from aligncodec.formats.constants import DATA_ALIGN, SECTION_ALIGN, STREAM_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
-from aligncodec.formats.streams import RansStream, RawStream, serialize_stream
+from aligncodec.formats.streams import RansStream, RawStream, check_rans_stream, serialize_stream
 from aligncodec.formats.errors import StreamError, UnsupportedError
 
-from aligncodec.codec.entropy import rans
 from aligncodec.codec.transforms.fwht import butterflies, split_pow2
 
 PARAMS_VERSION = 1
@@ -187,13 +186,17 @@ def column_steps(params: EcsqParams, scales: np.ndarray | None) -> np.ndarray | 
 
 
 def reconstruct_from(params: EcsqParams, q: np.ndarray, scales: np.ndarray | None, hd: HadamardData | None) -> np.ndarray:
-    """float32 weight (out × in) from integer symbols q (out × in, already offset)."""
-    d = column_steps(params, scales)
-    Cm = q.astype(np.float32) * (d[None, :] if isinstance(d, np.ndarray) else d)
-    if params.transform == TRANSFORM_IDENTITY:
-        return Cm
-    if params.transform == TRANSFORM_HADAMARD:
-        return inverse_hadamard_f32(Cm, hd)
+    """float32 weight (out × in) from integer symbols q (out × in, already offset).
+
+    IEEE-754 overflow to ±inf (a huge step or Q) is the value §7.4 defines, not an error:
+    numpy's warnings about it are silenced."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = column_steps(params, scales)
+        Cm = q.astype(np.float32) * (d[None, :] if isinstance(d, np.ndarray) else d)
+        if params.transform == TRANSFORM_IDENTITY:
+            return Cm
+        if params.transform == TRANSFORM_HADAMARD:
+            return inverse_hadamard_f32(Cm, hd)
     raise UnsupportedError(f"unknown transform {params.transform}")
 
 
@@ -379,7 +382,7 @@ def parse(entry: TensorEntry, streams: list):
     counts = [entry.numel] if cm is None else cm.symbol_counts(entry.shape[1 - p.class_axis])
     offsets = [p.offset] if cm is None else cm.offsets
     for c, (s, cnt, off) in enumerate(zip(streams[:k], counts, offsets)):
-        rans.validate_for(s, cnt, 1 << 16)
+        check_rans_stream(s, cnt, 1 << 16)
         if off + s.alphabet_size - 1 > MAX_ABS_SYMBOL:
             raise StreamError(f"ecsq tensor {entry.name!r}: class {c} alphabet reaches past +{MAX_ABS_SYMBOL}")
     return p, list(streams[:k]), scales, hd, cm
@@ -430,6 +433,8 @@ def decode_numpy(entry: TensorEntry, streams: list, *, reference: bool = False) 
 
         syms = [np.asarray(rans_reference.decode(s0), dtype=np.uint16) for s0 in sstreams]
     else:
+        from aligncodec.codec.entropy import rans
+
         syms = [rans.decode(s0) for s0 in sstreams]
     W = reconstruct(entry, syms + list(streams[len(sstreams):]))
     return round_to_dtype(W, entry.dtype).reshape(-1).view(np.uint8)
@@ -443,6 +448,8 @@ def _sym_stream(v: np.ndarray, chunk_symbols: int) -> tuple[int, RansStream]:
     if -lo > MAX_ABS_SYMBOL or hi > MAX_ABS_SYMBOL:
         raise ValueError(f"symbols outside ±{MAX_ABS_SYMBOL}")
     lo = min(lo, 0)  # offset ≤ 0 keeps the params check simple
+    from aligncodec.codec.entropy import rans
+
     return lo, rans.encode((v.astype(np.int64) - lo).astype(np.uint16), chunk_symbols=chunk_symbols)
 
 
@@ -456,9 +463,13 @@ def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
 
 
 def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None, hd: HadamardData | None,
-                   chunk_symbols: int = rans.DEFAULT_CHUNK_SYMBOLS, classes: tuple[int, int] = (1, 0)) -> tuple[EcsqParams, list]:
+                   chunk_symbols: int | None = None, classes: tuple[int, int] = (1, 0)) -> tuple[EcsqParams, list]:
     """Streams (and params with offsets filled in) for integer symbols q (out × in);
     ``classes = (k, axis)`` splits the symbols into k classes of rows (axis 0) or columns (1)."""
+    if chunk_symbols is None:
+        from aligncodec.codec.entropy import rans
+
+        chunk_symbols = rans.DEFAULT_CHUNK_SYMBOLS
     q = np.asarray(q)
     k, axis = classes
     k = min(k, q.shape[axis])
