@@ -318,12 +318,13 @@ def _plan_tensor(entry: TensorEntry, streams: list, dtype, threads: int | None):
 
 
 def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None,
-                  limits: Limits | None = None):
+                  limits: Limits | None = None, asynchronous: bool = False):
     """Decode one archive entry into a torch tensor on ``device``.
 
     ``dtype`` (a torch dtype) converts floating-point tensors; others keep their dtype.
     On a CUDA device the GPU decoder is used for the modes it supports (others are
-    decoded on the CPU and copied)."""
+    decoded on the CPU and copied). ``asynchronous`` (CPU only): return a Future at once,
+    the tensor decoding on the pool (the loader's path; validation errors still raise here)."""
     import torch
 
     from aligncodec.codec import parallel
@@ -332,6 +333,10 @@ def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None
 
     check_entry(entry, streams, limits)  # as verify does, before the GPU or the CPU decoder
     dev = torch.device(device)
+    if asynchronous:
+        if dev.type != "cpu":
+            raise ValueError("asynchronous decoding is for the CPU")
+        return parallel.submit(_plan_tensor(entry, streams, dtype, threads), threads)
     t = None
     if dev.type == "cuda" and has_gpu_path(entry):
         from aligncodec.codec.entropy import decode_cuda
@@ -377,6 +382,7 @@ def load(
     stats: LoadStats | None = None,
     on_header=None,
     limits: Limits | None = None,
+    _decode_gate: threading.Event | None = None,
     max_header_bytes: int | None = None,
     max_tensor_bytes: int | None = None,
 ) -> Iterator[tuple[str, object]]:
@@ -391,7 +397,8 @@ def load(
     before any tensor is read, e.g. to check the tensor list first (in the reader thread;
     what it raises is raised here).
     ``limits``: the reader's limits (:class:`aligncodec.formats.limits.Limits`; the defaults
-    bound memory and work by the bytes read). The archive is validated as ``verify`` does."""
+    bound memory and work by the bytes read). The archive is validated as ``verify`` does.
+    ``_decode_gate`` (internal, load_hf_model's): nothing but ``config.json`` is decoded before this event is set."""
     import torch
 
     from aligncodec.codec import parallel
@@ -438,22 +445,27 @@ def load(
         """Runs in the reader thread: validate (as verify does) and start decoding the tensor
         as soon as it is read; a failure is reported by the consumer, in file order."""
         aux = is_aux(entry.name)
-        try:
-            check_entry(entry, streams, lim)
-        except BaseException as exc:  # noqa: BLE001
-            return _failed(exc)
         if aux and not include_aux:
+            try:
+                check_entry(entry, streams, lim)  # not decoded, but validated as verify does
+            except BaseException as exc:  # noqa: BLE001
+                return _failed(exc)
             return None
+        if _decode_gate is not None and entry.name != AUX_PREFIX + "config.json":  # the consumer decides first
+            _decode_gate.wait()
+            if pf_box and pf_box[0].stop.is_set():
+                return None
         want = None if aux else dtype
         if gpu and has_gpu_path(entry):  # the CUDA path runs in the consumer's thread
             return _Deferred(lambda: decode_tensor(entry, streams, device=dev, dtype=want, threads=threads, limits=lim))
         try:
-            plan = _plan_tensor(entry, streams, want, threads)
+            return decode_tensor(entry, streams, dtype=want, threads=threads, limits=lim, asynchronous=True)
         except BaseException as exc:  # noqa: BLE001 - reported in file order by the consumer
             return _failed(exc)
-        return parallel.submit(plan, threads)
 
+    pf_box: list = []
     pf = _Prefetcher(checked(it), 1 + prefetch, st, start)
+    pf_box.append(pf)
     try:
         kind, header = pf.get()
         base = header.data_offset
@@ -465,7 +477,7 @@ def load(
             entry, job = item
             del item
             st.compressed_bytes += entry.size
-            if job is None:
+            if job is None:  # an auxiliary file not asked for, or the load is ending
                 pf.release()
                 if mapped is not None:
                     mapped.drop(base + entry.offset, base + entry.offset + entry.size)
@@ -484,6 +496,9 @@ def load(
             yield out
             del out
     finally:
+        pf.stop.set()
+        if _decode_gate is not None:
+            _decode_gate.set()  # a reader waiting at the gate sees the stop and decodes nothing more
         pf.close(join=mapped is not None)  # a mapped file never blocks the reader: wait, then unmap
         if mapped is not None:
             mapped.close()
@@ -670,12 +685,16 @@ def load_hf_model(
     loaded: set[str] = set()
     unexpected: list[str] = []
     entries: dict[str, tuple[int, ...]] = {}
+    gate = threading.Event()  # no weight is decoded before the model is built and the tensor list checked
 
     def on_header(header):
         names = [e.name for e in header.tensors]
         if AUX_PREFIX + "config.json" not in names:
             raise LoadError("the archive carries no config.json (compress a model folder, not a single .safetensors file)")
         entries.update((e.name, tuple(e.shape)) for e in header.tensors if not e.name.startswith(AUX_PREFIX))
+        first = names.index(AUX_PREFIX + "config.json")
+        if first:  # tensors before config.json (unusual order): the consumer needs them, no gate
+            gate.set()
 
     def build(config_json: bytes):
         config = _make_config(config_json, trust_remote_code)
@@ -693,10 +712,11 @@ def load_hf_model(
             unexpected.append(name)
 
     for name, t in load(source, device=dev, dtype=dtype, threads=threads, prefetch=prefetch, include_aux=True,
-                        on_header=on_header):
+                        on_header=on_header, _decode_gate=gate):
         if is_aux(name):
             if name == AUX_PREFIX + "config.json" and model is None:
                 model = build(t.numpy().tobytes())
+                gate.set()
                 for n2, t2 in pending:
                     put(n2, t2)
                 pending.clear()
