@@ -131,24 +131,76 @@ def _grid(n: int, block: int) -> int:
     return max(1, math.ceil(n / block))
 
 
-def decode_symbols_device(stream: C.RansStream, out=None, *, stream_obj=0):
+class DeviceOutOfMemoryError(MemoryError):
+    """The GPU has no room for a tensor being decoded (the message names the tensor)."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    return getattr(exc, "code", None) == 2 or "OUT_OF_MEMORY" in str(exc) or "out of memory" in str(exc)
+
+
+def _oom(name: str, nbytes: int, exc: BaseException) -> DeviceOutOfMemoryError:
+    return DeviceOutOfMemoryError(f"out of GPU memory decoding tensor {name!r} ({nbytes / 2**20:.1f} MiB more needed): {exc}")
+
+
+def _raw_device_array(n, dtype, stream_obj):
+    return cuda.device_array(n, dtype=dtype, stream=stream_obj)
+
+
+def _raw_to_device(a, stream_obj):
+    return cuda.to_device(a, stream=stream_obj)
+
+
+def device_alloc(n: int, dtype, name: str = "?", stream_obj=0):
+    """A new device array; out of memory is a DeviceOutOfMemoryError naming the tensor."""
+    try:
+        return _raw_device_array(n, dtype, stream_obj)
+    except Exception as exc:
+        if _is_oom(exc):
+            raise _oom(name, n * np.dtype(dtype).itemsize, exc) from None
+        raise
+
+
+def device_put(a: np.ndarray, name: str = "?", stream_obj=0):
+    """A host array copied to the device; out of memory named as in :func:`device_alloc`."""
+    try:
+        return _raw_to_device(a, stream_obj)
+    except Exception as exc:
+        if _is_oom(exc):
+            raise _oom(name, a.nbytes, exc) from None
+        raise
+
+
+def torch_empty(n: int, dtype, device, name: str = "?"):
+    """torch.empty on a CUDA device; out of memory named as in :func:`device_alloc`."""
+    import torch
+
+    try:
+        return torch.empty(n, dtype=dtype, device=device)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise _oom(name, n * torch.tensor([], dtype=dtype).element_size(), exc) from None
+
+
+def decode_symbols_device(stream: C.RansStream, out=None, *, stream_obj=0, name: str = "?"):
     """Decode a rANS stream on the device into ``out`` (a numba device array of any
     unsigned/signed integer type wide enough; default a new uint16 device array).
     Raises CorruptStreamError like the CPU decoder. Returns ``out``."""
     n = stream.n_symbols
     if out is None:
-        out = cuda.device_array(n, dtype=np.uint16, stream=stream_obj)
+        out = device_alloc(n, np.uint16, name, stream_obj)
     if out.shape != (n,):
         raise ValueError(f"out must hold {n} symbols")
     if n == 0:
         return out
     words, chunk_w = decode_cpu._words(stream)
     tab = decode_cpu.slot_table(stream.freqs, stream.precision)
-    d_words = cuda.to_device(np.ascontiguousarray(words), stream=stream_obj)
-    d_chunk_w = cuda.to_device(chunk_w, stream=stream_obj)
-    d_tab = cuda.to_device(tab, stream=stream_obj)
+    d_words = device_put(np.ascontiguousarray(words), name, stream_obj)
+    d_chunk_w = device_put(chunk_w, name, stream_obj)
+    d_tab = device_put(tab, name, stream_obj)
     n_chunks = len(chunk_w) - 1
-    d_status = cuda.device_array(n_chunks, dtype=np.int32, stream=stream_obj)
+    d_status = device_alloc(n_chunks, np.int32, name, stream_obj)
     kernel = rans_kernel_shared if stream.precision <= SHARED_MAX_PRECISION else rans_kernel_global
     kernel[_grid(n_chunks, THREADS_PER_BLOCK), THREADS_PER_BLOCK, stream_obj](
         d_words, d_chunk_w, stream.chunk_symbols, n, d_tab, stream.precision, out, d_status
@@ -227,6 +279,10 @@ def decode_tensor(entry: C.TensorEntry, streams: list, *, device="cuda"):
         with torch.cuda.device(dev):
             decode_float_split_device(streams[0], rest, entry.dtype, k, out=_as_numba(t, _UNSIGNED_OF_WIDTH[width]), stream_obj=nstream)
         return t.view(torch_dtype(entry.dtype)).reshape(entry.shape)
+    if entry.mode == C.MODE_ECSQ:
+        from aligncodec.codec.modes import lossy_cuda
+
+        return lossy_cuda.decode_gpu(entry, streams, dev)
     if entry.mode in _RECONSTRUCTORS:
         get_streams, rec = _RECONSTRUCTORS[entry.mode]
         syms = []

@@ -333,7 +333,21 @@ def parse_side(entry: C.TensorEntry, side_streams: list) -> tuple[EcsqParams, np
         hd = HadamardData.from_bytes(side_streams[i].data, n, p.m, name)
     elif p.m:
         raise StreamError(f"ecsq tensor {name!r}: m must be 0 without a hadamard transform")
+    check_finite_bound(p, scales, hd, n, name)
     return p, scales, hd, classes
+
+
+# |W| < 2^127 by this bound, so the reconstruction never overflows (no inf, no NaN: every
+# decoder gives the same bits; NaN payloads are not portable between CPUs and GPUs)
+FINITE_BOUND = 2.0**127
+
+
+def check_finite_bound(p: EcsqParams, scales: np.ndarray | None, hd: HadamardData | None, n: int, name: str = "?") -> None:
+    """Spec §7.4: n · max(1, max|Q|) · 32767 · Δ · max(s) < 2^127 (float64), else StreamError."""
+    smax = float(scales.max()) if scales is not None and len(scales) else 1.0
+    qmax = max(1.0, float(np.abs(hd.Q).max())) if hd is not None and hd.Q.size else 1.0
+    if float(n) * qmax * MAX_ABS_SYMBOL * float(p.step) * smax >= FINITE_BOUND:
+        raise StreamError(f"ecsq tensor {name!r}: step, scales and factor could overflow float32")
 
 
 def n_symbol_streams(entry: C.TensorEntry) -> int:
