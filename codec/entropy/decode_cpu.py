@@ -31,7 +31,7 @@ import sys
 import numba as nb
 import numpy as np
 
-from aligncodec.formats.container import RANS_STATE_LOWER, RansStream
+from aligncodec.formats.container import RANS_STATE_LOWER, RansStream, lane_counts
 from aligncodec.formats.errors import CorruptStreamError, StreamError
 
 # chunks decoded together by one thread
@@ -236,6 +236,69 @@ def _decode_kernel(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, wi
     return status
 
 
+@nb.njit(cache=True)
+def _decode_lanes_one(words, last, tab, precision, w0, wend, m, lanes, out, o, xs):
+    """One chunk of interleaved lanes (spec §6.6) in words[w0:wend] -> out[o:o+m]; xs: lanes-long scratch.
+    Consecutive symbols belong to different lanes, so their dependency chains overlap."""
+    P = _U64(precision)
+    mask = _U64((1 << precision) - 1)
+    M32 = _U64(0xFFFFFFFF)
+    M16 = _U64(0xFFFF)
+    S16 = _U64(16)
+    S32 = _U64(32)
+    S48 = _U64(48)
+    w = min(lanes, m)
+    for j in range(w):
+        xs[j] = _state(words, w0 + 2 * j)
+        if xs[j] < _L:
+            return 1
+    p = w0 + 2 * w
+    t = 0
+    while t < m:
+        cnt = min(lanes, m - t)
+        for j in range(cnt):
+            x = xs[j]
+            e = tab[x & mask]
+            out[o + t + j] = e >> S48
+            x = (e & M32) * (x >> P) + ((e >> S32) & M16)
+            y = (x << S16) | _U64(words[min(p, last)])
+            c = x < _L
+            xs[j] = y if c else x
+            p += 1 if c else 0
+        t += cnt
+    if p > wend:
+        return 2
+    for j in range(w):
+        if xs[j] != _L:
+            return 3
+    if p != wend:
+        return 4
+    return 0
+
+
+@nb.njit(parallel=True, cache=True)
+def _decode_lanes_kernel(words, chunk_w, cs, n, tab, precision, lanes, out, rest, rw, low, width, join):
+    """All chunks of an interleaved-lanes stream, one task per chunk (a chunk is lanes streams)."""
+    n_chunks = chunk_w.shape[0] - 1
+    status = np.zeros(n_chunks, dtype=np.int32)
+    last = words.shape[0] - 1
+    for c in nb.prange(n_chunks):
+        xs = np.empty(lanes, dtype=np.uint64)
+        a = c * cs
+        b = min(a + cs, n)
+        status[c] = _decode_lanes_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, lanes, out, a, xs)
+        if join:
+            _join_range(out, a, b, rest, rw, low, width)
+    return status
+
+
+def _run_kernel(stream: RansStream, words, chunk_w, tab, out, rest, rw, low, width, join):
+    if stream.lanes > 1:
+        return _decode_lanes_kernel(words, chunk_w, stream.chunk_symbols, stream.n_symbols, tab, stream.precision, stream.lanes,
+                                    out, rest, rw, low, width, join)
+    return _decode_kernel(words, chunk_w, stream.chunk_symbols, stream.n_symbols, tab, stream.precision, out, rest, rw, low, width, join)
+
+
 # ----------------------------------------------------------------- public API
 
 
@@ -266,6 +329,9 @@ def _words(stream: RansStream) -> tuple[np.ndarray, np.ndarray]:
         raise StreamError("rANS chunk length below 4 or odd")
     if int(lengths.sum()) != len(payload):
         raise StreamError("rANS chunk lengths do not add up to the payload")
+    lanes = getattr(stream, "lanes", 1)
+    if lanes > 1 and len(lengths) and np.any(lengths < 4 * lane_counts(stream.n_symbols, stream.chunk_symbols, lanes)):
+        raise StreamError("rANS chunk shorter than its lanes' states")
     words = np.frombuffer(payload, dtype="<u2")
     if sys.byteorder != "little":  # numba wants native byte order
         words = words.astype(np.uint16)
@@ -299,7 +365,7 @@ def decode_symbols(stream: RansStream, *, out: np.ndarray | None = None, threads
     words, chunk_w = _words(stream)
     tab = slot_table(stream.freqs, stream.precision)
     with num_threads(threads):
-        status = _decode_kernel(words, chunk_w, stream.chunk_symbols, n, tab, stream.precision, out, _EMPTY_U8, 1, 0, 16, False)
+        status = _run_kernel(stream, words, chunk_w, tab, out, _EMPTY_U8, 1, 0, 16, False)
     _raise_status(status)
     return out
 
@@ -343,6 +409,6 @@ def decode_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str,
     words, chunk_w = _words(stream)
     tab = slot_table(stream.freqs, stream.precision)
     with num_threads(threads):
-        status = _decode_kernel(words, chunk_w, stream.chunk_symbols, n, tab, stream.precision, out, raw, rw, low, width, True)
+        status = _run_kernel(stream, words, chunk_w, tab, out, raw, rw, low, width, True)
     _raise_status(status)
     return out
