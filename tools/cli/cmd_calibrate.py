@@ -14,8 +14,8 @@ def add_parser(sub) -> None:
         description=(
             "Run the model over N tokens of the calibration half of the text (windows of 1024 positions, "
             "BOS + 1023 tokens) and store, for every nn.Linear, Σ = E[x xᵀ] of its input in float64, in a "
-            "safetensors file under $ALIGNCODEC_HOME/sigma/ keyed to the model's weights (see the README "
-            "for the layout). Reuses the cached file when it matches the model and text."
+            "safetensors file under $ALIGNCODEC_HOME/sigma/ keyed to the model's weights (spec/SIGMA.md "
+            "gives the layout). Reuses the cached file when it matches the model and text."
         ),
     )
     p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",

@@ -7,7 +7,7 @@ over **every position the layer sees, BOS included** (the BOS position is part o
 protocol's input distribution: its keys and values are attended to by every token).
 Σ = (Σ_positions x xᵀ) / n_positions, with n_positions = n_tokens + number of windows.
 
-File layout (one safetensors file per model and token count)::
+File layout (specified in spec/SIGMA.md; one safetensors file per model and token count)::
 
     $ALIGNCODEC_HOME/sigma/<model tag>-<weights sha256[:16]>/sigma-calib-n<N>-w<W>.safetensors
 
