@@ -266,6 +266,11 @@ def _decode_lanes_one(words, last, tab, precision, w0, wend, m, lanes, out, o, x
             xs[j] = y if c else x
             p += 1 if c else 0
         t += cnt
+    return _finish_lanes(xs, w, p, wend)
+
+
+@nb.njit(cache=True, inline="always")
+def _finish_lanes(xs, w, p, wend):
     if p > wend:
         return 2
     for j in range(w):
@@ -276,17 +281,76 @@ def _decode_lanes_one(words, last, tab, precision, w0, wend, m, lanes, out, o, x
     return 0
 
 
+@nb.njit(cache=True)
+def _decode_lanes_two(words, last, tab, precision, wa, wb, ea, eb, m, lanes, out, oa, ob, xa, xb, status, c0):
+    """Two full chunks of interleaved lanes in lock step: within a chunk the lanes share one
+    word pointer, so a second chunk's independent pointer doubles the work in flight."""
+    P = _U64(precision)
+    mask = _U64((1 << precision) - 1)
+    M32 = _U64(0xFFFFFFFF)
+    M16 = _U64(0xFFFF)
+    S16 = _U64(16)
+    S32 = _U64(32)
+    S48 = _U64(48)
+    w = min(lanes, m)
+    bad = False
+    for j in range(w):
+        xa[j] = _state(words, wa + 2 * j)
+        xb[j] = _state(words, wb + 2 * j)
+        bad = bad or xa[j] < _L or xb[j] < _L
+    if bad:  # let the single-chunk path name the culprit
+        status[c0] = _decode_lanes_one(words, last, tab, precision, wa, ea, m, lanes, out, oa, xa)
+        status[c0 + 1] = _decode_lanes_one(words, last, tab, precision, wb, eb, m, lanes, out, ob, xb)
+        return
+    pa = wa + 2 * w
+    pb = wb + 2 * w
+    t = 0
+    while t < m:
+        cnt = min(lanes, m - t)
+        for j in range(cnt):
+            x = xa[j]
+            y = xb[j]
+            e = tab[x & mask]
+            f = tab[y & mask]
+            out[oa + t + j] = e >> S48
+            out[ob + t + j] = f >> S48
+            x = (e & M32) * (x >> P) + ((e >> S32) & M16)
+            y = (f & M32) * (y >> P) + ((f >> S32) & M16)
+            x2 = (x << S16) | _U64(words[min(pa, last)])
+            y2 = (y << S16) | _U64(words[min(pb, last)])
+            ca = x < _L
+            cb = y < _L
+            xa[j] = x2 if ca else x
+            xb[j] = y2 if cb else y
+            pa += 1 if ca else 0
+            pb += 1 if cb else 0
+        t += cnt
+    status[c0] = _finish_lanes(xa, w, pa, ea)
+    status[c0 + 1] = _finish_lanes(xb, w, pb, eb)
+
+
 @nb.njit(parallel=True, cache=True)
 def _decode_lanes_kernel(words, chunk_w, cs, n, tab, precision, lanes, out, rest, rw, low, width, join):
-    """All chunks of an interleaved-lanes stream, one task per chunk (a chunk is lanes streams)."""
+    """All chunks of an interleaved-lanes stream: tasks of two full chunks, then the rest one by one."""
     n_chunks = chunk_w.shape[0] - 1
     status = np.zeros(n_chunks, dtype=np.int32)
     last = words.shape[0] - 1
-    for c in nb.prange(n_chunks):
-        xs = np.empty(lanes, dtype=np.uint64)
-        a = c * cs
-        b = min(a + cs, n)
-        status[c] = _decode_lanes_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, lanes, out, a, xs)
+    n_pairs = (n // cs) // 2
+    n_tasks = n_pairs + (n_chunks - 2 * n_pairs)
+    for t in nb.prange(n_tasks):
+        xa = np.empty(lanes, dtype=np.uint64)
+        if t < n_pairs:
+            c = 2 * t
+            a = c * cs
+            xb = np.empty(lanes, dtype=np.uint64)
+            _decode_lanes_two(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], chunk_w[c + 1], chunk_w[c + 2],
+                              cs, lanes, out, a, a + cs, xa, xb, status, c)
+            b = a + 2 * cs
+        else:
+            c = 2 * n_pairs + (t - n_pairs)
+            a = c * cs
+            b = min(a + cs, n)
+            status[c] = _decode_lanes_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, lanes, out, a, xa)
         if join:
             _join_range(out, a, b, rest, rw, low, width)
     return status
