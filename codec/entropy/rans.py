@@ -16,6 +16,7 @@ benchmarks as the speed reference.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 
@@ -25,7 +26,10 @@ import numpy as np
 from aligncodec.formats.container import MAX_LANES, MAX_PRECISION, RANS_STATE_LOWER, RansStream
 from aligncodec.formats.errors import CorruptStreamError, StreamError
 
-DEFAULT_CHUNK_SYMBOLS = 1 << 14
+DEFAULT_CHUNK_SYMBOLS = 1 << 14  # chunked layout (coder 2): symbols per chunk
+# The layout the encoder writes when a caller names none (chunk_symbols=None, lanes=None).
+# Chosen by measurement (tools/bench/layout_rate.py; README "Stream layout").
+DEFAULT_LAYOUT = (DEFAULT_CHUNK_SYMBOLS, 1)
 PRECISION_CHOICES = (10, 11, 12, 13, 14, 15, 16)
 
 # ----------------------------------------------------------------- frequency tables
@@ -245,13 +249,32 @@ def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
     return np.repeat(np.arange(len(freqs), dtype=np.uint16), np.asarray(freqs, dtype=np.int64))
 
 
+@contextlib.contextmanager
+def default_layout(chunk_symbols: int, lanes: int):
+    """Temporarily make (chunk_symbols, lanes) the layout of encode() calls that name none
+    (the golden-vector generators pin the layout they were written with)."""
+    global DEFAULT_LAYOUT
+    old = DEFAULT_LAYOUT
+    DEFAULT_LAYOUT = (int(chunk_symbols), int(lanes))
+    try:
+        yield
+    finally:
+        DEFAULT_LAYOUT = old
+
+
 def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: int | None = None, freqs: np.ndarray | None = None,
-           chunk_symbols: int = DEFAULT_CHUNK_SYMBOLS, lanes: int = 1) -> RansStream:
+           chunk_symbols: int | None = None, lanes: int | None = None) -> RansStream:
     """Entropy-code non-negative integer symbols (< 2^16) into a :class:`RansStream`.
 
     The table is fitted to the symbols' own counts (precision chosen to
     minimise payload + table) unless ``freqs``/``precision`` are given.
-    ``lanes`` > 1 writes interleaved lanes (coder 3, spec §6.6)."""
+    ``lanes`` > 1 writes interleaved lanes (coder 3, spec §6.6). Unnamed, both come from
+    :data:`DEFAULT_LAYOUT` (a named chunk size alone means the chunked layout, lanes = 1)."""
+    if chunk_symbols is None:
+        chunk_symbols, default_lanes = DEFAULT_LAYOUT
+        lanes = default_lanes if lanes is None else lanes
+    elif lanes is None:
+        lanes = 1
     if not 1 <= lanes <= MAX_LANES:
         raise ValueError(f"lanes must be 1..{MAX_LANES}")
     sym = np.ascontiguousarray(symbols).reshape(-1)
@@ -296,7 +319,7 @@ def decode(stream: RansStream, *, out: np.ndarray | None = None) -> np.ndarray:
     return decode_symbols(stream, out=out)
 
 
-def coded_bits(symbols: np.ndarray, chunk_symbols: int = DEFAULT_CHUNK_SYMBOLS) -> int:
+def coded_bits(symbols: np.ndarray, chunk_symbols: int | None = None) -> int:
     """Exact size in bits of the rANS stream for these symbols as stored in an
     archive (stream header, table, chunk table and payload; spec §5-6)."""
     from aligncodec.formats.container import serialize_stream

@@ -408,12 +408,12 @@ def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> n
 # --------------------------------------------------------------------------- encoding
 
 
-def _sym_stream(v: np.ndarray, chunk_symbols: int) -> tuple[int, C.RansStream]:
+def _sym_stream(v: np.ndarray, chunk_symbols: int | None, lanes: int | None = None) -> tuple[int, C.RansStream]:
     lo, hi = int(v.min()), int(v.max())
     if -lo > MAX_ABS_SYMBOL or hi > MAX_ABS_SYMBOL:
         raise ValueError(f"symbols outside ±{MAX_ABS_SYMBOL}")
     lo = min(lo, 0)  # offset ≤ 0 keeps the params check simple
-    return lo, rans.encode((v.astype(np.int64) - lo).astype(np.uint16), chunk_symbols=chunk_symbols)
+    return lo, rans.encode((v.astype(np.int64) - lo).astype(np.uint16), chunk_symbols=chunk_symbols, lanes=lanes)
 
 
 def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
@@ -426,9 +426,10 @@ def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
 
 
 def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None, hd: HadamardData | None,
-                   chunk_symbols: int = rans.DEFAULT_CHUNK_SYMBOLS, classes: tuple[int, int] = (1, 0)) -> tuple[EcsqParams, list]:
+                   chunk_symbols: int | None = None, classes: tuple[int, int] = (1, 0), lanes: int | None = None) -> tuple[EcsqParams, list]:
     """Streams (and params with offsets filled in) for integer symbols q (out × in);
-    ``classes = (k, axis)`` splits the symbols into k classes of rows (axis 0) or columns (1)."""
+    ``classes = (k, axis)`` splits the symbols into k classes of rows (axis 0) or columns (1).
+    ``chunk_symbols``/``lanes``: the rANS layout (None: the encoder's default, rans.default_layout)."""
     q = np.asarray(q)
     k, axis = classes
     k = min(k, q.shape[axis])
@@ -436,13 +437,13 @@ def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None,
         cm = ClassMap(make_classes(q, k, axis), [])
         streams = []
         for part in cm.split(q, axis, k):
-            lo, st = _sym_stream(part, chunk_symbols)
+            lo, st = _sym_stream(part, chunk_symbols, lanes)
             cm.offsets.append(lo)
             streams.append(st)
         params = EcsqParams(params.transform, float(np.float32(params.step)), 0, params.flags, params.m, 0, k, axis)
         streams.append(C.RawStream(cm.to_bytes()))
     else:
-        lo, st = _sym_stream(q.reshape(-1), chunk_symbols)
+        lo, st = _sym_stream(q.reshape(-1), chunk_symbols, lanes)
         params = EcsqParams(params.transform, float(np.float32(params.step)), lo, params.flags, params.m, 0)
         streams = [st]
     if scales is not None:
