@@ -29,7 +29,7 @@ from aligncodec.formats.errors import CorruptStreamError, StreamError
 DEFAULT_CHUNK_SYMBOLS = 1 << 14  # chunked layout (coder 2): symbols per chunk
 # The layout the encoder writes when a caller names none (chunk_symbols=None, lanes=None).
 # Chosen by measurement (tools/bench/layout_rate.py; README "Stream layout").
-DEFAULT_LAYOUT = (DEFAULT_CHUNK_SYMBOLS, 1)
+DEFAULT_LAYOUT = (1 << 17, 32)  # 131072 symbols in 32 interleaved lanes per chunk (coder 3)
 PRECISION_CHOICES = (10, 11, 12, 13, 14, 15, 16)
 
 # ----------------------------------------------------------------- frequency tables
