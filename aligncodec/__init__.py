@@ -1,22 +1,27 @@
 """aligncodec: compression codec for LLM weights.
 
-The code lives in the repository folders ``codec/`` (maths: transforms,
-quantizers, entropy coders), ``formats/`` (bytes: the .acz container, no torch)
-and ``tools/`` (command line, evaluation, benchmarks); the package maps them to
-``aligncodec.codec``, ``aligncodec.formats`` and ``aligncodec.tools``.
+The public API: :func:`compress`, :func:`decompress`, :func:`inspect`, :func:`verify`
+(:mod:`aligncodec.archive`) and :func:`load`, :func:`load_state_dict`,
+:func:`load_hf_model` (:mod:`aligncodec.loader`), imported on first use.
+
+The code lives in the repository folders ``formats/`` (bytes: the .acz container,
+numpy only), ``codec/`` (maths: transforms, quantizers, entropy coders, coding modes)
+and ``tools/`` (command line, evaluation, experiments, benchmarks); the package maps
+them to ``aligncodec.formats``, ``aligncodec.codec`` and ``aligncodec.tools``.
 """
 
 __version__ = "0.1.0"
 
-_LOADER_API = ("load", "load_state_dict", "load_hf_model")
+_API = {"compress": "archive", "decompress": "archive", "inspect": "archive", "verify": "archive",
+        "load": "loader", "load_state_dict": "loader", "load_hf_model": "loader"}
 
 
 def __getattr__(name):  # lazy: importing aligncodec stays cheap (no torch, no numba)
-    if name in _LOADER_API:
-        from aligncodec import loader
+    if name in _API:
+        import importlib
 
-        return getattr(loader, name)
+        return getattr(importlib.import_module(f"aligncodec.{_API[name]}"), name)
     raise AttributeError(f"module 'aligncodec' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_LOADER_API]
+__all__ = ["__version__", *_API]

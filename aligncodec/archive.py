@@ -12,27 +12,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from aligncodec import __version__
-from aligncodec.codec.modes import lossless
-from aligncodec.formats import container as C
+from aligncodec.auxfiles import AUX_PREFIX, add_aux_file, extract_aux_files, find_aux_files, is_aux
 from aligncodec.formats import errors as E
-
-AUX_PREFIX = "acz:file/"
-AUX_MAX_BYTES = 256 << 20  # auxiliary files above this size are refused
-AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".py", ".tiktoken", ".vocab")
-
-TORCH_DTYPES = {
-    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I8": "int8", "I16": "int16",
-    "I32": "int32", "I64": "int64", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
-    "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
+from aligncodec.formats.atomic import atomic_write
+from aligncodec.formats.constants import DATA_ALIGN
+from aligncodec.formats.layout import TensorEntry, align
+from aligncodec.formats.reader import ArchiveReader
+from aligncodec.formats.writer import ArchiveWriter
 
 
 class InputError(Exception):
@@ -62,20 +55,14 @@ def find_inputs(path: str | os.PathLike) -> Source:
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise InputError(f"folder {str(p)!r} holds no .safetensors file")
-    aux = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in AUX_SUFFIXES and f.stat().st_size <= AUX_MAX_BYTES)
-    return Source(files, aux, p)
-
-
-def _torch_bytes(t) -> np.ndarray:
-    import torch
-
-    t = t.contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+    return Source(files, find_aux_files(p), p)
 
 
 def iter_checkpoint(src: Source) -> Iterator[tuple[str, str, str, tuple[int, ...], np.ndarray]]:
     """Yield (file name, tensor name, dtype, shape, little-endian bytes) one tensor at a time."""
     from safetensors import safe_open
+
+    from aligncodec.codec.torch_interop import tensor_bytes
 
     for f in src.files:
         with safe_open(str(f), framework="pt") as st:
@@ -83,11 +70,11 @@ def iter_checkpoint(src: Source) -> Iterator[tuple[str, str, str, tuple[int, ...
                 sl = st.get_slice(name)
                 dtype = sl.get_dtype()
                 shape = tuple(int(d) for d in sl.get_shape())
-                yield f.name, name, dtype, shape, _torch_bytes(st.get_tensor(name))
+                yield f.name, name, dtype, shape, tensor_bytes(st.get_tensor(name))
 
 
 def _reference_model_of(folder: Path) -> str | None:
-    """The reference model name (tools/models.py) whose cached folder this is, if any."""
+    """The reference model name (tools/eval/models.py) whose cached folder this is, if any."""
     from aligncodec.tools.eval import models
 
     for name in models.MODELS:
@@ -95,23 +82,6 @@ def _reference_model_of(folder: Path) -> str | None:
         if d.is_dir() and d.resolve() == Path(folder).resolve():
             return name
     return None
-
-
-def extract_aux_files(archive_path: str | os.PathLike, outdir: str | os.PathLike) -> list[Path]:
-    """Write the archive's auxiliary files (config, tokenizer, ...) into ``outdir``."""
-    outdir = Path(outdir)
-    written = []
-    with C.ArchiveReader(archive_path) as r:
-        for e in r.tensors:
-            if e.name.startswith(AUX_PREFIX):
-                fname = e.name[len(AUX_PREFIX) :]
-                if not fname or os.path.basename(fname) != fname or fname in (".", ".."):
-                    raise E.HeaderError(f"auxiliary file has an unsafe name {fname!r}")
-                data = decode_entry(e, r.read_streams(e)).tobytes()
-                dest = outdir / fname
-                _atomic(dest, lambda tmp: Path(tmp).write_bytes(data))
-                written.append(dest)
-    return written
 
 
 def _file_metadata(src: Source) -> dict[str, dict]:
@@ -131,12 +101,14 @@ def compress(
     encode_tensor: Callable[[str, str, tuple[int, ...], np.ndarray], tuple[int, bytes, list]] | None = None,
     metadata: dict[str, str] | None = None,
     progress: bool = True,
-) -> list[C.TensorEntry]:
+) -> list[TensorEntry]:
     """Compress a safetensors file or model folder into ``out``.
 
     ``encode_tensor(name, dtype, shape, bytes) -> (mode, params, streams)``
     defaults to the lossless coder."""
     from tqdm import tqdm
+
+    from aligncodec.codec.modes import lossless
 
     src = find_inputs(inp)
     files = _file_metadata(src)
@@ -158,39 +130,15 @@ def compress(
     meta.update(metadata or {})
     enc = encode_tensor or (lambda name, dtype, shape, b: lossless.encode(b, dtype, int(np.prod(shape, dtype=np.int64))))
     total = sum(os.path.getsize(f) for f in src.files)
-    with C.ArchiveWriter(out, meta) as w, tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=None if progress else True, leave=False) as bar:
+    with ArchiveWriter(out, meta) as w, tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=None if progress else True, leave=False) as bar:
         for _fname, name, dtype, shape, raw in iter_checkpoint(src):
             mode, params, streams = enc(name, dtype, shape, raw)
             w.add(name, dtype, shape, mode, streams, params)
             bar.update(raw.nbytes)
         for a in src.aux:
-            data = a.read_bytes()
-            mode, params, streams = lossless.encode(data, "U8", len(data))
-            w.add(AUX_PREFIX + a.name, "U8", (len(data),), mode, streams, params)
+            add_aux_file(w, a)
         entries = w.close()
     return entries
-
-
-def decode_entry(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
-    """Decode one tensor to its little-endian bytes (uint8)."""
-    if entry.mode in (C.MODE_STORED, C.MODE_FLOAT_SPLIT):
-        return lossless.decode(entry, streams, reference=reference)
-    if entry.mode == C.MODE_ECSQ:
-        from aligncodec.codec.modes import lossy
-
-        return lossy.decode(entry, streams, reference=reference)
-    raise E.UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not supported by this build")
-
-
-def to_torch(entry: C.TensorEntry, raw: np.ndarray):
-    import torch
-
-    dt = getattr(torch, TORCH_DTYPES[entry.dtype])
-    raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if not raw.flags.writeable:  # e.g. a view of zstd output: torch needs memory it may own
-        raw = raw.copy()
-    t = torch.from_numpy(raw) if raw.size else torch.zeros(0, dtype=torch.uint8)
-    return t.view(dt).reshape(entry.shape)
 
 
 def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progress: bool = True) -> list[Path]:
@@ -199,15 +147,18 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
     from safetensors.torch import save_file
     from tqdm import tqdm
 
+    from aligncodec.codec.modes import decode_entry
+    from aligncodec.codec.torch_interop import bytes_to_tensor
+
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    with C.ArchiveReader(archive) as r:
+    with ArchiveReader(archive) as r:
         try:
             files = json.loads(r.metadata.get("acz.files", "{}"))
         except ValueError:
             raise E.HeaderError("metadata acz.files is not JSON") from None
-        tensors = [t for t in r.tensors if not t.name.startswith(AUX_PREFIX)]
+        tensors = [t for t in r.tensors if not is_aux(t.name)]
         assigned = {n for info in files.values() for n in info.get("tensors", [])}
         orphans = [t.name for t in tensors if t.name not in assigned]
         if orphans:
@@ -222,10 +173,10 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
                 e = by_name.get(n)
                 if e is None:
                     raise E.HeaderError(f"metadata lists tensor {n!r} that the archive lacks")
-                sd[n] = to_torch(e, decode_entry(e, r.read_streams(e)))
+                sd[n] = bytes_to_tensor(e, decode_entry(e, r.read_streams(e)))
                 bar.update(e.nbytes)
             dest = outdir / fname
-            _atomic(dest, lambda tmp: save_file(sd, tmp, metadata=info.get("metadata") or None))
+            atomic_write(dest, lambda tmp, sd=sd, meta=info.get("metadata") or None: save_file(sd, str(tmp), metadata=meta))
             written.append(dest)
             del sd
         bar.close()
@@ -233,35 +184,21 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
     return written
 
 
-def _atomic(dest: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def inspect(archive: str | os.PathLike) -> dict:
     """Per-tensor and total sizes. bits per weight = archive bytes * 8 / weights,
     header, padding and side information included; auxiliary files are
     reported separately and excluded from the weights' total."""
-    with C.ArchiveReader(archive) as r:
+    with ArchiveReader(archive) as r:
         rows = []
         aux_bytes = 0
         n_weights = 0
-        try:  # per-tensor results of the lossy encoder, if any (tools/encode.py)
+        try:  # per-tensor results of the lossy encoder, if any (aligncodec/lossy_compress.py)
             lossy_meta = json.loads(r.metadata.get("acz.lossy", "{}"))
         except ValueError:
             lossy_meta = {}
         for e in r.tensors:
-            if e.name.startswith(AUX_PREFIX):
-                aux_bytes += C.align(e.size, C.DATA_ALIGN)
+            if is_aux(e.name):
+                aux_bytes += align(e.size, DATA_ALIGN)
                 continue
             n_weights += e.numel
             rows.append(
@@ -278,7 +215,6 @@ def inspect(archive: str | os.PathLike) -> dict:
             )
             if e.name in lossy_meta and isinstance(lossy_meta[e.name], dict):
                 rows[-1]["transform"] = lossy_meta[e.name].get("kind")
-                rows[-1]["rank"] = lossy_meta[e.name].get("rank", 0)
                 rows[-1]["act_rel_err"] = lossy_meta[e.name].get("act_rel_err")
         file_bytes = r.file_size
         return {
@@ -296,21 +232,20 @@ def inspect(archive: str | os.PathLike) -> dict:
 
 
 def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = False) -> dict:
-    """Check every checksum and padding byte, parse every stream and (``decode``)
-    decode every tensor. Raises the first error; returns a summary."""
+    """Check every checksum and padding byte, parse every stream, check it against the
+    tensor's coding mode and (``decode``) decode every tensor. Raises the first error;
+    returns a summary."""
     from tqdm import tqdm
 
-    with C.ArchiveReader(archive) as r:
+    from aligncodec.codec.modes import decode_entry, validate_entry
+
+    with ArchiveReader(archive) as r:
         r.check_padding()
         for e in tqdm(r.tensors, desc="verify", disable=None if progress else True, leave=False):
             streams = r.read_streams(e)
+            validate_entry(e, streams)
             if decode:
                 out = decode_entry(e, streams)
                 if out.size != e.nbytes:
                     raise E.StreamError(f"tensor {e.name!r} decoded to {out.size} bytes, {e.nbytes} expected")
         return {"file": os.fspath(archive), "tensors": len(r.tensors), "ok": True}
-
-
-def iter_entries(archive: str | os.PathLike) -> Iterable[C.TensorEntry]:
-    with C.ArchiveReader(archive) as r:
-        return list(r.tensors)

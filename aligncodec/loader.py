@@ -6,7 +6,7 @@
     >>> sd = aligncodec.load_state_dict("model.acz", dtype=torch.bfloat16)     # doctest: +SKIP
     >>> model = aligncodec.load_hf_model("model.acz", device="cuda")          # doctest: +SKIP
 
-The archive is read sequentially (:func:`aligncodec.formats.container.iter_archive`),
+The archive is read sequentially (:func:`aligncodec.formats.reader.iter_archive`),
 so a pipe, ``sys.stdin.buffer`` or an HTTP response body works as well as a
 path. A reader thread reads and checks (CRC) the next tensor's bytes while the
 current one is decoded; at most ``1 + prefetch`` tensors' compressed bytes are
@@ -32,12 +32,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
-import numpy as np
-
-from aligncodec.formats import container as C
-from aligncodec.formats import errors as E
-
-AUX_PREFIX = "acz:file/"
+from aligncodec.auxfiles import AUX_PREFIX, is_aux
+from aligncodec.formats.constants import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_TENSOR_BYTES
+from aligncodec.formats.layout import TensorEntry
+from aligncodec.formats.reader import iter_archive
 
 
 class LoadError(Exception):
@@ -133,7 +131,7 @@ class _Prefetcher:
 
     def _run(self) -> None:
         try:
-            it = C.iter_archive(self.f, **self.limits)
+            it = iter_archive(self.f, **self.limits)
             header, _, _ = next(it)
             self.q.put(("header", header))
             while True:
@@ -177,28 +175,7 @@ def _open(source) -> tuple[BinaryIO, bool]:
 # ----------------------------------------------------------------- decoding one tensor
 
 
-def torch_dtype(name: str):
-    import torch
-
-    from aligncodec.archive import TORCH_DTYPES
-
-    return getattr(torch, TORCH_DTYPES[name])
-
-
-def _bytes_to_torch(entry: C.TensorEntry, raw: np.ndarray):
-    """Zero-copy view of decoded little-endian bytes as a torch tensor of the entry's dtype."""
-    import torch
-
-    raw = np.asarray(raw).reshape(-1).view(np.uint8)
-    if raw.size != entry.nbytes:
-        raise E.StreamError(f"tensor {entry.name!r} decoded to {raw.size} bytes, {entry.nbytes} expected")
-    if not raw.flags.writeable:  # bytes of a stored stream: copy once (torch wants writable memory)
-        raw = raw.copy()
-    t = torch.from_numpy(raw) if raw.size else torch.zeros(0, dtype=torch.uint8)
-    return t.view(torch_dtype(entry.dtype)).reshape(entry.shape)
-
-
-def decode_tensor(entry: C.TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None):
+def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None):
     """Decode one archive entry into a torch tensor on ``device``.
 
     ``dtype`` (a torch dtype) converts floating-point tensors; others keep their dtype.
@@ -207,19 +184,20 @@ def decode_tensor(entry: C.TensorEntry, streams: list, *, device="cpu", dtype=No
     import torch
 
     from aligncodec.codec.entropy.decode_cpu import num_threads
-    from aligncodec.archive import decode_entry
+    from aligncodec.codec.modes import decode_entry, decode_entry_gpu, has_gpu_path
+    from aligncodec.codec.torch_interop import bytes_to_tensor
 
     dev = torch.device(device)
     t = None
-    if dev.type == "cuda":
+    if dev.type == "cuda" and has_gpu_path(entry):
         from aligncodec.codec.entropy import decode_cuda
 
         if decode_cuda.available():
-            t = decode_cuda.decode_tensor(entry, streams, device=dev)
+            t = decode_entry_gpu(entry, streams, dev)
     if t is None:
         with num_threads(threads):
             raw = decode_entry(entry, streams)
-        t = _bytes_to_torch(entry, raw)
+        t = bytes_to_tensor(entry, raw)
         del raw
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
         t = t.to(device=dev, dtype=dtype)
@@ -238,8 +216,8 @@ def load(
     prefetch: int = 1,
     include_aux: bool = False,
     stats: LoadStats | None = None,
-    max_header_bytes: int = C.DEFAULT_MAX_HEADER_BYTES,
-    max_tensor_bytes: int = C.DEFAULT_MAX_TENSOR_BYTES,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
 ) -> Iterator[tuple[str, object]]:
     """Yield ``(name, tensor)`` for every tensor of an archive, in file order.
 
@@ -264,11 +242,11 @@ def load(
             entry, streams = item
             del item
             st.compressed_bytes += entry.size
-            if entry.name.startswith(AUX_PREFIX) and not include_aux:
+            if is_aux(entry.name) and not include_aux:
                 del streams
                 pf.release()
                 continue
-            t = decode_tensor(entry, streams, device=device, dtype=None if entry.name.startswith(AUX_PREFIX) else dtype, threads=threads)
+            t = decode_tensor(entry, streams, device=device, dtype=None if is_aux(entry.name) else dtype, threads=threads)
             del streams
             pf.release()
             st.tensors += 1
@@ -286,18 +264,6 @@ def load(
 def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1) -> dict:
     """All tensors of an archive (auxiliary files excluded) as a dict name -> tensor."""
     return dict(load(source, device=device, dtype=dtype, threads=threads, prefetch=prefetch))
-
-
-def read_aux_files(path: str | os.PathLike) -> dict[str, bytes]:
-    """The auxiliary files (config, tokenizer, ...) of an archive on disk, by random access."""
-    from aligncodec.archive import decode_entry
-
-    out = {}
-    with C.ArchiveReader(path) as r:
-        for e in r.tensors:
-            if e.name.startswith(AUX_PREFIX):
-                out[e.name[len(AUX_PREFIX):]] = decode_entry(e, r.read_streams(e)).tobytes()
-    return out
 
 
 def _build_empty_model(config_json: bytes, model_class, trust_remote_code: bool):
@@ -377,7 +343,7 @@ def load_hf_model(
             unexpected.append(name)
 
     for name, t in load(source, device=dev, dtype=dtype, threads=threads, prefetch=prefetch, include_aux=True):
-        if name.startswith(AUX_PREFIX):
+        if is_aux(name):
             if name == AUX_PREFIX + "config.json" and model is None:
                 model = _build_empty_model(t.numpy().tobytes(), model_class, trust_remote_code)
                 for n2, t2 in pending:

@@ -23,7 +23,8 @@ import torch
 
 from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossless, lossy
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import MODE_ECSQ
+from aligncodec.formats.layout import TensorEntry
 
 from aligncodec import archive
 
@@ -144,14 +145,14 @@ def lossy_metadata(res: E.EncodeResult, jobs: list[E.TensorJob], info: dict, tar
 
 
 def write_archive(model: str | os.PathLike, out: str | os.PathLike, res: E.EncodeResult, metadata: dict[str, str],
-                  progress: bool = True) -> list[C.TensorEntry]:
+                  progress: bool = True) -> list[TensorEntry]:
     codes = res.codes
 
     def enc(name, dtype, shape, raw):
         c = codes.get(name)
         if c is None:
             return lossless.encode(raw, dtype, int(np.prod(shape, dtype=np.int64)))
-        return lossy.MODE_ECSQ, c.params.pack(), c.streams
+        return MODE_ECSQ, c.params.pack(), c.streams
 
     return archive.compress(resolve_input(model), out, encode_tensor=enc, metadata=metadata, progress=progress)
 

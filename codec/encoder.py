@@ -251,7 +251,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     if stride > 1:  # whole-tensor estimate: the symbol payload scales with the rows
         nbytes += (f - 1) * sum(len(x.payload) for x in streams[: params.n_classes])
     W_hat = lossy.reconstruct_from(params, q, cand.scales, cand.hd)
-    W_hat = lossy.cast_f32(W_hat, job.dtype).to(torch.float32).numpy()
+    W_hat = lossy.rounded_f32(W_hat, job.dtype)
     D = torch.from_numpy(W_hat) - Wt
     d = float(((D @ job.sigma.to(torch.float32)) * D).double().sum()) if job.sigma is not None else float((D.double() ** 2).sum())
     sig = float((Wt.double() ** 2).sum())

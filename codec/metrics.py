@@ -1,4 +1,4 @@
-"""Per-tensor diagnostics: the numbers the thesis talks about (DESIGN.md §4).
+"""Per-tensor diagnostics: the numbers the thesis talks about (docs/baselines.md).
 
 Pure functions on torch tensors (numpy arrays are accepted and converted);
 every statistic is computed in float64 unless stated. No file I/O.

@@ -17,8 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from aligncodec.codec.modes import lossy
-from aligncodec.formats import container as C
-from aligncodec import archive
+from aligncodec.codec.modes import decode_entry
+from aligncodec.codec.torch_interop import bytes_to_tensor
+from aligncodec.formats.constants import MODE_ECSQ
+from aligncodec.formats.reader import ArchiveReader
+from aligncodec.formats.writer import ArchiveWriter
 
 OUT = Path(__file__).resolve().parent / "vectors" / "lossy"
 # a fixed 3 × 3 float32 matrix (need not be orthogonal for decoding; this one nearly is)
@@ -57,12 +60,12 @@ def write(outdir: Path) -> None:
     for stem, name, dtype, q, base, sc, hd, cls, *lanes in cases():
         params, streams = lossy.encode_symbols(q, base, sc, hd, chunk_symbols=64, classes=cls, lanes=lanes[0] if lanes else 1)
         path = outdir / f"{stem}.acz"
-        with C.ArchiveWriter(path, {"acz.tool": "spec/make_lossy_vectors.py"}) as w:
-            w.add(name, dtype, q.shape, lossy.MODE_ECSQ, streams, params.pack())
-        with C.ArchiveReader(path) as r:
+        with ArchiveWriter(path, {"acz.tool": "spec/make_lossy_vectors.py"}) as w:
+            w.add(name, dtype, q.shape, MODE_ECSQ, streams, params.pack())
+        with ArchiveReader(path) as r:
             e = r.tensors[0]
-            raw = archive.decode_entry(e, r.read_streams(e))
-            vals = archive.to_torch(e, raw).float().reshape(-1)[:8].tolist()
+            raw = decode_entry(e, r.read_streams(e))
+            vals = bytes_to_tensor(e, raw).float().reshape(-1)[:8].tolist()
         (outdir / f"{stem}.json").write_text(json.dumps({"tensors": [{
             "name": name, "dtype": dtype, "shape": list(q.shape), "mode": "ecsq",
             "sha256": hashlib.sha256(raw.tobytes()).hexdigest(), "first_values_f32": vals}]}, indent=1) + "\n")

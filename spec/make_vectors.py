@@ -22,7 +22,11 @@ import numpy as np
 
 from aligncodec.codec.modes import lossless
 from aligncodec.codec.entropy import rans
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import DTYPES, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED, SECTION_FLAG_REQUIRED, SECTION_METADATA, SECTION_TENSOR
+from aligncodec.formats.layout import TensorEntry, align, crc32
+from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, serialize_stream
+from aligncodec.formats.reader import parse_preamble
+from aligncodec.formats.writer import ArchiveWriter, build_header, build_preamble, build_section, serialize_entry
 
 HERE = Path(__file__).resolve().parent / "vectors"
 
@@ -63,10 +67,10 @@ def valid_cases() -> dict[str, list[tuple]]:
     # many chunks: same weights, 64 symbols per chunk -> 16 chunks
     w = _bits("BF16", _weights(1000, 4))
     sym, rest = lossless.split_float(w.view("<u2"), "BF16", 2)
-    many = [rans.encode(sym, chunk_symbols=64), C.RawStream(lossless.pack_bits(rest, 6))]
-    cases["many_chunks"] = [("w", "BF16", (10, 100), w, (C.MODE_FLOAT_SPLIT, bytes([2]), many))]
+    many = [rans.encode(sym, chunk_symbols=64), RawStream(lossless.pack_bits(rest, 6))]
+    cases["many_chunks"] = [("w", "BF16", (10, 100), w, (MODE_FLOAT_SPLIT, bytes([2]), many))]
     every = []
-    for i, (code, (dt, size)) in enumerate(sorted(C.DTYPES.items())):
+    for i, (code, (dt, size)) in enumerate(sorted(DTYPES.items())):
         if dt.startswith("F") and not dt.startswith("F8"):
             vals = _weights(300, 10 + i)
         elif dt == "BOOL":
@@ -88,23 +92,23 @@ def valid_cases() -> dict[str, list[tuple]]:
     # 5 lanes, and a stream whose only chunk has fewer symbols than lanes
     lw = _bits("BF16", _weights(1000, 5))
     lsym, lrest = lossless.split_float(lw.view("<u2"), "BF16", 2)
-    lanes32 = [rans.encode(lsym, chunk_symbols=256, lanes=32), C.RawStream(lossless.pack_bits(lrest, 6))]
+    lanes32 = [rans.encode(lsym, chunk_symbols=256, lanes=32), RawStream(lossless.pack_bits(lrest, 6))]
     fw = _bits("F16", _weights(300, 6))
     fsym, frest = lossless.split_float(fw.view("<u2"), "F16", 3)
-    lanes5 = [rans.encode(fsym, chunk_symbols=64, lanes=5), C.RawStream(lossless.pack_bits(frest, 8))]
+    lanes5 = [rans.encode(fsym, chunk_symbols=64, lanes=5), RawStream(lossless.pack_bits(frest, 8))]
     sw = _bits("BF16", _weights(20, 7))
     ssym, srest = lossless.split_float(sw.view("<u2"), "BF16", 2)
-    few = [rans.encode(ssym, chunk_symbols=64, lanes=32), C.RawStream(lossless.pack_bits(srest, 6))]
+    few = [rans.encode(ssym, chunk_symbols=64, lanes=32), RawStream(lossless.pack_bits(srest, 6))]
     cases["rans_lanes"] = [
-        ("w.lanes32", "BF16", (10, 100), lw, (C.MODE_FLOAT_SPLIT, bytes([2]), lanes32)),
-        ("w.lanes5", "F16", (300,), fw, (C.MODE_FLOAT_SPLIT, bytes([3]), lanes5)),
-        ("w.few", "BF16", (20,), sw, (C.MODE_FLOAT_SPLIT, bytes([2]), few)),
+        ("w.lanes32", "BF16", (10, 100), lw, (MODE_FLOAT_SPLIT, bytes([2]), lanes32)),
+        ("w.lanes5", "F16", (300,), fw, (MODE_FLOAT_SPLIT, bytes([3]), lanes5)),
+        ("w.few", "BF16", (20,), sw, (MODE_FLOAT_SPLIT, bytes([2]), few)),
     ]
     # a mixed archive: one tensor in chunked rANS (coder 2), one in interleaved lanes (coder 3)
-    old = [rans.encode(lsym, chunk_symbols=256), C.RawStream(lossless.pack_bits(lrest, 6))]
+    old = [rans.encode(lsym, chunk_symbols=256), RawStream(lossless.pack_bits(lrest, 6))]
     cases["mixed_layouts"] = [
-        ("a.chunked", "BF16", (10, 100), lw, (C.MODE_FLOAT_SPLIT, bytes([2]), old)),
-        ("b.lanes", "BF16", (10, 100), lw, (C.MODE_FLOAT_SPLIT, bytes([2]), lanes32)),
+        ("a.chunked", "BF16", (10, 100), lw, (MODE_FLOAT_SPLIT, bytes([2]), old)),
+        ("b.lanes", "BF16", (10, 100), lw, (MODE_FLOAT_SPLIT, bytes([2]), lanes32)),
     ]
     cases["aux_file"] = [
         ("w", "F32", (4,), _bits("F32", np.array([1.0, -2.0, 0.5, 0.0])), None),
@@ -115,27 +119,27 @@ def valid_cases() -> dict[str, list[tuple]]:
 
 def _write_valid(path: Path, tensors: list[tuple], extensions=()) -> list[dict]:
     expect = []
-    with C.ArchiveWriter(path, {"acz.tool": "spec/make_vectors.py", "purpose": "golden vector"}) as w:
+    with ArchiveWriter(path, {"acz.tool": "spec/make_vectors.py", "purpose": "golden vector"}) as w:
         for name, dtype, shape, data, override in tensors:
             data = bytes(data)
             numel = int(np.prod(shape, dtype=np.int64))
             mode, params, streams = override or lossless.encode(data, dtype, numel)
             w.add(name, dtype, shape, mode, streams, params)
-            expect.append({"name": name, "dtype": dtype, "shape": list(shape), "mode": C.MODE_NAMES[mode],
+            expect.append({"name": name, "dtype": dtype, "shape": list(shape), "mode": MODE_NAMES[mode],
                            "sha256": hashlib.sha256(data).hexdigest()})
     if extensions:  # re-assemble with extra optional sections
         raw = path.read_bytes()
-        _, hsize, doff, dsize, ntens, nsec, _ = C.parse_preamble(raw)
-        header = raw[64 : 64 + hsize] + b"".join(C.build_section(k, f, p) for k, f, p in extensions)
+        _, hsize, doff, dsize, ntens, nsec, _ = parse_preamble(raw)
+        header = raw[64 : 64 + hsize] + b"".join(build_section(k, f, p) for k, f, p in extensions)
         path.write_bytes(_assemble(header, raw[doff:], ntens, nsec + len(extensions)))
     return sorted(expect, key=lambda e: e["name"])
 
 
 def _assemble(header: bytes, data: bytes, ntens: int, nsec: int, **pre) -> bytes:
-    doff = C.align(64 + len(header), 64)
-    fields = dict(header_size=len(header), data_offset=doff, data_size=len(data), n_tensors=ntens, n_sections=nsec, header_crc=C.crc32(header))
+    doff = align(64 + len(header), 64)
+    fields = dict(header_size=len(header), data_offset=doff, data_size=len(data), n_tensors=ntens, n_sections=nsec, header_crc=crc32(header))
     fields.update(pre)
-    p = C.build_preamble(**fields)
+    p = build_preamble(**fields)
     return p + header + bytes(doff - 64 - len(header)) + data
 
 
@@ -145,12 +149,12 @@ def _assemble(header: bytes, data: bytes, ntens: int, nsec: int, **pre) -> bytes
 def _entry(name, dtype, shape, mode, streams, params=b"", offset=0):
     parts = []
     for i, s in enumerate(streams):
-        b = C.serialize_stream(s)
+        b = serialize_stream(s)
         if i + 1 < len(streams):
-            b += bytes(C.align(len(b), 8) - len(b))
+            b += bytes(align(len(b), 8) - len(b))
         parts.append(b)
     data = b"".join(parts)
-    e = C.TensorEntry(name, dtype, tuple(shape), mode, len(streams), offset, len(data), C.crc32(data), params)
+    e = TensorEntry(name, dtype, tuple(shape), mode, len(streams), offset, len(data), crc32(data), params)
     return e, data
 
 
@@ -159,7 +163,7 @@ def _archive(entries_data, metadata=None, sections=None, **pre) -> bytes:
     data = b""
     for e, d in entries_data:
         data += bytes(e.offset - len(data)) + d
-    header = sections if sections is not None else C.build_header(metadata or {"k": "v"}, entries)
+    header = sections if sections is not None else build_header(metadata or {"k": "v"}, entries)
     nsec = pre.pop("n_sections", len(entries) + 1)
     return _assemble(header, data, len(entries), nsec, **pre)
 
@@ -168,7 +172,7 @@ def invalid_cases() -> dict[str, tuple[bytes, str]]:
     out: dict[str, tuple[bytes, str]] = {}
     w = _bits("BF16", _weights(4000, 4))
     mode, params, streams = lossless.encode(bytes(w), "BF16", 4000)
-    assert mode == C.MODE_FLOAT_SPLIT
+    assert mode == MODE_FLOAT_SPLIT
     good_e, good_d = _entry("w", "BF16", (40, 100), mode, streams, params)
     good = _archive([(good_e, good_d)])
 
@@ -177,81 +181,81 @@ def invalid_cases() -> dict[str, tuple[bytes, str]]:
     out["truncated_preamble"] = (good[:40], "TruncatedError")
     b = bytearray(good); b[13] ^= 0x01
     out["preamble_crc"] = (bytes(b), "ChecksumError")
-    hdr = C.build_header({"k": "v"}, [good_e])
+    hdr = build_header({"k": "v"}, [good_e])
     out["unsupported_version"] = (_assemble(hdr, good_d, 1, 2, version=2), "UnsupportedError")
     p = bytearray(good[:60]); p[50] = 1
-    out["reserved_nonzero"] = (bytes(p) + struct.pack("<I", C.crc32(bytes(p))) + good[64:], "HeaderError")
+    out["reserved_nonzero"] = (bytes(p) + struct.pack("<I", crc32(bytes(p))) + good[64:], "HeaderError")
     b = bytearray(good); b[64 + 10] ^= 0x20
     out["header_crc"] = (bytes(b), "ChecksumError")
-    cut = C.align(64 + len(hdr), 64)
+    cut = align(64 + len(hdr), 64)
     out["truncated_header"] = (good[: 64 + len(hdr) // 2], "TruncatedError")
     out["truncated_data"] = (good[: cut + len(good_d) // 2], "TruncatedError")
     out["trailing_bytes"] = (good + b"\0", "LayoutError")
     b = bytearray(good); b[cut + 100] ^= 0x01
     out["data_crc"] = (bytes(b), "ChecksumError")
     # header-level defects
-    ext_req = C.build_header({"k": "v"}, [good_e], [(0x0123, C.SECTION_FLAG_REQUIRED, b"future")])
+    ext_req = build_header({"k": "v"}, [good_e], [(0x0123, SECTION_FLAG_REQUIRED, b"future")])
     out["required_extension"] = (_assemble(ext_req, good_d, 1, 3), "UnsupportedError")
-    meta_second = C.build_section(C.SECTION_TENSOR, 0, C._serialize_entry(good_e)) + C.build_section(C.SECTION_METADATA, 0, b"{}")
+    meta_second = build_section(SECTION_TENSOR, 0, serialize_entry(good_e)) + build_section(SECTION_METADATA, 0, b"{}")
     out["metadata_not_first"] = (_assemble(meta_second, good_d, 1, 2), "HeaderError")
-    bad_json = C.build_section(C.SECTION_METADATA, 0, b"{not json") + C.build_section(C.SECTION_TENSOR, 0, C._serialize_entry(good_e))
+    bad_json = build_section(SECTION_METADATA, 0, b"{not json") + build_section(SECTION_TENSOR, 0, serialize_entry(good_e))
     out["bad_metadata_json"] = (_assemble(bad_json, good_d, 1, 2), "HeaderError")
-    reserved_kind = C.build_header({"k": "v"}, [good_e], [(0x0042, 0, b"x")])
+    reserved_kind = build_header({"k": "v"}, [good_e], [(0x0042, 0, b"x")])
     out["reserved_section_kind"] = (_assemble(reserved_kind, good_d, 1, 3), "HeaderError")
-    e2, d2 = _entry("w", "F32", (4,), C.MODE_STORED, [C.RawStream(bytes(16))], offset=C.align(len(good_d), 64))
+    e2, d2 = _entry("w", "F32", (4,), MODE_STORED, [RawStream(bytes(16))], offset=align(len(good_d), 64))
     out["duplicate_name"] = (_archive([(good_e, good_d), (e2, d2)]), "HeaderError")
-    e3, d3 = _entry("v", "F32", (4,), C.MODE_STORED, [C.RawStream(bytes(16))], offset=C.align(len(good_d), 64) + 64)
+    e3, d3 = _entry("v", "F32", (4,), MODE_STORED, [RawStream(bytes(16))], offset=align(len(good_d), 64) + 64)
     out["noncanonical_offset"] = (_archive([(good_e, good_d), (e3, d3)]), "LayoutError")
-    e4, d4 = _entry("v", "F32", (4,), C.MODE_STORED, [C.RawStream(bytes(16))], offset=0)
-    out["overlapping_tensors"] = (_archive([(good_e, good_d)], sections=C.build_header({"k": "v"}, [good_e, e4]), n_sections=3, n_tensors=2), "LayoutError")
-    huge = C.TensorEntry("big", "F32", (1 << 40, 1 << 20), C.MODE_STORED, 1, 0, 24, C.crc32(C.serialize_stream(C.RawStream(b""))))
-    out["huge_shape"] = (_archive([(huge, C.serialize_stream(C.RawStream(b"")))]), "LimitError")
+    e4, d4 = _entry("v", "F32", (4,), MODE_STORED, [RawStream(bytes(16))], offset=0)
+    out["overlapping_tensors"] = (_archive([(good_e, good_d)], sections=build_header({"k": "v"}, [good_e, e4]), n_sections=3, n_tensors=2), "LayoutError")
+    huge = TensorEntry("big", "F32", (1 << 40, 1 << 20), MODE_STORED, 1, 0, 24, crc32(serialize_stream(RawStream(b""))))
+    out["huge_shape"] = (_archive([(huge, serialize_stream(RawStream(b"")))]), "LimitError")
     out["huge_counts"] = (_archive([(good_e, good_d)], n_tensors=0xFFFFFFF, n_sections=0xFFFFFFF), "HeaderError")
     # stream-level defects (checksums valid)
     rs = streams[0]
-    bad_sum = C.RansStream(rs.precision, rs.chunk_symbols, rs.n_symbols, rs.freqs.copy(), rs.chunk_lengths, rs.payload)
+    bad_sum = RansStream(rs.precision, rs.chunk_symbols, rs.n_symbols, rs.freqs.copy(), rs.chunk_lengths, rs.payload)
     bad_sum.freqs[int(np.argmax(bad_sum.freqs))] += 1
     e5, d5 = _entry("w", "BF16", (40, 100), mode, [bad_sum, streams[1]], params)
     out["freq_sum"] = (_archive([(e5, d5)]), "StreamError")
-    corrupt = C.RansStream(rs.precision, rs.chunk_symbols, rs.n_symbols, rs.freqs, rs.chunk_lengths, bytes([rs.payload[0] ^ 0x5A]) + rs.payload[1:])
+    corrupt = RansStream(rs.precision, rs.chunk_symbols, rs.n_symbols, rs.freqs, rs.chunk_lengths, bytes([rs.payload[0] ^ 0x5A]) + rs.payload[1:])
     e6, d6 = _entry("w", "BF16", (40, 100), mode, [corrupt, streams[1]], params)
     out["rans_state_corrupt"] = (_archive([(e6, d6)]), "CorruptStreamError")
-    short = C.RansStream(rs.precision, rs.chunk_symbols, rs.n_symbols - 1, rs.freqs, rs.chunk_lengths, rs.payload)
+    short = RansStream(rs.precision, rs.chunk_symbols, rs.n_symbols - 1, rs.freqs, rs.chunk_lengths, rs.payload)
     e7, d7 = _entry("w", "BF16", (40, 100), mode, [short, streams[1]], params)
     out["symbol_count_mismatch"] = (_archive([(e7, d7)]), "StreamError")
-    raw = C.serialize_stream(C.RawStream(bytes(16)))
-    e8, d8 = _entry("w", "F32", (4,), C.MODE_STORED, [C.RawStream(bytes(16))])
+    raw = serialize_stream(RawStream(bytes(16)))
+    e8, d8 = _entry("w", "F32", (4,), MODE_STORED, [RawStream(bytes(16))])
     d8 = bytes([7]) + d8[1:]
-    e8.crc = C.crc32(d8)
+    e8.crc = crc32(d8)
     out["unknown_coder"] = (_archive([(e8, d8)]), "UnsupportedError")
-    e9, d9 = _entry("w", "F32", (4,), 0x7777, [C.RawStream(bytes(16))])
+    e9, d9 = _entry("w", "F32", (4,), 0x7777, [RawStream(bytes(16))])
     out["unknown_mode"] = (_archive([(e9, d9)]), "UnsupportedError")
     import zstandard
 
     z = zstandard.ZstdCompressor().compress(bytes(16))
-    e10, d10 = _entry("w", "F32", (8,), C.MODE_STORED, [C.ZstdStream(z, 32)])
+    e10, d10 = _entry("w", "F32", (8,), MODE_STORED, [ZstdStream(z, 32)])
     out["zstd_size_mismatch"] = (_archive([(e10, d10)]), "CorruptStreamError")
-    e11, d11 = _entry("w", "F32", (8,), C.MODE_STORED, [C.RawStream(bytes(16))])
+    e11, d11 = _entry("w", "F32", (8,), MODE_STORED, [RawStream(bytes(16))])
     out["raw_size_mismatch"] = (_archive([(e11, d11)]), "StreamError")
     # interleaved lanes (coder 3)
     lsym, lrest = lossless.split_float(w.view("<u2"), "BF16", 2)
     ls = rans.encode(lsym, chunk_symbols=1024, lanes=32)
-    lrest_s = C.RawStream(lossless.pack_bits(lrest, 6))
+    lrest_s = RawStream(lossless.pack_bits(lrest, 6))
     e12, d12 = _entry("w", "BF16", (40, 100), mode, [ls, lrest_s], params)
     d12 = d12[:26] + struct.pack("<H", 33) + d12[28:]  # aux offset 2: lanes 33 > 32
-    e12.crc = C.crc32(d12)
+    e12.crc = crc32(d12)
     out["lanes_count"] = (_archive([(e12, d12)]), "StreamError")
-    tiny = C.RansStream(ls.precision, 64, 40, ls.freqs, np.array([100], np.uint32), bytes(100), 32)
-    e13, d13 = _entry("w", "BF16", (40,), mode, [tiny, C.RawStream(bytes(30))], params)
+    tiny = RansStream(ls.precision, 64, 40, ls.freqs, np.array([100], np.uint32), bytes(100), 32)
+    e13, d13 = _entry("w", "BF16", (40,), mode, [tiny, RawStream(bytes(30))], params)
     out["lanes_chunk_short"] = (_archive([(e13, d13)]), "StreamError")
-    lcor = C.RansStream(ls.precision, ls.chunk_symbols, ls.n_symbols, ls.freqs, ls.chunk_lengths, ls.payload[:4 * 7] + bytes([ls.payload[28] ^ 0x21]) + ls.payload[29:], 32)
+    lcor = RansStream(ls.precision, ls.chunk_symbols, ls.n_symbols, ls.freqs, ls.chunk_lengths, ls.payload[:4 * 7] + bytes([ls.payload[28] ^ 0x21]) + ls.payload[29:], 32)
     e14, d14 = _entry("w", "BF16", (40, 100), mode, [lcor, lrest_s], params)
     out["lanes_state_corrupt"] = (_archive([(e14, d14)]), "CorruptStreamError")
     b = bytearray(good); pad_at = 64 + len(hdr)
     if pad_at < cut:
         b[pad_at] = 1
-        b[40:44] = struct.pack("<I", C.crc32(bytes(b[64 : 64 + len(hdr)])))
-        b[60:64] = struct.pack("<I", C.crc32(bytes(b[:60])))
+        b[40:44] = struct.pack("<I", crc32(bytes(b[64 : 64 + len(hdr)])))
+        b[60:64] = struct.pack("<I", crc32(bytes(b[:60])))
         out["nonzero_header_padding"] = (bytes(b), "LayoutError")
     del raw
     return out

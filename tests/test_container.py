@@ -11,13 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aligncodec.codec.modes import lossless
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import CODER_RANS, DTYPES, DTYPE_CODES, MODE_FLOAT_SPLIT, MODE_STORED, SECTION_METADATA
+from aligncodec.formats.layout import TensorEntry, align, crc32
+from aligncodec.formats.streams import RawStream, parse_streams
+from aligncodec.formats.reader import ArchiveReader, iter_archive, parse_preamble
+from aligncodec.formats.writer import ArchiveWriter, build_header, build_preamble, build_section
 from aligncodec.formats import errors as E
-from aligncodec import archive
+from aligncodec.codec.modes import decode_entry
 
 
 def _write(path, tensors, meta=None):
-    with C.ArchiveWriter(path, meta or {"m": "1"}) as w:
+    with ArchiveWriter(path, meta or {"m": "1"}) as w:
         for name, dtype, shape, raw in tensors:
             mode, params, streams = lossless.encode(raw, dtype, int(np.prod(shape, dtype=np.int64)))
             w.add(name, dtype, shape, mode, streams, params)
@@ -25,10 +29,10 @@ def _write(path, tensors, meta=None):
 
 def _read_all(path):
     out = {}
-    with C.ArchiveReader(path) as r:
+    with ArchiveReader(path) as r:
         r.check_padding()
         for e in r.tensors:
-            out[e.name] = (e.dtype, e.shape, archive.decode_entry(e, r.read_streams(e)).tobytes())
+            out[e.name] = (e.dtype, e.shape, decode_entry(e, r.read_streams(e)).tobytes())
     return out
 
 
@@ -57,9 +61,9 @@ def test_roundtrip_and_order_independent_bytes(tmp_path):
 def test_random_access_reads_only_one_tensor(tmp_path):
     ts = _sample_tensors()
     _write(tmp_path / "a.acz", ts)
-    with C.ArchiveReader(tmp_path / "a.acz") as r:
+    with ArchiveReader(tmp_path / "a.acz") as r:
         e = r.entry("c.ids")
-        assert archive.decode_entry(e, r.read_streams(e)).tobytes() == ts[2][3]
+        assert decode_entry(e, r.read_streams(e)).tobytes() == ts[2][3]
         with pytest.raises(E.TensorNotFoundError):
             r.entry("nope")
 
@@ -74,7 +78,7 @@ def test_sequential_pipe_reading(tmp_path):
     t = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))
     t.start()
     with os.fdopen(r, "rb", buffering=0) as f:
-        names = [e.name for h, e, s in C.iter_archive(f) if e is not None]
+        names = [e.name for h, e, s in iter_archive(f) if e is not None]
     t.join()
     assert names == sorted(n for n, *_ in ts)
 
@@ -82,28 +86,28 @@ def test_sequential_pipe_reading(tmp_path):
 def test_interrupted_write_leaves_nothing(tmp_path):
     target = tmp_path / "x.acz"
     with pytest.raises(RuntimeError):
-        with C.ArchiveWriter(target, {}) as w:
-            w.add("t", "U8", (3,), C.MODE_STORED, [C.RawStream(b"abc")])
+        with ArchiveWriter(target, {}) as w:
+            w.add("t", "U8", (3,), MODE_STORED, [RawStream(b"abc")])
             raise RuntimeError("killed")
     assert not target.exists()
     assert os.listdir(tmp_path) == []
     # an existing file is replaced only once the new one is complete
     target.write_bytes(b"old")
     with pytest.raises(RuntimeError):
-        with C.ArchiveWriter(target, {}) as w:
+        with ArchiveWriter(target, {}) as w:
             raise RuntimeError("killed")
     assert target.read_bytes() == b"old"
 
 
 def test_writer_rejects_bad_input(tmp_path):
-    with C.ArchiveWriter(tmp_path / "x.acz", {}) as w:
-        w.add("t", "U8", (1,), 0, [C.RawStream(b"a")])
+    with ArchiveWriter(tmp_path / "x.acz", {}) as w:
+        w.add("t", "U8", (1,), 0, [RawStream(b"a")])
         with pytest.raises(ValueError):
-            w.add("t", "U8", (1,), 0, [C.RawStream(b"a")])
+            w.add("t", "U8", (1,), 0, [RawStream(b"a")])
         with pytest.raises(ValueError):
-            w.add("u", "Q7", (1,), 0, [C.RawStream(b"a")])
+            w.add("u", "Q7", (1,), 0, [RawStream(b"a")])
     with pytest.raises(TypeError):
-        C.ArchiveWriter(tmp_path / "y.acz", {"k": 1})
+        ArchiveWriter(tmp_path / "y.acz", {"k": 1})
 
 
 def _small_archive(tmp_path):
@@ -114,14 +118,14 @@ def _small_archive(tmp_path):
     w = (rng.standard_normal(300) * 0.05).astype("<f4").view("<u4") >> 16
     w = w.astype("<u2")
     sym, rest = lossless.split_float(w, "BF16", 2)
-    split = [rans.encode(sym, chunk_symbols=100), C.RawStream(lossless.pack_bits(rest, 6))]
+    split = [rans.encode(sym, chunk_symbols=100), RawStream(lossless.pack_bits(rest, 6))]
     ts = [
         ("w", "BF16", (10, 30), w.tobytes()),
         ("b", "F16", (40,), (rng.standard_normal(40) * 0.1).astype("<f2").tobytes()),
         ("n", "I32", (5,), np.arange(5, dtype="<i4").tobytes()),
     ]
-    with C.ArchiveWriter(tmp_path / "s.acz", {"m": "1"}) as wr:
-        wr.add("w", "BF16", (10, 30), C.MODE_FLOAT_SPLIT, split, bytes([2]))
+    with ArchiveWriter(tmp_path / "s.acz", {"m": "1"}) as wr:
+        wr.add("w", "BF16", (10, 30), MODE_FLOAT_SPLIT, split, bytes([2]))
         for name, dtype, shape, raw in ts[1:]:
             mode, params, streams = lossless.encode(raw, dtype, int(np.prod(shape)))
             wr.add(name, dtype, shape, mode, streams, params)
@@ -152,7 +156,7 @@ def test_every_single_byte_flip_is_detected(tmp_path):
 
 
 def _read_modes(path):
-    with C.ArchiveReader(path) as r:
+    with ArchiveReader(path) as r:
         return {e.mode_name for e in r.tensors}
 
 
@@ -167,7 +171,7 @@ def test_truncation_at_every_byte_gives_named_error(tmp_path):
 
 def test_truncation_at_section_boundaries_named(tmp_path):
     data, _ = _small_archive(tmp_path)
-    _, hsize, doff, dsize, *_ = C.parse_preamble(data)
+    _, hsize, doff, dsize, *_ = parse_preamble(data)
     boundaries = [0, 8, 63, 64, 64 + hsize // 2, 64 + hsize, doff, doff + 1, doff + dsize - 1]
     p = tmp_path / "t.acz"
     for n in boundaries:
@@ -178,9 +182,9 @@ def test_truncation_at_section_boundaries_named(tmp_path):
 
 
 def _hostile(preamble_fields: dict, header: bytes = b"") -> bytes:
-    f = dict(header_size=len(header), data_offset=C.align(64 + len(header), 64), data_size=0, n_tensors=0, n_sections=0, header_crc=C.crc32(header))
+    f = dict(header_size=len(header), data_offset=align(64 + len(header), 64), data_size=0, n_tensors=0, n_sections=0, header_crc=crc32(header))
     f.update(preamble_fields)
-    return C.build_preamble(**f) + header
+    return build_preamble(**f) + header
 
 
 @pytest.mark.parametrize(
@@ -194,7 +198,7 @@ def _hostile(preamble_fields: dict, header: bytes = b"") -> bytes:
 )
 def test_hostile_preamble_fails_fast_without_allocating(tmp_path, fields, header, err):
     p = tmp_path / "h.acz"
-    meta = C.build_section(C.SECTION_METADATA, 0, b"{}")
+    meta = build_section(SECTION_METADATA, 0, b"{}")
     p.write_bytes(_hostile({"n_sections": 1, **fields}, header or meta))
     tracemalloc.start()
     with pytest.raises(E.AczError) as ei:
@@ -208,27 +212,27 @@ def test_hostile_preamble_fails_fast_without_allocating(tmp_path, fields, header
 def test_hostile_stream_counts_fail_without_allocating(tmp_path):
     """A rANS stream header claiming 2^32 chunks / a huge alphabet is rejected before allocation."""
     aux = struct.pack("<BBHIIIII", 12, 0, 0, 1 << 16, 1, 0xFFFFFFFF, 1 << 17, 0)
-    stream = struct.pack("<BBHIQQ", C.CODER_RANS, 0, 0, len(aux), 1 << 40, 0) + aux
+    stream = struct.pack("<BBHIQQ", CODER_RANS, 0, 0, len(aux), 1 << 40, 0) + aux
     tracemalloc.start()
     with pytest.raises(E.StreamError):
-        C.parse_streams(stream, 1)
+        parse_streams(stream, 1)
     assert tracemalloc.get_traced_memory()[1] < 8 << 20
     tracemalloc.stop()
 
 
 def test_unknown_optional_extension_is_skipped(tmp_path):
-    meta = C.build_section(C.SECTION_METADATA, 0, b'{"a":"b"}')
-    ext = C.build_section(0x0200, 0, b"later")
+    meta = build_section(SECTION_METADATA, 0, b'{"a":"b"}')
+    ext = build_section(0x0200, 0, b"later")
     header = meta + ext
     p = tmp_path / "e.acz"
-    p.write_bytes(_hostile({"n_sections": 2}, header) + bytes(C.align(64 + len(header), 64) - 64 - len(header)))
-    with C.ArchiveReader(p) as r:
+    p.write_bytes(_hostile({"n_sections": 2}, header) + bytes(align(64 + len(header), 64) - 64 - len(header)))
+    with ArchiveReader(p) as r:
         assert r.metadata == {"a": "b"} and r.tensors == []
         assert r.header.extensions == [(0x0200, 0, b"later")]
 
 
 def test_crc_check_value():
-    assert C.crc32(b"123456789") == 0xCBF43926
+    assert crc32(b"123456789") == 0xCBF43926
 
 
 @settings(max_examples=25, deadline=None)
@@ -249,7 +253,7 @@ def test_container_roundtrip_property(tmp_path_factory, specs, seed):
     tensors = []
     for name, dtype, shape in specs:
         n = int(np.prod(shape, dtype=np.int64))
-        raw = rng.integers(0, 256, n * C.DTYPES[C.DTYPE_CODES[dtype]][1], dtype=np.uint8).tobytes()
+        raw = rng.integers(0, 256, n * DTYPES[DTYPE_CODES[dtype]][1], dtype=np.uint8).tobytes()
         tensors.append((name, dtype, tuple(shape), raw))
     p = tmp_path_factory.mktemp("rt") / "r.acz"
     _write(p, tensors, {"seed": str(seed)})
@@ -262,13 +266,13 @@ def test_hostile_sizes_on_a_pipe_do_not_allocate(tmp_path):
     enormous data size fails as truncated without allocating that size."""
     import io
 
-    e = C.TensorEntry("t", "U8", (4,), C.MODE_STORED, 1, 0, 1 << 40, 0)
-    header = C.build_header({}, [e])
-    data = C.build_preamble(len(header), C.align(64 + len(header), 64), 1 << 40, 1, 2, C.crc32(header))
-    data += header + bytes(C.align(64 + len(header), 64) - 64 - len(header)) + bytes(1000)
+    e = TensorEntry("t", "U8", (4,), MODE_STORED, 1, 0, 1 << 40, 0)
+    header = build_header({}, [e])
+    data = build_preamble(len(header), align(64 + len(header), 64), 1 << 40, 1, 2, crc32(header))
+    data += header + bytes(align(64 + len(header), 64) - 64 - len(header)) + bytes(1000)
     tracemalloc.start()
     with pytest.raises(E.TruncatedError):
-        for _ in C.iter_archive(io.BufferedReader(io.BytesIO(data))):
+        for _ in iter_archive(io.BufferedReader(io.BytesIO(data))):
             pass
     assert tracemalloc.get_traced_memory()[1] < 64 << 20
     tracemalloc.stop()
@@ -278,8 +282,8 @@ def _refresh_crcs(b: bytearray) -> bytes:
     """Recompute header and preamble CRCs after a mutation (a hostile writer would)."""
     hsize = struct.unpack_from("<I", b, 12)[0]
     if 64 + hsize <= len(b):
-        struct.pack_into("<I", b, 40, C.crc32(bytes(b[64 : 64 + hsize])))
-    struct.pack_into("<I", b, 60, C.crc32(bytes(b[:60])))
+        struct.pack_into("<I", b, 40, crc32(bytes(b[64 : 64 + hsize])))
+    struct.pack_into("<I", b, 60, crc32(bytes(b[:60])))
     return bytes(b)
 
 
@@ -299,7 +303,7 @@ def test_mutated_archives_with_valid_checksums_never_crash(tmp_path_factory, sou
         raw = next(p for p in _LOSSY_VECTORS if p.stem == source).read_bytes()
         (d / "s.acz").write_bytes(raw)
     b = bytearray(raw)
-    _, hsize, doff, dsize, *_ = C.parse_preamble(raw)
+    _, hsize, doff, dsize, *_ = parse_preamble(raw)
     n = data.draw(st.integers(1, 6))
     in_data = data.draw(st.booleans())
     for _ in range(n):
@@ -307,12 +311,12 @@ def test_mutated_archives_with_valid_checksums_never_crash(tmp_path_factory, sou
         i = data.draw(st.integers(lo, hi - 1))
         b[i] = data.draw(st.integers(0, 255))
     if in_data:  # re-sign every tensor's data through a rebuilt header
-        with C.ArchiveReader(d / "s.acz") as r:
+        with ArchiveReader(d / "s.acz") as r:
             entries = r.tensors
             meta = r.metadata
         for e in entries:
-            e.crc = C.crc32(bytes(b[doff + e.offset : doff + e.offset + e.size]))
-        header = C.build_header(meta, entries)
+            e.crc = crc32(bytes(b[doff + e.offset : doff + e.offset + e.size]))
+        header = build_header(meta, entries)
         b[64 : 64 + len(header)] = header
     p = d / "m.acz"
     p.write_bytes(_refresh_crcs(b))

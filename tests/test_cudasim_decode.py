@@ -1,4 +1,4 @@
-"""CUDA kernels of codec/decode_cuda.py under numba's CUDA simulator, bit-exact with the CPU decoder.
+"""CUDA kernels of codec/entropy/decode_cuda.py under numba's CUDA simulator, bit-exact with the CPU decoder.
 
 The simulator must be switched on before numba is imported, so the kernel tests run in a
 child pytest process with NUMBA_ENABLE_CUDASIM=1 (``test_kernels_under_simulator``); in the
@@ -86,7 +86,7 @@ def test_rans_kernel_matches_cpu(dc, precision):
 @sim_only
 def test_rans_kernel_corruption_verdict_matches_cpu(dc):
     from aligncodec.codec.entropy import decode_cpu, rans
-    from aligncodec.formats import container as C
+    from aligncodec.formats.streams import RansStream
     from aligncodec.formats.errors import CorruptStreamError
 
     rng = np.random.default_rng(9)
@@ -95,7 +95,7 @@ def test_rans_kernel_corruption_verdict_matches_cpu(dc):
     for i in rng.choice(len(s.payload), size=40, replace=False):
         bad = bytearray(s.payload)
         bad[i] ^= int(rng.integers(1, 256))
-        t = C.RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad))
+        t = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad))
         try:
             want = ("ok", decode_cpu.decode_symbols(t).tobytes())
         except CorruptStreamError as exc:
@@ -154,7 +154,7 @@ def test_lanes_kernel_matches_cpu(dc, precision):
 @sim_only
 def test_lanes_corruption_verdict_matches_cpu(dc):
     from aligncodec.codec.entropy import decode_cpu, rans
-    from aligncodec.formats import container as C
+    from aligncodec.formats.streams import RansStream
     from aligncodec.formats.errors import CorruptStreamError
 
     rng = np.random.default_rng(19)
@@ -164,7 +164,7 @@ def test_lanes_corruption_verdict_matches_cpu(dc):
     for i in rng.choice(len(s.payload), size=30, replace=False):
         bad = bytearray(s.payload)
         bad[i] ^= int(rng.integers(1, 256))
-        t = C.RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad), s.lanes)
+        t = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad), s.lanes)
         try:
             want = ("ok", decode_cpu.decode_symbols(t).tobytes())
         except CorruptStreamError as exc:

@@ -8,8 +8,11 @@ from hypothesis import strategies as st
 
 from aligncodec.codec.entropy import decode_cpu, rans, rans_reference
 from aligncodec.codec.modes import lossless
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import MODE_FLOAT_SPLIT, MODE_STORED
+from aligncodec.formats.streams import RansStream
+from aligncodec.formats.reader import ArchiveReader
 from aligncodec.formats.errors import CorruptStreamError, StreamError
+from aligncodec.codec.torch_interop import bytes_to_tensor
 
 
 @st.composite
@@ -67,7 +70,7 @@ def test_group_and_tail_paths():
 
 
 def _variants(s, payload):
-    return C.RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(payload))
+    return RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(payload))
 
 
 def _verdict(fn, t):
@@ -100,7 +103,7 @@ def test_truncated_words_and_extra_words_are_caught():
     # move two words from chunk 1 to chunk 2: chunk 1 runs out, chunk 2 has words left over
     lengths[1] -= 4
     lengths[2] += 4
-    t = C.RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, lengths, s.payload)
+    t = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, lengths, s.payload)
     with pytest.raises(CorruptStreamError, match="chunk 1"):
         decode_cpu.decode_symbols(t)
     with pytest.raises(CorruptStreamError):
@@ -110,10 +113,10 @@ def test_truncated_words_and_extra_words_are_caught():
 def test_bad_stream_shapes_rejected():
     sym = np.arange(100, dtype=np.uint16) % 7
     s = rans.encode(sym, chunk_symbols=30)
-    odd = C.RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, s.payload + b"\0")
+    odd = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, s.payload + b"\0")
     with pytest.raises(StreamError):
         decode_cpu.decode_symbols(odd)
-    few = C.RansStream(s.precision, s.chunk_symbols, s.n_symbols + 100, s.freqs, s.chunk_lengths, s.payload)
+    few = RansStream(s.precision, s.chunk_symbols, s.n_symbols + 100, s.freqs, s.chunk_lengths, s.payload)
     with pytest.raises(StreamError):
         decode_cpu.decode_symbols(few)
     with pytest.raises(ValueError):
@@ -214,7 +217,6 @@ def _archive(tmp_path, tensors):
 def test_lossless_archive_fast_equals_reference_and_original(tmp_path):
     import torch
 
-    from aligncodec import archive
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -227,13 +229,13 @@ def test_lossless_archive_fast_equals_reference_and_original(tmp_path):
     }
     path = _archive(tmp_path, tensors)
     modes = set()
-    with C.ArchiveReader(path) as r:
+    with ArchiveReader(path) as r:
         for e in r.tensors:
             streams = r.read_streams(e)
             modes.add(e.mode)
             fast = lossless.decode(e, streams)
             ref = lossless.decode(e, streams, reference=True)
             assert np.array_equal(fast, ref), e.name
-            t = archive.to_torch(e, fast)
+            t = bytes_to_tensor(e, fast)
             assert torch.equal(t.view(torch.uint8), tensors[e.name].contiguous().view(torch.uint8)), e.name
-    assert C.MODE_FLOAT_SPLIT in modes and C.MODE_STORED in modes
+    assert MODE_FLOAT_SPLIT in modes and MODE_STORED in modes

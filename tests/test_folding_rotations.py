@@ -1,4 +1,4 @@
-"""codec/folding.py: norm-gain folding, per-head R2, residual R1 (decoder-applied) keep the function
+"""codec/transforms/folding.py: norm-gain folding, per-head R2, residual R1 (decoder-applied) keep the function
 of a tiny random Llama (GQA, tied embedding, non-trivial norm gains); Σ maps are exact."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""KurTail-style learned rotations (codec/kurtail.py): lower kurtosis, orthogonal, function kept on a tiny
+"""KurTail-style learned rotations (codec/baselines/kurtail.py): lower kurtosis, orthogonal, function kept on a tiny
 random Llama, side information counted."""
 
 import pytest

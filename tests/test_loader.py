@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import aligncodec
-from aligncodec.formats import container as C
+from aligncodec.formats.reader import ArchiveReader
 from aligncodec.formats import errors as E
 from aligncodec import archive, loader
 
@@ -48,7 +48,7 @@ def _same(a, b):
 def test_load_from_path_in_file_order(acz):
     path, tensors = acz
     got = list(aligncodec.load(path))
-    with C.ArchiveReader(path) as r:
+    with ArchiveReader(path) as r:
         assert [n for n, _ in got] == [e.name for e in r.tensors]
     for name, t in got:
         assert _same(t, tensors[name]), name
@@ -92,7 +92,7 @@ def test_read_ahead_is_exactly_bounded(acz, prefetch):
     """At each yield the reader has read exactly up to the end of tensor i + 1 + prefetch
     (it reads ahead, and no further), and never holds more than 1 + prefetch tensors."""
     path, _ = acz
-    with C.ArchiveReader(path) as r:
+    with ArchiveReader(path) as r:
         entries = r.tensors
         base = r.header.data_offset
     stats = loader.LoadStats()

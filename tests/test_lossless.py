@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from aligncodec.codec.modes import lossless
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import MODE_FLOAT_SPLIT
+from aligncodec.formats.layout import TensorEntry
 from aligncodec import archive
 
 SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-45, 65504.0, 3.0e38]
@@ -23,8 +24,8 @@ def test_float_split_bit_exact(dtype, torch_dtype, k):
     t = torch.randn(4096, generator=g) * 0.02
     t[:len(SPECIALS)] = torch.tensor(SPECIALS)
     raw = t.to(torch_dtype).view(torch.uint8).numpy()
-    mode, params, streams = lossless.encode(raw, dtype, t.numel(), mantissa_bits=k, mode=C.MODE_FLOAT_SPLIT)
-    e = C.TensorEntry("t", dtype, (t.numel(),), mode, len(streams), 0, 0, 0, params)
+    mode, params, streams = lossless.encode(raw, dtype, t.numel(), mantissa_bits=k, mode=MODE_FLOAT_SPLIT)
+    e = TensorEntry("t", dtype, (t.numel(),), mode, len(streams), 0, 0, 0, params)
     assert lossless.decode(e, streams).tobytes() == raw.tobytes()
     assert lossless.decode(e, streams, reference=True).tobytes() == raw.tobytes()
 
@@ -47,7 +48,7 @@ def test_pack_bits_is_lsb_first():
 def test_stream_sizes_checked_against_shape():
     raw = np.arange(1024, dtype="<f4").view(np.uint8)
     mode, params, streams = lossless.encode(raw, "F32", 1024)
-    e = C.TensorEntry("t", "F32", (2048,), mode, len(streams), 0, 0, 0, params)
+    e = TensorEntry("t", "F32", (2048,), mode, len(streams), 0, 0, 0, params)
     from aligncodec.formats.errors import StreamError
 
     with pytest.raises(StreamError):

@@ -1,4 +1,4 @@
-"""tools/rd.py code paths on a tiny synthetic checkpoint (no evaluation)."""
+"""tools/experiments/rd.py code paths on a tiny synthetic checkpoint (no evaluation)."""
 
 import pytest
 import torch

@@ -12,10 +12,16 @@ from hypothesis import strategies as st
 
 from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossy
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import MODE_ECSQ, PREAMBLE_SIZE, SECTION_METADATA
+from aligncodec.formats.layout import TensorEntry, align, crc32
+from aligncodec.formats.streams import parse_streams, serialize_stream
+from aligncodec.formats.reader import ArchiveReader
+from aligncodec.formats.writer import build_section
 from aligncodec.formats import errors as FE
 from aligncodec import archive
 from aligncodec import lossy_compress as enc
+from aligncodec.codec.modes import decode_entry
+from aligncodec.codec.torch_interop import bytes_to_tensor
 
 
 def _sigma(n, seed, spike=True):
@@ -36,12 +42,12 @@ def _job(rows, n, seed, dtype="F32", sigma=True):
 def _through_container(tc: E.TensorCode, name, dtype, shape):
     data = b""
     for i, s in enumerate(tc.streams):
-        b = C.serialize_stream(s)
+        b = serialize_stream(s)
         if i + 1 < len(tc.streams):
-            b += bytes(C.align(len(b), 8) - len(b))
+            b += bytes(align(len(b), 8) - len(b))
         data += b
-    streams = C.parse_streams(data, len(tc.streams))
-    e = C.TensorEntry(name, dtype, shape, lossy.MODE_ECSQ, len(streams), 0, len(data), C.crc32(data), tc.params.pack())
+    streams = parse_streams(data, len(tc.streams))
+    e = TensorEntry(name, dtype, shape, MODE_ECSQ, len(streams), 0, len(data), crc32(data), tc.params.pack())
     return e, streams
 
 
@@ -52,10 +58,10 @@ def test_decode_bit_exact(kind, dtype):
     E.prepare(job, (kind,))
     tc = E.code_candidate(job, job.cands[0], 0.02)
     e, streams = _through_container(tc, job.name, dtype, tuple(job.W.shape))
-    raw = archive.decode_entry(e, streams)
-    ref = archive.decode_entry(e, streams, reference=True)
+    raw = decode_entry(e, streams)
+    ref = decode_entry(e, streams, reference=True)
     assert np.array_equal(raw, ref)
-    got = archive.to_torch(e, raw).to(torch.float32).numpy()
+    got = bytes_to_tensor(e, raw).to(torch.float32).numpy()
     assert np.array_equal(got.view(np.uint32), tc.W_hat.view(np.uint32))
     # and the reconstruction is a quantisation of W, not garbage
     assert 5 < tc.sqnr_db < 60
@@ -95,7 +101,7 @@ def test_bad_params_and_streams_raise_named_errors():
     E.prepare(job, ("hadamard-colscale",))
     tc = E.code_candidate(job, job.cands[0], 0.05)
     e, streams = _through_container(tc, job.name, "F32", (8, 64))
-    bad = C.TensorEntry(e.name, e.dtype, e.shape, e.mode, e.stream_count, 0, e.size, e.crc, e.params[:-1])
+    bad = TensorEntry(e.name, e.dtype, e.shape, e.mode, e.stream_count, 0, e.size, e.crc, e.params[:-1])
     with pytest.raises(FE.StreamError):
         lossy.decode(bad, streams)
     with pytest.raises(FE.StreamError):
@@ -103,9 +109,9 @@ def test_bad_params_and_streams_raise_named_errors():
     p = lossy.EcsqParams.unpack(e.params)
     p.transform = 9
     with pytest.raises(FE.UnsupportedError):
-        lossy.decode(C.TensorEntry(e.name, e.dtype, e.shape, e.mode, 3, 0, 0, 0, p.pack()), streams)
+        lossy.decode(TensorEntry(e.name, e.dtype, e.shape, e.mode, 3, 0, 0, 0, p.pack()), streams)
     with pytest.raises(FE.StreamError):  # a 3-D shape cannot be ecsq
-        lossy.decode(C.TensorEntry(e.name, e.dtype, (2, 4, 64), e.mode, 3, 0, 0, 0, e.params), streams)
+        lossy.decode(TensorEntry(e.name, e.dtype, (2, 4, 64), e.mode, 3, 0, 0, 0, e.params), streams)
 
 
 def _write_model(path, seed=0):
@@ -135,13 +141,13 @@ def test_compress_meets_bpw_and_counts_every_byte(tmp_path):
     assert lossy_bytes * 8 / res.n_weights == pytest.approx(res.bpw, rel=1e-12)  # the encoder's count is the archive's
     assert abs(res.bpw / target - 1) <= 0.01
     # every byte of the file is accounted for: tensors' all-in bytes + fixed overhead
-    with C.ArchiveReader(out) as r:
+    with ArchiveReader(out) as r:
         per = sum(lossy.entry_bytes(e.name, len(e.shape), len(e.params), e.size) for e in r.tensors)
-        meta = C.build_section(C.SECTION_METADATA, 0, json.dumps(r.metadata, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
+        meta = build_section(SECTION_METADATA, 0, json.dumps(r.metadata, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode())
         last = r.tensors[-1]
-        slack = C.align(last.size, 64) - last.size  # the last tensor is not padded
-        header_pad = r.header.data_offset - C.PREAMBLE_SIZE - r.header.header_size
-        assert C.PREAMBLE_SIZE + len(meta) + header_pad + per - slack == r.file_size
+        slack = align(last.size, 64) - last.size  # the last tensor is not padded
+        header_pad = r.header.data_offset - PREAMBLE_SIZE - r.header.header_size
+        assert PREAMBLE_SIZE + len(meta) + header_pad + per - slack == r.file_size
         modes = {e.name: e.mode_name for e in r.tensors}
     assert modes["model.layers.0.self_attn.q_proj.weight"] == "ecsq"
     assert modes["model.embed_tokens.weight"] in ("stored", "float-split")

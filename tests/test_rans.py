@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aligncodec.codec.entropy import rans, rans_reference
-from aligncodec.formats import container as C
+from aligncodec.formats.streams import RansStream, parse_streams, serialize_stream
 from aligncodec.formats.errors import CorruptStreamError
 
 
@@ -33,7 +33,7 @@ def test_roundtrip_matches_reference(arr, chunk, precision):
     assert np.array_equal(fast, sym)
     assert rans_reference.decode(s) == sym.tolist()
     # the stream survives serialisation and parsing unchanged
-    parsed = C.parse_streams(C.serialize_stream(s), 1)[0]
+    parsed = parse_streams(serialize_stream(s), 1)[0]
     assert np.array_equal(rans.decode(parsed), sym)
 
 
@@ -51,7 +51,7 @@ def test_single_symbol_costs_nothing_but_state():
     sym = np.zeros(100_000, dtype=np.uint16)
     s = rans.encode(sym)
     assert np.array_equal(rans.decode(s), sym)
-    from aligncodec.formats.container import lane_counts
+    from aligncodec.formats.streams import lane_counts
 
     assert len(s.payload) == 4 * int(lane_counts(s.n_symbols, s.chunk_symbols, s.lanes).sum())  # only the final states
 
@@ -70,7 +70,7 @@ def test_rate_within_half_percent_of_entropy(dist):
     sym = sym.astype(np.uint16)
     s = rans.encode(sym)
     table_bits = 8 * rans.table_bytes(s.freqs)
-    total_bits = 8 * len(C.serialize_stream(s))
+    total_bits = 8 * len(serialize_stream(s))
     bound = rans.empirical_entropy_bits(sym) + table_bits
     assert total_bits <= 1.005 * bound, (total_bits, bound)
     assert np.array_equal(rans.decode(s), sym)
@@ -86,7 +86,7 @@ def test_every_corrupted_payload_byte_is_caught_or_harmless():
     for i in range(len(s.payload)):
         bad = bytearray(s.payload)
         bad[i] ^= 0xFF
-        t = C.RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad))
+        t = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad))
         try:
             out = rans.decode(t)
         except CorruptStreamError:

@@ -55,8 +55,8 @@ def test_folded_model_computes_the_same_function(setup, method):
                               fold_norms=method == "kurtail")
     else:  # a couple of training steps: any learned rotation must keep the function
         def fn(model, sigma):
-            return SP.prepare(model, sigma, method=B.get_method("spinquant-gptq"), bits=3, tokenizer=tok,
-                              steps=1, seqlen=16)
+            return SP.prepare(model, sigma, method=B.get_method("spinquant-gptq"), bits=3, steps=1, seqlen=16,
+                              calib_windows=lambda n, w: list(prep_text(tok, n, "calib", window=w).windows))
     logp, prep = _transformed_logp(fn, tok, sigma, x)
     kld = float((ref.exp() * (ref - logp)).sum(-1).mean())
     assert kld < 1e-6, kld

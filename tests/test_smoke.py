@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from aligncodec.formats import container as C
+from aligncodec.formats.reader import ArchiveReader
 from aligncodec import archive
 from aligncodec.tools.eval import models
+from aligncodec.codec.modes import decode_entry
+from aligncodec.codec.torch_interop import tensor_bytes
+from aligncodec.auxfiles import AUX_PREFIX, read_aux_files
 
 pytestmark = [pytest.mark.smoke, pytest.mark.model, pytest.mark.slow]
 
@@ -28,12 +31,11 @@ def test_lossless_archive_of_default_model_is_bit_exact(smollm2, tmp_path):
     assert info["bpw"] == pytest.approx((out.stat().st_size - info["aux_bytes"]) * 8 / info["n_weights"])
     assert info["bpw"] < 32
     src = archive.find_inputs(smollm2).files[0]
-    with C.ArchiveReader(out) as r, safe_open(str(src), framework="pt") as st:
+    with ArchiveReader(out) as r, safe_open(str(src), framework="pt") as st:
         for e in r.tensors:
-            if e.name.startswith(archive.AUX_PREFIX):
+            if e.name.startswith(AUX_PREFIX):
                 continue
-            got = archive.decode_entry(e, r.read_streams(e))
-            want = archive._torch_bytes(st.get_tensor(e.name))
+            got = decode_entry(e, r.read_streams(e))
+            want = tensor_bytes(st.get_tensor(e.name))
             assert np.array_equal(got, want), e.name
-    names = {e.name[len(archive.AUX_PREFIX):] for e in archive.iter_entries(out) if e.name.startswith(archive.AUX_PREFIX)}
-    assert "config.json" in names
+    assert "config.json" in read_aux_files(out)

@@ -1,4 +1,4 @@
-"""SmoothQuant scale migration (codec/smoothquant.py) on a tiny random Llama: the smoothed model computes
+"""SmoothQuant scale migration (codec/baselines/smoothquant.py) on a tiny random Llama: the smoothed model computes
 the same function, Σ maps are exact, the search never does worse than no smoothing, bits are counted as
 for RTN/GPTQ."""
 

@@ -1,4 +1,4 @@
-"""SpinQuant-style learned rotations (codec/spinquant.py) on a tiny random Llama: STE, training runs and
+"""SpinQuant-style learned rotations (codec/baselines/spinquant.py) on a tiny random Llama: STE, training runs and
 lowers the quantised model's loss, the folded model computes the same function, bits counted."""
 
 import pytest

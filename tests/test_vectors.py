@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from aligncodec.formats import container as C
+from aligncodec.formats.reader import ArchiveReader
 from aligncodec.formats import errors as E
 from aligncodec import archive
+from aligncodec.codec.modes import decode_entry
 
 VEC = Path(__file__).resolve().parent.parent / "spec" / "vectors"
 VALID = sorted((VEC / "valid").glob("*.acz"))
@@ -26,11 +27,11 @@ def test_vector_counts():
 def test_valid_vector(path):
     expect = json.loads(path.with_suffix(".json").read_text())["tensors"]
     got = []
-    with C.ArchiveReader(path) as r:
+    with ArchiveReader(path) as r:
         r.check_padding()
         for e in r.tensors:
-            raw = archive.decode_entry(e, r.read_streams(e)).tobytes()
-            ref = archive.decode_entry(e, r.read_streams(e), reference=True).tobytes()
+            raw = decode_entry(e, r.read_streams(e)).tobytes()
+            ref = decode_entry(e, r.read_streams(e), reference=True).tobytes()
             assert raw == ref
             got.append({"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "mode": e.mode_name, "sha256": hashlib.sha256(raw).hexdigest()})
     assert got == expect

@@ -1,4 +1,4 @@
-"""Baseline weight coders, each with an honest all-in bit count (DESIGN.md §5).
+"""Baseline weight coders, each with an honest all-in bit count (docs/baselines.md).
 
 Methods (``METHODS``), per linear weight W (out × in):
 
@@ -32,8 +32,8 @@ clipping) and code each tensor's symbols with the project's rANS
 table). The step is set by one *global multiplier* c for the whole model:
 
 * ``step_rule='shared'`` (default): Δ = c for every tensor — one absolute step
-  shared by all tensors, i.e. the same weight-domain noise everywhere; DESIGN.md
-  §6 found this beat equal-SQNR allocation for every method;
+  shared by all tensors, i.e. the same weight-domain noise everywhere; measured to
+  beat equal-SQNR allocation for every method (docs/results/2026-11-28-rd.md);
 * ``step_rule='rms'``: Δ_t = c · rms(W_t) (equal SQNR per tensor), for comparison;
 * ``rtn-g128-ec`` always uses Δ = c · rms(group row) per group of 128 (fp16,
   sent), the ECSQ analogue of a per-group scale.
@@ -300,9 +300,9 @@ def find_multiplier(
 
 # --------------------------------------------------------------------------- whole-model transforms
 # Methods whose model is first changed by a function-preserving transform (SmoothQuant, KurTail,
-# SpinQuant: codec/smoothquant.py, codec/kurtail.py, codec/spinquant.py register themselves below).
-# tools/baseline.run_baseline calls MODEL_TRANSFORMS[name](model, sigma, method=, bits=, seed=,
-# tokenizer=, model_name=, log=) -> codec.folding.Prepared before quantising.
+# SpinQuant: codec/baselines/smoothquant.py, kurtail.py, spinquant.py register themselves below).
+# tools/experiments/baseline.run_baseline calls MODEL_TRANSFORMS[name](model, sigma, method=, bits=, seed=,
+# log=, calib_windows=, cache_dir=) -> codec.folding.Prepared before quantising.
 MODEL_TRANSFORMS: dict[str, Callable] = {}
 
 

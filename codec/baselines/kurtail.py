@@ -6,7 +6,7 @@ of the model's loss: cheap, no backpropagation through the model. Weight-only he
 objective is the kurtosis of the *coded weight rows* (each row is one group of the per-row
 grid): k(r) = mean(r⁴) / mean(r²)² (uncentred; Gaussian 3, uniform 1.8), averaged over rows.
 
-Rotation sites and what they cost (the same structure as SpinQuant, ``codec/folding.py``):
+Rotation sites and what they cost (the same structure as SpinQuant, ``codec/transforms/folding.py``):
 
 1. norm gains: left in the norms by default (``fold_norms=False``). R1 is applied by the decoder
    (Ŵ = Q(W R1) R1ᵀ), so nothing requires folding them, and folding hurts: on SmolLM2 at 3 bits

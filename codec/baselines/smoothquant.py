@@ -15,7 +15,7 @@ folded exactly into the preceding operation, so the model computes the same func
 * down_proj: the rows of up_proj are divided by s (down's input is act(gate) ⊙ up).
 
 max|X_j| is **approximated by the calibration RMS √Σ_jj** (Σ = E[x xᵀ] from
-``tools/calibrate.load_sigma``; no extra capture pass). max|W_j| is over every weight of the site.
+``tools/eval/calibrate.load_sigma``; no extra capture pass). max|W_j| is over every weight of the site.
 s is normalised to geometric mean 1 (only its shape matters for per-row grids).
 
 α is searched per site over ``ALPHAS`` (0, 0.1, …, 1), plus s ≡ 1 (no smoothing): the candidate

@@ -1,7 +1,7 @@
 """SpinQuant-style learned rotations, weight-only (methods ``spinquant-gptq``, ``spinquant-rtn`` and
 ``-ec`` variants; after Liu et al., 2024, "SpinQuant: LLM quantization with learned rotations").
 
-Structure (shared with KurTail, ``codec/folding.apply_rotations``):
+Structure (shared with KurTail, ``codec/transforms/folding.apply_rotations``):
 
 * RMSNorm gains folded into q/k/v and gate/up (free);
 * R1 = H1 · cayley(A1) on the residual stream (H1 a seeded randomized Hadamard, SpinQuant's
@@ -25,6 +25,7 @@ coded weights. The learned rotations are cached (keyed by model, bits, steps, se
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -126,24 +127,22 @@ def train_rotations(model, windows: list[torch.Tensor], bits: int, *, seed: int 
     return rot, gains, info
 
 
-def _cache_file(model_name: str, bits: int, steps: int, seqlen: int, seed: int, lr: float):
-    from aligncodec.tools.eval import models as Mo
-
-    ident = Mo.model_identity(model_name)
-    tag = f"{ident['name'].split('/')[-1]}-{ident['weights_sha256'][:16]}"
-    return Mo.cache_root() / "rotations" / tag / f"spinquant-b{bits}-s{steps}-l{seqlen}-seed{seed}-lr{lr:g}.pt"
+def _cache_file(cache_dir, bits: int, steps: int, seqlen: int, seed: int, lr: float):
+    return Path(cache_dir) / f"spinquant-b{bits}-s{steps}-l{seqlen}-seed{seed}-lr{lr:g}.pt"
 
 
-def prepare(model, sigma, *, method, bits, seed: int = 0, tokenizer=None, model_name=None, log=None,
+def prepare(model, sigma, *, method, bits, seed: int = 0, calib_windows=None, cache_dir=None, log=None,
             steps: int | None = None, seqlen: int | None = None, lr: float | None = None, **_) -> F.Prepared:
     """run_baseline hook: train (or load cached) rotations, fold what folds, return the coded view.
+    ``calib_windows(n_tokens, window)``: the calibration text as token windows (BOS first), supplied by
+    the caller; ``cache_dir``: where trained rotations of this model are kept (None: no cache).
     STE bit width: ``STE_BITS`` if set, else ``bits`` (fixed-length methods) or round(target bpw) (-ec
     methods), within 2..8. ``steps``/``seqlen``/``lr`` default to the module's STEPS/SEQLEN/LR."""
     steps = STEPS if steps is None else steps
     seqlen = SEQLEN if seqlen is None else seqlen
     lr = LR if lr is None else lr
     b = int(min(8, max(2, round(float(bits) if STE_BITS is None else STE_BITS))))
-    path = _cache_file(model_name, b, steps, seqlen, seed, lr) if model_name else None
+    path = _cache_file(cache_dir, b, steps, seqlen, seed, lr) if cache_dir is not None else None
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
         gains = F.fold_norm_gains(F.llama_blocks(model))
@@ -152,12 +151,10 @@ def prepare(model, sigma, *, method, bits, seed: int = 0, tokenizer=None, model_
         if log:
             log(f"  spinquant: rotations from cache {path} (trained in {info['train_seconds']:.0f} s)")
     else:
-        if tokenizer is None:
-            raise ValueError("spinquant: needs the tokenizer for calibration text")
-        from aligncodec.tools.eval.evaluate import prepare as prep_text
-
-        data = prep_text(tokenizer, steps * seqlen, "calib", window=seqlen + 1)
-        rot, gains, info = train_rotations(model, list(data.windows), b, seed=seed, steps=steps, lr=lr, log=log)
+        if calib_windows is None:
+            raise ValueError("spinquant: needs calib_windows, the calibration text")
+        windows = list(calib_windows(steps * seqlen, seqlen + 1))
+        rot, gains, info = train_rotations(model, windows, b, seed=seed, steps=steps, lr=lr, log=log)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"r1_seed": rot.r1_seed, "A1": rot.A1, "R2": torch.stack(rot.R2), "down_seed": rot.down_seed,

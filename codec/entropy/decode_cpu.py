@@ -20,7 +20,7 @@ What makes it fast, without changing the format:
   are still in cache, writing the final bit patterns into the output array.
 
 Reconstruction of other (lossy) modes is a separate step after
-:func:`decode_symbols`; see ``aligncodec.loader.register_reconstructor``.
+:func:`decode_symbols` (the coding modes' registry, :mod:`aligncodec.codec.modes`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import sys
 import numba as nb
 import numpy as np
 
-from aligncodec.formats.container import RANS_STATE_LOWER, RansStream, lane_counts
+from aligncodec.formats.constants import FLOAT_FORMATS, RANS_STATE_LOWER
+from aligncodec.formats.streams import RansStream, lane_counts
 from aligncodec.formats.errors import CorruptStreamError, StreamError
 
 # chunks decoded together by one thread
@@ -40,8 +41,6 @@ GROUP = 4
 _U64 = np.uint64
 _L = _U64(RANS_STATE_LOWER)
 
-# float-split layouts: dtype -> (width W, exponent bits E)   (spec §7.2)
-FLOAT_FORMATS = {"F16": (16, 5), "BF16": (16, 8), "F32": (32, 8), "F64": (64, 11)}
 _UINT = {16: np.uint16, 32: np.uint32, 64: np.uint64}
 
 ERROR_TEXT = {

@@ -11,10 +11,10 @@ Same bitstream and the same packed slot table as :mod:`aligncodec.codec.entropy.
   3 final state != L, 4 words left over).
 * :func:`join_kernel` - float-split reconstruction, one thread per element: the
   symbol (exponent and top mantissa bits) joined with its bit-packed rest.
-* :func:`decode_tensor` - an archive entry to a torch tensor in GPU memory
-  (numba <-> torch through ``__cuda_array_interface__``, no host round trip for
-  the decoded data); modes other than the lossless ones plug in a reconstruction
-  with :func:`register_reconstructor` (symbols decoded on the device first).
+* :func:`decode_float_split_tensor` - a float-split entry to a torch tensor in GPU
+  memory (numba <-> torch through ``__cuda_array_interface__``, no host round trip
+  for the decoded data); :func:`symbols_to_torch` gives any mode's symbols as a
+  device tensor, for a GPU reconstruction registered in :mod:`aligncodec.codec.modes`.
 
 Without a GPU the kernels run under numba's CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``, set before numba.cuda is first imported), which is
@@ -24,13 +24,13 @@ how CI checks them (tests/test_cudasim_decode.py).
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 from numba import cuda
 
-from aligncodec.formats import container as C
-from aligncodec.formats.errors import CorruptStreamError, StreamError
+from aligncodec.formats.constants import FLOAT_FORMATS, RANS_STATE_LOWER
+from aligncodec.formats.layout import TensorEntry
+from aligncodec.formats.streams import RansStream
 
 from aligncodec.codec.entropy import cuda_compat  # noqa: F401  (the simulator's warp vote)
 from aligncodec.codec.entropy import decode_cpu
@@ -40,7 +40,7 @@ SHARED_SLOTS = 1 << SHARED_MAX_PRECISION
 THREADS_PER_BLOCK = 128
 JOIN_THREADS_PER_BLOCK = 256
 
-_L = np.uint64(C.RANS_STATE_LOWER)
+_L = np.uint64(RANS_STATE_LOWER)
 
 
 # ----------------------------------------------------------------- kernels
@@ -267,7 +267,7 @@ def torch_empty(n: int, dtype, device, name: str = "?"):
         raise _oom(name, n * torch.tensor([], dtype=dtype).element_size(), exc) from None
 
 
-def decode_symbols_device(stream: C.RansStream, out=None, *, stream_obj=0, name: str = "?"):
+def decode_symbols_device(stream: RansStream, out=None, *, stream_obj=0, name: str = "?"):
     """Decode a rANS stream on the device into ``out`` (a numba device array of any
     unsigned/signed integer type wide enough; default a new uint16 device array).
     Raises CorruptStreamError like the CPU decoder. Returns ``out``."""
@@ -303,7 +303,7 @@ def decode_symbols_device(stream: C.RansStream, out=None, *, stream_obj=0, name:
     return out
 
 
-def decode_float_split_device(stream: C.RansStream, rest, dtype: str, k: int, out=None, *, stream_obj=0):
+def decode_float_split_device(stream: RansStream, rest, dtype: str, k: int, out=None, *, stream_obj=0):
     """Float-split tensor decoded on the device: a uint{W} device array of its bit patterns
     (symbols decoded into ``out``, then joined with the rest by :func:`join_kernel`)."""
     width, rw, low, raw = decode_cpu.float_split_layout(stream, rest, dtype, k)
@@ -317,25 +317,7 @@ def decode_float_split_device(stream: C.RansStream, rest, dtype: str, k: int, ou
     return out
 
 
-# ----------------------------------------------------------------- torch interop and reconstruction
-
-# mode -> (symbol_streams(entry, streams) -> [RansStream, ...],
-#          reconstruct(entry, streams, [int32 symbol tensors on the device], device) -> torch tensor of entry.dtype)
-SymbolStreams = Callable[[C.TensorEntry, list], list]
-Reconstructor = Callable[[C.TensorEntry, list, list, object], object]
-_RECONSTRUCTORS: dict[int, tuple[SymbolStreams, Reconstructor]] = {}
-
-
-def register_reconstructor(mode: int, symbol_streams: SymbolStreams, reconstruct: Reconstructor) -> None:
-    """Plug a coding mode (e.g. a lossy one of codec/lossy*.py) into the GPU path.
-
-    ``symbol_streams(entry, streams)`` validates the entry and returns its rANS symbol
-    streams; each is decoded on the device into an int32 torch tensor, and
-    ``reconstruct(entry, streams, symbols, device)`` turns them into the tensor (torch
-    operations on the device, returning the entry's dtype). Modes without a registered
-    reconstruction are decoded on the CPU and copied to the device."""
-    _RECONSTRUCTORS[mode] = (symbol_streams, reconstruct)
-
+# ----------------------------------------------------------------- torch tensors on the device
 
 _INT_OF_WIDTH = {16: "int16", 32: "int32", 64: "int64"}
 _UNSIGNED_OF_WIDTH = {16: np.uint16, 32: np.uint32, 64: np.uint64}
@@ -346,41 +328,38 @@ def _as_numba(t, view_dtype=None):
     return a.view(view_dtype) if view_dtype is not None else a
 
 
-def decode_tensor(entry: C.TensorEntry, streams: list, *, device="cuda"):
-    """Decode an archive entry into a torch tensor on a CUDA device, or None when this
-    entry's mode has no GPU path (the caller then decodes on the CPU)."""
+def _numba_stream(dev):
+    import torch
+
+    return cuda.external_stream(torch.cuda.current_stream(dev).cuda_stream)
+
+
+def symbols_to_torch(stream: RansStream, device="cuda"):
+    """A rANS stream's symbols decoded on the device into a new int32 torch tensor (for the
+    GPU reconstruction of a coding mode; numba and torch share the memory, no host copy)."""
+    import torch
+
+    dev = torch.device(device)
+    sym = torch.empty(stream.n_symbols, dtype=torch.int32, device=dev)
+    with torch.cuda.device(dev):
+        decode_symbols_device(stream, _as_numba(sym), stream_obj=_numba_stream(dev))
+    return sym
+
+
+def decode_float_split_tensor(entry: TensorEntry, streams: list, device="cuda"):
+    """A float-split tensor (spec §7.2) decoded into a torch tensor on a CUDA device
+    (the GPU path of mode 1 in the registry of :mod:`aligncodec.codec.modes`)."""
     import torch
 
     from aligncodec.codec.modes import lossless
-    from aligncodec.loader import torch_dtype
+    from aligncodec.codec.torch_interop import torch_dtype
 
     dev = torch.device(device)
-    ts = torch.cuda.current_stream(dev)
-    nstream = cuda.external_stream(ts.cuda_stream)
-    if entry.mode == C.MODE_FLOAT_SPLIT and entry.dtype in decode_cpu.FLOAT_FORMATS:
-        width, e = decode_cpu.FLOAT_FORMATS[entry.dtype]
-        if len(entry.params) != 1 or len(streams) != 2 or not isinstance(streams[0], C.RansStream):
-            raise StreamError(f"float-split tensor {entry.name!r}: bad parameters or streams")
-        k = entry.params[0]
-        from aligncodec.codec.entropy import rans
-
-        rans.validate_for(streams[0], entry.numel, 1 << (e + k))
-        rest = lossless._bytes_from(streams[1], lossless.packed_size(entry.numel, width - e - k), entry.name)
-        t = torch.empty(entry.numel, dtype=getattr(torch, _INT_OF_WIDTH[width]), device=dev)
-        with torch.cuda.device(dev):
-            decode_float_split_device(streams[0], rest, entry.dtype, k, out=_as_numba(t, _UNSIGNED_OF_WIDTH[width]), stream_obj=nstream)
-        return t.view(torch_dtype(entry.dtype)).reshape(entry.shape)
-    if entry.mode == C.MODE_ECSQ:
-        from aligncodec.codec.modes import lossy_cuda
-
-        return lossy_cuda.decode_gpu(entry, streams, dev)
-    if entry.mode in _RECONSTRUCTORS:
-        get_streams, rec = _RECONSTRUCTORS[entry.mode]
-        syms = []
-        for s in get_streams(entry, streams):
-            sym = torch.empty(s.n_symbols, dtype=torch.int32, device=dev)
-            with torch.cuda.device(dev):
-                decode_symbols_device(s, _as_numba(sym), stream_obj=nstream)
-            syms.append(sym)
-        return rec(entry, streams, syms, dev)
-    return None
+    lossless.validate(entry, streams)
+    width, e = FLOAT_FORMATS[entry.dtype]
+    k = entry.params[0]
+    rest = lossless._bytes_from(streams[1], lossless.packed_size(entry.numel, width - e - k), entry.name)
+    t = torch.empty(entry.numel, dtype=getattr(torch, _INT_OF_WIDTH[width]), device=dev)
+    with torch.cuda.device(dev):
+        decode_float_split_device(streams[0], rest, entry.dtype, k, out=_as_numba(t, _UNSIGNED_OF_WIDTH[width]), stream_obj=_numba_stream(dev))
+    return t.view(torch_dtype(entry.dtype)).reshape(entry.shape)

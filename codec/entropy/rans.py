@@ -23,7 +23,8 @@ import math
 import numba as nb
 import numpy as np
 
-from aligncodec.formats.container import MAX_LANES, MAX_PRECISION, RANS_STATE_LOWER, RansStream
+from aligncodec.formats.constants import MAX_LANES, MAX_PRECISION, RANS_STATE_LOWER
+from aligncodec.formats.streams import RansStream
 from aligncodec.formats.errors import CorruptStreamError, StreamError
 
 DEFAULT_CHUNK_SYMBOLS = 1 << 14  # chunked layout (coder 2): symbols per chunk
@@ -322,7 +323,7 @@ def decode(stream: RansStream, *, out: np.ndarray | None = None) -> np.ndarray:
 def coded_bits(symbols: np.ndarray, chunk_symbols: int | None = None) -> int:
     """Exact size in bits of the rANS stream for these symbols as stored in an
     archive (stream header, table, chunk table and payload; spec §5-6)."""
-    from aligncodec.formats.container import serialize_stream
+    from aligncodec.formats.streams import serialize_stream
 
     s = encode(symbols, chunk_symbols=chunk_symbols)
     return 8 * (len(serialize_stream(s)) - len(s.payload)) + 8 * len(s.payload)

@@ -91,7 +91,7 @@ def decode_chunk_lanes(chunk: bytes, m: int, freqs: list[int], precision: int, l
 
 
 def decode(stream) -> list[int]:
-    """Decode a whole :class:`~aligncodec.formats.container.RansStream`, chunk after chunk."""
+    """Decode a whole :class:`~aligncodec.formats.streams.RansStream`, chunk after chunk."""
     freqs = [int(f) for f in stream.freqs]
     lanes = getattr(stream, "lanes", 1)
     out: list[int] = []

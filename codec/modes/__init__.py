@@ -1,0 +1,86 @@
+"""Coding modes (spec/FORMAT.md §7): the one registry that maps a tensor's mode id to
+what the decoders call.
+
+Each :class:`Mode` names three callables:
+
+* ``validate(entry, streams)``: check the entry's params and its parsed streams, decode
+  nothing (``aligncodec verify --no-decode``);
+* ``decode(entry, streams, *, reference=False)``: the tensor's little-endian bytes as a
+  uint8 numpy array, on the CPU (``reference=True``: the plain reference rANS decoder);
+* ``decode_gpu(entry, streams, device)`` (optional): a torch tensor of the entry's dtype on
+  a CUDA device; a mode without one is decoded on the CPU and copied.
+
+Adding a mode (or a GPU path for one) is one entry in :data:`MODES`. The callables are
+imported on first use, so importing this registry costs nothing (no numba, no torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED
+from aligncodec.formats.errors import UnsupportedError
+from aligncodec.formats.layout import TensorEntry
+
+
+def _lazy(module: str, attr: str) -> Callable:
+    """``module.attr``, imported when first called."""
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+
+    call.__name__ = attr
+    call.__qualname__ = f"{module}.{attr}"
+    return call
+
+
+@dataclass(frozen=True)
+class Mode:
+    validate: Callable[[TensorEntry, list], None]
+    decode: Callable[..., np.ndarray]
+    decode_gpu: Callable | None = None
+
+
+_LOSSLESS = "aligncodec.codec.modes.lossless"
+_LOSSY = "aligncodec.codec.modes.lossy"
+_CUDA = "aligncodec.codec.entropy.decode_cuda"
+_LOSSY_CUDA = "aligncodec.codec.modes.lossy_cuda"
+
+MODES: dict[int, Mode] = {
+    MODE_STORED: Mode(_lazy(_LOSSLESS, "validate"), _lazy(_LOSSLESS, "decode")),
+    MODE_FLOAT_SPLIT: Mode(_lazy(_LOSSLESS, "validate"), _lazy(_LOSSLESS, "decode"), _lazy(_CUDA, "decode_float_split_tensor")),
+    MODE_ECSQ: Mode(_lazy(_LOSSY, "validate"), _lazy(_LOSSY, "decode"), _lazy(_LOSSY_CUDA, "decode_gpu")),
+}
+assert set(MODES) == set(MODE_NAMES), "every mode id in formats.constants has a registry entry"
+
+
+def mode_of(entry: TensorEntry) -> Mode:
+    try:
+        return MODES[entry.mode]
+    except KeyError:
+        raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not supported by this build") from None
+
+
+def validate_entry(entry: TensorEntry, streams: list) -> None:
+    """Check a tensor's params and streams against its coding mode without decoding."""
+    mode_of(entry).validate(entry, streams)
+
+
+def decode_entry(entry: TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
+    """Decode one tensor to its little-endian bytes (uint8) on the CPU."""
+    return mode_of(entry).decode(entry, streams, reference=reference)
+
+
+def has_gpu_path(entry: TensorEntry) -> bool:
+    return mode_of(entry).decode_gpu is not None
+
+
+def decode_entry_gpu(entry: TensorEntry, streams: list, device):
+    """Decode one tensor into a torch tensor on a CUDA ``device``, or None when its mode has
+    no GPU path (the caller then decodes on the CPU and copies)."""
+    gpu = mode_of(entry).decode_gpu
+    return None if gpu is None else gpu(entry, streams, device)

@@ -15,13 +15,13 @@ import numba as nb
 import numpy as np
 import zstandard
 
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import CODER_NAMES, FLOAT_FORMATS, MODE_FLOAT_SPLIT, MODE_STORED, STREAM_ALIGN
+from aligncodec.formats.layout import TensorEntry, align
+from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, serialize_stream
 from aligncodec.formats.errors import CorruptStreamError, StreamError, UnsupportedError
 
 from aligncodec.codec.entropy import rans
 
-# dtype -> (width W, exponent bits E)
-FLOAT_FORMATS = {"F16": (16, 5), "BF16": (16, 8), "F32": (32, 8), "F64": (64, 11)}
 _UINT = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
 # mantissa bits moved into the symbol, per dtype (measured on MiniLM weights: for BF16 the joint
 # (exponent, top-2 mantissa) entropy is 0.066 bit lower than the exponent's + 2 bits)
@@ -35,13 +35,13 @@ def _zstd(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_content_size=True).compress(data)
 
 
-def _best_bytes_stream(data: bytes) -> C.RawStream | C.ZstdStream:
+def _best_bytes_stream(data: bytes) -> RawStream | ZstdStream:
     z = _zstd(data)
-    return C.ZstdStream(z, len(data)) if len(z) < len(data) else C.RawStream(data)
+    return ZstdStream(z, len(data)) if len(z) < len(data) else RawStream(data)
 
 
 def _streams_size(streams) -> int:
-    return sum(C.align(len(C.serialize_stream(s)), C.STREAM_ALIGN) for s in streams)
+    return sum(align(len(serialize_stream(s)), STREAM_ALIGN) for s in streams)
 
 
 @nb.njit(cache=True)
@@ -150,15 +150,15 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
     """Choose the smallest lossless coding for a tensor's little-endian bytes
     (or use ``mode`` if given). Returns (mode, params, streams)."""
     raw = bytes(data) if not isinstance(data, np.ndarray) else data.tobytes()
-    candidates: list[tuple[int, bytes, list]] = [(C.MODE_STORED, b"", [_best_bytes_stream(raw)])]
-    if dtype in FLOAT_FORMATS and (numel >= MIN_SPLIT_ELEMENTS or mode == C.MODE_FLOAT_SPLIT):
+    candidates: list[tuple[int, bytes, list]] = [(MODE_STORED, b"", [_best_bytes_stream(raw)])]
+    if dtype in FLOAT_FORMATS and (numel >= MIN_SPLIT_ELEMENTS or mode == MODE_FLOAT_SPLIT):
         width, e = FLOAT_FORMATS[dtype]
         k = DEFAULT_MANTISSA_BITS[dtype] if mantissa_bits is None else mantissa_bits
         bits = np.frombuffer(raw, dtype=f"<u{width // 8}")
         sym, rest = split_float(bits, dtype, k)
         s0 = rans.encode(sym, alphabet_size=int(sym.max()) + 1)
         s1 = _best_bytes_stream(pack_bits(rest, width - e - k))
-        candidates.append((C.MODE_FLOAT_SPLIT, bytes([k]), [s0, s1]))
+        candidates.append((MODE_FLOAT_SPLIT, bytes([k]), [s0, s1]))
     if mode is not None:
         forced = [c for c in candidates if c[0] == mode]
         if not forced:
@@ -167,33 +167,40 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
     return min(candidates, key=lambda c: _streams_size(c[2]))
 
 
-def _bytes_from(stream, size: int, what: str) -> bytes:
-    if isinstance(stream, C.RawStream):
+def _check_bytes_stream(stream, size: int, what: str) -> None:
+    """A raw or zstd stream that holds exactly ``size`` bytes (checked before any decoding)."""
+    if isinstance(stream, RawStream):
         if len(stream.data) != size:
             raise StreamError(f"{what}: {len(stream.data)} raw bytes, {size} expected")
-        return stream.data
-    if isinstance(stream, C.ZstdStream):
+    elif isinstance(stream, ZstdStream):
         if stream.size != size:
             raise StreamError(f"{what}: zstd stream declares {stream.size} bytes, {size} expected")
-        try:
-            out = zstandard.ZstdDecompressor().decompress(stream.data, max_output_size=size)
-        except zstandard.ZstdError as exc:
-            raise CorruptStreamError(f"{what}: zstd frame invalid: {exc}") from None
-        if len(out) != size:
-            raise CorruptStreamError(f"{what}: zstd frame gave {len(out)} bytes, {size} expected")
-        return out
-    raise StreamError(f"{what}: a {C.CODER_NAMES[stream.coder]} stream cannot hold bytes here")
+    else:
+        raise StreamError(f"{what}: a {CODER_NAMES[stream.coder]} stream cannot hold bytes here")
 
 
-def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
-    """Decode a lossless tensor to its little-endian bytes (uint8 array of entry.nbytes).
+def _bytes_from(stream, size: int, what: str) -> bytes:
+    _check_bytes_stream(stream, size, what)
+    if isinstance(stream, RawStream):
+        return stream.data
+    try:
+        out = zstandard.ZstdDecompressor().decompress(stream.data, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise CorruptStreamError(f"{what}: zstd frame invalid: {exc}") from None
+    if len(out) != size:
+        raise CorruptStreamError(f"{what}: zstd frame gave {len(out)} bytes, {size} expected")
+    return out
 
-    ``reference=True`` uses the plain reference rANS decoder (slow; tests)."""
-    if entry.mode == C.MODE_STORED:
+
+def validate(entry: TensorEntry, streams: list) -> None:
+    """Check a lossless tensor's params and streams (counts, coders, sizes, rANS table)
+    without decoding anything; raises StreamError / UnsupportedError."""
+    if entry.mode == MODE_STORED:
         if len(streams) != 1:
             raise StreamError(f"stored tensor {entry.name!r} needs 1 stream, has {len(streams)}")
-        return np.frombuffer(_bytes_from(streams[0], entry.nbytes, entry.name), dtype=np.uint8)
-    if entry.mode == C.MODE_FLOAT_SPLIT:
+        _check_bytes_stream(streams[0], entry.nbytes, entry.name)
+        return
+    if entry.mode == MODE_FLOAT_SPLIT:
         if entry.dtype not in FLOAT_FORMATS:
             raise StreamError(f"float-split used on {entry.dtype} tensor {entry.name!r}")
         width, e = FLOAT_FORMATS[entry.dtype]
@@ -202,21 +209,34 @@ def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> n
         k = entry.params[0]
         if len(streams) != 2:
             raise StreamError(f"float-split tensor {entry.name!r} needs 2 streams, has {len(streams)}")
-        n = entry.numel
-        s0 = streams[0]
-        if not isinstance(s0, C.RansStream):
+        if not isinstance(streams[0], RansStream):
             raise StreamError(f"float-split tensor {entry.name!r}: symbols must be a rANS stream")
-        rans.validate_for(s0, n, 1 << (e + k))
-        rw = width - e - k
-        packed = _bytes_from(streams[1], packed_size(n, rw), entry.name)
-        if not reference:  # fused: symbols decoded and joined with the rest straight into the bits
-            from aligncodec.codec.entropy.decode_cpu import decode_float_split
-
-            return decode_float_split(s0, packed, entry.dtype, k).astype(f"<u{width // 8}", copy=False).view(np.uint8)
-        from aligncodec.codec.entropy import rans_reference
-
-        sym = np.asarray(rans_reference.decode(s0), dtype=np.uint16)
-        rest = unpack_bits(packed, n, rw)
-        bits = join_float(sym, rest, entry.dtype, k)
-        return bits.astype(f"<u{width // 8}").view(np.uint8)
+        rans.validate_for(streams[0], entry.numel, 1 << (e + k))
+        _check_bytes_stream(streams[1], packed_size(entry.numel, width - e - k), entry.name)
+        return
     raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")
+
+
+def decode(entry: TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
+    """Decode a lossless tensor to its little-endian bytes (uint8 array of entry.nbytes).
+
+    ``reference=True`` uses the plain reference rANS decoder (slow; tests)."""
+    validate(entry, streams)
+    if entry.mode == MODE_STORED:
+        return np.frombuffer(_bytes_from(streams[0], entry.nbytes, entry.name), dtype=np.uint8)
+    width, e = FLOAT_FORMATS[entry.dtype]
+    k = entry.params[0]
+    n = entry.numel
+    s0 = streams[0]
+    rw = width - e - k
+    packed = _bytes_from(streams[1], packed_size(n, rw), entry.name)
+    if not reference:  # fused: symbols decoded and joined with the rest straight into the bits
+        from aligncodec.codec.entropy.decode_cpu import decode_float_split
+
+        return decode_float_split(s0, packed, entry.dtype, k).astype(f"<u{width // 8}", copy=False).view(np.uint8)
+    from aligncodec.codec.entropy import rans_reference
+
+    sym = np.asarray(rans_reference.decode(s0), dtype=np.uint16)
+    rest = unpack_bits(packed, n, rw)
+    bits = join_float(sym, rest, entry.dtype, k)
+    return bits.astype(f"<u{width // 8}").view(np.uint8)

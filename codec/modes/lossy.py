@@ -32,12 +32,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aligncodec.formats import container as C
+from aligncodec.formats.constants import DATA_ALIGN, SECTION_ALIGN, STREAM_ALIGN
+from aligncodec.formats.layout import TensorEntry, align
+from aligncodec.formats.streams import RansStream, RawStream, serialize_stream
 from aligncodec.formats.errors import StreamError, UnsupportedError
 
 from aligncodec.codec.entropy import rans
 
-MODE_ECSQ = 2
 PARAMS_VERSION = 1
 TRANSFORM_IDENTITY = 0
 TRANSFORM_HADAMARD = 1
@@ -47,7 +48,6 @@ FLAG_COL_SCALES = 0x01
 # part of the quantiser, so its error is part of the measured distortion
 MAX_ABS_SYMBOL = 32767
 MAX_CLASSES = 16
-CLASS_AXES = ("rows", "columns")
 # params: version u8, transform u8, flags u8, n_classes u8, step f32, offset i32, m u16, rank u16,
 #         class_axis u8, reserved u8 u16
 _PARAMS = struct.Struct("<BBBBfiHHBBH")
@@ -215,17 +215,36 @@ def reconstruct_from(params: EcsqParams, q: np.ndarray, scales: np.ndarray | Non
     raise UnsupportedError(f"unknown transform {params.transform}")
 
 
-def cast_f32(W: np.ndarray, dtype: str) -> np.ndarray:
-    """The stored value: float32 rounded to the tensor's dtype (round-to-nearest-even)."""
-    import torch
+def round_to_dtype(W: np.ndarray, dtype: str) -> np.ndarray:
+    """The stored value's bits: float32 W rounded to the tensor's dtype (round-to-nearest-even,
+    spec §7.4), as a little-endian array of that dtype's width (F32: W itself).
 
-    t = torch.from_numpy(np.ascontiguousarray(W, dtype=np.float32))
-    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
-    return t.to(tdt)
+    numpy only; bit for bit what torch's ``.to(dtype)`` gives for every non-NaN value (a NaN,
+    which only a malformed file can produce, becomes 0xFFFF in BF16 as in torch's vectorised path)."""
+    W = np.ascontiguousarray(W, dtype=np.float32)
+    if dtype == "F32":
+        return W.astype("<f4", copy=False)
+    if dtype == "F16":
+        with np.errstate(over="ignore"):
+            return W.astype("<f2")
+    if dtype == "BF16":
+        u = W.view(np.uint32)
+        b = ((u + (((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF))) >> np.uint32(16)).astype("<u2")
+        b[np.isnan(W)] = 0xFFFF
+        return b
+    raise StreamError(f"dtype {dtype} is not a lossy dtype")
+
+
+def rounded_f32(W: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values of :func:`round_to_dtype` (what a decoder yields, widened back to float32)."""
+    r = round_to_dtype(W, dtype)
+    if dtype == "BF16":
+        return (r.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return r.astype(np.float32)
 
 
 def _raw_any(stream, what: str) -> bytes:
-    if not isinstance(stream, C.RawStream):
+    if not isinstance(stream, RawStream):
         raise StreamError(f"{what} must be a raw stream")
     return stream.data
 
@@ -292,14 +311,14 @@ class ClassMap:
 
 
 def _raw(stream, size: int, what: str) -> bytes:
-    if not isinstance(stream, C.RawStream):
+    if not isinstance(stream, RawStream):
         raise StreamError(f"{what} must be a raw stream")
     if len(stream.data) != size:
         raise StreamError(f"{what}: {len(stream.data)} bytes, {size} expected")
     return stream.data
 
 
-def parse_side(entry: C.TensorEntry, side_streams: list) -> tuple[EcsqParams, np.ndarray | None, HadamardData | None]:
+def parse_side(entry: TensorEntry, side_streams: list) -> tuple[EcsqParams, np.ndarray | None, HadamardData | None, ClassMap | None]:
     """Validate an ecsq entry's params and its streams after the first (column scales,
     transform data): everything but the symbols."""
     name = entry.name
@@ -328,7 +347,7 @@ def parse_side(entry: C.TensorEntry, side_streams: list) -> tuple[EcsqParams, np
         i += 1
     hd = None
     if p.transform == TRANSFORM_HADAMARD:
-        if not isinstance(side_streams[i], C.RawStream):
+        if not isinstance(side_streams[i], RawStream):
             raise StreamError(f"ecsq tensor {name!r}: hadamard data must be a raw stream")
         hd = HadamardData.from_bytes(side_streams[i].data, n, p.m, name)
     elif p.m:
@@ -350,15 +369,15 @@ def check_finite_bound(p: EcsqParams, scales: np.ndarray | None, hd: HadamardDat
         raise StreamError(f"ecsq tensor {name!r}: step, scales and factor could overflow float32")
 
 
-def n_symbol_streams(entry: C.TensorEntry) -> int:
+def n_symbol_streams(entry: TensorEntry) -> int:
     return EcsqParams.unpack(entry.params, entry.name).n_classes
 
 
-def parse(entry: C.TensorEntry, streams: list):
+def parse(entry: TensorEntry, streams: list):
     """Validate an ecsq entry and all its streams (before decoding anything).
     Returns (params, symbol streams, scales, hadamard data, class map)."""
     k = n_symbol_streams(entry)
-    if len(streams) < k or not all(isinstance(s, C.RansStream) for s in streams[:k]):
+    if len(streams) < k or not all(isinstance(s, RansStream) for s in streams[:k]):
         raise StreamError(f"ecsq tensor {entry.name!r}: the first {k} streams must be rANS")
     p, scales, hd, cm = parse_side(entry, list(streams[k:]))
     rows, n = entry.shape
@@ -371,7 +390,12 @@ def parse(entry: C.TensorEntry, streams: list):
     return p, list(streams[:k]), scales, hd, cm
 
 
-def reconstruct(entry: C.TensorEntry, decoded_streams: list) -> np.ndarray:
+def validate(entry: TensorEntry, streams: list) -> None:
+    """Check an ecsq entry's params and all its streams without decoding (the registry's validate)."""
+    parse(entry, streams)
+
+
+def reconstruct(entry: TensorEntry, decoded_streams: list) -> np.ndarray:
     """float32 weight (out × in) from the entry and its streams with stream 0 already
     decoded to symbols (uint16 array); the other streams as parsed (raw bytes).
 
@@ -389,8 +413,8 @@ def reconstruct(entry: C.TensorEntry, decoded_streams: list) -> np.ndarray:
     return reconstruct_from(p, q, scales, hd)
 
 
-def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
-    """Decode an ecsq tensor to its little-endian bytes (uint8), as archive.decode_entry wants."""
+def decode(entry: TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
+    """Decode an ecsq tensor to its little-endian bytes (uint8), as the mode registry wants."""
     p, sstreams, _scales, _hd, _cm = parse(entry, streams)
     if reference:
         from aligncodec.codec.entropy import rans_reference
@@ -399,16 +423,13 @@ def decode(entry: C.TensorEntry, streams: list, *, reference: bool = False) -> n
     else:
         syms = [rans.decode(s0) for s0 in sstreams]
     W = reconstruct(entry, syms + list(streams[len(sstreams):]))
-    t = cast_f32(W, entry.dtype)
-    import torch
-
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return round_to_dtype(W, entry.dtype).reshape(-1).view(np.uint8)
 
 
 # --------------------------------------------------------------------------- encoding
 
 
-def _sym_stream(v: np.ndarray, chunk_symbols: int | None, lanes: int | None = None) -> tuple[int, C.RansStream]:
+def _sym_stream(v: np.ndarray, chunk_symbols: int | None, lanes: int | None = None) -> tuple[int, RansStream]:
     lo, hi = int(v.min()), int(v.max())
     if -lo > MAX_ABS_SYMBOL or hi > MAX_ABS_SYMBOL:
         raise ValueError(f"symbols outside ±{MAX_ABS_SYMBOL}")
@@ -441,26 +462,26 @@ def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None,
             cm.offsets.append(lo)
             streams.append(st)
         params = EcsqParams(params.transform, float(np.float32(params.step)), 0, params.flags, params.m, 0, k, axis)
-        streams.append(C.RawStream(cm.to_bytes()))
+        streams.append(RawStream(cm.to_bytes()))
     else:
         lo, st = _sym_stream(q.reshape(-1), chunk_symbols, lanes)
         params = EcsqParams(params.transform, float(np.float32(params.step)), lo, params.flags, params.m, 0)
         streams = [st]
     if scales is not None:
-        streams.append(C.RawStream(np.asarray(scales, dtype="<f2").tobytes()))
+        streams.append(RawStream(np.asarray(scales, dtype="<f2").tobytes()))
     if hd is not None:
-        streams.append(C.RawStream(hd.to_bytes()))
+        streams.append(RawStream(hd.to_bytes()))
     return params, streams
 
 
 def streams_bytes(streams: list) -> int:
     """Bytes the streams take in a tensor's data (inner padding included, as the writer lays them out)."""
-    sizes = [len(C.serialize_stream(s)) for s in streams]
-    return sum(C.align(s, C.STREAM_ALIGN) for s in sizes[:-1]) + sizes[-1]
+    sizes = [len(serialize_stream(s)) for s in streams]
+    return sum(align(s, STREAM_ALIGN) for s in sizes[:-1]) + sizes[-1]
 
 
 def entry_bytes(name: str, ndim: int, params_len: int, data_size: int) -> int:
     """All-in bytes a tensor adds to an archive: its header section (padded to 8) and its
     data padded to the 64-byte alignment."""
-    section = C.align(8 + 32 + 8 * ndim + len(name.encode("utf-8")) + params_len, C.SECTION_ALIGN)
-    return section + C.align(data_size, C.DATA_ALIGN)
+    section = align(8 + 32 + 8 * ndim + len(name.encode("utf-8")) + params_len, SECTION_ALIGN)
+    return section + align(data_size, DATA_ALIGN)

@@ -24,7 +24,7 @@ Kernels:
   per launch and :func:`finish_kernel` the rest.
 
 The cast is integer arithmetic on the float32 bits (:func:`bf16_bits`, :func:`f16_bits`),
-round-to-nearest-even like the CPU path (torch), NaN included.
+round-to-nearest-even like the CPU path (:func:`lossy.round_to_dtype`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ OUT_DTYPE = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}
 
 
 def bf16_bits(u):
-    """float32 bits -> bfloat16 bits, round to nearest even; NaN -> 0xFFFF (as torch's CPU cast)."""
+    """float32 bits -> bfloat16 bits, round to nearest even; NaN -> 0xFFFF (as lossy.round_to_dtype)."""
     v = np.int64(u)
     if (v & 0x7FFFFFFF) > 0x7F800000:
         return np.int64(0xFFFF)
@@ -57,13 +57,15 @@ def bf16_bits(u):
 
 
 def f16_bits(u):
-    """float32 bits -> float16 bits, round to nearest even (subnormals, overflow to inf);
-    NaN keeps its sign and top payload bits, quieted (as torch's CPU cast)."""
+    """float32 bits -> float16 bits, round to nearest even (subnormals, overflow to inf), as
+    numpy's cast in lossy.round_to_dtype. A NaN stays a NaN with its sign and top payload bits
+    (an ecsq reconstruction is never NaN: spec §7.4's finiteness bound)."""
     v = np.int64(u)
     sign = (v >> 16) & 0x8000
     a = v & 0x7FFFFFFF
     if a > 0x7F800000:
-        return sign | 0x7E00 | ((a & 0x7FFFFF) >> 13)
+        t = (a & 0x7FFFFF) >> 13
+        return sign | 0x7C00 | (t if t != 0 else 1)
     if a >= 0x477FF000:  # rounds to 65536 or more (or is inf)
         return sign | 0x7C00
     if a >= 0x38800000:  # normal half
@@ -340,7 +342,7 @@ def decode_gpu(entry, streams, device="cuda"):
     """An ecsq tensor as a torch tensor of its dtype on a CUDA device, reconstructed there."""
     import torch
 
-    from aligncodec.loader import torch_dtype
+    from aligncodec.codec.torch_interop import torch_dtype
 
     dev = torch.device(device)
     with torch.cuda.device(dev):

@@ -165,7 +165,7 @@ def _bench_gpu(s, packed, bits, k, repeat):
         return best
 
     t = timed(lambda: decode_cuda.decode_float_split_device(s, packed, "BF16", k, out=d_out))
-    rows.append({"name": "CUDA (tools/bench_gpu.py has more)", "what": "bf16 incl. H2D copy", "nsym": n, "secs": t})
+    rows.append({"name": "CUDA (tools/bench/bench_gpu.py has more)", "what": "bf16 incl. H2D copy", "nsym": n, "secs": t})
     return {"device": torch.cuda.get_device_name(0), "rows": rows}
 
 

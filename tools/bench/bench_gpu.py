@@ -47,7 +47,11 @@ def _ecsq_case(rng, rows, n, transform, classes, scales_on, dtype, layout, name=
     import tempfile
 
     from aligncodec.codec.modes import lossy
-    from aligncodec.formats import container as C
+    from aligncodec.formats.constants import MODE_ECSQ
+    from aligncodec.formats.layout import TensorEntry
+    from aligncodec.formats.reader import ArchiveReader
+    from aligncodec.formats.streams import RansStream, lane_counts, serialize_stream
+    from aligncodec.formats.writer import ArchiveWriter
 
     q = np.round(rng.laplace(0, 3.0, size=(rows, n))).astype(np.int32)
     q[: max(1, rows // 4)] *= 3
@@ -61,9 +65,9 @@ def _ecsq_case(rng, rows, n, transform, classes, scales_on, dtype, layout, name=
     params, streams = lossy.encode_symbols(q, base, sc, hd, chunk_symbols=layout[0], classes=classes, lanes=layout[1])
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "t.acz"
-        with C.ArchiveWriter(path) as w:
-            w.add(name, dtype, (rows, n), lossy.MODE_ECSQ, streams, params.pack())
-        with C.ArchiveReader(path) as r:
+        with ArchiveWriter(path) as w:
+            w.add(name, dtype, (rows, n), MODE_ECSQ, streams, params.pack())
+        with ArchiveReader(path) as r:
             e = r.tensors[0]
             return e, r.read_streams(e)
 
@@ -83,10 +87,13 @@ def main(argv=None) -> int:
     from numba import cuda
 
     import aligncodec
-    from aligncodec.archive import decode_entry
+    from aligncodec.codec.modes import decode_entry
     from aligncodec.codec.entropy import decode_cpu, decode_cuda, rans
     from aligncodec.codec.modes import lossless, lossy, lossy_cuda
-    from aligncodec.formats import container as C
+    from aligncodec.formats.layout import TensorEntry
+    from aligncodec.formats.reader import ArchiveReader
+    from aligncodec.formats.streams import RansStream, lane_counts, serialize_stream
+    from aligncodec.formats.writer import ArchiveWriter
     from aligncodec.loader import decode_tensor
 
     if not torch.cuda.is_available() or not cuda.is_available():
@@ -119,7 +126,7 @@ def main(argv=None) -> int:
             s = rans.encode(sym, freqs=f, precision=P, chunk_symbols=k, lanes=w)
             got = decode_cuda.decode_symbols_device(s).copy_to_host()
             check(f"symbols P={P} {k}x{w}", np.array_equal(got, decode_cpu.decode_symbols(s)) and np.array_equal(got, sym))
-            bad = C.RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths,
+            bad = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths,
                                s.payload[:9] + bytes([s.payload[9] ^ 0x10]) + s.payload[10:], s.lanes)
             verdicts = []
             for fn in (lambda: decode_cpu.decode_symbols(bad), lambda: decode_cuda.decode_symbols_device(bad).copy_to_host()):
@@ -134,10 +141,10 @@ def main(argv=None) -> int:
         for lay in layouts:
             with rans.default_layout(*lay):
                 mode, params, streams = lossless.encode(raw, dt, w.numel())
-            entry = C.TensorEntry(f"w.{dt}", dt, tuple(w.shape), mode, len(streams), 0, 0, 0, params)
+            entry = TensorEntry(f"w.{dt}", dt, tuple(w.shape), mode, len(streams), 0, 0, 0, params)
             check(f"float-split {dt} {lay[0]}x{lay[1]}", same_as_cpu(entry, streams))
     for path in sorted((ROOT / "spec" / "vectors" / "lossy").glob("*.acz")):
-        with C.ArchiveReader(path) as r:
+        with ArchiveReader(path) as r:
             e = r.tensors[0]
             check(f"lossy vector {path.stem}", same_as_cpu(e, r.read_streams(e)))
     shapes = [(64, 512), (33, 576), (40, 1536), (17, 7), (8, 14336), (5, 3 * 8192)]  # m = 1, 9, 3, 7 (p = 1), rows > segment
@@ -157,7 +164,7 @@ def main(argv=None) -> int:
         e2, s2 = _ecsq_case(rng, 48, 96, lossy.TRANSFORM_HADAMARD, (2, 1), False, "BF16", layouts[-1], "b.lossy")
         wb = (torch.randn(300, 200, generator=g) * 0.05).to(torch.bfloat16)
         rawb = wb.contiguous().view(torch.uint8).numpy()
-        with C.ArchiveWriter(p) as w:
+        with ArchiveWriter(p) as w:
             for e, st in ((e1, s1), (e2, s2)):
                 w.add(e.name, e.dtype, e.shape, e.mode, st, e.params)
             for lay, nm in ((layouts[0], "c.lossless"), (layouts[-1], "d.lossless")):
@@ -170,7 +177,7 @@ def main(argv=None) -> int:
             gpu[k].device.type == "cuda" and torch.equal(gpu[k].cpu().view(torch.int16), cpu[k].view(torch.int16)) for k in cpu))
     for a in args.archive:
         ok = True
-        with C.ArchiveReader(a) as r:
+        with ArchiveReader(a) as r:
             for e in r.tensors:
                 if not e.name.startswith("acz:file/"):
                     ok = ok and same_as_cpu(e, r.read_streams(e))
@@ -235,8 +242,8 @@ def main(argv=None) -> int:
         check(f"timed: lossless bf16 {args.rows}x{args.cols} {lay[0]}x{lay[1]}", ok)
         if not ok:
             continue
-        states = int(C.lane_counts(n, lay[0], lay[1]).sum())
-        extra = {"chunks": nch, "states": states, "precision": s.precision, "bits_per_weight": 8 * (len(C.serialize_stream(s)) + len(packed)) / n}
+        states = int(lane_counts(n, lay[0], lay[1]).sum())
+        extra = {"chunks": nch, "states": states, "precision": s.precision, "bits_per_weight": 8 * (len(serialize_stream(s)) + len(packed)) / n}
         row("lossless bf16 float-split, kernels only", lay, n, cuda_time(kernels_only), extra)
         row("lossless bf16 float-split, from host bytes", lay, n,
             cuda_time(lambda: decode_cuda.decode_float_split_device(s, packed, "BF16", kb, out=d_out)), extra)
@@ -257,7 +264,7 @@ def main(argv=None) -> int:
         if not checks.get(f"archive {Path(a).name}: every tensor"):
             continue
         weights = 0
-        with C.ArchiveReader(a) as r:
+        with ArchiveReader(a) as r:
             weights = sum(e.numel for e in r.tensors if not e.name.startswith("acz:file/"))
         times = []
         for _ in range(max(1, min(3, args.repeat))):

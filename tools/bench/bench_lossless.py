@@ -21,16 +21,17 @@ import torch
 import zstandard
 from safetensors.torch import load_file, save_file
 
-from aligncodec.formats import container as C
+from aligncodec.formats.reader import ArchiveReader
 from aligncodec import archive
 from aligncodec.tools.eval import models
+from aligncodec.codec.modes import decode_entry
 
 
 def _decode_all(path: Path) -> int:
     n = 0
-    with C.ArchiveReader(path) as r:
+    with ArchiveReader(path) as r:
         for e in r.tensors:
-            n += archive.decode_entry(e, r.read_streams(e)).size
+            n += decode_entry(e, r.read_streams(e)).size
     return n
 
 

@@ -26,29 +26,35 @@ DEFAULT_LAYOUTS = "16384x1,4096x1,2048x1,32768x32,65536x32,131072x32,65536x16"
 
 
 def _tensor_bytes(streams) -> int:
-    from aligncodec.formats import container as C
+    from aligncodec.formats.constants import DATA_ALIGN, STREAM_ALIGN
+    from aligncodec.formats.layout import align
+    from aligncodec.formats.reader import ArchiveReader
+    from aligncodec.formats.streams import RansStream, lane_counts, serialize_stream
 
-    sizes = [len(C.serialize_stream(s)) for s in streams]
-    return C.align(sum(C.align(s, C.STREAM_ALIGN) for s in sizes[:-1]) + sizes[-1], C.DATA_ALIGN)
+    sizes = [len(serialize_stream(s)) for s in streams]
+    return align(sum(align(s, STREAM_ALIGN) for s in sizes[:-1]) + sizes[-1], DATA_ALIGN)
 
 
 def measure(path: str, layouts: list[tuple[int, int]]) -> dict:
     from aligncodec.codec.entropy import decode_cpu, rans
-    from aligncodec.formats import container as C
+    from aligncodec.formats.constants import DATA_ALIGN, STREAM_ALIGN
+    from aligncodec.formats.layout import align
+    from aligncodec.formats.reader import ArchiveReader
+    from aligncodec.formats.streams import RansStream, lane_counts, serialize_stream
 
     res = {f"{k}x{w}": {"chunk_symbols": k, "lanes": w, "bytes": 0, "states": 0, "chunks": 0, "states_per_tensor": []} for k, w in layouts}
     base_bytes = 0
     weights = 0
     n_tensors = 0
-    with C.ArchiveReader(path) as r:
+    with ArchiveReader(path) as r:
         for e in r.tensors:
             streams = r.read_streams(e)
-            if not any(isinstance(s, C.RansStream) for s in streams):
+            if not any(isinstance(s, RansStream) for s in streams):
                 continue
             n_tensors += 1
             weights += e.numel
             base_bytes += _tensor_bytes(streams)
-            syms = [decode_cpu.decode_symbols(s) if isinstance(s, C.RansStream) else None for s in streams]
+            syms = [decode_cpu.decode_symbols(s) if isinstance(s, RansStream) else None for s in streams]
             for (k, w) in layouts:
                 new = []
                 states = chunks = 0
@@ -60,7 +66,7 @@ def measure(path: str, layouts: list[tuple[int, int]]) -> dict:
                     new.append(t)
                     nc = len(t.chunk_lengths)
                     chunks += nc
-                    states += int(C.lane_counts(t.n_symbols, k, w).sum()) if nc else 0
+                    states += int(lane_counts(t.n_symbols, k, w).sum()) if nc else 0
                 d = res[f"{k}x{w}"]
                 d["bytes"] += _tensor_bytes(new)
                 d["states"] += states

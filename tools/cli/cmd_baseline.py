@@ -1,26 +1,24 @@
-"""``aligncodec baseline``: quantise a model's linear layers with a baseline method (see tools/baseline.py)."""
+"""``aligncodec baseline``: quantise a model's linear layers with a baseline method (see tools/experiments/baseline.py)."""
 
 from __future__ import annotations
 
 import json
 import sys
 
+from aligncodec.tools.cli import add_command
+
 
 def add_parser(sub) -> None:
     from aligncodec.codec.baselines import METHODS, STEP_RULES
 
-    p = sub.add_parser(
-        "baseline",
-        help="quantise every linear layer with RTN / Hadamard / GPTQ (fixed-length or entropy-coded)",
-        description=(
-            "Quantise every linear weight of a model with a baseline method and write the reconstructed "
-            "model as a float32 safetensors folder (config and tokenizer copied). Embeddings (incl. a tied "
-            "lm_head), norms and biases are left untouched and not counted. Prints the all-in bits per "
-            "weight over the linear layers (symbols + fp16 scales + zero-points + rotation seeds + "
-            "entropy-coder tables). Methods: rtn (per channel), rtn-g128, hadamard-rtn (per channel), "
-            "gptq (g128), hadamard-gptq (per channel), each with an -ec variant (ECSQ + rANS)."
-        ),
-    )
+    p = add_command(sub, "baseline", description=(
+        "Quantise every linear weight of a model with a baseline method and write the reconstructed "
+        "model as a float32 safetensors folder (config and tokenizer copied). Embeddings (incl. a tied "
+        "lm_head), norms and biases are left untouched and not counted. Prints the all-in bits per "
+        "weight over the linear layers (symbols + fp16 scales + zero-points + rotation seeds + "
+        "entropy-coder tables). Methods: rtn (per channel), rtn-g128, hadamard-rtn (per channel), "
+        "gptq (g128), hadamard-gptq (per channel), each with an -ec variant (ECSQ + rANS)."
+    ))
     p.add_argument("method", choices=list(METHODS), metavar="METHOD", help=f"one of: {', '.join(METHODS)}")
     p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
                    help="cached model name, model folder or .safetensors file (default: smollm2)")

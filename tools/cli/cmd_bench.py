@@ -1,19 +1,17 @@
-"""``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench.py)."""
+"""``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench/bench.py)."""
 
 from __future__ import annotations
 
+from aligncodec.tools.cli import add_command
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="benchmarks: rANS decode throughput, model load time and peak memory",
-        description=(
-            "decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba "
-            "CPU decoder (1 and 2 threads) and the GPU if present, on the float-split symbols of a Gaussian bf16 "
-            "matrix. load: load time and peak RSS of the default model from its fp16 safetensors vs its lossless "
-            "archive, each in a fresh subprocess. Prints a table; --json writes the full result."
-        ),
-    )
+    p = add_command(sub, "bench", description=(
+        "decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba "
+        "CPU decoder (1 and 2 threads) and the GPU if present, on the float-split symbols of a Gaussian bf16 "
+        "matrix. load: load time and peak RSS of the default model from its fp16 safetensors vs its lossless "
+        "archive, each in a fresh subprocess. Prints a table; --json writes the full result."
+    ))
     bs = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     d = bs.add_parser("decode", help="decoder throughput on the same symbols",
                       description="Decoder throughput on the float-split symbols of a ROWSxCOLS bf16 matrix.")

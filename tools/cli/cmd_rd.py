@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from aligncodec.tools.cli import EXIT_DEPENDENCY, CLIError
+from aligncodec.tools.cli import EXIT_DEPENDENCY, CLIError, add_command
 
 
 def cmd_rd(args: argparse.Namespace) -> int:
@@ -61,7 +61,7 @@ def cmd_rd(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("rd", help="rate–distortion study: methods × bits per weight → ppl, KLD, SQNR (table, JSON, PNG)")
+    p = add_command(sub, "rd")
     p.add_argument("model", nargs="?", default="smollm2", help="cached model name or model folder (default smollm2)")
     p.add_argument("--bpw", default="2.5,3,3.5", help="comma-separated target all-in bits per weight (default 2.5,3,3.5)")
     p.add_argument("--methods", default="align,hadamard",

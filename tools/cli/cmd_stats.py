@@ -1,23 +1,21 @@
-"""``aligncodec stats``: per-tensor diagnostics as is / rotated / aligned (see tools/stats.py)."""
+"""``aligncodec stats``: per-tensor diagnostics as is / rotated / aligned (see tools/eval/stats.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from aligncodec.tools.cli import add_command
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "stats",
-        help="per-tensor diagnostics: kurtosis, crest, effective rank, top-k energy, entropy",
-        description=(
-            "For every 2-D weight tensor: kurtosis, crest factor (max|w|/std), effective rank, top-k "
-            "energy ratio (k = 1%% and 10%% of the input coordinates) and the empirical entropy of "
-            "uniformly quantised symbols at a common relative step, measured as is, after a randomized "
-            "Hadamard rotation of the input dimension, in the SVD basis of W (aligned) and in the SVD "
-            "basis of W Σ^½ (aligned_act, Σ from calibration). Prints the summary by layer type."
-        ),
-    )
+    p = add_command(sub, "stats", description=(
+        "For every 2-D weight tensor: kurtosis, crest factor (max|w|/std), effective rank, top-k "
+        "energy ratio (k = 1%% and 10%% of the input coordinates) and the empirical entropy of "
+        "uniformly quantised symbols at a common relative step, measured as is, after a randomized "
+        "Hadamard rotation of the input dimension, in the SVD basis of W (aligned) and in the SVD "
+        "basis of W Σ^½ (aligned_act, Σ from calibration). Prints the summary by layer type."
+    ))
     p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
                    help="cached model name (smollm2, gemma3-270m), model folder or .safetensors file "
                         "(default: smollm2)")

@@ -355,12 +355,12 @@ def _load_archive(path: Path):
 
     from transformers import AutoTokenizer
 
-    from aligncodec import archive
+    from aligncodec.auxfiles import extract_aux_files
     from aligncodec.loader import load_hf_model
 
     model = load_hf_model(path, device="cpu", dtype=torch.float32)
     with tempfile.TemporaryDirectory() as d:
-        files = archive.extract_aux_files(path, d)
+        files = extract_aux_files(path, d)
         if not any(f.name.startswith("tokenizer") for f in files):
             raise ArchiveNotSupportedError(f"{path}: the archive carries no tokenizer files")
         tok = AutoTokenizer.from_pretrained(d)
@@ -394,7 +394,7 @@ def default_reference(name_or_path: str) -> str | None:
     if s in M.MODELS:
         return None
     if s.endswith(".acz"):  # the writer records the reference model it compressed
-        from aligncodec.formats.container import ArchiveReader
+        from aligncodec.formats.reader import ArchiveReader
 
         with ArchiveReader(s) as r:
             name = r.metadata.get("acz.source_model")

@@ -1,4 +1,4 @@
-"""Per-tensor diagnostics of a model (``aligncodec stats``), DESIGN.md §4.
+"""Per-tensor diagnostics of a model (``aligncodec stats``), docs/baselines.md.
 
 For every 2-D weight tensor W (out × in) four representations are measured:
 

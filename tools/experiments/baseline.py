@@ -83,6 +83,22 @@ def initial_multiplier(method, weights: dict[str, torch.Tensor], target: float, 
     return k * math.sqrt(tot / n)
 
 
+def transform_inputs(model_name: str, tokenizer) -> dict:
+    """What the whole-model transforms (codec.baselines.MODEL_TRANSFORMS) get from the harness:
+    ``calib_windows(n_tokens, window)``, the calibration text as token windows, and ``cache_dir``,
+    where learned rotations of this model are cached."""
+    from aligncodec.tools.eval import evaluate as Ev
+    from aligncodec.tools.eval import models as Mo
+
+    ident = Mo.model_identity(model_name)
+    cache_dir = Mo.cache_root() / "rotations" / f"{ident['name'].split('/')[-1]}-{ident['weights_sha256'][:16]}"
+
+    def calib_windows(n_tokens: int, window: int) -> list:
+        return list(Ev.prepare(tokenizer, n_tokens, "calib", window=window).windows)
+
+    return {"calib_windows": calib_windows, "cache_dir": cache_dir}
+
+
 def run_baseline(model_name: str, method_name: str, bits: float, *, group: int | None = None,
                  step_rule: str = "shared", act_order: bool = False, seed: int = 0, outdir=None, sym=None,
                  evaluate: bool = False, n_tokens: int = 8192, kld_topk: int = 0, threads: int = 2,
@@ -104,7 +120,7 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
     sigma = load_sigma(model_name, progress=progress)
     xf = B.MODEL_TRANSFORMS.get(method.name)  # SmoothQuant / KurTail / SpinQuant: function-preserving transform
     if xf is not None:
-        xf = xf(model, sigma, method=method, bits=bits, seed=seed, tokenizer=tok, model_name=model_name, log=log)
+        xf = xf(model, sigma, method=method, bits=bits, seed=seed, log=log, **transform_inputs(model_name, tok))
         sigma = xf.sigma
         weights = {n: xf.coded(n, m.weight.detach().clone()) for n, m in mods.items()}
     extra = xf.side_bits if xf is not None else 0  # unfolded side information (a learned rotation), once

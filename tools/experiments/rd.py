@@ -44,7 +44,7 @@ ENCODER_METHODS = {
     "identity": ("identity",),
 }
 BASELINE_METHODS = ("rtn", "gptq", "hadamard-gptq",
-                    "smoothquant-rtn", "smoothquant-gptq", "kurtail-gptq", "spinquant-gptq")  # last 4: issue 6
+                    "smoothquant-rtn", "smoothquant-gptq", "kurtail-gptq", "spinquant-gptq")  # last 4: folding baselines
 METHODS = tuple(ENCODER_METHODS) + BASELINE_METHODS
 
 
@@ -96,7 +96,7 @@ def run_baseline_method(model_name: str, method: str, bpw: float, *, n_tokens: i
                      threads=threads, progress=progress, log=lambda m: None, act_order=True)
     out = {"method": method, "target_bpw": bpw, "bpw": r["bpw"], "mean_act_rel_err": r["mean_act_rel_err"],
            "act_sqnr_db": _act_sqnr(r["mean_act_rel_err"]), "mean_sqnr_db": r["mean_sqnr_db"],
-           "encode_seconds": r["quantise_seconds"], "baseline": f"{method}-ec (codec/baselines.py, act order)"}
+           "encode_seconds": r["quantise_seconds"], "baseline": f"{method}-ec (codec/baselines/, act order)"}
     if evaluate:
         ev = r["eval"]
         out.update({"perplexity": ev["perplexity"], "kld": ev["kld_mean"], "bits_per_byte": ev["bits_per_byte"], "eval": ev})
