@@ -137,12 +137,12 @@ def test_lanes_kernel_matches_cpu(dc, precision):
     from aligncodec.codec.entropy import decode_cpu, rans
 
     rng = np.random.default_rng(100 + precision)
-    for trial in range(3):
+    for trial in range(2):
         f = _random_table(rng, precision, int(rng.integers(1, 40)))
-        n = int(rng.integers(1, 300))
+        n = int(rng.integers(1, 130))
         sym = rng.choice(len(f), size=n, p=f / f.sum()).astype(np.uint16)
         lanes = int(rng.choice([2, 5, 32]))
-        chunk = int(rng.choice([1, 7, 40, 64]))  # chunks shorter than the lanes too
+        chunk = int(rng.choice([7, 40, 64]))  # chunks shorter than the lanes too
         s = rans.encode(sym, freqs=f, precision=precision, chunk_symbols=chunk, lanes=lanes)
         want = decode_cpu.decode_symbols(s)
         got = dc.decode_symbols_device(s).copy_to_host()
@@ -158,10 +158,10 @@ def test_lanes_corruption_verdict_matches_cpu(dc):
     from aligncodec.formats.errors import CorruptStreamError
 
     rng = np.random.default_rng(19)
-    sym = rng.integers(0, 12, 240).astype(np.uint16)
-    s = rans.encode(sym, chunk_symbols=60, lanes=8)
+    sym = rng.integers(0, 12, 160).astype(np.uint16)
+    s = rans.encode(sym, chunk_symbols=40, lanes=8)
     seen = set()
-    for i in rng.choice(len(s.payload), size=30, replace=False):
+    for i in rng.choice(len(s.payload), size=20, replace=False):
         bad = bytearray(s.payload)
         bad[i] ^= int(rng.integers(1, 256))
         t = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad), s.lanes)

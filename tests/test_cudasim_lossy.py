@@ -286,7 +286,7 @@ def test_corrupt_data_same_verdicts(lc):
     kinds = {}
     n_cases = 0
     for e, data in cases:
-        for _ in range(100):
+        for _ in range(40):
             bad = bytearray(data)
             for i in rng.choice(len(bad), size=int(rng.integers(1, 3)), replace=False):
                 bad[i] ^= int(rng.integers(1, 256))
@@ -300,7 +300,7 @@ def test_corrupt_data_same_verdicts(lc):
             assert gpu == cpu, (e.name, cpu, gpu)
             kinds[cpu[0]] = kinds.get(cpu[0], 0) + 1
             n_cases += 1
-    assert n_cases >= 80, kinds
+    assert n_cases >= 30, kinds
     assert "CorruptStreamError" in kinds and "ok" in kinds, kinds  # the corpus reaches the decoders' checks
 
 
