@@ -21,11 +21,14 @@ import numpy as np
 from aligncodec import __version__
 from aligncodec.auxfiles import AUX_PREFIX, add_aux_file, extract_aux_files, find_aux_files, is_aux
 from aligncodec.formats import errors as E
+from aligncodec.formats import metadata as M
+from aligncodec.formats.limits import Limits
 from aligncodec.formats.atomic import atomic_write
 from aligncodec.formats.constants import DATA_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
 from aligncodec.formats.reader import ArchiveReader
 from aligncodec.formats.writer import ArchiveWriter
+from aligncodec.validation import check_entry, open_archive
 
 
 class InputError(Exception):
@@ -141,9 +144,10 @@ def compress(
     return entries
 
 
-def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progress: bool = True) -> list[Path]:
+def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progress: bool = True, limits: Limits | None = None) -> list[Path]:
     """Write the archive's tensors back as safetensors files (the original file
-    split and per-file metadata) plus its auxiliary files. Returns the paths written."""
+    split and per-file metadata) plus its auxiliary files. Returns the paths written.
+    ``limits``: the reader's limits (formats/limits.py)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
@@ -151,18 +155,20 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
     from aligncodec.codec.torch_interop import bytes_to_tensor
 
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    with ArchiveReader(archive) as r:
-        try:
-            files = json.loads(r.metadata.get("acz.files", "{}"))
-        except ValueError:
-            raise E.HeaderError("metadata acz.files is not JSON") from None
+    with open_archive(archive, limits) as r:
+        files = M.parse_files(r.metadata.get(M.KEY_FILES, "{}"))  # validated on open (formats/metadata.py)
+        outdir.mkdir(parents=True, exist_ok=True)
         tensors = [t for t in r.tensors if not is_aux(t.name)]
         assigned = {n for info in files.values() for n in info.get("tensors", [])}
         orphans = [t.name for t in tensors if t.name not in assigned]
         if orphans:
-            files["model.safetensors" if not files else "extra.safetensors"] = {"metadata": {}, "tensors": orphans}
+            stem, i = ("model" if not files else "extra"), 0
+            fname = f"{stem}.safetensors"
+            while fname in files:  # never replace a listed file's tensors
+                i += 1
+                fname = f"{stem}-{i}.safetensors"
+            files[fname] = {"metadata": {}, "tensors": orphans}
         by_name = {t.name: t for t in tensors}
         bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="decompress", disable=None if progress else True, leave=False)
         for fname, info in sorted(files.items()):
@@ -180,23 +186,26 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
             written.append(dest)
             del sd
         bar.close()
-    written += extract_aux_files(archive, outdir)
+    written += extract_aux_files(archive, outdir, limits)
     return written
 
 
-def inspect(archive: str | os.PathLike) -> dict:
+def inspect(archive: str | os.PathLike, *, limits: Limits | None = None) -> dict:
     """Per-tensor and total sizes. bits per weight = archive bytes * 8 / weights,
     header, padding and side information included; auxiliary files are
-    reported separately and excluded from the weights' total."""
-    with ArchiveReader(archive) as r:
+    reported separately and excluded from the weights' total.
+
+    Validates the archive as ``verify(decode=False)`` does (every checksum, stream and
+    declared size), so inspect, verify, decompress and load agree on what is valid; only
+    decode-time integrity checks (rANS final states, zstd frame contents) are left to them."""
+    with open_archive(archive, limits) as r:
         rows = []
         aux_bytes = 0
         n_weights = 0
-        try:  # per-tensor results of the lossy encoder, if any (aligncodec/lossy_compress.py)
-            lossy_meta = json.loads(r.metadata.get("acz.lossy", "{}"))
-        except ValueError:
-            lossy_meta = {}
+        # per-tensor results of the lossy encoder, if any (aligncodec/lossy_compress.py; validated on open)
+        lossy_meta = M.parse_lossy(r.metadata.get(M.KEY_LOSSY, "{}"))
         for e in r.tensors:
+            check_entry(e, r.read_streams(e), r.limits)
             if is_aux(e.name):
                 aux_bytes += align(e.size, DATA_ALIGN)
                 continue
@@ -231,19 +240,18 @@ def inspect(archive: str | os.PathLike) -> dict:
         }
 
 
-def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = False) -> dict:
+def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = False, limits: Limits | None = None) -> dict:
     """Check every checksum and padding byte, parse every stream, check it against the
     tensor's coding mode and (``decode``) decode every tensor. Raises the first error;
     returns a summary."""
     from tqdm import tqdm
 
-    from aligncodec.codec.modes import decode_entry, validate_entry
+    from aligncodec.codec.modes import decode_entry
 
-    with ArchiveReader(archive) as r:
-        r.check_padding()
+    with open_archive(archive, limits) as r:  # padding, header, metadata: checked on open
         for e in tqdm(r.tensors, desc="verify", disable=None if progress else True, leave=False):
             streams = r.read_streams(e)
-            validate_entry(e, streams)
+            check_entry(e, streams, r.limits)
             if decode:
                 out = decode_entry(e, streams)
                 if out.size != e.nbytes:

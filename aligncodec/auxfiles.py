@@ -31,7 +31,8 @@ def is_aux(name: str) -> bool:
 def file_name(tensor_name: str) -> str:
     """The file name an auxiliary tensor carries; HeaderError when it is not a plain file name."""
     fname = tensor_name[len(AUX_PREFIX):]
-    if not fname or os.path.basename(fname) != fname or fname in (".", ".."):
+    if (not fname or os.path.basename(fname) != fname or fname in (".", "..") or "\\" in fname
+            or any(ord(c) < 32 or ord(c) == 127 for c in fname)):
         raise HeaderError(f"auxiliary file has an unsafe name {fname!r}")
     return fname
 
@@ -50,25 +51,26 @@ def add_aux_file(writer: ArchiveWriter, path: Path) -> None:
     writer.add(AUX_PREFIX + Path(path).name, "U8", (len(data),), mode, streams, params)
 
 
-def iter_aux_files(archive: str | os.PathLike) -> Iterator[tuple[str, bytes]]:
+def iter_aux_files(archive: str | os.PathLike, limits=None) -> Iterator[tuple[str, bytes]]:
     """``(file name, bytes)`` of each auxiliary file of an archive on disk, by random access."""
     from aligncodec.codec.modes import decode_entry
+    from aligncodec.validation import open_archive
 
-    with ArchiveReader(archive) as r:
+    with open_archive(archive, limits) as r:
         for e in r.tensors:
             if is_aux(e.name):
                 fname = file_name(e.name)
                 yield fname, decode_entry(e, r.read_streams(e)).tobytes()
 
 
-def read_aux_files(archive: str | os.PathLike) -> dict[str, bytes]:
+def read_aux_files(archive: str | os.PathLike, limits=None) -> dict[str, bytes]:
     """All auxiliary files of an archive on disk, by file name."""
-    return dict(iter_aux_files(archive))
+    return dict(iter_aux_files(archive, limits))
 
 
-def extract_aux_files(archive: str | os.PathLike, outdir: str | os.PathLike) -> list[Path]:
+def extract_aux_files(archive: str | os.PathLike, outdir: str | os.PathLike, limits=None) -> list[Path]:
     """Write the archive's auxiliary files into ``outdir`` (each atomically); returns their paths."""
     written = []
-    for fname, data in iter_aux_files(archive):
+    for fname, data in iter_aux_files(archive, limits):
         written.append(atomic_write(Path(outdir) / fname, lambda tmp, data=data: tmp.write_bytes(data)))
     return written

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
 from aligncodec.auxfiles import AUX_PREFIX, is_aux
-from aligncodec.formats.constants import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_TENSOR_BYTES
 from aligncodec.formats.layout import TensorEntry
+from aligncodec.formats.limits import Limits, resolve as resolve_limits
 from aligncodec.formats.reader import iter_archive
 
 
@@ -95,7 +95,7 @@ class _Prefetcher:
 
     _END = object()
 
-    def __init__(self, f: _ExactReader, capacity: int, stats: LoadStats, limits: dict):
+    def __init__(self, f: _ExactReader, capacity: int, stats: LoadStats, limits: Limits):
         self.f = f
         self.q: queue.Queue = queue.Queue()
         self.slots = threading.Semaphore(capacity)
@@ -131,7 +131,7 @@ class _Prefetcher:
 
     def _run(self) -> None:
         try:
-            it = iter_archive(self.f, **self.limits)
+            it = iter_archive(self.f, self.limits)
             header, _, _ = next(it)
             self.q.put(("header", header))
             while True:
@@ -175,7 +175,7 @@ def _open(source) -> tuple[BinaryIO, bool]:
 # ----------------------------------------------------------------- decoding one tensor
 
 
-def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None):
+def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None, limits: Limits | None = None):
     """Decode one archive entry into a torch tensor on ``device``.
 
     ``dtype`` (a torch dtype) converts floating-point tensors; others keep their dtype.
@@ -186,7 +186,9 @@ def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None
     from aligncodec.codec.entropy.decode_cpu import num_threads
     from aligncodec.codec.modes import decode_entry, decode_entry_gpu, has_gpu_path
     from aligncodec.codec.torch_interop import bytes_to_tensor
+    from aligncodec.validation import check_entry
 
+    check_entry(entry, streams, limits)  # as verify does, before the GPU or the CPU decoder
     dev = torch.device(device)
     t = None
     if dev.type == "cuda" and has_gpu_path(entry):
@@ -216,8 +218,9 @@ def load(
     prefetch: int = 1,
     include_aux: bool = False,
     stats: LoadStats | None = None,
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    limits: Limits | None = None,
+    max_header_bytes: int | None = None,
+    max_tensor_bytes: int | None = None,
 ) -> Iterator[tuple[str, object]]:
     """Yield ``(name, tensor)`` for every tensor of an archive, in file order.
 
@@ -225,16 +228,23 @@ def load(
     ``device``/``dtype``: where tensors are decoded and the floating-point dtype they get
     (None keeps the stored dtype). ``threads``: numba CPU threads (None: all).
     ``prefetch``: tensors read ahead while one is decoded (>= 0).
-    ``include_aux``: also yield auxiliary files (``acz:file/<name>``) as uint8 tensors."""
+    ``include_aux``: also yield auxiliary files (``acz:file/<name>``) as uint8 tensors.
+    ``limits``: the reader's limits (:class:`aligncodec.formats.limits.Limits`; the defaults
+    bound memory and work by the bytes read). The archive is validated as ``verify`` does."""
+    from aligncodec.validation import check_entry, check_header
+
     if prefetch < 0:
         raise ValueError("prefetch must be >= 0")
+    lim = resolve_limits(limits, max_header_bytes=max_header_bytes, max_tensor_bytes=max_tensor_bytes)
     f, owned = _open(source)
     reader = _ExactReader(f)
     st = stats if stats is not None else LoadStats()
     st.source = reader
-    pf = _Prefetcher(reader, 1 + prefetch, st, {"max_header_bytes": max_header_bytes, "max_tensor_bytes": max_tensor_bytes})
+    pf = _Prefetcher(reader, 1 + prefetch, st, lim)
     try:
-        kind, _header = pf.get()
+        kind, header = pf.get()
+        check_header(header, lim)  # the same header checks as verify, inspect and decompress
+        del header
         while True:
             kind, item = pf.get()
             if kind == "end":
@@ -243,10 +253,11 @@ def load(
             del item
             st.compressed_bytes += entry.size
             if is_aux(entry.name) and not include_aux:
+                check_entry(entry, streams, lim)  # not decoded, but validated as verify does
                 del streams
                 pf.release()
                 continue
-            t = decode_tensor(entry, streams, device=device, dtype=None if is_aux(entry.name) else dtype, threads=threads)
+            t = decode_tensor(entry, streams, device=device, dtype=None if is_aux(entry.name) else dtype, threads=threads, limits=lim)
             del streams
             pf.release()
             st.tensors += 1
@@ -261,9 +272,9 @@ def load(
             f.close()
 
 
-def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1) -> dict:
+def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1, limits: Limits | None = None) -> dict:
     """All tensors of an archive (auxiliary files excluded) as a dict name -> tensor."""
-    return dict(load(source, device=device, dtype=dtype, threads=threads, prefetch=prefetch))
+    return dict(load(source, device=device, dtype=dtype, threads=threads, prefetch=prefetch, limits=limits))
 
 
 def _build_empty_model(config_json: bytes, model_class, trust_remote_code: bool):

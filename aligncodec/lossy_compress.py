@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -23,12 +22,12 @@ import torch
 
 from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossless, lossy
+from aligncodec.codec.naming import is_embedding, layer_type
 from aligncodec.formats.constants import MODE_ECSQ
 from aligncodec.formats.layout import TensorEntry
 
 from aligncodec import archive
 
-EMBED_RE = re.compile(r"embed_tokens|word_embeddings|position_embeddings|token_type_embeddings|\bwte\b|\bwpe\b|lm_head")
 MIN_NUMEL = 4096
 
 
@@ -37,18 +36,9 @@ def is_lossy_candidate(name: str, dtype: str, shape: tuple[int, ...], lossy_embe
         return False
     if min(shape) < 16 or shape[0] * shape[1] < MIN_NUMEL:
         return False
-    if EMBED_RE.search(name) and not lossy_embeddings:
+    if is_embedding(name) and not lossy_embeddings:
         return False
     return True
-
-
-def layer_type(name: str) -> str:
-    for t, pat in (("q", r"q_proj|\.query\b"), ("k", r"k_proj|\.key\b"), ("v", r"v_proj|\.value\b"),
-                   ("o", r"o_proj|out_proj|attention\.output\.dense"), ("gate", r"gate_proj"), ("up", r"up_proj|intermediate\.dense"),
-                   ("down", r"down_proj|(?<!attention\.)output\.dense"), ("embedding", EMBED_RE.pattern)):
-        if re.search(pat, name):
-            return t
-    return "other"
 
 
 def modes_by_type(pairs) -> dict[str, dict[str, int]]:
@@ -69,9 +59,15 @@ def resolve_input(model: str | os.PathLike) -> Path:
     return resolve_model(str(model))
 
 
-def get_sigma(model: str, sigma, log=print) -> tuple[dict[str, torch.Tensor], str]:
-    """Σ by weight name: a dict given by the caller, 'none' (Σ = I), or 'auto' (calibration
-    cache of a known causal LM; Σ = I with a warning if the model cannot be calibrated)."""
+class CalibrationUnavailableError(RuntimeError):
+    """The calibration Σ of a model could not be had (not a known causal LM, calibration failed);
+    pass ``sigma="none"`` (``--no-calibration``) to code with plain weight MSE instead."""
+
+
+def get_sigma(model: str, sigma) -> tuple[dict[str, torch.Tensor], str]:
+    """Σ by weight name: a dict given by the caller, 'none' (Σ = I, only when asked for), or
+    'auto' (calibration cache of a known causal LM). A failure to calibrate is raised as
+    :class:`CalibrationUnavailableError`, never silently replaced by Σ = I."""
     if isinstance(sigma, dict):
         return sigma, "given"
     if sigma in (None, "none"):
@@ -80,9 +76,10 @@ def get_sigma(model: str, sigma, log=print) -> tuple[dict[str, torch.Tensor], st
         from aligncodec.tools.eval.calibrate import load_sigma
 
         return load_sigma(str(model), progress=True), "calibration (16384 calib tokens)"
-    except Exception as exc:  # noqa: BLE001 - any failure to calibrate falls back, loudly
-        log(f"warning: no calibration Σ for {model} ({type(exc).__name__}: {exc}); coding with weight MSE")
-        return {}, "none (calibration failed)"
+    except Exception as exc:  # noqa: BLE001 - re-raised as one named error, with the cause attached
+        raise CalibrationUnavailableError(
+            f"no calibration Σ for {model} ({type(exc).__name__}: {exc}); use --no-calibration to code with plain weight MSE"
+        ) from exc
 
 
 def build_jobs(src: Path, sigma: dict, *, lossy_embeddings: bool = False, type_weights: dict | None = None,
@@ -113,7 +110,7 @@ def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distorti
     t0 = time.perf_counter()
     c0 = time.process_time()
     src = resolve_input(model)
-    sig, sig_src = get_sigma(str(model), sigma, log)
+    sig, sig_src = get_sigma(str(model), sigma)
     t_cal = time.perf_counter() - t0
     jobs = build_jobs(src, sig, lossy_embeddings=lossy_embeddings, type_weights=type_weights, names=names)
     if not jobs:
@@ -122,7 +119,7 @@ def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distorti
     from tqdm import tqdm
 
     for j in tqdm(jobs, desc="prepare", disable=not progress, leave=False):
-        E.prepare(j, candidates, alpha=alpha, seed=seed, cache=cache)
+        E.build_candidates(j, candidates, alpha=alpha, seed=seed, cache=cache)
     cache.clear()
     t_prep = time.perf_counter() - t0 - t_cal
     res = E.encode_jobs(jobs, bpw=bpw, distortion=distortion, tol=tol, progress=log, step0=step0)

@@ -25,8 +25,8 @@ Candidates (``CANDIDATES``):
                    given Δ equals that of a uniform step; s sent as float16;
 * ``hadamard-colscale`` the same scales on the diagonal of Tᵀ Σ T.
 
-The global step Δ is one absolute weight-domain step for every tensor (DESIGN.md
-§6: it beat equal-SQNR allocation), optionally multiplied per layer type by
+The global step Δ is one absolute weight-domain step for every tensor (measured
+to beat equal-SQNR allocation: docs/results/2026-11-28-rd.md), optionally multiplied per layer type by
 ``type_weights`` (allocation experiments).
 """
 
@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from aligncodec.codec.modes import lossy
-from aligncodec.codec.entropy import rans
-from aligncodec.codec.quant import gptq_affine_block
+from aligncodec.codec.quant.gptq import gptq_ecsq, hessian_factor
+from aligncodec.codec.quant.rate import secant_search
 
 CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
 DEFAULT_CANDIDATES = ("hadamard", "colscale")
@@ -94,56 +94,6 @@ class TensorJob:
         return self.W.numel()
 
 
-# --------------------------------------------------------------------------- GPTQ core
-
-
-def hinv_factor(Hm: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(upper Cholesky factor of (H + damp·mean(diag H)·I)^-1 in act order, act-order permutation)."""
-    H = Hm.to(torch.float64).clone()
-    d = torch.diag(H)
-    dead = d <= 0
-    H[dead, dead] = 1.0
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-    H = H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
-    # the upper Cholesky factor of H⁻¹ is J·L⁻¹·J with L the lower factor of J·H·J (J the exchange
-    # matrix): one factorisation and one triangular inverse instead of three n³ steps
-    L = torch.linalg.cholesky(H.flip(0, 1))
-    Linv = torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
-    U = Linv.flip(0, 1)
-    return U.to(torch.float32), perm
-
-
-def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float, block: int = 128,
-              maxq: int = lossy.MAX_ABS_SYMBOL) -> torch.Tensor:
-    """GPTQ (act order, lazy batches) with the uniform step ``step``: integer symbols
-    clamp(round(w/Δ), ±maxq) (int32), in the original column order. Within a block the column
-    loop is the GPTQ kernel of :mod:`.quant` (numba, parallel over rows; the same kernel the
-    baselines use); the trailing update is one float32 GEMM.
-
-    Rounding is plain (unbiased): a dead zone (offset ½ − θ towards zero) was measured inside
-    GPTQ at −0.07 dB (θ = 0.1) and −0.8 dB (θ = 0.2) at equal rate, so there is none."""
-    W = C[:, perm].contiguous().numpy().copy()
-    rows, n = W.shape
-    Un = U.contiguous().numpy()
-    Q = np.empty((rows, n), dtype=np.int64)
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        W1 = np.ascontiguousarray(W[:, i1:i2])
-        E1 = np.empty_like(W1)
-        V1 = np.empty_like(W1)
-        S1 = np.empty(W1.shape, dtype=np.int64)
-        scale = np.full(W1.shape, step, dtype=W1.dtype)
-        gptq_affine_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), scale, np.zeros_like(scale),
-                          float(-maxq), float(maxq), S1, V1, E1)
-        Q[:, i1:i2] = S1
-        if i2 < n:
-            W[:, i2:] -= E1 @ Un[i1:i2, i2:]
-    out = np.empty((rows, n), dtype=np.int32)
-    out[:, perm.numpy()] = Q
-    return torch.from_numpy(out)
-
-
 # --------------------------------------------------------------------------- candidates
 
 
@@ -157,7 +107,7 @@ def col_scales(diag: torch.Tensor, alpha: float) -> np.ndarray:
     return s.numpy().astype(np.float16).astype(np.float32)
 
 
-def prepare(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float = 0.5, seed: int = 0, damp: float = 0.01,
+def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float = 0.5, seed: int = 0, damp: float = 0.01,
             cache: dict | None = None) -> None:
     """Build the job's candidates (transform, scales, factor). ``cache`` shares the Cholesky
     factors between tensors with the same Σ object (q, k, v; gate, up)."""
@@ -195,7 +145,8 @@ def prepare(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float = 0.5, see
                 St = S
             sc = col_scales(torch.diag(St), alpha) if kind.endswith("colscale") else None
             Hm = St if sc is None else St * torch.from_numpy(sc.astype(np.float64))[:, None] * torch.from_numpy(sc.astype(np.float64))[None, :]
-            U, perm = hinv_factor(2 * Hm, damp)
+            U, perm, _ = hessian_factor(2 * Hm, damp, act_order=True, factor="exchange")
+            U = U.to(torch.float32)
             cache[key] = (sc, U, perm)
         sc, U, perm = cache[key]
         Cm = torch.from_numpy(hd.apply64(W64.numpy())) if had else W64
@@ -206,13 +157,6 @@ def prepare(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float = 0.5, see
 
 
 # --------------------------------------------------------------------------- coding one tensor
-
-
-def _dist(job: TensorJob, W_hat: np.ndarray) -> float:
-    D = torch.from_numpy(W_hat) - job.W
-    if job.sigma is None:
-        return float((D.double() ** 2).sum())
-    return float(((D @ job.sigma.to(torch.float32)) * D).double().sum())
 
 
 # symbol classes tried per tensor (k, axis): each class has its own frequency table (spec §7.4)
@@ -227,7 +171,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     rows = job.W.shape[0]
     sl = slice(None) if stride <= 1 else slice(0, None, stride)
     Wt = job.W[sl]
-    q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step).numpy()
+    q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
                             cand.hd.m if cand.hd is not None else 0)
     # choose the symbol classes by an order-0 estimate (entropy + table + stream headers), then
@@ -362,29 +306,9 @@ def encode_jobs(jobs: list[TensorJob], *, bpw: float | None = None, distortion: 
         return f
 
     def secant(f_of_x, x0: float, f0: float, max_iter: int, tolerance: float) -> float:
-        lo = hi = None
-        slope = -1.0  # d f / d log2 step, a guess: ~1 bit per halving
-        best = (abs(f0), x0)
-        x1 = x0 - f0 / slope * (bpw if bpw is not None else 0.5)
-        for _ in range(max_iter):
-            if abs(f0) <= tolerance:
-                return x0
-            f1 = f_of_x(x1)
-            best = min(best, (abs(f1), x1))
-            for x, fx in ((x0, f0), (x1, f1)):
-                if fx > 0 and (lo is None or x > lo):
-                    lo = x
-                if fx < 0 and (hi is None or x < hi):
-                    hi = x
-            if abs(f1) <= tolerance:
-                return x1
-            xn = x1 - f1 * (x1 - x0) / (f1 - f0) if f1 != f0 else x1 + 0.5
-            if lo is not None and hi is not None and not (lo < xn < hi):
-                xn = 0.5 * (lo + hi)
-            elif lo is None or hi is None:
-                xn = x1 + max(-3.0, min(3.0, xn - x1))
-            x0, f0, x1 = x1, f1, xn
-        return best[1]
+        first = bpw if bpw is not None else 0.5  # a guess: ~1 bit per halving of the step
+        return secant_search(f_of_x, x0, f0, tol=tolerance, max_iter=max_iter, first_step=first, max_jump=3.0,
+                             flat_step=0.5)[0]
 
     x = math.log2(step0)
     x_start = x

@@ -11,12 +11,13 @@ Layout (all integers little-endian)::
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from typing import BinaryIO, Iterator
 
 from aligncodec.formats import errors as E
+from aligncodec.formats import metadata as M
+from aligncodec.formats.limits import Limits, resolve as resolve_limits
 from aligncodec.formats.constants import (
     DATA_ALIGN, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_TENSOR_BYTES, DTYPES, FIRST_EXTENSION_KIND, MAGIC, MAX_NAME_BYTES,
     MAX_NDIM, MAX_STREAMS, PREAMBLE_SIZE, SECTION_ALIGN, SECTION_FLAG_REQUIRED, SECTION_METADATA, SECTION_TENSOR,
@@ -48,11 +49,13 @@ def _parse_entry(p: memoryview, max_tensor_bytes: int) -> TensorEntry:
     except UnicodeDecodeError:
         raise E.HeaderError("tensor name is not valid UTF-8") from None
     params = bytes(p[pos + name_len : pos + name_len + params_len])
-    nbytes = DTYPES[dtype][1]
-    for d in shape:  # checked multiplication: stop as soon as the limit is passed
-        nbytes *= d
-        if nbytes > max_tensor_bytes:
-            raise E.LimitError(f"tensor {name!r} would decode to more than {max_tensor_bytes} bytes")
+    # checked multiplication, stopping as soon as the limit is passed; zero dimensions count as 1,
+    # so a zero-size tensor cannot carry a dimension no array library can represent (0 × 2^64−1)
+    span = DTYPES[dtype][1]
+    for d in shape:
+        span *= max(d, 1)
+        if span > max_tensor_bytes:
+            raise E.LimitError(f"tensor {name!r} has shape {tuple(shape)}: more than {max_tensor_bytes} bytes")
     return TensorEntry(name, DTYPES[dtype][0], tuple(int(d) for d in shape), int(mode), int(nstreams), int(offset), int(size), int(crc), params)
 
 
@@ -94,9 +97,15 @@ def parse_preamble(b: bytes) -> tuple[int, int, int, int, int, int, int]:
     return version, header_size, data_offset, data_size, n_tensors, n_sections, header_crc
 
 
-def parse_header(f: BinaryIO, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> Header:
+def parse_header(f: BinaryIO, limits: Limits | None = None, *, max_header_bytes: int | None = None, max_tensor_bytes: int | None = None) -> Header:
     """Read and validate preamble and header from the current position of ``f``
-    (sequential reads only; works on pipes). Leaves ``f`` at the end of the header."""
+    (sequential reads only; works on pipes). Leaves ``f`` at the end of the header.
+
+    Checks everything the header alone decides (spec §3-4, §11.1): layout, the metadata
+    and its reserved keys, every tensor's span against the limits, and the expansion
+    limit (formats/limits.py)."""
+    lim = resolve_limits(limits, max_header_bytes=max_header_bytes, max_tensor_bytes=max_tensor_bytes)
+    max_header_bytes, max_tensor_bytes = lim.max_header_bytes, lim.max_tensor_bytes
     version, header_size, data_offset, data_size, n_tensors, n_sections, header_crc = parse_preamble(f.read(PREAMBLE_SIZE) or b"")
     if header_size > max_header_bytes:
         raise E.LimitError(f"header of {header_size} bytes exceeds the limit of {max_header_bytes}")
@@ -132,7 +141,9 @@ def parse_header(f: BinaryIO, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTE
         if kind == SECTION_METADATA:
             if si != 0:
                 raise E.HeaderError("the metadata section must be the first section")
-            metadata = _parse_metadata(payload)
+            if length > lim.max_metadata_bytes:
+                raise E.LimitError(f"metadata of {length} bytes exceeds the limit of {lim.max_metadata_bytes}")
+            metadata = M.parse_metadata(payload)
         elif kind == SECTION_TENSOR:
             if len(tensors) >= n_tensors:
                 raise E.HeaderError(f"more tensor sections than the {n_tensors} declared")
@@ -150,20 +161,27 @@ def parse_header(f: BinaryIO, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTE
     if len(tensors) != n_tensors:
         raise E.HeaderError(f"{len(tensors)} tensor sections, {n_tensors} declared")
     _check_tensor_layout(tensors, data_size)
+    M.check_reserved(metadata, {t.name for t in tensors})
+    check_expansion(tensors, data_offset, lim)
     pad = _read_exact(f, data_offset - PREAMBLE_SIZE - header_size, "the header padding")
     if any(pad):
         raise E.LayoutError("non-zero padding after the header")
     return Header(version, metadata, tensors, data_offset, data_size, header_size, extensions)
 
 
-def _parse_metadata(payload: memoryview) -> dict[str, str]:
-    try:
-        obj = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise E.HeaderError(f"metadata is not UTF-8 JSON: {exc}") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in obj.items()):
-        raise E.HeaderError("metadata must be a JSON object of strings")
-    return obj
+def check_expansion(tensors: list[TensorEntry], data_offset: int, limits: Limits) -> None:
+    """The expansion limit (formats/limits.py): the decoded bytes of the tensors up to each
+    one may not exceed slack + ratio × the file bytes up to that tensor's end."""
+    decoded = 0
+    for t in tensors:
+        decoded += t.nbytes
+        present = data_offset + t.offset + t.size
+        allowed = limits.ratio_slack_bytes + limits.max_ratio * present
+        if decoded > allowed:
+            raise E.LimitError(
+                f"tensor {t.name!r}: tensors up to it decode to {decoded} bytes from {present} archive bytes, "
+                f"above the expansion limit ({limits.max_ratio:g}x + {limits.ratio_slack_bytes} bytes; raise it with --max-ratio)"
+            )
 
 
 def _check_tensor_layout(tensors: list[TensorEntry], data_size: int) -> None:
@@ -198,17 +216,19 @@ class ArchiveReader:
     The whole header is validated on open; each tensor's data is checked
     against its CRC-32 when read."""
 
-    def __init__(self, path: str | os.PathLike, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES):
+    def __init__(self, path: str | os.PathLike, limits: Limits | None = None, *, max_header_bytes: int | None = None, max_tensor_bytes: int | None = None):
         self.path = os.fspath(path)
+        self.limits = resolve_limits(limits, max_header_bytes=max_header_bytes, max_tensor_bytes=max_tensor_bytes)
         self._f = open(self.path, "rb")
         try:
             self.file_size = os.fstat(self._f.fileno()).st_size
-            self.header = parse_header(self._f, max_header_bytes=max_header_bytes, max_tensor_bytes=max_tensor_bytes)
+            self.header = parse_header(self._f, self.limits)
             end = self.header.data_offset + self.header.data_size
             if self.file_size < end:
                 raise E.TruncatedError(f"archive is {self.file_size} bytes, its header says {end}")
             if self.file_size > end:
                 raise E.LayoutError(f"{self.file_size - end} trailing bytes after the data section")
+            self.check_padding()  # as a streaming reader does: both accept the same files
         except BaseException:
             self._f.close()
             raise
@@ -266,11 +286,11 @@ class ArchiveReader:
         self.close()
 
 
-def iter_archive(f: BinaryIO, **limits) -> Iterator[tuple[Header | None, TensorEntry | None, list[Stream] | None]]:
+def iter_archive(f: BinaryIO, limits: Limits | None = None, **legacy) -> Iterator[tuple[Header | None, TensorEntry | None, list[Stream] | None]]:
     """Read an archive sequentially from a stream (a pipe works): yields
     ``(header, None, None)`` first, then ``(None, entry, streams)`` per tensor in file order,
     holding one tensor's bytes at a time. Every checksum and padding byte is checked."""
-    header = parse_header(f, **limits)
+    header = parse_header(f, limits, **legacy)
     yield header, None, None
     pos = 0
     for e in header.tensors:

@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/pytest -q -m "not slow and not model"
+.venv/bin/pytest -q -m fuzz tests/test_fuzz.py   # the mutation fuzzer: 20,000 inputs on the reader and loader
 .venv/bin/aligncodec models fetch smollm2
 .venv/bin/pytest -q -m "smoke"

@@ -9,6 +9,7 @@ import torch
 
 from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossy
+from aligncodec.codec.quant.gptq import gptq_ecsq
 
 
 def _setup(rows=48, n=96, seed=0):
@@ -25,7 +26,7 @@ def _setup(rows=48, n=96, seed=0):
 def test_transform_folds_exactly(kind):
     W, S = _setup()
     job = E.TensorJob("t.weight", W, "F32", S)
-    E.prepare(job, (kind,))
+    E.build_candidates(job, (kind,))
     c = job.cands[0]
     Cm = c.C.double()
     if c.scales is not None:
@@ -45,7 +46,7 @@ def test_distortion_is_the_same_in_every_basis():
     a = np.trace(dW @ S.numpy() @ dW.T)
     b = np.trace((dC * s) @ St @ (dC * s).T)
     assert a == pytest.approx(b, rel=1e-9)
-    # the fast rotation of Σ used by prepare() equals the dense product
+    # the fast rotation of Σ used by build_candidates() equals the dense product
     fast = hd.apply64(np.ascontiguousarray(hd.apply64(S.numpy()).T))
     assert np.allclose(fast, St, atol=1e-10)
 
@@ -53,10 +54,10 @@ def test_distortion_is_the_same_in_every_basis():
 def test_error_feedback_lowers_activation_weighted_error():
     W, S = _setup(rows=64)
     job = E.TensorJob("t.weight", W, "F32", S)
-    E.prepare(job, ("identity",))
+    E.build_candidates(job, ("identity",))
     c = job.cands[0]
     step = 0.02
-    q_gptq = E.gptq_ecsq(c.C, c.U, c.perm, step).numpy()
+    q_gptq = gptq_ecsq(c.C, c.U, c.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
     q_rtn = np.round(c.C.numpy() / step).astype(np.int32)
 
     def err(q):
@@ -69,7 +70,7 @@ def test_error_feedback_lowers_activation_weighted_error():
 def test_mode_decision_minimises_lagrangian_cost():
     W, S = _setup(seed=3)
     job = E.TensorJob("t.weight", W, "F32", S)
-    E.prepare(job, ("identity", "hadamard", "colscale"))
+    E.build_candidates(job, ("identity", "hadamard", "colscale"))
     cand, tc = E.choose(job, 0.03)
     codes = [E.code_candidate(job, c, 0.03) for c in job.cands]
     lam = 2 * math.log(2) * min(t.dist for t in codes) / job.numel
@@ -104,10 +105,10 @@ def _gptq_textbook(C, S, step, damp=0.01):
 def test_gptq_kernel_matches_textbook_gptq(block):
     W, S = _setup(rows=40, n=96, seed=4)
     job = E.TensorJob("t.weight", W, "F32", S)
-    E.prepare(job, ("identity",))
+    E.build_candidates(job, ("identity",))
     c = job.cands[0]
     step = 0.03
-    q = E.gptq_ecsq(c.C, c.U, c.perm, step, block=block).numpy()
+    q = gptq_ecsq(c.C, c.U, c.perm, step, maxq=lossy.MAX_ABS_SYMBOL, block=block).numpy()
     ref = _gptq_textbook(c.C, S, step)
     assert q.shape == ref.shape and q.dtype == np.int32
     # float32 vs float64 arithmetic may flip a rounding tie now and then, never more

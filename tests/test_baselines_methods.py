@@ -2,14 +2,13 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from aligncodec.codec import baselines as B
+from aligncodec.codec.baselines import quantize as BQ
 from aligncodec.codec.transforms import hadamard as Hd
 from aligncodec.codec import metrics as M
-from aligncodec.codec import quant as Q
 
 
 def _site(seed=0):
@@ -29,7 +28,7 @@ def _site(seed=0):
 def test_fixed_length_bits_equal_formula(name, bits):
     ws, S = _site()
     m = B.get_method(name)
-    res = B.quantize_site(ws, m, bits=bits, sigma=S, seed=5)
+    res = BQ.quantize_site(ws, m, bits=bits, sigma=S, seed=5)
     for r, (k, W) in zip(res, ws.items()):
         rows, n = W.shape
         groups = rows * (math.ceil(n / m.group_size) if m.group_size else 1)
@@ -48,7 +47,7 @@ def test_entropy_coded_bits_and_error(name):
     ws, S = _site()
     m = B.get_method(name)
     mult = 0.5 if name.startswith("rtn-g128") else 0.01
-    res = B.quantize_site(ws, m, mult=mult, sigma=S, seed=5)
+    res = BQ.quantize_site(ws, m, mult=mult, sigma=S, seed=5)
     for r, (k, W) in zip(res, ws.items()):
         assert r.symbol_bits > 0 and r.side_bits >= 64
         if m.rotate:
@@ -60,7 +59,7 @@ def test_entropy_coded_bits_and_error(name):
             # plain ECSQ: every coefficient within half a step, symbols = round(w / step)
             assert (Wr_hat - Wr).abs().max() <= mult / 2 + 1e-6
             sym = torch.round(Wr / mult).to(torch.int64)
-            bits, _ = B.coded_bits((sym - sym.min()).numpy())
+            bits, _ = BQ.coded_bits((sym - sym.min()).numpy())
             assert r.symbol_bits == bits
             assert r.side_bits == 64 + (32 if m.rotate else 0)
 
@@ -70,21 +69,16 @@ def test_gptq_beats_rtn_in_baselines():
     ws = {k: w[:, :] for k, w in ws.items()}
     for a, b in (("rtn", "gptq"), ("hadamard-rtn", "hadamard-gptq"), ("rtn-ec", "gptq-ec")):
         kw = dict(bits=3, mult=0.01, sigma=S, seed=2)
-        ra = B.quantize_site(ws, B.get_method(a, 0), **kw)
-        rb = B.quantize_site(ws, B.get_method(b, 0), **kw)
+        ra = BQ.quantize_site(ws, B.get_method(a, 0), **kw)
+        rb = BQ.quantize_site(ws, B.get_method(b, 0), **kw)
         ea = sum(M.act_weighted_rel_error(ws[r.name], r.W_hat, S) for r in ra)
         eb = sum(M.act_weighted_rel_error(ws[r.name], r.W_hat, S) for r in rb)
         assert eb < ea
 
 
-def test_standin_coded_bits_formula():
-    s = np.array([0, 0, 1, 1, 2, 2, 3, 3])
-    assert B._standin_coded_bits(s) == 8 * 2 + 16 * 4
-
-
 def test_find_multiplier_synthetic_and_real():
     # a rate law with slope -1.3 bits per doubling: the search still converges
-    c, r, hist = B.find_multiplier(lambda c: 9.0 - 1.3 * math.log2(c * 1000), 3.0, 0.01, tol=1e-4)
+    c, r, hist = BQ.find_multiplier(lambda c: 9.0 - 1.3 * math.log2(c * 1000), 3.0, 0.01, tol=1e-4)
     assert r == pytest.approx(3.0, abs=1e-4)
     assert c == pytest.approx(2 ** (6 / 1.3) / 1000, rel=1e-3)
     # real: rtn-ec on a site, target 3 bits per weight all-in
@@ -93,9 +87,9 @@ def test_find_multiplier_synthetic_and_real():
     numel = sum(w.numel() for w in ws.values())
 
     def rate(c):
-        return sum(t.bits for t in B.quantize_site(ws, m, mult=c)) / numel
+        return sum(t.bits for t in BQ.quantize_site(ws, m, mult=c)) / numel
 
-    c, r, hist = B.find_multiplier(rate, 3.0, 0.02, tol=0.01)
+    c, r, hist = BQ.find_multiplier(rate, 3.0, 0.02, tol=0.01)
     assert abs(rate(c) - 3.0) <= 0.01
     assert len(hist) <= 20
 
@@ -105,12 +99,12 @@ def test_errors():
         B.get_method("nope")
     ws, S = _site()
     with pytest.raises(ValueError, match="Σ"):
-        B.quantize_site(ws, B.get_method("gptq"), bits=3)
+        BQ.quantize_site(ws, B.get_method("gptq"), bits=3)
     with pytest.raises(ValueError, match="bits"):
-        B.quantize_site(ws, B.get_method("rtn"))
+        BQ.quantize_site(ws, B.get_method("rtn"))
     with pytest.raises(ValueError, match="multiplier"):
-        B.quantize_site(ws, B.get_method("rtn-ec"))
+        BQ.quantize_site(ws, B.get_method("rtn-ec"))
     with pytest.raises(ValueError, match="same input"):
-        B.quantize_site({"a": torch.zeros(2, 3), "b": torch.zeros(2, 4)}, B.get_method("rtn"), bits=3)
+        BQ.quantize_site({"a": torch.zeros(2, 3), "b": torch.zeros(2, 4)}, B.get_method("rtn"), bits=3)
     with pytest.raises(ValueError, match="step rule"):
-        B.quantize_site(ws, B.get_method("rtn-ec"), mult=0.1, step_rule="x")
+        BQ.quantize_site(ws, B.get_method("rtn-ec"), mult=0.1, step_rule="x")

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aligncodec.codec import metrics as M
-from aligncodec.codec import quant as Q
+from aligncodec.codec.quant.grids import ECSQ, FixedGrid, fixed_length_bits, rtn
+from aligncodec.codec.quant.gptq import gptq
 
 
 def _w(rows=64, cols=300, seed=0):
@@ -30,8 +31,8 @@ def _correlated_sigma(n, seed=0, tokens=4096):
 @pytest.mark.parametrize("sym", [False, True])
 def test_rtn_error_within_half_step(group, bits, sym):
     W = _w()
-    grid = Q.FixedGrid(bits, sym=sym, clip=False)
-    r = Q.rtn(W, grid, group)
+    grid = FixedGrid(bits, sym=sym, clip=False)
+    r = rtn(W, grid, group)
     scale, zero = r.params
     assert r.symbols.min() >= 0 and r.symbols.max() <= 2**bits - 1
     ng = math.ceil(W.shape[1] / (group or W.shape[1]))
@@ -49,31 +50,31 @@ def test_clip_search_never_worse_than_minmax():
     W = _w(cols=512)
     W[0, 0] = 1.0  # an outlier makes min-max wasteful
     for bits in (2, 3, 4):
-        e_clip = ((Q.rtn(W, Q.FixedGrid(bits), 128).W_hat - W) ** 2).sum(1)
-        e_mm = ((Q.rtn(W, Q.FixedGrid(bits, clip=False), 128).W_hat - W) ** 2).sum(1)
+        e_clip = ((rtn(W, FixedGrid(bits), 128).W_hat - W) ** 2).sum(1)
+        e_mm = ((rtn(W, FixedGrid(bits, clip=False), 128).W_hat - W) ** 2).sum(1)
         assert (e_clip <= e_mm * (1 + 1e-6)).all()
         assert e_clip.sum() < e_mm.sum()
 
 
 def test_fixed_length_bits_formula():
-    g = Q.FixedGrid(3)
-    assert Q.fixed_length_bits((10, 576), g, 0) == 10 * 576 * 3 + 10 * (16 + 3)
-    assert Q.fixed_length_bits((10, 576), g, 128) == 10 * 576 * 3 + 10 * 5 * (16 + 3)
-    assert Q.fixed_length_bits((10, 576), Q.FixedGrid(3, sym=True), 128) == 10 * 576 * 3 + 10 * 5 * 16
+    g = FixedGrid(3)
+    assert fixed_length_bits((10, 576), g, 0) == 10 * 576 * 3 + 10 * (16 + 3)
+    assert fixed_length_bits((10, 576), g, 128) == 10 * 576 * 3 + 10 * 5 * (16 + 3)
+    assert fixed_length_bits((10, 576), FixedGrid(3, sym=True), 128) == 10 * 576 * 3 + 10 * 5 * 16
 
 
 def test_ecsq_rtn():
     W = _w()
     step = 0.003
-    r = Q.rtn(W, Q.ECSQ(step=step))
+    r = rtn(W, ECSQ(step=step))
     assert ((r.W_hat - W).abs() <= step / 2 + 1e-7).all()
     assert torch.allclose(r.W_hat, r.symbols * step)
     # unbounded symbols: a huge weight is not clipped
     W[0, 0] = 5.0
-    r = Q.rtn(W, Q.ECSQ(step=step))
+    r = rtn(W, ECSQ(step=step))
     assert abs(float(r.W_hat[0, 0]) - 5.0) <= step / 2
     # per-group relative steps are fp16 and proportional to the group rms
-    r = Q.rtn(W, Q.ECSQ(group_rel=0.5), 128)
+    r = rtn(W, ECSQ(group_rel=0.5), 128)
     (steps,) = r.params
     assert steps.shape == (W.shape[0], 3)
     assert torch.allclose(steps[1, 0], 0.5 * W[1, :128].pow(2).mean().sqrt(), rtol=1e-3)
@@ -83,9 +84,9 @@ def test_ecsq_rtn():
 def test_gptq_identity_hessian_equals_rtn(group):
     # with Σ = I the inverse-Hessian factor is diagonal: no error feedback, GPTQ == RTN
     W = _w(cols=256)
-    grid = Q.FixedGrid(3)
-    r = Q.rtn(W, grid, group)
-    g = Q.gptq(W, torch.eye(256, dtype=torch.float64), grid, group)
+    grid = FixedGrid(3)
+    r = rtn(W, grid, group)
+    g = gptq(W, torch.eye(256, dtype=torch.float64), grid, group)
     assert torch.equal(g.symbols, r.symbols)
     assert torch.allclose(g.W_hat, r.W_hat)
 
@@ -93,24 +94,24 @@ def test_gptq_identity_hessian_equals_rtn(group):
 @pytest.mark.parametrize(
     "grid,group,act_order",
     [
-        (Q.FixedGrid(2), 0, False),
-        (Q.FixedGrid(3), 0, False),
-        (Q.FixedGrid(3), 128, False),
-        (Q.FixedGrid(3), 128, True),
-        (Q.FixedGrid(4), 0, True),
-        (Q.ECSQ(step=0.01), 0, False),
-        (Q.ECSQ(group_rel=0.4), 128, False),
+        (FixedGrid(2), 0, False),
+        (FixedGrid(3), 0, False),
+        (FixedGrid(3), 128, False),
+        (FixedGrid(3), 128, True),
+        (FixedGrid(4), 0, True),
+        (ECSQ(step=0.01), 0, False),
+        (ECSQ(group_rel=0.4), 128, False),
     ],
 )
 def test_gptq_lowers_activation_weighted_error(grid, group, act_order):
     n = 384
     W = _w(rows=96, cols=n, seed=1)
     S = _correlated_sigma(n)
-    e_rtn = M.act_weighted_rel_error(W, Q.rtn(W, grid, group).W_hat, S)
-    g = Q.gptq(W, S, grid, group, act_order=act_order)
+    e_rtn = M.act_weighted_rel_error(W, rtn(W, grid, group).W_hat, S)
+    g = gptq(W, S, grid, group, act_order=act_order)
     e_gptq = M.act_weighted_rel_error(W, g.W_hat, S)
     assert e_gptq < 0.8 * e_rtn
-    if isinstance(grid, Q.FixedGrid):
+    if isinstance(grid, FixedGrid):
         assert g.symbols.min() >= 0 and g.symbols.max() <= grid.maxq
 
 
@@ -120,8 +121,8 @@ def test_gptq_act_order_static_groups_reconstruct_from_params():
     n = 384
     W = _w(rows=32, cols=n, seed=2)
     S = _correlated_sigma(n, seed=3)
-    grid = Q.FixedGrid(3)
-    g = Q.gptq(W, S, grid, 128, act_order=True)
+    grid = FixedGrid(3)
+    g = gptq(W, S, grid, 128, act_order=True)
     scale, zero = g.params
     cg = torch.arange(n) // 128
     assert torch.allclose(g.W_hat, scale[:, cg] * (g.symbols - zero[:, cg]))
@@ -131,18 +132,18 @@ def test_gptq_dead_inputs_and_errors():
     W = _w(rows=8, cols=64)
     S = torch.eye(64, dtype=torch.float64)
     S[3, 3] = 0.0
-    g = Q.gptq(W, S, Q.FixedGrid(4), 0)
+    g = gptq(W, S, FixedGrid(4), 0)
     assert torch.isfinite(g.W_hat).all()
     with pytest.raises(ValueError, match="shape"):
-        Q.gptq(W, torch.eye(63, dtype=torch.float64), Q.FixedGrid(4))
+        gptq(W, torch.eye(63, dtype=torch.float64), FixedGrid(4))
     with pytest.raises(ValueError, match="bits"):
-        Q.FixedGrid(0)
+        FixedGrid(0)
     with pytest.raises(ValueError, match="exactly one"):
-        Q.ECSQ()
+        ECSQ()
     with pytest.raises(ValueError, match="positive"):
-        Q.ECSQ(step=-1.0)
+        ECSQ(step=-1.0)
     with pytest.raises(ValueError, match="NaN"):
-        Q.rtn(torch.full((2, 2), float("nan")), Q.FixedGrid(4))
+        rtn(torch.full((2, 2), float("nan")), FixedGrid(4))
 
 
 @settings(max_examples=30, deadline=None)
@@ -156,7 +157,7 @@ def test_gptq_dead_inputs_and_errors():
 def test_rtn_property(seed, bits, rows, cols, group):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=g)
-    r = Q.rtn(W, Q.FixedGrid(bits, clip=False), group)
+    r = rtn(W, FixedGrid(bits, clip=False), group)
     scale, zero = r.params
     cg = torch.arange(cols) // (group or cols)
     assert ((r.W_hat - W).abs() <= scale[:, cg] / 2 * (1 + 1e-5) + 1e-6).all()
@@ -166,12 +167,12 @@ def test_rtn_property(seed, bits, rows, cols, group):
 @pytest.mark.parametrize(
     "grid, group, act_order",
     [
-        (Q.FixedGrid(3), 0, False),
-        (Q.FixedGrid(3), 32, False),
-        (Q.FixedGrid(2, sym=True), 32, True),
-        (Q.FixedGrid(4, clip=False), 0, True),
-        (Q.ECSQ(step=0.02), 0, True),
-        (Q.ECSQ(group_rel=0.5), 32, False),
+        (FixedGrid(3), 0, False),
+        (FixedGrid(3), 32, False),
+        (FixedGrid(2, sym=True), 32, True),
+        (FixedGrid(4, clip=False), 0, True),
+        (ECSQ(step=0.02), 0, True),
+        (ECSQ(group_rel=0.5), 32, False),
     ],
 )
 def test_gptq_kernel_equals_reference_loop(grid, group, act_order):
@@ -179,8 +180,8 @@ def test_gptq_kernel_equals_reference_loop(grid, group, act_order):
     operands in different memory layouts, so sums may differ in the last bit and flip a rounding or
     clip-search tie now and then (measured: 2e-4 of the symbols on a 576×1536 case); nothing more."""
     W, S = _w(rows=24, cols=96, seed=7), _correlated_sigma(96, seed=7)
-    a = Q.gptq(W, S, grid, group, act_order=act_order, block_size=40)
-    b = Q.gptq(W, S, grid, group, act_order=act_order, block_size=40, use_kernel=False)
+    a = gptq(W, S, grid, group, act_order=act_order, block_size=40)
+    b = gptq(W, S, grid, group, act_order=act_order, block_size=40, use_kernel=False)
     assert (a.symbols != b.symbols).float().mean() < 0.01
     ea, eb = (M.act_weighted_rel_error(W, r.W_hat, S) for r in (a, b))
     assert ea == pytest.approx(eb, rel=0.02)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from aligncodec.codec import baselines as B
+from aligncodec.codec.baselines import quantize as BQ
+from aligncodec.codec.naming import layer_type
 from aligncodec.tools.experiments import baseline as BL
 from aligncodec.tools.eval import stats as S
 
@@ -90,7 +92,7 @@ def test_rate_search_hits_target_on_tiny_model(tiny):
     def rate(c):
         return sum(t.bits for t in BL.quantize_model_weights(weights, sig, m, mult=c)) / numel
 
-    c, r, _ = B.find_multiplier(rate, 4.0, BL.initial_multiplier(m, weights, 4.0, "shared"), tol=0.02)
+    c, r, _ = BQ.find_multiplier(rate, 4.0, BL.initial_multiplier(m, weights, 4.0, "shared"), tol=0.02)
     assert abs(rate(c) - 4.0) <= 0.02
 
 
@@ -129,12 +131,12 @@ def test_stats_table_json_png(tiny, tmp_path):
 
 
 def test_layer_type():
-    assert S.layer_type("model.layers.3.self_attn.q_proj.weight") == "q"
-    assert S.layer_type("model.layers.3.mlp.down_proj.weight") == "down"
-    assert S.layer_type("lm_head.weight", tied_lm_head=True) == "embedding"
-    assert S.layer_type("lm_head.weight", tied_lm_head=False) == "lm_head"
-    assert S.layer_type("model.embed_tokens.weight") == "embedding"
-    assert S.layer_type("foo.bar") == "other"
+    assert layer_type("model.layers.3.self_attn.q_proj.weight") == "q"
+    assert layer_type("model.layers.3.mlp.down_proj.weight") == "down"
+    assert layer_type("lm_head.weight", tied_lm_head=True) == "embedding"
+    assert layer_type("lm_head.weight", tied_lm_head=False) == "lm_head"
+    assert layer_type("model.embed_tokens.weight") == "embedding"
+    assert layer_type("foo.bar") == "other"
 
 
 @pytest.mark.model

@@ -1,7 +1,6 @@
 """Command line: every sub-command end to end, one-line errors with distinct exit codes."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

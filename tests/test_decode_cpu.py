@@ -202,7 +202,6 @@ def test_float_split_rejects_bad_rest():
 
 
 def _archive(tmp_path, tensors):
-    import torch
     from safetensors.torch import save_file
 
     from aligncodec import archive

@@ -98,7 +98,7 @@ def test_kld_against_itself_is_exactly_zero(tiny):
     assert res["kld_mean"] == 0.0 and res["kld_max"] == 0.0
     assert res["ref_perplexity"] == res["perplexity"]
     st = E.compute_reference_stats(model, tok, n_tokens=50, topk=5, window=16, progress=False,
-                                   data=E.prepare(tok, 50, window=16, text=TEXT))
+                                   data=E.make_windows(tok, 50, window=16, text=TEXT))
     res2 = E.evaluate(model, tok, n_tokens=50, ref_model=st, window=16, text=TEXT, progress=False)
     assert res2["kld_mean"] == 0.0 and res2["kld_method"] == "top5"
     assert res2["perplexity"] == res["perplexity"]
@@ -107,7 +107,7 @@ def test_kld_against_itself_is_exactly_zero(tiny):
 def test_topk_kld_is_a_lower_bound_and_exact_at_full_vocab(tiny, tmp_path):
     model, tok = tiny
     other = _perturbed(model, scale=0.2)
-    data = E.prepare(tok, 60, window=16, text=TEXT)
+    data = E.make_windows(tok, 60, window=16, text=TEXT)
     exact = E.evaluate(other, tok, 60, ref_model=model, window=16, text=TEXT, progress=False)["kld_mean"]
     for k, check in ((3, "bound"), (len(tok), "equal")):
         st = E.compute_reference_stats(model, tok, 60, topk=k, window=16, progress=False, data=data)
@@ -132,11 +132,11 @@ def test_deterministic(tiny):
 def test_bad_requests(tiny):
     model, tok = tiny
     with pytest.raises(E.EvalError, match="only"):
-        E.prepare(tok, 10**6, text=TEXT)
+        E.make_windows(tok, 10**6, text=TEXT)
     with pytest.raises(E.EvalError):
         E.evaluate(model, tok, 10, ref_model="smollm2", window=16, text=TEXT, progress=False)
     st = E.compute_reference_stats(model, tok, 20, topk=4, window=16, progress=False,
-                                   data=E.prepare(tok, 20, window=16, text=TEXT))
+                                   data=E.make_windows(tok, 20, window=16, text=TEXT))
     with pytest.raises(E.EvalError, match="cover"):
         E.evaluate(model, tok, 40, ref_model=st, window=16, text=TEXT, progress=False)
 
@@ -172,7 +172,7 @@ def test_sigma_matches_direct_computation(tiny, tmp_path):
     model, tok = tiny
     n, window = 50, 16
     sigma, info = C.capture_sigma(model, tok, n, window=window, progress=False, text=TEXT)
-    data = E.prepare(tok, n, window=window, text=TEXT)
+    data = E.make_windows(tok, n, window=window, text=TEXT)
     assert info["n_positions"] == n + len(data.windows) == sum(len(w) for w in data.windows)
     # direct: layer 0 attention input = input_layernorm(embeddings); lm_head input = final norm output
     xs0, xsf = [], []
@@ -219,7 +219,7 @@ def test_smollm2_short_eval_and_bytes():
     from aligncodec.tools.eval.models import load_causal_lm
 
     model, tok = load_causal_lm("smollm2")
-    data = E.prepare(tok, 1500)
+    data = E.make_windows(tok, 1500)
     ids = E._tokenize(tok, "eval")[0][:1500]
     assert data.n_bytes == len(tok.decode(ids).encode("utf-8"))
     res = E.evaluate(model, tok, 1100, ref_model=model, progress=False)

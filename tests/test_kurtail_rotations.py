@@ -36,7 +36,7 @@ def test_learn_r1_lowers_kurtosis_of_heavy_tailed_rows():
 
 
 @pytest.mark.parametrize("fold_norms", [True, False])
-def test_kurtail_prepare_keeps_function_and_counts_rotation(fold_norms):
+def test_kurtail_transform_keeps_function_and_counts_rotation(fold_norms):
     model = tiny_llama()
     x = ids()
     ref = torch.log_softmax(logits(model, x), -1)
@@ -44,7 +44,7 @@ def test_kurtail_prepare_keeps_function_and_counts_rotation(fold_norms):
     plain_w = {n: m.weight.detach().clone() for n, m in BL.linear_weights(model).items()}
     method = B.get_method("kurtail-rtn")
     norms = [m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("layernorm")]
-    prep = KT.prepare(model, sigma, method=method, bits=8, seed=0, steps_r1=40, steps_r2=20, fold_norms=fold_norms)
+    prep = KT.transform_model(model, sigma, method=method, bits=8, seed=0, steps_r1=40, steps_r2=20, fold_norms=fold_norms)
     after = [m.weight.detach() for n, m in model.named_modules() if n.endswith("layernorm")]
     assert norms and not all(bool((b == 1).all()) for b in norms)  # the tiny model has real gains
     for a, b in zip(after, norms):  # folded into the linears, or left in the norms untouched

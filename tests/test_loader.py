@@ -4,7 +4,6 @@ import os
 import subprocess
 import threading
 
-import numpy as np
 import pytest
 import torch
 

@@ -52,3 +52,14 @@ def test_cli_lossy_needs_exactly_one_target(tmp_path, ckpt):
     assert main(["compress", str(src), "-o", str(out), "--lossless", "--bpw", "3", "-q"]) == 2
     assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--distortion", "0.01", "-q"]) == 2
     assert main(["compress", str(src), "-o", str(out), "--bpw", "-1", "--no-calibration", "-q"]) == 2
+
+
+def test_calibration_failure_is_an_error_not_weight_mse(tmp_path, ckpt, capsys):
+    """A checkpoint that cannot be calibrated (no model config) is refused with the dependency exit code;
+    Σ = I is used only when --no-calibration asks for it."""
+    src, _ = ckpt
+    out = tmp_path / "m.acz"
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "-q"]) == 7
+    err = capsys.readouterr().err
+    assert "no calibration Σ" in err and "--no-calibration" in err
+    assert not out.exists()

@@ -55,7 +55,7 @@ def _through_container(tc: E.TensorCode, name, dtype, shape):
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])
 def test_decode_bit_exact(kind, dtype):
     job = _job(40, 96, 1, dtype)  # 96 = 32·3: the hadamard has an odd factor
-    E.prepare(job, (kind,))
+    E.build_candidates(job, (kind,))
     tc = E.code_candidate(job, job.cands[0], 0.02)
     e, streams = _through_container(tc, job.name, dtype, tuple(job.W.shape))
     raw = decode_entry(e, streams)
@@ -75,7 +75,7 @@ def test_roundtrip_property(rows, n, step, kind, seed, cls):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, n, generator=g) * 0.05
     job = E.TensorJob("x.weight", W, "F32", _sigma(n, seed, spike=False))
-    E.prepare(job, (kind,))
+    E.build_candidates(job, (kind,))
     tc = E.code_candidate(job, job.cands[0], step, class_options=[cls])
     e, streams = _through_container(tc, "x.weight", "F32", (rows, n))
     got = lossy.decode(e, streams).view(np.float32).reshape(rows, n)
@@ -98,7 +98,7 @@ def test_transform_is_orthogonal_and_matches_float64():
 
 def test_bad_params_and_streams_raise_named_errors():
     job = _job(8, 64, 2)
-    E.prepare(job, ("hadamard-colscale",))
+    E.build_candidates(job, ("hadamard-colscale",))
     tc = E.code_candidate(job, job.cands[0], 0.05)
     e, streams = _through_container(tc, job.name, "F32", (8, 64))
     bad = TensorEntry(e.name, e.dtype, e.shape, e.mode, e.stream_count, 0, e.size, e.crc, e.params[:-1])
@@ -170,7 +170,7 @@ def test_compress_meets_bpw_and_counts_every_byte(tmp_path):
 def test_distortion_target(tmp_path):
     jobs = [_job(64, 96, s) for s in range(3)]
     for j in jobs:
-        E.prepare(j, ("hadamard", "colscale"))
+        E.build_candidates(j, ("hadamard", "colscale"))
     res = E.encode_jobs(jobs, distortion=0.01)
     err = E.total_rel_err(res.codes, jobs)
     assert abs(err / 0.01 - 1) <= 0.02
@@ -178,8 +178,27 @@ def test_distortion_target(tmp_path):
 
 def test_rate_decreases_with_step():
     job = _job(64, 96, 5)
-    E.prepare(job, ("hadamard",))
+    E.build_candidates(job, ("hadamard",))
     b = [E.code_candidate(job, job.cands[0], s).bytes_all_in for s in (0.005, 0.01, 0.02, 0.04)]
     assert b == sorted(b, reverse=True)
     # ~1 bit per weight per halving at high rate
     assert 0.7 < (b[0] - b[1]) * 8 / job.numel < 1.3
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_round_to_dtype_is_bit_equal_to_torch(dtype):
+    """The decoder's numpy rounding (no torch) gives torch's bits for every non-NaN float32:
+    random bit patterns over the whole range, values near the target's subnormals, overflow and ties."""
+    rng = np.random.default_rng(1)
+    u = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    near = (u & np.uint32(0x807FFFFF)) | (rng.integers(95, 145, size=u.size, dtype=np.uint64).astype(np.uint32) << np.uint32(23))
+    ties = (rng.integers(0, 2**16, size=1000, dtype=np.uint64).astype(np.uint32) << np.uint32(16)) | np.uint32(0x8000)
+    W = np.concatenate([u, near, ties]).view(np.float32)
+    W = W[~np.isnan(W)]
+    W = W[: W.size // 7 * 7].reshape(-1, 7)  # a matrix, as the decoder rounds it
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    want = torch.from_numpy(W.copy()).to(tdt).contiguous().view(torch.uint8).numpy()
+    got = lossy.round_to_dtype(W, dtype).view(np.uint8)
+    assert np.array_equal(got.reshape(-1), want.reshape(-1))
+    back = torch.from_numpy(W.copy()).to(tdt).to(torch.float32).numpy()
+    assert np.array_equal(lossy.rounded_f32(W, dtype).view(np.uint32), back.view(np.uint32))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aligncodec.codec import baselines as B
-from aligncodec.codec import quant as Q
+from aligncodec.codec.quant.grids import FixedGrid, rtn
 from aligncodec.codec.baselines import smoothquant as SQ
 from aligncodec.tools.experiments import baseline as BL
 
@@ -31,7 +31,7 @@ def test_smoothed_model_same_function_and_sigma_exact():
     x = ids()
     ref = logits(model, x)
     sigma, _ = capture(model, x)
-    grid = Q.FixedGrid(3, clip=False)
+    grid = FixedGrid(3, clip=False)
     new_sigma, chosen = SQ.smooth_model(model, sigma, grid, 0)
     assert len(chosen) == 4 * model.config.num_hidden_layers
     assert any(a is not None for a in chosen.values())  # smoothing is actually applied somewhere
@@ -48,9 +48,9 @@ def test_alpha_search_never_worse_than_identity():
     W = torch.randn(32, 40, generator=g)
     X = torch.randn(500, 40, generator=g) * torch.logspace(-1, 1.5, 40)  # uneven channel scales
     S = (X.T @ X / 500).double()
-    grid = Q.FixedGrid(3, clip=False)
+    grid = FixedGrid(3, clip=False)
     s, a, err = SQ.choose_scales(W, S, grid, 0)
-    base = SQ._rel_err(W, Q.rtn(W, grid, 0).W_hat, S)
+    base = SQ._rel_err(W, rtn(W, grid, 0).W_hat, S)
     assert err <= base
     assert a is not None and err < 0.9 * base  # outlier channels: migration helps
 

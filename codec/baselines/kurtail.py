@@ -34,7 +34,7 @@ import torch
 from aligncodec.codec.transforms import folding as F
 from aligncodec.codec.transforms import hadamard as Hd
 
-__all__ = ["row_kurtosis", "learn_r2", "learn_r1", "kurtail_rotations", "prepare"]
+__all__ = ["row_kurtosis", "learn_r2", "learn_r1", "kurtail_rotations", "transform_model"]
 
 STEPS_R1 = 200
 STEPS_R2 = 100
@@ -143,12 +143,10 @@ def kurtail_rotations(model, seed: int = 0, steps_r1: int = STEPS_R1, steps_r2: 
     return rot, gains, info
 
 
-def prepare(model, sigma, *, method, bits=None, seed: int = 0, log=None, steps_r1: int = STEPS_R1,
+def transform_model(model, sigma, *, method, bits=None, seed: int = 0, log=None, steps_r1: int = STEPS_R1,
             steps_r2: int = STEPS_R2, fold_norms: bool = FOLD_NORMS, **_) -> F.Prepared:
     """run_baseline hook: learn the rotations, fold what folds, return the coded view."""
     rot, gains, info = kurtail_rotations(model, seed=seed, steps_r1=steps_r1, steps_r2=steps_r2, log=log,
                                          fold_norms=fold_norms)
     return F.apply_rotations(model, sigma, rot, fold_norms=fold_norms, gains=gains, info=info)
 
-
-F.register_methods((("kurtail-gptq", "gptq", 0), ("kurtail-rtn", "rtn", 0)), prepare)

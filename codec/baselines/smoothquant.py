@@ -34,9 +34,9 @@ import time
 import torch
 
 from aligncodec.codec.transforms import folding as F
-from aligncodec.codec import quant as Q
+from aligncodec.codec.quant.grids import FixedGrid, rtn
 
-__all__ = ["ALPHAS", "smoothing_scales", "choose_scales", "smooth_model", "prepare"]
+__all__ = ["ALPHAS", "smoothing_scales", "choose_scales", "smooth_model", "transform_model"]
 
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -76,7 +76,7 @@ def choose_scales(W: torch.Tensor, S: torch.Tensor, grid, group_size: int, alpha
         if tie is not None and a is not None:
             s = tie(s)
         Ws = (W * s[None, :]).float()
-        W_hat = Q.rtn(Ws, grid, group_size).W_hat
+        W_hat = rtn(Ws, grid, group_size).W_hat
         err = _rel_err(Ws, W_hat, F.scale_sigma(S, s))
         if best is None or err < best[2]:
             best = (s, a, err)
@@ -144,13 +144,13 @@ def smooth_model(model, sigma: dict[str, torch.Tensor], grid, group_size: int = 
     return F.map_sigma(sigma, fn), chosen
 
 
-def prepare(model, sigma, *, method, bits, log=None, **_) -> F.Prepared:
+def transform_model(model, sigma, *, method, bits, log=None, **_) -> F.Prepared:
     """run_baseline hook: smooth the model in place, return the weights/Σ the quantiser sees."""
     from aligncodec.codec import baselines as B
 
     t0 = time.time()
     b = int(bits) if not method.entropy_coded else int(min(8, max(2, round(float(bits)))))
-    grid = Q.FixedGrid(b, sym=B.auto_sym(b), clip=False)
+    grid = FixedGrid(b, sym=B.auto_sym(b), clip=False)
     new_sigma, chosen = smooth_model(model, sigma, grid, method.group_size, log=log)
     hist: dict[str, int] = {}
     for a in chosen.values():
@@ -161,5 +161,3 @@ def prepare(model, sigma, *, method, bits, log=None, **_) -> F.Prepared:
             "side_bits": 0}
     return F.Prepared(new_sigma, side_bits=0, info=info)
 
-
-F.register_methods((("smoothquant-rtn", "rtn", 0), ("smoothquant-gptq", "gptq", 128)), prepare)

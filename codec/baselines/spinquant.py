@@ -32,7 +32,7 @@ import torch
 from aligncodec.codec.transforms import folding as F
 from aligncodec.codec.transforms import hadamard as Hd
 
-__all__ = ["ste_rtn", "train_rotations", "prepare"]
+__all__ = ["ste_rtn", "train_rotations", "transform_model"]
 
 STEPS = 40
 SEQLEN = 128
@@ -131,7 +131,7 @@ def _cache_file(cache_dir, bits: int, steps: int, seqlen: int, seed: int, lr: fl
     return Path(cache_dir) / f"spinquant-b{bits}-s{steps}-l{seqlen}-seed{seed}-lr{lr:g}.pt"
 
 
-def prepare(model, sigma, *, method, bits, seed: int = 0, calib_windows=None, cache_dir=None, log=None,
+def transform_model(model, sigma, *, method, bits, seed: int = 0, calib_windows=None, cache_dir=None, log=None,
             steps: int | None = None, seqlen: int | None = None, lr: float | None = None, **_) -> F.Prepared:
     """run_baseline hook: train (or load cached) rotations, fold what folds, return the coded view.
     ``calib_windows(n_tokens, window)``: the calibration text as token windows (BOS first), supplied by
@@ -161,5 +161,3 @@ def prepare(model, sigma, *, method, bits, seed: int = 0, calib_windows=None, ca
                         "info": {k: v for k, v in info.items()}}, path)
     return F.apply_rotations(model, sigma, rot, gains=gains, info=info)
 
-
-F.register_methods((("spinquant-gptq", "gptq", 0), ("spinquant-rtn", "rtn", 0)), prepare)

@@ -25,7 +25,7 @@ import numpy as np
 
 from aligncodec.formats.constants import MAX_LANES, MAX_PRECISION, RANS_STATE_LOWER
 from aligncodec.formats.streams import RansStream
-from aligncodec.formats.errors import CorruptStreamError, StreamError
+from aligncodec.formats.errors import StreamError
 
 DEFAULT_CHUNK_SYMBOLS = 1 << 14  # chunked layout (coder 2): symbols per chunk
 # The layout the encoder writes when a caller names none (chunk_symbols=None, lanes=None).

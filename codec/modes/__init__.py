@@ -1,8 +1,10 @@
 """Coding modes (spec/FORMAT.md §7): the one registry that maps a tensor's mode id to
 what the decoders call.
 
-Each :class:`Mode` names three callables:
+Each :class:`Mode` names these callables:
 
+* ``check_params(entry, limits)``: check what the header entry alone says (params, dtype,
+  shape, stream count, reader limits such as the ecsq Hadamard factor), before any data;
 * ``validate(entry, streams)``: check the entry's params and its parsed streams, decode
   nothing (``aligncodec verify --no-decode``);
 * ``decode(entry, streams, *, reference=False)``: the tensor's little-endian bytes as a
@@ -16,26 +18,15 @@ imported on first use, so importing this registry costs nothing (no numba, no to
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from aligncodec.codec.registry import lazy
 from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED
 from aligncodec.formats.errors import UnsupportedError
 from aligncodec.formats.layout import TensorEntry
-
-
-def _lazy(module: str, attr: str) -> Callable:
-    """``module.attr``, imported when first called."""
-
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
-
-    call.__name__ = attr
-    call.__qualname__ = f"{module}.{attr}"
-    return call
 
 
 @dataclass(frozen=True)
@@ -43,6 +34,7 @@ class Mode:
     validate: Callable[[TensorEntry, list], None]
     decode: Callable[..., np.ndarray]
     decode_gpu: Callable | None = None
+    check_params: Callable | None = None
 
 
 _LOSSLESS = "aligncodec.codec.modes.lossless"
@@ -51,9 +43,10 @@ _CUDA = "aligncodec.codec.entropy.decode_cuda"
 _LOSSY_CUDA = "aligncodec.codec.modes.lossy_cuda"
 
 MODES: dict[int, Mode] = {
-    MODE_STORED: Mode(_lazy(_LOSSLESS, "validate"), _lazy(_LOSSLESS, "decode")),
-    MODE_FLOAT_SPLIT: Mode(_lazy(_LOSSLESS, "validate"), _lazy(_LOSSLESS, "decode"), _lazy(_CUDA, "decode_float_split_tensor")),
-    MODE_ECSQ: Mode(_lazy(_LOSSY, "validate"), _lazy(_LOSSY, "decode"), _lazy(_LOSSY_CUDA, "decode_gpu")),
+    MODE_STORED: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), None, lazy(_LOSSLESS, "check_params")),
+    MODE_FLOAT_SPLIT: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), lazy(_CUDA, "decode_float_split_tensor"),
+                           lazy(_LOSSLESS, "check_params")),
+    MODE_ECSQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode"), lazy(_LOSSY_CUDA, "decode_gpu"), lazy(_LOSSY, "check_params")),
 }
 assert set(MODES) == set(MODE_NAMES), "every mode id in formats.constants has a registry entry"
 
@@ -63,6 +56,14 @@ def mode_of(entry: TensorEntry) -> Mode:
         return MODES[entry.mode]
     except KeyError:
         raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not supported by this build") from None
+
+
+def check_entry_params(entry: TensorEntry, limits=None) -> None:
+    """Check what a tensor's header entry says about its coding (mode known, params, dtype,
+    shape, stream count, the reader's limits) before reading its data."""
+    m = mode_of(entry)
+    if m.check_params is not None:
+        m.check_params(entry, limits)
 
 
 def validate_entry(entry: TensorEntry, streams: list) -> None:

@@ -1,11 +1,10 @@
 """Lossless coding modes (spec/FORMAT.md §7): ``stored`` and ``float-split``.
 
-``float-split`` codes a float tensor's bits in two streams: the 8 bits just
-below the sign (the exponent of BF16/F32/F64, or the exponent and the top
-three mantissa bits of F16) as rANS symbols, where weights carry their
-redundancy, and the remaining bits (sign and low mantissa) as
-(W-8)/8 bytes per element, stored raw or as one zstd frame — whichever is
-smaller. ``stored`` keeps the little-endian bytes, raw or zstd. The encoder
+``float-split`` codes a float tensor's bits in two streams: the exponent and
+the top k mantissa bits (``DEFAULT_MANTISSA_BITS``: 2 for BF16, 3 for F16, 0 for
+F32/F64) as rANS symbols, where weights carry their redundancy, and the
+remaining bits (sign and low mantissa) bit-packed, stored raw or as one zstd
+frame — whichever is smaller. ``stored`` keeps the little-endian bytes, raw or zstd. The encoder
 tries the candidates and keeps the smallest; decoding is always bit-exact.
 """
 
@@ -175,6 +174,12 @@ def _check_bytes_stream(stream, size: int, what: str) -> None:
     elif isinstance(stream, ZstdStream):
         if stream.size != size:
             raise StreamError(f"{what}: zstd stream declares {stream.size} bytes, {size} expected")
+        try:  # the frame's own content size, where it states one, from its header alone
+            fcs = zstandard.frame_content_size(bytes(stream.data[:18]))
+        except zstandard.ZstdError as exc:
+            raise CorruptStreamError(f"{what}: zstd frame invalid: {exc}") from None
+        if fcs >= 0 and fcs != size:
+            raise CorruptStreamError(f"{what}: zstd frame holds {fcs} bytes, {size} declared")
     else:
         raise StreamError(f"{what}: a {CODER_NAMES[stream.coder]} stream cannot hold bytes here")
 
@@ -192,20 +197,37 @@ def _bytes_from(stream, size: int, what: str) -> bytes:
     return out
 
 
-def validate(entry: TensorEntry, streams: list) -> None:
-    """Check a lossless tensor's params and streams (counts, coders, sizes, rANS table)
-    without decoding anything; raises StreamError / UnsupportedError."""
+def check_params(entry: TensorEntry, limits=None) -> None:
+    """Validate a lossless entry's header fields (params, dtype, stream count) before any of
+    its data is read; raises StreamError / UnsupportedError."""
     if entry.mode == MODE_STORED:
-        if len(streams) != 1:
-            raise StreamError(f"stored tensor {entry.name!r} needs 1 stream, has {len(streams)}")
-        _check_bytes_stream(streams[0], entry.nbytes, entry.name)
-        return
-    if entry.mode == MODE_FLOAT_SPLIT:
+        if entry.params:
+            raise StreamError(f"stored tensor {entry.name!r}: params must be empty")
+        want = 1
+    elif entry.mode == MODE_FLOAT_SPLIT:
         if entry.dtype not in FLOAT_FORMATS:
             raise StreamError(f"float-split used on {entry.dtype} tensor {entry.name!r}")
         width, e = FLOAT_FORMATS[entry.dtype]
         if len(entry.params) != 1 or not 0 <= entry.params[0] <= min(16 - e, width - 1 - e):
             raise StreamError(f"float-split tensor {entry.name!r}: bad parameters")
+        want = 2
+    else:
+        raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")
+    if entry.stream_count != want:
+        raise StreamError(f"tensor {entry.name!r}: {entry.stream_count} streams, mode {entry.mode_name} needs {want}")
+
+
+def validate(entry: TensorEntry, streams: list) -> None:
+    """Check a lossless tensor's params and streams (counts, coders, sizes, rANS table)
+    without decoding anything; raises StreamError / UnsupportedError."""
+    check_params(entry)
+    if entry.mode == MODE_STORED:
+        if len(streams) != 1:
+            raise StreamError(f"stored tensor {entry.name!r} needs 1 stream, has {len(streams)}")
+        _check_bytes_stream(streams[0], entry.nbytes, entry.name)
+        return
+    if entry.mode == MODE_FLOAT_SPLIT:  # dtype and params checked by check_params
+        width, e = FLOAT_FORMATS[entry.dtype]
         k = entry.params[0]
         if len(streams) != 2:
             raise StreamError(f"float-split tensor {entry.name!r} needs 2 streams, has {len(streams)}")

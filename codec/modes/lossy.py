@@ -38,6 +38,7 @@ from aligncodec.formats.streams import RansStream, RawStream, serialize_stream
 from aligncodec.formats.errors import StreamError, UnsupportedError
 
 from aligncodec.codec.entropy import rans
+from aligncodec.codec.transforms.fwht import butterflies, split_pow2
 
 PARAMS_VERSION = 1
 TRANSFORM_IDENTITY = 0
@@ -93,11 +94,6 @@ class EcsqParams:
 # --------------------------------------------------------------------------- transforms
 
 
-def split_pow2(n: int) -> tuple[int, int]:
-    p = n & -n
-    return p, n // p
-
-
 @dataclass
 class HadamardData:
     """The explicit randomized Hadamard T = D (H_p/√p ⊗ Q_m) of dimension n = p·m."""
@@ -147,14 +143,7 @@ class HadamardData:
         X = np.asarray(X, dtype=np.float64) * self.signs.astype(np.float64)[None, :]
         k, n = X.shape
         p, m = split_pow2(n)
-        Y = X.reshape(k, p, m).copy()
-        h = 1
-        while h < p:
-            Z = Y.reshape(k, p // (2 * h), 2, h, m)
-            a = Z[:, :, 0].copy()
-            Z[:, :, 0] += Z[:, :, 1]
-            Z[:, :, 1] = a - Z[:, :, 1]
-            h *= 2
+        Y = butterflies(X.reshape(k, p, m))
         Y = Y @ self.Q.astype(np.float64)
         return (Y / math.sqrt(p)).reshape(k, n)
 
@@ -172,23 +161,16 @@ def inverse_hadamard_f32(Cm: np.ndarray, hd: HadamardData) -> np.ndarray:
     """W = C · Tᵀ in float32 by the normative algorithm of spec §7.4 (rows of C are row vectors)."""
     rows, n = Cm.shape
     p, m = split_pow2(n)
-    X = np.array(Cm, dtype=np.float32, copy=True).reshape(rows, p, m)
-    h = 1
-    while h < p:  # Sylvester butterflies, element-wise float32
-        Y = X.reshape(rows, p // (2 * h), 2, h, m)
-        a = Y[:, :, 0].copy()
-        b = Y[:, :, 1]
-        Y[:, :, 0] = a + b
-        Y[:, :, 1] = a - b
-        h *= 2
-    if m > 1:  # Y[., j] = sum_k X[., k] · Q[j, k], k ascending, float32 each step
-        out = np.zeros_like(X)
-        for j in range(m):
-            acc = np.zeros((rows, p), dtype=np.float32)
-            for k in range(m):
-                acc = acc + X[:, :, k] * np.float32(hd.Q[j, k])
-            out[:, :, j] = acc
-        X = out
+    X = butterflies(np.asarray(Cm, dtype=np.float32).reshape(rows, p, m))  # Sylvester butterflies, element-wise float32
+    if m > 1:  # Y[., j] = sum_k X[., k] · Q[j, k], k ascending, float32 each step (all j at once)
+        Q = np.ascontiguousarray(hd.Q, dtype=np.float32)
+        acc = np.zeros_like(X)
+        prod = np.empty_like(X)
+        for k in range(m):
+            np.multiply(X[:, :, k : k + 1], Q[None, None, :, k], out=prod)
+            np.add(acc, prod, out=acc)
+        del prod
+        X = acc
     g = np.float32(1.0 / math.sqrt(p))
     X = X * g
     return X.reshape(rows, n) * hd.signs[None, :]
@@ -367,6 +349,33 @@ def check_finite_bound(p: EcsqParams, scales: np.ndarray | None, hd: HadamardDat
     qmax = max(1.0, float(np.abs(hd.Q).max())) if hd is not None and hd.Q.size else 1.0
     if float(n) * qmax * MAX_ABS_SYMBOL * float(p.step) * smax >= FINITE_BOUND:
         raise StreamError(f"ecsq tensor {name!r}: step, scales and factor could overflow float32")
+
+
+def check_params(entry: TensorEntry, limits=None) -> EcsqParams:
+    """Validate an ecsq entry's header fields (dtype, shape, params, stream count, the Hadamard
+    factor's m against the reader limit, formats/limits.py) before any of its data is read."""
+    from aligncodec.formats.errors import LimitError
+    from aligncodec.formats.limits import DEFAULT_MAX_HADAMARD_M
+
+    name = entry.name
+    if entry.dtype not in LOSSY_DTYPES:
+        raise StreamError(f"ecsq tensor {name!r}: dtype {entry.dtype} not allowed")
+    if len(entry.shape) != 2 or entry.numel == 0:
+        raise StreamError(f"ecsq tensor {name!r}: shape {entry.shape} is not a non-empty matrix")
+    p = EcsqParams.unpack(entry.params, name)
+    n = entry.shape[1]
+    if p.transform == TRANSFORM_HADAMARD:
+        if p.m != split_pow2(n)[1]:
+            raise StreamError(f"ecsq tensor {name!r}: hadamard odd factor {p.m}, {n} needs {split_pow2(n)[1]}")
+        limit = DEFAULT_MAX_HADAMARD_M if limits is None else limits.max_hadamard_m
+        if p.m > limit:
+            raise LimitError(f"ecsq tensor {name!r}: hadamard odd factor m = {p.m} above the reader limit {limit}")
+    elif p.m:
+        raise StreamError(f"ecsq tensor {name!r}: m must be 0 without a hadamard transform")
+    want = p.n_classes + (p.n_classes > 1) + bool(p.flags & FLAG_COL_SCALES) + (p.transform == TRANSFORM_HADAMARD)
+    if entry.stream_count != want:
+        raise StreamError(f"ecsq tensor {name!r}: {entry.stream_count} streams, {want} expected")
+    return p
 
 
 def n_symbol_streams(entry: TensorEntry) -> int:

@@ -321,12 +321,3 @@ def apply_rotations(model, sigma: dict[str, torch.Tensor], rot: Rotations, fold_
                          "Hadamard); R2 folded into v/o (free); norm gains "
                          + ("folded (free)" if gains else "left in the norms")}
     return Prepared(new_sigma, coded, install, side, info)
-
-
-def register_methods(specs, prepare) -> None:
-    """Register (name, algo, group) and its -ec variant in codec.baselines with the whole-model transform."""
-    from aligncodec.codec import baselines as B
-
-    for name, algo, group in specs:
-        for ec in (False, True):
-            B.register_method(B.Method(name + ("-ec" if ec else ""), False, algo, group, ec), prepare)

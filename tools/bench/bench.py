@@ -21,11 +21,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from aligncodec.formats.atomic import atomic_write
 
 
 def _best(fn, repeat: int) -> float:
@@ -254,9 +255,7 @@ def prepare_load_inputs(model: str, workdir: str | os.PathLike | None = None, pr
                 for name in st.keys():
                     t = st.get_tensor(name)
                     sd[name] = t.to(torch.float16) if t.is_floating_point() else t
-        tmp = fp16 / "model.safetensors.part"
-        save_file(sd, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, fp16 / "model.safetensors")
+        atomic_write(fp16 / "model.safetensors", lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
         del sd
         for a in src_dir.iterdir():
             if a.is_file() and a.suffix in (".json", ".txt", ".model", ".jinja") and a.name != "manifest.json":

@@ -1,6 +1,6 @@
 """Lossless benchmark: aligncodec vs zstd on the same bytes, in the same run.
 
-    python tools/bench_lossless.py [--model minilm] [--json OUT]
+    python -m aligncodec.tools.bench.bench_lossless [--model minilm] [--json OUT]
 
 For the model's weights as shipped (fp32) and cast to bf16 and fp16: archive
 size (all-in: header, tables, every byte), ratio against the raw tensor bytes,

@@ -9,7 +9,7 @@ import sys
 import time
 
 from aligncodec import archive
-from aligncodec.tools.cli import EXIT_IO, CLIError, add_command
+from aligncodec.tools.cli import EXIT_DEPENDENCY, EXIT_IO, CLIError, add_command
 
 
 def _size(n: float) -> str:
@@ -38,6 +38,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                        sigma="none" if args.no_calibration else "auto", progress=not args.quiet)
         except (archive.InputError, FileNotFoundError) as exc:
             raise CLIError(str(exc), EXIT_IO) from None
+        except _enc.CalibrationUnavailableError as exc:
+            raise CLIError(str(exc), EXIT_DEPENDENCY) from None
         except ValueError as exc:
             raise CLIError(str(exc), 2) from None
         if not args.quiet:
@@ -58,9 +60,26 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limits(args: argparse.Namespace):
+    """The reader limits the command line asks for (formats/limits.py)."""
+    from aligncodec.formats.limits import Limits
+
+    if args.max_ratio is not None and not args.max_ratio > 0:
+        raise CLIError("--max-ratio must be > 0 (inf: no limit)", 2)
+    return Limits().with_(max_ratio=args.max_ratio)
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    from aligncodec.formats.limits import DEFAULT_MAX_RATIO, DEFAULT_RATIO_SLACK_BYTES
+
+    p.add_argument("--max-ratio", type=float, default=None, metavar="R",
+                   help=f"expansion limit: decoded bytes per archive byte, up to each tensor (default {DEFAULT_MAX_RATIO:g}, "
+                        f"plus {DEFAULT_RATIO_SLACK_BYTES >> 20} MiB; 'inf' for none). Raise it only for archives you trust")
+
+
 def cmd_decompress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    paths = archive.decompress(args.archive, args.output, progress=not args.quiet)
+    paths = archive.decompress(args.archive, args.output, progress=not args.quiet, limits=_limits(args))
     if not args.quiet:
         for p in paths:
             print(p)
@@ -90,7 +109,7 @@ def _print_table(info: dict) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = archive.inspect(args.archive)
+    info = archive.inspect(args.archive, limits=_limits(args))
     if args.json:
         json.dump(info, sys.stdout, indent=2)
         print()
@@ -100,7 +119,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    res = archive.verify(args.archive, decode=not args.no_decode, progress=not args.quiet)
+    res = archive.verify(args.archive, decode=not args.no_decode, progress=not args.quiet, limits=_limits(args))
     print(f"{args.archive}: OK ({res['tensors']} tensors, every checksum{'' if args.no_decode else ' and stream'} verified)")
     return 0
 
@@ -116,7 +135,8 @@ def add_parser(sub) -> None:
                    help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")
     p.add_argument("--alpha", type=float, default=0.25, help="lossy: column steps ∝ Σ_jj^-alpha for the colscale transforms (default 0.25)")
     p.add_argument("--lossy-embeddings", action="store_true", help="lossy: code the embeddings lossy too (weight MSE)")
-    p.add_argument("--no-calibration", action="store_true", help="lossy: no calibration Σ (plain weight MSE)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="lossy: no calibration Σ (plain weight MSE); without it a model that cannot be calibrated is an error")
     p.add_argument("--seed", type=int, default=0, help="lossy: seed of the randomized Hadamard transforms")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
@@ -126,15 +146,18 @@ def add_parser(sub) -> None:
     p.add_argument("archive")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file list")
+    _add_limit_args(p)
     p.set_defaults(func=cmd_decompress)
 
     p = add_command(sub, "inspect")
     p.add_argument("archive")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_limit_args(p)
     p.set_defaults(func=cmd_inspect)
 
     p = add_command(sub, "verify")
     p.add_argument("archive")
     p.add_argument("--no-decode", action="store_true", help="check checksums and structure only, do not decode")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_limit_args(p)
     p.set_defaults(func=cmd_verify)

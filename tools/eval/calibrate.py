@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
+
+from aligncodec.formats.atomic import atomic_write
 
 SIGMA_FORMAT = "aligncodec-sigma/1"
 DEFAULT_CALIB_TOKENS = 16384
@@ -63,11 +64,11 @@ def capture_sigma(model, tokenizer, n_tokens: int = DEFAULT_CALIB_TOKENS, split:
     """
     from tqdm import tqdm
 
-    from aligncodec.tools.eval.evaluate import prepare
+    from aligncodec.tools.eval.evaluate import make_windows
 
     if threads:
         torch.set_num_threads(threads)
-    data = prepare(tokenizer, n_tokens, split, window, text=text)
+    data = make_windows(tokenizer, n_tokens, split, window, text=text)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise CalibrationError("model has no nn.Linear layers")
@@ -150,9 +151,7 @@ def save_sigma(path: str | Path, sigma: dict[str, torch.Tensor], info: dict, mod
         "linears": json.dumps(info["linears"]),
         "dtype": "float64",
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in sigma.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in sigma.items()}, str(tmp), metadata=meta))
     return path
 
 

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from aligncodec.formats.atomic import atomic_write
 
 DEFAULT_WINDOW = 1024
 DEFAULT_THREADS = 2
@@ -105,7 +106,7 @@ def _tokenize(tokenizer, split: str, text: str | None = None):
     return ids, offsets, text, sha
 
 
-def prepare(tokenizer, n_tokens: int = 8192, split: str = "eval", window: int = DEFAULT_WINDOW,
+def make_windows(tokenizer, n_tokens: int = 8192, split: str = "eval", window: int = DEFAULT_WINDOW,
             text: str | None = None) -> EvalData:
     """Cut the first ``n_tokens`` tokens of ``split`` into protocol windows.
 
@@ -171,13 +172,10 @@ class ReferenceStats:
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(
-            {"topk_logp": self.topk_logp.contiguous(), "topk_idx": self.topk_idx.to(torch.int32).contiguous(),
-             "rest_logp": self.rest_logp.contiguous(), "target_logp": self.target_logp.contiguous()},
-            str(tmp), metadata={k: str(v) for k, v in self.meta.items()},
-        )
-        os.replace(tmp, path)
+        tensors = {"topk_logp": self.topk_logp.contiguous(), "topk_idx": self.topk_idx.to(torch.int32).contiguous(),
+                   "rest_logp": self.rest_logp.contiguous(), "target_logp": self.target_logp.contiguous()}
+        meta = {k: str(v) for k, v in self.meta.items()}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path) -> "ReferenceStats":
@@ -198,7 +196,7 @@ def compute_reference_stats(ref_model, tokenizer, n_tokens: int = 8192, split: s
 
     if threads:
         torch.set_num_threads(threads)
-    data = data or prepare(tokenizer, n_tokens, split, window)
+    data = data or make_windows(tokenizer, n_tokens, split, window)
     ref_model.eval()
     parts = {"v": [], "i": [], "r": [], "t": []}
     with torch.inference_mode(), tqdm(total=data.n_tokens, unit="tok", desc="reference", disable=not progress,
@@ -262,7 +260,7 @@ def evaluate(model, tokenizer, n_tokens: int = 8192, ref_model=None, split: str 
 
     if threads:
         torch.set_num_threads(threads)
-    data = prepare(tokenizer, n_tokens, split, window, text=text)
+    data = make_windows(tokenizer, n_tokens, split, window, text=text)
     model.eval()
     stats = ref_model if isinstance(ref_model, ReferenceStats) else None
     ref_mod = ref_model if isinstance(ref_model, torch.nn.Module) else None

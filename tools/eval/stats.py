@@ -36,24 +36,12 @@ import torch
 
 from aligncodec.codec.transforms import hadamard as Hd
 from aligncodec.codec import metrics as M
+from aligncodec.codec.naming import LAYER_TYPES, layer_type
 
 BASES = ("as_is", "rotated", "aligned", "aligned_act")
 METRICS = ("kurtosis", "crest", "eff_rank", "top1", "top10", "entropy_bits", "sqnr_db")
-LAYER_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "embedding", "lm_head", "other")
 DEFAULT_STEP = 0.5  # Δ = 0.5·rms: about 3 bits/weight for a Gaussian
 BIG = 50_000_000  # tensors with more entries are measured in float32
-
-
-def layer_type(name: str, tied_lm_head: bool = True) -> str:
-    """Layer type of a weight name (see the module doc)."""
-    for t, pat in (("q", r"q_proj"), ("k", r"k_proj"), ("v", r"v_proj"), ("o", r"o_proj|out_proj"),
-                   ("gate", r"gate_proj"), ("up", r"up_proj"), ("down", r"down_proj"),
-                   ("embedding", r"embed_tokens|wte|word_embeddings")):
-        if re.search(pat, name):
-            return t
-    if re.search(r"lm_head", name):
-        return "embedding" if tied_lm_head else "lm_head"
-    return "other"
 
 
 def _sqrtm_psd(sigma: torch.Tensor) -> torch.Tensor:

@@ -23,14 +23,14 @@ from __future__ import annotations
 import bz2
 import glob
 import hashlib
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
+
+from aligncodec.formats.atomic import atomic_write
 
 GENSIM_REQ = "gensim==4.4.0"
 MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -165,10 +165,7 @@ def get_text(split: str = "eval") -> str:
             _check(name, text)
         path.parent.mkdir(parents=True, exist_ok=True)
         for name, text in halves.items():
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(text.encode("utf-8"))
-            os.replace(tmp, _split_path(name))
+            atomic_write(_split_path(name), lambda tmp, data=text.encode("utf-8"): tmp.write_bytes(data))
     text = path.read_bytes().decode("utf-8")
     _check(split, text)
     return text

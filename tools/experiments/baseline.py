@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from aligncodec.codec import baselines as B
+from aligncodec.codec.baselines import quantize as BQ
 from aligncodec.codec.transforms import hadamard as Hd
 from aligncodec.codec import metrics as Mx
 
@@ -61,14 +62,14 @@ def sites(names: list[str], sigma: dict[str, torch.Tensor]) -> list[list[str]]:
 
 def quantize_model_weights(weights: dict[str, torch.Tensor], sigma: dict[str, torch.Tensor], method,
                            *, bits=None, mult=None, seed=0, step_rule="shared", act_order=False, sym=None,
-                           progress=False, desc="quantise") -> list[B.TensorResult]:
+                           progress=False, desc="quantise") -> list[BQ.TensorResult]:
     """Run ``quantize_site`` over every site; results in site order."""
     from tqdm import tqdm
 
     out = []
     groups = sites(list(weights), sigma)
     for g in tqdm(groups, desc=desc, unit="site", disable=not progress, dynamic_ncols=True, leave=False):
-        out += B.quantize_site({n: weights[n] for n in g}, method, bits=bits, mult=mult, sigma=sigma[g[0]],
+        out += BQ.quantize_site({n: weights[n] for n in g}, method, bits=bits, mult=mult, sigma=sigma[g[0]],
                                seed=Hd.tensor_seed(seed, g[0]), step_rule=step_rule, act_order=act_order, sym=sym)
     return out
 
@@ -94,7 +95,7 @@ def transform_inputs(model_name: str, tokenizer) -> dict:
     cache_dir = Mo.cache_root() / "rotations" / f"{ident['name'].split('/')[-1]}-{ident['weights_sha256'][:16]}"
 
     def calib_windows(n_tokens: int, window: int) -> list:
-        return list(Ev.prepare(tokenizer, n_tokens, "calib", window=window).windows)
+        return list(Ev.make_windows(tokenizer, n_tokens, "calib", window=window).windows)
 
     return {"calib_windows": calib_windows, "cache_dir": cache_dir}
 
@@ -144,9 +145,9 @@ def run_baseline(model_name: str, method_name: str, bits: float, *, group: int |
             def pre_rate(c):
                 return (sum(t.bits for t in quantize_model_weights(weights, sigma, pre, mult=c, **kw)) + extra) / numel
 
-            c0, _, _ = B.find_multiplier(pre_rate, float(bits), c0, tol=0.02)
+            c0, _, _ = BQ.find_multiplier(pre_rate, float(bits), c0, tol=0.02)
             log(f"  RTN-rounding pre-search: start GPTQ search at multiplier {c0:.5g}")
-        c, r, hist = B.find_multiplier(rate, float(bits), c0, tol=RATE_TOL)
+        c, r, hist = BQ.find_multiplier(rate, float(bits), c0, tol=RATE_TOL)
         results = cache[c] if c in cache else quantize_model_weights(weights, sigma, method, mult=c, **kw)
         search = {"multiplier": c, "history": hist, "tolerance_bpw": RATE_TOL}
     else:

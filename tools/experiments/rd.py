@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aligncodec.codec import encoder as E
 
 from aligncodec import lossy_compress as enc
+from aligncodec.codec.naming import layer_type
+from aligncodec.formats.atomic import atomic_write
 
 ENCODER_METHODS = {
     "align": ("hadamard", "colscale"),
@@ -61,7 +62,7 @@ def run_encoder_method(model_name: str, method: str, bpw: float, *, model=None, 
 
     res, jobs, info = enc.encode_model(model_name, bpw=bpw, candidates=ENCODER_METHODS[method], sigma=sigma,
                                        progress=progress, **kw)
-    modes = enc.modes_by_type((enc.layer_type(j.name), res.codes[j.name].kind) for j in jobs)
+    modes = enc.modes_by_type((layer_type(j.name), res.codes[j.name].kind) for j in jobs)
     rel = [res.codes[j.name].rel_err for j in jobs]
     out = {"method": method, "target_bpw": bpw, "bpw": res.bpw, "step": res.step,
            "mean_act_rel_err": float(np.mean(rel)), "act_sqnr_db": _act_sqnr(float(np.mean(rel))),
@@ -148,16 +149,11 @@ def save_result(outdir, res: dict) -> None:
     """rd.json (rows without their per-window ``eval`` detail), rd.md and (when there are
     perplexities) rd.png in ``outdir``; each file is written to a temporary name and renamed, so
     an interrupted run never leaves half a file."""
-    import os
-
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
 
     def put(name: str, write) -> None:
-        stem, ext = name.rsplit(".", 1)
-        tmp = outdir / f".{stem}.tmp.{ext}"  # the suffix tells matplotlib the format
-        write(tmp)
-        os.replace(tmp, outdir / name)
+        atomic_write(outdir / name, write)  # the temporary name keeps the suffix: matplotlib reads the format from it
 
     slim = {**res, "rows": [{k: v for k, v in r.items() if k != "eval"} for r in res["rows"]]}
     put("rd.json", lambda t: t.write_text(json.dumps(slim, indent=1)))

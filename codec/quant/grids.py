@@ -1,4 +1,4 @@
-"""Scalar quantisers for weight matrices: RTN, GPTQ, and their ECSQ variants.
+"""Quantiser grids for weight matrices (RTN and the grids GPTQ uses: :mod:`.gptq`).
 
 All functions take a weight matrix W (out × in, "rows × columns"; a linear
 layer computes y = W x) and return a :class:`QuantResult` holding the
@@ -39,25 +39,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numba
-import numpy as np
 import torch
 
-__all__ = [
-    "FixedGrid",
-    "ECSQ",
-    "QuantResult",
-    "rtn",
-    "gptq",
-    "fixed_length_bits",
-    "CLIP_FACTORS",
-]
+__all__ = ["FixedGrid", "ECSQ", "QuantResult", "rtn", "fixed_length_bits", "fp16_up", "CLIP_FACTORS"]
 
 CLIP_FACTORS = torch.linspace(1.0, 0.2, 33).tolist()  # shrink factors tried by the clip search
 SCALE_BITS = 16  # fp16 scale / step per group
 
 
-def _fp16(x: torch.Tensor) -> torch.Tensor:
+def fp16_up(x: torch.Tensor) -> torch.Tensor:
     """Round *up* to the next fp16 value (what a decoder reads), positive and finite.
 
     Rounding up keeps a grid built from a range covering that range, so RTN's
@@ -90,10 +80,10 @@ class FixedGrid:
     def _scale_zero(self, xmin: torch.Tensor, xmax: torch.Tensor):
         if self.sym:
             amax = torch.maximum(xmin.abs(), xmax)
-            scale = _fp16(2 * amax / self.maxq)
+            scale = fp16_up(2 * amax / self.maxq)
             zero = torch.full_like(scale, self.maxq / 2)  # mid-rise: levels ±s/2, ±3s/2, …
         else:
-            scale = _fp16((xmax - xmin) / self.maxq)
+            scale = fp16_up((xmax - xmin) / self.maxq)
             zero = torch.round(-xmin / scale).clamp(0, self.maxq)
         return scale, zero
 
@@ -160,7 +150,7 @@ class ECSQ:
         rows = Wg.shape[0]
         if self.group_rel is not None:
             rms = Wg.pow(2).mean(1).sqrt()
-            return (_fp16(self.group_rel * rms),)
+            return (fp16_up(self.group_rel * rms),)
         s = torch.as_tensor(self.step, dtype=Wg.dtype)
         return (s.expand(rows).clone() if s.ndim == 0 else s.to(Wg.dtype).reshape(rows),)
 
@@ -190,18 +180,18 @@ class QuantResult:
     group_size: int = 0
 
     @property
-    def n_groups(self) -> int:
+    def ngroups(self) -> int:
         return self.params[0].numel() if self.params else 0
 
 
-def _groups(n: int, group_size: int) -> list[tuple[int, int]]:
+def column_groups(n: int, group_size: int) -> list[tuple[int, int]]:
     if group_size < 0:
         raise ValueError(f"group_size must be >= 0, got {group_size}")
     g = group_size or n
     return [(a, min(a + g, n)) for a in range(0, n, g)]
 
 
-def _check_w(W: torch.Tensor) -> torch.Tensor:
+def check_weight(W: torch.Tensor) -> torch.Tensor:
     if not isinstance(W, torch.Tensor) or W.ndim != 2 or W.numel() == 0:
         raise ValueError("expected a non-empty 2-D weight tensor")
     if not torch.isfinite(W).all():
@@ -211,11 +201,11 @@ def _check_w(W: torch.Tensor) -> torch.Tensor:
 
 def rtn(W: torch.Tensor, grid, group_size: int = 0) -> QuantResult:
     """Round-to-nearest with per-row (group_size=0) or per-group parameters."""
-    W = _check_w(W)
+    W = check_weight(W)
     W_hat = torch.empty_like(W)
     sym = torch.empty(W.shape, dtype=torch.int64)
     plist = []
-    for a, b in _groups(W.shape[1], group_size):
+    for a, b in column_groups(W.shape[1], group_size):
         p = grid.params(W[:, a:b])
         sym[:, a:b], W_hat[:, a:b] = grid.quant(W[:, a:b], p)
         plist.append(p)
@@ -223,121 +213,9 @@ def rtn(W: torch.Tensor, grid, group_size: int = 0) -> QuantResult:
     return QuantResult(W_hat, sym, params, group_size)
 
 
-@numba.njit(parallel=True, cache=True)
-def gptq_affine_block(W1, Hinv1, scale, zero, lo, hi, S1, Q1, E1):  # pragma: no cover - numba
-    """GPTQ's column loop over one block, row-parallel: symbol clamp(round(w/scale + zero), lo, hi),
-    reconstruction scale·(q − zero), error fed forward through the block's inverse-Hessian factor."""
-    rows, b = W1.shape
-    for r in numba.prange(rows):
-        for i in range(b):
-            w = W1[r, i]
-            q = np.rint(w / scale[r, i] + zero[r, i])
-            if q < lo:
-                q = lo
-            elif q > hi:
-                q = hi
-            S1[r, i] = np.int64(q)
-            d = scale[r, i] * (q - zero[r, i])
-            Q1[r, i] = d
-            err = (w - d) / Hinv1[i, i]
-            E1[r, i] = err
-            for j in range(i + 1, b):
-                W1[r, j] -= err * Hinv1[i, j]
-
-
-def gptq(
-    W: torch.Tensor,
-    sigma: torch.Tensor,
-    grid,
-    group_size: int = 0,
-    *,
-    damp: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = False,
-    use_kernel: bool = True,
-) -> QuantResult:
-    """GPTQ with H = 2Σ (Σ = E[x xᵀ] of the layer input, in × in). See the module doc."""
-    W = _check_w(W).clone()
-    rows, n = W.shape
-    if sigma.shape != (n, n):
-        raise ValueError(f"gptq: Σ has shape {tuple(sigma.shape)}, expected {(n, n)}")
-    if not damp > 0:
-        raise ValueError(f"gptq: damp must be positive, got {damp}")
-    H = 2 * sigma.detach().to(torch.float64).clone()
-    dead = torch.diag(H) <= 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    groups = _groups(n, group_size)
-    gs = group_size or n
-    n_groups = len(groups)
-    P = None  # per-group params, each rows × n_groups
-
-    def store(gi, p):
-        nonlocal P
-        if P is None:
-            P = [torch.empty(rows, n_groups, dtype=W.dtype) for _ in p]
-        for i, t in enumerate(p):
-            P[i][:, gi] = t
-
-    static = act_order or not group_size  # params fixed before the sweep
-    if static:
-        for gi, (a, b) in enumerate(groups):
-            store(gi, grid.params(W[:, a:b]))
-    perm = torch.arange(n)
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    Hinv = torch.linalg.cholesky(Hinv, upper=True).to(W.dtype)
-    col_group = perm // gs  # group of the column processed at each position
-    Q = torch.empty_like(W)
-    S = torch.empty(W.shape, dtype=torch.int64)
-    bs = group_size if (group_size and not act_order) else block_size
-    fast = hasattr(grid, "affine") and W.dtype in (torch.float32, torch.float64) and use_kernel
-    for i1 in range(0, n, bs):
-        i2 = min(i1 + bs, n)
-        W1 = W[:, i1:i2].clone()
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        if not static:  # a group starts here (bs == group_size): params from updated weights
-            store(i1 // gs, grid.params(W1))
-        if fast:  # the column loop in a numba kernel, parallel over rows (same arithmetic)
-            gis = col_group[i1:i2]
-            scale, zero, lo, hi = grid.affine(tuple(t[:, gis] for t in P))
-            S1 = np.empty(W1.shape, dtype=np.int64)
-            Q1 = np.empty(W1.shape, dtype=np.float32 if W1.dtype == torch.float32 else np.float64)
-            E1 = np.empty_like(Q1)
-            W1n = W1.numpy()
-            gptq_affine_block(W1n, np.ascontiguousarray(Hinv1.numpy()),
-                              np.ascontiguousarray(scale.to(W1.dtype).numpy()),
-                              np.ascontiguousarray(zero.to(W1.dtype).numpy()), lo, hi, S1, Q1, E1)
-            S[:, i1:i2] = torch.from_numpy(S1)
-            Q[:, i1:i2] = torch.from_numpy(Q1)
-            Err1 = torch.from_numpy(E1)
-        else:
-            Err1 = torch.empty_like(W1)
-            for i in range(i2 - i1):
-                gi = int(col_group[i1 + i])
-                p = tuple(t[:, gi] for t in P)
-                w = W1[:, i]
-                s, q = grid.quant(w, p)
-                S[:, i1 + i] = s
-                Q[:, i1 + i] = q
-                err = (w - q) / Hinv1[i, i]
-                W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-                Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    if act_order:
-        inv = torch.argsort(perm)
-        Q, S = Q[:, inv], S[:, inv]
-    return QuantResult(Q.contiguous(), S.contiguous(), tuple(P), group_size)
-
-
 def fixed_length_bits(shape: tuple[int, int], grid: FixedGrid, group_size: int = 0) -> int:
     """All-in bits of a fixed-length code: B bits per weight + per group an fp16 scale and,
     asymmetric, a B-bit zero-point."""
     rows, n = shape
-    n_groups = rows * len(_groups(n, group_size))
+    n_groups = rows * len(column_groups(n, group_size))
     return rows * n * grid.bits + n_groups * grid.side_bits_per_group()

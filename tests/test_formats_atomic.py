@@ -1,0 +1,41 @@
+"""formats/atomic.py: all-or-nothing output (no half file under the final name, no litter)."""
+
+import pytest
+
+from aligncodec.formats.atomic import atomic_write
+
+
+def test_writes_and_replaces(tmp_path):
+    dest = tmp_path / "out.json"
+    dest.write_text("old")
+    seen = []
+
+    def write(tmp):
+        seen.append(tmp)
+        tmp.write_text("new")
+
+    assert atomic_write(dest, write) == dest
+    assert dest.read_text() == "new"
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(".out.json.") and seen[0].suffix == ".json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_error_leaves_the_old_file_and_no_temporary(tmp_path):
+    dest = tmp_path / "model.safetensors"
+    dest.write_bytes(b"old")
+
+    def write(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(dest, write)
+    assert dest.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_error_before_any_byte_creates_nothing(tmp_path):
+    dest = tmp_path / "new.bin"
+    with pytest.raises(ValueError):
+        atomic_write(dest, lambda tmp: (_ for _ in ()).throw(ValueError("no")))
+    assert list(tmp_path.iterdir()) == []
