@@ -23,6 +23,7 @@ import torch
 from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossless, lossy
 from aligncodec.codec.naming import is_embedding, layer_type
+from aligncodec.codec.torch_interop import torch_dtype
 from aligncodec.formats.constants import MODE_ECSQ
 from aligncodec.formats.layout import TensorEntry
 
@@ -90,7 +91,7 @@ def build_jobs(src: Path, sigma: dict, *, lossy_embeddings: bool = False, type_w
             continue
         if not is_lossy_candidate(name, dtype, shape, lossy_embeddings):
             continue
-        t = torch.frombuffer(bytearray(raw.tobytes()), dtype={"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[dtype])
+        t = torch.frombuffer(bytearray(raw.tobytes()), dtype=torch_dtype(dtype))
         W = t.reshape(shape).to(torch.float32)
         S = sigma.get(name)
         if S is not None and S.shape != (shape[1], shape[1]):

@@ -1,4 +1,4 @@
-"""Baseline weight coders, each with an honest all-in bit count (DESIGN.md §5).
+"""Baseline weight coders, each with an honest all-in bit count (docs/baselines.md).
 
 Methods (``METHODS``), per linear weight W (out × in):
 
@@ -32,8 +32,8 @@ clipping) and code each tensor's symbols with the project's rANS
 chunk table and payload). The step is set by one *global multiplier* c for the whole model:
 
 * ``step_rule='shared'`` (default): Δ = c for every tensor — one absolute step
-  shared by all tensors, i.e. the same weight-domain noise everywhere; DESIGN.md
-  §6 found this beat equal-SQNR allocation for every method;
+  shared by all tensors, i.e. the same weight-domain noise everywhere; measured to
+  beat equal-SQNR allocation for every method (docs/results/2026-11-28-rd.md);
 * ``step_rule='rms'``: Δ_t = c · rms(W_t) (equal SQNR per tensor), for comparison;
 * ``rtn-g128-ec`` always uses Δ = c · rms(group row) per group of 128 (fp16,
   sent), the ECSQ analogue of a per-group scale.

@@ -4,7 +4,7 @@
   even, never fused. NVVM contracts a plain ``a * b + c`` into ``fma.rn.f32`` by default
   (numba passes no ``-fma=0``), which would break spec §7.4's "no fused multiply-add";
   libdevice's ``__nv_fmul_rn`` lowers to ``mul.rn.f32``, which PTX never contracts
-  (tests/test_cudasim_lossy.py compiles the kernels to PTX and checks there is no ``fma``).
+  (tests/test_codec_modes_lossy_cuda.py compiles the kernels to PTX and checks there is no ``fma``).
 * ``f32_bits``: the bit pattern of a float32 as uint32 (libdevice ``float_as_int``).
 * ``ballot_sync``: warp vote. The simulator has none, so :func:`install_simulator_warp_vote`
   adds one to its fake ``cuda`` module, built on the block barrier the simulator does have.

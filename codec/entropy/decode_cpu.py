@@ -41,7 +41,7 @@ GROUP = 4
 _U64 = np.uint64
 _L = _U64(RANS_STATE_LOWER)
 
-_UINT = {16: np.uint16, 32: np.uint32, 64: np.uint64}
+UINT_OF_WIDTH = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}  # unsigned numpy dtype of a bit width
 
 ERROR_TEXT = {
     1: "initial state below L",
@@ -462,7 +462,7 @@ def decode_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str,
     Returns a uint{W} array of ``stream.n_symbols`` elements (``out`` if given)."""
     width, rw, low, raw = float_split_layout(stream, rest, dtype, k)
     n = stream.n_symbols
-    u = _UINT[width]
+    u = UINT_OF_WIDTH[width]
     if out is None:
         out = np.empty(n, dtype=u)
     elif out.shape != (n,) or out.dtype != u:

@@ -18,7 +18,7 @@ Same bitstream and the same packed slot table as :mod:`aligncodec.codec.entropy.
 
 Without a GPU the kernels run under numba's CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``, set before numba.cuda is first imported), which is
-how CI checks them (tests/test_cudasim_decode.py).
+how CI checks them (tests/test_codec_entropy_decode_cuda.py).
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def decode_float_split_device(stream: RansStream, rest, dtype: str, k: int, out=
     width, rw, low, raw = decode_cpu.float_split_layout(stream, rest, dtype, k)
     n = stream.n_symbols
     if out is None:
-        out = cuda.device_array(n, dtype={16: np.uint16, 32: np.uint32, 64: np.uint64}[width], stream=stream_obj)
+        out = cuda.device_array(n, dtype=decode_cpu.UINT_OF_WIDTH[width], stream=stream_obj)
     decode_symbols_device(stream, out, stream_obj=stream_obj)
     if n:
         d_rest = cuda.to_device(np.ascontiguousarray(raw), stream=stream_obj)
@@ -320,7 +320,6 @@ def decode_float_split_device(stream: RansStream, rest, dtype: str, k: int, out=
 # ----------------------------------------------------------------- torch tensors on the device
 
 _INT_OF_WIDTH = {16: "int16", 32: "int32", 64: "int64"}
-_UNSIGNED_OF_WIDTH = {16: np.uint16, 32: np.uint32, 64: np.uint64}
 
 
 def _as_numba(t, view_dtype=None):
@@ -361,5 +360,5 @@ def decode_float_split_tensor(entry: TensorEntry, streams: list, device="cuda"):
     rest = lossless._bytes_from(streams[1], lossless.packed_size(entry.numel, width - e - k), entry.name)
     t = torch.empty(entry.numel, dtype=getattr(torch, _INT_OF_WIDTH[width]), device=dev)
     with torch.cuda.device(dev):
-        decode_float_split_device(streams[0], rest, entry.dtype, k, out=_as_numba(t, _UNSIGNED_OF_WIDTH[width]), stream_obj=_numba_stream(dev))
+        decode_float_split_device(streams[0], rest, entry.dtype, k, out=_as_numba(t, decode_cpu.UINT_OF_WIDTH[width]), stream_obj=_numba_stream(dev))
     return t.view(torch_dtype(entry.dtype)).reshape(entry.shape)

@@ -245,11 +245,6 @@ def cumulative(freqs: np.ndarray) -> np.ndarray:
     return cum
 
 
-def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
-    """slot -> symbol lookup table of 2**precision entries (uint16)."""
-    return np.repeat(np.arange(len(freqs), dtype=np.uint16), np.asarray(freqs, dtype=np.int64))
-
-
 @contextlib.contextmanager
 def default_layout(chunk_symbols: int, lanes: int):
     """Temporarily make (chunk_symbols, lanes) the layout of encode() calls that name none

@@ -20,8 +20,8 @@ from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, serial
 from aligncodec.formats.errors import CorruptStreamError, StreamError, UnsupportedError
 
 from aligncodec.codec.entropy import rans
+from aligncodec.codec.entropy.decode_cpu import UINT_OF_WIDTH
 
-_UINT = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
 # mantissa bits moved into the symbol, per dtype (measured on MiniLM weights: for BF16 the joint
 # (exponent, top-2 mantissa) entropy is 0.066 bit lower than the exponent's + 2 bits)
 DEFAULT_MANTISSA_BITS = {"F16": 3, "BF16": 2, "F32": 0, "F64": 0}
@@ -130,7 +130,7 @@ def split_float(bits: np.ndarray, dtype: str, k: int) -> tuple[np.ndarray, np.nd
     """(symbols: exponent and top-k mantissa bits; rest: sign and the low bits, W-E-k bits each)."""
     width, e = FLOAT_FORMATS[dtype]
     low = width - 1 - e - k
-    u = _UINT[width]
+    u = UINT_OF_WIDTH[width]
     b = bits.astype(u, copy=False)
     sym = ((b >> u(low)) & u((1 << (e + k)) - 1)).astype(np.uint16)
     rest = ((b >> u(width - 1)) << u(low)) | (b & u((1 << low) - 1))
@@ -140,7 +140,7 @@ def split_float(bits: np.ndarray, dtype: str, k: int) -> tuple[np.ndarray, np.nd
 def join_float(sym: np.ndarray, rest: np.ndarray, dtype: str, k: int) -> np.ndarray:
     width, e = FLOAT_FORMATS[dtype]
     low = width - 1 - e - k
-    u = _UINT[width]
+    u = UINT_OF_WIDTH[width]
     r = rest.astype(u)
     return ((r >> u(low)) << u(width - 1)) | (sym.astype(u) << u(low)) | (r & u((1 << low) - 1))
 

@@ -289,30 +289,24 @@ def apply_rotations(model, sigma: dict[str, torch.Tensor], rot: Rotations, fold_
 
     new_sigma = map_sigma(sigma, sig)
 
-    def coded(name, W):
+    def to_basis(name, W, back: bool):
+        """The coded basis (back=False): Wᵀ-side R1 (and the down_proj Hadamard) for o/down, W R1 for the
+        others; back=True is the exact inverse, applied to a reconstruction before it is installed."""
         if name not in kinds:
             return W
         p = kinds[name][0]
         W = W.double()
         if p in ("o", "down"):
-            W = R1.T @ W
-            if p == "down" and H4 is not None:
-                W = W @ H4
+            if back:
+                if p == "down" and H4 is not None:
+                    W = W @ H4.T
+                W = R1 @ W
+            else:
+                W = R1.T @ W
+                if p == "down" and H4 is not None:
+                    W = W @ H4
         else:
-            W = W @ R1
-        return W.float()
-
-    def install(name, W):
-        if name not in kinds:
-            return W
-        p = kinds[name][0]
-        W = W.double()
-        if p in ("o", "down"):
-            if p == "down" and H4 is not None:
-                W = W @ H4.T
-            W = R1 @ W
-        else:
-            W = W @ R1.T
+            W = W @ (R1.T if back else R1)
         return W.float()
 
     side = rot.side_bits(d, len(blocks))
@@ -320,4 +314,4 @@ def apply_rotations(model, sigma: dict[str, torch.Tensor], rot: Rotations, fold_
             "side_info": "R1 generator fp16 (d(d-1)/2 x 16 bits) + 32-bit seeds (R1 Hadamard, one per down_proj "
                          "Hadamard); R2 folded into v/o (free); norm gains "
                          + ("folded (free)" if gains else "left in the norms")}
-    return Prepared(new_sigma, coded, install, side, info)
+    return Prepared(new_sigma, lambda n, W: to_basis(n, W, False), lambda n, W: to_basis(n, W, True), side, info)

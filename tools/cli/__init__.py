@@ -79,6 +79,31 @@ def add_command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
     return sub.add_parser(name, help=COMMANDS[name][1], **kwargs)
 
 
+MODEL_HELP = "cached model name (smollm2, gemma3-270m), model folder or .safetensors file"
+
+
+def add_model_argument(p: argparse.ArgumentParser, help: str = MODEL_HELP, metavar: str = "MODEL") -> None:
+    """The optional positional MODEL (default smollm2) most research commands take."""
+    p.add_argument("model", nargs="?", default="smollm2", metavar=metavar, help=f"{help} (default: smollm2)")
+
+
+def add_eval_arguments(p: argparse.ArgumentParser, *, kld_topk: int = 0, tokens_help: str = "evaluation tokens") -> None:
+    """--tokens N and --kld-topk K of the commands that evaluate a model."""
+    p.add_argument("--tokens", type=int, default=8192, metavar="N", help=f"{tokens_help} (default 8192)")
+    p.add_argument("--kld-topk", type=int, default=kld_topk, metavar="K",
+                   help="KLD against cached top-K reference log-probs (a lower bound of the exact KLD) instead of "
+                        f"running the reference model beside the model (0 = exact; default {kld_topk})")
+
+
+def add_run_options(p: argparse.ArgumentParser, *, threads: str | None = "torch threads (default 2)",
+                    progress: str | None = "no progress bar") -> None:
+    """--threads T (torch threads, default 2) and --no-progress (each left out when its help is None)."""
+    if threads:
+        p.add_argument("--threads", type=int, default=2, metavar="T", help=threads)
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help=progress)
+
+
 def _command_in(argv: list[str]) -> str | None:
     """The sub-command named on a command line (the first word that is not an option)."""
     return next((a for a in argv if not a.startswith("-")), None)

@@ -1,27 +1,28 @@
-"""``aligncodec baseline``: quantise a model's linear layers with a baseline method (see tools/experiments/baseline.py)."""
+"""``aligncodec baseline``: quantise a model's linear layers with a baseline method (see tools/experiments/baseline.py).
+
+Quantise every linear weight of a model with a baseline method and write the reconstructed model
+as a float32 safetensors folder (config and tokenizer copied). Embeddings (incl. a tied lm_head),
+norms and biases are left untouched and not counted. Prints the all-in bits per weight over the
+linear layers (symbols + fp16 scales + zero-points + rotation seeds + entropy-coder tables).
+Methods: rtn (per channel), rtn-g128, hadamard-rtn (per channel), gptq (g128), hadamard-gptq (per
+channel), the folding baselines (smoothquant, kurtail, spinquant), each with an -ec variant
+(ECSQ + rANS).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from aligncodec.tools.cli import add_command
+from aligncodec.tools.cli import add_command, add_eval_arguments, add_model_argument, add_run_options
 
 
 def add_parser(sub) -> None:
     from aligncodec.codec.baselines import METHODS, STEP_RULES
 
-    p = add_command(sub, "baseline", description=(
-        "Quantise every linear weight of a model with a baseline method and write the reconstructed "
-        "model as a float32 safetensors folder (config and tokenizer copied). Embeddings (incl. a tied "
-        "lm_head), norms and biases are left untouched and not counted. Prints the all-in bits per "
-        "weight over the linear layers (symbols + fp16 scales + zero-points + rotation seeds + "
-        "entropy-coder tables). Methods: rtn (per channel), rtn-g128, hadamard-rtn (per channel), "
-        "gptq (g128), hadamard-gptq (per channel), each with an -ec variant (ECSQ + rANS)."
-    ))
+    p = add_command(sub, "baseline", description=__doc__)
     p.add_argument("method", choices=list(METHODS), metavar="METHOD", help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
-                   help="cached model name, model folder or .safetensors file (default: smollm2)")
+    add_model_argument(p)
     p.add_argument("--bits", type=float, required=True, metavar="B",
                    help="fixed-length methods: the code length in bits (integer); -ec methods: the target "
                         "all-in bits per weight over the linear layers")
@@ -41,13 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="global seed of the Hadamard rotations (default 0)")
     p.add_argument("--eval", action="store_true",
                    help="evaluate the result: perplexity, bits/byte and KLD against the unmodified model")
-    p.add_argument("--tokens", type=int, default=8192, metavar="N", help="evaluation tokens (default 8192)")
-    p.add_argument("--kld-topk", type=int, default=0, metavar="K",
-                   help="KLD against cached top-K reference log-probs (lower bound) instead of running the "
-                        "reference model (0 = exact, default)")
-    p.add_argument("--threads", type=int, default=2, metavar="T", help="torch threads (default 2)")
+    add_eval_arguments(p)
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON to OUT")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_options(p, progress="no progress bars")
     p.set_defaults(func=run)
 
 

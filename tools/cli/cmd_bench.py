@@ -1,17 +1,18 @@
-"""``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench/bench.py)."""
+"""``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench/bench.py).
+
+decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba
+CPU decoder (1 and 2 threads) and the GPU if present, on the float-split symbols of a Gaussian bf16
+matrix. load: load time and peak RSS of the default model from its fp16 safetensors vs its lossless
+archive, each in a fresh subprocess. Prints a table; --json writes the full result.
+"""
 
 from __future__ import annotations
 
-from aligncodec.tools.cli import add_command
+from aligncodec.tools.cli import add_command, add_model_argument, add_run_options
 
 
 def add_parser(sub) -> None:
-    p = add_command(sub, "bench", description=(
-        "decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba "
-        "CPU decoder (1 and 2 threads) and the GPU if present, on the float-split symbols of a Gaussian bf16 "
-        "matrix. load: load time and peak RSS of the default model from its fp16 safetensors vs its lossless "
-        "archive, each in a fresh subprocess. Prints a table; --json writes the full result."
-    ))
+    p = add_command(sub, "bench", description=__doc__)
     bs = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     d = bs.add_parser("decode", help="decoder throughput on the same symbols",
                       description="Decoder throughput on the float-split symbols of a ROWSxCOLS bf16 matrix.")
@@ -28,15 +29,14 @@ def add_parser(sub) -> None:
     ld = bs.add_parser("load", help="load time and peak RSS: fp16 safetensors vs lossless archive",
                        description="Load the model from its fp16 safetensors and from its lossless .acz (built and "
                                    "cached under $ALIGNCODEC_HOME/bench/ on first use), each in fresh subprocesses.")
-    ld.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
-                    help="cached model name, model folder or .safetensors file (default smollm2)")
+    add_model_argument(ld)
     ld.add_argument("--repeat", type=int, default=3, help="fresh processes per variant, median kept (default 3)")
     ld.add_argument("--cold", action="store_true",
                     help="evict the two files from the page cache before each run (posix_fadvise)")
     ld.add_argument("--workdir", metavar="DIR", help="where the fp16 folder and archive are kept")
     ld.add_argument("--only", choices=["state-dict", "hf"], help="only the state-dict or only the HF-model loads")
     ld.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
-    ld.add_argument("--no-progress", action="store_true", help="no progress bar while building the archive")
+    add_run_options(ld, threads=None, progress="no progress bar while building the archive")
     ld.set_defaults(func=run)
 
 

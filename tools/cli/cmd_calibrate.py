@@ -1,27 +1,26 @@
-"""``aligncodec calibrate``: capture each linear layer's input second moment Σ = E[x xᵀ]."""
+"""``aligncodec calibrate``: capture each linear layer's input second moment Σ = E[x xᵀ].
+
+Run the model over N tokens of the calibration half of the text (windows of 1024 positions,
+BOS + 1023 tokens) and store, for every nn.Linear, Σ = E[x xᵀ] of its input in float64, in a
+safetensors file under $ALIGNCODEC_HOME/sigma/ keyed to the model's weights (spec/SIGMA.md gives
+the layout). Reuses the cached file when it matches the model and text.
+"""
 
 from __future__ import annotations
 
 import json
 
-from aligncodec.tools.cli import add_command
+from aligncodec.tools.cli import add_command, add_model_argument, add_run_options
 from aligncodec.tools.cli.cmd_models import model_errors
 
 
 def add_parser(sub) -> None:
-    p = add_command(sub, "calibrate", description=(
-        "Run the model over N tokens of the calibration half of the text (windows of 1024 positions, "
-        "BOS + 1023 tokens) and store, for every nn.Linear, Σ = E[x xᵀ] of its input in float64, in a "
-        "safetensors file under $ALIGNCODEC_HOME/sigma/ keyed to the model's weights (spec/SIGMA.md "
-        "gives the layout). Reuses the cached file when it matches the model and text."
-    ))
-    p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
-                   help="cached model name, model folder or .safetensors file (default: smollm2)")
+    p = add_command(sub, "calibrate", description=__doc__)
+    add_model_argument(p)
     p.add_argument("--tokens", type=int, default=16384, metavar="N", help="calibration tokens (default 16384)")
-    p.add_argument("--threads", type=int, default=2, metavar="T", help="torch threads (default 2)")
     p.add_argument("--force", action="store_true", help="recompute even if a matching file is cached")
     p.add_argument("--json", action="store_true", help="print the file's path and metadata as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p)
     p.set_defaults(func=run)
 
 

@@ -1,38 +1,32 @@
-"""``aligncodec eval``: perplexity, bits per byte and KL divergence on the evaluation text."""
+"""``aligncodec eval``: perplexity, bits per byte and KL divergence on the evaluation text.
+
+Evaluate a causal LM on the evaluation half of the Wikipedia text: disjoint windows of 1024
+positions (BOS, never scored, + 1023 tokens), float32, fixed thread count. Reports perplexity,
+bits per byte (NLL / ln 2 / UTF-8 bytes of the scored tokens' text) and the mean per-token
+KL(reference || model).
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from aligncodec.tools.cli import CLIError, add_command
+from aligncodec.tools.cli import MODEL_HELP, CLIError, add_command, add_eval_arguments, add_model_argument, add_run_options
 from aligncodec.tools.cli.cmd_models import model_errors
 
 
 def add_parser(sub) -> None:
-    p = add_command(sub, "eval", description=(
-        "Evaluate a causal LM on the evaluation half of the Wikipedia text: disjoint windows of "
-        "1024 positions (BOS, never scored, + 1023 tokens), float32, fixed thread count. Reports "
-        "perplexity, bits per byte (NLL / ln 2 / UTF-8 bytes of the scored tokens' text) and the "
-        "mean per-token KL(reference || model)."
-    ))
-    p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL_OR_ARCHIVE",
-                   help="cached model name (smollm2, gemma3-270m), model folder, .safetensors file or "
-                        ".acz archive (default: smollm2)")
+    p = add_command(sub, "eval", description=__doc__)
+    add_model_argument(p, MODEL_HELP + " or .acz archive", metavar="MODEL_OR_ARCHIVE")
     p.add_argument("--ref", default=None, metavar="MODEL",
                    help="reference model for KLD; 'none' to skip. Default: the unmodified model this one "
                         "derives from (found from safetensors metadata 'aligncodec.base_model' or a "
                         "matching config), none for a reference model itself")
-    p.add_argument("--tokens", type=int, default=8192, metavar="N",
-                   help="evaluation tokens to score (default 8192; 32768 for reported numbers)")
+    add_eval_arguments(p, tokens_help="evaluation tokens to score; 32768 for reported numbers")
     p.add_argument("--split", choices=("eval", "calib"), default="eval",
                    help="text half to score (default eval; calib only for diagnostics)")
-    p.add_argument("--kld-topk", type=int, default=0, metavar="K",
-                   help="compare against cached top-K reference log-probs instead of running the reference "
-                        "beside the model (lower bound of the exact KLD; 0 = exact, default)")
-    p.add_argument("--threads", type=int, default=2, metavar="T", help="torch threads (default 2; fixed for determinism)")
+    add_run_options(p, threads="torch threads (default 2; fixed for determinism)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 

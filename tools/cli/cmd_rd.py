@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from aligncodec.tools.cli import EXIT_DEPENDENCY, CLIError, add_command
+from aligncodec.tools.cli import EXIT_DEPENDENCY, CLIError, add_command, add_eval_arguments, add_model_argument, add_run_options
 
 
 def cmd_rd(args: argparse.Namespace) -> int:
@@ -62,14 +62,13 @@ def cmd_rd(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     p = add_command(sub, "rd")
-    p.add_argument("model", nargs="?", default="smollm2", help="cached model name or model folder (default smollm2)")
+    add_model_argument(p, "cached model name or model folder")
     p.add_argument("--bpw", default="2.5,3,3.5", help="comma-separated target all-in bits per weight (default 2.5,3,3.5)")
     p.add_argument("--methods", default="align,hadamard",
                    help="comma-separated: align, hadamard, identity (the lossy encoder) and rtn, gptq, hadamard-gptq "
                         "(entropy-coded baselines); default align,hadamard")
-    p.add_argument("--tokens", type=int, default=8192, help="evaluation tokens (default 8192)")
-    p.add_argument("--kld-topk", type=int, default=256, help="KLD against a cached top-K reference (0: run the reference model)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    add_eval_arguments(p, kld_topk=256)
+    add_run_options(p, progress=None)
     p.add_argument("--no-eval", action="store_true", help="rates and activation-weighted SQNR only, no perplexity")
     p.add_argument("--weight-domain", action="store_true",
                    help="weight-domain curve instead: SQNR vs bpw with Σ = I (use with the fp32 model minilm)")

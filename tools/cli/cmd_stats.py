@@ -1,24 +1,23 @@
-"""``aligncodec stats``: per-tensor diagnostics as is / rotated / aligned (see tools/eval/stats.py)."""
+"""``aligncodec stats``: per-tensor diagnostics as is / rotated / aligned (see tools/eval/stats.py).
+
+For every 2-D weight tensor: kurtosis, crest factor (max|w|/std), effective rank, top-k energy
+ratio (k = 1 % and 10 % of the input coordinates) and the empirical entropy of uniformly quantised
+symbols at a common relative step, measured as is, after a randomized Hadamard rotation of the input
+dimension, in the SVD basis of W (aligned) and in the SVD basis of W Σ^½ (aligned_act, Σ from
+calibration). Prints the summary by layer type.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from aligncodec.tools.cli import add_command
+from aligncodec.tools.cli import add_command, add_model_argument, add_run_options
 
 
 def add_parser(sub) -> None:
-    p = add_command(sub, "stats", description=(
-        "For every 2-D weight tensor: kurtosis, crest factor (max|w|/std), effective rank, top-k "
-        "energy ratio (k = 1%% and 10%% of the input coordinates) and the empirical entropy of "
-        "uniformly quantised symbols at a common relative step, measured as is, after a randomized "
-        "Hadamard rotation of the input dimension, in the SVD basis of W (aligned) and in the SVD "
-        "basis of W Σ^½ (aligned_act, Σ from calibration). Prints the summary by layer type."
-    ))
-    p.add_argument("model", nargs="?", default="smollm2", metavar="MODEL",
-                   help="cached model name (smollm2, gemma3-270m), model folder or .safetensors file "
-                        "(default: smollm2)")
+    p = add_command(sub, "stats", description=__doc__)
+    add_model_argument(p)
     p.add_argument("--json", metavar="OUT", help="write the full per-tensor result as JSON to OUT")
     p.add_argument("--png", metavar="OUT", help="write a figure of the layer-type summary to OUT (PNG)")
     p.add_argument("--markdown", action="store_true", help="print the summary as a markdown table")
@@ -28,7 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-sigma", action="store_true",
                    help="skip the activation-aware basis (no calibration needed)")
     p.add_argument("--only", metavar="REGEX", help="measure only the tensors whose name matches REGEX")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, threads=None)
     p.set_defaults(func=run)
 
 

@@ -9,7 +9,7 @@ from aligncodec.codec.transforms import folding as F
 from aligncodec.codec.baselines import kurtail as KT
 from aligncodec.tools.experiments import baseline as BL
 
-from test_folding_rotations import capture, ids, logits, tiny_llama
+from test_codec_transforms_folding import capture, ids, logits, tiny_llama
 
 pytest.importorskip("transformers")
 

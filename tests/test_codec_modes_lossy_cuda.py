@@ -9,7 +9,7 @@ Three kinds of tests:
   runs them): every lossy golden vector, random tensors of every shape class, the
   corrupt-data verdicts, the out-of-memory error.
 
-Run the simulator tests directly with ``NUMBA_ENABLE_CUDASIM=1 pytest tests/test_cudasim_lossy.py``.
+Run the simulator tests directly with ``NUMBA_ENABLE_CUDASIM=1 pytest tests/test_codec_modes_lossy_cuda.py``.
 """
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Issue 6 on the real SmolLM2-135M: every seed method's transform, folded and installed without
+"""The folding baselines (SmoothQuant, KurTail, SpinQuant) on the real SmolLM2-135M: every seed method's transform, folded and installed without
 quantisation, computes the same function as the original model (to float32 tolerance)."""
 
 import pytest

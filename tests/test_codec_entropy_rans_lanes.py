@@ -1,6 +1,6 @@
 """Interleaved-lanes rANS streams (coder 3, spec/FORMAT.md §6.6): encoder, container,
 reference decoder and numba CPU decoder agree; bad streams get named errors; an archive
-mixing coder 2 and coder 3 tensors loads. (The CUDA warp kernel: tests/test_cudasim_decode.py.)"""
+mixing coder 2 and coder 3 tensors loads. (The CUDA warp kernel: tests/test_codec_entropy_decode_cuda.py.)"""
 
 import numpy as np
 import pytest

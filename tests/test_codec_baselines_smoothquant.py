@@ -10,7 +10,7 @@ from aligncodec.codec.quant.grids import FixedGrid, rtn
 from aligncodec.codec.baselines import smoothquant as SQ
 from aligncodec.tools.experiments import baseline as BL
 
-from test_folding_rotations import capture, ids, logits, tiny_llama
+from test_codec_transforms_folding import capture, ids, logits, tiny_llama
 
 pytest.importorskip("transformers")
 

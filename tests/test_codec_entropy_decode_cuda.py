@@ -4,7 +4,7 @@ The simulator must be switched on before numba is imported, so the kernel tests 
 child pytest process with NUMBA_ENABLE_CUDASIM=1 (``test_kernels_under_simulator``); in the
 parent process they are skipped. Run them directly with
 
-    NUMBA_ENABLE_CUDASIM=1 pytest tests/test_cudasim_decode.py
+    NUMBA_ENABLE_CUDASIM=1 pytest tests/test_codec_entropy_decode_cuda.py
 """
 
 import os
