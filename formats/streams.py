@@ -244,3 +244,12 @@ def lane_counts(n_symbols: int, chunk_symbols: int, lanes: int) -> np.ndarray:
     if n_chunks:
         w[-1] = min(lanes, n_symbols - (n_chunks - 1) * chunk_symbols)
     return w
+
+
+def check_rans_stream(stream: RansStream, n_symbols: int, alphabet_size: int) -> None:
+    """Check that a parsed rANS stream is what a coding mode expects, before decoding: exactly
+    ``n_symbols`` symbols, an alphabet of at most ``alphabet_size``."""
+    if stream.n_symbols != n_symbols:
+        raise E.StreamError(f"rANS stream has {stream.n_symbols} symbols, {n_symbols} expected")
+    if stream.alphabet_size > alphabet_size:
+        raise E.StreamError(f"rANS alphabet of {stream.alphabet_size} symbols, at most {alphabet_size} allowed")

@@ -54,11 +54,14 @@ def test_formats_runs_without_torch():
 
 @pytest.mark.parametrize("argv", [["inspect", str(VALID)], ["inspect", "--json", str(VALID)],
                                   ["verify", "-q", str(VALID)], ["verify", "-q", "--no-decode", str(VALID)],
-                                  ["inspect", str(LOSSY)], ["verify", "-q", str(LOSSY)]])
+                                  ["inspect", str(LOSSY)], ["verify", "-q", str(LOSSY)],
+                                  ["verify", "-q", "--no-decode", str(LOSSY)]])
 def test_inspect_and_verify_import_neither_torch_nor_the_encoder(argv):
+    # inspect and verify --no-decode decode nothing: not even numba (the decoders' JIT) is imported
+    jit = ", 'numba'" if argv[0] == "inspect" or "--no-decode" in argv else ""
     code = ("import sys\nfrom aligncodec.tools.cli import main\nrc = main(sys.argv[1:])\n"
             "heavy = ('torch', 'transformers', 'aligncodec.codec.encoder', 'aligncodec.codec.quant', "
-            "'aligncodec.codec.baselines', 'aligncodec.lossy_compress')\n"
+            f"'aligncodec.codec.baselines', 'aligncodec.lossy_compress'{jit})\n"
             "bad = sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in heavy))\n"
             "print('HEAVY', bad, file=sys.stderr)\nsys.exit(rc or (3 if bad else 0))\n")
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)

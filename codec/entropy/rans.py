@@ -25,7 +25,6 @@ import numpy as np
 
 from aligncodec.formats.constants import MAX_LANES, MAX_PRECISION, RANS_STATE_LOWER
 from aligncodec.formats.streams import RansStream
-from aligncodec.formats.errors import StreamError
 
 DEFAULT_CHUNK_SYMBOLS = 1 << 14  # chunked layout (coder 2): symbols per chunk
 # The layout the encoder writes when a caller names none (chunk_symbols=None, lanes=None).
@@ -333,11 +332,3 @@ def empirical_entropy_bits(symbols: np.ndarray) -> float:
     c = c[c > 0]
     p = c / c.sum()
     return float(-(c * np.log2(p)).sum())
-
-
-def validate_for(stream: RansStream, n_symbols: int, alphabet_size: int) -> None:
-    """Check that a parsed stream is what a coding mode expects before decoding."""
-    if stream.n_symbols != n_symbols:
-        raise StreamError(f"rANS stream has {stream.n_symbols} symbols, {n_symbols} expected")
-    if stream.alphabet_size > alphabet_size:
-        raise StreamError(f"rANS alphabet of {stream.alphabet_size} symbols, at most {alphabet_size} allowed")

@@ -10,17 +10,18 @@ tries the candidates and keeps the smallest; decoding is always bit-exact.
 
 from __future__ import annotations
 
-import numba as nb
+import functools
+
 import numpy as np
 import zstandard
 
 from aligncodec.formats.constants import CODER_NAMES, FLOAT_FORMATS, MODE_FLOAT_SPLIT, MODE_STORED, STREAM_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
-from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, serialize_stream
+from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, check_rans_stream, serialize_stream
 from aligncodec.formats.errors import CorruptStreamError, StreamError, UnsupportedError
 
-from aligncodec.codec.entropy import rans
-from aligncodec.codec.entropy.decode_cpu import UINT_OF_WIDTH
+# numba and the rANS coder are imported when something is coded, not when an entry is checked
+# (``aligncodec inspect`` validates every tensor without importing numba)
 
 # mantissa bits moved into the symbol, per dtype (measured on MiniLM weights: for BF16 the joint
 # (exponent, top-2 mantissa) entropy is 0.066 bit lower than the exponent's + 2 bits)
@@ -43,7 +44,6 @@ def _streams_size(streams) -> int:
     return sum(align(len(serialize_stream(s)), STREAM_ALIGN) for s in streams)
 
 
-@nb.njit(cache=True)
 def _pack_bits(v, width, out):
     acc = np.uint64(0)
     nacc = 0
@@ -76,7 +76,6 @@ def _pack_bits(v, width, out):
         out[pos] = np.uint8(acc & np.uint64(0xFF))
 
 
-@nb.njit(cache=True)
 def _unpack_bits(raw, n, width, out):
     acc = np.uint64(0)
     nacc = 0
@@ -97,6 +96,14 @@ def _unpack_bits(raw, n, width, out):
         out[i] = x
 
 
+@functools.cache
+def _jit(fn):
+    """``fn`` compiled by numba (imported on first use, compiled once, cached on disk)."""
+    import numba
+
+    return numba.njit(cache=True)(fn)
+
+
 def pack_bits(values: np.ndarray, width: int) -> bytes:
     """Pack unsigned values of ``width`` bits LSB-first (spec §7.2): bit b of value i is
     bit (i*width + b) of the stream, stream bit j being bit j%8 of byte j//8; the
@@ -105,7 +112,7 @@ def pack_bits(values: np.ndarray, width: int) -> bytes:
     if width % 8 == 0:
         return v.astype("<u8").view(np.uint8).reshape(-1, 8)[:, : width // 8].tobytes()
     out = np.zeros(packed_size(len(v), width), dtype=np.uint8)
-    _pack_bits(v, width, out)
+    _jit(_pack_bits)(v, width, out)
     return out.tobytes()
 
 
@@ -118,7 +125,7 @@ def unpack_bits(data: bytes, n: int, width: int) -> np.ndarray:
     if n * width % 8 and raw[-1] >> (n * width % 8):
         raise CorruptStreamError("non-zero padding bits in a packed stream")
     out = np.empty(n, dtype=np.uint64)
-    _unpack_bits(raw, n, width, out)
+    _jit(_unpack_bits)(raw, n, width, out)
     return out
 
 
@@ -130,7 +137,7 @@ def split_float(bits: np.ndarray, dtype: str, k: int) -> tuple[np.ndarray, np.nd
     """(symbols: exponent and top-k mantissa bits; rest: sign and the low bits, W-E-k bits each)."""
     width, e = FLOAT_FORMATS[dtype]
     low = width - 1 - e - k
-    u = UINT_OF_WIDTH[width]
+    u = np.dtype(f"u{width // 8}").type
     b = bits.astype(u, copy=False)
     sym = ((b >> u(low)) & u((1 << (e + k)) - 1)).astype(np.uint16)
     rest = ((b >> u(width - 1)) << u(low)) | (b & u((1 << low) - 1))
@@ -140,7 +147,7 @@ def split_float(bits: np.ndarray, dtype: str, k: int) -> tuple[np.ndarray, np.nd
 def join_float(sym: np.ndarray, rest: np.ndarray, dtype: str, k: int) -> np.ndarray:
     width, e = FLOAT_FORMATS[dtype]
     low = width - 1 - e - k
-    u = UINT_OF_WIDTH[width]
+    u = np.dtype(f"u{width // 8}").type
     r = rest.astype(u)
     return ((r >> u(low)) << u(width - 1)) | (sym.astype(u) << u(low)) | (r & u((1 << low) - 1))
 
@@ -155,6 +162,8 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
         k = DEFAULT_MANTISSA_BITS[dtype] if mantissa_bits is None else mantissa_bits
         bits = np.frombuffer(raw, dtype=f"<u{width // 8}")
         sym, rest = split_float(bits, dtype, k)
+        from aligncodec.codec.entropy import rans
+
         s0 = rans.encode(sym, alphabet_size=int(sym.max()) + 1)
         s1 = _best_bytes_stream(pack_bits(rest, width - e - k))
         candidates.append((MODE_FLOAT_SPLIT, bytes([k]), [s0, s1]))
@@ -233,7 +242,7 @@ def validate(entry: TensorEntry, streams: list) -> None:
             raise StreamError(f"float-split tensor {entry.name!r} needs 2 streams, has {len(streams)}")
         if not isinstance(streams[0], RansStream):
             raise StreamError(f"float-split tensor {entry.name!r}: symbols must be a rANS stream")
-        rans.validate_for(streams[0], entry.numel, 1 << (e + k))
+        check_rans_stream(streams[0], entry.numel, 1 << (e + k))
         _check_bytes_stream(streams[1], packed_size(entry.numel, width - e - k), entry.name)
         return
     raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")

@@ -34,10 +34,9 @@ import numpy as np
 
 from aligncodec.formats.constants import DATA_ALIGN, SECTION_ALIGN, STREAM_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
-from aligncodec.formats.streams import RansStream, RawStream, serialize_stream
+from aligncodec.formats.streams import RansStream, RawStream, check_rans_stream, serialize_stream
 from aligncodec.formats.errors import StreamError, UnsupportedError
 
-from aligncodec.codec.entropy import rans
 from aligncodec.codec.transforms.fwht import butterflies, split_pow2
 
 PARAMS_VERSION = 1
@@ -393,7 +392,7 @@ def parse(entry: TensorEntry, streams: list):
     counts = [entry.numel] if cm is None else cm.symbol_counts(entry.shape[1 - p.class_axis])
     offsets = [p.offset] if cm is None else cm.offsets
     for c, (s, cnt, off) in enumerate(zip(streams[:k], counts, offsets)):
-        rans.validate_for(s, cnt, 1 << 16)
+        check_rans_stream(s, cnt, 1 << 16)
         if off + s.alphabet_size - 1 > MAX_ABS_SYMBOL:
             raise StreamError(f"ecsq tensor {entry.name!r}: class {c} alphabet reaches past +{MAX_ABS_SYMBOL}")
     return p, list(streams[:k]), scales, hd, cm
@@ -430,6 +429,8 @@ def decode(entry: TensorEntry, streams: list, *, reference: bool = False) -> np.
 
         syms = [np.asarray(rans_reference.decode(s0), dtype=np.uint16) for s0 in sstreams]
     else:
+        from aligncodec.codec.entropy import rans
+
         syms = [rans.decode(s0) for s0 in sstreams]
     W = reconstruct(entry, syms + list(streams[len(sstreams):]))
     return round_to_dtype(W, entry.dtype).reshape(-1).view(np.uint8)
@@ -443,6 +444,8 @@ def _sym_stream(v: np.ndarray, chunk_symbols: int | None, lanes: int | None = No
     if -lo > MAX_ABS_SYMBOL or hi > MAX_ABS_SYMBOL:
         raise ValueError(f"symbols outside ±{MAX_ABS_SYMBOL}")
     lo = min(lo, 0)  # offset ≤ 0 keeps the params check simple
+    from aligncodec.codec.entropy import rans
+
     return lo, rans.encode((v.astype(np.int64) - lo).astype(np.uint16), chunk_symbols=chunk_symbols, lanes=lanes)
 
 
