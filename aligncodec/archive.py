@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,11 +20,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from aligncodec import __version__
-from aligncodec.auxfiles import AUX_PREFIX, add_aux_file, extract_aux_files, find_aux_files, is_aux
+from aligncodec.auxfiles import AUX_PREFIX, add_aux_file, aux_name_problem, extract_aux_files, find_aux_files, is_aux
 from aligncodec.formats import errors as E
 from aligncodec.formats import metadata as M
 from aligncodec.formats.limits import Limits
-from aligncodec.formats.atomic import atomic_write
+from aligncodec.formats.atomic import atomic_dir, atomic_write
 from aligncodec.formats.constants import DATA_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
 from aligncodec.formats.reader import ArchiveReader
@@ -32,7 +33,31 @@ from aligncodec.validation import check_entry, open_archive
 
 
 class InputError(Exception):
-    """The input checkpoint cannot be read (missing, not safetensors, duplicate tensor names)."""
+    """The input checkpoint cannot be read (missing, not safetensors, corrupt safetensors,
+    duplicate tensor names, an auxiliary file name outside the portable set, a symlink
+    leaving the input folder)."""
+
+    exit_code = 3  # the CLI's exit code (README)
+
+
+class OutputError(OSError):
+    """An output could not be written (disk full, permission, an existing destination)."""
+
+
+def printable(s: str) -> str:
+    """``s`` safe for a terminal: control, format (bidi) and other non-printable characters and
+    the backslash are written as Python escapes; everything else is kept."""
+    if s.isprintable() and "\\" not in s:
+        return s
+    out = []
+    for c in s:
+        if c == "\\":
+            out.append("\\\\")
+        elif c.isprintable() and unicodedata.category(c) not in ("Cf", "Zl", "Zp"):
+            out.append(c)
+        else:
+            out.append(repr(c)[1:-1] if c not in "'\"" else c)
+    return "".join(out)
 
 
 @dataclass
@@ -42,7 +67,22 @@ class Source:
     root: Path
 
 
-def find_inputs(path: str | os.PathLike) -> Source:
+def _check_link(f: Path, root: Path, follow_symlinks: bool) -> None:
+    """Refuse a symlink in the input folder that resolves outside it (unless ``follow_symlinks``)."""
+    if follow_symlinks or not f.is_symlink():
+        return
+    target = f.resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise InputError(f"{str(f)!r} is a symlink to {str(target)!r}, outside the input folder "
+                         "(use --follow-symlinks to read it anyway)")
+
+
+def find_inputs(path: str | os.PathLike, *, follow_symlinks: bool = False) -> Source:
+    """The safetensors files and auxiliary files of an input (file, folder or reference model name).
+
+    In a folder, a symlink that resolves outside the folder is refused (InputError) unless
+    ``follow_symlinks``; an auxiliary file whose name is outside the portable set (spec §7.3)
+    is refused too."""
     p = Path(path)
     if not p.exists():
         from aligncodec.tools.eval import models
@@ -58,22 +98,42 @@ def find_inputs(path: str | os.PathLike) -> Source:
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise InputError(f"folder {str(p)!r} holds no .safetensors file")
-    return Source(files, find_aux_files(p), p)
+    aux = find_aux_files(p)
+    for f in files + aux:
+        _check_link(f, p, follow_symlinks)
+    for f in aux:
+        why = aux_name_problem(f.name)
+        if why:
+            raise InputError(f"auxiliary file {str(f)!r} cannot be archived: its name is {why} "
+                             "(rename it, or remove it from the folder)")
+    return Source(files, aux, p)
+
+
+def _safetensors_error() -> type[BaseException]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
 
 
 def iter_checkpoint(src: Source) -> Iterator[tuple[str, str, str, tuple[int, ...], np.ndarray]]:
-    """Yield (file name, tensor name, dtype, shape, little-endian bytes) one tensor at a time."""
+    """Yield (file name, tensor name, dtype, shape, little-endian bytes) one tensor at a time.
+    A file that is not valid safetensors raises InputError."""
     from safetensors import safe_open
 
     from aligncodec.codec.torch_interop import tensor_bytes
 
+    bad = _safetensors_error()
     for f in src.files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                sl = st.get_slice(name)
-                dtype = sl.get_dtype()
-                shape = tuple(int(d) for d in sl.get_shape())
-                yield f.name, name, dtype, shape, tensor_bytes(st.get_tensor(name))
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    sl = st.get_slice(name)
+                    dtype = sl.get_dtype()
+                    shape = tuple(int(d) for d in sl.get_shape())
+                    t = st.get_tensor(name)
+                    yield f.name, name, dtype, shape, tensor_bytes(t)
+        except (bad, RuntimeError, ValueError, TypeError) as exc:
+            raise InputError(f"{str(f)!r} is not a valid safetensors file: {type(exc).__name__}: {exc}") from None
 
 
 def _reference_model_of(folder: Path) -> str | None:
@@ -90,10 +150,14 @@ def _reference_model_of(folder: Path) -> str | None:
 def _file_metadata(src: Source) -> dict[str, dict]:
     from safetensors import safe_open
 
+    bad = _safetensors_error()
     out = {}
     for f in src.files:
-        with safe_open(str(f), framework="pt") as st:
-            out[f.name] = {"metadata": st.metadata() or {}, "tensors": list(st.keys())}
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                out[f.name] = {"metadata": st.metadata() or {}, "tensors": list(st.keys())}
+        except (bad, RuntimeError, ValueError, TypeError) as exc:
+            raise InputError(f"{str(f)!r} is not a valid safetensors file: {type(exc).__name__}: {exc}") from None
     return out
 
 
@@ -104,16 +168,20 @@ def compress(
     encode_tensor: Callable[[str, str, tuple[int, ...], np.ndarray], tuple[int, bytes, list]] | None = None,
     metadata: dict[str, str] | None = None,
     progress: bool = True,
+    follow_symlinks: bool = False,
+    check: Callable[[Path], object] | None = None,
 ) -> list[TensorEntry]:
     """Compress a safetensors file or model folder into ``out``.
 
     ``encode_tensor(name, dtype, shape, bytes) -> (mode, params, streams)``
-    defaults to the lossless coder."""
+    defaults to the lossless coder. ``check(path)``, if given, is called on the finished
+    archive under a temporary name; only if it returns does the archive get the name ``out``
+    (the lossy encoder's post-write verification). ``follow_symlinks``: see :func:`find_inputs`."""
     from tqdm import tqdm
 
     from aligncodec.codec.modes import lossless
 
-    src = find_inputs(inp)
+    src = find_inputs(inp, follow_symlinks=follow_symlinks)
     files = _file_metadata(src)
     names: dict[str, str] = {}
     for fname, info in files.items():
@@ -133,32 +201,55 @@ def compress(
     meta.update(metadata or {})
     enc = encode_tensor or (lambda name, dtype, shape, b: lossless.encode(b, dtype, int(np.prod(shape, dtype=np.int64))))
     total = sum(os.path.getsize(f) for f in src.files)
-    with ArchiveWriter(out, meta) as w, tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=None if progress else True, leave=False) as bar:
-        for _fname, name, dtype, shape, raw in iter_checkpoint(src):
-            mode, params, streams = enc(name, dtype, shape, raw)
-            w.add(name, dtype, shape, mode, streams, params)
-            bar.update(raw.nbytes)
-        for a in src.aux:
-            add_aux_file(w, a)
-        entries = w.close()
+    entries: list[TensorEntry] = []
+
+    def write(path: Path) -> None:
+        with ArchiveWriter(path, meta) as w, tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=None if progress else True, leave=False) as bar:
+            for _fname, name, dtype, shape, raw in iter_checkpoint(src):
+                mode, params, streams = enc(name, dtype, shape, raw)
+                w.add(name, dtype, shape, mode, streams, params)
+                bar.update(raw.nbytes)
+            for a in src.aux:
+                add_aux_file(w, a)
+            entries.extend(w.close())
+        if check is not None:
+            check(path)
+
+    atomic_write(out, write)
     return entries
 
 
-def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progress: bool = True, limits: Limits | None = None) -> list[Path]:
+def _save_safetensors(sd: dict, path: str, metadata: dict | None) -> None:
+    """safetensors' save_file, with its I/O failures (disk full, ...) raised as OutputError."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(sd, path, metadata=metadata)
+    except _safetensors_error() as exc:
+        raise OutputError(f"cannot write {path}: {exc}") from None
+
+
+def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progress: bool = True,
+               limits: Limits | None = None, force: bool = False) -> list[Path]:
     """Write the archive's tensors back as safetensors files (the original file
     split and per-file metadata) plus its auxiliary files. Returns the paths written.
-    ``limits``: the reader's limits (formats/limits.py)."""
-    from safetensors.torch import save_file
+    ``limits``: the reader's limits (formats/limits.py).
+
+    Everything is written into a temporary folder beside ``outdir`` and renamed into
+    place at the end, so a failure leaves nothing under ``outdir``. An existing non-empty
+    ``outdir`` is refused (OutputError) unless ``force``; then the decoded files replace
+    their namesakes in it, one atomic rename each."""
     from tqdm import tqdm
 
     from aligncodec.codec.modes import decode_entry
     from aligncodec.codec.torch_interop import bytes_to_tensor
 
     outdir = Path(outdir)
+    if outdir.is_dir() and not force and any(outdir.iterdir()):
+        raise OutputError(f"{outdir} exists and is not empty (use --force to write into it)")
     written: list[Path] = []
-    with open_archive(archive, limits) as r:
-        files = M.parse_files(r.metadata.get(M.KEY_FILES, "{}"))  # validated on open (formats/metadata.py)
-        outdir.mkdir(parents=True, exist_ok=True)
+    with open_archive(archive, limits) as r:  # aux names (spec §7.3) and acz.files checked on open
+        files = M.parse_files(r.metadata.get(M.KEY_FILES, "{}"))
         tensors = [t for t in r.tensors if not is_aux(t.name)]
         assigned = {n for info in files.values() for n in info.get("tensors", [])}
         orphans = [t.name for t in tensors if t.name not in assigned]
@@ -171,22 +262,29 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
             files[fname] = {"metadata": {}, "tensors": orphans}
         by_name = {t.name: t for t in tensors}
         bar = tqdm(total=sum(t.nbytes for t in tensors), unit="B", unit_scale=True, desc="decompress", disable=None if progress else True, leave=False)
-        for fname, info in sorted(files.items()):
-            if os.path.basename(fname) != fname or not fname.endswith(".safetensors"):
-                raise E.HeaderError(f"metadata names an unsafe output file {fname!r}")
-            sd = {}
-            for n in info.get("tensors", []):
-                e = by_name.get(n)
-                if e is None:
-                    raise E.HeaderError(f"metadata lists tensor {n!r} that the archive lacks")
-                sd[n] = bytes_to_tensor(e, decode_entry(e, r.read_streams(e)))
-                bar.update(e.nbytes)
-            dest = outdir / fname
-            atomic_write(dest, lambda tmp, sd=sd, meta=info.get("metadata") or None: save_file(sd, str(tmp), metadata=meta))
-            written.append(dest)
-            del sd
+        with atomic_dir(outdir, merge=force) as tmpdir:
+            for fname, info in sorted(files.items()):
+                if os.path.basename(fname) != fname or not fname.endswith(".safetensors"):
+                    raise E.HeaderError(f"metadata names an unsafe output file {fname!r}")
+                sd = {}
+                for n in info.get("tensors", []):
+                    e = by_name.get(n)
+                    if e is None:
+                        raise E.HeaderError(f"metadata lists tensor {n!r} that the archive lacks")
+                    sd[n] = bytes_to_tensor(e, decode_entry(e, r.read_streams(e)))
+                    bar.update(e.nbytes)
+                _save_safetensors(sd, os.path.join(tmpdir, fname), info.get("metadata") or None)
+                written.append(outdir / fname)
+                del sd
+            for e in r.tensors:
+                if is_aux(e.name):
+                    fname = e.name[len(AUX_PREFIX):]
+                    Path(tmpdir, fname).write_bytes(decode_entry(e, r.read_streams(e)).tobytes())
+                    written.append(outdir / fname)
+            for p in Path(tmpdir).iterdir():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
         bar.close()
-    written += extract_aux_files(archive, outdir, limits)
     return written
 
 

@@ -39,7 +39,10 @@ from aligncodec.formats.reader import iter_archive
 
 
 class LoadError(Exception):
-    """The archive decodes, but does not fit the model it describes (missing or unexpected weights)."""
+    """The archive decodes, but does not fit the model it describes (missing or unexpected
+    weights, an unusable config.json, an architecture that is not a causal LM)."""
+
+    exit_code = 4  # the CLI's exit code (README): the archive is not what it claims
 
 
 # ----------------------------------------------------------------- sequential reading with prefetch
@@ -218,6 +221,7 @@ def load(
     prefetch: int = 1,
     include_aux: bool = False,
     stats: LoadStats | None = None,
+    on_header=None,
     limits: Limits | None = None,
     max_header_bytes: int | None = None,
     max_tensor_bytes: int | None = None,
@@ -229,6 +233,8 @@ def load(
     (None keeps the stored dtype). ``threads``: numba CPU threads (None: all).
     ``prefetch``: tensors read ahead while one is decoded (>= 0).
     ``include_aux``: also yield auxiliary files (``acz:file/<name>``) as uint8 tensors.
+    ``on_header``: called with the parsed header (every entry's name, dtype and shape)
+    before any tensor is read, e.g. to check the tensor list first.
     ``limits``: the reader's limits (:class:`aligncodec.formats.limits.Limits`; the defaults
     bound memory and work by the bytes read). The archive is validated as ``verify`` does."""
     from aligncodec.validation import check_entry, check_header
@@ -244,6 +250,8 @@ def load(
     try:
         kind, header = pf.get()
         check_header(header, lim)  # the same header checks as verify, inspect and decompress
+        if on_header is not None:
+            on_header(header)
         del header
         while True:
             kind, item = pf.get()
@@ -277,26 +285,129 @@ def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = N
     return dict(load(source, device=device, dtype=dtype, threads=threads, prefetch=prefetch, limits=limits))
 
 
-def _build_empty_model(config_json: bytes, model_class, trust_remote_code: bool):
-    import accelerate
+def _parse_config(config_json: bytes) -> dict:
+    try:
+        cfg = json.loads(config_json.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise LoadError(f"the archive's config.json is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(cfg, dict):
+        raise LoadError("the archive's config.json is not a JSON object")
+    return cfg
+
+
+def _make_config(config_json: bytes, trust_remote_code: bool):
+    """A transformers config from the archive's config.json (LoadError if it is not one)."""
     import transformers
 
-    cfg_dict = json.loads(config_json.decode("utf-8"))
+    _parse_config(config_json)
     with tempfile.TemporaryDirectory(prefix="acz-config-") as d:
         with open(os.path.join(d, "config.json"), "wb") as fh:
             fh.write(config_json)
-        config = transformers.AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
-    if model_class is None:
-        arch = (cfg_dict.get("architectures") or [None])[0]
-        model_class = getattr(transformers, arch, None) if arch else None
-        if model_class is None:
-            model_class = transformers.AutoModelForCausalLM if "causal" in str(arch).lower() or arch is None else transformers.AutoModel
+        try:
+            return transformers.AutoConfig.from_pretrained(d, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds for a bad config
+            raise LoadError(f"the archive's config.json is not a usable transformers config "
+                            f"({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+def _causal_lm_class_name(config) -> str:
+    """The causal-LM class transformers' auto classes give this config's model type; the
+    archive's ``architectures`` must name that class (or nothing). Nothing else in
+    transformers is ever looked up by a name from the file."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    mt = getattr(config, "model_type", None)
+    want = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) if isinstance(mt, str) else None
+    if not isinstance(want, str):
+        raise LoadError(f"model type {mt!r} has no causal-LM class in transformers (load_hf_model builds causal LMs; "
+                        "pass model_class= for other models)")
+    archs = getattr(config, "architectures", None)
+    if archs:
+        if not isinstance(archs, (list, tuple)) or not all(isinstance(a, str) for a in archs):
+            raise LoadError("config.json architectures is not a list of names")
+        if archs[0] != want:
+            raise LoadError(f"config.json names architecture {archs[0]!r}; for model type {mt!r} only the causal-LM "
+                            f"class {want!r} is built (pass model_class= to choose another)")
+    return want
+
+
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_INDEX_RE = None
+
+
+def _check_layer_count(config, names: list[str]) -> None:
+    """Before anything is built: a config that declares more layers than the archive's tensor
+    names can hold (``…layers.<i>.…`` with i up to count − 1) is refused, so a tiny archive
+    cannot make the loader build a huge model."""
+    import re
+
+    global _INDEX_RE
+    if _INDEX_RE is None:
+        _INDEX_RE = re.compile(r"\.(\d{1,9})\.")
+    top = -1
+    for n in names:
+        for m in _INDEX_RE.finditer(n):
+            top = max(top, int(m.group(1)))
+    for key in _LAYER_COUNT_KEYS:
+        v = getattr(config, key, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v < 0 or v > top + 1:
+                raise LoadError(f"config.json declares {key}={v}, but the archive's tensors hold {top + 1} numbered layers")
+            return
+
+
+def _build_empty_model(config, model_class, trust_remote_code: bool):
+    """The model with its parameters on the meta device (buffers on the CPU)."""
+    import accelerate
+    import torch
+    import transformers
+
     with accelerate.init_empty_weights(include_buffers=False):
-        if hasattr(model_class, "from_config"):
-            model = model_class.from_config(config, trust_remote_code=trust_remote_code) if model_class.__name__.startswith("Auto") else model_class(config)
-        else:
-            model = model_class(config)
+        try:
+            if model_class is None:
+                model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            elif getattr(model_class, "__name__", "").startswith("Auto") and hasattr(model_class, "from_config"):
+                model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+            else:
+                model = model_class(config)
+        except LoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a config transformers cannot build
+            raise LoadError(f"cannot build the model from config.json ({type(exc).__name__}: {str(exc)[:300]})") from None
+    if not isinstance(model, torch.nn.Module):
+        raise LoadError(f"{type(model).__name__} is not a model")
     return model
+
+
+def _check_tensor_list(model, entries: dict[str, tuple[int, ...]], strict: bool) -> None:
+    """The archive's tensors against the (meta) model's parameters and buffers, before any
+    weight is decoded: unexpected names (``strict``), wrong shapes, and model weights the
+    archive lacks that are not tied to one it has."""
+    expected: dict[str, tuple[int, ...]] = {}
+    for n, t in model.state_dict(keep_vars=True).items():
+        expected[n] = tuple(t.shape)
+    bad_shape = [n for n, shp in entries.items() if n in expected and tuple(expected[n]) != tuple(shp)]
+    if bad_shape:
+        n = bad_shape[0]
+        raise LoadError(f"{n}: archive shape {tuple(entries[n])} != model shape {expected[n]}"
+                        + (f" (and {len(bad_shape) - 1} more)" if len(bad_shape) > 1 else ""))
+    unexpected = [n for n in entries if n not in expected]
+    if unexpected and strict:
+        raise LoadError(f"{len(unexpected)} archive tensors are not in the model, e.g. {unexpected[:3]}")
+    groups: dict[int, list[str]] = {}
+    try:
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+    except Exception:  # noqa: BLE001 - tying on meta is best effort; the check after loading stays
+        pass
+    for n, p in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        groups.setdefault(id(p), []).append(n)
+    missing = []
+    for names in groups.values():
+        if not any(n in entries for n in names) and any(n in expected for n in names):
+            missing.extend(n for n in names if n in expected)
+    if missing:
+        raise LoadError(f"{len(missing)} model weights are not in the archive, e.g. {missing[:3]}")
 
 
 def _assign(model, name: str, t) -> bool:
@@ -346,6 +457,22 @@ def load_hf_model(
     pending: list[tuple[str, object]] = []  # tensors that came before config.json (unusual name order)
     loaded: set[str] = set()
     unexpected: list[str] = []
+    entries: dict[str, tuple[int, ...]] = {}
+
+    def on_header(header):
+        names = [e.name for e in header.tensors]
+        if AUX_PREFIX + "config.json" not in names:
+            raise LoadError("the archive carries no config.json (compress a model folder, not a single .safetensors file)")
+        entries.update((e.name, tuple(e.shape)) for e in header.tensors if not e.name.startswith(AUX_PREFIX))
+
+    def build(config_json: bytes):
+        config = _make_config(config_json, trust_remote_code)
+        if model_class is None:
+            _causal_lm_class_name(config)
+        _check_layer_count(config, list(entries))
+        m = _build_empty_model(config, model_class, trust_remote_code)
+        _check_tensor_list(m, entries, strict)
+        return m
 
     def put(name, t):
         if _assign(model, name, t):
@@ -353,10 +480,11 @@ def load_hf_model(
         else:
             unexpected.append(name)
 
-    for name, t in load(source, device=dev, dtype=dtype, threads=threads, prefetch=prefetch, include_aux=True):
+    for name, t in load(source, device=dev, dtype=dtype, threads=threads, prefetch=prefetch, include_aux=True,
+                        on_header=on_header):
         if is_aux(name):
             if name == AUX_PREFIX + "config.json" and model is None:
-                model = _build_empty_model(t.numpy().tobytes(), model_class, trust_remote_code)
+                model = build(t.numpy().tobytes())
                 for n2, t2 in pending:
                     put(n2, t2)
                 pending.clear()

@@ -12,6 +12,7 @@ lossless coder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -83,39 +84,86 @@ def get_sigma(model: str, sigma) -> tuple[dict[str, torch.Tensor], str]:
         ) from exc
 
 
-def build_jobs(src: Path, sigma: dict, *, lossy_embeddings: bool = False, type_weights: dict | None = None,
-               names: list[str] | None = None) -> list[E.TensorJob]:
+def build_jobs(src: Path, sigma: dict | None = None, *, lossy_embeddings: bool = False, type_weights: dict | None = None,
+               names: list[str] | None = None, nonfinite: str = "error", follow_symlinks: bool = False,
+               lossless: dict[str, str] | None = None) -> list[E.TensorJob]:
+    """One job per lossy candidate tensor (:func:`is_lossy_candidate`), checked before any coding:
+    a tensor with NaN/Inf is a NonFiniteError naming every such tensor (``nonfinite="error"``)
+    or goes lossless (``nonfinite="lossless"``); an all-zero tensor or one beyond the lossy range
+    goes lossless (:func:`encoder.lossless_reason`). Tensors sent to lossless are recorded in
+    ``lossless`` (name -> reason). ``sigma`` may be attached later (:func:`attach_sigma`)."""
+    if nonfinite not in ("error", "lossless"):
+        raise ValueError(f"nonfinite must be 'error' or 'lossless', not {nonfinite!r}")
+    lossless = {} if lossless is None else lossless
     jobs = []
-    for _f, name, dtype, shape, raw in archive.iter_checkpoint(archive.find_inputs(src)):
+    bad: dict[str, int] = {}
+    for _f, name, dtype, shape, raw in archive.iter_checkpoint(archive.find_inputs(src, follow_symlinks=follow_symlinks)):
         if names is not None and name not in names:
             continue
         if not is_lossy_candidate(name, dtype, shape, lossy_embeddings):
             continue
         t = torch.frombuffer(bytearray(raw.tobytes()), dtype=torch_dtype(dtype))
         W = t.reshape(shape).to(torch.float32)
-        S = sigma.get(name)
-        if S is not None and S.shape != (shape[1], shape[1]):
-            raise ValueError(f"Σ for {name} has shape {tuple(S.shape)}, the weight reads {shape[1]} inputs")
+        n_bad = E.count_nonfinite(t)
+        if n_bad:
+            bad[name] = n_bad
+            lossless[name] = f"{n_bad} NaN/Inf values"
+            continue
+        why = E.lossless_reason(W)
+        if why:
+            lossless[name] = why
+            continue
         tw = (type_weights or {}).get(layer_type(name), 1.0)
-        jobs.append(E.TensorJob(name, W, dtype, S, tw))
+        jobs.append(E.TensorJob(name, W, dtype, None, tw))
+    if bad and nonfinite == "error":
+        E.check_finite(bad)
+    if sigma:
+        attach_sigma(jobs, sigma)
     return jobs
+
+
+def attach_sigma(jobs: list[E.TensorJob], sigma: dict) -> None:
+    for j in jobs:
+        S = sigma.get(j.name)
+        if S is not None and S.shape != (j.W.shape[1], j.W.shape[1]):
+            raise ValueError(f"Σ for {j.name} has shape {tuple(S.shape)}, the weight reads {j.W.shape[1]} inputs")
+        j.sigma = S
 
 
 def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distortion: float | None = None,
                  candidates=E.DEFAULT_CANDIDATES, lossy_embeddings: bool = False, sigma="auto",
                  alpha: float = 0.25, seed: int = 0, type_weights: dict | None = None, tol: float = 0.009,
                  names: list[str] | None = None, progress: bool = True,
-                 step0: float | None = None) -> tuple[E.EncodeResult, list[E.TensorJob], dict]:
-    """Run the encoder over a model's lossy tensors. Returns (result, jobs, info)."""
+                 step0: float | None = None, nonfinite: str = "error",
+                 follow_symlinks: bool = False) -> tuple[E.EncodeResult, list[E.TensorJob], dict]:
+    """Run the encoder over a model's lossy tensors. Returns (result, jobs, info).
+
+    Checked before any work: the target (TargetError), every lossy tensor's values
+    (NonFiniteError, see :func:`build_jobs`). Tensors lossy coding cannot serve go lossless:
+    all-zero or out-of-range tensors, every tensor when ``bpw`` ≥ ``LOSSY_MAX_BPW``, and any
+    tensor whose code at the chosen step would clamp symbols or underflow the step
+    (:func:`encoder.unfit_reason`); ``info["lossless"]`` lists them with the reason. The
+    result's ``codes`` hold only the tensors written lossy (possibly none)."""
+    E.check_target(bpw, distortion)
     log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
     t0 = time.perf_counter()
     c0 = time.process_time()
     src = resolve_input(model)
-    sig, sig_src = get_sigma(str(model), sigma)
-    t_cal = time.perf_counter() - t0
-    jobs = build_jobs(src, sig, lossy_embeddings=lossy_embeddings, type_weights=type_weights, names=names)
-    if not jobs:
+    lossless_why: dict[str, str] = {}
+    jobs = build_jobs(src, None, lossy_embeddings=lossy_embeddings, type_weights=type_weights, names=names,
+                      nonfinite=nonfinite, follow_symlinks=follow_symlinks, lossless=lossless_why)
+    if not jobs and not lossless_why:
         raise ValueError(f"{model}: no tensor qualifies for lossy coding")
+    if bpw is not None and bpw >= E.LOSSY_MAX_BPW:
+        for j in jobs:
+            lossless_why[j.name] = f"target {bpw:g} bpw is beyond what lossy coding delivers (< {E.LOSSY_MAX_BPW:g} bpw)"
+        jobs = []
+    t_cal = 0.0
+    sig_src = "not needed"
+    if jobs:
+        sig, sig_src = get_sigma(str(model), sigma)
+        attach_sigma(jobs, sig)
+        t_cal = time.perf_counter() - t0
     cache: dict = {}
     from tqdm import tqdm
 
@@ -123,11 +171,27 @@ def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distorti
         E.build_candidates(j, candidates, alpha=alpha, seed=seed, cache=cache)
     cache.clear()
     t_prep = time.perf_counter() - t0 - t_cal
-    res = E.encode_jobs(jobs, bpw=bpw, distortion=distortion, tol=tol, progress=log, step0=step0)
+    res = E.EncodeResult({}, math.nan, 0.0, 0, [], 0.0)
+    for _ in range(3):  # tensors the chosen step cannot serve go lossless; the others are searched again
+        if not jobs:
+            break
+        res = E.encode_jobs(jobs, bpw=bpw, distortion=distortion, tol=tol, progress=log, step0=step0)
+        unfit = {j.name: E.unfit_reason(res.codes[j.name], j) for j in jobs}
+        unfit = {n: w for n, w in unfit.items() if w}
+        if not unfit:
+            break
+        lossless_why.update(unfit)
+        jobs = [j for j in jobs if j.name not in unfit]
+        res = E.EncodeResult({n: c for n, c in res.codes.items() if n not in unfit}, res.step, 0.0,
+                             sum(j.numel for j in jobs), res.history, res.seconds)
+        res.bpw = E.total_rate(res.codes, res.n_weights) if jobs else 0.0
+    if lossless_why:
+        log(f"note: {len(lossless_why)} tensor(s) coded lossless instead of lossy: "
+            + "; ".join(f"{n}: {w}" for n, w in list(lossless_why.items())[:3]) + (" ..." if len(lossless_why) > 3 else ""))
     info = {"sigma": sig_src, "seconds_calibration": t_cal, "seconds_prepare": t_prep,
             "seconds_search": res.seconds, "seconds_total": time.perf_counter() - t0,
             "cpu_seconds_total": time.process_time() - c0,
-            "candidates": list(candidates), "alpha": alpha}
+            "candidates": list(candidates), "alpha": alpha, "lossless": lossless_why}
     return res, jobs, info
 
 
@@ -137,13 +201,47 @@ def lossy_metadata(res: E.EncodeResult, jobs: list[E.TensorJob], info: dict, tar
         c = res.codes[j.name]
         per[j.name] = {"kind": c.kind, "bpw": round(8 * c.bytes_all_in / j.numel, 5), "act_rel_err": float(f"{c.rel_err:.6g}"),
                        "sqnr_db": round(c.sqnr_db, 3), "type": layer_type(j.name)}
-    summ = {"target": target, "step": res.step, "bpw_lossy_all_in": res.bpw, "n_lossy_weights": res.n_weights,
-            "modes": res.summary()["modes"], **info}
+    summ = {"target": target, "step": res.step if math.isfinite(res.step) else None, "bpw_lossy_all_in": res.bpw,
+            "n_lossy_weights": res.n_weights, "modes": res.summary()["modes"], **info}
     return {"acz.lossy": json.dumps(per, sort_keys=True), "acz.lossy.summary": json.dumps(summ, sort_keys=True)}
 
 
+def verify_lossy(path: str | os.PathLike, expected: dict[str, float], original, *, rtol: float = 1e-3) -> dict[str, float]:
+    """Decode every tensor of ``expected`` from the archive at ``path`` and check its error.
+
+    ``expected``: name -> the weight-domain error ‖W − Ŵ‖² the encoder measured;
+    ``original(name)``: the original weight (torch float32 or anything ``torch.as_tensor`` takes).
+    Raises EncodeVerifyError if a tensor is missing, not lossy-coded, decodes to non-finite
+    values, or its error differs from the measured one by more than ``rtol`` (relative), so
+    an archive that does not decode to what was measured never gets its final name.
+    Returns name -> decoded error. One tensor decoded at a time."""
+    out = {}
+    from aligncodec.codec.modes import decode_entry
+    from aligncodec.codec.torch_interop import bytes_to_tensor
+    from aligncodec.formats.reader import ArchiveReader
+
+    with ArchiveReader(path) as r:
+        by_name = {e.name: e for e in r.tensors}
+        for name, want in expected.items():
+            e = by_name.get(name)
+            if e is None or e.mode != MODE_ECSQ:
+                raise E.EncodeVerifyError(f"tensor {name!r} is not in the archive as a lossy tensor")
+            W = torch.as_tensor(original(name)).to(torch.float32)
+            What = bytes_to_tensor(e, decode_entry(e, r.read_streams(e))).to(torch.float32)
+            if What.shape != W.shape or not bool(torch.isfinite(What).all()):
+                raise E.EncodeVerifyError(f"tensor {name!r} decodes to a wrong shape or to non-finite values")
+            got = float(((What - W).double() ** 2).sum())
+            if not (math.isfinite(got) and abs(got - want) <= rtol * max(want, 0.0) + 1e-30):
+                raise E.EncodeVerifyError(f"tensor {name!r} decodes with error {got:.6g}, the encoder measured {want:.6g}")
+            out[name] = got
+    return out
+
+
 def write_archive(model: str | os.PathLike, out: str | os.PathLike, res: E.EncodeResult, metadata: dict[str, str],
-                  progress: bool = True) -> list[TensorEntry]:
+                  progress: bool = True, *, jobs: list[E.TensorJob] | None = None,
+                  follow_symlinks: bool = False) -> list[TensorEntry]:
+    """Write the archive: ``res.codes`` lossy, everything else lossless. With ``jobs`` (the
+    originals), the written archive is checked by :func:`verify_lossy` before it gets its name."""
     codes = res.codes
 
     def enc(name, dtype, shape, raw):
@@ -152,17 +250,28 @@ def write_archive(model: str | os.PathLike, out: str | os.PathLike, res: E.Encod
             return lossless.encode(raw, dtype, int(np.prod(shape, dtype=np.int64)))
         return MODE_ECSQ, c.params.pack(), c.streams
 
-    return archive.compress(resolve_input(model), out, encode_tensor=enc, metadata=metadata, progress=progress)
+    check = None
+    if jobs is not None:
+        W_of = {j.name: j.W for j in jobs}
+
+        def check(path):
+            verify_lossy(path, {n: c.noise for n, c in codes.items()}, W_of.__getitem__)
+
+    return archive.compress(resolve_input(model), out, encode_tensor=enc, metadata=metadata, progress=progress,
+                            follow_symlinks=follow_symlinks, check=check)
 
 
 def compress_lossy(model: str | os.PathLike, out: str | os.PathLike, *, bpw: float | None = None,
-                   distortion: float | None = None, progress: bool = True, **kw) -> dict:
-    """Encode and write; returns a summary dict (also stored in the archive metadata)."""
-    res, jobs, info = encode_model(model, bpw=bpw, distortion=distortion, progress=progress, **kw)
+                   distortion: float | None = None, progress: bool = True, follow_symlinks: bool = False, **kw) -> dict:
+    """Encode and write; returns a summary dict (also stored in the archive metadata).
+    The archive is decoded and checked (:func:`verify_lossy`) before it gets the name ``out``."""
+    res, jobs, info = encode_model(model, bpw=bpw, distortion=distortion, progress=progress,
+                                   follow_symlinks=follow_symlinks, **kw)
     target = {"bpw": bpw} if bpw is not None else {"distortion": distortion}
     meta = lossy_metadata(res, jobs, info, target)
-    entries = write_archive(model, out, res, meta, progress)
+    entries = write_archive(model, out, res, meta, progress, jobs=jobs, follow_symlinks=follow_symlinks)
     lossy_names = {j.name for j in jobs}
     lossy_bytes = sum(lossy.entry_bytes(e.name, len(e.shape), len(e.params), e.size) for e in entries if e.name in lossy_names)
-    return {**json.loads(meta["acz.lossy.summary"]), "bpw_lossy_in_archive": 8 * lossy_bytes / res.n_weights,
+    return {**json.loads(meta["acz.lossy.summary"]),
+            "bpw_lossy_in_archive": 8 * lossy_bytes / res.n_weights if res.n_weights else None,
             "file_bytes": os.path.getsize(out)}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from aligncodec.auxfiles import file_name, is_aux
+from aligncodec.auxfiles import AUX_PREFIX, check_aux_names, file_name, is_aux
 from aligncodec.formats import errors as E
 from aligncodec.formats.constants import MODE_STORED
 from aligncodec.formats.layout import Header, TensorEntry
@@ -37,6 +37,7 @@ def check_entry_header(entry: TensorEntry, limits: Limits | None = None) -> None
 def check_header(header: Header, limits: Limits | None = None) -> None:
     for e in header.tensors:
         check_entry_header(e, limits)
+    check_aux_names(e.name[len(AUX_PREFIX):] for e in header.tensors if is_aux(e.name))  # e.g. equal up to case
 
 
 def check_entry(entry: TensorEntry, streams: list, limits: Limits | None = None) -> None:

@@ -45,6 +45,95 @@ from aligncodec.codec.quant.gptq import gptq_ecsq, hessian_factor
 from aligncodec.codec.quant.rate import secant_search
 
 CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
+
+# --------------------------------------------------------------------------- what lossy coding can do
+
+LOSSY_MAX_BPW = 16.0  # symbols are at most ±MAX_ABS_SYMBOL: ~16 bits is the most they can carry
+LOSSY_MAX_ABS = 2.0**64  # larger weights go lossless (float32 GPTQ arithmetic would overflow)
+
+
+class EncodeError(ValueError):
+    """The lossy encoder cannot do what was asked (a named error; see the subclasses)."""
+
+
+class TargetError(EncodeError):
+    """The rate or distortion target is not a finite number in its range."""
+
+    exit_code = 2  # the CLI's exit code (README): a bad command line
+
+
+class NonFiniteError(EncodeError):
+    """A tensor chosen for lossy coding holds NaN or Inf values."""
+
+    exit_code = 3  # the input cannot be used as asked
+
+
+class EncodeVerifyError(EncodeError):
+    """The archive just written does not decode to what the encoder measured."""
+
+    exit_code = 8  # the encoder's own check of its output failed (a bug; the output was not kept)
+
+
+def check_target(bpw: float | None = None, distortion: float | None = None) -> None:
+    """Raise TargetError unless exactly one of ``bpw`` (finite, > 0) or ``distortion``
+    (finite, in (0, 1)) is given."""
+    if (bpw is None) == (distortion is None):
+        raise TargetError("give exactly one of bpw or distortion")
+    if bpw is not None and not (isinstance(bpw, (int, float)) and math.isfinite(bpw) and bpw > 0):
+        raise TargetError(f"bpw must be a positive finite number, got {bpw}")
+    if distortion is not None and not (isinstance(distortion, (int, float)) and 0 < distortion < 1):
+        raise TargetError(f"distortion must be in (0, 1), got {distortion}")
+
+
+def count_nonfinite(W) -> int:
+    """Number of NaN/Inf entries of a tensor or array."""
+    t = W if isinstance(W, torch.Tensor) else torch.from_numpy(np.asarray(W))
+    if not t.is_floating_point():
+        return 0
+    return int(t.numel() - int(torch.isfinite(t).sum()))
+
+
+def check_finite(tensors, *, limit: int = 5) -> None:
+    """``tensors``: (name, tensor) pairs (or a {name: count of non-finite values} dict).
+    Raise NonFiniteError naming every tensor with NaN/Inf and how many (the first ``limit``)."""
+    counts = tensors if isinstance(tensors, dict) else {n: count_nonfinite(W) for n, W in tensors}
+    bad = [(n, c) for n, c in counts.items() if c]
+    if bad:
+        shown = ", ".join(f"{n!r} ({c} NaN/Inf)" for n, c in bad[:limit]) + (f" and {len(bad) - limit} more" if len(bad) > limit else "")
+        raise NonFiniteError(f"{len(bad)} tensor(s) hold NaN or Inf values: {shown}; "
+                             "lossy coding needs finite weights (--nonfinite lossless codes such tensors losslessly)")
+
+
+def lossless_reason(W) -> str | None:
+    """Why a finite tensor cannot be coded lossy (it then goes to the lossless mode), or None:
+    all zero (nothing to quantise: no step exists) or weights beyond ±LOSSY_MAX_ABS."""
+    t = W if isinstance(W, torch.Tensor) else torch.from_numpy(np.asarray(W))
+    if t.numel() == 0:
+        return "empty"
+    amax = float(t.abs().max())
+    if not math.isfinite(amax):
+        return "holds NaN or Inf"
+    if amax == 0:
+        return "all zero"
+    if amax > LOSSY_MAX_ABS:
+        return f"weights up to {amax:.3g}, beyond the lossy range ±{LOSSY_MAX_ABS:.3g}"
+    return None
+
+
+def unfit_reason(code: "TensorCode", job: "TensorJob") -> str | None:
+    """Why a coded tensor must not be written lossy (the rate asked is beyond what lossy coding
+    can deliver for it), or None: symbols clamped at ±MAX_ABS_SYMBOL (weights would be cut),
+    a step that is not a normal float32 (underflow), or a non-finite error."""
+    cand = next((c for c in job.cands if c.kind == code.kind), None)
+    with np.errstate(all="ignore"):
+        steps = np.atleast_1d(lossy.column_steps(code.params, cand.scales if cand is not None else None))
+    if code.saturated:
+        return f"the step {code.params.step:.3g} needs symbols beyond ±{lossy.MAX_ABS_SYMBOL}"
+    if not (np.all(np.isfinite(steps)) and float(np.min(steps)) >= float(np.finfo(np.float32).tiny)):
+        return f"the step {code.params.step:.3g} underflows float32"
+    if not (math.isfinite(code.dist) and math.isfinite(code.noise)):
+        return "the coding error is not finite"
+    return None
 DEFAULT_CANDIDATES = ("hadamard", "colscale")
 SCALE_MIN, SCALE_MAX = 2.0**-14, 2.0**15
 
@@ -76,6 +165,8 @@ class TensorCode:
     dist: float  # tr(ΔW Σ ΔWᵀ)
     rel_err: float  # dist / tr(W Σ Wᵀ)
     sqnr_db: float  # weight-domain SQNR
+    noise: float = math.nan  # ‖W − Ŵ‖², weight domain (what verify_lossy checks the archive against)
+    saturated: bool = False  # some symbol was clamped at ±MAX_ABS_SYMBOL
 
 
 @dataclass
@@ -172,6 +263,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     sl = slice(None) if stride <= 1 else slice(0, None, stride)
     Wt = job.W[sl]
     q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
+    saturated = bool(q.size) and int(np.abs(q).max()) >= lossy.MAX_ABS_SYMBOL
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
                             cand.hd.m if cand.hd is not None else 0)
     # choose the symbol classes by an order-0 estimate (entropy + table + stream headers), then
@@ -201,11 +293,13 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     sig = float((Wt.double() ** 2).sum())
     noise = float((D.double() ** 2).sum())
     nbytes = int(round(nbytes))
+    sqnr = 10 * math.log10(sig / noise) if noise > 0 and sig > 0 else (math.inf if noise == 0 else -math.inf)
     if stride > 1:
         d *= rows / q.shape[0]
+        noise *= rows / q.shape[0]
         W_hat, streams = None, []
     return TensorCode(job.name, cand.kind, params, streams, W_hat, nbytes, d, d / max(job.energy, 1e-300),
-                      10 * math.log10(sig / noise) if noise > 0 else math.inf)
+                      sqnr, noise, saturated)
 
 
 def choose(job: TensorJob, step: float, stride: int = 1) -> tuple[Candidate, TensorCode]:
@@ -266,12 +360,7 @@ def encode_jobs(jobs: list[TensorJob], *, bpw: float | None = None, distortion: 
     search again; (2) code every tensor in full with its candidate, and correct the step by
     secant steps on the exact rates until within tolerance (at most ``max_full`` full passes;
     the best one is kept)."""
-    if (bpw is None) == (distortion is None):
-        raise ValueError("give exactly one of bpw or distortion")
-    if bpw is not None and not bpw > 0:
-        raise ValueError(f"bpw must be positive, got {bpw}")
-    if distortion is not None and not 0 < distortion < 1:
-        raise ValueError(f"distortion must be in (0, 1), got {distortion}")
+    check_target(bpw, distortion)
     if not jobs:
         raise ValueError("no tensors to code")
     t0 = time.perf_counter()
@@ -288,7 +377,7 @@ def encode_jobs(jobs: list[TensorJob], *, bpw: float | None = None, distortion: 
             r = total_rate(codes, n_weights)
             return r, r / bpw - 1.0  # > 0: rate too high, raise the step
         e = total_rel_err(codes, jobs)
-        return e, distortion / e - 1.0  # > 0: error too low, raise the step
+        return e, distortion / max(e, 1e-300) - 1.0  # > 0: error too low, raise the step
 
     chosen: dict[str, Candidate] = {}
 

@@ -1,5 +1,7 @@
 """formats/atomic.py: all-or-nothing output (no half file under the final name, no litter)."""
 
+import os
+
 import pytest
 
 from aligncodec.formats.atomic import atomic_write
@@ -16,7 +18,9 @@ def test_writes_and_replaces(tmp_path):
 
     assert atomic_write(dest, write) == dest
     assert dest.read_text() == "new"
-    assert seen[0].parent == tmp_path and seen[0].name.startswith(".out.json.") and seen[0].suffix == ".json"
+    # hidden, same folder, the destination's suffix kept; host and pid in the name (stale clean-up)
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(".acz-tmp-") and seen[0].suffix == ".json"
+    assert f"-{os.getpid()}-" in seen[0].name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 

@@ -186,13 +186,17 @@ def column_steps(params: EcsqParams, scales: np.ndarray | None) -> np.ndarray | 
 
 
 def reconstruct_from(params: EcsqParams, q: np.ndarray, scales: np.ndarray | None, hd: HadamardData | None) -> np.ndarray:
-    """float32 weight (out × in) from integer symbols q (out × in, already offset)."""
-    d = column_steps(params, scales)
-    Cm = q.astype(np.float32) * (d[None, :] if isinstance(d, np.ndarray) else d)
-    if params.transform == TRANSFORM_IDENTITY:
-        return Cm
-    if params.transform == TRANSFORM_HADAMARD:
-        return inverse_hadamard_f32(Cm, hd)
+    """float32 weight (out × in) from integer symbols q (out × in, already offset).
+
+    IEEE-754 overflow to ±inf (a huge step or Q) is the value §7.4 defines, not an error:
+    numpy's warnings about it are silenced."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = column_steps(params, scales)
+        Cm = q.astype(np.float32) * (d[None, :] if isinstance(d, np.ndarray) else d)
+        if params.transform == TRANSFORM_IDENTITY:
+            return Cm
+        if params.transform == TRANSFORM_HADAMARD:
+            return inverse_hadamard_f32(Cm, hd)
     raise UnsupportedError(f"unknown transform {params.transform}")
 
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 
 from aligncodec import __version__
 
@@ -43,6 +46,7 @@ EXIT_FORMAT = 4  # archive malformed, truncated or failing validation
 EXIT_CHECKSUM = 5  # checksum mismatch
 EXIT_UNSUPPORTED = 6  # unsupported format version or required feature
 EXIT_DEPENDENCY = 7  # optional dependency or reference model not available
+EXIT_VERIFY = 8  # the lossy encoder's check of the archive it wrote failed (nothing kept; a bug)
 EXIT_INTERRUPTED = 130
 
 
@@ -55,11 +59,16 @@ class CLIError(Exception):
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """Map an exception to the documented exit code."""
+    """Map an exception to the documented exit code. An exception class may carry its own
+    code as a class attribute ``exit_code`` (the encoder's, loader's and archive's named
+    errors do)."""
     from aligncodec.formats import errors as ferr
 
     if isinstance(exc, CLIError):
         return exc.code
+    code = getattr(type(exc), "exit_code", None)
+    if isinstance(code, int):
+        return code
     if isinstance(exc, ferr.ChecksumError):
         return EXIT_CHECKSUM
     if isinstance(exc, ferr.UnsupportedError):
@@ -67,6 +76,8 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, ferr.FormatError):
         return EXIT_FORMAT
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError, OSError)):
+        return EXIT_IO
+    if type(exc).__name__ == "SafetensorError":  # safetensors' own error: an unreadable input/output file
         return EXIT_IO
     if isinstance(exc, ImportError):
         return EXIT_DEPENDENCY
@@ -131,24 +142,115 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _printable(s: str) -> str:
+    """Control and other non-printable characters escaped (names in messages come from files)."""
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+class _Interrupts:
+    """Ctrl-C handling for the whole run (imports, numba compilation, threads included).
+
+    The first SIGINT raises KeyboardInterrupt in the main thread (Python delivers signals
+    there only), so clean-up code runs and ``main`` returns 130; a second SIGINT while that
+    clean-up runs ends the process at once with status 130 (``os._exit``; the next write to
+    the folder removes what it left, see formats/atomic.py). Run as the program, an
+    interrupted run ends with ``os._exit(130)`` once clean-up is done (interpreter shutdown
+    would reset SIGINT to the default and a second Ctrl-C would kill the process by the
+    signal); after a finished run, SIGINT is ignored during shutdown."""
+
+    def __init__(self):
+        self.count = 0
+        self.previous = None
+
+    def _handler(self, signum, frame):
+        self.count += 1
+        if self.count > 1:
+            os._exit(EXIT_INTERRUPTED)
+        raise KeyboardInterrupt
+
+    def install(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self.previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handler)
+        return True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
+
+    @staticmethod
+    def for_shutdown() -> None:
+        """Interpreter shutdown resets Python-level signal handlers to the default (which
+        kills the process by the signal); an ignored SIGINT stays ignored."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _flush_and_exit(code: int) -> None:
+    for f in (sys.stdout, sys.stderr):
+        try:
+            f.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
+            pass
+    os._exit(code)
+
+
+def _run(argv: list[str], want_tb: list) -> int:
+    want_tb[0] = "--traceback" in argv[: argv.index("--") if "--" in argv else len(argv)]
     parser = build_parser(_command_in(argv) or "")
     args = parser.parse_args(argv)
+    want_tb[0] = bool(args.traceback)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    return int(args.func(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line. Every failure is one line ``aligncodec: error: <Name>: <message>``
+    on stderr and a documented exit code (a traceback only with ``--traceback``); Ctrl-C is
+    exit 130 (see :class:`_Interrupts`). Called without ``argv`` (the installed command),
+    the SIGINT handling stays for the rest of the process; called with ``argv`` (tests,
+    other programs), the previous handler is restored on return."""
+    as_program = argv is None
+    argv = sys.argv[1:] if argv is None else list(argv)
+    intr = _Interrupts()
+    installed = intr.install()
+    want_tb = [False]
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("aligncodec: interrupted", file=sys.stderr)
+        try:
+            code = _run(argv, want_tb)
+            if intr.count:  # a library caught the KeyboardInterrupt and carried on: still an interrupted run
+                raise KeyboardInterrupt
+            return code
+        except KeyboardInterrupt:
+            print("aligncodec: interrupted", file=sys.stderr)
+            if as_program and installed:  # the work is abandoned: no slow interpreter shutdown to interrupt
+                intr.for_shutdown()
+                _flush_and_exit(EXIT_INTERRUPTED)
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # one line per error, distinct exit codes
+            if intr.count:  # e.g. numpy turns a Ctrl-C during its import into an ImportError
+                print("aligncodec: interrupted", file=sys.stderr)
+                if as_program and installed:
+                    intr.for_shutdown()
+                    _flush_and_exit(EXIT_INTERRUPTED)
+                return EXIT_INTERRUPTED
+            if want_tb[0]:
+                raise
+            msg = _printable(str(exc))
+            print(f"aligncodec: error: {type(exc).__name__}" + (f": {msg}" if msg else ""), file=sys.stderr)
+            return exit_code_for(exc)
+    except KeyboardInterrupt:  # a Ctrl-C while an error was being reported
         return EXIT_INTERRUPTED
-    except Exception as exc:  # one line per error, distinct exit codes
-        if args.traceback:
-            raise
-        name = type(exc).__name__
-        print(f"aligncodec: error: {name}: {exc}", file=sys.stderr)
-        return exit_code_for(exc)
+    finally:
+        if installed:
+            if as_program:
+                intr.for_shutdown()
+            else:
+                intr.restore()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 import time
 
 from aligncodec import archive
-from aligncodec.tools.cli import EXIT_DEPENDENCY, EXIT_IO, CLIError, add_command
+from aligncodec.tools.cli import EXIT_DEPENDENCY, EXIT_IO, EXIT_USAGE, CLIError, add_command
 
 
 def _size(n: float) -> str:
@@ -23,40 +23,46 @@ def _size(n: float) -> str:
 def cmd_compress(args: argparse.Namespace) -> int:
     lossy_target = args.bpw is not None or args.distortion is not None
     if args.lossless == lossy_target:
-        raise CLIError("give exactly one of --lossless, --bpw B or --distortion D", 2)
+        raise CLIError("give exactly one of --lossless, --bpw B or --distortion D", EXIT_USAGE)
     if os.path.exists(args.output) and not args.force:
         raise CLIError(f"{args.output} exists (use --force to overwrite)", EXIT_IO)
     if lossy_target:
         from aligncodec import lossy_compress as _enc
+        from aligncodec.codec import encoder
 
         if args.bpw is not None and args.distortion is not None:
-            raise CLIError("give --bpw or --distortion, not both", 2)
+            raise CLIError("give --bpw or --distortion, not both", EXIT_USAGE)
         try:
+            encoder.check_target(args.bpw, args.distortion)
             summ = _enc.compress_lossy(args.input, args.output, bpw=args.bpw, distortion=args.distortion,
                                        candidates=tuple(args.candidates.split(",")), alpha=args.alpha,
                                        lossy_embeddings=args.lossy_embeddings, seed=args.seed,
-                                       sigma="none" if args.no_calibration else "auto", progress=not args.quiet)
-        except (archive.InputError, FileNotFoundError) as exc:
-            raise CLIError(str(exc), EXIT_IO) from None
+                                       sigma="none" if args.no_calibration else "auto", progress=not args.quiet,
+                                       nonfinite=args.nonfinite, follow_symlinks=args.follow_symlinks)
+        except encoder.EncodeError:
+            raise  # TargetError (2), NonFiniteError (3), EncodeVerifyError (8): named, exit code on the class
+        except (archive.InputError, OSError):
+            raise  # named, exit 3
         except _enc.CalibrationUnavailableError as exc:
             raise CLIError(str(exc), EXIT_DEPENDENCY) from None
         except ValueError as exc:
-            raise CLIError(str(exc), 2) from None
+            raise CLIError(str(exc), EXIT_USAGE) from None
         if not args.quiet:
             _print_table(archive.inspect(args.output))
-            print(f"lossy tensors: {summ['n_lossy_weights']:,} weights at {summ['bpw_lossy_in_archive']:.4f} bits/weight all-in "
-                  f"(step {summ['step']:.5g}, modes {summ['modes']}); encoded in {summ['seconds_total']:.1f} s")
+            n_ll = len(summ.get("lossless") or {})
+            if summ["n_lossy_weights"]:
+                print(f"lossy tensors: {summ['n_lossy_weights']:,} weights at {summ['bpw_lossy_in_archive']:.4f} bits/weight all-in "
+                      f"(step {summ['step']:.5g}, modes {summ['modes']}); encoded in {summ['seconds_total']:.1f} s")
+            if n_ll:
+                print(f"{n_ll} tensor(s) chosen for lossy coding were coded lossless (reasons in the archive's acz.lossy.summary)")
         return 0
     t0 = time.perf_counter()
-    try:
-        archive.compress(args.input, args.output, progress=not args.quiet)
-    except archive.InputError as exc:
-        raise CLIError(str(exc), EXIT_IO) from None
+    archive.compress(args.input, args.output, progress=not args.quiet, follow_symlinks=args.follow_symlinks)
     dt = time.perf_counter() - t0
     info = archive.inspect(args.output)
     if not args.quiet:
         _print_table(info)
-        print(f"wrote {args.output} in {dt:.1f} s ({info['raw_bytes'] / dt / 1e6:.1f} MB/s)")
+        print(f"wrote {args.output} in {dt:.1f} s ({info['raw_bytes'] / max(dt, 1e-9) / 1e6:.1f} MB/s)")
     return 0
 
 
@@ -79,16 +85,20 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_decompress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    paths = archive.decompress(args.archive, args.output, progress=not args.quiet, limits=_limits(args))
+    paths = archive.decompress(args.archive, args.output, progress=not args.quiet, limits=_limits(args), force=args.force)
     if not args.quiet:
         for p in paths:
-            print(p)
+            print(archive.printable(str(p)))
         print(f"decoded in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def _print_table(info: dict) -> None:
-    rows = info["tensors"]
+    rows = [dict(r) for r in info["tensors"]]
+    for r in rows:  # names come from the file: never raw escape sequences to the terminal
+        r["name"] = archive.printable(r["name"])
+        if isinstance(r.get("transform"), str):
+            r["transform"] = archive.printable(r["transform"])
     w = max([len(r["name"]) for r in rows] + [6])
     lossy_cols = any("transform" in r for r in rows)
     extra = f" {'transform':<18} {'act err':>9}" if lossy_cols else ""
@@ -138,13 +148,17 @@ def add_parser(sub) -> None:
     p.add_argument("--no-calibration", action="store_true",
                    help="lossy: no calibration Σ (plain weight MSE); without it a model that cannot be calibrated is an error")
     p.add_argument("--seed", type=int, default=0, help="lossy: seed of the randomized Hadamard transforms")
+    p.add_argument("--nonfinite", choices=("error", "lossless"), default="error",
+                   help="lossy: a tensor holding NaN or Inf is an error (default) or is coded lossless")
+    p.add_argument("--follow-symlinks", action="store_true", help="read symlinks in the input folder that point outside it")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     p.set_defaults(func=cmd_compress)
 
     p = add_command(sub, "decompress")
     p.add_argument("archive")
-    p.add_argument("-o", "--output", required=True, help="output folder (created)")
+    p.add_argument("-o", "--output", required=True, help="output folder (created; written in a temporary folder beside it, then renamed)")
+    p.add_argument("-f", "--force", action="store_true", help="write into an existing non-empty output folder (replacing the files it decodes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file list")
     _add_limit_args(p)
     p.set_defaults(func=cmd_decompress)
