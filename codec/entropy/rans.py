@@ -31,7 +31,11 @@ DEFAULT_CHUNK_SYMBOLS = 1 << 14  # chunked layout (coder 2): symbols per chunk
 # Chosen by measurement (tools/bench/layout_rate.py; README "Stream layout").
 DEFAULT_LAYOUT = (1 << 17, 32)  # 131072 symbols in 32 interleaved lanes per chunk (coder 3):
 # +0.0032 bpw on SmolLM2 fp16, +0.0053 bpw on its 3-bpw lossy archive, 4.3-5.5x the parallel
-# rANS states of (16384, 1) (docs/results/2026-11-30-stream-layout.md)
+# rANS states of (16384, 1) (docs/results/2026-11-30-stream-layout.md). Streams shorter than
+# LANES_MIN_SYMBOLS keep the chunked layout: 32 lanes' states would cost a small stream up to
+# ~0.1 KB for no parallelism worth having.
+LANES_MIN_SYMBOLS = 1 << 17
+_SMALL_LAYOUT = (DEFAULT_CHUNK_SYMBOLS, 1)
 PRECISION_CHOICES = (10, 11, 12, 13, 14, 15, 16)
 
 # ----------------------------------------------------------------- frequency tables
@@ -250,13 +254,13 @@ def cumulative(freqs: np.ndarray) -> np.ndarray:
 def default_layout(chunk_symbols: int, lanes: int):
     """Temporarily make (chunk_symbols, lanes) the layout of encode() calls that name none
     (the golden-vector generators pin the layout they were written with)."""
-    global DEFAULT_LAYOUT
-    old = DEFAULT_LAYOUT
-    DEFAULT_LAYOUT = (int(chunk_symbols), int(lanes))
+    global DEFAULT_LAYOUT, _SMALL_LAYOUT
+    old = DEFAULT_LAYOUT, _SMALL_LAYOUT
+    DEFAULT_LAYOUT = _SMALL_LAYOUT = (int(chunk_symbols), int(lanes))
     try:
         yield
     finally:
-        DEFAULT_LAYOUT = old
+        DEFAULT_LAYOUT, _SMALL_LAYOUT = old
 
 
 def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: int | None = None, freqs: np.ndarray | None = None,
@@ -266,9 +270,10 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
     The table is fitted to the symbols' own counts (precision chosen to
     minimise payload + table) unless ``freqs``/``precision`` are given.
     ``lanes`` > 1 writes interleaved lanes (coder 3, spec §6.6). Unnamed, both come from
-    :data:`DEFAULT_LAYOUT` (a named chunk size alone means the chunked layout, lanes = 1)."""
+    :data:`DEFAULT_LAYOUT` (streams of fewer than :data:`LANES_MIN_SYMBOLS` symbols: the chunked
+    layout of 16384 symbols); a named chunk size alone means the chunked layout, lanes = 1."""
     if chunk_symbols is None:
-        chunk_symbols, default_lanes = DEFAULT_LAYOUT
+        chunk_symbols, default_lanes = DEFAULT_LAYOUT if np.size(symbols) >= LANES_MIN_SYMBOLS else _SMALL_LAYOUT
         lanes = default_lanes if lanes is None else lanes
     elif lanes is None:
         lanes = 1
