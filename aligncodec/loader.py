@@ -6,25 +6,35 @@
     >>> sd = aligncodec.load_state_dict("model.acz", dtype=torch.bfloat16)     # doctest: +SKIP
     >>> model = aligncodec.load_hf_model("model.acz", device="cuda")          # doctest: +SKIP
 
-The archive is read sequentially (:func:`aligncodec.formats.reader.iter_archive`),
-so a pipe, ``sys.stdin.buffer`` or an HTTP response body works as well as a
-path. A reader thread reads and checks (CRC) the next tensor's bytes while the
-current one is decoded; at most ``1 + prefetch`` tensors' compressed bytes are
-held at any time, and the loader keeps no reference to a tensor once it has
-been yielded. Decoding runs on the numba CPU decoder (all threads, or
-``threads=``), or on the GPU (:mod:`aligncodec.codec.entropy.decode_cuda`) when
-``device`` is a CUDA device and numba's CUDA target works.
+The archive is read sequentially, so a pipe, ``sys.stdin.buffer`` or an HTTP
+response body works as well as a path (:func:`aligncodec.formats.reader.iter_archive`);
+a path is memory-mapped instead of copied, each tensor's pages dropped from the
+process once it has been decoded (as with any memory map, e.g. safetensors', a file
+truncated in place by another process while it loads can end the process with
+SIGBUS; aligncodec itself replaces archives atomically, never in place). A reader thread reads and checks (CRC) the next
+tensors' bytes and starts decoding each as soon as it is read; at most
+``1 + prefetch`` tensors are in flight (read, being decoded or waiting to be
+yielded) at any time, and the loader keeps no reference to a tensor once it has
+been yielded.
+
+CPU decoding runs on a pool of worker threads (:mod:`aligncodec.codec.parallel`;
+``threads=``, default all CPUs or ``ACZ_THREADS``): numba ``nogil`` kernels
+parallel over rANS chunks and rows, and over the tensors in flight, so reading,
+CRC, zstd and decoding overlap. On a CUDA device the GPU decoder is used
+(:mod:`aligncodec.codec.entropy.decode_cuda`) for the modes it supports, when
+numba's CUDA target works.
 
 :func:`load_hf_model` builds the Transformers model from the ``config.json``
 carried in the archive (auxiliary entry ``acz:file/config.json``) with its
 parameters on the meta device and fills each parameter as it is decoded, so
-peak memory stays near the decoded model plus one tensor in flight.
+peak memory stays near the decoded model plus the tensors in flight.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import queue
 import tempfile
@@ -32,10 +42,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
+import numpy as np
+
 from aligncodec.auxfiles import AUX_PREFIX, is_aux
-from aligncodec.formats.layout import TensorEntry
+from aligncodec.formats import errors as E
+from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED
+from aligncodec.formats.layout import TensorEntry, crc32
 from aligncodec.formats.limits import Limits, resolve as resolve_limits
-from aligncodec.formats.reader import iter_archive
+from aligncodec.formats.reader import iter_archive, parse_header
+from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, parse_streams
 
 
 class LoadError(Exception):
@@ -93,20 +108,94 @@ class LoadStats:
         return self.source.bytes_read if self.source is not None else 0
 
 
+class _MappedSource:
+    """A regular file mapped read-only. ``bytes_read``: how far the reader has got (as for a stream)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.size = os.fstat(f.fileno()).st_size
+        self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.mv = memoryview(self.mm)
+        self.bytes_read = 0
+        self._advise(getattr(mmap, "MADV_SEQUENTIAL", None), 0, self.size)
+
+    def _advise(self, how, start: int, end: int) -> None:
+        if how is None:
+            return
+        page = mmap.PAGESIZE
+        a = start // page * page
+        b = min(self.size, end)
+        if b > a:
+            try:
+                self.mm.madvise(how, a, b - a)
+            except (OSError, ValueError):
+                pass
+
+    def will_need(self, start: int, end: int) -> None:
+        """Start reading a range from disk ahead of use (cold page cache)."""
+        self._advise(getattr(mmap, "MADV_WILLNEED", None), start, end)
+
+    def drop(self, start: int, end: int) -> None:
+        """Unmap a range's pages from this process (they stay in the page cache; a later
+        access faults them back in), so the archive does not add to the loader's RSS."""
+        page = mmap.PAGESIZE
+        a = -(-start // page) * page  # whole pages inside [start, end) only
+        b = end // page * page if end < self.size else self.size
+        if b > a:
+            self._advise(getattr(mmap, "MADV_DONTNEED", None), a, b)
+
+    def close(self) -> None:
+        try:
+            self.mv.release()
+            self.mm.close()
+        except BufferError:  # a decoded tensor still views the map: it closes when that view goes
+            pass
+
+
+def _iter_mapped(src: _MappedSource, limits: Limits):
+    """iter_archive over a mapped file: the same checks and errors, tensor bytes as views of the map."""
+    src.f.seek(0)
+    header = parse_header(src.f, limits)
+    end = header.data_offset + header.data_size
+    if src.size < end:
+        raise E.TruncatedError(f"archive is {src.size} bytes, its header says {end}")
+    yield header, None, None
+    base = header.data_offset
+    pos = 0
+    ts = header.tensors
+    for i, e in enumerate(ts):
+        if e.offset > pos and any(src.mv[base + pos : base + e.offset]):
+            raise E.LayoutError(f"non-zero padding before tensor {e.name!r}")
+        if i + 1 < len(ts):
+            src.will_need(base + ts[i + 1].offset, base + ts[i + 1].offset + ts[i + 1].size)
+        data = src.mv[base + e.offset : base + e.offset + e.size]
+        if crc32(data) != e.crc:
+            raise E.ChecksumError(f"tensor {e.name!r}: data checksum mismatch")
+        pos = e.offset + e.size
+        src.bytes_read = base + pos
+        streams = parse_streams(data, e.stream_count)
+        del data
+        yield None, e, streams
+    if src.size > end:
+        raise E.LayoutError("trailing bytes after the data section")
+
+
 class _Prefetcher:
-    """A reader thread running iter_archive, at most ``capacity`` tensors' bytes alive at once."""
+    """A reader thread running the archive iterator, at most ``capacity`` tensors in flight at once.
+    ``start(entry, streams)`` is called in the reader thread for every tensor as soon as it is read
+    (it starts the tensor's decoding) and its result is handed to the consumer."""
 
     _END = object()
 
-    def __init__(self, f: _ExactReader, capacity: int, stats: LoadStats, limits: Limits):
-        self.f = f
+    def __init__(self, it, capacity: int, stats: LoadStats, start):
+        self.it = it
+        self.start = start
         self.q: queue.Queue = queue.Queue()
         self.slots = threading.Semaphore(capacity)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.done = False  # the reader has finished (or failed)
         self.stats = stats
-        self.limits = limits
         self.thread = threading.Thread(target=self._run, name="acz-reader", daemon=True)
         self.thread.start()
 
@@ -125,7 +214,7 @@ class _Prefetcher:
         return True
 
     def release(self) -> None:
-        """The consumer is done with one tensor's compressed bytes."""
+        """The consumer is done with one tensor."""
         with self.lock:
             self.stats.in_flight -= 1
             if not self.done:
@@ -134,7 +223,7 @@ class _Prefetcher:
 
     def _run(self) -> None:
         try:
-            it = iter_archive(self.f, self.limits)
+            it = self.it
             header, _, _ = next(it)
             self.q.put(("header", header))
             while True:
@@ -146,7 +235,7 @@ class _Prefetcher:
                     with self.lock:
                         self.stats.in_flight -= 1
                     break
-                self.q.put(("tensor", (entry, streams)))
+                self.q.put(("tensor", (entry, self.start(entry, streams))))
                 del entry, streams
             self.q.put(("end", None))
         except BaseException as exc:  # handed to the consumer
@@ -162,9 +251,11 @@ class _Prefetcher:
             raise value
         return kind, value
 
-    def close(self) -> None:
+    def close(self, join: bool = False) -> None:
         self.stop.set()
         self.slots.release()
+        if join and self.thread is not threading.current_thread():
+            self.thread.join()
 
 
 def _open(source) -> tuple[BinaryIO, bool]:
@@ -178,21 +269,74 @@ def _open(source) -> tuple[BinaryIO, bool]:
 # ----------------------------------------------------------------- decoding one tensor
 
 
-def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None, limits: Limits | None = None):
+_KNOWN_STREAMS = (RawStream, ZstdStream, RansStream)
+
+
+def _plan_bytes(entry: TensorEntry, streams: list, out: np.ndarray, threads: int | None):
+    """The plan that decodes a tensor's bytes into ``out`` (uint8, entry.nbytes)."""
+    if all(isinstance(s, _KNOWN_STREAMS) for s in streams):
+        if entry.mode in (MODE_STORED, MODE_FLOAT_SPLIT):
+            from aligncodec.codec.modes import lossless
+
+            return lossless.plan_decode(entry, streams, out, threads=threads)
+        if entry.mode == MODE_ECSQ:
+            from aligncodec.codec.modes import lossy_cpu
+
+            return lossy_cpu.plan_ecsq(entry, streams, out, threads=threads)
+    return _plan_whole(entry, streams, out)
+
+
+def _plan_whole(entry, streams, out):
+    """Any other mode or stream kind: the mode registry's CPU decoder, as one task."""
+    from aligncodec.codec.modes import decode_entry
+
+    def task():
+        raw = np.asarray(decode_entry(entry, streams)).reshape(-1).view(np.uint8)
+        if raw.size != entry.nbytes:
+            raise E.StreamError(f"tensor {entry.name!r} decoded to {raw.size} bytes, {entry.nbytes} expected")
+        out[:] = raw
+
+    yield [task]
+    return out
+
+
+def _plan_tensor(entry: TensorEntry, streams: list, dtype, threads: int | None):
+    """Plan: decode into a new torch tensor's memory (no copy), then convert to ``dtype``."""
+    import torch
+
+    from aligncodec.codec.torch_interop import torch_dtype
+
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    yield from _plan_bytes(entry, streams, buf.numpy(), threads)
+    t = buf.view(torch_dtype(entry.dtype)).reshape(entry.shape)
+    del buf
+    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+        box = [t]
+        yield [lambda: box.__setitem__(0, box[0].to(dtype))]
+        t = box[0]
+    return t
+
+
+def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None, threads: int | None = None,
+                  limits: Limits | None = None, asynchronous: bool = False):
     """Decode one archive entry into a torch tensor on ``device``.
 
     ``dtype`` (a torch dtype) converts floating-point tensors; others keep their dtype.
     On a CUDA device the GPU decoder is used for the modes it supports (others are
-    decoded on the CPU and copied)."""
+    decoded on the CPU and copied). ``asynchronous`` (CPU only): return a Future at once,
+    the tensor decoding on the pool (the loader's path; validation errors still raise here)."""
     import torch
 
-    from aligncodec.codec.entropy.decode_cpu import num_threads
-    from aligncodec.codec.modes import decode_entry, decode_entry_gpu, has_gpu_path
-    from aligncodec.codec.torch_interop import bytes_to_tensor
+    from aligncodec.codec import parallel
+    from aligncodec.codec.modes import decode_entry_gpu, has_gpu_path
     from aligncodec.validation import check_entry
 
     check_entry(entry, streams, limits)  # as verify does, before the GPU or the CPU decoder
     dev = torch.device(device)
+    if asynchronous:
+        if dev.type != "cpu":
+            raise ValueError("asynchronous decoding is for the CPU")
+        return parallel.submit(_plan_tensor(entry, streams, dtype, threads), threads)
     t = None
     if dev.type == "cuda" and has_gpu_path(entry):
         from aligncodec.codec.entropy import decode_cuda
@@ -200,13 +344,28 @@ def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None
         if decode_cuda.available():
             t = decode_entry_gpu(entry, streams, dev)
     if t is None:
-        with num_threads(threads):
-            raw = decode_entry(entry, streams)
-        t = bytes_to_tensor(entry, raw)
-        del raw
+        t = parallel.run(_plan_tensor(entry, streams, dtype if dev.type == "cpu" else None, threads), threads)
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
         t = t.to(device=dev, dtype=dtype)
     return t.to(dev) if t.device != dev else t
+
+
+class _Deferred:
+    """Work run by the consumer when it asks for the result (the Future interface it uses)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def result(self):
+        return self.fn()
+
+
+def _failed(exc: BaseException):
+    from concurrent.futures import Future
+
+    fut: Future = Future()
+    fut.set_exception(exc)
+    return fut
 
 
 # ----------------------------------------------------------------- public API
@@ -223,50 +382,112 @@ def load(
     stats: LoadStats | None = None,
     on_header=None,
     limits: Limits | None = None,
+    _decode_gate: threading.Event | None = None,
     max_header_bytes: int | None = None,
     max_tensor_bytes: int | None = None,
 ) -> Iterator[tuple[str, object]]:
     """Yield ``(name, tensor)`` for every tensor of an archive, in file order.
 
-    ``source``: a path, or a binary stream read sequentially (pipe, socket, HTTP body).
+    ``source``: a path (memory-mapped), or a binary stream read sequentially (pipe, socket, HTTP body).
     ``device``/``dtype``: where tensors are decoded and the floating-point dtype they get
-    (None keeps the stored dtype). ``threads``: numba CPU threads (None: all).
-    ``prefetch``: tensors read ahead while one is decoded (>= 0).
+    (None keeps the stored dtype). ``threads``: CPU decoding threads (None: all CPUs, or ``ACZ_THREADS``).
+    ``prefetch``: tensors read (and decoded) ahead of the one being yielded (>= 0).
     ``include_aux``: also yield auxiliary files (``acz:file/<name>``) as uint8 tensors.
     ``on_header``: called with the parsed header (every entry's name, dtype and shape)
-    before any tensor is read, e.g. to check the tensor list first.
+    before any tensor is read, e.g. to check the tensor list first (in the reader thread;
+    what it raises is raised here).
     ``limits``: the reader's limits (:class:`aligncodec.formats.limits.Limits`; the defaults
-    bound memory and work by the bytes read). The archive is validated as ``verify`` does."""
+    bound memory and work by the bytes read). The archive is validated as ``verify`` does.
+    ``_decode_gate`` (internal, load_hf_model's): nothing but ``config.json`` is decoded before this event is set."""
+    import torch
+
+    from aligncodec.codec import parallel
     from aligncodec.validation import check_entry, check_header
 
     if prefetch < 0:
         raise ValueError("prefetch must be >= 0")
+    threads = parallel.resolve_threads(threads)
+    dev = torch.device(device)
     lim = resolve_limits(limits, max_header_bytes=max_header_bytes, max_tensor_bytes=max_tensor_bytes)
     f, owned = _open(source)
-    reader = _ExactReader(f)
+    mapped = None
+    if owned:
+        try:
+            mapped = _MappedSource(f)
+        except (OSError, ValueError):  # empty or unmappable file: read it as a stream
+            mapped = None
     st = stats if stats is not None else LoadStats()
-    st.source = reader
-    pf = _Prefetcher(reader, 1 + prefetch, st, lim)
-    try:
-        kind, header = pf.get()
+    if mapped is not None:
+        st.source = mapped
+        it = _iter_mapped(mapped, lim)
+    else:
+        reader = _ExactReader(f)
+        st.source = reader
+        it = iter_archive(reader, lim)
+    from aligncodec.codec.modes import has_gpu_path
+
+    gpu = dev.type == "cuda"
+    if gpu:
+        from aligncodec.codec.entropy import decode_cuda
+
+        gpu = decode_cuda.available()
+
+    def checked(it):
+        """The header as verify checks it (and ``on_header``), before any tensor is read or decoded."""
+        header, _, _ = next(it)
         check_header(header, lim)  # the same header checks as verify, inspect and decompress
         if on_header is not None:
             on_header(header)
+        yield header, None, None
+        yield from it
+
+    def start(entry, streams):
+        """Runs in the reader thread: validate (as verify does) and start decoding the tensor
+        as soon as it is read; a failure is reported by the consumer, in file order."""
+        aux = is_aux(entry.name)
+        if aux and not include_aux:
+            try:
+                check_entry(entry, streams, lim)  # not decoded, but validated as verify does
+            except BaseException as exc:  # noqa: BLE001
+                return _failed(exc)
+            return None
+        if _decode_gate is not None and entry.name != AUX_PREFIX + "config.json":  # the consumer decides first
+            _decode_gate.wait()
+            if pf_box and pf_box[0].stop.is_set():
+                return None
+        want = None if aux else dtype
+        if gpu and has_gpu_path(entry):  # the CUDA path runs in the consumer's thread
+            return _Deferred(lambda: decode_tensor(entry, streams, device=dev, dtype=want, threads=threads, limits=lim))
+        try:
+            return decode_tensor(entry, streams, dtype=want, threads=threads, limits=lim, asynchronous=True)
+        except BaseException as exc:  # noqa: BLE001 - reported in file order by the consumer
+            return _failed(exc)
+
+    pf_box: list = []
+    pf = _Prefetcher(checked(it), 1 + prefetch, st, start)
+    pf_box.append(pf)
+    try:
+        kind, header = pf.get()
+        base = header.data_offset
         del header
         while True:
             kind, item = pf.get()
             if kind == "end":
                 break
-            entry, streams = item
+            entry, job = item
             del item
             st.compressed_bytes += entry.size
-            if is_aux(entry.name) and not include_aux:
-                check_entry(entry, streams, lim)  # not decoded, but validated as verify does
-                del streams
+            if job is None:  # an auxiliary file not asked for, or the load is ending
                 pf.release()
+                if mapped is not None:
+                    mapped.drop(base + entry.offset, base + entry.offset + entry.size)
                 continue
-            t = decode_tensor(entry, streams, device=device, dtype=None if is_aux(entry.name) else dtype, threads=threads, limits=lim)
-            del streams
+            t = job.result()
+            del job
+            if mapped is not None:
+                mapped.drop(base + entry.offset, base + entry.offset + entry.size)
+            if t.device != dev:
+                t = t.to(dev)
             pf.release()
             st.tensors += 1
             st.decoded_bytes += t.numel() * t.element_size()
@@ -275,12 +496,18 @@ def load(
             yield out
             del out
     finally:
-        pf.close()
+        pf.stop.set()
+        if _decode_gate is not None:
+            _decode_gate.set()  # a reader waiting at the gate sees the stop and decodes nothing more
+        pf.close(join=mapped is not None)  # a mapped file never blocks the reader: wait, then unmap
+        if mapped is not None:
+            mapped.close()
         if owned:
             f.close()
 
 
-def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1, limits: Limits | None = None) -> dict:
+def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1,
+                    limits: Limits | None = None) -> dict:
     """All tensors of an archive (auxiliary files excluded) as a dict name -> tensor."""
     return dict(load(source, device=device, dtype=dtype, threads=threads, prefetch=prefetch, limits=limits))
 
@@ -458,12 +685,16 @@ def load_hf_model(
     loaded: set[str] = set()
     unexpected: list[str] = []
     entries: dict[str, tuple[int, ...]] = {}
+    gate = threading.Event()  # no weight is decoded before the model is built and the tensor list checked
 
     def on_header(header):
         names = [e.name for e in header.tensors]
         if AUX_PREFIX + "config.json" not in names:
             raise LoadError("the archive carries no config.json (compress a model folder, not a single .safetensors file)")
         entries.update((e.name, tuple(e.shape)) for e in header.tensors if not e.name.startswith(AUX_PREFIX))
+        first = names.index(AUX_PREFIX + "config.json")
+        if first:  # tensors before config.json (unusual order): the consumer needs them, no gate
+            gate.set()
 
     def build(config_json: bytes):
         config = _make_config(config_json, trust_remote_code)
@@ -481,10 +712,11 @@ def load_hf_model(
             unexpected.append(name)
 
     for name, t in load(source, device=dev, dtype=dtype, threads=threads, prefetch=prefetch, include_aux=True,
-                        on_header=on_header):
+                        on_header=on_header, _decode_gate=gate):
         if is_aux(name):
             if name == AUX_PREFIX + "config.json" and model is None:
                 model = build(t.numpy().tobytes())
+                gate.set()
                 for n2, t2 in pending:
                     put(n2, t2)
                 pending.clear()

@@ -15,6 +15,7 @@ def test_bench_decode_small_runs_every_decoder():
     assert any(n.startswith("constriction") for n in names)
     whats = {(r["decoder"], r["what"]) for r in res["rows"]}
     assert ("numba CPU, 1 thread", "bf16 (fused)") in whats and ("numba CPU, 2 threads", "symbols") in whats
+    assert ("numba CPU, 2 threads", "bf16 (lossy ecsq)") in whats and 1 < res["info"]["lossy_bits_per_weight"] < 6
     for r in res["rows"]:
         assert r["seconds"] > 0 and r["GB_per_s_bf16"] == pytest.approx(2 * r["symbols"] / r["seconds"] / 1e9)
     assert "x constr." in bench.format_table(res)
@@ -40,6 +41,30 @@ def test_bench_load_tiny_llama(tmp_path):
     res = bench.bench_load(str(tmp_path / "tiny"), repeat=1, workdir=tmp_path / "work", progress=False)
     kinds = [r["kind"] for r in res["rows"]]
     assert kinds == ["st-sd", "acz-sd", "st-hf", "acz-hf"]
+    assert all(r["warm"]["cpu_seconds_median"] > 0 for r in res["rows"])
     sd = {r["kind"]: r["tensor_bytes"] for r in res["rows"]}
     assert sd["st-sd"] == sd["acz-sd"] > 0  # both loads hold the same fp16 weights
     assert "peak RSS" in bench.format_table(res)
+
+
+@pytest.mark.slow
+def test_bench_load_lossy_warm_and_cold(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aligncodec import lossy_compress as enc
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    res, jobs, info = enc.encode_model(tmp_path / "tiny", bpw=3.0, sigma="none", progress=False)
+    lossy = tmp_path / "tiny-3.acz"
+    enc.write_archive(tmp_path / "tiny", lossy, res, enc.lossy_metadata(res, jobs, info, {"bpw": 3.0}), progress=False)
+    out = bench.bench_load(str(tmp_path / "tiny"), repeat=1, workdir=tmp_path / "work", progress=False,
+                           kinds=("st-sd", "acz-sd"), lossy=lossy, caches=("warm", "cold"), threads=2)
+    assert [r["kind"] for r in out["rows"]] == ["st-sd", "acz-sd", "lossy-sd"]
+    for r in out["rows"]:
+        for c in ("warm", "cold"):
+            assert r[c]["seconds_median"] > 0 and r[c]["peak_rss"] > 0 and r[c]["x_safetensors_touched"] > 0
+    assert out["info"]["evicted_with_fadvise"] is True
+    table = bench.format_table(out)
+    assert "lossy .acz" in table and "cold s" in table

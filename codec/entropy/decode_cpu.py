@@ -14,13 +14,18 @@ What makes it fast, without changing the format:
   clamped inside the payload) and selected, so no mispredicted branches; a
   corrupt chunk is still caught by the final checks (state == L, every word
   consumed, none read past the chunk's end);
-* **parallel over chunk groups** on all numba threads (``threads=``);
+* **parallel over chunk ranges** on a pool of plain threads running ``nogil`` kernels
+  (:mod:`aligncodec.codec.parallel`; ``threads=``), not numba's OpenMP team: a task
+  is picked up by whichever worker is free, so a descheduled thread on a busy
+  machine delays only its own range, and chunks of different tensors overlap in the
+  loader (:func:`plan_decode` is the plan form);
 * **fused float-split reconstruction**: each task, right after decoding its
   chunks, joins their symbols with the bit-packed rest of the float while they
   are still in cache, writing the final bit patterns into the output array.
 
 Reconstruction of other (lossy) modes is a separate step after
-:func:`decode_symbols` (the coding modes' registry, :mod:`aligncodec.codec.modes`).
+:func:`decode_symbols` (the coding modes' registry, :mod:`aligncodec.codec.modes`;
+the lossy one in :mod:`aligncodec.codec.modes.lossy_cpu`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from aligncodec.formats.errors import CorruptStreamError, StreamError
 GROUP = 4
 
 _U64 = np.uint64
+_U32 = np.uint32
 _L = _U64(RANS_STATE_LOWER)
 
 UINT_OF_WIDTH = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}  # unsigned numpy dtype of a bit width
@@ -57,28 +63,38 @@ ERROR_TEXT = {
 def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
     """Packed decode table of 2**precision uint64 entries:
     ``freq[s] | (slot - cum[s]) << 32 | s << 48`` for the symbol s owning the slot."""
-    f = np.asarray(freqs, dtype=np.int64)
+    f = np.ascontiguousarray(freqs, dtype=np.int64)
     if len(f) > 1 << 16:
         raise StreamError("rANS alphabet larger than 2^16")
+    if f.size and f.min() < 0:
+        raise StreamError("negative rANS frequency")
     if int(f.sum()) != 1 << precision:
         raise StreamError(f"frequencies sum to {int(f.sum())}, not 2^{precision}")
-    sym = np.repeat(np.arange(len(f), dtype=np.uint64), f)
-    cum = np.zeros(len(f), dtype=np.int64)
-    np.cumsum(f[:-1], out=cum[1:])
-    slots = np.arange(1 << precision, dtype=np.int64)
-    bias = (slots - cum[sym.astype(np.int64)]).astype(np.uint64)
-    return f.astype(np.uint64)[sym.astype(np.int64)] | (bias << _U64(32)) | (sym << _U64(48))
+    tab = np.empty(1 << precision, dtype=np.uint64)
+    _fill_table(f, tab)
+    return tab
+
+
+@nb.njit(nogil=True, cache=True)
+def _fill_table(freqs, tab):
+    pos = 0
+    for s in range(freqs.shape[0]):
+        f = freqs[s]
+        base = _U64(f) | (_U64(s) << _U64(48))
+        for j in range(f):
+            tab[pos + j] = base | (_U64(j) << _U64(32))
+        pos += f
 
 
 # ----------------------------------------------------------------- kernels
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(nogil=True, cache=True, inline="always")
 def _state(words, w):
     return _U64(words[w]) | (_U64(words[w + 1]) << _U64(16))
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(nogil=True, cache=True, inline="always")
 def _finish(x, p, wend):
     if p > wend:
         return 2
@@ -89,7 +105,7 @@ def _finish(x, p, wend):
     return 0
 
 
-@nb.njit(cache=True)
+@nb.njit(nogil=True, cache=True)
 def _decode_one(words, last, tab, precision, w0, wend, m, out, o):
     """Decode m symbols of the chunk occupying words[w0:wend] into out[o:o+m]. Returns an error code (0 = ok)."""
     P = _U64(precision)
@@ -114,7 +130,7 @@ def _decode_one(words, last, tab, precision, w0, wend, m, out, o):
     return _finish(x, p, wend)
 
 
-@nb.njit(cache=True)
+@nb.njit(nogil=True, cache=True)
 def _decode_four(words, last, tab, precision, wa, wb, wc, wd, ea, eb, ec, ed, m, out, oa, ob, oc, od, status, c0):
     """Four chunks of m symbols each, stepped in lock step (independent dependency chains)."""
     P = _U64(precision)
@@ -174,9 +190,32 @@ def _decode_four(words, last, tab, precision, wa, wb, wc, wd, ea, eb, ec, ed, m,
     status[c0 + 3] = _finish(xd, pd, ed)
 
 
-@nb.njit(cache=True)
+@nb.njit(nogil=True, cache=True)
 def _join_range(out, a, b, rest, rw, low, width):
-    """out[i] (a symbol) := the float bit pattern of symbol out[i] and rest i (rw bits at bit i*rw of rest)."""
+    """out[i] (a symbol) := the float bit pattern of symbol out[i] and rest i (rw bits at bit i*rw of rest).
+
+    Rests of up to 25 bits (every float-split layout but F64's) are read as one unaligned
+    little-endian 32-bit window per element (branch-free, vectorizable; indices unsigned so
+    that numba adds no wraparound); the last few elements, whose window would pass the end
+    of ``rest``, and wider rests go through the bit accumulator."""
+    if rw <= 25 and width <= 32:
+        nbytes = rest.shape[0]
+        fast_end = a
+        if nbytes >= 4:
+            fast_end = min(b, max(a, ((nbytes - 3) * 8 - 1) // rw + 1))
+        rmask32 = _U32((1 << rw) - 1)
+        lmask32 = _U32((1 << low) - 1)
+        low32 = _U32(low)
+        top32 = _U32(width - 1)
+        for i in range(a, fast_end):
+            bit = _U64(i) * _U64(rw)
+            pos = bit >> _U64(3)
+            w = (_U32(rest[pos]) | (_U32(rest[pos + _U64(1)]) << _U32(8)) | (_U32(rest[pos + _U64(2)]) << _U32(16))
+                 | (_U32(rest[pos + _U64(3)]) << _U32(24)))
+            r = (w >> _U32(bit & _U64(7))) & rmask32
+            sy = _U32(out[_U64(i)])
+            out[_U64(i)] = ((r >> low32) << top32) | (sy << low32) | (r & lmask32)
+        a = fast_end
     bit = a * rw
     pos = bit >> 3
     sh = bit & 7
@@ -203,36 +242,37 @@ def _join_range(out, a, b, rest, rw, low, width):
         out[i] = ((r >> LOW) << TOP) | (s << LOW) | (r & lmask)
 
 
-@nb.njit(parallel=True, cache=True)
-def _decode_kernel(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, width, join):
-    """All chunks of one stream. chunk_w[c] is the word index where chunk c starts (chunk_w[-1] the end).
-    Tasks: groups of GROUP full chunks, then the remaining chunks one by one."""
-    n_chunks = chunk_w.shape[0] - 1
-    status = np.zeros(n_chunks, dtype=np.int32)
+@nb.njit(nogil=True, cache=True)
+def _decode_range(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, width, join, c0, c1, status):
+    """Chunks [c0, c1) of one stream (chunk_w[c]: the word where chunk c starts, chunk_w[-1] the end):
+    full chunks four at a time, the rest one by one; with ``join`` each group's symbols are
+    joined with their float-split rest right after decoding, while still in cache."""
     last = words.shape[0] - 1
-    n_full = n // cs
-    n_groups = n_full // 4
-    n_tasks = n_groups + (n_chunks - 4 * n_groups)
-    for t in nb.prange(n_tasks):
-        if t < n_groups:
-            c = 4 * t
-            a = c * cs
-            _decode_four(
-                words, last, tab, precision,
-                chunk_w[c], chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3],
-                chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3], chunk_w[c + 4],
-                cs, out, a, a + cs, a + 2 * cs, a + 3 * cs, status, c,
-            )
-            if join:
-                _join_range(out, a, a + 4 * cs, rest, rw, low, width)
-        else:
-            c = 4 * n_groups + (t - n_groups)
-            a = c * cs
-            b = min(a + cs, n)
-            status[c] = _decode_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, out, a)
-            if join:
-                _join_range(out, a, b, rest, rw, low, width)
-    return status
+    c = c0
+    while c + 4 <= c1 and (c + 4) * cs <= n:
+        a = c * cs
+        _decode_four(
+            words, last, tab, precision,
+            chunk_w[c], chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3],
+            chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3], chunk_w[c + 4],
+            cs, out, a, a + cs, a + 2 * cs, a + 3 * cs, status, c,
+        )
+        if join:
+            _join_range(out, a, a + 4 * cs, rest, rw, low, width)
+        c += 4
+    while c < c1:
+        a = c * cs
+        b = min(a + cs, n)
+        status[c] = _decode_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, out, a)
+        if join:
+            _join_range(out, a, b, rest, rw, low, width)
+        c += 1
+
+
+# symbols per task: at least this many (a task is then ~0.3 ms or more), and about TASKS_PER_THREAD
+# tasks per worker so that a worker slowed down by other processes delays only a small share
+MIN_TASK_SYMBOLS = 1 << 17
+TASKS_PER_THREAD = 4
 
 
 @nb.njit(cache=True)
@@ -328,38 +368,28 @@ def _decode_lanes_two(words, last, tab, precision, wa, wb, ea, eb, m, lanes, out
     status[c0 + 1] = _finish_lanes(xb, w, pb, eb)
 
 
-@nb.njit(parallel=True, cache=True)
-def _decode_lanes_kernel(words, chunk_w, cs, n, tab, precision, lanes, out, rest, rw, low, width, join):
-    """All chunks of an interleaved-lanes stream: tasks of two full chunks, then the rest one by one."""
-    n_chunks = chunk_w.shape[0] - 1
-    status = np.zeros(n_chunks, dtype=np.int32)
+@nb.njit(nogil=True, cache=True)
+def _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest, rw, low, width, join, c0, c1, status):
+    """Chunks [c0, c1) of an interleaved-lanes stream: full chunks two at a time, the rest one by one
+    (joined with their float-split rest right after decoding, as :func:`_decode_range`)."""
     last = words.shape[0] - 1
-    n_pairs = (n // cs) // 2
-    n_tasks = n_pairs + (n_chunks - 2 * n_pairs)
-    for t in nb.prange(n_tasks):
-        xa = np.empty(lanes, dtype=np.uint64)
-        if t < n_pairs:
-            c = 2 * t
-            a = c * cs
-            xb = np.empty(lanes, dtype=np.uint64)
-            _decode_lanes_two(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], chunk_w[c + 1], chunk_w[c + 2],
-                              cs, lanes, out, a, a + cs, xa, xb, status, c)
-            b = a + 2 * cs
-        else:
-            c = 2 * n_pairs + (t - n_pairs)
-            a = c * cs
-            b = min(a + cs, n)
-            status[c] = _decode_lanes_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, lanes, out, a, xa)
+    xa = np.empty(lanes, dtype=np.uint64)
+    xb = np.empty(lanes, dtype=np.uint64)
+    c = c0
+    while c + 2 <= c1 and (c + 2) * cs <= n:
+        a = c * cs
+        _decode_lanes_two(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], chunk_w[c + 1], chunk_w[c + 2],
+                          cs, lanes, out, a, a + cs, xa, xb, status, c)
+        if join:
+            _join_range(out, a, a + 2 * cs, rest, rw, low, width)
+        c += 2
+    while c < c1:
+        a = c * cs
+        b = min(a + cs, n)
+        status[c] = _decode_lanes_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, lanes, out, a, xa)
         if join:
             _join_range(out, a, b, rest, rw, low, width)
-    return status
-
-
-def _run_kernel(stream: RansStream, words, chunk_w, tab, out, rest, rw, low, width, join):
-    if stream.lanes > 1:
-        return _decode_lanes_kernel(words, chunk_w, stream.chunk_symbols, stream.n_symbols, tab, stream.precision, stream.lanes,
-                                    out, rest, rw, low, width, join)
-    return _decode_kernel(words, chunk_w, stream.chunk_symbols, stream.n_symbols, tab, stream.precision, out, rest, rw, low, width, join)
+        c += 1
 
 
 # ----------------------------------------------------------------- public API
@@ -367,18 +397,11 @@ def _run_kernel(stream: RansStream, words, chunk_w, tab, out, rest, rw, low, wid
 
 @contextlib.contextmanager
 def num_threads(threads: int | None):
-    """Run numba parallel kernels with ``threads`` threads (None: leave as is)."""
-    if threads is None:
+    """Decode with ``threads`` worker threads inside this block, in this thread (None: leave as is)."""
+    from aligncodec.codec import parallel
+
+    with parallel.threads_override(threads):
         yield
-        return
-    if threads < 1:
-        raise ValueError("threads must be >= 1")
-    old = nb.get_num_threads()
-    nb.set_num_threads(min(int(threads), nb.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        nb.set_num_threads(old)
 
 
 def _words(stream: RansStream) -> tuple[np.ndarray, np.ndarray]:
@@ -411,26 +434,75 @@ def _raise_status(status: np.ndarray) -> None:
         raise CorruptStreamError(f"rANS chunk {c} failed its integrity check: {ERROR_TEXT.get(code, code)} (code {code})")
 
 
-_EMPTY_U8 = np.zeros(1, dtype=np.uint8)
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view: the kernels then see one array type whatever the caller passed (one
+    compiled and cached specialisation instead of two to load at first use)."""
+    if not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+_EMPTY_U8 = _readonly(np.zeros(1, dtype=np.uint8))
+
+
+def _check_out(out, n: int, dtype=None) -> np.ndarray:
+    if dtype is not None:
+        if out is None:
+            return np.empty(n, dtype=dtype)
+        if out.shape != (n,) or out.dtype != dtype:
+            raise ValueError(f"out must be a 1-d {np.dtype(dtype).name} array of {n} elements")
+        return out
+    if out is None:
+        return np.empty(n, dtype=np.uint16)
+    if out.shape != (n,) or out.dtype.kind != "u":
+        raise ValueError(f"out must be a 1-d unsigned array of {n} elements")
+    return out
+
+
+def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = None, rest: np.ndarray | None = None,
+                rw: int = 1, low: int = 0, width: int = 16):
+    """Plan (see :mod:`aligncodec.codec.parallel`) decoding ``stream`` into ``out`` (checked by the
+    caller), joined with a float-split ``rest`` when given; returns ``out``. The stream's table and
+    chunk layout are checked when the plan starts; a corrupt chunk raises CorruptStreamError."""
+    from aligncodec.codec import parallel
+
+    n = stream.n_symbols
+    if n == 0:
+        return out
+    words, chunk_w = _words(stream)
+    words = _readonly(words)
+    tab = slot_table(stream.freqs, stream.precision)
+    n_chunks = len(chunk_w) - 1
+    status = np.zeros(n_chunks, dtype=np.int32)
+    join = rest is not None
+    rest_arr = _readonly(rest) if join else _EMPTY_U8
+    parts = parallel.resolve_threads(threads) * TASKS_PER_THREAD
+    cs, precision = stream.chunk_symbols, stream.precision
+
+    lanes = stream.lanes
+
+    def task(c0, c1):
+        if lanes > 1:
+            _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest_arr, rw, low, width, join, c0, c1, status)
+        else:
+            _decode_range(words, chunk_w, cs, n, tab, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
+
+    minimum = max(1, -(-MIN_TASK_SYMBOLS // cs))
+    yield parallel.stage(task, parallel.split_ranges(n_chunks, parts, multiple=GROUP, minimum=minimum))
+    _raise_status(status)
+    return out
 
 
 def decode_symbols(stream: RansStream, *, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
     """Decode a rANS stream into ``out`` (default a new uint16 array; any unsigned
     integer array of ``n_symbols`` elements works). Raises CorruptStreamError if any
     chunk fails its integrity checks."""
-    n = stream.n_symbols
-    if out is None:
-        out = np.empty(n, dtype=np.uint16)
-    elif out.shape != (n,) or out.dtype.kind != "u":
-        raise ValueError(f"out must be a 1-d unsigned array of {n} elements")
-    if n == 0:
-        return out
-    words, chunk_w = _words(stream)
-    tab = slot_table(stream.freqs, stream.precision)
-    with num_threads(threads):
-        status = _run_kernel(stream, words, chunk_w, tab, out, _EMPTY_U8, 1, 0, 16, False)
-    _raise_status(status)
-    return out
+    from aligncodec.codec import parallel
+
+    out = _check_out(out, stream.n_symbols)
+    return parallel.run(plan_decode(stream, out, threads=threads), threads)
 
 
 def float_split_layout(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int) -> tuple[int, int, int, np.ndarray]:
@@ -454,24 +526,20 @@ def float_split_layout(stream: RansStream, rest: bytes | np.ndarray, dtype: str,
     return width, rw, rw - 1, raw
 
 
+def plan_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int, out: np.ndarray | None = None,
+                     *, threads: int | None = None):
+    """Plan form of :func:`decode_float_split` (parameters checked now, decoding when run)."""
+    width, rw, low, raw = float_split_layout(stream, rest, dtype, k)
+    out = _check_out(out, stream.n_symbols, UINT_OF_WIDTH[width])
+    return plan_decode(stream, out, threads=threads, rest=raw, rw=rw, low=low, width=width)
+
+
 def decode_float_split(stream: RansStream, rest: bytes | np.ndarray, dtype: str, k: int, *, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
     """Decode a float-split tensor (spec §7.2) straight into its bit patterns.
 
     ``stream`` holds the E+k-bit symbols (exponent and top k mantissa bits),
     ``rest`` the bit-packed sign and low mantissa bits (W-E-k bits each, LSB first).
     Returns a uint{W} array of ``stream.n_symbols`` elements (``out`` if given)."""
-    width, rw, low, raw = float_split_layout(stream, rest, dtype, k)
-    n = stream.n_symbols
-    u = UINT_OF_WIDTH[width]
-    if out is None:
-        out = np.empty(n, dtype=u)
-    elif out.shape != (n,) or out.dtype != u:
-        raise ValueError(f"out must be a 1-d {np.dtype(u).name} array of {n} elements")
-    if n == 0:
-        return out
-    words, chunk_w = _words(stream)
-    tab = slot_table(stream.freqs, stream.precision)
-    with num_threads(threads):
-        status = _run_kernel(stream, words, chunk_w, tab, out, raw, rw, low, width, True)
-    _raise_status(status)
-    return out
+    from aligncodec.codec import parallel
+
+    return parallel.run(plan_float_split(stream, rest, dtype, k, out, threads=threads), threads)

@@ -11,6 +11,7 @@ tries the candidates and keeps the smallest; decoding is always bit-exact.
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 import zstandard
@@ -248,10 +249,55 @@ def validate(entry: TensorEntry, streams: list) -> None:
     raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")
 
 
-def decode(entry: TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
+def plan_decode(entry: TensorEntry, streams: list, out: np.ndarray | None = None, *, threads: int | None = None):
+    """Plan (:mod:`aligncodec.codec.parallel`) decoding a lossless tensor into ``out`` (uint8 of
+    entry.nbytes; new if None) and returning it: a zstd frame in one task, then the rANS chunks of
+    a float-split tensor in parallel, joined with the rest straight into the output bits.
+    The entry and its streams are validated before the plan is returned."""
+    validate(entry, streams)
+    if out is None:
+        out = np.empty(entry.nbytes, dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.shape != (entry.nbytes,):
+        raise ValueError(f"out must be a 1-d uint8 array of {entry.nbytes} bytes")
+    if entry.mode == MODE_STORED:
+        return _plan_stored(entry, streams[0], out)
+    return _plan_float_split(entry, streams, out, threads)
+
+
+def _plan_stored(entry, stream, out):
+    yield [lambda: out.__setitem__(slice(None), np.frombuffer(_bytes_from(stream, entry.nbytes, entry.name), dtype=np.uint8))]
+    return out
+
+
+def _plan_float_split(entry, streams, out, threads):
+    from aligncodec.codec.entropy import decode_cpu
+
+    width, e = FLOAT_FORMATS[entry.dtype]
+    k = entry.params[0]
+    n = entry.numel
+    rw = width - e - k
+    box = {}
+    if isinstance(streams[1], ZstdStream):  # decompress first (one task; zstd releases the GIL)
+        yield [lambda: box.__setitem__("rest", _bytes_from(streams[1], packed_size(n, rw), entry.name))]
+    rest = box["rest"] if box else _bytes_from(streams[1], packed_size(n, rw), entry.name)
+    little = sys.byteorder == "little"
+    u = np.dtype(f"u{width // 8}").type
+    bits = out.view(u) if little else np.empty(n, u)  # the kernels write native order
+    yield from decode_cpu.plan_float_split(streams[0], rest, entry.dtype, k, bits, threads=threads)
+    if not little:  # pragma: no cover
+        out[:] = bits.astype(f"<u{width // 8}").view(np.uint8)
+    return out
+
+
+def decode(entry: TensorEntry, streams: list, *, reference: bool = False, threads: int | None = None) -> np.ndarray:
     """Decode a lossless tensor to its little-endian bytes (uint8 array of entry.nbytes).
 
-    ``reference=True`` uses the plain reference rANS decoder (slow; tests)."""
+    Default: :func:`plan_decode` on the decode pool (``threads``); ``reference=True`` uses the
+    plain reference rANS decoder (slow; tests)."""
+    if not reference:
+        from aligncodec.codec import parallel
+
+        return parallel.run(plan_decode(entry, streams, threads=threads), threads)
     validate(entry, streams)
     if entry.mode == MODE_STORED:
         return np.frombuffer(_bytes_from(streams[0], entry.nbytes, entry.name), dtype=np.uint8)
@@ -261,10 +307,6 @@ def decode(entry: TensorEntry, streams: list, *, reference: bool = False) -> np.
     s0 = streams[0]
     rw = width - e - k
     packed = _bytes_from(streams[1], packed_size(n, rw), entry.name)
-    if not reference:  # fused: symbols decoded and joined with the rest straight into the bits
-        from aligncodec.codec.entropy.decode_cpu import decode_float_split
-
-        return decode_float_split(s0, packed, entry.dtype, k).astype(f"<u{width // 8}", copy=False).view(np.uint8)
     from aligncodec.codec.entropy import rans_reference
 
     sym = np.asarray(rans_reference.decode(s0), dtype=np.uint16)

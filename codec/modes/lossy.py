@@ -426,7 +426,21 @@ def reconstruct(entry: TensorEntry, decoded_streams: list) -> np.ndarray:
 
 
 def decode(entry: TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
-    """Decode an ecsq tensor to its little-endian bytes (uint8), as the mode registry wants."""
+    """Decode an ecsq tensor to its little-endian bytes (uint8), as the mode registry wants.
+
+    Default: the numba kernels of :mod:`aligncodec.codec.modes.lossy_cpu` (parallel, one pass per
+    row); ``reference=True``: the reference rANS decoder and the numpy reconstruction below
+    (slow; the tests hold the two bit-identical)."""
+    if not reference:
+        from aligncodec.codec.modes import lossy_cpu
+
+        return lossy_cpu.decode(entry, streams)
+    return decode_numpy(entry, streams, reference=True)
+
+
+def decode_numpy(entry: TensorEntry, streams: list, *, reference: bool = False) -> np.ndarray:
+    """The numpy reconstruction (spec §7.4 written as float32 array operations) after
+    decoding the symbols with the fast decoder (or the reference one)."""
     p, sstreams, _scales, _hd, _cm = parse(entry, streams)
     if reference:
         from aligncodec.codec.entropy import rans_reference

@@ -9,10 +9,14 @@ decode: throughput of every decoder on the same symbols, the float-split symbols
     and the CUDA decoder when a GPU is present. Times are the best of ``repeat`` runs.
     GB/s = bytes of reconstructed bf16 (2 per symbol) per second.
 
-load: the default model as fp16 safetensors vs its lossless .acz archive, each loaded
-    in a fresh subprocess (state dict, and the Hugging Face model), timing the load
-    call (and the call plus one touch of every page: safetensors maps lazily) and recording
-    the peak RSS (VmHWM of the child) and the RSS before the call.
+load: the default model as fp16 safetensors vs its lossless .acz archive, and a lossy
+    archive of it (``--lossy``; e.g. 3 bits per weight), each loaded in a fresh
+    subprocess with a warm and/or a cold page cache (the file evicted with
+    posix_fadvise DONTNEED before the run): the time of the load call (imports of
+    torch, numba and the decoder modules excluded; the numba cache loads, thread pool
+    start and everything else included), the time once every page of every tensor has
+    been touched (safetensors maps lazily), the child's CPU time and its peak RSS
+    (VmHWM) against the decoded tensors' bytes.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def bf16_weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 
 def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: int = 3, reference_symbols: int = 100_000,
-                 chunk_symbols: int | None = None, gpu: bool = True, constriction_check: bool = True) -> dict:
+                 chunk_symbols: int | None = None, gpu: bool = True, constriction_check: bool = True,
+                 lossy: bool = True) -> dict:
     """Throughput of the decoders on the float-split symbols of a rows x cols bf16 matrix."""
     import constriction
     import numba
@@ -105,8 +110,6 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
         row(f"constriction AnsCoder (perfect={perfect})", "symbols", n, t, bits_per_symbol=32 * comp.size / n)
 
     for th in threads:
-        if th > numba.config.NUMBA_NUM_THREADS:
-            continue
         o16 = np.empty(n, np.uint16)
         decode_cpu.decode_symbols(s, out=o16, threads=th)  # JIT / cache load outside the timing
         if not np.array_equal(o16, sym):
@@ -119,6 +122,20 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
         t = _best(lambda: decode_cpu.decode_float_split(s, packed, "BF16", k, out=o16, threads=th), repeat)
         row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (fused)", n, t)
 
+    if lossy:
+        from aligncodec.codec.modes import lossy as lossy_mode
+        from aligncodec.codec.modes import lossy_cpu
+
+        e, st = lossy_entry(rows, cols)
+        info["lossy_bits_per_weight"] = 8 * e.size / e.numel
+        want = lossy_mode.decode_numpy(e, st)
+        for th in threads:
+            if lossy_cpu.decode(e, st, threads=th).tobytes() != want.tobytes():  # cache load + bit-exactness
+                raise AssertionError("numba ecsq decoder mismatch")
+            ob = np.empty(e.nbytes, np.uint8)
+            t = _best(lambda: lossy_cpu.decode(e, st, threads=th, out=ob), repeat)
+            row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (lossy ecsq)", n, t,
+                bits_per_weight=info["lossy_bits_per_weight"])
     if gpu:
         g = _bench_gpu(s, packed, bits, k, repeat)
         if g is not None:
@@ -133,6 +150,31 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
         for r in rows_out:
             r["x_constriction"] = r["Msym_per_s"] / base
     return {"kind": "decode", "info": info, "rows": rows_out}
+
+
+def lossy_entry(rows: int, cols: int, seed: int = 0):
+    """An ecsq (mode 2) BF16 tensor as the lossy encoder writes one at about 3 bits per weight:
+    hadamard transform with its odd factor, column scales, 4 row classes; symbols Gaussian with
+    a per-row spread (the coefficients of a rotated weight). Returns (entry, parsed streams)."""
+    from aligncodec.codec.modes import lossy as L
+    from aligncodec.formats.constants import MODE_ECSQ
+    from aligncodec.formats.layout import TensorEntry, align, crc32
+    from aligncodec.formats.streams import parse_streams, serialize_stream
+
+    rng = np.random.default_rng(seed)
+    spread = 1.5 + 1.5 * rng.random((rows, 1))
+    q = np.clip(np.round(rng.standard_normal((rows, cols)) * spread), -L.MAX_ABS_SYMBOL, L.MAX_ABS_SYMBOL).astype(np.int32)
+    hd = L.HadamardData(np.where(rng.random(cols) < 0.5, -1, 1).astype(np.float32),
+                        np.linalg.qr(rng.standard_normal((L.split_pow2(cols)[1],) * 2))[0].astype(np.float32))
+    scales = (0.5 + rng.random(cols)).astype(np.float16)
+    p = L.EcsqParams(L.TRANSFORM_HADAMARD, 0.002, 0, L.FLAG_COL_SCALES, hd.m)
+    p, streams = L.encode_symbols(q, p, scales, hd, classes=(4, 0))
+    data = b""
+    for i, st in enumerate(streams):
+        b = serialize_stream(st)
+        data += b + (bytes(align(len(b), 8) - len(b)) if i + 1 < len(streams) else b"")
+    e = TensorEntry("bench.weight", "BF16", (rows, cols), MODE_ECSQ, len(streams), 0, len(data), crc32(data), p.pack())
+    return e, parse_streams(data, len(streams))
 
 
 def _bench_gpu(s, packed, bits, k, repeat):
@@ -181,22 +223,25 @@ dtype = getattr(torch, dtype_name)
 def rss_now():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-if kind.startswith("acz"):
-    import aligncodec
-    from aligncodec import loader  # imports numba and the decoders
-else:
+if kind.startswith("st"):
     import safetensors.torch, transformers
+else:
+    import aligncodec
+    from aligncodec import loader
+    from aligncodec.codec.entropy import decode_cpu  # imports numba; its cached kernels load inside the timed call
+    from aligncodec.codec.modes import lossless, lossy_cpu
 if kind.endswith("hf"):
     import transformers, accelerate
 before = rss_now()
+ru0 = resource.getrusage(resource.RUSAGE_SELF)
 t0 = time.perf_counter()
 if kind == "st-sd":
     obj = safetensors.torch.load_file(os.path.join(path, "model.safetensors"))
 elif kind == "st-hf":
     obj = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-elif kind == "acz-sd":
+elif kind.endswith("-sd"):
     obj = aligncodec.load_state_dict(path)
-elif kind == "acz-hf":
+elif kind.endswith("-hf"):
     obj = aligncodec.load_hf_model(path)
 else:
     raise SystemExit("unknown kind " + kind)
@@ -208,12 +253,15 @@ for v in sd.values():  # touch every page once (safetensors maps the file lazily
     seen.add(v.data_ptr()); nbytes += v.numel() * v.element_size()
     v.reshape(-1).view(torch.uint8)[::4096].sum()
 t_touch = time.perf_counter() - t0
+ru1 = resource.getrusage(resource.RUSAGE_SELF)
+cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
 def hwm():  # VmHWM: peak RSS of this process image (ru_maxrss would include the forking parent's)
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-print(json.dumps({"kind": kind, "seconds": t, "seconds_touched": t_touch, "rss_before": before, "peak_rss": hwm(), "tensor_bytes": nbytes}))
+print(json.dumps({"kind": kind, "seconds": t, "seconds_touched": t_touch, "cpu_seconds": cpu, "rss_before": before,
+                  "peak_rss": hwm(), "tensor_bytes": nbytes}))
 """
 
 
@@ -243,8 +291,7 @@ def prepare_load_inputs(model: str, workdir: str | os.PathLike | None = None, pr
 
     src = resolve_model(model)
     src_dir = src if src.is_dir() else src.parent
-    home = Path(os.environ.get("ALIGNCODEC_HOME", Path.home() / ".cache" / "aligncodec"))
-    work = Path(workdir) if workdir else home / "bench" / src_dir.name
+    work = Path(workdir) if workdir else default_workdir(src_dir.name)
     fp16 = work / "fp16"
     acz = work / f"{src_dir.name}-fp16.acz"
     if not (fp16 / "model.safetensors").exists():
@@ -271,39 +318,89 @@ def prepare_load_inputs(model: str, workdir: str | os.PathLike | None = None, pr
             "fp16_bytes": os.path.getsize(fp16 / "model.safetensors"), "archive_bytes": os.path.getsize(acz)}
 
 
-def bench_load(model: str = "smollm2", *, repeat: int = 3, cold: bool = False, workdir=None, progress: bool = True,
-               kinds=("st-sd", "acz-sd", "st-hf", "acz-hf")) -> dict:
-    """Load times and peak RSS, each run in a fresh subprocess, interleaved; medians over ``repeat``."""
+def default_workdir(model_dir_name: str) -> Path:
+    home = Path(os.environ.get("ALIGNCODEC_HOME", Path.home() / ".cache" / "aligncodec"))
+    return home / "bench" / model_dir_name
+
+
+LOAD_LABELS = {
+    "st-sd": "fp16 safetensors -> state dict (safetensors.torch.load_file)",
+    "acz-sd": "lossless fp16 .acz -> state dict (aligncodec.load_state_dict)",
+    "lossy-sd": "lossy .acz -> state dict (aligncodec.load_state_dict)",
+    "st-hf": "fp16 safetensors -> HF model (from_pretrained)",
+    "acz-hf": "lossless fp16 .acz -> HF model (aligncodec.load_hf_model)",
+    "lossy-hf": "lossy .acz -> HF model (aligncodec.load_hf_model)",
+}
+
+
+def bench_load(model: str = "smollm2", *, repeat: int = 3, cold: bool | None = False, workdir=None, progress: bool = True,
+               kinds=("st-sd", "acz-sd", "st-hf", "acz-hf"), lossy: str | os.PathLike | None = None,
+               caches: tuple[str, ...] | None = None, threads: int | None = None) -> dict:
+    """Load times, CPU time and peak RSS, each run in a fresh subprocess, interleaved; medians over ``repeat``.
+
+    ``caches``: page-cache states to run, ("warm",), ("cold",) or both (default: from ``cold``).
+    ``lossy``: a lossy archive of the same model; adds the ``lossy-*`` kinds. ``threads``: the
+    decoder's threads in the children (ACZ_THREADS; default all CPUs)."""
     inp = prepare_load_inputs(model, workdir, progress=progress)
-    paths = {"st-sd": inp["fp16_dir"], "st-hf": inp["fp16_dir"], "acz-sd": inp["archive"], "acz-hf": inp["archive"]}
-    files = {"st": [str(Path(inp["fp16_dir"]) / "model.safetensors")], "acz": [inp["archive"]]}
-    runs: dict[str, list[dict]] = {k: [] for k in kinds}
+    if caches is None:
+        caches = ("cold",) if cold else ("warm",)
+    kinds = list(kinds)
+    if lossy is not None:
+        inp["lossy_archive"] = os.fspath(lossy)
+        inp["lossy_archive_bytes"] = os.path.getsize(lossy)
+        kinds += [k.replace("acz", "lossy") for k in kinds if k.startswith("acz")]
+    else:
+        kinds = [k for k in kinds if not k.startswith("lossy")]
+    paths = {"st": inp["fp16_dir"], "acz": inp["archive"], "lossy": inp.get("lossy_archive")}
+    files = {"st": [str(Path(inp["fp16_dir"]) / "model.safetensors")], "acz": [inp["archive"]], "lossy": [inp.get("lossy_archive")]}
+    sizes = {"st": inp["fp16_bytes"], "acz": inp["archive_bytes"], "lossy": inp.get("lossy_archive_bytes")}
+    runs: dict[tuple[str, str], list[dict]] = {(k, c): [] for k in kinds for c in caches}
     env = dict(os.environ)
+    if threads is not None:
+        env["ACZ_THREADS"] = str(threads)
+    evicted = True
     for _ in range(repeat):
-        for kind in kinds:
-            if cold:
-                _drop_page_cache(files[kind.split("-")[0]])
-            r = subprocess.run([sys.executable, "-c", _CHILD, kind, paths[kind], "float16"], capture_output=True, text=True, env=env)
-            if r.returncode != 0:
-                raise RuntimeError(f"load benchmark child {kind} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
-            runs[kind].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        for cache in caches:
+            for kind in kinds:
+                fam = kind.split("-")[0]
+                if cache == "cold":
+                    evicted &= _drop_page_cache(files[fam])
+                r = subprocess.run([sys.executable, "-c", _CHILD, kind, paths[fam], "float16"], capture_output=True, text=True, env=env)
+                if r.returncode != 0:
+                    raise RuntimeError(f"load benchmark child {kind} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+                runs[(kind, cache)].append(json.loads(r.stdout.strip().splitlines()[-1]))
     rows = []
-    labels = {"st-sd": "fp16 safetensors -> state dict (safetensors.torch.load_file)",
-              "acz-sd": "lossless .acz -> state dict (aligncodec.load_state_dict)",
-              "st-hf": "fp16 safetensors -> HF model (from_pretrained)",
-              "acz-hf": "lossless .acz -> HF model (aligncodec.load_hf_model)"}
     for kind in kinds:
-        rs = runs[kind]
-        sec = float(np.median([r["seconds"] for r in rs]))
-        sec_t = float(np.median([r["seconds_touched"] for r in rs]))
-        peak = float(np.median([r["peak_rss"] for r in rs]))
-        before = float(np.median([r["rss_before"] for r in rs]))
-        tb = rs[0]["tensor_bytes"]
-        rows.append({"load": labels[kind], "kind": kind, "seconds_median": sec, "seconds_all": [r["seconds"] for r in rs],
-                     "seconds_touched_median": sec_t,
-                     "tensor_bytes": tb, "rss_before": before, "peak_rss": peak,
-                     "peak_rss_over_model": peak / tb, "peak_rss_growth_over_model": (peak - before) / tb})
-    return {"kind": "load", "info": {**inp, "repeat": repeat, "cold_page_cache": cold, "loadavg_after": os.getloadavg()}, "rows": rows}
+        fam = kind.split("-")[0]
+        row = {"load": LOAD_LABELS[kind], "kind": kind, "file_bytes": sizes[fam]}
+        for cache in caches:
+            rs = runs[(kind, cache)]
+            row[cache] = {
+                "seconds_median": float(np.median([r["seconds"] for r in rs])),
+                "seconds_all": [r["seconds"] for r in rs],
+                "seconds_touched_median": float(np.median([r["seconds_touched"] for r in rs])),
+                "cpu_seconds_median": float(np.median([r["cpu_seconds"] for r in rs])),
+                "peak_rss": float(np.median([r["peak_rss"] for r in rs])),
+                "rss_before": float(np.median([r["rss_before"] for r in rs])),
+            }
+        tb = runs[(kind, caches[0])][0]["tensor_bytes"]
+        first = row[caches[0]]
+        row.update({"tensor_bytes": tb, "peak_rss": first["peak_rss"], "rss_before": first["rss_before"],
+                    "seconds_median": first["seconds_median"], "seconds_touched_median": first["seconds_touched_median"],
+                    "peak_rss_over_model": first["peak_rss"] / tb if tb else None,
+                    "peak_rss_growth_over_model": (first["peak_rss"] - first["rss_before"]) / tb if tb else None})
+        rows.append(row)
+    # against safetensors (state dict, every page touched), per page-cache state
+    base = {r["kind"].split("-")[1]: r for r in rows if r["kind"].startswith("st-")}
+    for r in rows:
+        ref = base.get(r["kind"].split("-")[1])
+        if ref is not None:
+            for cache in caches:
+                r[cache]["x_safetensors_touched"] = r[cache]["seconds_touched_median"] / ref[cache]["seconds_touched_median"]
+    info = {**inp, "repeat": repeat, "page_cache": list(caches), "cold_page_cache": caches == ("cold",),
+            "evicted_with_fadvise": evicted if "cold" in caches else None, "threads": threads,
+            "cpu_count": os.cpu_count(), "loadavg_after": os.getloadavg()}
+    return {"kind": "load", "info": info, "rows": rows}
 
 
 # ----------------------------------------------------------------- output
@@ -320,15 +417,26 @@ def format_table(res: dict) -> str:
                      f"{i['rans_bits_per_symbol']:.3f} bits/symbol, best of {i['repeat']}, GPU: {i.get('gpu', 'none')}, "
                      f"load average {i['loadavg_before'][0]:.1f} -> {i['loadavg_after'][0]:.1f} on {i['cpu_count']} CPUs")
         return "\n".join(lines)
-    head = f"{'load':62s} {'seconds':>8s} {'+touch s':>8s} {'model MB':>9s} {'RSS before MB':>13s} {'peak RSS MB':>11s} {'peak/model':>10s} {'growth/model':>12s}"
+    caches = res["info"].get("page_cache") or ["warm"]
+    head = f"{'load':58s} {'file MB':>8s} {'model MB':>8s}"
+    for c in caches:
+        head += f" {c + ' s':>8s} {'+touch':>7s} {'x st':>6s} {'cpu s':>6s}"
+    head += f" {'peak RSS MB':>11s} {'growth/model':>12s}"
     lines = [head, "-" * len(head)]
     for r in res["rows"]:
-        lines.append(f"{r['load']:62s} {r['seconds_median']:8.3f} {r['seconds_touched_median']:8.3f} {r['tensor_bytes'] / 1e6:9.1f} {r['rss_before'] / 1e6:13.1f} "
-                     f"{r['peak_rss'] / 1e6:11.1f} {r['peak_rss_over_model']:10.2f} {r['peak_rss_growth_over_model']:12.2f}")
+        line = f"{r['load']:58s} {r['file_bytes'] / 1e6:8.1f} {r['tensor_bytes'] / 1e6:8.1f}"
+        for c in caches:
+            x = r[c].get("x_safetensors_touched")
+            line += (f" {r[c]['seconds_median']:8.3f} {r[c]['seconds_touched_median']:7.3f} "
+                     f"{(f'{x:.1f}' if x is not None else '-'):>6s} {r[c]['cpu_seconds_median']:6.2f}")
+        line += f" {r['peak_rss'] / 1e6:11.1f} {r['peak_rss_growth_over_model']:12.2f}"
+        lines.append(line)
     i = res["info"]
-    lines.append(f"model {i['model']}: fp16 safetensors {i['fp16_bytes'] / 1e6:.1f} MB, archive {i['archive_bytes'] / 1e6:.1f} MB; "
-                 f"median of {i['repeat']} fresh processes; page cache {'dropped' if i['cold_page_cache'] else 'warm'}; "
-                 f"load average {i['loadavg_after'][0]:.1f}")
+    lines.append(f"model {i['model']}: median of {i['repeat']} fresh processes per cell; seconds = the load call (imports excluded), "
+                 f"+touch = until every page of every tensor was read, x st = +touch over safetensors' (same cache state), "
+                 f"growth/model = (peak RSS - RSS before the call) / decoded bytes (the warm run's); "
+                 f"cold = file evicted with posix_fadvise{'' if i.get('evicted_with_fadvise') in (None, True) else ' (FAILED)'}; "
+                 f"decoder threads {i.get('threads') or 'all'} of {i.get('cpu_count')} CPUs; load average {i['loadavg_after'][0]:.1f}")
     return "\n".join(lines)
 
 

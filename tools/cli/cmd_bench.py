@@ -1,10 +1,10 @@
 """``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench/bench.py).
 
 decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba
-CPU decoder (1 and 2 threads) and the GPU if present, on the float-split symbols of a Gaussian bf16
-matrix. load: load time and peak RSS of the default model from its fp16 safetensors vs its lossless
-archive, each in a fresh subprocess. Prints a table; --json writes the full result.
-"""
+CPU decoders (lossless float-split and lossy ecsq; 1 and 2 threads) and the GPU if present. load:
+load time, CPU time and peak RSS of the default model from its fp16 safetensors vs its lossless
+archive (and a lossy archive with --lossy), warm and cold page cache, each in a fresh subprocess.
+Prints a table; --json writes the full result."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                       description="Decoder throughput on the float-split symbols of a ROWSxCOLS bf16 matrix.")
     d.add_argument("--rows", type=int, default=4096, help="matrix rows (default 4096)")
     d.add_argument("--cols", type=int, default=4096, help="matrix columns (default 4096)")
-    d.add_argument("--threads", default="1,2", help="comma-separated numba thread counts (default 1,2)")
+    d.add_argument("--threads", default="1,2", help="comma-separated decoder thread counts (default 1,2)")
     d.add_argument("--repeat", type=int, default=3, help="timed runs per decoder, best kept (default 3)")
     d.add_argument("--reference-symbols", type=int, default=100_000,
                    help="symbols the slow reference decoder decodes (whole chunks, default 100000)")
@@ -26,13 +26,19 @@ def add_parser(sub) -> None:
     d.add_argument("--no-gpu", action="store_true", help="skip the GPU even if one is present")
     d.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
     d.set_defaults(func=run)
-    ld = bs.add_parser("load", help="load time and peak RSS: fp16 safetensors vs lossless archive",
-                       description="Load the model from its fp16 safetensors and from its lossless .acz (built and "
-                                   "cached under $ALIGNCODEC_HOME/bench/ on first use), each in fresh subprocesses.")
+    ld = bs.add_parser("load", help="load time and peak RSS: fp16 safetensors vs lossless (and lossy) archives",
+                       description="Load the model from its fp16 safetensors, from its lossless .acz (built and "
+                                   "cached under $ALIGNCODEC_HOME/bench/ on first use) and from a lossy .acz "
+                                   "(--lossy; make one with 'aligncodec compress smollm2 -o s3.acz --bpw 3'), each in "
+                                   "fresh subprocesses, with the file in the page cache (warm) and evicted (cold).")
     add_model_argument(ld)
     ld.add_argument("--repeat", type=int, default=3, help="fresh processes per variant, median kept (default 3)")
-    ld.add_argument("--cold", action="store_true",
-                    help="evict the two files from the page cache before each run (posix_fadvise)")
+    ld.add_argument("--lossy", metavar="ARCHIVE", help="also load this lossy archive of the same model")
+    ld.add_argument("--page-cache", choices=["warm", "cold", "both"], default="both",
+                    help="warm: files cached; cold: each file evicted (posix_fadvise DONTNEED) before each run "
+                         "(default both)")
+    ld.add_argument("--cold", action="store_true", help="same as --page-cache cold")
+    ld.add_argument("--threads", type=int, help="decoder threads in the children (default: all CPUs)")
     ld.add_argument("--workdir", metavar="DIR", help="where the fp16 folder and archive are kept")
     ld.add_argument("--only", choices=["state-dict", "hf"], help="only the state-dict or only the HF-model loads")
     ld.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
@@ -41,6 +47,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import os
+
     from aligncodec.tools.bench import bench
     from aligncodec.tools.cli import EXIT_USAGE, CLIError
 
@@ -58,8 +66,13 @@ def run(args) -> int:
                                  gpu=not args.no_gpu)
     else:
         kinds = {"state-dict": ("st-sd", "acz-sd"), "hf": ("st-hf", "acz-hf"), None: ("st-sd", "acz-sd", "st-hf", "acz-hf")}[args.only]
-        res = bench.bench_load(args.model, repeat=args.repeat, cold=args.cold, workdir=args.workdir,
-                               progress=not args.no_progress, kinds=kinds)
+        if args.lossy is not None and not os.path.isfile(args.lossy):
+            raise CLIError(f"lossy archive {args.lossy!r} does not exist", EXIT_USAGE)
+        if args.threads is not None and args.threads < 1:
+            raise CLIError("--threads must be positive", EXIT_USAGE)
+        caches = {"warm": ("warm",), "cold": ("cold",), "both": ("warm", "cold")}["cold" if args.cold else args.page_cache]
+        res = bench.bench_load(args.model, repeat=args.repeat, workdir=args.workdir, progress=not args.no_progress,
+                               kinds=kinds, lossy=args.lossy, caches=caches, threads=args.threads)
     print(bench.format_table(res))
     if args.json:
         bench.write_json(res, args.json)

