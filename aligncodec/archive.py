@@ -324,6 +324,13 @@ def inspect(archive: str | os.PathLike, *, limits: Limits | None = None) -> dict
                 rows[-1]["transform"] = lossy_meta[e.name].get("kind")
                 rows[-1]["act_rel_err"] = lossy_meta[e.name].get("act_rel_err")
         file_bytes = r.file_size
+        try:
+            summ = json.loads(r.metadata.get("acz.lossy.summary", "{}"))
+        except ValueError:
+            summ = {}
+        # the lossy encoders' own figure: all-in bits per weight of the decoder blocks' linear layers
+        # (the stream encoder) or of the lossy tensors (the whole-model encoder)
+        bpw_linear = summ.get("bpw_linear_all_in", summ.get("bpw_lossy_all_in")) if isinstance(summ, dict) else None
         return {
             "file": os.fspath(archive),
             "format_version": r.version,
@@ -333,6 +340,8 @@ def inspect(archive: str | os.PathLike, *, limits: Limits | None = None) -> dict
             "n_weights": n_weights,
             "raw_bytes": sum(x["raw_bytes"] for x in rows),
             "bpw": (file_bytes - aux_bytes) * 8 / n_weights if n_weights else None,
+            "bpw_file": file_bytes * 8 / n_weights if n_weights else None,  # auxiliary files included
+            "bpw_linear": bpw_linear,
             "metadata": {k: v for k, v in r.metadata.items() if k != "acz.files"},
             "tensors": rows,
         }

@@ -63,3 +63,8 @@ def test_calibration_failure_is_an_error_not_weight_mse(tmp_path, ckpt, capsys):
     err = capsys.readouterr().err
     assert "no calibration Σ" in err and "--no-calibration" in err
     assert not out.exists()
+    # the block-sequential encoder cannot build a model without its config either
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--encoder", "stream", "-q"]) == 6
+    err = capsys.readouterr().err
+    assert "config.json" in err and "--no-calibration" in err
+    assert not out.exists()

@@ -19,12 +19,16 @@ from __future__ import annotations
 import contextlib
 import heapq
 import math
+import threading
 
 import numba as nb
 import numpy as np
 
 from aligncodec.formats.constants import MAX_LANES, MAX_PRECISION, RANS_STATE_LOWER
 from aligncodec.formats.streams import RansStream
+
+# held around every parallel numba kernel the encoders launch (codec/quant/gptq.py's gptq_ecsq too)
+KERNEL_LOCK = threading.RLock()
 
 DEFAULT_CHUNK_SYMBOLS = 1 << 14  # chunked layout (coder 2): symbols per chunk
 # The layout the encoder writes when a caller names none (chunk_symbols=None, lanes=None).
@@ -303,10 +307,12 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
     if n == 0:
         return RansStream(precision, chunk_symbols, 0, freqs, np.zeros(0, np.uint32), b"", lanes)
     if lanes > 1:
-        states, nwords, scratch = _encode_all_lanes(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks, lanes)
+        with KERNEL_LOCK:  # numba's default (workqueue) threading layer must not be entered by two threads at once
+            states, nwords, scratch = _encode_all_lanes(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks, lanes)
         payload, lengths = _pack_lanes(states, nwords, scratch, chunk_symbols, n, lanes)
         return RansStream(precision, chunk_symbols, n, freqs, lengths, payload.tobytes(), lanes)
-    states, nwords, scratch = _encode_all(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks)
+    with KERNEL_LOCK:  # numba's default (workqueue) threading layer must not be entered by two threads at once
+        states, nwords, scratch = _encode_all(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks)
     payload, lengths = _pack(states, nwords, scratch, chunk_symbols, n)
     return RansStream(precision, chunk_symbols, n, freqs, lengths, payload.tobytes())
 

@@ -13,6 +13,7 @@ import numba
 import numpy as np
 import torch
 
+from aligncodec.codec.entropy.rans import KERNEL_LOCK
 from aligncodec.codec.quant.grids import QuantResult, check_weight, column_groups
 
 __all__ = ["hessian_factor", "gptq_affine_block", "gptq", "gptq_ecsq"]
@@ -172,8 +173,9 @@ def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float,
         V1 = np.empty_like(W1)
         S1 = np.empty(W1.shape, dtype=np.int64)
         scale = np.full(W1.shape, step, dtype=W1.dtype)
-        gptq_affine_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), scale, np.zeros_like(scale),
-                          float(-maxq), float(maxq), S1, V1, E1)
+        with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
+            gptq_affine_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), scale, np.zeros_like(scale),
+                              float(-maxq), float(maxq), S1, V1, E1)
         Q[:, i1:i2] = S1
         if i2 < n:
             W[:, i2:] -= E1 @ Un[i1:i2, i2:]

@@ -27,11 +27,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not args.force:
         raise CLIError(f"{args.output} exists (use --force to overwrite)", EXIT_IO)
     if lossy_target:
+        if args.bpw is not None and args.distortion is not None:
+            raise CLIError("give --bpw or --distortion, not both", EXIT_USAGE)
+        encoder_kind = args.encoder or "whole"  # the stream encoder is opt-in until its quality is measured
+        if encoder_kind == "stream":
+            return _compress_stream(args)
+        if args.bpw_scope == "all":
+            raise CLIError("--bpw-scope all needs the stream encoder (the whole-model encoder counts the lossy tensors only)", EXIT_USAGE)
         from aligncodec import lossy_compress as _enc
         from aligncodec.codec import encoder
 
-        if args.bpw is not None and args.distortion is not None:
-            raise CLIError("give --bpw or --distortion, not both", EXIT_USAGE)
         try:
             encoder.check_target(args.bpw, args.distortion)
             summ = _enc.compress_lossy(args.input, args.output, bpw=args.bpw, distortion=args.distortion,
@@ -63,6 +68,40 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_table(info)
         print(f"wrote {args.output} in {dt:.1f} s ({info['raw_bytes'] / max(dt, 1e-9) / 1e6:.1f} MB/s)")
+    return 0
+
+
+def _compress_stream(args: argparse.Namespace) -> int:
+    """The block-sequential encoder (aligncodec/stream_encode.py)."""
+    from aligncodec import arch
+    from aligncodec import stream_encode as S
+    from aligncodec.tools.cli import EXIT_UNSUPPORTED
+
+    if args.distortion is not None:
+        raise CLIError("the stream encoder takes --bpw; use --encoder whole for --distortion", 2)
+    try:
+        opts = S.StreamOptions(bpw=args.bpw, scope=args.bpw_scope or "all",
+                               calibration="none" if args.no_calibration else args.calibration,
+                               candidates=tuple(args.candidates.split(",")), alpha=args.alpha, seed=args.seed,
+                               calib_tokens=args.calib_tokens, calib_text=args.calib_text,
+                               lossy_embeddings=True if args.lossy_embeddings else None, workers=args.workers)
+    except ValueError as exc:
+        raise CLIError(str(exc), 2) from None
+    if args.calib_text and not os.path.isfile(args.calib_text):
+        raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
+    try:
+        summ = S.encode_stream(args.input, args.output, opts, progress=not args.quiet, resume=args.resume)
+    except arch.UnsupportedArchitectureError as exc:
+        raise CLIError(f"unsupported architecture: {exc}", EXIT_UNSUPPORTED) from None
+    except (archive.InputError, FileNotFoundError, S.CalibrationError) as exc:
+        raise CLIError(f"{type(exc).__name__}: {exc}", EXIT_IO) from None
+    except ValueError as exc:
+        raise CLIError(str(exc), 2) from None
+    if not args.quiet:
+        _print_table(archive.inspect(args.output))
+        print(f"{summ['file_bytes']:,} bytes: {summ['bpw_file']:.4f} bits per parameter over the whole file "
+              f"({summ['n_params']:,} parameters), linear layers {summ['bpw_linear_all_in']:.4f} bits/weight all-in; "
+              f"calibration {summ['calibration']}, modes {summ['modes']}; encoded in {summ['seconds_total']:.1f} s")
     return 0
 
 
@@ -116,6 +155,9 @@ def _print_table(info: dict) -> None:
         f"total: {info['n_tensors']} tensors, {info['n_weights']:,} weights, {_size(info['file_bytes'])} archive "
         f"({_size(info['aux_bytes'])} auxiliary files), {bpw} bits/weight all-in, ratio {ratio:.3f}x vs raw"
     )
+    if info.get("bpw_file") is not None and info.get("bpw_linear") is not None:
+        print(f"bits per weight: {info['bpw_file']:.4f} over the whole file (auxiliary files included), "
+              f"{info['bpw_linear']:.4f} over the lossy linear layers (all-in)")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -139,12 +181,25 @@ def add_parser(sub) -> None:
     p.add_argument("input", help="a .safetensors file, or a folder of them (a Hugging Face model folder); with --bpw/--distortion also a cached model name (smollm2)")
     p.add_argument("-o", "--output", required=True, help="archive to write (.acz); written atomically")
     p.add_argument("--lossless", action="store_true", help="bit-exact coding of every tensor (float-split rANS / zstd)")
-    p.add_argument("--bpw", type=float, help="lossy: target bits per weight, all-in over the lossy tensors (met within 1%%)")
+    p.add_argument("--bpw", type=float, help="lossy: target bits per weight (met within 1%%): all-in over the lossy linear layers (--bpw-scope linear, "
+                   "the whole encoder's), or file bytes x 8 / every parameter (--bpw-scope all, the stream encoder's default)")
+    p.add_argument("--bpw-scope", choices=("all", "linear"), default=None,
+                   help="lossy: what --bpw counts (stream encoder: default all; the whole encoder only knows linear)")
+    p.add_argument("--encoder", choices=("stream", "whole"), default=None,
+                   help="lossy: whole = every lossy tensor at once (default; the studies' encoder); "
+                        "stream = block by block, memory of one block, any Transformers causal LM")
+    p.add_argument("--calibration", choices=("quantized", "float"), default="quantized",
+                   help="lossy (stream): Σ of block L from the outputs of the already encoded blocks (quantized, "
+                        "default) or of the unmodified model (float)")
+    p.add_argument("--calib-text", metavar="FILE", help="lossy (stream): calibration text (UTF-8) instead of the built-in calibration half")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="lossy (stream): calibration tokens (default 16384)")
+    p.add_argument("--workers", type=int, default=1, help="lossy (stream): tensors of one block coded in parallel")
+    p.add_argument("--resume", action="store_true", help="lossy (stream): continue an interrupted encode from its spool folder")
     p.add_argument("--distortion", type=float, help="lossy: target mean activation-weighted relative error per tensor instead of --bpw")
     p.add_argument("--candidates", default="hadamard,colscale",
                    help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")
     p.add_argument("--alpha", type=float, default=0.25, help="lossy: column steps ∝ Σ_jj^-alpha for the colscale transforms (default 0.25)")
-    p.add_argument("--lossy-embeddings", action="store_true", help="lossy: code the embeddings lossy too (weight MSE)")
+    p.add_argument("--lossy-embeddings", action="store_true", help="lossy: code the embeddings lossy too (default with --bpw-scope all)")
     p.add_argument("--no-calibration", action="store_true",
                    help="lossy: no calibration Σ (plain weight MSE); without it a model that cannot be calibrated is an error")
     p.add_argument("--seed", type=int, default=0, help="lossy: seed of the randomized Hadamard transforms")

@@ -1,0 +1,926 @@
+"""Block-sequential lossy encoder: memory set by one decoder block, time linear in the
+parameters, whole-model rate control (``aligncodec compress MODEL --bpw B``).
+
+Order of work (GPTQ's own order; see DESIGN.md §7 "upstream error"):
+
+1. **Plan** (:mod:`aligncodec.arch`): the model is built on the meta device from the
+   folder's config, its decoder blocks and their ``nn.Linear`` layers are found, every
+   parameter is mapped to its checkpoint tensor; shards, shapes and dtypes are checked.
+   Nothing is encoded before this succeeds.
+2. **Rate pass**: every lossy tensor is read once (memory-mapped), checked for NaN/Inf,
+   and its rate curve measured on a row subsample: the empirical entropy of
+   round(W T / Δ) (T the randomized Hadamard when a Hadamard candidate is on) on a grid
+   of steps. Lossless tensors (norms, biases, small tensors) and the folder's auxiliary
+   files are coded now, so their bytes are known.
+3. **Calibration inputs**: the calibration windows (BOS + up to 1023 tokens of the
+   built-in calibration half, or ``calib_text``) are embedded and the arguments every
+   block receives (masks, rotary tables: whatever the architecture passes) are recorded
+   by running the model with recording stubs in place of the blocks.
+4. **Block pass**, for each decoder block: load its weights (float32), run the
+   activations through it while accumulating Σ = E[x xᵀ] of each linear input, encode
+   each linear with the per-tensor encoder (:mod:`aligncodec.codec.encoder`: candidate
+   transforms, J = D + λR, GPTQ + ECSQ) at the step the rate controller gives, write it
+   to the archive writer (which spools to disk), put the *decoded* weights in place and
+   run the block again to produce the next block's inputs (``calibration="quantized"``:
+   block L is calibrated on the outputs of the already encoded blocks; ``"float"`` keeps
+   the unmodified model's activations, as the whole-model calibration does), free it.
+5. **Head**: the input of the output projection (after the final norm) is captured from
+   the last block's outputs; the embedding (tied: with that Σ; untied: weight MSE) and an
+   untied lm_head are coded last, their step searched on the real coder so that the file
+   lands on the target.
+
+Rate control: one absolute weight-domain step Δ for every lossy tensor (DESIGN.md §6:
+one global step beat equal-SQNR and sensitivity-weighted allocations; the mode decision
+inside each tensor uses λ = 2 ln 2 · D/N). Before each block the controller solves
+spent + Σ_remaining c_type · B_t(Δ) = budget for Δ, with B_t the rate pass's curve and
+c_type the measured ratio of real to predicted bytes for that kind of layer so far
+(two-pass video rate control).
+
+``bpw_scope="all"`` (default): B = (file bytes, auxiliary files included) × 8 / every
+parameter. ``"linear"``: B = all-in bytes of the block linears × 8 / their weights
+(the studies' definition; embeddings lossless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aligncodec import arch as A
+from aligncodec.codec import encoder as E
+from aligncodec.codec.modes import lossless, lossy
+from aligncodec.formats.constants import MODE_ECSQ, PREAMBLE_SIZE, SECTION_METADATA
+from aligncodec.formats.writer import ArchiveWriter, build_section
+
+CALIB_MODES = ("quantized", "float", "none")
+SCOPES = ("all", "linear")
+MIN_NUMEL = 4096
+LOG2_GRID = np.arange(-24.0, 6.0 + 1e-9, 0.125)  # log2 of the steps the rate curves are measured at
+SAMPLE_VALUES = 1 << 14  # values per tensor in the rate pass
+
+
+class CalibrationError(RuntimeError):
+    """The calibration forward pass cannot run or leaves a linear layer without Σ."""
+
+
+class NonFiniteError(A.CheckpointError):
+    """A weight to be coded holds NaN or Inf."""
+
+
+@dataclass
+class StreamOptions:
+    bpw: float
+    scope: str = "all"
+    calibration: str = "quantized"
+    candidates: tuple[str, ...] = E.DEFAULT_CANDIDATES
+    alpha: float = 0.25
+    seed: int = 0
+    calib_tokens: int = 16384
+    calib_text: str | None = None  # a file path
+    window: int = 1024
+    lossy_embeddings: bool | None = None  # None: True for scope "all", False for "linear"
+    threads: int | None = None
+    sample_rows: int = 64
+    workers: int = 1
+    device: str | None = None  # torch device of the calibration forward passes (None: cuda if present, else cpu)
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"bpw scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.calibration not in CALIB_MODES:
+            raise ValueError(f"calibration must be one of {CALIB_MODES}, got {self.calibration!r}")
+        if not (self.bpw > 0 and math.isfinite(self.bpw)):
+            raise ValueError(f"bpw must be positive, got {self.bpw}")
+        if self.calib_tokens < 1:
+            raise ValueError("calib_tokens must be positive")
+        for c in self.candidates:
+            if c not in E.CANDIDATES:
+                raise ValueError(f"unknown candidate {c!r}; choose from {', '.join(E.CANDIDATES)}")
+        if self.lossy_embeddings is None:
+            self.lossy_embeddings = self.scope == "all"
+
+    def fingerprint(self) -> dict:
+        """What the archive bytes depend on (workers and device do not change them)."""
+        d = asdict(self)
+        for k in ("workers", "device", "threads"):
+            d.pop(k)
+        if self.calib_text:
+            d["calib_text"] = hashlib.sha256(Path(self.calib_text).read_bytes()).hexdigest()
+        return json.loads(json.dumps(d))  # the form it has after a trip through the manifest
+
+
+# --------------------------------------------------------------------------- rate curves
+
+
+@dataclass
+class RateCurve:
+    """Predicted all-in bytes of one tensor on LOG2_GRID (from a row subsample)."""
+
+    name: str
+    kind: str  # controller class: the linear's leaf name (q_proj, ...), "embedding", "lm_head"
+    numel: int
+    bits: np.ndarray  # bits per weight on LOG2_GRID
+
+    def bytes_at(self, x: float) -> float:
+        b = float(np.interp(x, LOG2_GRID, self.bits))
+        if x < LOG2_GRID[0]:
+            b += LOG2_GRID[0] - x
+        return self.numel * b / 8 + 512
+
+
+def measure_curve(name: str, kind: str, W: torch.Tensor, hadamard: bool, seed: int) -> RateCurve:
+    """Empirical entropy of round(W T / Δ) on a row subsample (≈ SAMPLE_VALUES values), on the
+    part of LOG2_GRID where a useful step can lie (rms·2^-10 … rms·2^3); outside it the curve
+    continues at 1 bit per halving (fine end) or halves per doubling (coarse end)."""
+    rows, n = W.shape
+    want = max(1, math.ceil(SAMPLE_VALUES / n))
+    stride = max(1, rows // want)
+    X = W[::stride].to(torch.float64).numpy()
+    if hadamard:
+        from aligncodec.codec.transforms.hadamard import tensor_seed
+
+        X = lossy.HadamardData.from_seed(n, tensor_seed(seed, f"site:{n}")).apply64(X)
+    X = X.reshape(-1)
+    rms = float(np.sqrt(np.mean(X * X))) or 1e-30
+    centre = math.log2(rms)
+    idx = np.where((LOG2_GRID >= centre - 10) & (LOG2_GRID <= centre + 3))[0]
+    if len(idx) == 0:
+        raise NonFiniteError(f"tensor {name!r}: rms {rms:g} outside the rate grid")
+    bits = np.full(len(LOG2_GRID), np.nan)
+    for i in idx[::2]:  # every other grid point, interpolated below
+        q = np.rint(X / 2.0 ** LOG2_GRID[i]).astype(np.int64)
+        lo = int(q.min())
+        cnt = np.bincount(q - lo)
+        p = cnt[cnt > 0] / q.size
+        bits[i] = float(-(p * np.log2(p)).sum())
+    ok = np.where(~np.isnan(bits))[0]
+    bits = np.interp(LOG2_GRID, LOG2_GRID[ok], bits[ok])
+    a, b = ok[0], ok[-1]
+    bits[:a] = bits[a] + (LOG2_GRID[a] - LOG2_GRID[:a])
+    bits[b + 1:] = bits[b] * 0.5 ** (LOG2_GRID[b + 1:] - LOG2_GRID[b])
+    return RateCurve(name, kind, rows * n, bits)
+
+
+class RateController:
+    """Chooses the step for the tensors still to code so the total lands on the budget."""
+
+    def __init__(self, budget: float, curves: dict[str, RateCurve]):
+        self.budget = budget
+        self.curves = curves
+        self.remaining = set(curves)
+        self.spent = 0.0
+        self.actual: dict[str, float] = {}
+        self.predicted: dict[str, float] = {}
+        self.steps: list[float] = []
+
+    def ratio(self, kind: str) -> float:
+        a = sum(v for k, v in self.actual.items() if k == kind)
+        p = sum(v for k, v in self.predicted.items() if k == kind)
+        if p > 0:
+            return a / p
+        a, p = sum(self.actual.values()), sum(self.predicted.values())
+        return a / p if p > 0 else 1.0
+
+    def predict(self, x: float, names) -> float:
+        return sum(self.ratio(self.curves[t].kind) * self.curves[t].bytes_at(x) for t in names)
+
+    def solve(self, extra: float = 0.0) -> float:
+        """log2 step such that spent + extra + predicted(remaining) = budget."""
+        left = self.budget - self.spent - extra
+        names = sorted(self.remaining)
+        lo, hi = -40.0, 12.0
+        if self.predict(hi, names) > left:
+            return hi
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if self.predict(mid, names) > left:
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    def record(self, name: str, x: float, nbytes: int) -> None:
+        c = self.curves[name]
+        self.actual[c.kind] = self.actual.get(c.kind, 0.0) + nbytes
+        self.predicted[c.kind] = self.predicted.get(c.kind, 0.0) + c.bytes_at(x)
+        self.remaining.discard(name)
+        self.spent += nbytes
+
+    def restore(self, st: dict) -> None:
+        self.spent = st["spent"]
+        self.actual = dict(st["actual"])
+        self.predicted = dict(st["predicted"])
+        self.remaining = set(st["remaining"])
+        self.steps = list(st["steps"])
+
+    def state(self) -> dict:
+        return {"spent": self.spent, "actual": dict(self.actual), "predicted": dict(self.predicted),
+                "remaining": sorted(self.remaining), "steps": list(self.steps)}
+
+
+# --------------------------------------------------------------------------- calibration pieces
+
+
+class _Stop(Exception):
+    pass
+
+
+def calibration_windows(folder: Path, opts: StreamOptions, tokenizer=None):
+    from aligncodec.tools.eval.evaluate import make_windows
+
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        except Exception as exc:  # noqa: BLE001
+            raise CalibrationError(f"{folder}: no tokenizer for the calibration text ({type(exc).__name__}: {exc}); "
+                                   "use --no-calibration") from None
+    text = None
+    if opts.calib_text:
+        text = Path(opts.calib_text).read_text(encoding="utf-8")
+    try:
+        return make_windows(tokenizer, opts.calib_tokens, "calib", opts.window, text=text)
+    except Exception as exc:  # noqa: BLE001 - too little text etc.
+        raise CalibrationError(f"calibration text: {exc}") from None
+
+
+def record_block_inputs(plan: A.ModelPlan, windows) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """Run the model with recording stubs in place of its blocks: the first block's input per
+    window and the keyword arguments each block receives (masks, rotary tables, ...)."""
+    blocks = A.get_module(plan.model, plan.blocks_path)
+    nb = len(blocks)
+    inputs: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in range(nb)]
+    saved = []
+    for i, blk in enumerate(blocks):
+        def fwd(*args, _i=i, **kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            if len(args) > 1:
+                raise A.UnsupportedArchitectureError("decoder blocks called with positional arguments beyond the hidden states")
+            if _i == 0:
+                inputs.append(h.detach())
+            kwargs[_i].append(kw)
+            if _i == nb - 1:
+                raise _Stop
+            return h
+
+        saved.append(blk.__dict__.get("forward"))
+        blk.forward = fwd
+    try:
+        with torch.no_grad():
+            for w in windows:
+                try:
+                    plan.model(input_ids=w[None], use_cache=False)
+                except _Stop:
+                    pass
+                else:
+                    raise CalibrationError("the model's forward pass did not reach its last decoder block")
+    finally:
+        for blk, f in zip(blocks, saved):
+            if f is None:
+                del blk.forward
+            else:
+                blk.forward = f
+    for i in range(nb):
+        if len(kwargs[i]) != len(windows):
+            raise CalibrationError(f"decoder block {i} was called {len(kwargs[i])} times for {len(windows)} windows")
+    return inputs, kwargs
+
+
+def head_input_sigma(plan: A.ModelPlan, windows, finals: list[torch.Tensor]) -> torch.Tensor:
+    """Σ of the output projection's input: the model's tail (final norm, ...) run on the last
+    block's outputs."""
+    blocks = A.get_module(plan.model, plan.blocks_path)
+    nb = len(blocks)
+    head = A.get_module(plan.model, plan.lm_head_module)
+    acc = None
+    n_pos = 0
+    state = {"w": 0}
+    saved = []
+    for i, blk in enumerate(blocks):
+        def fwd(*args, _i=i, **kw):
+            h = args[0] if args else kw["hidden_states"]
+            return finals[state["w"]] if _i == nb - 1 else h
+
+        saved.append(blk.__dict__.get("forward"))
+        blk.forward = fwd
+
+    def hook(_m, args):
+        nonlocal acc, n_pos
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        acc = x.T @ x if acc is None else acc.addmm_(x.T, x)
+        n_pos += x.shape[0]
+        raise _Stop
+
+    h = head.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for wi, w in enumerate(windows):
+                state["w"] = wi
+                # dummy input embeddings: the blocks' stubs return the real final states, and
+                # the (possibly freed) embedding is not needed
+                dummy = torch.zeros(1, len(w), finals[wi].shape[-1], dtype=finals[wi].dtype)
+                try:
+                    plan.model(inputs_embeds=dummy, use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+        for blk, f in zip(blocks, saved):
+            if f is None:
+                del blk.forward
+            else:
+                blk.forward = f
+    if acc is None:
+        raise CalibrationError("the output projection was never reached")
+    acc /= n_pos
+    return (acc + acc.T) / 2
+
+
+def _to(obj, dev):
+    """``obj`` (tensors inside tuples, lists and dicts) moved to ``dev``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dev)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(x, dev) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, dev) for k, v in obj.items()}
+    return obj
+
+
+def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], capture: list[tuple[str, torch.nn.Module]] | None,
+              dev: torch.device | None = None):
+    """Outputs of ``block`` per window; with ``capture``, also Σ per linear (aliases share the
+    tensor: linears that read the very same input get the same Σ object)."""
+    acc: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    last = {"x": None, "key": None}
+    handles = []
+    n_pos = 0
+
+    def hook_for(key):
+        def hook(_m, args):
+            x = args[0]
+            if x is last["x"]:
+                aliases[key] = aliases.get(last["key"], last["key"])
+                return
+            last["x"], last["key"] = x, key
+            # one window's product in float32 (≤ 1024 positions), accumulated in float64
+            x2 = x.detach().reshape(-1, x.shape[-1]).float()
+            if key not in acc:
+                acc[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
+            acc[key] += (x2.T @ x2).double()
+
+        return hook
+
+    for key, m in capture or []:
+        handles.append(m.register_forward_pre_hook(hook_for(key)))
+    outs = []
+    try:
+        with torch.no_grad():
+            for h, kw in zip(hs, kws):
+                last["x"] = last["key"] = None
+                o = block(h.to(dev) if dev is not None else h, **kw)
+                outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
+                n_pos += h.shape[0] * h.shape[1]
+    finally:
+        for hd in handles:
+            hd.remove()
+        last["x"] = None
+    sig = {}
+    if capture:
+        for k in acc:
+            acc[k] /= n_pos
+            acc[k] = (acc[k] + acc[k].T) / 2
+        acc = {k: v.cpu() for k, v in acc.items()}
+        for key, _m in capture:
+            if key in acc:
+                sig[key] = acc[key]
+            elif key in aliases:
+                sig[key] = acc[aliases[key]]
+            else:
+                raise CalibrationError(f"linear {key} was never called during the calibration pass")
+    return outs, sig
+
+
+# --------------------------------------------------------------------------- spool (resume)
+
+
+class ResumeError(ValueError):
+    """A resume does not fit the spool: different input or settings, or a damaged spool."""
+
+
+class SpoolSpaceError(OSError):
+    """Too little free disk for the spool and the archive."""
+
+
+SPOOL_FORMAT = "aligncodec-stream-spool/1"
+
+
+def spool_dir(out: str | os.PathLike) -> Path:
+    o = Path(os.path.abspath(out))
+    return o.parent / f".{o.name}.spool"
+
+
+def input_fingerprint(ckpt: A.Checkpoint) -> dict:
+    """Names, sizes and modification times of the shards plus a hash of their headers."""
+    h = hashlib.sha256()
+    files = []
+    for f in ckpt.files:
+        st = f.stat()
+        files.append([f.name, st.st_size, st.st_mtime_ns])
+        with open(f, "rb") as fh:
+            (n,) = __import__("struct").unpack("<Q", fh.read(8))
+            h.update(fh.read(n))
+    return {"files": files, "headers_sha256": h.hexdigest()}
+
+
+def _sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for b in iter(lambda: f.read(1 << 22), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
+class Spool:
+    """Finished blocks of an interrupted encode: ``manifest.json`` (input and settings
+    fingerprints, the list of finished steps with each file's sha256), one ``step-N.pt`` per
+    finished block (its coded tensors, the controller state and the activations for the next
+    block). Every file is written to a temporary name, fsynced and renamed; the manifest last."""
+
+    def __init__(self, path: Path, ident: dict):
+        self.path = path
+        self.ident = ident
+        self.steps: list[dict] = []
+
+    @classmethod
+    def create(cls, path: Path, ident: dict) -> "Spool":
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        sp = cls(path, ident)
+        sp._write_manifest()
+        return sp
+
+    @classmethod
+    def open(cls, path: Path, ident: dict) -> "Spool":
+        man = path / "manifest.json"
+        if not man.is_file():
+            raise ResumeError(f"no spool to resume from at {path}")
+        try:
+            m = json.loads(man.read_text())
+        except ValueError:
+            raise ResumeError(f"{man} is damaged (not JSON)") from None
+        if m.get("format") != SPOOL_FORMAT:
+            raise ResumeError(f"{man}: not an {SPOOL_FORMAT} spool")
+        if m.get("input") != ident["input"]:
+            raise ResumeError(f"the spool at {path} was written for a different input checkpoint")
+        if m.get("options") != ident["options"]:
+            diff = sorted(k for k in set(m.get("options", {})) | set(ident["options"])
+                          if m.get("options", {}).get(k) != ident["options"].get(k))
+            raise ResumeError(f"the spool at {path} was written with different settings ({', '.join(diff)})")
+        sp = cls(path, ident)
+        for st in m.get("steps", []):
+            f = path / st["file"]
+            if not f.is_file() or _sha256_file(f) != st["sha256"]:
+                raise ResumeError(f"the spool at {path} is damaged ({st['file']} is missing or fails its checksum)")
+            sp.steps.append(st)
+        return sp
+
+    def _write_manifest(self) -> None:
+        m = {"format": SPOOL_FORMAT, **self.ident, "steps": self.steps}
+        _atomic_write(self.path / "manifest.json", json.dumps(m, indent=1, sort_keys=True).encode())
+
+    def save_step(self, key: str, payload: dict, acts=None) -> None:
+        """Record a finished step; ``acts`` (the activations for the next block) are kept for the
+        latest step only: written first, then the manifest that names them, then the old ones go."""
+        fname = f"step-{len(self.steps):05d}.pt"
+        data = _torch_bytes(payload)
+        _atomic_write(self.path / fname, data)
+        st = {"key": key, "file": fname, "sha256": hashlib.sha256(data).hexdigest()}
+        old = self.steps[-1].get("acts") if self.steps else None
+        if acts is not None:
+            an = f"acts-{len(self.steps):05d}.pt"
+            ad = _torch_bytes(acts)
+            _atomic_write(self.path / an, ad)
+            st["acts"], st["acts_sha256"] = an, hashlib.sha256(ad).hexdigest()
+        for prev in self.steps:
+            prev.pop("acts", None)
+            prev.pop("acts_sha256", None)
+        self.steps.append(st)
+        self._write_manifest()
+        if old:
+            try:
+                os.unlink(self.path / old)
+            except FileNotFoundError:
+                pass
+
+    def load_step(self, i: int) -> dict:
+        return torch.load(self.path / self.steps[i]["file"], weights_only=False)
+
+    def load_acts(self):
+        st = self.steps[-1]
+        f = self.path / st["acts"]
+        if not f.is_file() or _sha256_file(f) != st["acts_sha256"]:
+            raise ResumeError(f"{f}: the activations of the last finished block are missing or damaged")
+        return torch.load(f, weights_only=False)
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the encoder
+
+
+@dataclass
+class Coded:
+    name: str
+    kind: str
+    step: float
+    nbytes: int
+    rel_err: float
+    sqnr_db: float
+    type: str
+
+
+def _lossy_shape_ok(shape) -> bool:
+    return len(shape) == 2 and min(shape) >= 16 and shape[0] * shape[1] >= MIN_NUMEL
+
+
+def code_tensor(name: str, W: torch.Tensor, dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
+                cache: dict) -> tuple[E.TensorCode, E.TensorJob]:
+    job = E.TensorJob(name, W, dtype, S)
+    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
+    if len(job.cands) > 1:
+        cand, _ = E.choose(job, step, E.stride_for(W.shape[0], opts.sample_rows))
+    else:
+        cand = job.cands[0]
+    tc = E.code_candidate(job, cand, step)
+    job.cands = []
+    return tc, job
+
+
+def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: StreamOptions, *, progress: bool = True,
+                  tokenizer=None, resume: bool = False, on_block=None) -> dict:
+    """Encode ``model`` block by block into ``out`` (see the module doc). Returns a summary."""
+    from aligncodec import archive
+
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    t0 = time.perf_counter()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    src_path = Path(model)
+    if not src_path.exists():
+        from aligncodec.lossy_compress import resolve_input
+
+        src_path = resolve_input(model)
+    folder = src_path.parent if src_path.is_file() else src_path
+    ckpt = A.Checkpoint(src_path)
+    calibrate = opts.calibration != "none"
+    has_config = (folder / "config.json").is_file()
+    plan = A.plan_model(src_path, ckpt) if (calibrate or has_config) else None
+
+    # ---- which tensors are lossy, in coding order
+    order: list[tuple[str, str, int | None]] = []  # (checkpoint name, controller kind, block index or None)
+    if plan is not None:
+        for b in plan.blocks:
+            for li in b.linears:
+                ti = ckpt.tensors[li.weight]
+                if _lossy_shape_ok(ti.shape):
+                    order.append((li.weight, li.module.rsplit(".", 1)[-1], b.index))
+        if opts.lossy_embeddings:
+            for nm, kind in ((plan.embedding, "embedding"), (None if plan.tied else plan.lm_head, "lm_head")):
+                if nm is not None and _lossy_shape_ok(ckpt.tensors[nm].shape):
+                    order.append((nm, kind, None))
+    else:
+        from aligncodec.lossy_compress import is_lossy_candidate, layer_type
+
+        for nm, ti in ckpt.tensors.items():
+            if is_lossy_candidate(nm, ti.dtype, ti.shape, lossy_embeddings=opts.lossy_embeddings):
+                order.append((nm, layer_type(nm), None))
+    lossy_names = {n for n, _, _ in order}
+    kinds = {n: k for n, k, _ in order}
+    linear_names = {n for n, k, _ in order if k not in ("embedding", "lm_head")}
+    n_params = ckpt.n_params
+    n_linear = sum(ckpt.tensors[n].numel for n in linear_names)
+    if not order:
+        raise ValueError(f"{model}: no tensor qualifies for lossy coding")
+
+    # ---- spool: finished blocks survive a kill; --resume continues from them
+    ident = {"input": input_fingerprint(ckpt), "options": opts.fingerprint()}
+    sp_path = spool_dir(out)
+    if resume:
+        spool = Spool.open(sp_path, ident)
+    else:
+        if sp_path.exists():
+            log(f"note: discarding the spool of an interrupted encode at {sp_path} (use --resume to continue it)")
+        spool = None
+    import shutil
+
+    need = 3 * opts.bpw * n_params / 8 + (2 * opts.calib_tokens * 4 * _hidden(plan) if calibrate else 0) + (64 << 20)
+    free = shutil.disk_usage(sp_path.parent).free
+    if free < need:
+        raise SpoolSpaceError(f"{sp_path.parent}: {free / 1e9:.2f} GB free, the encode needs about {need / 1e9:.2f} GB "
+                              "(archive, its spool and the resume spool)")
+    if spool is None:
+        spool = Spool.create(sp_path, ident)
+
+    # ---- rate pass (also the NaN/Inf check)
+    had = any(c.startswith("hadamard") for c in opts.candidates)
+    curves: dict[str, RateCurve] = {}
+    t_rate = time.perf_counter()
+    for nm, kind, _b in order:
+        t = ckpt.get(nm)
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"tensor {nm!r} holds NaN or Inf values")
+        curves[nm] = measure_curve(nm, kind, t, had, opts.seed)
+        del t
+    t_rate = time.perf_counter() - t_rate
+    log(f"rate pass: {len(curves)} tensors in {t_rate:.1f} s")
+
+    # ---- calibration inputs (before any coding: a model that cannot run fails here)
+    windows = None
+    if calibrate:
+        data = calibration_windows(folder, opts, tokenizer)
+        windows = data.windows
+        for path, cname in plan.outer.items():
+            if plan.lm_head_module and path.startswith(plan.lm_head_module + ".") and not plan.tied:
+                continue
+            A.set_param(plan.model, path, ckpt.float32(cname))
+        hs, kws = record_block_inputs(plan, windows)
+        if plan.embedding and not plan.tied:  # the embedding is only needed for the inputs
+            emb_path = next(p for p, c in plan.outer.items() if c == plan.embedding)
+            A.set_param(plan.model, emb_path, None)
+        log(f"calibration: {data.n_tokens} tokens in {len(windows)} windows")
+
+    # ---- writer: lossless tensors and auxiliary files first (their bytes are then known)
+    from aligncodec.auxfiles import AUX_PREFIX
+    from aligncodec.codec.torch_interop import tensor_bytes
+
+    src = archive.find_inputs(src_path)
+    files_meta = {}
+    for f in ckpt.files:
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as st:
+            files_meta[f.name] = {"metadata": st.metadata() or {}, "tensors": list(st.keys())}
+    from aligncodec import __version__
+
+    meta = {"acz.tool": f"aligncodec {__version__}", "acz.files": json.dumps(files_meta, sort_keys=True)}
+    src_model = archive._reference_model_of(src.root)
+    if src_model:
+        meta["acz.source_model"] = src_model
+    w = ArchiveWriter(out, meta)
+    try:
+        other_bytes = 0
+        for nm, ti in ckpt.tensors.items():
+            if nm in lossy_names:
+                continue
+            raw = tensor_bytes(ckpt.get(nm))
+            mode, params, streams = lossless.encode(raw, ti.dtype, ti.numel)
+            e = w.add(nm, ti.dtype, ti.shape, mode, streams, params)
+            other_bytes += lossy.entry_bytes(nm, len(ti.shape), len(params), e.size)
+        for a in src.aux:
+            data_b = a.read_bytes()
+            mode, params, streams = lossless.encode(data_b, "U8", len(data_b))
+            e = w.add(AUX_PREFIX + a.name, "U8", (len(data_b),), mode, streams, params)
+            other_bytes += lossy.entry_bytes(AUX_PREFIX + a.name, 1, len(params), e.size)
+        # bytes outside the entries: preamble, the metadata section (per-tensor results ≈ 150 bytes
+        # each, recomputed exactly before the last tensor), final alignment
+        overhead = _overhead(meta, 150 * len(order) + 1200)
+        if opts.scope == "all":
+            budget = opts.bpw * n_params / 8 - other_bytes - overhead
+        else:
+            budget = opts.bpw * n_linear / 8
+            curves_ctl = {n: c for n, c in curves.items() if n in linear_names}
+        ctl = RateController(budget, curves if opts.scope == "all" else curves_ctl)
+        if budget <= 0:
+            raise ValueError(f"--bpw {opts.bpw}: the lossless tensors alone take {8 * other_bytes / n_params:.3f} bits per parameter")
+
+        coded: dict[str, Coded] = {}
+
+        def metadata() -> dict[str, str]:
+            per = {n: {"kind": c.kind, "bpw": round(8 * c.nbytes / ckpt.tensors[n].numel, 5),
+                       "act_rel_err": float(f"{c.rel_err:.6g}"), "sqnr_db": round(c.sqnr_db, 3), "type": c.type,
+                       "step": float(f"{c.step:.6g}")} for n, c in coded.items()}
+            lin_bytes = sum(c.nbytes for n, c in coded.items() if n in linear_names)
+            n_coded = sum(ckpt.tensors[n].numel for n in coded)
+            modes: dict[str, int] = {}
+            for c in coded.values():
+                modes[c.kind] = modes.get(c.kind, 0) + 1
+            summ = {"encoder": "stream", "target": {"bpw": opts.bpw, "scope": opts.scope}, "calibration": opts.calibration,
+                    "calib_tokens": opts.calib_tokens if calibrate else 0,
+                    "calib_text": hashlib.sha256(Path(opts.calib_text).read_bytes()).hexdigest() if opts.calib_text else "builtin",
+                    "candidates": list(opts.candidates), "alpha": opts.alpha, "seed": opts.seed,
+                    "steps": [float(f"{s:.6g}") for s in ctl.steps],
+                    "step": float(f"{np.median(ctl.steps):.6g}") if ctl.steps else None,
+                    "n_params": n_params, "n_lossy_weights": n_coded, "n_linear_weights": n_linear,
+                    "bpw_linear_all_in": 8 * lin_bytes / max(1, n_linear),
+                    "bpw_lossy_all_in": 8 * sum(c.nbytes for c in coded.values()) / max(1, n_coded), "modes": modes}
+            return {**meta, "acz.lossy": json.dumps(per, sort_keys=True), "acz.lossy.summary": json.dumps(summ, sort_keys=True)}
+
+        def exact_overhead(n_more: int) -> int:
+            m = metadata()
+            return _overhead(m, n_more * (len(m["acz.lossy"]) // max(1, len(coded)) + 2 if coded else 150))
+        x_fixed = None  # linear scope: embeddings lossy are coded at the last linear step
+
+        def put(nm: str, tc: E.TensorCode, x: float):
+            ti = ckpt.tensors[nm]
+            e = w.add(nm, ti.dtype, ti.shape, MODE_ECSQ, tc.streams, tc.params.pack())
+            nb = lossy.entry_bytes(nm, 2, lossy.PARAMS_SIZE, e.size)
+            if nm in ctl.curves:
+                ctl.record(nm, x, nb)
+            coded[nm] = Coded(nm, tc.kind, float(tc.params.step), nb, float(tc.rel_err), float(tc.sqnr_db), kinds[nm])
+
+        # ---- block pass (finished blocks of an interrupted run come back from the spool)
+        by_block: dict[int | None, list[str]] = {}
+        for nm, _k, b in order:
+            by_block.setdefault(b, []).append(nm)
+        blocks_list = plan.blocks if plan is not None else []
+        blocks_mod = A.get_module(plan.model, plan.blocks_path) if plan is not None else None
+        done = 0
+        if resume and spool.steps:
+            for i in range(len(spool.steps)):
+                pl = spool.load_step(i)
+                for nm, dtype, shape, mode, params, streams in pl["entries"]:
+                    w.add(nm, dtype, shape, mode, streams, params)
+                for c in pl["coded"]:
+                    coded[c["name"]] = Coded(**c)
+            ctl.restore(pl["ctl"])
+            done = len(spool.steps)
+            if calibrate:
+                hs = spool.load_acts()
+            log(f"resume: {done} finished blocks from {spool.path}")
+        from tqdm import tqdm
+
+        dev = torch.device(opts.device) if opts.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if calibrate and dev.type != "cpu":
+            kws = [[_to(kw, dev) for kw in per] for per in kws]
+        pool = None
+        if opts.workers > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=opts.workers)
+        bar = tqdm(total=len(blocks_list), initial=done, desc="blocks", unit="blk", disable=not progress, leave=False)
+        for b in blocks_list[done:]:
+            blk = blocks_mod[b.index]
+            if calibrate:
+                for path, cname in b.params.items():
+                    A.set_param(plan.model, path, ckpt.float32(cname).to(dev))
+                lin_by_w = {li.weight: li for li in b.linears}
+                cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
+                outs, sig = run_block(blk, hs, kws[b.index], cap, dev)
+            else:
+                sig = {}
+            x = ctl.solve()
+            ctl.steps.append(2.0**x)
+            cache: dict = {}
+            names = by_block.get(b.index, [])
+
+            def work(nm, x=x, sig=sig, cache=cache):
+                tc, _job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache)
+                return tc
+
+            results = pool.map(work, names) if pool is not None else map(work, names)
+            entries = []
+            for nm, tc in zip(names, results):
+                put(nm, tc, x)
+                ti = ckpt.tensors[nm]
+                entries.append((nm, ti.dtype, ti.shape, MODE_ECSQ, tc.params.pack(), tc.streams))
+                if calibrate and opts.calibration == "quantized":
+                    A.set_param(plan.model, lin_by_w[nm].module + ".weight", torch.from_numpy(tc.W_hat).to(dev))
+                del tc
+            cache.clear()
+            if calibrate:
+                if opts.calibration == "quantized":
+                    outs, _ = run_block(blk, hs, kws[b.index], None, dev)
+                hs = outs
+                for path in b.params:
+                    A.set_param(plan.model, path, None)
+            sig = None
+            spool.save_step(f"block{b.index}", {"entries": entries, "ctl": ctl.state(),
+                                               "coded": [asdict(coded[n]) for n in names]},
+                            hs if calibrate else None)
+            if on_block is not None:  # tests: interrupt after a given block
+                on_block(b.index)
+            bar.update(1)
+            bar.set_postfix_str(f"step {2.0**x:.4g}, {8 * ctl.spent / max(1, sum(ckpt.tensors[n].numel for n in coded)):.3f} bpw")
+        bar.close()
+        if pool is not None:
+            pool.shutdown()
+
+        # ---- tensors outside the blocks (embeddings, lm_head; everything without a plan)
+        rest = by_block.get(None, [])
+        if rest:
+            S_head = None
+            if calibrate and plan.lm_head_module is not None and any(k == "lm_head" or (plan.tied and k == "embedding")
+                                                                     for k in (kinds[n] for n in rest)):
+                S_head = head_input_sigma(plan, windows, hs)
+            hs = None
+            for i, nm in enumerate(rest):
+                S = None
+                if calibrate and (nm == plan.lm_head or (plan.tied and nm == plan.embedding)):
+                    S = S_head
+                W = ckpt.float32(nm)
+                dtype = ckpt.tensors[nm].dtype
+                if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step
+                    st = ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()
+                    tc, _ = code_tensor(nm, W, dtype, S, st, opts, {})
+                    put(nm, tc, math.log2(st))
+                    continue
+                last = i == len(rest) - 1
+                if last and opts.scope == "all":
+                    ov = exact_overhead(1)
+                    ctl.budget += overhead - ov
+                    overhead = ov
+                tc, x = _search_last(nm, W, dtype, S, ctl, opts, exact=last, log=log)
+                ctl.steps.append(2.0**x)
+                put(nm, tc, x)
+                del W, tc
+        # ---- metadata and close
+        w.metadata.update(metadata())
+        summ = json.loads(w.metadata["acz.lossy.summary"])
+        w.close()
+    except BaseException:
+        if not w._closed:
+            w._closed = True
+            w._spool.close()
+        raise
+    finally:
+        ckpt.close()
+    spool.remove()
+    fb = os.path.getsize(out)
+    summ.update({"file_bytes": fb, "bpw_file": 8 * fb / n_params, "seconds_total": time.perf_counter() - t0,
+                 "bpw_lossy_in_archive": summ["bpw_lossy_all_in"]})
+    return summ
+
+
+def _hidden(plan) -> int:
+    cfg = plan.config if plan is not None else None
+    return int(getattr(cfg, "hidden_size", 0) or getattr(getattr(cfg, "text_config", None), "hidden_size", 0) or 4096)
+
+
+def _overhead(meta: dict[str, str], extra_json: int) -> int:
+    body = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return PREAMBLE_SIZE + len(build_section(SECTION_METADATA, 0, body)) + extra_json + 32
+
+
+def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exact: bool, log) -> tuple[E.TensorCode, float]:
+    """Code a tensor outside the blocks. The last one absorbs what the controller missed: its
+    step is searched on the real coder (secant on exact bytes, at most 4 full codes)."""
+    x = ctl.solve()
+    cache: dict = {}
+    tc, job = code_tensor(nm, W, dtype, S, 2.0**x, opts, cache)
+    if not exact:
+        return tc, x
+    left = ctl.budget - ctl.spent
+
+    def nbytes(tc):
+        return lossy.entry_bytes(nm, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(tc.streams))
+
+    best = (abs(nbytes(tc) / left - 1), x, tc)
+    x0, f0 = x, math.log2(nbytes(tc) / left)
+    x1 = x0 + f0  # ~1 bit per halving of the step
+    for _ in range(4):
+        if best[0] <= 0.002 or left <= 0:
+            break
+        tc1, _ = code_tensor(nm, W, dtype, S, 2.0**x1, opts, cache)
+        f1 = math.log2(nbytes(tc1) / left)
+        log(f"{nm}: step {2.0**x1:.4g} -> {nbytes(tc1)} bytes (target {left:.0f})")
+        if abs(nbytes(tc1) / left - 1) < best[0]:
+            best = (abs(nbytes(tc1) / left - 1), x1, tc1)
+        xn = x1 - f1 * (x1 - x0) / (f1 - f0) if f1 != f0 else x1 + f1
+        x0, f0, x1 = x1, f1, xn
+    return best[2], best[1]

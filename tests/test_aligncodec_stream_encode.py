@@ -1,0 +1,267 @@
+"""Block-sequential encoder (aligncodec/stream_encode.py, aligncodec/arch.py) on tiny random
+checkpoints of several architectures built from Transformers' own config classes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from aligncodec import arch as A  # noqa: E402
+from aligncodec import archive  # noqa: E402
+from aligncodec import stream_encode as S  # noqa: E402
+
+from tiny_arch import ARCHS, ToyTokenizer, make_checkpoint  # noqa: E402
+
+TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 40
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def _opts(text_file, **kw):
+    base = dict(bpw=4.0, calib_tokens=1500, calib_text=str(text_file), window=256)
+    base.update(kw)
+    return S.StreamOptions(**base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("tied", [True, False])
+def test_plan_finds_blocks_linears_and_embeddings(tmp_path, arch, tied):
+    d = make_checkpoint(tmp_path, arch, tied)
+    plan = A.plan_model(d)
+    assert len(plan.blocks) == 2 and plan.blocks_path.endswith("layers")
+    leaves = [li.module.rsplit(".", 1)[-1] for li in plan.blocks[0].linears]
+    if arch == "phi3":
+        assert sorted(leaves) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    else:
+        assert sorted(leaves) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    ckpt = A.Checkpoint(d)
+    for li in plan.blocks[1].linears:
+        assert ckpt.tensors[li.weight].shape == li.shape
+        if arch == "qwen2" and li.module.endswith(("q_proj", "k_proj", "v_proj")):
+            assert li.bias in ckpt.tensors
+    assert plan.tied == tied
+    assert plan.embedding in ckpt.tensors and plan.lm_head in ckpt.tensors
+    assert (plan.embedding == plan.lm_head) == tied
+    # every checkpoint tensor is accounted for: a block parameter, an outer parameter or an extra
+    assert plan.checkpoint_names | set(plan.extra) == set(ckpt.tensors)
+
+
+def test_missing_config_is_named(tmp_path):
+    d = make_checkpoint(tmp_path, "llama")
+    os.unlink(d / "config.json")
+    with pytest.raises(A.UnsupportedArchitectureError, match="config.json"):
+        A.plan_model(d)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    d = make_checkpoint(tmp_path, "llama")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "no_such_model"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(A.UnsupportedArchitectureError):
+        A.plan_model(d)
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    d = make_checkpoint(tmp_path, "llama")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(A.CheckpointError, match="shape"):
+        A.plan_model(d)
+
+
+def test_truncated_and_missing_shards_are_named(tmp_path):
+    d = make_checkpoint(tmp_path, "llama", max_shard_size="100KB")
+    idx = json.loads((d / A.INDEX_NAME).read_text())
+    shards = sorted(set(idx["weight_map"].values()))
+    assert len(shards) > 1
+    A.Checkpoint(d)  # reads
+    data = (d / shards[-1]).read_bytes()
+    (d / shards[-1]).write_bytes(data[: len(data) - 100])
+    with pytest.raises(A.CheckpointError, match="truncated"):
+        A.Checkpoint(d)
+    os.unlink(d / shards[-1])
+    with pytest.raises(A.CheckpointError, match="missing"):
+        A.Checkpoint(d)
+
+
+def test_float_mode_sigma_matches_whole_model_calibration(tmp_path, text_file):
+    """Block by block on the unmodified model gives the Σ of the whole-model capture."""
+    from aligncodec.tools.eval.calibrate import capture_sigma
+    from transformers import AutoModelForCausalLM
+
+    d = make_checkpoint(tmp_path, "gemma3", dtype=torch.float32)  # sliding + full attention layers
+    tok = ToyTokenizer()
+    ref, _ = capture_sigma(AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval(), tok, 1000, "calib", 256,
+                           threads=None, progress=False, text=TEXT)
+    plan = A.plan_model(d)
+    ckpt = A.Checkpoint(d)
+    data = S.calibration_windows(d, _opts(text_file, calib_tokens=1000), tok)
+    for path, cname in plan.outer.items():
+        A.set_param(plan.model, path, ckpt.float32(cname))
+    hs, kws = S.record_block_inputs(plan, data.windows)
+    blocks = A.get_module(plan.model, plan.blocks_path)
+    for b in plan.blocks:
+        for path, cname in b.params.items():
+            A.set_param(plan.model, path, ckpt.float32(cname))
+        cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
+        hs, sig = S.run_block(blocks[b.index], hs, kws[b.index], cap)
+        for li in b.linears:
+            R = ref[li.weight] if li.weight in ref else None
+            if R is None:  # stored under the first linear that reads the same input
+                continue
+            assert torch.allclose(sig[li.weight], R, rtol=1e-4, atol=1e-6 * float(R.abs().max())), li.weight
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("gemma3", False),
+                                       pytest.param("qwen2", False, marks=pytest.mark.slow),
+                                       pytest.param("phi3", True, marks=pytest.mark.slow),
+                                       pytest.param("mistral", True, marks=pytest.mark.slow)])
+def test_encode_whole_file_rate_and_roundtrip(tmp_path, text_file, arch, tied):
+    d = make_checkpoint(tmp_path / "m", arch, tied)
+    out = tmp_path / "m.acz"
+    summ = S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    info = archive.inspect(out)
+    n = info["n_weights"]
+    assert abs(8 * os.path.getsize(out) / n / 4.0 - 1) <= 0.01
+    assert summ["bpw_file"] == pytest.approx(8 * os.path.getsize(out) / n)
+    archive.verify(out)
+    rows = {r["name"]: r for r in info["tensors"]}
+    plan = A.plan_model(d)
+    assert rows[plan.embedding]["mode"] == "ecsq"  # whole-model scope: the embedding is lossy
+    for b in plan.blocks:
+        for li in b.linears:
+            if li.bias:
+                assert rows[li.bias]["mode"] != "ecsq"
+    assert not S.spool_dir(out).exists()
+    # the decoded archive runs as a model
+    from aligncodec.loader import load_state_dict
+
+    sd = load_state_dict(out)
+    assert all(torch.isfinite(v.float()).all() for v in sd.values())
+
+
+def test_linear_scope_keeps_embeddings_lossless(tmp_path, text_file):
+    d = make_checkpoint(tmp_path / "m", "llama", False)
+    out = tmp_path / "m.acz"
+    summ = S.encode_stream(d, out, _opts(text_file, scope="linear", bpw=3.0), tokenizer=ToyTokenizer(), progress=False)
+    rows = {r["name"]: r for r in archive.inspect(out)["tensors"]}
+    assert rows["model.embed_tokens.weight"]["mode"] != "ecsq" and rows["lm_head.weight"]["mode"] != "ecsq"
+    assert abs(summ["bpw_linear_all_in"] / 3.0 - 1) <= 0.03  # two blocks only: the controller has one correction
+
+
+def test_quantized_and_float_calibration_differ(tmp_path, text_file):
+    d = make_checkpoint(tmp_path / "m", "llama")
+    a, b = tmp_path / "q.acz", tmp_path / "f.acz"
+    S.encode_stream(d, a, _opts(text_file, calibration="quantized"), tokenizer=ToyTokenizer(), progress=False)
+    S.encode_stream(d, b, _opts(text_file, calibration="float"), tokenizer=ToyTokenizer(), progress=False)
+    qa = json.loads(archive.inspect(a)["metadata"]["acz.lossy.summary"])
+    qb = json.loads(archive.inspect(b)["metadata"]["acz.lossy.summary"])
+    assert qa["calibration"] == "quantized" and qb["calibration"] == "float"
+    assert a.read_bytes() != b.read_bytes()
+
+
+def test_interrupt_then_resume_is_byte_identical(tmp_path, text_file):
+    d = make_checkpoint(tmp_path / "m", "llama", False)
+    ref = tmp_path / "ref.acz"
+    S.encode_stream(d, ref, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    out = tmp_path / "out.acz"
+
+    def stop(i):
+        if i == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, on_block=stop)
+    assert not out.exists() and S.spool_dir(out).is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".acz")]  # no writer temp left
+    with pytest.raises(S.ResumeError, match="settings"):
+        S.encode_stream(d, out, _opts(text_file, bpw=3.0), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    assert out.read_bytes() == ref.read_bytes()
+    assert not S.spool_dir(out).exists()
+
+
+def test_resume_against_other_input_or_damaged_spool(tmp_path, text_file):
+    d = make_checkpoint(tmp_path / "m", "llama")
+    out = tmp_path / "out.acz"
+
+    def stop(i):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, on_block=stop)
+    sp = S.spool_dir(out)
+    step = sorted(sp.glob("step-*.pt"))[0]
+    step.write_bytes(step.read_bytes()[:-3])
+    with pytest.raises(S.ResumeError, match="damaged"):
+        S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    d2 = make_checkpoint(tmp_path / "m2", "llama", seed=1)
+    with pytest.raises(S.ResumeError, match="input"):
+        S.encode_stream(d2, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
+
+
+def test_nan_weight_fails_before_any_output(tmp_path, text_file):
+    from safetensors.torch import load_file, save_file
+
+    d = make_checkpoint(tmp_path / "m", "llama", dtype=torch.float32)
+    f = d / "model.safetensors"
+    sd = load_file(str(f))
+    sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(sd, str(f), metadata={"format": "pt"})
+    out = tmp_path / "out.acz"
+    with pytest.raises(S.NonFiniteError, match="up_proj"):
+        S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    assert not out.exists()
+
+
+def test_workers_give_the_same_bytes(tmp_path, text_file):
+    d = make_checkpoint(tmp_path / "m", "llama")
+    a, b = tmp_path / "a.acz", tmp_path / "b.acz"
+    S.encode_stream(d, a, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    S.encode_stream(d, b, _opts(text_file, workers=3), tokenizer=ToyTokenizer(), progress=False)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_no_calibration_without_config(tmp_path):
+    d = make_checkpoint(tmp_path / "m", "llama", False)
+    os.unlink(d / "config.json")
+    out = tmp_path / "o.acz"
+    with pytest.raises(A.UnsupportedArchitectureError):
+        S.encode_stream(d, out, S.StreamOptions(bpw=4.0), progress=False)
+    summ = S.encode_stream(d, out, S.StreamOptions(bpw=4.0, calibration="none"), progress=False)
+    assert summ["calibration"] == "none" and abs(summ["bpw_file"] / 4.0 - 1) <= 0.01
+
+
+def test_cli_stream_compress_and_named_errors(tmp_path, capsys):
+    from aligncodec.tools.cli import EXIT_IO, EXIT_UNSUPPORTED, main
+
+    d = make_checkpoint(tmp_path / "m", "llama", False)
+    out = tmp_path / "o.acz"
+    # no tokenizer in the folder: calibration cannot run, a named error before any output
+    assert main(["compress", str(d), "-o", str(out), "--bpw", "4", "--encoder", "stream"]) == EXIT_IO
+    assert "tokenizer" in capsys.readouterr().err and not out.exists()
+    assert main(["compress", str(d), "-o", str(out), "--bpw", "4", "--encoder", "stream", "--no-calibration", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert abs(info["bpw_file"] / 4 - 1) <= 0.01 and info["bpw_linear"] > 0
+    assert main(["compress", str(d), "-o", str(out), "-f", "--bpw", "4", "--encoder", "whole", "--bpw-scope", "all"]) == 2
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "no_such_model"
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert main(["compress", str(d), "-o", str(tmp_path / "x.acz"), "--bpw", "4", "--encoder", "stream"]) == EXIT_UNSUPPORTED
+    assert not (tmp_path / "x.acz").exists()
