@@ -98,7 +98,9 @@ def find_inputs(path: str | os.PathLike, *, follow_symlinks: bool = False) -> So
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise InputError(f"folder {str(p)!r} holds no .safetensors file")
-    aux = find_aux_files(p)
+    # the shard index of a sharded folder describes the shards, which travel as tensors (their
+    # split is in acz.files): it is not an auxiliary file
+    aux = [f for f in find_aux_files(p) if not f.name.lower().endswith(".safetensors.index.json")]
     for f in files + aux:
         _check_link(f, p, follow_symlinks)
     for f in aux:
