@@ -69,7 +69,9 @@ MODE_NAMES = {MODE_STORED: "stored", MODE_FLOAT_SPLIT: "float-split", MODE_ECSQ:
 CODER_RAW = 0
 CODER_ZSTD = 1
 CODER_RANS = 2
-CODER_NAMES = {CODER_RAW: "raw", CODER_ZSTD: "zstd", CODER_RANS: "rans"}
+CODER_RANS_LANES = 3  # interleaved lanes (spec §6.6)
+CODER_NAMES = {CODER_RAW: "raw", CODER_ZSTD: "zstd", CODER_RANS: "rans", CODER_RANS_LANES: "rans-lanes"}
+MAX_LANES = 32  # coder 3: lanes per chunk (one GPU warp)
 
 RANS_STATE_LOWER = 1 << 16  # L: rANS state interval [L, 2^32) (spec §6)
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from aligncodec.formats import errors as E
 from aligncodec.formats.constants import (
-    CODER_RANS, CODER_RAW, CODER_ZSTD, MAX_ALPHABET, MAX_CHUNK_SYMBOLS, MAX_PRECISION, STREAM_ALIGN,
+    CODER_RANS, CODER_RANS_LANES, CODER_RAW, CODER_ZSTD, MAX_ALPHABET, MAX_CHUNK_SYMBOLS, MAX_LANES, MAX_PRECISION, STREAM_ALIGN,
 )
 from aligncodec.formats.layout import RANS_AUX, STREAM, align
 
@@ -93,11 +93,13 @@ class ZstdStream:
 
 @dataclass
 class RansStream:
-    """Chunked rANS symbols (coder 2), spec §6.
+    """Chunked rANS symbols (coder 2, ``lanes == 1``; coder 3, interleaved lanes), spec §6.
 
     ``freqs`` sum to 2**precision; chunk i covers symbols
     [i*chunk_symbols, min((i+1)*chunk_symbols, n_symbols)) and occupies
-    ``chunk_lengths[i]`` bytes of ``payload``: a u32 final state then u16 words."""
+    ``chunk_lengths[i]`` bytes of ``payload``: a u32 final state then u16 words
+    (``lanes`` > 1: min(lanes, symbols of the chunk) u32 states, then the lanes' u16 words
+    interleaved in decode order; symbol t of a chunk belongs to lane t mod lanes, §6.6)."""
 
     precision: int
     chunk_symbols: int
@@ -105,8 +107,11 @@ class RansStream:
     freqs: np.ndarray  # uint32, len = alphabet size
     chunk_lengths: np.ndarray  # uint32
     payload: bytes | memoryview
+    lanes: int = 1
 
-    coder = CODER_RANS
+    @property
+    def coder(self) -> int:
+        return CODER_RANS if self.lanes == 1 else CODER_RANS_LANES
 
     @property
     def alphabet_size(self) -> int:
@@ -132,11 +137,13 @@ def serialize_stream(s: Stream) -> bytes:
         n_chunks = len(s.chunk_lengths)
         aux_size = align(RANS_AUX.size + len(table) + 4 * n_chunks, STREAM_ALIGN)
         aux = bytearray(aux_size)
-        RANS_AUX.pack_into(aux, 0, s.precision, 0, 0, s.alphabet_size, s.chunk_symbols, n_chunks, len(table), 0)
+        if not 1 <= s.lanes <= MAX_LANES:
+            raise ValueError(f"rANS lanes must be 1..{MAX_LANES}")
+        RANS_AUX.pack_into(aux, 0, s.precision, 0, 0 if s.lanes == 1 else s.lanes, s.alphabet_size, s.chunk_symbols, n_chunks, len(table), 0)
         aux[RANS_AUX.size : RANS_AUX.size + len(table)] = table
         ct = np.asarray(s.chunk_lengths, dtype="<u4").tobytes()
         aux[RANS_AUX.size + len(table) : RANS_AUX.size + len(table) + len(ct)] = ct
-        return STREAM.pack(CODER_RANS, 0, 0, aux_size, int(s.n_symbols), len(s.payload)) + bytes(aux) + bytes(s.payload)
+        return STREAM.pack(s.coder, 0, 0, aux_size, int(s.n_symbols), len(s.payload)) + bytes(aux) + bytes(s.payload)
     raise TypeError(f"not a stream: {type(s).__name__}")
 
 
@@ -172,8 +179,8 @@ def parse_streams(data: bytes | memoryview, count: int) -> list[Stream]:
             if aux_size:
                 raise E.StreamError(f"stream {i}: zstd stream with aux bytes")
             out.append(ZstdStream(payload, int(count_field)))
-        elif coder == CODER_RANS:
-            out.append(_parse_rans(i, aux, payload, count_field))
+        elif coder in (CODER_RANS, CODER_RANS_LANES):
+            out.append(_parse_rans(i, aux, payload, count_field, coder == CODER_RANS_LANES))
         else:
             raise E.UnsupportedError(f"stream {i}: unknown coder {coder}")
         pos += aux_size + payload_size
@@ -188,10 +195,15 @@ def parse_streams(data: bytes | memoryview, count: int) -> list[Stream]:
     return out
 
 
-def _parse_rans(i: int, aux: memoryview, payload: memoryview, n_symbols: int) -> RansStream:
+def _parse_rans(i: int, aux: memoryview, payload: memoryview, n_symbols: int, interleaved: bool = False) -> RansStream:
     if len(aux) < RANS_AUX.size:
         raise E.StreamError(f"stream {i}: rANS aux too short")
     precision, r0, r1, alphabet, chunk_symbols, n_chunks, table_size, r2 = RANS_AUX.unpack_from(aux, 0)
+    lanes = 1
+    if interleaved:  # coder 3: the u16 at aux offset 2 is the lane count (spec §6.6)
+        lanes, r1 = r1, 0
+        if not 2 <= lanes <= MAX_LANES:
+            raise E.StreamError(f"stream {i}: {lanes} rANS lanes, 2..{MAX_LANES} allowed")
     if r0 or r1 or r2:
         raise E.HeaderError(f"stream {i}: reserved field not zero")
     if not 1 <= precision <= MAX_PRECISION:
@@ -218,9 +230,20 @@ def _parse_rans(i: int, aux: memoryview, payload: memoryview, n_symbols: int) ->
     lengths = np.frombuffer(aux, dtype="<u4", count=n_chunks, offset=off).astype(np.uint32)
     if n_chunks and (lengths.min() < 4 or np.any(lengths % 2)):
         raise E.StreamError(f"stream {i}: chunk length below 4 or odd")
+    if lanes > 1 and n_chunks and np.any(lengths < 4 * lane_counts(n_symbols, chunk_symbols, lanes)):
+        raise E.StreamError(f"stream {i}: a chunk is shorter than its lanes' states")
     if int(lengths.sum(dtype=np.uint64)) != len(payload):
         raise E.StreamError(f"stream {i}: chunk lengths sum to {int(lengths.sum())}, payload is {len(payload)}")
-    return RansStream(int(precision), int(chunk_symbols), int(n_symbols), freqs, lengths, payload)
+    return RansStream(int(precision), int(chunk_symbols), int(n_symbols), freqs, lengths, payload, int(lanes))
+
+
+def lane_counts(n_symbols: int, chunk_symbols: int, lanes: int) -> np.ndarray:
+    """States at the start of every chunk: min(lanes, symbols of the chunk) (spec §6.6)."""
+    n_chunks = -(-n_symbols // chunk_symbols)
+    w = np.full(n_chunks, min(lanes, chunk_symbols), dtype=np.int64)
+    if n_chunks:
+        w[-1] = min(lanes, n_symbols - (n_chunks - 1) * chunk_symbols)
+    return w
 
 
 def check_rans_stream(stream: RansStream, n_symbols: int, alphabet_size: int) -> None:

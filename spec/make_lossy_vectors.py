@@ -48,12 +48,17 @@ def cases():
     q = _q((16, 7), 3, 1.5)
     q[::3] *= 4
     yield "lossy_row_classes", "x.weight", "F16", q, lossy.EcsqParams(lossy.TRANSFORM_IDENTITY, 0.5, 0), None, None, (4, 0)
+    # 4. hadamard (n = 40 = 8·5), 2 row classes, BF16, symbols in interleaved lanes (coder 3, §6.6)
+    q = _q((9, 40), 4, 2.5)
+    Q5 = np.array([[0.6, -0.8, 0, 0, 0], [0.8, 0.6, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0.28, 0.96], [0, 0, 0, -0.96, 0.28]], dtype=np.float32)
+    hd = lossy.HadamardData(np.where(np.arange(40) % 3 == 0, -1.0, 1.0).astype(np.float32), Q5)
+    yield ("lossy_lanes", "h.weight", "BF16", q, lossy.EcsqParams(lossy.TRANSFORM_HADAMARD, 0.02, 0, 0, 5), None, hd, (2, 0), 7)
 
 
 def write(outdir: Path) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
-    for stem, name, dtype, q, base, sc, hd, cls in cases():
-        params, streams = lossy.encode_symbols(q, base, sc, hd, chunk_symbols=64, classes=cls)
+    for stem, name, dtype, q, base, sc, hd, cls, *lanes in cases():
+        params, streams = lossy.encode_symbols(q, base, sc, hd, chunk_symbols=64, classes=cls, lanes=lanes[0] if lanes else 1)
         path = outdir / f"{stem}.acz"
         with ArchiveWriter(path, {"acz.tool": "spec/make_lossy_vectors.py"}) as w:
             w.add(name, dtype, q.shape, MODE_ECSQ, streams, params.pack())

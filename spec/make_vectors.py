@@ -88,6 +88,28 @@ def valid_cases() -> dict[str, list[tuple]]:
         ("模型.层.0.权重", "F32", (2, 2), _bits("F32", np.array([1.0, 2.0, 3.0, 4.0])), None),
         ("ü/ß.bias", "F64", (3,), _bits("F64", np.array([-1.5, 0.0, 2.25])), None),
     ]
+    # interleaved lanes (coder 3, spec §6.6): 32 lanes over 4 chunks (the last partial),
+    # 5 lanes, and a stream whose only chunk has fewer symbols than lanes
+    lw = _bits("BF16", _weights(1000, 5))
+    lsym, lrest = lossless.split_float(lw.view("<u2"), "BF16", 2)
+    lanes32 = [rans.encode(lsym, chunk_symbols=256, lanes=32), RawStream(lossless.pack_bits(lrest, 6))]
+    fw = _bits("F16", _weights(300, 6))
+    fsym, frest = lossless.split_float(fw.view("<u2"), "F16", 3)
+    lanes5 = [rans.encode(fsym, chunk_symbols=64, lanes=5), RawStream(lossless.pack_bits(frest, 8))]
+    sw = _bits("BF16", _weights(20, 7))
+    ssym, srest = lossless.split_float(sw.view("<u2"), "BF16", 2)
+    few = [rans.encode(ssym, chunk_symbols=64, lanes=32), RawStream(lossless.pack_bits(srest, 6))]
+    cases["rans_lanes"] = [
+        ("w.lanes32", "BF16", (10, 100), lw, (MODE_FLOAT_SPLIT, bytes([2]), lanes32)),
+        ("w.lanes5", "F16", (300,), fw, (MODE_FLOAT_SPLIT, bytes([3]), lanes5)),
+        ("w.few", "BF16", (20,), sw, (MODE_FLOAT_SPLIT, bytes([2]), few)),
+    ]
+    # a mixed archive: one tensor in chunked rANS (coder 2), one in interleaved lanes (coder 3)
+    old = [rans.encode(lsym, chunk_symbols=256), RawStream(lossless.pack_bits(lrest, 6))]
+    cases["mixed_layouts"] = [
+        ("a.chunked", "BF16", (10, 100), lw, (MODE_FLOAT_SPLIT, bytes([2]), old)),
+        ("b.lanes", "BF16", (10, 100), lw, (MODE_FLOAT_SPLIT, bytes([2]), lanes32)),
+    ]
     cases["aux_file"] = [
         ("w", "F32", (4,), _bits("F32", np.array([1.0, -2.0, 0.5, 0.0])), None),
         ("acz:file/config.json", "U8", (16,), b'{"hidden": 576}\n', None),
@@ -215,6 +237,20 @@ def invalid_cases() -> dict[str, tuple[bytes, str]]:
     out["zstd_size_mismatch"] = (_archive([(e10, d10)]), "CorruptStreamError")
     e11, d11 = _entry("w", "F32", (8,), MODE_STORED, [RawStream(bytes(16))])
     out["raw_size_mismatch"] = (_archive([(e11, d11)]), "StreamError")
+    # interleaved lanes (coder 3)
+    lsym, lrest = lossless.split_float(w.view("<u2"), "BF16", 2)
+    ls = rans.encode(lsym, chunk_symbols=1024, lanes=32)
+    lrest_s = RawStream(lossless.pack_bits(lrest, 6))
+    e12, d12 = _entry("w", "BF16", (40, 100), mode, [ls, lrest_s], params)
+    d12 = d12[:26] + struct.pack("<H", 33) + d12[28:]  # aux offset 2: lanes 33 > 32
+    e12.crc = crc32(d12)
+    out["lanes_count"] = (_archive([(e12, d12)]), "StreamError")
+    tiny = RansStream(ls.precision, 64, 40, ls.freqs, np.array([100], np.uint32), bytes(100), 32)
+    e13, d13 = _entry("w", "BF16", (40,), mode, [tiny, RawStream(bytes(30))], params)
+    out["lanes_chunk_short"] = (_archive([(e13, d13)]), "StreamError")
+    lcor = RansStream(ls.precision, ls.chunk_symbols, ls.n_symbols, ls.freqs, ls.chunk_lengths, ls.payload[:4 * 7] + bytes([ls.payload[28] ^ 0x21]) + ls.payload[29:], 32)
+    e14, d14 = _entry("w", "BF16", (40, 100), mode, [lcor, lrest_s], params)
+    out["lanes_state_corrupt"] = (_archive([(e14, d14)]), "CorruptStreamError")
     b = bytearray(good); pad_at = 64 + len(hdr)
     if pad_at < cut:
         b[pad_at] = 1
@@ -229,6 +265,13 @@ def invalid_cases() -> dict[str, tuple[bytes, str]]:
 
 
 def generate(root: Path) -> None:
+    # the vectors were written with the chunked layout of 16384 symbols (coder 2); pin it, whatever
+    # the encoder's default, so that they stay byte for byte
+    with rans.default_layout(16384, 1):
+        _generate(root)
+
+
+def _generate(root: Path) -> None:
     (root / "valid").mkdir(parents=True, exist_ok=True)
     (root / "invalid").mkdir(parents=True, exist_ok=True)
     for name, tensors in valid_cases().items():

@@ -17,7 +17,7 @@ import pytest
 
 IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 sim_only = pytest.mark.skipif(not IN_SIM, reason="runs in the NUMBA_ENABLE_CUDASIM=1 child process")
-N_SIM_TESTS = 6  # kernel tests below, checked by the driver
+N_SIM_TESTS = 6 + 6  # kernel tests below (chunked, then interleaved lanes), checked by the driver
 
 
 def test_kernels_under_simulator():
@@ -43,11 +43,12 @@ def dc():
     assert config.ENABLE_CUDASIM, "simulator not active"
     from aligncodec.codec.entropy import decode_cuda
 
-    old = decode_cuda.THREADS_PER_BLOCK, decode_cuda.JOIN_THREADS_PER_BLOCK
+    old = decode_cuda.THREADS_PER_BLOCK, decode_cuda.JOIN_THREADS_PER_BLOCK, decode_cuda.WARPS_PER_BLOCK
     decode_cuda.THREADS_PER_BLOCK = 16  # several blocks even for small inputs; few simulated threads
     decode_cuda.JOIN_THREADS_PER_BLOCK = 64
+    decode_cuda.WARPS_PER_BLOCK = 2  # lanes kernel: two chunks (warps) per block
     yield decode_cuda
-    decode_cuda.THREADS_PER_BLOCK, decode_cuda.JOIN_THREADS_PER_BLOCK = old
+    decode_cuda.THREADS_PER_BLOCK, decode_cuda.JOIN_THREADS_PER_BLOCK, decode_cuda.WARPS_PER_BLOCK = old
 
 
 def _random_table(rng, precision, alphabet):
@@ -123,3 +124,69 @@ def test_float_split_on_device_matches_cpu(dc):
         want = decode_cpu.decode_float_split(s, packed, dtype, k)
         got = dc.decode_float_split_device(s, packed, dtype, k).copy_to_host()
         assert got.dtype == u and np.array_equal(got, want) and np.array_equal(got, bits), dtype
+
+
+# ----------------------------------------------------------------- interleaved lanes (coder 3): one warp per chunk
+
+
+@sim_only
+@pytest.mark.parametrize("precision", [4, 12, 13, 16])  # shared-memory table up to 12, global above
+def test_lanes_kernel_matches_cpu(dc, precision):
+    from numba import cuda
+
+    from aligncodec.codec.entropy import decode_cpu, rans
+
+    rng = np.random.default_rng(100 + precision)
+    for trial in range(2):
+        f = _random_table(rng, precision, int(rng.integers(1, 40)))
+        n = int(rng.integers(1, 130))
+        sym = rng.choice(len(f), size=n, p=f / f.sum()).astype(np.uint16)
+        lanes = int(rng.choice([2, 5, 32]))
+        chunk = int(rng.choice([7, 40, 64]))  # chunks shorter than the lanes too
+        s = rans.encode(sym, freqs=f, precision=precision, chunk_symbols=chunk, lanes=lanes)
+        want = decode_cpu.decode_symbols(s)
+        got = dc.decode_symbols_device(s).copy_to_host()
+        assert np.array_equal(got, want) and np.array_equal(got, sym), (precision, trial, lanes, chunk)
+        out = cuda.to_device(np.full(n, -1, np.int32))
+        assert np.array_equal(dc.decode_symbols_device(s, out).copy_to_host(), sym.astype(np.int32))
+
+
+@sim_only
+def test_lanes_corruption_verdict_matches_cpu(dc):
+    from aligncodec.codec.entropy import decode_cpu, rans
+    from aligncodec.formats.streams import RansStream
+    from aligncodec.formats.errors import CorruptStreamError
+
+    rng = np.random.default_rng(19)
+    sym = rng.integers(0, 12, 160).astype(np.uint16)
+    s = rans.encode(sym, chunk_symbols=40, lanes=8)
+    seen = set()
+    for i in rng.choice(len(s.payload), size=20, replace=False):
+        bad = bytearray(s.payload)
+        bad[i] ^= int(rng.integers(1, 256))
+        t = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad), s.lanes)
+        try:
+            want = ("ok", decode_cpu.decode_symbols(t).tobytes())
+        except CorruptStreamError as exc:
+            want = ("corrupt", str(exc))
+        try:
+            got = ("ok", dc.decode_symbols_device(t).copy_to_host().tobytes())
+        except CorruptStreamError as exc:
+            got = ("corrupt", str(exc))
+        assert got == want, i
+        seen.add(want[0])
+    assert "corrupt" in seen
+
+
+@sim_only
+def test_lanes_float_split_on_device_matches_cpu(dc):
+    from aligncodec.codec.entropy import decode_cpu, rans
+    from aligncodec.codec.modes import lossless
+
+    rng = np.random.default_rng(4)
+    bits = rng.integers(0, 2**16, 200, dtype=np.uint16)
+    sym, rest = lossless.split_float(bits, "BF16", 2)
+    s = rans.encode(sym, alphabet_size=1 << 10, chunk_symbols=48, lanes=32)
+    packed = lossless.pack_bits(rest, 6)
+    got = dc.decode_float_split_device(s, packed, "BF16", 2).copy_to_host()
+    assert np.array_equal(got, decode_cpu.decode_float_split(s, packed, "BF16", 2)) and np.array_equal(got, bits)

@@ -37,7 +37,7 @@ import numba as nb
 import numpy as np
 
 from aligncodec.formats.constants import FLOAT_FORMATS, RANS_STATE_LOWER
-from aligncodec.formats.streams import RansStream
+from aligncodec.formats.streams import RansStream, lane_counts
 from aligncodec.formats.errors import CorruptStreamError, StreamError
 
 # chunks decoded together by one thread
@@ -275,6 +275,123 @@ MIN_TASK_SYMBOLS = 1 << 17
 TASKS_PER_THREAD = 4
 
 
+@nb.njit(cache=True)
+def _decode_lanes_one(words, last, tab, precision, w0, wend, m, lanes, out, o, xs):
+    """One chunk of interleaved lanes (spec §6.6) in words[w0:wend] -> out[o:o+m]; xs: lanes-long scratch.
+    Consecutive symbols belong to different lanes, so their dependency chains overlap."""
+    P = _U64(precision)
+    mask = _U64((1 << precision) - 1)
+    M32 = _U64(0xFFFFFFFF)
+    M16 = _U64(0xFFFF)
+    S16 = _U64(16)
+    S32 = _U64(32)
+    S48 = _U64(48)
+    w = min(lanes, m)
+    for j in range(w):
+        xs[j] = _state(words, w0 + 2 * j)
+        if xs[j] < _L:
+            return 1
+    p = w0 + 2 * w
+    t = 0
+    while t < m:
+        cnt = min(lanes, m - t)
+        for j in range(cnt):
+            x = xs[j]
+            e = tab[x & mask]
+            out[o + t + j] = e >> S48
+            x = (e & M32) * (x >> P) + ((e >> S32) & M16)
+            y = (x << S16) | _U64(words[min(p, last)])
+            c = x < _L
+            xs[j] = y if c else x
+            p += 1 if c else 0
+        t += cnt
+    return _finish_lanes(xs, w, p, wend)
+
+
+@nb.njit(cache=True, inline="always")
+def _finish_lanes(xs, w, p, wend):
+    if p > wend:
+        return 2
+    for j in range(w):
+        if xs[j] != _L:
+            return 3
+    if p != wend:
+        return 4
+    return 0
+
+
+@nb.njit(cache=True)
+def _decode_lanes_two(words, last, tab, precision, wa, wb, ea, eb, m, lanes, out, oa, ob, xa, xb, status, c0):
+    """Two full chunks of interleaved lanes in lock step: within a chunk the lanes share one
+    word pointer, so a second chunk's independent pointer doubles the work in flight."""
+    P = _U64(precision)
+    mask = _U64((1 << precision) - 1)
+    M32 = _U64(0xFFFFFFFF)
+    M16 = _U64(0xFFFF)
+    S16 = _U64(16)
+    S32 = _U64(32)
+    S48 = _U64(48)
+    w = min(lanes, m)
+    bad = False
+    for j in range(w):
+        xa[j] = _state(words, wa + 2 * j)
+        xb[j] = _state(words, wb + 2 * j)
+        bad = bad or xa[j] < _L or xb[j] < _L
+    if bad:  # let the single-chunk path name the culprit
+        status[c0] = _decode_lanes_one(words, last, tab, precision, wa, ea, m, lanes, out, oa, xa)
+        status[c0 + 1] = _decode_lanes_one(words, last, tab, precision, wb, eb, m, lanes, out, ob, xb)
+        return
+    pa = wa + 2 * w
+    pb = wb + 2 * w
+    t = 0
+    while t < m:
+        cnt = min(lanes, m - t)
+        for j in range(cnt):
+            x = xa[j]
+            y = xb[j]
+            e = tab[x & mask]
+            f = tab[y & mask]
+            out[oa + t + j] = e >> S48
+            out[ob + t + j] = f >> S48
+            x = (e & M32) * (x >> P) + ((e >> S32) & M16)
+            y = (f & M32) * (y >> P) + ((f >> S32) & M16)
+            x2 = (x << S16) | _U64(words[min(pa, last)])
+            y2 = (y << S16) | _U64(words[min(pb, last)])
+            ca = x < _L
+            cb = y < _L
+            xa[j] = x2 if ca else x
+            xb[j] = y2 if cb else y
+            pa += 1 if ca else 0
+            pb += 1 if cb else 0
+        t += cnt
+    status[c0] = _finish_lanes(xa, w, pa, ea)
+    status[c0 + 1] = _finish_lanes(xb, w, pb, eb)
+
+
+@nb.njit(nogil=True, cache=True)
+def _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest, rw, low, width, join, c0, c1, status):
+    """Chunks [c0, c1) of an interleaved-lanes stream: full chunks two at a time, the rest one by one
+    (joined with their float-split rest right after decoding, as :func:`_decode_range`)."""
+    last = words.shape[0] - 1
+    xa = np.empty(lanes, dtype=np.uint64)
+    xb = np.empty(lanes, dtype=np.uint64)
+    c = c0
+    while c + 2 <= c1 and (c + 2) * cs <= n:
+        a = c * cs
+        _decode_lanes_two(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], chunk_w[c + 1], chunk_w[c + 2],
+                          cs, lanes, out, a, a + cs, xa, xb, status, c)
+        if join:
+            _join_range(out, a, a + 2 * cs, rest, rw, low, width)
+        c += 2
+    while c < c1:
+        a = c * cs
+        b = min(a + cs, n)
+        status[c] = _decode_lanes_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, lanes, out, a, xa)
+        if join:
+            _join_range(out, a, b, rest, rw, low, width)
+        c += 1
+
+
 # ----------------------------------------------------------------- public API
 
 
@@ -298,6 +415,9 @@ def _words(stream: RansStream) -> tuple[np.ndarray, np.ndarray]:
         raise StreamError("rANS chunk length below 4 or odd")
     if int(lengths.sum()) != len(payload):
         raise StreamError("rANS chunk lengths do not add up to the payload")
+    lanes = getattr(stream, "lanes", 1)
+    if lanes > 1 and len(lengths) and np.any(lengths < 4 * lane_counts(stream.n_symbols, stream.chunk_symbols, lanes)):
+        raise StreamError("rANS chunk shorter than its lanes' states")
     words = np.frombuffer(payload, dtype="<u2")
     if sys.byteorder != "little":  # numba wants native byte order
         words = words.astype(np.uint16)
@@ -361,8 +481,13 @@ def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = No
     parts = parallel.resolve_threads(threads) * TASKS_PER_THREAD
     cs, precision = stream.chunk_symbols, stream.precision
 
+    lanes = stream.lanes
+
     def task(c0, c1):
-        _decode_range(words, chunk_w, cs, n, tab, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
+        if lanes > 1:
+            _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest_arr, rw, low, width, join, c0, c1, status)
+        else:
+            _decode_range(words, chunk_w, cs, n, tab, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
 
     minimum = max(1, -(-MIN_TASK_SYMBOLS // cs))
     yield parallel.stage(task, parallel.split_ranges(n_chunks, parts, multiple=GROUP, minimum=minimum))

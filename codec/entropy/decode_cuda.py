@@ -32,6 +32,7 @@ from aligncodec.formats.constants import FLOAT_FORMATS, RANS_STATE_LOWER
 from aligncodec.formats.layout import TensorEntry
 from aligncodec.formats.streams import RansStream
 
+from aligncodec.codec.entropy import cuda_compat  # noqa: F401  (the simulator's warp vote)
 from aligncodec.codec.entropy import decode_cpu
 
 SHARED_MAX_PRECISION = 12  # 2^12 uint64 slots = 32 KiB of shared memory per block
@@ -43,6 +44,12 @@ _L = np.uint64(RANS_STATE_LOWER)
 
 
 # ----------------------------------------------------------------- kernels
+
+
+@cuda.jit(device=True, inline=True)
+def _imin(a, b):
+    """min of two integers (the builtin min does not compile for the CUDA target of numba 0.68)."""
+    return a if a < b else b
 
 
 @cuda.jit(device=True)
@@ -57,7 +64,7 @@ def _decode_chunk(words, last, tab, precision, w0, wend, m, out, o):
         e = tab[x & mask]
         out[o + k] = e >> np.uint64(48)
         x = (e & np.uint64(0xFFFFFFFF)) * (x >> P) + ((e >> np.uint64(32)) & np.uint64(0xFFFF))
-        y = (x << np.uint64(16)) | np.uint64(words[min(p, last)])
+        y = (x << np.uint64(16)) | np.uint64(words[_imin(p, last)])
         c = x < _L
         x = y if c else x
         p += 1 if c else 0
@@ -77,7 +84,7 @@ def rans_kernel_global(words, chunk_w, cs, n, tab, precision, out, status):
     n_chunks = chunk_w.shape[0] - 1
     if c < n_chunks:
         a = c * cs
-        m = min(cs, n - a)
+        m = _imin(cs, n - a)
         status[c] = _decode_chunk(words, words.shape[0] - 1, tab, precision, chunk_w[c], chunk_w[c + 1], m, out, a)
 
 
@@ -95,8 +102,85 @@ def rans_kernel_shared(words, chunk_w, cs, n, tab, precision, out, status):
     n_chunks = chunk_w.shape[0] - 1
     if c < n_chunks:
         a = c * cs
-        m = min(cs, n - a)
+        m = _imin(cs, n - a)
         status[c] = _decode_chunk(words, words.shape[0] - 1, sh, precision, chunk_w[c], chunk_w[c + 1], m, out, a)
+
+
+WARPS_PER_BLOCK = 4  # interleaved-lanes kernel: one warp per chunk
+_FULL = np.uint32(0xFFFFFFFF)
+
+
+@cuda.jit(device=True)
+def _decode_lanes_chunk(words, last, tab, precision, lanes, w0, wend, m, out, o, lane):
+    """One chunk of interleaved lanes (spec §6.6) decoded by one warp: thread ``lane`` runs
+    rANS lane ``lane`` (lanes <= 32). After each step of ``lanes`` symbols the lanes that
+    renormalise take the next words of the shared stream in lane order: a warp vote and a
+    popcount give each its word. Every thread of the warp makes the same votes; the status
+    code (same values as the CPU decoder) is the same on all of them."""
+    P = np.uint64(precision)
+    mask = np.uint64((1 << precision) - 1)
+    w = _imin(lanes, m)
+    active = lane < w
+    x = _L
+    if active:
+        x = np.uint64(words[w0 + 2 * lane]) | (np.uint64(words[w0 + 2 * lane + 1]) << np.uint64(16))
+    if cuda.ballot_sync(_FULL, active and x < _L) != 0:
+        return 1
+    below = np.uint32((1 << lane) - 1)
+    p = w0 + 2 * w
+    steps = (m + lanes - 1) // lanes
+    for r in range(steps):
+        t = r * lanes + lane
+        need = False
+        if lane < lanes and t < m:
+            e = tab[x & mask]
+            out[o + t] = e >> np.uint64(48)
+            x = (e & np.uint64(0xFFFFFFFF)) * (x >> P) + ((e >> np.uint64(32)) & np.uint64(0xFFFF))
+            need = x < _L
+        b = cuda.ballot_sync(_FULL, need)
+        if need:
+            x = (x << np.uint64(16)) | np.uint64(words[_imin(p + cuda.popc(b & below), last)])
+        p += cuda.popc(b)
+    if p > wend:
+        return 2
+    if cuda.ballot_sync(_FULL, active and x != _L) != 0:
+        return 3
+    if p != wend:
+        return 4
+    return 0
+
+
+@cuda.jit
+def rans_lanes_kernel_global(words, chunk_w, cs, n, tab, precision, lanes, out, status):
+    """One warp per chunk of interleaved lanes, slot table in global memory."""
+    g = cuda.grid(1)
+    c = g // 32
+    lane = cuda.threadIdx.x % 32
+    if c < chunk_w.shape[0] - 1:
+        a = c * cs
+        code = _decode_lanes_chunk(words, words.shape[0] - 1, tab, precision, lanes, chunk_w[c], chunk_w[c + 1], _imin(cs, n - a), out, a, lane)
+        if lane == 0:
+            status[c] = code
+
+
+@cuda.jit
+def rans_lanes_kernel_shared(words, chunk_w, cs, n, tab, precision, lanes, out, status):
+    """One warp per chunk of interleaved lanes, slot table staged in shared memory."""
+    sh = cuda.shared.array(SHARED_SLOTS, dtype=np.uint64)
+    size = 1 << precision
+    i = cuda.threadIdx.x
+    while i < size:
+        sh[i] = tab[i]
+        i += cuda.blockDim.x
+    cuda.syncthreads()
+    g = cuda.grid(1)
+    c = g // 32
+    lane = cuda.threadIdx.x % 32
+    if c < chunk_w.shape[0] - 1:
+        a = c * cs
+        code = _decode_lanes_chunk(words, words.shape[0] - 1, sh, precision, lanes, chunk_w[c], chunk_w[c + 1], _imin(cs, n - a), out, a, lane)
+        if lane == 0:
+            status[c] = code
 
 
 @cuda.jit
@@ -131,28 +215,87 @@ def _grid(n: int, block: int) -> int:
     return max(1, math.ceil(n / block))
 
 
-def decode_symbols_device(stream: RansStream, out=None, *, stream_obj=0):
+class DeviceOutOfMemoryError(MemoryError):
+    """The GPU has no room for a tensor being decoded (the message names the tensor)."""
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    return getattr(exc, "code", None) == 2 or "OUT_OF_MEMORY" in str(exc) or "out of memory" in str(exc)
+
+
+def _oom(name: str, nbytes: int, exc: BaseException) -> DeviceOutOfMemoryError:
+    return DeviceOutOfMemoryError(f"out of GPU memory decoding tensor {name!r} ({nbytes / 2**20:.1f} MiB more needed): {exc}")
+
+
+def _raw_device_array(n, dtype, stream_obj):
+    return cuda.device_array(n, dtype=dtype, stream=stream_obj)
+
+
+def _raw_to_device(a, stream_obj):
+    return cuda.to_device(a, stream=stream_obj)
+
+
+def device_alloc(n: int, dtype, name: str = "?", stream_obj=0):
+    """A new device array; out of memory is a DeviceOutOfMemoryError naming the tensor."""
+    try:
+        return _raw_device_array(n, dtype, stream_obj)
+    except Exception as exc:
+        if _is_oom(exc):
+            raise _oom(name, n * np.dtype(dtype).itemsize, exc) from None
+        raise
+
+
+def device_put(a: np.ndarray, name: str = "?", stream_obj=0):
+    """A host array copied to the device; out of memory named as in :func:`device_alloc`."""
+    try:
+        return _raw_to_device(a, stream_obj)
+    except Exception as exc:
+        if _is_oom(exc):
+            raise _oom(name, a.nbytes, exc) from None
+        raise
+
+
+def torch_empty(n: int, dtype, device, name: str = "?"):
+    """torch.empty on a CUDA device; out of memory named as in :func:`device_alloc`."""
+    import torch
+
+    try:
+        return torch.empty(n, dtype=dtype, device=device)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise _oom(name, n * torch.tensor([], dtype=dtype).element_size(), exc) from None
+
+
+def decode_symbols_device(stream: RansStream, out=None, *, stream_obj=0, name: str = "?"):
     """Decode a rANS stream on the device into ``out`` (a numba device array of any
     unsigned/signed integer type wide enough; default a new uint16 device array).
     Raises CorruptStreamError like the CPU decoder. Returns ``out``."""
     n = stream.n_symbols
     if out is None:
-        out = cuda.device_array(n, dtype=np.uint16, stream=stream_obj)
+        out = device_alloc(n, np.uint16, name, stream_obj)
     if out.shape != (n,):
         raise ValueError(f"out must hold {n} symbols")
     if n == 0:
         return out
     words, chunk_w = decode_cpu._words(stream)
     tab = decode_cpu.slot_table(stream.freqs, stream.precision)
-    d_words = cuda.to_device(np.ascontiguousarray(words), stream=stream_obj)
-    d_chunk_w = cuda.to_device(chunk_w, stream=stream_obj)
-    d_tab = cuda.to_device(tab, stream=stream_obj)
+    d_words = device_put(np.ascontiguousarray(words), name, stream_obj)
+    d_chunk_w = device_put(chunk_w, name, stream_obj)
+    d_tab = device_put(tab, name, stream_obj)
     n_chunks = len(chunk_w) - 1
-    d_status = cuda.device_array(n_chunks, dtype=np.int32, stream=stream_obj)
-    kernel = rans_kernel_shared if stream.precision <= SHARED_MAX_PRECISION else rans_kernel_global
-    kernel[_grid(n_chunks, THREADS_PER_BLOCK), THREADS_PER_BLOCK, stream_obj](
-        d_words, d_chunk_w, stream.chunk_symbols, n, d_tab, stream.precision, out, d_status
-    )
+    d_status = device_alloc(n_chunks, np.int32, name, stream_obj)
+    shared = stream.precision <= SHARED_MAX_PRECISION
+    if stream.lanes > 1:
+        kernel = rans_lanes_kernel_shared if shared else rans_lanes_kernel_global
+        kernel[_grid(n_chunks, WARPS_PER_BLOCK), 32 * WARPS_PER_BLOCK, stream_obj](
+            d_words, d_chunk_w, stream.chunk_symbols, n, d_tab, stream.precision, stream.lanes, out, d_status
+        )
+    else:
+        kernel = rans_kernel_shared if shared else rans_kernel_global
+        kernel[_grid(n_chunks, THREADS_PER_BLOCK), THREADS_PER_BLOCK, stream_obj](
+            d_words, d_chunk_w, stream.chunk_symbols, n, d_tab, stream.precision, out, d_status
+        )
     status = d_status.copy_to_host(stream=stream_obj)
     if stream_obj != 0:
         stream_obj.synchronize()

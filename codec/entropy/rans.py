@@ -16,6 +16,7 @@ benchmarks as the speed reference.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 import threading
@@ -23,13 +24,22 @@ import threading
 import numba as nb
 import numpy as np
 
-from aligncodec.formats.constants import MAX_PRECISION, RANS_STATE_LOWER
+from aligncodec.formats.constants import MAX_LANES, MAX_PRECISION, RANS_STATE_LOWER
 from aligncodec.formats.streams import RansStream
 
 # held around every parallel numba kernel the encoders launch (codec/quant/gptq.py's gptq_ecsq too)
 KERNEL_LOCK = threading.RLock()
 
-DEFAULT_CHUNK_SYMBOLS = 1 << 14
+DEFAULT_CHUNK_SYMBOLS = 1 << 14  # chunked layout (coder 2): symbols per chunk
+# The layout the encoder writes when a caller names none (chunk_symbols=None, lanes=None).
+# Chosen by measurement (tools/bench/layout_rate.py; README "Stream layout").
+DEFAULT_LAYOUT = (1 << 17, 32)  # 131072 symbols in 32 interleaved lanes per chunk (coder 3):
+# +0.0032 bpw on SmolLM2 fp16, +0.0053 bpw on its 3-bpw lossy archive, 4.3-5.5x the parallel
+# rANS states of (16384, 1) (docs/results/2026-11-30-stream-layout.md). Streams shorter than
+# LANES_MIN_SYMBOLS keep the chunked layout: 32 lanes' states would cost a small stream up to
+# ~0.1 KB for no parallelism worth having.
+LANES_MIN_SYMBOLS = 1 << 17
+_SMALL_LAYOUT = (DEFAULT_CHUNK_SYMBOLS, 1)
 PRECISION_CHOICES = (10, 11, 12, 13, 14, 15, 16)
 
 # ----------------------------------------------------------------- frequency tables
@@ -169,6 +179,72 @@ def _pack(states, nwords, scratch, chunk_symbols, n):
     return out, lengths
 
 
+@nb.njit(cache=True)
+def _encode_chunk_lanes(sym, start, stop, freq, cum, precision, lanes, out_words, states):
+    """Interleaved lanes (spec §6.6): symbol k of the chunk goes to lane k mod lanes, all
+    lanes share one word stream. Encodes in reverse; returns the number of words, written
+    at the end of out_words in the order the decoder reads them; states[l] the final states."""
+    L = np.uint64(RANS_STATE_LOWER)
+    shift = np.uint64(32 - precision)
+    for l in range(lanes):
+        states[l] = L
+    n = 0
+    cap = out_words.shape[0]
+    for k in range(stop - 1, start - 1, -1):
+        l = (k - start) % lanes
+        x = states[l]
+        s = sym[k]
+        f = np.uint64(freq[s])
+        if x >= f << shift:
+            out_words[cap - 1 - n] = np.uint16(x & np.uint64(0xFFFF))
+            n += 1
+            x >>= np.uint64(16)
+        states[l] = ((x // f) << np.uint64(precision)) + (x % f) + np.uint64(cum[s])
+    return n
+
+
+@nb.njit(parallel=True, cache=True)
+def _encode_all_lanes(sym, chunk_symbols, freq, cum, precision, n_chunks, lanes):
+    n = sym.shape[0]
+    states = np.empty((n_chunks, lanes), dtype=np.uint64)
+    nwords = np.empty(n_chunks, dtype=np.int64)
+    scratch = np.empty(n, dtype=np.uint16)
+    for c in nb.prange(n_chunks):
+        a = c * chunk_symbols
+        b = min(a + chunk_symbols, n)
+        nwords[c] = _encode_chunk_lanes(sym, a, b, freq, cum, precision, lanes, scratch[a:b], states[c])
+    return states, nwords, scratch
+
+
+@nb.njit(cache=True)
+def _pack_lanes(states, nwords, scratch, chunk_symbols, n, lanes):
+    n_chunks = states.shape[0]
+    lengths = np.empty(n_chunks, dtype=np.uint32)
+    total = 0
+    for c in range(n_chunks):
+        a = c * chunk_symbols
+        w = min(lanes, min(a + chunk_symbols, n) - a)
+        lengths[c] = 4 * w + 2 * nwords[c]
+        total += lengths[c]
+    out = np.empty(total, dtype=np.uint8)
+    pos = 0
+    for c in range(n_chunks):
+        a = c * chunk_symbols
+        b = min(a + chunk_symbols, n)
+        for l in range(min(lanes, b - a)):
+            x = states[c, l]
+            for j in range(4):
+                out[pos + j] = np.uint8((x >> np.uint64(8 * j)) & np.uint64(0xFF))
+            pos += 4
+        w = nwords[c]
+        for j in range(w):
+            v = scratch[b - w + j]
+            out[pos] = np.uint8(v & np.uint16(0xFF))
+            out[pos + 1] = np.uint8(v >> np.uint16(8))
+            pos += 2
+    return out, lengths
+
+
 # ----------------------------------------------------------------- public API
 
 
@@ -178,11 +254,35 @@ def cumulative(freqs: np.ndarray) -> np.ndarray:
     return cum
 
 
-def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: int | None = None, freqs: np.ndarray | None = None, chunk_symbols: int = DEFAULT_CHUNK_SYMBOLS) -> RansStream:
+@contextlib.contextmanager
+def default_layout(chunk_symbols: int, lanes: int):
+    """Temporarily make (chunk_symbols, lanes) the layout of encode() calls that name none
+    (the golden-vector generators pin the layout they were written with)."""
+    global DEFAULT_LAYOUT, _SMALL_LAYOUT
+    old = DEFAULT_LAYOUT, _SMALL_LAYOUT
+    DEFAULT_LAYOUT = _SMALL_LAYOUT = (int(chunk_symbols), int(lanes))
+    try:
+        yield
+    finally:
+        DEFAULT_LAYOUT, _SMALL_LAYOUT = old
+
+
+def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: int | None = None, freqs: np.ndarray | None = None,
+           chunk_symbols: int | None = None, lanes: int | None = None) -> RansStream:
     """Entropy-code non-negative integer symbols (< 2^16) into a :class:`RansStream`.
 
     The table is fitted to the symbols' own counts (precision chosen to
-    minimise payload + table) unless ``freqs``/``precision`` are given."""
+    minimise payload + table) unless ``freqs``/``precision`` are given.
+    ``lanes`` > 1 writes interleaved lanes (coder 3, spec §6.6). Unnamed, both come from
+    :data:`DEFAULT_LAYOUT` (streams of fewer than :data:`LANES_MIN_SYMBOLS` symbols: the chunked
+    layout of 16384 symbols); a named chunk size alone means the chunked layout, lanes = 1."""
+    if chunk_symbols is None:
+        chunk_symbols, default_lanes = DEFAULT_LAYOUT if np.size(symbols) >= LANES_MIN_SYMBOLS else _SMALL_LAYOUT
+        lanes = default_lanes if lanes is None else lanes
+    elif lanes is None:
+        lanes = 1
+    if not 1 <= lanes <= MAX_LANES:
+        raise ValueError(f"lanes must be 1..{MAX_LANES}")
     sym = np.ascontiguousarray(symbols).reshape(-1)
     if sym.size and (sym.min() < 0 or sym.max() >= 1 << 16):
         raise ValueError("rANS symbols must lie in [0, 65536)")
@@ -205,7 +305,12 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
         raise ValueError("a symbol has zero frequency")
     n_chunks = -(-n // chunk_symbols)
     if n == 0:
-        return RansStream(precision, chunk_symbols, 0, freqs, np.zeros(0, np.uint32), b"")
+        return RansStream(precision, chunk_symbols, 0, freqs, np.zeros(0, np.uint32), b"", lanes)
+    if lanes > 1:
+        with KERNEL_LOCK:  # numba's default (workqueue) threading layer must not be entered by two threads at once
+            states, nwords, scratch = _encode_all_lanes(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks, lanes)
+        payload, lengths = _pack_lanes(states, nwords, scratch, chunk_symbols, n, lanes)
+        return RansStream(precision, chunk_symbols, n, freqs, lengths, payload.tobytes(), lanes)
     with KERNEL_LOCK:  # numba's default (workqueue) threading layer must not be entered by two threads at once
         states, nwords, scratch = _encode_all(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks)
     payload, lengths = _pack(states, nwords, scratch, chunk_symbols, n)
@@ -222,7 +327,7 @@ def decode(stream: RansStream, *, out: np.ndarray | None = None) -> np.ndarray:
     return decode_symbols(stream, out=out)
 
 
-def coded_bits(symbols: np.ndarray, chunk_symbols: int = DEFAULT_CHUNK_SYMBOLS) -> int:
+def coded_bits(symbols: np.ndarray, chunk_symbols: int | None = None) -> int:
     """Exact size in bits of the rANS stream for these symbols as stored in an
     archive (stream header, table, chunk table and payload; spec §5-6)."""
     from aligncodec.formats.streams import serialize_stream

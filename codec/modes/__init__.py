@@ -40,12 +40,13 @@ class Mode:
 _LOSSLESS = "aligncodec.codec.modes.lossless"
 _LOSSY = "aligncodec.codec.modes.lossy"
 _CUDA = "aligncodec.codec.entropy.decode_cuda"
+_LOSSY_CUDA = "aligncodec.codec.modes.lossy_cuda"
 
 MODES: dict[int, Mode] = {
     MODE_STORED: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), None, lazy(_LOSSLESS, "check_params")),
     MODE_FLOAT_SPLIT: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), lazy(_CUDA, "decode_float_split_tensor"),
                            lazy(_LOSSLESS, "check_params")),
-    MODE_ECSQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode"), None, lazy(_LOSSY, "check_params")),
+    MODE_ECSQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode"), lazy(_LOSSY_CUDA, "decode_gpu"), lazy(_LOSSY, "check_params")),
 }
 assert set(MODES) == set(MODE_NAMES), "every mode id in formats.constants has a registry entry"
 

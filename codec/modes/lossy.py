@@ -337,7 +337,21 @@ def parse_side(entry: TensorEntry, side_streams: list) -> tuple[EcsqParams, np.n
         hd = HadamardData.from_bytes(side_streams[i].data, n, p.m, name)
     elif p.m:
         raise StreamError(f"ecsq tensor {name!r}: m must be 0 without a hadamard transform")
+    check_finite_bound(p, scales, hd, n, name)
     return p, scales, hd, classes
+
+
+# |W| < 2^127 by this bound, so the reconstruction never overflows (no inf, no NaN: every
+# decoder gives the same bits; NaN payloads are not portable between CPUs and GPUs)
+FINITE_BOUND = 2.0**127
+
+
+def check_finite_bound(p: EcsqParams, scales: np.ndarray | None, hd: HadamardData | None, n: int, name: str = "?") -> None:
+    """Spec §7.4: n · max(1, max|Q|) · 32767 · Δ · max(s) < 2^127 (float64), else StreamError."""
+    smax = float(scales.max()) if scales is not None and len(scales) else 1.0
+    qmax = max(1.0, float(np.abs(hd.Q).max())) if hd is not None and hd.Q.size else 1.0
+    if float(n) * qmax * MAX_ABS_SYMBOL * float(p.step) * smax >= FINITE_BOUND:
+        raise StreamError(f"ecsq tensor {name!r}: step, scales and factor could overflow float32")
 
 
 def check_params(entry: TensorEntry, limits=None) -> EcsqParams:
@@ -443,14 +457,14 @@ def decode_numpy(entry: TensorEntry, streams: list, *, reference: bool = False) 
 # --------------------------------------------------------------------------- encoding
 
 
-def _sym_stream(v: np.ndarray, chunk_symbols: int) -> tuple[int, RansStream]:
+def _sym_stream(v: np.ndarray, chunk_symbols: int | None, lanes: int | None = None) -> tuple[int, RansStream]:
     lo, hi = int(v.min()), int(v.max())
     if -lo > MAX_ABS_SYMBOL or hi > MAX_ABS_SYMBOL:
         raise ValueError(f"symbols outside ±{MAX_ABS_SYMBOL}")
     lo = min(lo, 0)  # offset ≤ 0 keeps the params check simple
     from aligncodec.codec.entropy import rans
 
-    return lo, rans.encode((v.astype(np.int64) - lo).astype(np.uint16), chunk_symbols=chunk_symbols)
+    return lo, rans.encode((v.astype(np.int64) - lo).astype(np.uint16), chunk_symbols=chunk_symbols, lanes=lanes)
 
 
 def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
@@ -463,13 +477,10 @@ def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
 
 
 def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None, hd: HadamardData | None,
-                   chunk_symbols: int | None = None, classes: tuple[int, int] = (1, 0)) -> tuple[EcsqParams, list]:
+                   chunk_symbols: int | None = None, classes: tuple[int, int] = (1, 0), lanes: int | None = None) -> tuple[EcsqParams, list]:
     """Streams (and params with offsets filled in) for integer symbols q (out × in);
-    ``classes = (k, axis)`` splits the symbols into k classes of rows (axis 0) or columns (1)."""
-    if chunk_symbols is None:
-        from aligncodec.codec.entropy import rans
-
-        chunk_symbols = rans.DEFAULT_CHUNK_SYMBOLS
+    ``classes = (k, axis)`` splits the symbols into k classes of rows (axis 0) or columns (1).
+    ``chunk_symbols``/``lanes``: the rANS layout (None: the encoder's default, rans.default_layout)."""
     q = np.asarray(q)
     k, axis = classes
     k = min(k, q.shape[axis])
@@ -477,13 +488,13 @@ def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None,
         cm = ClassMap(make_classes(q, k, axis), [])
         streams = []
         for part in cm.split(q, axis, k):
-            lo, st = _sym_stream(part, chunk_symbols)
+            lo, st = _sym_stream(part, chunk_symbols, lanes)
             cm.offsets.append(lo)
             streams.append(st)
         params = EcsqParams(params.transform, float(np.float32(params.step)), 0, params.flags, params.m, 0, k, axis)
         streams.append(RawStream(cm.to_bytes()))
     else:
-        lo, st = _sym_stream(q.reshape(-1), chunk_symbols)
+        lo, st = _sym_stream(q.reshape(-1), chunk_symbols, lanes)
         params = EcsqParams(params.transform, float(np.float32(params.step)), lo, params.flags, params.m, 0)
         streams = [st]
     if scales is not None:

@@ -1,0 +1,353 @@
+"""GPU reconstruction of lossy mode 2 ``ecsq`` (spec/FORMAT.md §7.4) with numba.cuda.
+
+Bit-exact with the CPU decoder (:func:`aligncodec.codec.modes.lossy.decode`): the same
+validation (:func:`lossy.parse`, so the same named errors), the symbols decoded on the
+device (:mod:`aligncodec.codec.entropy.decode_cuda`), then
+
+    q = symbol + class offset  ->  C = f32(q) · d_j  ->  Sylvester butterflies  ->
+    Y = X · Qᵀ (k ascending)   ->  Z = Y · g        ->  W = Z · (±1)  ->  dtype cast
+
+with every float operation one binary32 round-to-nearest-even operation through
+:mod:`aligncodec.codec.entropy.cuda_compat` (``fmul_rn``/``fadd_rn``/``fsub_rn``, which NVVM
+never contracts into an FMA), written straight into the output's device memory (a numba
+device array, or a torch CUDA tensor through ``__cuda_array_interface__``).
+
+Kernels:
+
+* :func:`identity_kernel`: transform 0, one thread per element (grid-stride).
+* :func:`segment_kernel`: transform 1, one block per segment of ``B·m`` consecutive
+  elements of a row (``B`` a power of two, the segment in dynamic shared memory): the
+  coefficients, the butterflies with h < B, and, when the segment is the whole row
+  (``B = p``, rows of up to :data:`SHARED_FLOATS` floats), the Q factor, g, signs and cast.
+  Longer rows are finished through a float32 buffer in global memory (rows in batches of
+  at most :data:`BUFFER_BYTES`): :func:`stage_kernel` does one butterfly stage h ≥ B
+  per launch and :func:`finish_kernel` the rest.
+
+The cast is integer arithmetic on the float32 bits (:func:`bf16_bits`, :func:`f16_bits`),
+round-to-nearest-even like the CPU path (:func:`lossy.round_to_dtype`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32
+
+from aligncodec.codec.entropy import cuda_compat as cc
+from aligncodec.codec.entropy import decode_cuda
+from aligncodec.codec.modes import lossy
+
+SHARED_FLOATS = 8192  # segment capacity: 32 KiB of dynamic shared memory per block
+THREADS_PER_BLOCK = 256
+BUFFER_BYTES = 256 << 20  # float32 row buffer for rows longer than SHARED_FLOATS
+KIND = {"F32": 0, "F16": 1, "BF16": 2}
+OUT_DTYPE = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}
+
+
+# ----------------------------------------------------------------- casts (integer ops on the f32 bits)
+
+
+def bf16_bits(u):
+    """float32 bits -> bfloat16 bits, round to nearest even; NaN -> 0xFFFF (as lossy.round_to_dtype)."""
+    v = np.int64(u)
+    if (v & 0x7FFFFFFF) > 0x7F800000:
+        return np.int64(0xFFFF)
+    return (v + 0x7FFF + ((v >> 16) & 1)) >> 16
+
+
+def f16_bits(u):
+    """float32 bits -> float16 bits, round to nearest even (subnormals, overflow to inf), as
+    numpy's cast in lossy.round_to_dtype. A NaN stays a NaN with its sign and top payload bits
+    (an ecsq reconstruction is never NaN: spec §7.4's finiteness bound)."""
+    v = np.int64(u)
+    sign = (v >> 16) & 0x8000
+    a = v & 0x7FFFFFFF
+    if a > 0x7F800000:
+        t = (a & 0x7FFFFF) >> 13
+        return sign | 0x7C00 | (t if t != 0 else 1)
+    if a >= 0x477FF000:  # rounds to 65536 or more (or is inf)
+        return sign | 0x7C00
+    if a >= 0x38800000:  # normal half
+        r = a + 0xFFF + ((a >> 13) & 1)
+        return sign | ((r >> 13) - 0x1C000)
+    if a <= 0x33000000:  # at most 2^-25: rounds to zero
+        return sign
+    e = a >> 23
+    mant = (a & 0x7FFFFF) | 0x800000
+    shift = 126 - e
+    q = mant >> shift
+    rem = mant & ((np.int64(1) << shift) - 1)
+    half = np.int64(1) << (shift - 1)
+    if rem > half or (rem == half and (q & 1) == 1):
+        q += 1
+    return sign | q
+
+
+_bf16_dev = cuda.jit(device=True)(bf16_bits)
+_f16_dev = cuda.jit(device=True)(f16_bits)
+
+
+@cuda.jit(device=True)
+def _cast(w, kind):
+    u = cc.f32_bits(w)
+    if kind == 2:
+        return _bf16_dev(u)
+    if kind == 1:
+        return _f16_dev(u)
+    return np.int64(u)
+
+
+# ----------------------------------------------------------------- kernels
+
+
+@cuda.jit(device=True)
+def _coef(syms, rowterm, colbase, colstride, offrow, offcol, d, i, j):
+    """C[i, j] = f32(q[i, j]) · d[j], q = symbol + its class offset."""
+    idx = rowterm[i] + colbase[j] + i * colstride[j]
+    q = np.int32(syms[idx]) + offrow[i] + offcol[j]
+    return cc.fmul_rn(np.float32(q), d[j])
+
+
+@cuda.jit(device=True)
+def _finish_one(X, base, e, m, Q, g, sgn):
+    """W for element e of a row whose butterflies are done (X[base + ...] holds the row or segment)."""
+    if m > 1:
+        a = e // m
+        c = e - a * m
+        row = base + a * m
+        acc = np.float32(0.0)
+        for k in range(m):
+            acc = cc.fadd_rn(acc, cc.fmul_rn(X[row + k], Q[c * m + k]))
+    else:
+        acc = X[base + e]
+    return cc.fmul_rn(cc.fmul_rn(acc, g), sgn)
+
+
+@cuda.jit
+def identity_kernel(syms, rowterm, colbase, colstride, offrow, offcol, d, rows, n, out, kind):
+    t = cuda.grid(1)
+    step = cuda.gridsize(1)
+    total = rows * n
+    while t < total:
+        i = t // n
+        j = t - i * n
+        out[t] = _cast(_coef(syms, rowterm, colbase, colstride, offrow, offcol, d, i, j), kind)
+        t += step
+
+
+@cuda.jit
+def segment_kernel(syms, rowterm, colbase, colstride, offrow, offcol, d, r0, n, m, B, Q, g, signs, out, kind, buf, full):
+    """Block b: row r0 + b // (p/B), segment b mod (p/B) of B·m elements (see module doc)."""
+    X = cuda.shared.array(0, dtype=float32)
+    seg_len = B * m
+    segs = n // seg_len
+    b = cuda.blockIdx.x
+    il = b // segs  # row within the batch
+    s = b - il * segs
+    i = r0 + il
+    j0 = s * seg_len
+    tid = cuda.threadIdx.x
+    bd = cuda.blockDim.x
+    e = tid
+    while e < seg_len:
+        X[e] = _coef(syms, rowterm, colbase, colstride, offrow, offcol, d, i, j0 + e)
+        e += bd
+    cuda.syncthreads()
+    half = (B // 2) * m
+    h = 1
+    while h < B:
+        t = tid
+        while t < half:
+            pi = t // m
+            c = t - pi * m
+            hi = pi // h
+            a = hi * 2 * h + (pi - hi * h)
+            u = a * m + c
+            v = u + h * m
+            x = X[u]
+            y = X[v]
+            X[u] = cc.fadd_rn(x, y)
+            X[v] = cc.fsub_rn(x, y)
+            t += bd
+        cuda.syncthreads()
+        h *= 2
+    if full:
+        e = tid
+        while e < seg_len:
+            out[i * n + e] = _cast(_finish_one(X, 0, e, m, Q, g, signs[e]), kind)
+            e += bd
+    else:
+        e = tid
+        while e < seg_len:
+            buf[il * n + j0 + e] = X[e]
+            e += bd
+
+
+@cuda.jit
+def load_kernel(syms, rowterm, colbase, colstride, offrow, offcol, d, r0, nrows, n, buf):
+    """Coefficients of rows r0 .. r0+nrows-1 into the buffer (rows whose m exceeds the shared segment)."""
+    t = cuda.grid(1)
+    step = cuda.gridsize(1)
+    total = nrows * n
+    while t < total:
+        il = t // n
+        j = t - il * n
+        buf[t] = _coef(syms, rowterm, colbase, colstride, offrow, offcol, d, r0 + il, j)
+        t += step
+
+
+@cuda.jit
+def stage_kernel(buf, nrows, n, m, h):
+    """One butterfly stage (pairs a, a+h of m-blocks) on every buffered row."""
+    t = cuda.grid(1)
+    step = cuda.gridsize(1)
+    pairs = n // 2
+    total = nrows * pairs
+    while t < total:
+        il = t // pairs
+        r = t - il * pairs
+        pi = r // m
+        c = r - pi * m
+        hi = pi // h
+        a = hi * 2 * h + (pi - hi * h)
+        u = il * n + a * m + c
+        v = u + h * m
+        x = buf[u]
+        y = buf[v]
+        buf[u] = cc.fadd_rn(x, y)
+        buf[v] = cc.fsub_rn(x, y)
+        t += step
+
+
+@cuda.jit
+def finish_kernel(buf, r0, nrows, n, m, Q, g, signs, out, kind):
+    t = cuda.grid(1)
+    step = cuda.gridsize(1)
+    total = nrows * n
+    while t < total:
+        il = t // n
+        j = t - il * n
+        out[(r0 + il) * n + j] = _cast(_finish_one(buf, il * n, j, m, Q, g, signs[j]), kind)
+        t += step
+
+
+# ----------------------------------------------------------------- host side
+
+
+def gather_tables(entry, params, cm):
+    """Where symbol (i, j) lives in the concatenated class streams and its offset:
+    index = rowterm[i] + colbase[j] + i·colstride[j], offset = offrow[i] + offcol[j].
+    Returns those five arrays and the start of every class stream."""
+    rows, n = entry.shape
+    rowterm = np.zeros(rows, np.int64)
+    colbase = np.arange(n, dtype=np.int64)
+    colstride = np.zeros(n, np.int64)
+    offrow = np.zeros(rows, np.int32)
+    offcol = np.zeros(n, np.int32)
+    if cm is None:
+        rowterm[:] = np.arange(rows, dtype=np.int64) * n
+        offrow[:] = params.offset
+        return rowterm, colbase, colstride, offrow, offcol, [0]
+    ids = cm.ids.astype(np.int64)
+    k = cm.k
+    cnt = np.bincount(ids, minlength=k).astype(np.int64)
+    rank = np.zeros(len(ids), np.int64)
+    for c in range(k):
+        sel = np.flatnonzero(ids == c)
+        rank[sel] = np.arange(len(sel))
+    off = np.asarray(cm.offsets, np.int32)
+    other = n if params.class_axis == 0 else rows
+    base = np.concatenate([[0], np.cumsum(cnt * other)[:-1]]).astype(np.int64)
+    if params.class_axis == 0:
+        rowterm[:] = base[ids] + rank * n
+        offrow[:] = off[ids]
+    else:
+        colbase[:] = base[ids] + rank
+        colstride[:] = cnt[ids]
+        offcol[:] = off[ids]
+    return rowterm, colbase, colstride, offrow, offcol, [int(b) for b in base]
+
+
+def _grid(total: int, block: int, cap: int = 65535 * 8) -> int:
+    return max(1, min(cap, math.ceil(total / block)))
+
+
+def reconstruct_device(entry, streams, out=None, *, stream_obj=0):
+    """Decode an ecsq tensor on the device into ``out`` (a numba device array of ``numel``
+    elements: uint32 holding float32 bits for F32, uint16 bits for F16/BF16; default a new
+    one). Raises the CPU decoder's named errors on bad or corrupt input, and
+    :class:`decode_cuda.DeviceOutOfMemoryError` naming the tensor when the device is full."""
+    params, sstreams, scales, hd, cm = lossy.parse(entry, streams)
+    rows, n = entry.shape
+    numel = rows * n
+    kind = KIND[entry.dtype]
+    name = entry.name
+    alloc = decode_cuda.device_alloc
+    if out is None:
+        out = alloc(numel, OUT_DTYPE[entry.dtype], name, stream_obj)
+    if out.shape != (numel,):
+        raise ValueError(f"out must hold {numel} elements")
+    rowterm, colbase, colstride, offrow, offcol, bases = gather_tables(entry, params, cm)
+    syms = alloc(numel, np.uint16, name, stream_obj)
+    for s, b in zip(sstreams, bases):
+        decode_cuda.decode_symbols_device(s, syms[b : b + s.n_symbols], stream_obj=stream_obj, name=name)
+    d = lossy.column_steps(params, scales)
+    d = np.asarray(d, dtype=np.float32) if isinstance(d, np.ndarray) else np.full(n, d, dtype=np.float32)
+    to = lambda a: decode_cuda.device_put(np.ascontiguousarray(a), name, stream_obj)  # noqa: E731
+    g_rowterm, g_colbase, g_colstride, g_offrow, g_offcol, g_d = (to(a) for a in (rowterm, colbase, colstride, offrow, offcol, d))
+    tpb = THREADS_PER_BLOCK
+    if params.transform == lossy.TRANSFORM_IDENTITY:
+        identity_kernel[_grid(numel, tpb), tpb, stream_obj](syms, g_rowterm, g_colbase, g_colstride, g_offrow, g_offcol, g_d, rows, n, out, kind)
+        _sync(stream_obj)
+        return out
+    p, m = lossy.split_pow2(n)
+    g = np.float32(1.0 / math.sqrt(p))
+    g_Q = to(hd.Q.astype(np.float32).reshape(-1))
+    g_signs = to(hd.signs.astype(np.float32))
+    if n <= SHARED_FLOATS:
+        segment_kernel[rows, tpb, stream_obj, 4 * n](syms, g_rowterm, g_colbase, g_colstride, g_offrow, g_offcol, g_d,
+                                                     0, n, m, p, g_Q, g, g_signs, out, kind, g_d, True)
+        _sync(stream_obj)
+        return out
+    batch = max(1, min(rows, BUFFER_BYTES // (4 * n)))
+    buf = alloc(batch * n, np.float32, name, stream_obj)
+    B = 1
+    while 2 * B <= p and 2 * B * m <= SHARED_FLOATS:
+        B *= 2
+    for r0 in range(0, rows, batch):
+        nr = min(batch, rows - r0)
+        if m <= SHARED_FLOATS:
+            segment_kernel[nr * (p // B), tpb, stream_obj, 4 * B * m](syms, g_rowterm, g_colbase, g_colstride, g_offrow, g_offcol, g_d,
+                                                                       r0, n, m, B, g_Q, g, g_signs, out, kind, buf, False)
+        else:
+            load_kernel[_grid(nr * n, tpb), tpb, stream_obj](syms, g_rowterm, g_colbase, g_colstride, g_offrow, g_offcol, g_d, r0, nr, n, buf)
+        h = B
+        while h < p:
+            stage_kernel[_grid(nr * n // 2, tpb), tpb, stream_obj](buf, nr, n, m, h)
+            h *= 2
+        finish_kernel[_grid(nr * n, tpb), tpb, stream_obj](buf, r0, nr, n, m, g_Q, g, g_signs, out, kind)
+    _sync(stream_obj)
+    return out
+
+
+def _sync(stream_obj) -> None:
+    if stream_obj != 0:
+        stream_obj.synchronize()
+    else:
+        cuda.synchronize()
+
+
+def decode_gpu(entry, streams, device="cuda"):
+    """An ecsq tensor as a torch tensor of its dtype on a CUDA device, reconstructed there."""
+    import torch
+
+    from aligncodec.codec.torch_interop import torch_dtype
+
+    dev = torch.device(device)
+    with torch.cuda.device(dev):
+        nstream = cuda.external_stream(torch.cuda.current_stream(dev).cuda_stream)
+        t = decode_cuda.torch_empty(entry.numel, torch_dtype(entry.dtype), dev, entry.name)
+        view = t.view(torch.int32 if entry.dtype == "F32" else torch.int16)
+        reconstruct_device(entry, streams, cuda.as_cuda_array(view).view(OUT_DTYPE[entry.dtype]), stream_obj=nstream)
+    return t.reshape(entry.shape)
