@@ -188,8 +188,8 @@ def column_steps(params: EcsqParams, scales: np.ndarray | None) -> np.ndarray | 
 def reconstruct_from(params: EcsqParams, q: np.ndarray, scales: np.ndarray | None, hd: HadamardData | None) -> np.ndarray:
     """float32 weight (out × in) from integer symbols q (out × in, already offset).
 
-    IEEE-754 overflow to ±inf (a huge step or Q) is the value §7.4 defines, not an error:
-    numpy's warnings about it are silenced."""
+    Valid params (``check_params``: the §7.4 bound keeps |W| < 2^127) never overflow; the
+    silenced numpy warnings matter only to direct calls with unchecked params."""
     with np.errstate(over="ignore", invalid="ignore"):
         d = column_steps(params, scales)
         Cm = q.astype(np.float32) * (d[None, :] if isinstance(d, np.ndarray) else d)
