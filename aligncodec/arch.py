@@ -22,6 +22,7 @@ code. Everything that cannot work fails here, before any encoding, with a named 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -59,10 +60,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def _read_header(path: Path) -> dict:
