@@ -153,33 +153,6 @@ def _encode_all(sym, chunk_symbols, freq, cum, precision, n_chunks):
 
 
 @nb.njit(cache=True)
-def _pack(states, nwords, scratch, chunk_symbols, n):
-    n_chunks = states.shape[0]
-    lengths = np.empty(n_chunks, dtype=np.uint32)
-    total = 0
-    for c in range(n_chunks):
-        lengths[c] = 4 + 2 * nwords[c]
-        total += lengths[c]
-    out = np.empty(total, dtype=np.uint8)
-    pos = 0
-    for c in range(n_chunks):
-        x = states[c]
-        for j in range(4):
-            out[pos + j] = np.uint8((x >> np.uint32(8 * j)) & np.uint32(0xFF))
-        pos += 4
-        a = c * chunk_symbols
-        b = min(a + chunk_symbols, n)
-        w = nwords[c]
-        # words sit at the end of the chunk's scratch region, already in decode order
-        for j in range(w):
-            v = scratch[b - w + j]
-            out[pos] = np.uint8(v & np.uint16(0xFF))
-            out[pos + 1] = np.uint8(v >> np.uint16(8))
-            pos += 2
-    return out, lengths
-
-
-@nb.njit(cache=True)
 def _encode_chunk_lanes(sym, start, stop, freq, cum, precision, lanes, out_words, states):
     """Interleaved lanes (spec §6.6): symbol k of the chunk goes to lane k mod lanes, all
     lanes share one word stream. Encodes in reverse; returns the number of words, written
@@ -217,7 +190,8 @@ def _encode_all_lanes(sym, chunk_symbols, freq, cum, precision, n_chunks, lanes)
 
 
 @nb.njit(cache=True)
-def _pack_lanes(states, nwords, scratch, chunk_symbols, n, lanes):
+def _pack(states, nwords, scratch, chunk_symbols, n, lanes):
+    """Chunk bytes: each chunk's lane states (uint32 LE), then its words in decode order (one lane: §6.5)."""
     n_chunks = states.shape[0]
     lengths = np.empty(n_chunks, dtype=np.uint32)
     total = 0
@@ -306,15 +280,14 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
     n_chunks = -(-n // chunk_symbols)
     if n == 0:
         return RansStream(precision, chunk_symbols, 0, freqs, np.zeros(0, np.uint32), b"", lanes)
-    if lanes > 1:
-        with KERNEL_LOCK:  # numba's default (workqueue) threading layer must not be entered by two threads at once
-            states, nwords, scratch = _encode_all_lanes(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks, lanes)
-        payload, lengths = _pack_lanes(states, nwords, scratch, chunk_symbols, n, lanes)
-        return RansStream(precision, chunk_symbols, n, freqs, lengths, payload.tobytes(), lanes)
     with KERNEL_LOCK:  # numba's default (workqueue) threading layer must not be entered by two threads at once
-        states, nwords, scratch = _encode_all(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks)
-    payload, lengths = _pack(states, nwords, scratch, chunk_symbols, n)
-    return RansStream(precision, chunk_symbols, n, freqs, lengths, payload.tobytes())
+        if lanes > 1:
+            states, nwords, scratch = _encode_all_lanes(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks, lanes)
+        else:
+            states, nwords, scratch = _encode_all(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks)
+            states = states.astype(np.uint64).reshape(-1, 1)  # one lane per chunk
+    payload, lengths = _pack(states, nwords, scratch, chunk_symbols, n, lanes)
+    return RansStream(precision, chunk_symbols, n, freqs, lengths, payload.tobytes(), lanes)
 
 
 def decode(stream: RansStream, *, out: np.ndarray | None = None) -> np.ndarray:
