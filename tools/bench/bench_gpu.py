@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", default="16384x1,131072x32", help="rANS layouts to time: KxW (chunk symbols x lanes)")
     ap.add_argument("--archive", action="append", default=[], help="an .acz to check tensor by tensor and to load (repeatable)")
     ap.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    ap.add_argument("--vectors", type=Path, default=ROOT / "spec" / "vectors" / "lossy",
+                    help="the lossy golden vectors (spec/vectors/lossy of a source checkout; needed when installed from a wheel)")
     args = ap.parse_args(argv)
 
     import numba
@@ -143,7 +145,9 @@ def main(argv=None) -> int:
                 mode, params, streams = lossless.encode(raw, dt, w.numel())
             entry = TensorEntry(f"w.{dt}", dt, tuple(w.shape), mode, len(streams), 0, 0, 0, params)
             check(f"float-split {dt} {lay[0]}x{lay[1]}", same_as_cpu(entry, streams))
-    for path in sorted((ROOT / "spec" / "vectors" / "lossy").glob("*.acz")):
+    vectors = sorted(args.vectors.glob("*.acz"))
+    check(f"lossy golden vectors found in {args.vectors}", len(vectors) > 0)
+    for path in vectors:
         with ArchiveReader(path) as r:
             e = r.tensors[0]
             check(f"lossy vector {path.stem}", same_as_cpu(e, r.read_streams(e)))
