@@ -239,14 +239,24 @@ def verify_lossy(path: str | os.PathLike, expected: dict[str, float], original, 
 
 def write_archive(model: str | os.PathLike, out: str | os.PathLike, res: E.EncodeResult, metadata: dict[str, str],
                   progress: bool = True, *, jobs: list[E.TensorJob] | None = None,
-                  follow_symlinks: bool = False) -> list[TensorEntry]:
+                  follow_symlinks: bool = False, replace: dict[str, torch.Tensor] | None = None) -> list[TensorEntry]:
     """Write the archive: ``res.codes`` lossy, everything else lossless. With ``jobs`` (the
-    originals), the written archive is checked by :func:`verify_lossy` before it gets its name."""
+    originals), the written archive is checked by :func:`verify_lossy` before it gets its name.
+    ``replace``: name -> tensor (checkpoint dtype and shape) stored losslessly instead of the
+    checkpoint's values (the tuned norms of ``--tune-norms``)."""
+    from aligncodec.codec.torch_interop import tensor_bytes
+
     codes = res.codes
+    replace = replace or {}
 
     def enc(name, dtype, shape, raw):
         c = codes.get(name)
         if c is None:
+            t = replace.get(name)
+            if t is not None:
+                if t.dtype != torch_dtype(dtype) or tuple(t.shape) != tuple(shape):
+                    raise ValueError(f"replacement for {name!r} is {t.dtype} {tuple(t.shape)}, the checkpoint holds {dtype} {shape}")
+                raw = tensor_bytes(t)
             return lossless.encode(raw, dtype, int(np.prod(shape, dtype=np.int64)))
         return MODE_ECSQ, c.params.pack(), c.streams
 
@@ -261,15 +271,47 @@ def write_archive(model: str | os.PathLike, out: str | os.PathLike, res: E.Encod
                             follow_symlinks=follow_symlinks, check=check)
 
 
+def checkpoint_dtypes(model: str | os.PathLike, follow_symlinks: bool = False) -> dict[str, torch.dtype]:
+    """name -> torch dtype of every tensor of the checkpoint (headers only)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in archive.find_inputs(resolve_input(model), follow_symlinks=follow_symlinks).files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                out[name] = torch_dtype(st.get_slice(name).get_dtype())
+    return out
+
+
+def tune_lossless_norms(model: str | os.PathLike, res: E.EncodeResult, opts, *, progress: bool = True,
+                        follow_symlinks: bool = False, tokenizer=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """``--tune-norms``: the model's free 1-D parameters fitted with the lossy tensors frozen at
+    their decoded values (aligncodec/tune_norms.py)."""
+    from aligncodec import tune_norms as TN
+
+    log = (lambda m: print(m, file=sys.stderr)) if progress else None
+    decoded = {n: torch.from_numpy(c.W_hat) for n, c in res.codes.items()}
+    return TN.tune_norms(resolve_input(model), decoded, checkpoint_dtypes(model, follow_symlinks), opts,
+                         tokenizer=tokenizer, progress=log)
+
+
 def compress_lossy(model: str | os.PathLike, out: str | os.PathLike, *, bpw: float | None = None,
-                   distortion: float | None = None, progress: bool = True, follow_symlinks: bool = False, **kw) -> dict:
+                   distortion: float | None = None, progress: bool = True, follow_symlinks: bool = False,
+                   tune_norms=None, tokenizer=None, **kw) -> dict:
     """Encode and write; returns a summary dict (also stored in the archive metadata).
-    The archive is decoded and checked (:func:`verify_lossy`) before it gets the name ``out``."""
+    The archive is decoded and checked (:func:`verify_lossy`) before it gets the name ``out``.
+    ``tune_norms``: a :class:`aligncodec.tune_norms.TuneOptions` to fit the norms (and biases)
+    to the unmodified model after coding (``tokenizer``: for a folder without one)."""
     res, jobs, info = encode_model(model, bpw=bpw, distortion=distortion, progress=progress,
                                    follow_symlinks=follow_symlinks, **kw)
+    tuned: dict[str, torch.Tensor] = {}
+    if tune_norms is not None and res.codes:
+        tuned, tinfo = tune_lossless_norms(model, res, tune_norms, progress=progress, follow_symlinks=follow_symlinks,
+                                           tokenizer=tokenizer)
+        info["tune_norms"] = tinfo
     target = {"bpw": bpw} if bpw is not None else {"distortion": distortion}
     meta = lossy_metadata(res, jobs, info, target)
-    entries = write_archive(model, out, res, meta, progress, jobs=jobs, follow_symlinks=follow_symlinks)
+    entries = write_archive(model, out, res, meta, progress, jobs=jobs, follow_symlinks=follow_symlinks, replace=tuned)
     lossy_names = {j.name for j in jobs}
     lossy_bytes = sum(lossy.entry_bytes(e.name, len(e.shape), len(e.params), e.size) for e in entries if e.name in lossy_names)
     return {**json.loads(meta["acz.lossy.summary"]),

@@ -26,12 +26,32 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise CLIError("give exactly one of --lossless, --bpw B or --distortion D", EXIT_USAGE)
     if os.path.exists(args.output) and not args.force:
         raise CLIError(f"{args.output} exists (use --force to overwrite)", EXIT_IO)
+    tune_given = [f for f, v in (("--tune-steps", args.tune_steps), ("--tune-tokens", args.tune_tokens),
+                                 ("--tune-minutes", args.tune_minutes)) if v is not None]
+    if tune_given and not args.tune_norms:
+        raise CLIError(f"{', '.join(tune_given)} need --tune-norms", EXIT_USAGE)
+    if args.tune_norms and not lossy_target:
+        raise CLIError("--tune-norms tunes a lossy archive: give --bpw or --distortion", EXIT_USAGE)
     if lossy_target:
         if args.bpw is not None and args.distortion is not None:
             raise CLIError("give --bpw or --distortion, not both", EXIT_USAGE)
         encoder_kind = args.encoder or "whole"  # the stream encoder is opt-in until its quality is measured
         if encoder_kind == "stream":
+            if args.tune_norms:
+                raise CLIError("--tune-norms needs the whole-model encoder (--encoder whole)", EXIT_USAGE)
             return _compress_stream(args)
+        tune = None
+        if args.tune_norms:
+            from aligncodec.tune_norms import TuneOptions
+
+            if args.calib_text and not os.path.isfile(args.calib_text):
+                raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
+            try:
+                tune = TuneOptions(**{k: v for k, v in (("steps", args.tune_steps), ("tokens", args.tune_tokens),
+                                                         ("minutes", args.tune_minutes)) if v is not None},
+                                   calib_text=args.calib_text)
+            except ValueError as exc:
+                raise CLIError(str(exc), EXIT_USAGE) from None
         if args.bpw_scope == "all":
             raise CLIError("--bpw-scope all needs the stream encoder (the whole-model encoder counts the lossy tensors only)", EXIT_USAGE)
         from aligncodec import lossy_compress as _enc
@@ -43,13 +63,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                        candidates=tuple(args.candidates.split(",")), alpha=args.alpha,
                                        lossy_embeddings=args.lossy_embeddings, seed=args.seed,
                                        sigma="none" if args.no_calibration else "auto", progress=not args.quiet,
-                                       nonfinite=args.nonfinite, follow_symlinks=args.follow_symlinks)
+                                       nonfinite=args.nonfinite, follow_symlinks=args.follow_symlinks, tune_norms=tune)
         except encoder.EncodeError:
             raise  # TargetError (2), NonFiniteError (3), EncodeVerifyError (8): named, exit code on the class
         except (archive.InputError, OSError):
             raise  # named, exit 3
         except _enc.CalibrationUnavailableError as exc:
             raise CLIError(str(exc), EXIT_DEPENDENCY) from None
+        except _tune_error() as exc:
+            raise CLIError(f"--tune-norms: {exc}", EXIT_DEPENDENCY) from None
         except ValueError as exc:
             raise CLIError(str(exc), EXIT_USAGE) from None
         if not args.quiet:
@@ -58,6 +80,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
             if summ["n_lossy_weights"]:
                 print(f"lossy tensors: {summ['n_lossy_weights']:,} weights at {summ['bpw_lossy_in_archive']:.4f} bits/weight all-in "
                       f"(step {summ['step']:.5g}, modes {summ['modes']}); encoded in {summ['seconds_total']:.1f} s")
+            tn = summ.get("tune_norms")
+            if tn:
+                print(f"tune-norms: calibration KL {tn['kl_calib_before']:.5f} -> {tn['kl_calib_after']:.5f} "
+                      f"({'kept' if tn['kept'] else 'not lower: the original values were kept'}); {tn['steps']} steps on "
+                      f"{tn['tokens']} tokens in {tn['seconds_total']:.1f} s")
             if n_ll:
                 print(f"{n_ll} tensor(s) chosen for lossy coding were coded lossless (reasons in the archive's acz.lossy.summary)")
         return 0
@@ -69,6 +96,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
         _print_table(info)
         print(f"wrote {args.output} in {dt:.1f} s ({info['raw_bytes'] / max(dt, 1e-9) / 1e6:.1f} MB/s)")
     return 0
+
+
+def _tune_error():
+    from aligncodec.tune_norms import TuneError
+
+    return TuneError
 
 
 def _compress_stream(args: argparse.Namespace) -> int:
@@ -191,7 +224,7 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration", choices=("quantized", "float"), default="quantized",
                    help="lossy (stream): Σ of block L from the outputs of the already encoded blocks (quantized, "
                         "default) or of the unmodified model (float)")
-    p.add_argument("--calib-text", metavar="FILE", help="lossy (stream): calibration text (UTF-8) instead of the built-in calibration half")
+    p.add_argument("--calib-text", metavar="FILE", help="lossy (stream, and --tune-norms): calibration text (UTF-8) instead of the built-in calibration half")
     p.add_argument("--calib-tokens", type=int, default=16384, help="lossy (stream): calibration tokens (default 16384)")
     p.add_argument("--workers", type=int, default=1, help="lossy (stream): tensors of one block coded in parallel")
     p.add_argument("--resume", action="store_true", help="lossy (stream): continue an interrupted encode from its spool folder")
@@ -205,6 +238,12 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="lossy: seed of the randomized Hadamard transforms")
     p.add_argument("--nonfinite", choices=("error", "lossless"), default="error",
                    help="lossy: a tensor holding NaN or Inf is an error (default) or is coded lossless")
+    p.add_argument("--tune-norms", action="store_true",
+                   help="lossy (whole): after coding, fit the norm gains and biases (stored losslessly) to the unmodified model's "
+                        "outputs on calibration text, lossy weights frozen at their decoded values (docs/lossy-encoder.md)")
+    p.add_argument("--tune-steps", type=int, default=None, help="--tune-norms: optimiser steps, one window each (default 64)")
+    p.add_argument("--tune-tokens", type=int, default=None, help="--tune-norms: calibration tokens (default 4096)")
+    p.add_argument("--tune-minutes", type=float, default=None, help="--tune-norms: time budget of the optimisation loop (default: none)")
     p.add_argument("--follow-symlinks", action="store_true", help="read symlinks in the input folder that point outside it")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
