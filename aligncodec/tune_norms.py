@@ -31,7 +31,7 @@ import torch
 
 @dataclass
 class TuneOptions:
-    steps: int = 64  # optimiser steps (one window each)
+    steps: int = 32  # optimiser steps (one window each)
     tokens: int = 4096  # calibration tokens (BOS excluded)
     window: int = 512  # positions per window, BOS included
     lr: float = 2e-3  # Adam step, relative to each tensor's RMS

@@ -241,7 +241,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tune-norms", action="store_true",
                    help="lossy (whole): after coding, fit the norm gains and biases (stored losslessly) to the unmodified model's "
                         "outputs on calibration text, lossy weights frozen at their decoded values (docs/lossy-encoder.md)")
-    p.add_argument("--tune-steps", type=int, default=None, help="--tune-norms: optimiser steps, one window each (default 64)")
+    p.add_argument("--tune-steps", type=int, default=None, help="--tune-norms: optimiser steps, one window each (default 32)")
     p.add_argument("--tune-tokens", type=int, default=None, help="--tune-norms: calibration tokens (default 4096)")
     p.add_argument("--tune-minutes", type=float, default=None, help="--tune-norms: time budget of the optimisation loop (default: none)")
     p.add_argument("--follow-symlinks", action="store_true", help="read symlinks in the input folder that point outside it")

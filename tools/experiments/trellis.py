@@ -11,9 +11,9 @@ its top bit; the next state shifts in (parity of k) XOR (the feedback taps). The
 machine with taps {b0} is exactly VVC's table {0→(0,2), 1→(2,0), 2→(1,3), 3→(3,1)}.
 
 Per column j (rows i = 0..out−1, state 0 at row 0) a Viterbi search minimises
-    Σ_i (w_ij − ŵ_ij)² + λ_j · bits(k_ij | table of state_i)
-with λ_j = c·Δ²·U_jj² (U the GPTQ factor, so the cost is in the activation-weighted
-domain; U_jj = const for Σ = I), candidates per state: the two nearest levels of its
+    Σ_i (w_ij − ŵ_ij)² + λ · bits(k_ij | table of state_i)
+with λ = c·Δ² in weight units for every column (one global step Δ for every column, as the
+encoder; inside GPTQ each column's own error is what it quantises), candidates per state: the two nearest levels of its
 quantiser and 0. The rate tables are the empirical −log2 frequencies of the previous pass
 per *state class* (the quantiser, or each state) and per tensor: pass 0 is plain TCQ (λ = 0),
 then ``iters`` passes with λ. Inside GPTQ (``gptq_dq``) each column's trellis runs where the
@@ -164,7 +164,7 @@ def gptq_dq_block(W1, CID1, ncls, U1, delta, lam, bits, tmap, trans, qsel, K1, S
         for r in range(rows):
             col[r] = W1[r, i]
             cc[r] = CID1[r, i]
-        viterbi_col(col, cc, ncls, delta, lam * U1[i, i] * U1[i, i], bits, tmap, trans, qsel, ok, os_, bk, bs)
+        viterbi_col(col, cc, ncls, delta, lam, bits, tmap, trans, qsel, ok, os_, bk, bs)
         for r in range(rows):
             K1[r, i] = ok[r]
             ST1[r, i] = os_[r]
