@@ -328,3 +328,26 @@ def test_driver_calls_per_stream(dc, monkeypatch):
     assert np.array_equal(got, bits)
     assert calls == {"h2d": 1, "launch": 2, "d2h": 1}, calls
 
+
+
+@pytest.mark.skipif(IN_SIM, reason="runs without the simulator")
+def test_broken_numba_cuda_is_a_named_error(monkeypatch, caplog):
+    """A numba-cuda that cannot compile a kernel (numba-cuda 0.30.4 with numpy 2.5 fails at the
+    first compile with AttributeError: np.row_stack): available() is False with a logged warning
+    (the loaders then use the CPU decoder) and the GPU entry points raise CudaUnavailableError."""
+    from aligncodec.codec.entropy import decode_cuda, rans
+
+    class Broken:
+        def __getitem__(self, cfg):
+            raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(decode_cuda.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(decode_cuda, "_probe_kernel", Broken())
+    monkeypatch.setattr(decode_cuda.cuda, "to_device", lambda a, **k: a)
+    monkeypatch.setattr(decode_cuda, "_probe_result", [])
+    with caplog.at_level("WARNING"):
+        assert decode_cuda.available() is False
+    assert "row_stack" in caplog.text and "CPU decoder" in caplog.text
+    s = rans.encode(np.arange(10, dtype=np.uint16) % 3)
+    with pytest.raises(decode_cuda.CudaUnavailableError, match="row_stack"):
+        decode_cuda.decode_symbols_device(s)

@@ -496,7 +496,6 @@ def plan_symbols(streams: list, bases: list, st: Staging) -> SymbolsPlan:
     plan.block = 32 * WARPS_PER_BLOCK if any_lanes else THREADS_PER_BLOCK
     recs = []
     blocks = []
-    w_total = 0
     woffs = []
     for s, b, words, chunk_w, tab in prepared:
         woffs.append(st.add(words))
@@ -511,7 +510,6 @@ def plan_symbols(streams: list, bases: list, st: Staging) -> SymbolsPlan:
         for c0 in range(0, nch, per):
             blocks.append((i, c0))
         plan.n_chunks += nch
-        w_total += len(words)
     plan.recs_off = st.add(np.asarray(recs, dtype=np.int64).reshape(-1))
     plan.blocks_off = st.add(np.asarray(blocks, dtype=np.int64).reshape(-1))
     plan.n_blocks = len(blocks)
