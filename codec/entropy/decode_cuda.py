@@ -166,7 +166,7 @@ def _lanes_chunk(words, last, tab, toff, precision, lanes, w0, wend, m, out, o, 
     return 0
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def rans_multi_kernel(W, I, T, blocks, recs, out, status):
     """Every stream of a plan (:func:`plan_symbols`) in one launch. Block b decodes chunks
     c0 .. of stream s (``I[blocks + 2b] = s, I[blocks + 2b + 1] = c0``); the stream's record
@@ -221,7 +221,7 @@ def rans_multi_kernel(W, I, T, blocks, recs, out, status):
             status[sb + c] = code
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def join_kernel(out, rest, roff, n, rw, low, width):
     """out[i] := float bits from symbol out[i] and the rw-bit rest i (LSB-first at bit i*rw of rest[roff:])."""
     i = cuda.grid(1)
@@ -254,7 +254,7 @@ _probe_lock = threading.Lock()
 _probe_result: list = []  # [None] when the probe kernel ran, [message] when it failed
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _probe_kernel(a):
     i = cuda.grid(1)
     if i < a.shape[0]:
@@ -391,11 +391,21 @@ def _sync(stream_obj) -> None:
         cuda.synchronize()
 
 
+KEEP_BYTES = 64 << 20  # a pool keeps buffers up to this size; larger ones live for one call
+
+
+def _staging_buffers(cap: int, name: str, stream_obj):
+    d = device_alloc(cap, np.uint8, name, stream_obj)
+    h = cuda.pinned_array(cap, dtype=np.uint8)
+    return h, d, {np.dtype(t).str[1:]: d.view(t) for t in _VIEW_DTYPES}  # "u1", "u2", "i4", "i8", "u8", "f4"
+
+
 class Pool:
     """Reusable memory of one thread on one device: a pinned host staging buffer and its device
     twin (with typed views of the whole buffer, made once per growth), an int32 status array
-    (device + pinned host), and named scratch arrays. Buffers grow (doubling) and are kept;
-    a call that uses the pool synchronises its stream before it returns, so reuse is safe."""
+    (device + pinned host), and named scratch arrays. Buffers grow (doubling) and are kept up
+    to :data:`KEEP_BYTES` (a larger one serves one call and is freed with its job); a call that
+    uses the pool synchronises its stream before it returns, so reuse is safe."""
 
     def __init__(self):
         self.cap = 0
@@ -410,21 +420,21 @@ class Pool:
     def upload(self, st: Staging, name: str, stream_obj) -> dict:
         """Copy the staged arrays to the device with one copy; returns the typed views."""
         need = max(8, (st.nbytes + 7) & ~7)
-        if need > self.cap:
-            cap = max(need, 2 * self.cap, 1 << 16)
-            cap = (cap + 7) & ~7
-            self.h = self.d = None
-            self.views = {}
-            self.cap = 0
-            self.d = device_alloc(cap, np.uint8, name, stream_obj)
-            self.h = cuda.pinned_array(cap, dtype=np.uint8)
-            self.views = {np.dtype(t).str[1:]: self.d.view(t) for t in _VIEW_DTYPES}  # "u1", "u2", "i4", "i8", "u8", "f4"
-            self.cap = cap
-        h = self.h
+        if need > KEEP_BYTES:
+            h, d, views = _staging_buffers(need, name, stream_obj)
+        else:
+            if need > self.cap:
+                cap = min(KEEP_BYTES, (max(need, 2 * self.cap, 1 << 16) + 7) & ~7)
+                self.h = self.d = None
+                self.views = {}
+                self.cap = 0
+                self.h, self.d, self.views = _staging_buffers(cap, name, stream_obj)
+                self.cap = cap
+            h, d, views = self.h, self.d, self.views
         for off, a in st.parts:
             h[off : off + a.nbytes] = a.reshape(-1).view(np.uint8)
-        _h2d(self.d, h, st.nbytes, stream_obj)
-        return self.views
+        _h2d(d, h, st.nbytes, stream_obj)
+        return dict(views, _host=h)  # the pinned buffer stays referenced while the views are
 
     def status(self, n: int, name: str, stream_obj):
         if n > self.scap:
@@ -438,11 +448,14 @@ class Pool:
 
     def array(self, key: str, n: int, dtype, name: str, stream_obj):
         """A scratch device array of at least n elements (its first n are the caller's)."""
+        item = np.dtype(dtype).itemsize
+        if n * item > KEEP_BYTES:
+            return device_alloc(n, dtype, name, stream_obj)
         a = self.scratch.get(key)
         if a is None or a.shape[0] < n or a.dtype != np.dtype(dtype):
             self.scratch.pop(key, None)
-            a = device_alloc(max(n, 2 * (a.shape[0] if a is not None else 0), 1024), dtype, name, stream_obj)
-            self.scratch[key] = a
+            size = min(max(n, 2 * (a.shape[0] if a is not None else 0), 1024), KEEP_BYTES // item)
+            a = self.scratch[key] = device_alloc(size, dtype, name, stream_obj)
         return a
 
 

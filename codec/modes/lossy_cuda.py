@@ -129,7 +129,7 @@ def _finish_one(X, base, e, m, F, oQ, g, sgn):
     return cc.fmul_rn(cc.fmul_rn(acc, g), sgn)
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def identity_kernel(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, rows, n, out, kind):
     t = cuda.grid(1)
     step = cuda.gridsize(1)
@@ -141,7 +141,7 @@ def identity_kernel(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, rows, n, out, kind)
         t += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def segment_kernel(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, r0, n, m, B, oQ, g, oS, out, kind, buf, full):
     """Block b: row r0 + b // (p/B), segment b mod (p/B) of B·m elements (see module doc)."""
     X = cuda.shared.array(0, dtype=float32)
@@ -189,7 +189,7 @@ def segment_kernel(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, r0, n, m, B, oQ, g, 
             e += bd
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def load_kernel(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, r0, nrows, n, buf):
     """Coefficients of rows r0 .. r0+nrows-1 into the buffer (rows whose m exceeds the shared segment)."""
     t = cuda.grid(1)
@@ -202,7 +202,7 @@ def load_kernel(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, r0, nrows, n, buf):
         t += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def stage_kernel(buf, nrows, n, m, h):
     """One butterfly stage (pairs a, a+h of m-blocks) on every buffered row."""
     t = cuda.grid(1)
@@ -225,7 +225,7 @@ def stage_kernel(buf, nrows, n, m, h):
         t += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def finish_kernel(buf, r0, nrows, n, m, F, oQ, g, oS, out, kind):
     t = cuda.grid(1)
     step = cuda.gridsize(1)
@@ -309,6 +309,10 @@ class EcsqJob:
         self.views = self.pool.upload(st, self.name, stream_obj)
         self.d_status = self.pool.status(self.plan.n_chunks, self.name, stream_obj)
         self.syms = self.pool.array("syms", max(1, self.numel), np.uint16, self.name, stream_obj)
+        self.batch = self.buf = None
+        if params.transform != lossy.TRANSFORM_IDENTITY and n > SHARED_FLOATS and self.numel:
+            self.batch = max(1, min(rows, BUFFER_BYTES // (4 * n)))  # rows through the float32 buffer at a time
+            self.buf = self.pool.array("rowbuf", self.batch * n, np.float32, self.name, stream_obj)
 
     def launch(self, out) -> None:
         rows, n, m, p = self.rows, self.n, self.m, self.p
@@ -326,8 +330,7 @@ class EcsqJob:
         if n <= SHARED_FLOATS:
             segment_kernel[rows, tpb, so, 4 * n](*tables, 0, n, m, p, self.oQ, g, self.oS, out, kind, F, True)
             return
-        batch = max(1, min(rows, BUFFER_BYTES // (4 * n)))
-        buf = self.pool.array("rowbuf", batch * n, np.float32, self.name, so)
+        batch, buf = self.batch, self.buf
         B = 1
         while 2 * B <= p and 2 * B * m <= SHARED_FLOATS:
             B *= 2
