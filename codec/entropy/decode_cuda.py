@@ -95,7 +95,7 @@ def _decode_chunk(words, last, tab, toff, precision, w0, wend, m, out, o):
     for k in range(m):
         e = tab[toff + np.int64(x & mask)]
         out[o + k] = e >> _S48
-        x = (e & _M32) * (x >> P) + ((e >> _S32) & _M16)
+        x = np.uint64(np.uint32(e & _M32)) * np.uint64(np.uint32(x >> P)) + ((e >> _S32) & _M16)  # 32x32 -> 64: x < 2^32 (spec §6)
         y = (x << _S16) | np.uint64(words[_imin(p, last)])
         c = x < _L
         x = y if c else x
@@ -140,7 +140,7 @@ def _lanes_chunk(words, last, tab, toff, precision, lanes, w0, wend, m, out, o, 
         if lane < lanes and t < m:
             e = tab[toff + np.int64(x & mask)]
             out[o + t] = e >> _S48
-            x = (e & _M32) * (x >> P) + ((e >> _S32) & _M16)
+            x = np.uint64(np.uint32(e & _M32)) * np.uint64(np.uint32(x >> P)) + ((e >> _S32) & _M16)  # 32x32 -> 64: x < 2^32 (spec §6)
             need = x < _L
         b = cuda.ballot_sync(_FULL, need)
         k = p - base + cuda.popc(b & below)  # < 64: p - base < 32 and the rank < 32
