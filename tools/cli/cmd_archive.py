@@ -190,7 +190,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lossless", action="store_true", help="bit-exact coding of every tensor (bytegroup / float-split / zstd; see --lossless-mode)")
     p.add_argument("--lossless-mode", choices=("auto", "bytegroup", "float-split", "smallest"), default=None,
                    help="the modes of the tensors coded bit-exactly (all with --lossless, the unquantised ones otherwise): "
-                        "auto (default) = bytegroup, the fast one, unless another mode is > 2%% smaller for that tensor; "
+                        "auto (default) = bytegroup (the fast one) or stored, unless float-split is > 2%% smaller for that tensor; "
                         "bytegroup = always the fast one; float-split = the rANS mode (smaller on bf16, 3x slower to decode); "
                         "smallest = the fewest bytes")
     p.add_argument("--bpw", type=float, help="lossy: target bits per weight (met within 1%%): all-in over the lossy linear layers (--bpw-scope linear, "
