@@ -447,54 +447,43 @@ def _plan_float_split(entry, streams, out, threads):
     return out
 
 
-def _join2(p0, p1, out):
-    for i in range(out.shape[0]):
-        v = np.uint32(p0[i]) | (np.uint32(p1[i]) << np.uint32(8))
-        out[i] = np.uint16((v >> np.uint32(1)) | ((v & np.uint32(1)) << np.uint32(15)))
+_scratch = threading.local()
 
 
-def _join4(p0, p1, p2, p3, out):
-    for i in range(out.shape[0]):
-        v = (np.uint32(p0[i]) | (np.uint32(p1[i]) << np.uint32(8)) | (np.uint32(p2[i]) << np.uint32(16))
-             | (np.uint32(p3[i]) << np.uint32(24)))
-        out[i] = (v >> np.uint32(1)) | (v << np.uint32(31))
-
-
-def _join8(p0, p1, p2, p3, p4, p5, p6, p7, out):
-    for i in range(out.shape[0]):
-        v = (np.uint64(p0[i]) | (np.uint64(p1[i]) << np.uint64(8)) | (np.uint64(p2[i]) << np.uint64(16))
-             | (np.uint64(p3[i]) << np.uint64(24)) | (np.uint64(p4[i]) << np.uint64(32)) | (np.uint64(p5[i]) << np.uint64(40))
-             | (np.uint64(p6[i]) << np.uint64(48)) | (np.uint64(p7[i]) << np.uint64(56)))
-        out[i] = (v >> np.uint64(1)) | (v << np.uint64(63))
-
-
-_JOINS = {2: _join2, 4: _join4, 8: _join8}
-
-
-@functools.cache
-def _join_kernel(nbytes: int):
-    """The numba kernel that interleaves ``nbytes`` planes into rotated-back patterns (nogil:
-    slices are joined on the decode pool's threads in parallel; compiled once, cached on disk)."""
-    import numba
-
-    return numba.njit(cache=True, nogil=True)(_JOINS[nbytes])
+def join_planes(planes: list, out: np.ndarray) -> None:
+    """``out`` (uint{W}, the planes' length) = the elements whose rotated patterns have these byte
+    planes (spec §7.5), rotated back. numpy ufuncs on the whole slice (they release the GIL, run
+    at several GB/s, and need no numba: a bytegroup archive loads without numba's start-up);
+    one scratch buffer per thread."""
+    w = out.dtype.itemsize * 8
+    u = out.dtype.type
+    np.copyto(out, planes[-1])
+    for p in reversed(planes[:-1]):
+        np.left_shift(out, u(8), out=out)
+        np.bitwise_or(out, p, out=out, casting="unsafe")
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.nbytes < out.nbytes:
+        buf = _scratch.buf = np.empty(max(out.nbytes, 1 << 21), dtype=np.uint8)
+    tmp = buf[: out.nbytes].view(out.dtype)
+    np.right_shift(out, u(1), out=tmp)
+    np.left_shift(out, u(w - 1), out=out)
+    np.bitwise_or(out, tmp, out=out)
 
 
 def _plan_bytegroup(entry, streams, out):
     """One stage, one task per slice: its planes (zstd frames decoded with an output limit of
-    the slice, or raw views) joined straight into the output's bits."""
+    the slice, or raw views) joined straight into the output's bits (:func:`join_planes`)."""
     width, _ = FLOAT_FORMATS[entry.dtype]
     B = width // 8
     little = sys.byteorder == "little"
     u = np.dtype(f"u{B}").type
     n = entry.numel
     bits = out.view(u) if little else np.empty(n, u)
-    join = _join_kernel(B)
 
     def task(g, a, m):
         planes = [np.frombuffer(_bytes_from(streams[g * B + p], m, entry.name, content_size=True), dtype=np.uint8)
                   for p in range(B)]
-        join(*planes, bits[a:a + m])
+        join_planes(planes, bits[a:a + m])
 
     yield [lambda g=g, a=a, m=m: task(g, a, m) for g, a, m in _bytegroup_slices(entry)]
     if not little:  # pragma: no cover
