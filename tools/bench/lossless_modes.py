@@ -11,7 +11,6 @@ left out. Encoding runs in this process, one tensor at a time.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -68,8 +67,9 @@ def main(argv=None) -> int:
     for p, r in res["policies"].items():
         print(f"{p:12s} {r['bytes'] / 1e6:9.2f} {r['bits_per_weight']:8.4f} {r.get('x_float_split', float('nan')):13.4f} {r['encode_s']:9.1f}  {r['modes']}")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+        from aligncodec.tools.bench.bench import write_json
+
+        write_json(res, a.json)
     return 0
 
 
