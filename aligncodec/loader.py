@@ -46,7 +46,7 @@ import numpy as np
 
 from aligncodec.auxfiles import AUX_PREFIX, is_aux
 from aligncodec.formats import errors as E
-from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED
+from aligncodec.formats.constants import MODE_BYTEGROUP, MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED
 from aligncodec.formats.layout import TensorEntry, crc32
 from aligncodec.formats.limits import Limits, resolve as resolve_limits
 from aligncodec.formats.reader import iter_archive, parse_header
@@ -275,7 +275,7 @@ _KNOWN_STREAMS = (RawStream, ZstdStream, RansStream)
 def _plan_bytes(entry: TensorEntry, streams: list, out: np.ndarray, threads: int | None):
     """The plan that decodes a tensor's bytes into ``out`` (uint8, entry.nbytes)."""
     if all(isinstance(s, _KNOWN_STREAMS) for s in streams):
-        if entry.mode in (MODE_STORED, MODE_FLOAT_SPLIT):
+        if entry.mode in (MODE_STORED, MODE_FLOAT_SPLIT, MODE_BYTEGROUP):
             from aligncodec.codec.modes import lossless
 
             return lossless.plan_decode(entry, streams, out, threads=threads)
