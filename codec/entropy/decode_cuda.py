@@ -396,7 +396,12 @@ KEEP_BYTES = 64 << 20  # a pool keeps buffers up to this size; larger ones live 
 
 def _staging_buffers(cap: int, name: str, stream_obj):
     d = device_alloc(cap, np.uint8, name, stream_obj)
-    h = cuda.pinned_array(cap, dtype=np.uint8)
+    try:
+        h = cuda.pinned_array(cap, dtype=np.uint8)
+    except Exception as exc:
+        if _is_oom(exc):
+            raise DeviceOutOfMemoryError(f"out of pinned host memory staging tensor {name!r} ({cap / 2**20:.1f} MiB): {exc}") from None
+        raise
     return h, d, {np.dtype(t).str[1:]: d.view(t) for t in _VIEW_DTYPES}  # "u1", "u2", "i4", "i8", "u8", "f4"
 
 
