@@ -16,8 +16,8 @@ first corrupt chunk in stream order (the CPU's order too: every stream's layout 
 before any is decoded, then the first failing stream reports its first failing chunk).
 
 * :func:`rans_multi_kernel` - block b decodes chunks of one stream (a block table says
-  which): one thread per chunk for chunked streams (coder 2), one warp per chunk for
-  interleaved lanes (coder 3). The slot table is staged in shared memory when it fits
+  which): one thread per chunk for chunked streams (coder 2; each thread holds its next
+  word, loaded one renormalisation ahead), one warp per chunk for interleaved lanes (coder 3). The slot table is staged in shared memory when it fits
   (precision <= 12, 32 KiB), else read from global memory. A corrupt chunk is reported in
   ``status`` exactly as on the CPU (1 state < L, 2 ran out of words, 3 final state != L,
   4 words left over).
@@ -92,14 +92,15 @@ def _decode_chunk(words, last, tab, toff, precision, w0, wend, m, out, o):
     if x < _L:
         return 1
     p = w0 + 2
+    nxt = np.uint64(words[_imin(p, last)])  # always words[min(p, last)]: loaded a renormalisation ahead
     for k in range(m):
         e = tab[toff + np.int64(x & mask)]
         out[o + k] = e >> _S48
         x = np.uint64(np.uint32(e & _M32)) * np.uint64(np.uint32(x >> P)) + ((e >> _S32) & _M16)  # 32x32 -> 64: x < 2^32 (spec §6)
-        y = (x << _S16) | np.uint64(words[_imin(p, last)])
-        c = x < _L
-        x = y if c else x
-        p += 1 if c else 0
+        if x < _L:
+            x = (x << _S16) | nxt
+            p += 1
+            nxt = np.uint64(words[_imin(p, last)])
     if p > wend:
         return 2
     if x != _L:
