@@ -33,23 +33,19 @@ import numpy as np
 from aligncodec.formats.atomic import atomic_write
 
 
-def _best(fn, repeat: int) -> float:
+def _best(fn, repeat: int, clock=time.perf_counter) -> float:
+    """The least ``clock`` time of ``repeat`` runs (wall by default)."""
     best = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return best
 
 
 def _best_cpu(fn, repeat: int) -> float:
     """The least process CPU time (all threads) of ``repeat`` runs: steadier than wall time on a busy machine."""
-    best = float("inf")
-    for _ in range(repeat):
-        c = time.process_time()
-        fn()
-        best = min(best, time.process_time() - c)
-    return best
+    return _best(fn, repeat, time.process_time)
 
 
 def bf16_weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
