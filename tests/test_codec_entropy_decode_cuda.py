@@ -20,7 +20,7 @@ IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 #   ACZ_TEST_REAL_GPU=1 pytest tests/test_codec_modes_lossy_cuda.py tests/test_codec_entropy_decode_cuda.py -k "not under_simulator"
 ON_GPU = IN_SIM or os.environ.get("ACZ_TEST_REAL_GPU") == "1"
 sim_only = pytest.mark.skipif(not ON_GPU, reason="runs in the NUMBA_ENABLE_CUDASIM=1 child process (or with ACZ_TEST_REAL_GPU=1)")
-N_SIM_TESTS = 6 + 6 + 3  # kernel tests below (chunked, interleaved lanes, host path), checked by the driver
+N_SIM_TESTS = 7 + 6 + 3  # kernel tests below (chunked incl. both stagings, interleaved lanes, host path), checked by the driver
 
 
 def test_kernels_under_simulator():
@@ -111,7 +111,10 @@ def test_rans_kernel_corruption_verdict_matches_cpu(dc):
 
 
 @sim_only
-def test_float_split_on_device_matches_cpu(dc):
+@pytest.mark.parametrize("staging", ["pooled", "one-off"])  # one-off: pageable staging of calls above KEEP_BYTES
+def test_float_split_on_device_matches_cpu(dc, staging, monkeypatch):
+    if staging == "one-off":
+        monkeypatch.setattr(dc, "KEEP_BYTES", 0)
     from aligncodec.codec.entropy import decode_cpu, rans
     from aligncodec.codec.modes import lossless
 

@@ -227,7 +227,6 @@ def main(argv=None) -> int:
     kb = lossless.DEFAULT_MANTISSA_BITS["BF16"]
     fsym, rest = lossless.split_float(bits, "BF16", kb)
     packed = lossless.pack_bits(rest, 16 - 8 - kb)
-    d_rest = cuda.to_device(np.frombuffer(packed, np.uint8))
     for lay in layouts:
         s = rans.encode(fsym, alphabet_size=1 << (8 + kb), chunk_symbols=lay[0], lanes=lay[1])
         out_t = torch.empty(n, dtype=torch.int16, device=dev)

@@ -5,7 +5,7 @@
 # as arguments (default: devcarry/*.acz). Writes its logs and JSON under $OUT.
 set -u; export PYTHONUNBUFFERED=1
 R=$PWD; OUT=${OUT:-/tmp/acz-gpu-out}; mkdir -p "$OUT"
-ARCH=("$@"); [ ${#ARCH[@]} -eq 0 ] && ARCH=($R/devcarry/*.acz)
+ARCH=(); for a in "$@"; do ARCH+=("$(readlink -f "$a")"); done; [ ${#ARCH[@]} -eq 0 ] && ARCH=($R/devcarry/*.acz)
 AARGS=(); for a in "${ARCH[@]}"; do AARGS+=(--archive "$(readlink -f "$a")"); done
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $R/.whl/*.whl || exit 9
 export PYTHONPATH=/tmp/site NUMBA_CACHE_DIR=/tmp/numba-cache
