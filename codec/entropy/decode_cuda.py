@@ -395,13 +395,13 @@ KEEP_BYTES = 64 << 20  # a pool keeps buffers up to this size; larger ones live 
 
 
 def _staging_buffers(cap: int, name: str, stream_obj, pinned: bool = True):
-    """A host staging buffer (pinned, or pageable for one-off large calls: page-locking a
-    fresh buffer of hundreds of MiB costs more than the pageable copy it would speed up; on an
-    H200 a 100 MiB pinned allocation per call cut an 8192² tensor's load from 8 to 1.3 GB/s)
-    and its device twin with typed views."""
+    """A pinned host staging buffer and its device twin with typed views; ``pinned=False``
+    (one-off large calls) gives no host buffer: the parts are copied straight from their own
+    memory. Page-locking, or merely first-touching, a fresh buffer of ~100 MiB per call costs
+    more than the copy it serves: on an H200 either made an 8192² tensor's load 5x slower."""
     d = device_alloc(cap, np.uint8, name, stream_obj)
     if not pinned:
-        return np.empty(cap, dtype=np.uint8), d, {np.dtype(t).str[1:]: d.view(t) for t in _VIEW_DTYPES}
+        return None, d, {np.dtype(t).str[1:]: d.view(t) for t in _VIEW_DTYPES}
     try:
         h = cuda.pinned_array(cap, dtype=np.uint8)
     except Exception as exc:
@@ -433,6 +433,9 @@ class Pool:
         need = max(8, (st.nbytes + 7) & ~7)
         if need > KEEP_BYTES:
             h, d, views = _staging_buffers(need, name, stream_obj, pinned=False)
+            for off, a in st.parts:  # a few large parts: one pageable copy each, no staging copy
+                _h2d(d[off : off + a.nbytes], a.reshape(-1).view(np.uint8), a.nbytes, stream_obj)
+            return dict(views, _host=st.parts)
         else:
             if need > self.cap:
                 cap = min(KEEP_BYTES, (max(need, 2 * self.cap, 1 << 16) + 7) & ~7)
@@ -597,7 +600,7 @@ class FloatSplitJob:
         self.stream_obj, self.name = stream_obj, name
         st = Staging()
         self.plan = plan_symbols([stream], [0], st)
-        self.roff = st.add(np.frombuffer(np.ascontiguousarray(raw).tobytes(), np.uint8)) if self.n else 0
+        self.roff = st.add(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)) if self.n else 0  # no copy of the rest
         self.pool = pool(pool_key)
         self.views = self.pool.upload(st, name, stream_obj)
         self.d_status = self.pool.status(self.plan.n_chunks, name, stream_obj)
