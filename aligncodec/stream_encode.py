@@ -43,6 +43,7 @@ parameter. ``"linear"``: B = all-in bytes of the block linears × 8 / their weig
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -88,7 +89,7 @@ class StreamOptions:
     calib_text: str | None = None  # a file path
     window: int = 1024
     lossy_embeddings: bool | None = None  # None: True for scope "all", False for "linear"
-    threads: int | None = None
+    threads: int | None = 1  # per thread pool (torch, numba, BLAS); None/0: the libraries' defaults (all cores)
     sample_rows: int = 64
     workers: int = 1
     device: str | None = None  # torch device of the calibration forward passes (None: cuda if present, else cpu)
@@ -193,16 +194,36 @@ class RateController:
     def predict(self, x: float, names) -> float:
         return sum(self.ratio(self.curves[t].kind) * self.curves[t].bytes_at(x) for t in names)
 
+    def _aggregate(self, names) -> tuple[np.ndarray, float, float]:
+        """The remaining tensors' curves summed once (every curve lives on LOG2_GRID, and
+        interpolation is linear): Σ ratio·numel·bits on the grid, Σ ratio·numel, Σ ratio·512."""
+        agg = np.zeros(len(LOG2_GRID))
+        n_w = fixed = 0.0
+        for t in names:
+            c = self.curves[t]
+            r = self.ratio(c.kind)
+            agg += (r * c.numel) * c.bits
+            n_w += r * c.numel
+            fixed += r * 512
+        return agg, n_w, fixed
+
+    @staticmethod
+    def _predict_agg(x: float, agg: np.ndarray, n_w: float, fixed: float) -> float:
+        b = float(np.interp(x, LOG2_GRID, agg))
+        if x < LOG2_GRID[0]:
+            b += n_w * (LOG2_GRID[0] - x)
+        return b / 8 + fixed
+
     def solve(self, extra: float = 0.0) -> float:
         """log2 step such that spent + extra + predicted(remaining) = budget."""
         left = self.budget - self.spent - extra
-        names = sorted(self.remaining)
+        agg = self._aggregate(sorted(self.remaining))
         lo, hi = -40.0, 12.0
-        if self.predict(hi, names) > left:
+        if self._predict_agg(hi, *agg) > left:
             return hi
         for _ in range(60):
             mid = 0.5 * (lo + hi)
-            if self.predict(mid, names) > left:
+            if self._predict_agg(mid, *agg) > left:
                 lo = mid
             else:
                 hi = mid
@@ -359,20 +380,28 @@ def _to(obj, dev):
 
 
 def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], capture: list[tuple[str, torch.nn.Module]] | None,
-              dev: torch.device | None = None):
+              dev: torch.device | None = None, sigma_only: bool = False):
     """Outputs of ``block`` per window; with ``capture``, also Σ per linear (aliases share the
-    tensor: linears that read the very same input get the same Σ object)."""
+    tensor: linears that read the very same input get the same Σ object). ``sigma_only``: the
+    outputs are not wanted (quantized calibration runs the block again with the decoded
+    weights), so each window stops as soon as every captured linear has seen its input (the
+    last linear itself, e.g. ``down_proj``, and what follows it are skipped); returns no outputs."""
     acc: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     last = {"x": None, "key": None}
+    seen: set[str] = set()
+    n_capture = len({k for k, _m in capture or []})
     handles = []
     n_pos = 0
 
     def hook_for(key):
         def hook(_m, args):
             x = args[0]
+            seen.add(key)
             if x is last["x"]:
                 aliases[key] = aliases.get(last["key"], last["key"])
+                if sigma_only and len(seen) == n_capture:
+                    raise _Stop
                 return
             last["x"], last["key"] = x, key
             # one window's product in float32 (≤ 1024 positions), accumulated in float64
@@ -380,6 +409,8 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
             if key not in acc:
                 acc[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
             acc[key] += (x2.T @ x2).double()
+            if sigma_only and len(seen) == n_capture:
+                raise _Stop
 
         return hook
 
@@ -390,8 +421,15 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
         with torch.no_grad():
             for h, kw in zip(hs, kws):
                 last["x"] = last["key"] = None
-                o = block(h.to(dev) if dev is not None else h, **kw)
-                outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
+                seen.clear()
+                try:
+                    o = block(h.to(dev) if dev is not None else h, **kw)
+                except _Stop:
+                    o = None
+                if not sigma_only:
+                    if o is None:
+                        raise CalibrationError("a decoder block stopped before its output")
+                    outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
                 n_pos += h.shape[0] * h.shape[1]
     finally:
         for hd in handles:
@@ -592,15 +630,55 @@ def code_tensor(name: str, W: torch.Tensor, dtype: str, S: torch.Tensor | None, 
     return tc, job
 
 
+@contextlib.contextmanager
+def thread_limits(n: int | None):
+    """At most ``n`` threads in each of the encoder's thread pools for the duration (torch's
+    intra-op pool, numba's kernels, numpy's BLAS through threadpoolctl); ``None`` or 0 leaves
+    the libraries' defaults. The previous settings come back afterwards."""
+    if not n:
+        yield
+        return
+    import numba
+
+    t_old, nb_old = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; without it numpy's BLAS keeps its pool
+        ctx = contextlib.nullcontext()
+    else:
+        ctx = threadpool_limits(limits=n)
+    try:
+        with ctx:
+            yield
+    finally:
+        torch.set_num_threads(t_old)
+        numba.set_num_threads(nb_old)
+
+
+def _worker_threads(n: int | None) -> None:
+    """numba's thread count is per calling thread: a worker thread sets its own."""
+    if n:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: StreamOptions, *, progress: bool = True,
                   tokenizer=None, resume: bool = False, on_block=None) -> dict:
-    """Encode ``model`` block by block into ``out`` (see the module doc). Returns a summary."""
+    """Encode ``model`` block by block into ``out`` (see the module doc). Returns a summary.
+    Runs with at most ``opts.threads`` threads per pool (:func:`thread_limits`)."""
+    with thread_limits(opts.threads):
+        return _encode_stream(model, out, opts, progress=progress, tokenizer=tokenizer, resume=resume, on_block=on_block)
+
+
+def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: StreamOptions, *, progress: bool,
+                   tokenizer, resume: bool, on_block) -> dict:
     from aligncodec import archive
 
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     t0 = time.perf_counter()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     src_path = Path(model)
     if not src_path.exists():
         from aligncodec.lossy_compress import resolve_input
@@ -801,7 +879,7 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
                     A.set_param(plan.model, path, ckpt.float32(cname).to(dev))
                 lin_by_w = {li.weight: li for li in b.linears}
                 cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
-                outs, sig = run_block(blk, hs, kws[b.index], cap, dev)
+                outs, sig = run_block(blk, hs, kws[b.index], cap, dev, sigma_only=opts.calibration == "quantized")
             else:
                 sig = {}
             x = ctl.solve()
@@ -810,6 +888,7 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
             names = by_block.get(b.index, [])
 
             def work(nm, x=x, sig=sig, cache=cache):
+                _worker_threads(opts.threads)
                 tc, _job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache)
                 return tc
 

@@ -84,9 +84,12 @@ def _compress_stream(args: argparse.Namespace) -> int:
                                calibration="none" if args.no_calibration else args.calibration,
                                candidates=tuple(args.candidates.split(",")), alpha=args.alpha, seed=args.seed,
                                calib_tokens=args.calib_tokens, calib_text=args.calib_text,
-                               lossy_embeddings=True if args.lossy_embeddings else None, workers=args.workers)
+                               lossy_embeddings=True if args.lossy_embeddings else None, workers=args.workers,
+                               threads=args.threads or None)
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
+    if args.threads < 0:
+        raise CLIError("--threads must be >= 0", 2)
     if args.calib_text and not os.path.isfile(args.calib_text):
         raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
     try:
@@ -194,6 +197,10 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-text", metavar="FILE", help="lossy (stream): calibration text (UTF-8) instead of the built-in calibration half")
     p.add_argument("--calib-tokens", type=int, default=16384, help="lossy (stream): calibration tokens (default 16384)")
     p.add_argument("--workers", type=int, default=1, help="lossy (stream): tensors of one block coded in parallel")
+    p.add_argument("--threads", type=int, default=1, metavar="T",
+                   help="lossy (stream): threads per thread pool (torch, numba, BLAS); default 1: on a machine whose "
+                        "cores are busy, parallel kernels spend their time waiting at barriers (docs/lossy-encoder.md); "
+                        "0 = the libraries' defaults (every core)")
     p.add_argument("--resume", action="store_true", help="lossy (stream): continue an interrupted encode from its spool folder")
     p.add_argument("--distortion", type=float, help="lossy: target mean activation-weighted relative error per tensor instead of --bpw")
     p.add_argument("--candidates", default="hadamard,colscale",
