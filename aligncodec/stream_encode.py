@@ -618,15 +618,23 @@ def _lossy_shape_ok(shape) -> bool:
 
 
 def code_tensor(name: str, W: torch.Tensor, dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
-                cache: dict) -> tuple[E.TensorCode, E.TensorJob]:
-    job = E.TensorJob(name, W, dtype, S)
-    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
+                cache: dict, job: E.TensorJob | None = None) -> tuple[E.TensorCode, E.TensorJob]:
+    """Code one tensor at ``step``: candidates by J on a row subsample, then the chosen one in
+    full. ``job`` (from an earlier call, with its candidates) skips rebuilding them: a step
+    search codes the same tensor several times; the caller then clears ``job.cands``."""
+    keep = job is not None
+    if job is None:
+        job = E.TensorJob(name, W, dtype, S)
+        E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
     if len(job.cands) > 1:
         cand, _ = E.choose(job, step, E.stride_for(W.shape[0], opts.sample_rows))
     else:
         cand = job.cands[0]
+    if not keep:
+        job.cands = [cand]  # the others' C (one float32 copy of W each) go before the full code
     tc = E.code_candidate(job, cand, step)
-    job.cands = []
+    if not keep:
+        job.cands = []
     return tc, job
 
 
@@ -657,6 +665,24 @@ def thread_limits(n: int | None):
         numba.set_num_threads(nb_old)
 
 
+def _return_freed_memory() -> None:
+    """glibc's malloc raises its mmap threshold after every large free, up to 32 MiB: from then
+    on the encoder's many block-sized temporaries (a few MB each) come from the heap, and
+    fragmentation made the resident set grow by ~30 MB per block (SmolLM2, measured). A fixed
+    1 MiB threshold sends them to mmap, which returns them to the system when freed. The
+    setting is process-wide; a no-op where the C library is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    mallopt(M_TRIM_THRESHOLD, 1 << 20)
+
+
 def _worker_threads(n: int | None) -> None:
     """numba's thread count is per calling thread: a worker thread sets its own."""
     if n:
@@ -669,6 +695,7 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
                   tokenizer=None, resume: bool = False, on_block=None) -> dict:
     """Encode ``model`` block by block into ``out`` (see the module doc). Returns a summary.
     Runs with at most ``opts.threads`` threads per pool (:func:`thread_limits`)."""
+    _return_freed_memory()
     with thread_limits(opts.threads):
         return _encode_stream(model, out, opts, progress=progress, tokenizer=tokenizer, resume=resume, on_block=on_block)
 
@@ -937,6 +964,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                 if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step
                     st = ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()
                     tc, _ = code_tensor(nm, W, dtype, S, st, opts, {})
+                    tc.W_hat = None
                     put(nm, tc, math.log2(st))
                     continue
                 last = i == len(rest) - 1
@@ -981,7 +1009,17 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
     step is searched on the real coder (secant on exact bytes, at most 4 full codes)."""
     x = ctl.solve()
     cache: dict = {}
-    tc, job = code_tensor(nm, W, dtype, S, 2.0**x, opts, cache)
+    job = E.TensorJob(nm, W, dtype, S)
+    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
+    try:
+        return _search_last_job(nm, W, dtype, S, ctl, opts, exact, log, x, cache, job)
+    finally:
+        job.cands = []
+
+
+def _search_last_job(nm, W, dtype, S, ctl, opts, exact, log, x, cache, job) -> tuple[E.TensorCode, float]:
+    tc, _ = code_tensor(nm, W, dtype, S, 2.0**x, opts, cache, job)
+    tc.W_hat = None  # not needed outside the blocks (nothing runs after them)
     if not exact:
         return tc, x
     left = ctl.budget - ctl.spent
@@ -995,7 +1033,8 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
     for _ in range(4):
         if best[0] <= 0.002 or left <= 0:
             break
-        tc1, _ = code_tensor(nm, W, dtype, S, 2.0**x1, opts, cache)
+        tc1, _ = code_tensor(nm, W, dtype, S, 2.0**x1, opts, cache, job)
+        tc1.W_hat = None
         f1 = math.log2(nbytes(tc1) / left)
         log(f"{nm}: step {2.0**x1:.4g} -> {nbytes(tc1)} bytes (target {left:.0f})")
         if abs(nbytes(tc1) / left - 1) < best[0]:

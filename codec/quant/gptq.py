@@ -162,10 +162,10 @@ def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float,
 
     Rounding is plain (unbiased): a dead zone (offset ½ − θ towards zero) was measured inside
     GPTQ at −0.07 dB (θ = 0.1) and −0.8 dB (θ = 0.2) at equal rate, so there is none."""
-    W = C[:, perm].contiguous().numpy().copy()
+    W = C[:, perm].contiguous().numpy()  # indexing by perm made a copy: C is not modified
     rows, n = W.shape
     Un = U.contiguous().numpy()
-    Q = np.empty((rows, n), dtype=np.int64)
+    Q = np.empty((rows, n), dtype=np.int32)  # |symbols| ≤ maxq ≤ 32767
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         W1 = np.ascontiguousarray(W[:, i1:i2])
