@@ -781,13 +781,14 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         data = calibration_windows(folder, opts, tokenizer)
         windows = data.windows
         for path, cname in plan.outer.items():
-            if plan.lm_head_module and path.startswith(plan.lm_head_module + ".") and not plan.tied:
+            # the output projection is never run (its input is captured by a hook that stops there)
+            if plan.lm_head_module and path.startswith(plan.lm_head_module + "."):
                 continue
             A.set_param(plan.model, path, ckpt.float32(cname))
         hs, kws = record_block_inputs(plan, windows)
-        if plan.embedding and not plan.tied:  # the embedding is only needed for the inputs
-            emb_path = next(p for p, c in plan.outer.items() if c == plan.embedding)
-            A.set_param(plan.model, emb_path, None)
+        for path, cname in plan.outer.items():  # the embedding is only needed for the inputs
+            if cname in (plan.embedding, plan.lm_head):
+                A.set_param(plan.model, path, None)
         log(f"calibration: {data.n_tokens} tokens in {len(windows)} windows")
 
     # ---- writer: lossless tensors and auxiliary files first (their bytes are then known)
