@@ -665,22 +665,26 @@ def thread_limits(n: int | None):
         numba.set_num_threads(nb_old)
 
 
-def _return_freed_memory() -> None:
-    """glibc's malloc raises its mmap threshold after every large free, up to 32 MiB: from then
-    on the encoder's many block-sized temporaries (a few MB each) come from the heap, and
-    fragmentation made the resident set grow by ~30 MB per block (SmolLM2, measured). A fixed
-    1 MiB threshold sends them to mmap, which returns them to the system when freed. The
-    setting is process-wide; a no-op where the C library is not glibc."""
-    import ctypes
+_LIBC = None
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    mallopt(M_TRIM_THRESHOLD, 1 << 20)
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``). Block-sized
+    temporaries (a few MB each) come from the heap once glibc's mmap threshold has risen; the
+    holes they leave kept the resident set growing by ~30 MB per block (SmolLM2, measured).
+    Called after every block and every large tensor; a no-op without glibc. (A fixed low mmap
+    threshold did the same but tripled the system time: every temporary was a fresh mapping.)"""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def _worker_threads(n: int | None) -> None:
@@ -695,7 +699,6 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
                   tokenizer=None, resume: bool = False, on_block=None) -> dict:
     """Encode ``model`` block by block into ``out`` (see the module doc). Returns a summary.
     Runs with at most ``opts.threads`` threads per pool (:func:`thread_limits`)."""
-    _return_freed_memory()
     with thread_limits(opts.threads):
         return _encode_stream(model, out, opts, progress=progress, tokenizer=tokenizer, resume=resume, on_block=on_block)
 
@@ -818,6 +821,9 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
             mode, params, streams = lossless.encode(raw, ti.dtype, ti.numel)
             e = w.add(nm, ti.dtype, ti.shape, mode, streams, params)
             other_bytes += lossy.entry_bytes(nm, len(ti.shape), len(params), e.size)
+            del raw, streams
+            if ti.numel >= 1 << 22:
+                release_free_memory()
         for a in src.aux:
             data_b = a.read_bytes()
             mode, params, streams = lossless.encode(data_b, "U8", len(data_b))
@@ -940,6 +946,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
             spool.save_step(f"block{b.index}", {"entries": entries, "ctl": ctl.state(),
                                                "coded": [asdict(coded[n]) for n in names]},
                             hs if calibrate else None)
+            release_free_memory()
             if on_block is not None:  # tests: interrupt after a given block
                 on_block(b.index)
             bar.update(1)
@@ -977,6 +984,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                 ctl.steps.append(2.0**x)
                 put(nm, tc, x)
                 del W, tc
+                release_free_memory()
         # ---- metadata and close
         w.metadata.update(metadata())
         summ = json.loads(w.metadata["acz.lossy.summary"])
