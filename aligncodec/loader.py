@@ -46,7 +46,7 @@ import numpy as np
 
 from aligncodec.auxfiles import AUX_PREFIX, is_aux
 from aligncodec.formats import errors as E
-from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED
+from aligncodec.formats.constants import MODE_BYTEGROUP, MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED
 from aligncodec.formats.layout import TensorEntry, crc32
 from aligncodec.formats.limits import Limits, resolve as resolve_limits
 from aligncodec.formats.reader import iter_archive, parse_header
@@ -275,7 +275,7 @@ _KNOWN_STREAMS = (RawStream, ZstdStream, RansStream)
 def _plan_bytes(entry: TensorEntry, streams: list, out: np.ndarray, threads: int | None):
     """The plan that decodes a tensor's bytes into ``out`` (uint8, entry.nbytes)."""
     if all(isinstance(s, _KNOWN_STREAMS) for s in streams):
-        if entry.mode in (MODE_STORED, MODE_FLOAT_SPLIT):
+        if entry.mode in (MODE_STORED, MODE_FLOAT_SPLIT, MODE_BYTEGROUP):
             from aligncodec.codec.modes import lossless
 
             return lossless.plan_decode(entry, streams, out, threads=threads)
@@ -670,13 +670,15 @@ def load_hf_model(
     model_class=None,
     strict: bool = True,
     trust_remote_code: bool = False,
+    limits=None,
 ):
     """Build the Hugging Face model described by the archive's ``config.json`` and fill it
     while decoding, tensor by tensor (parameters start on the meta device, so peak memory
     is about the decoded model plus one tensor in flight). Tied weights (e.g. lm_head and
     the embeddings) are tied after loading. Returns the model in eval mode.
 
-    ``strict``: raise LoadError on archive tensors the model does not have."""
+    ``strict``: raise LoadError on archive tensors the model does not have.
+    ``limits``: the reader's resource limits (:class:`aligncodec.formats.limits.Limits`), as for :func:`load`."""
     import torch
 
     dev = torch.device(device)
@@ -712,7 +714,7 @@ def load_hf_model(
             unexpected.append(name)
 
     for name, t in load(source, device=dev, dtype=dtype, threads=threads, prefetch=prefetch, include_aux=True,
-                        on_header=on_header, _decode_gate=gate):
+                        on_header=on_header, _decode_gate=gate, limits=limits):
         if is_aux(name):
             if name == AUX_PREFIX + "config.json" and model is None:
                 model = build(t.numpy().tobytes())

@@ -63,7 +63,8 @@ FLOAT_FORMATS = {"F16": (16, 5), "BF16": (16, 8), "F32": (32, 8), "F64": (64, 11
 MODE_STORED = 0
 MODE_FLOAT_SPLIT = 1
 MODE_ECSQ = 2  # lossy (spec §7.4)
-MODE_NAMES = {MODE_STORED: "stored", MODE_FLOAT_SPLIT: "float-split", MODE_ECSQ: "ecsq"}
+MODE_BYTEGROUP = 3  # lossless byte planes (spec §7.5)
+MODE_NAMES = {MODE_STORED: "stored", MODE_FLOAT_SPLIT: "float-split", MODE_ECSQ: "ecsq", MODE_BYTEGROUP: "bytegroup"}
 
 # stream coders (spec §5)
 CODER_RAW = 0

@@ -22,7 +22,7 @@ import numpy as np
 
 from aligncodec.codec.modes import lossless
 from aligncodec.codec.entropy import rans
-from aligncodec.formats.constants import DTYPES, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED, SECTION_FLAG_REQUIRED, SECTION_METADATA, SECTION_TENSOR
+from aligncodec.formats.constants import DTYPES, FLOAT_FORMATS, MODE_BYTEGROUP, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED, SECTION_FLAG_REQUIRED, SECTION_METADATA, SECTION_TENSOR
 from aligncodec.formats.layout import TensorEntry, align, crc32
 from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, serialize_stream
 from aligncodec.formats.reader import parse_preamble
@@ -114,7 +114,35 @@ def valid_cases() -> dict[str, list[tuple]]:
         ("w", "F32", (4,), _bits("F32", np.array([1.0, -2.0, 0.5, 0.0])), None),
         ("acz:file/config.json", "U8", (16,), b'{"hidden": 576}\n', None),
     ]
+    cases["bytegroup"] = bytegroup_case()
     return cases
+
+
+def _special(dtype: str, n: int, seed: int) -> bytes:
+    """``n`` weights of ``dtype`` led by the values whose bits a decoder must not alter: ±0, ±inf,
+    a NaN with payload, the smallest subnormal, the largest finite value."""
+    width, _ = FLOAT_FORMATS[dtype]
+    u = np.dtype(f"<u{width // 8}")
+    b = np.frombuffer(_bits(dtype, _weights(n, seed)), dtype=u).copy()
+    top = 1 << (width - 1)
+    e = FLOAT_FORMATS[dtype][1]
+    inf = ((1 << e) - 1) << (width - 1 - e)
+    b[:8] = [0, top, inf, top | inf, inf | 1 | (1 << (width - 3 - e)), 1, inf - 1, top | 5]
+    return b.tobytes()
+
+
+def bytegroup_case() -> list[tuple]:
+    """Mode 3 (spec §7.5): every float dtype, slices that divide numel and one that does not, planes
+    stored raw and as zstd frames (with their content size), special values first."""
+    out = []
+    for name, dtype, shape, slice_elems, seed in [("w.f16", "F16", (300,), 128, 20), ("w.bf16", "BF16", (17, 31), 200, 21),
+                                                  ("w.f32", "F32", (1001,), 1001, 22), ("w.f64", "F64", (3, 5, 7), 64, 23)]:
+        n = int(np.prod(shape))
+        data = _special(dtype, n, seed)
+        width, _ = FLOAT_FORMATS[dtype]
+        params, streams = lossless.encode_bytegroup(np.frombuffer(data, dtype=f"<u{width // 8}"), dtype, slice_elems=slice_elems)
+        out.append((name, dtype, shape, data, (MODE_BYTEGROUP, params, streams)))
+    return out
 
 
 def _write_valid(path: Path, tensors: list[tuple], extensions=()) -> list[dict]:
@@ -251,6 +279,7 @@ def invalid_cases() -> dict[str, tuple[bytes, str]]:
     lcor = RansStream(ls.precision, ls.chunk_symbols, ls.n_symbols, ls.freqs, ls.chunk_lengths, ls.payload[:4 * 7] + bytes([ls.payload[28] ^ 0x21]) + ls.payload[29:], 32)
     e14, d14 = _entry("w", "BF16", (40, 100), mode, [lcor, lrest_s], params)
     out["lanes_state_corrupt"] = (_archive([(e14, d14)]), "CorruptStreamError")
+    out.update(bytegroup_invalid())
     b = bytearray(good); pad_at = 64 + len(hdr)
     if pad_at < cut:
         b[pad_at] = 1
@@ -261,13 +290,43 @@ def invalid_cases() -> dict[str, tuple[bytes, str]]:
     return out
 
 
+def bytegroup_invalid() -> dict[str, tuple[bytes, str]]:
+    """Mode 3 (spec §7.5) defects, checksums valid."""
+    import zstandard
+
+    out: dict[str, tuple[bytes, str]] = {}
+    w = np.frombuffer(_bits("BF16", _weights(300, 30)), dtype="<u2")
+    params, streams = lossless.encode_bytegroup(w, "BF16", slice_elems=100)  # 3 slices x 2 planes
+    assert isinstance(streams[1], ZstdStream) and len(streams) == 6
+
+    def arch(dtype, sts, prm=params, shape=(300,)):
+        e, d = _entry("w", dtype, shape, MODE_BYTEGROUP, sts, prm)
+        return _archive([(e, d)])
+
+    out["bytegroup_stream_count"] = (arch("BF16", streams[:4]), "StreamError")
+    out["bytegroup_slice_zero"] = (arch("BF16", streams, bytes(4)), "StreamError")
+    out["bytegroup_params_length"] = (arch("BF16", streams, params + bytes(1)), "StreamError")
+    out["bytegroup_dtype"] = (arch("I16", streams), "StreamError")
+    plane = lossless.bytegroup_planes(w, 16)[1, :100].tobytes()
+    bare = zstandard.ZstdCompressor(level=1, write_content_size=False, write_checksum=False).compress(plane)
+    out["bytegroup_no_content_size"] = (arch("BF16", [streams[0], ZstdStream(bare, 100)] + streams[2:]), "StreamError")
+    longer = zstandard.ZstdCompressor(level=1, write_content_size=True, write_checksum=False).compress(plane + plane[:1])
+    out["bytegroup_content_size"] = (arch("BF16", [streams[0], ZstdStream(longer, 100)] + streams[2:]), "CorruptStreamError")
+    z = bytearray(streams[1].data)
+    z[len(z) // 2] ^= 0x5A  # inside the compressed block: zstd rejects the frame when it decodes it
+    out["bytegroup_zstd_corrupt"] = (arch("BF16", [streams[0], ZstdStream(bytes(z), 100)] + streams[2:]), "CorruptStreamError")
+    return out
+
+
 # ----------------------------------------------------------------- main
 
 
 def generate(root: Path) -> None:
     # the vectors were written with the chunked layout of 16384 symbols (coder 2); pin it, whatever
     # the encoder's default, so that they stay byte for byte
-    with rans.default_layout(16384, 1):
+    # likewise the lossless tensors without an override were coded by the encoder's choice between
+    # stored and float-split: pin that policy (the bytegroup vectors name their mode explicitly)
+    with rans.default_layout(16384, 1), lossless.use_policy("float-split"):
         _generate(root)
 
 

@@ -238,6 +238,23 @@ CASES: dict[str, Case] = {
     "many_tensors_expansion": Case(lambda: build({}, [T(f"t{i:03d}", "F32", (1 << 20,), C.MODE_STORED, [C.ZstdStream(zstd_rle_frame(4 * MiB), 4 * MiB)])
                                                       for i in range(64)]), "LimitError", "64 tensors of 4 MiB each from 8 KB (a per-tensor cap would allow 256 MiB)"),
     "hadamard_m_1023": Case(lambda: _hadamard(16384, 1023, 1023), "LimitError", "4 MB, Hadamard m = 1023 and 16,384 rows (verify ran 2 minutes)"),
+    # ---- mode 3, bytegroup (spec §7.5): every plane's size declared before anything is decoded
+    "bytegroup_rle_256MiB": Case(lambda: build({}, [T("w", "F16", (128 * MiB,), C.MODE_BYTEGROUP,
+                                                      [C.ZstdStream(zstd_rle_frame(4 * MiB), 4 * MiB) for _ in range(64)], (4 * MiB).to_bytes(4, "little"))]),
+                                 "LimitError", "64 RLE frames (8 KB each) declaring a 256 MiB bytegroup tensor"),
+    "bytegroup_frame_larger": Case(lambda: build({}, [T("w", "BF16", (64,), C.MODE_BYTEGROUP,
+                                                        [C.RawStream(bytes(64)), C.ZstdStream(zstd_rle_frame(1 << 20), 64)], (64).to_bytes(4, "little"))]),
+                                   "CorruptStreamError", "a plane's zstd frame that declares 1 MiB for a 64-byte plane"),
+    "bytegroup_no_content_size": Case(lambda: build({}, [T("w", "BF16", (64,), C.MODE_BYTEGROUP,
+                                                           [C.RawStream(bytes(64)), C.ZstdStream(b"\x28\xb5\x2f\xfd\x00\x00" + bytes(6), 64)],
+                                                           (64).to_bytes(4, "little"))]),
+                                      "StreamError", "a plane's zstd frame without its content size (output unbounded until decoded)"),
+    "bytegroup_streams_for_slices": Case(lambda: build({}, [T("w", "F32", (1000,), C.MODE_BYTEGROUP, [C.RawStream(bytes(1000))] * 4,
+                                                              (1).to_bytes(4, "little"))]),
+                                         "StreamError", "slice length 1: 1000 slices need 4000 streams, 4 given"),
+    "bytegroup_ok": Case(lambda: build({}, [T("w", "BF16", (3,), C.MODE_BYTEGROUP, [C.RawStream(b"\x81\x00\x02"), C.RawStream(b"\x7f\x00\xff")],
+                                              (3).to_bytes(4, "little"))]),
+                         "OK", "a valid bytegroup tensor of raw planes", {"w": b"\xc0\xbf\x00\x00\x81\x7f"}),
     # ---- valid archives the reader must still take
     "orphan_name_collision": Case(lambda: build(files_meta({"extra.safetensors": {"metadata": {}, "tensors": ["a"]}}),
                                                 [stored("a", b"\x01"), stored("b", b"\x02")]),

@@ -172,6 +172,18 @@ def test_hf_model_round_trip_identical_outputs(tmp_path, tie):
         assert n1 == n2 and torch.equal(p1, p2)
 
 
+def test_hf_model_honours_reader_limits(tmp_path):
+    """load_hf_model passes ``limits`` to the reader: a tensor larger than max_tensor_bytes is a
+    LimitError before it is decoded; the default limits load the same archive."""
+    from aligncodec.formats.errors import LimitError
+    from aligncodec.formats.limits import Limits
+
+    _, path = _tiny_llama(tmp_path, True)
+    with pytest.raises(LimitError):
+        aligncodec.load_hf_model(path, limits=Limits(max_tensor_bytes=1024))
+    assert aligncodec.load_hf_model(path, limits=Limits()) is not None
+
+
 def test_hf_model_from_pipe_and_dtype(tmp_path):
     model, path = _tiny_llama(tmp_path, True)
     p = subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE)

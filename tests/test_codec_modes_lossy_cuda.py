@@ -30,7 +30,7 @@ ON_GPU = IN_SIM or os.environ.get("ACZ_TEST_REAL_GPU") == "1"
 sim_only = pytest.mark.skipif(not ON_GPU, reason="runs in the NUMBA_ENABLE_CUDASIM=1 child process (or with ACZ_TEST_REAL_GPU=1)")
 host_only = pytest.mark.skipif(IN_SIM, reason="runs without the simulator")
 VECTORS = sorted((Path(__file__).resolve().parent.parent / "spec" / "vectors" / "lossy").glob("*.acz"))
-N_SIM_TESTS = len(VECTORS) + 24 + 3  # golden vectors, shape classes, corruption + OOM + small buffers; checked by the driver
+N_SIM_TESTS = len(VECTORS) + 24 + 4  # golden vectors, shape classes, corruption + OOM + small buffers + driver calls; checked by the driver
 
 
 @host_only
@@ -118,13 +118,13 @@ def test_kernels_compile_without_fma():
     from aligncodec.codec.modes import lossy_cuda as LC
 
     A = lambda t: t[::1]  # noqa: E731
-    idx = (A(T.uint16), A(T.int64), A(T.int64), A(T.int64), A(T.int32), A(T.int32), A(T.float32))
+    idx = (A(T.uint16), A(T.int64), A(T.float32)) + (T.int64,) * 6  # syms, I, F, table offsets
     sigs = {
         "identity_kernel": idx + (T.int64, T.int64, A(T.uint16), T.int64),
-        "segment_kernel": idx + (T.int64, T.int64, T.int64, T.int64, A(T.float32), T.float32, A(T.float32), A(T.uint16), T.int64, A(T.float32), T.boolean),
+        "segment_kernel": idx + (T.int64, T.int64, T.int64, T.int64, T.int64, T.float32, T.int64, A(T.uint16), T.int64, A(T.float32), T.boolean),
         "load_kernel": idx + (T.int64, T.int64, T.int64, A(T.float32)),
         "stage_kernel": (A(T.float32), T.int64, T.int64, T.int64, T.int64),
-        "finish_kernel": (A(T.float32), T.int64, T.int64, T.int64, T.int64, A(T.float32), T.float32, A(T.float32), A(T.uint32), T.int64),
+        "finish_kernel": (A(T.float32), T.int64, T.int64, T.int64, T.int64, A(T.float32), T.int64, T.float32, T.int64, A(T.uint32), T.int64),
     }
     for name, sig in sigs.items():
         ptx, _ = cuda.compile_ptx(getattr(LC, name).py_func, T.void(*sig), cc=(9, 0))
@@ -325,3 +325,27 @@ def test_out_of_memory_names_the_tensor(lc, monkeypatch):
     monkeypatch.setattr(decode_cuda, "_raw_device_array", full)
     with pytest.raises(decode_cuda.DeviceOutOfMemoryError, match=re.escape(repr(e.name))):
         lc.reconstruct_device(e, st)
+
+
+@sim_only
+def test_driver_calls_per_tensor(lc, monkeypatch):
+    """Once this thread's pool is warm, a lossy tensor with several class streams (rows in shared
+    memory) costs one host-to-device copy, two kernel launches (every class stream, then the
+    reconstruction), one status copy back, and no allocation or other copy."""
+    from numba import cuda
+
+    from aligncodec.codec.modes import lossy
+    from aligncodec.formats.streams import parse_streams
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cuda_calls import count_calls
+
+    rng = np.random.default_rng(8)
+    e, data = _make(rng, 6, 24, lossy.TRANSFORM_HADAMARD, (3, 0), True, "BF16")
+    st = parse_streams(data, e.stream_count)
+    out = cuda.to_device(np.zeros(e.numel, np.uint16))
+    calls = count_calls(monkeypatch)
+    lc.reconstruct_device(e, st, out)  # warms the pool
+    calls.clear()
+    assert lc.reconstruct_device(e, st, out).copy_to_host().tobytes() == _cpu_bytes(e, st)
+    assert calls == {"h2d": 1, "launch": 2, "d2h": 1}, calls

@@ -74,3 +74,19 @@ def test_in_process_main_restores_the_sigint_handler(tmp_path):
     before = signal.getsignal(signal.SIGINT)
     main(["verify", str(tmp_path / "missing.acz")])
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_closed_output_pipe_is_quiet_exit_141(tmp_path):
+    """`aligncodec inspect big.acz | head -1`: the reader goes away after one line; the command
+    stops with exit 141 (as a program killed by SIGPIPE) and prints no error or traceback."""
+    import aligncodec
+
+    sd = {f"t{i:05d}.weight": torch.zeros(4) for i in range(3000)}  # ~300 kB of inspect output
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    aligncodec.compress(tmp_path / "m.safetensors", tmp_path / "m.acz")
+    p = subprocess.Popen(RUN + ["inspect", str(tmp_path / "m.acz")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith(b"tensor")
+    p.stdout.close()
+    err = p.stderr.read().decode(errors="replace")
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "error" not in err, err

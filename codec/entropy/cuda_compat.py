@@ -6,10 +6,10 @@
   libdevice's ``__nv_fmul_rn`` lowers to ``mul.rn.f32``, which PTX never contracts
   (tests/test_codec_modes_lossy_cuda.py compiles the kernels to PTX and checks there is no ``fma``).
 * ``f32_bits``: the bit pattern of a float32 as uint32 (libdevice ``float_as_int``).
-* ``ballot_sync``: warp vote. The simulator has none, so :func:`install_simulator_warp_vote`
-  adds one to its fake ``cuda`` module, built on the block barrier the simulator does have.
-  It is exact for kernels whose warps call it in lock step (every lane of a warp reaches the
-  same call), which is how the interleaved-lanes rANS kernel uses it.
+* ``ballot_sync`` (warp vote) and ``shfl_sync`` (indexed warp shuffle): the simulator has
+  neither, so :func:`install_simulator_warp_vote` adds them to its fake ``cuda`` module, built
+  on the block barrier the simulator does have. They are exact for kernels whose warps call them in lock step (every
+  lane of a warp reaches the same call), which is how the interleaved-lanes rANS kernel uses them.
 
 In the simulator the float operations are numpy float32 operations (one rounding each).
 """
@@ -50,12 +50,12 @@ else:
 
 
 def install_simulator_warp_vote() -> None:
-    """Give the simulator's fake ``cuda`` module ``ballot_sync(mask, predicate)`` (idempotent)."""
+    """Give the simulator's fake ``cuda`` module ``ballot_sync(mask, predicate)`` and ``shfl_sync(mask, value, src_lane)`` (idempotent)."""
     if not SIMULATOR:
         return
     from numba.cuda.simulator import kernelapi
 
-    if hasattr(kernelapi.FakeCUDAModule, "ballot_sync"):
+    if hasattr(kernelapi.FakeCUDAModule, "ballot_sync") and hasattr(kernelapi.FakeCUDAModule, "shfl_sync"):
         return
 
     def ballot_sync(self, mask, predicate):
@@ -73,7 +73,17 @@ def install_simulator_warp_vote() -> None:
         t.syncthreads()
         return np.uint32(bits & int(mask))
 
+    def shfl_sync(self, mask, value, src_lane):
+        t = threading.current_thread()
+        vals = t._manager.__dict__.setdefault("_acz_shfl", {})  # thread_id -> value (dict ops are atomic)
+        vals[t.thread_id] = value
+        t.syncthreads()
+        got = vals[32 * (t.thread_id // 32) + (int(src_lane) & 31)]
+        t.syncthreads()
+        return got
+
     kernelapi.FakeCUDAModule.ballot_sync = ballot_sync
+    kernelapi.FakeCUDAModule.shfl_sync = shfl_sync
 
 
 install_simulator_warp_vote()

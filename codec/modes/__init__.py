@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from aligncodec.codec.registry import lazy
-from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED
+from aligncodec.formats.constants import MODE_BYTEGROUP, MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED
 from aligncodec.formats.errors import UnsupportedError
 from aligncodec.formats.layout import TensorEntry
 
@@ -47,6 +47,9 @@ MODES: dict[int, Mode] = {
     MODE_FLOAT_SPLIT: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), lazy(_CUDA, "decode_float_split_tensor"),
                            lazy(_LOSSLESS, "check_params")),
     MODE_ECSQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode"), lazy(_LOSSY_CUDA, "decode_gpu"), lazy(_LOSSY, "check_params")),
+    # no GPU path yet: for a CUDA device the loader decodes a bytegroup tensor on the CPU (zstd +
+    # the byte-plane join, GB/s on a few cores) and copies it to the device
+    MODE_BYTEGROUP: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), None, lazy(_LOSSLESS, "check_params")),
 }
 assert set(MODES) == set(MODE_NAMES), "every mode id in formats.constants has a registry entry"
 

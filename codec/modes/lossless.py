@@ -1,22 +1,27 @@
-"""Lossless coding modes (spec/FORMAT.md §7): ``stored`` and ``float-split``.
+"""Lossless coding modes (spec/FORMAT.md §7): ``stored``, ``float-split`` and ``bytegroup``.
 
 ``float-split`` codes a float tensor's bits in two streams: the exponent and
 the top k mantissa bits (``DEFAULT_MANTISSA_BITS``: 2 for BF16, 3 for F16, 0 for
 F32/F64) as rANS symbols, where weights carry their redundancy, and the
 remaining bits (sign and low mantissa) bit-packed, stored raw or as one zstd
-frame — whichever is smaller. ``stored`` keeps the little-endian bytes, raw or zstd. The encoder
-tries the candidates and keeps the smallest; decoding is always bit-exact.
+frame — whichever is smaller. ``bytegroup`` rotates each float's sign to its lowest bit and
+splits the elements into byte planes (the exponent byte, the mantissa bytes), each plane of
+each slice of the tensor one zstd frame (Huffman-coded literals, decoded at GB/s) or raw.
+``stored`` keeps the little-endian bytes, raw or zstd. The encoder tries the candidates its
+*policy* allows (:data:`POLICIES`; by default bytegroup unless another mode is more than 2 % smaller); decoding is always bit-exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import threading
 
 import numpy as np
 import zstandard
 
-from aligncodec.formats.constants import CODER_NAMES, FLOAT_FORMATS, MODE_FLOAT_SPLIT, MODE_STORED, STREAM_ALIGN
+from aligncodec.formats.constants import CODER_NAMES, FLOAT_FORMATS, MAX_STREAMS, MODE_BYTEGROUP, MODE_FLOAT_SPLIT, MODE_STORED, STREAM_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
 from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, check_rans_stream, serialize_stream
 from aligncodec.formats.errors import CorruptStreamError, StreamError, UnsupportedError
@@ -30,6 +35,51 @@ DEFAULT_MANTISSA_BITS = {"F16": 3, "BF16": 2, "F32": 0, "F64": 0}
 ZSTD_LEVEL = 3
 # below this many elements the rANS table outweighs what float-split saves
 MIN_SPLIT_ELEMENTS = 256
+
+# bytegroup (spec §7.5): zstd level of the planes (level 1 gave the smallest planes on SmolLM2's
+# weights: its Huffman literals are what pays, longer match searches only slow the decoder), and
+# the smallest slice the encoder makes (elements): fewer, larger frames below it cost more
+# headers than the parallelism is worth
+BYTEGROUP_ZSTD_LEVEL = 1
+BYTEGROUP_MIN_SLICE = 1 << 18
+
+# which lossless modes the encoder may choose among (``stored`` is always a candidate):
+# "auto" (the default): stored or bytegroup, the smaller, unless float-split is more than
+#     AUTO_TOLERANCE smaller for this tensor (measured on SmolLM2: fp16 bytegroup is 0.13 % larger than float-split and
+#     decodes about 3x faster, so fp16 tensors get bytegroup; bf16 bytegroup is 4.4 % larger,
+#     so bf16 tensors keep float-split);
+# "bytegroup": stored or bytegroup, the smaller (the fastest decoding);
+# "float-split": stored or float-split, the smaller (the encoder before bytegroup, byte for byte);
+# "smallest": every lossless mode, the fewest bytes.
+POLICIES = ("auto", "bytegroup", "float-split", "smallest")
+DEFAULT_POLICY = "auto"
+AUTO_TOLERANCE = 0.02
+_policy: list[str] = []  # the stack of use_policy blocks (process-wide: encoder threads see it too)
+
+
+@contextlib.contextmanager
+def use_policy(policy: str | None):
+    """Inside this block, :func:`encode` without ``policy`` uses ``policy`` (None: no change),
+    in every thread: the CLI's ``--lossless-mode``, around a whole compress call."""
+    if policy is None:
+        yield
+        return
+    check_policy(policy)
+    _policy.append(policy)
+    try:
+        yield
+    finally:
+        _policy.pop()
+
+
+def check_policy(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"lossless mode must be one of {', '.join(POLICIES)}, not {policy!r}")
+    return policy
+
+
+def current_policy() -> str:
+    return _policy[-1] if _policy else DEFAULT_POLICY
 
 
 def _zstd(data: bytes) -> bytes:
@@ -153,35 +203,98 @@ def join_float(sym: np.ndarray, rest: np.ndarray, dtype: str, k: int) -> np.ndar
     return ((r >> u(low)) << u(width - 1)) | (sym.astype(u) << u(low)) | (r & u((1 << low) - 1))
 
 
-def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: int | None = None, mode: int | None = None) -> tuple[int, bytes, list]:
-    """Choose the smallest lossless coding for a tensor's little-endian bytes
-    (or use ``mode`` if given). Returns (mode, params, streams)."""
+def rotl1(bits: np.ndarray, width: int) -> np.ndarray:
+    """The W-bit patterns rotated left by one bit: the sign moves to bit 0 (spec §7.5)."""
+    u = np.dtype(f"u{width // 8}").type
+    b = bits.astype(u, copy=False)
+    return (b << u(1)) | (b >> u(width - 1))
+
+
+def rotr1(bits: np.ndarray, width: int) -> np.ndarray:
+    u = np.dtype(f"u{width // 8}").type
+    b = bits.astype(u, copy=False)
+    return (b >> u(1)) | (b << u(width - 1))
+
+
+def bytegroup_slice(numel: int, width: int) -> int:
+    """The encoder's slice length S (elements): at least BYTEGROUP_MIN_SLICE, and few enough
+    slices that their W/8 planes fit the stream limit (MAX_STREAMS)."""
+    per = MAX_STREAMS // (width // 8)
+    return max(1, min(max(numel, 1), max(BYTEGROUP_MIN_SLICE, -(-numel // per))))
+
+
+def bytegroup_planes(bits: np.ndarray, width: int) -> np.ndarray:
+    """(W/8, n) uint8: plane p is byte p (little-endian) of each element's rotated pattern."""
+    r = rotl1(np.ascontiguousarray(bits), width).astype(f"<u{width // 8}", copy=False)
+    return np.ascontiguousarray(r.view(np.uint8).reshape(-1, width // 8).T)
+
+
+def encode_bytegroup(bits: np.ndarray, dtype: str, *, slice_elems: int | None = None, level: int = BYTEGROUP_ZSTD_LEVEL) -> tuple[bytes, list]:
+    """(params, streams) of a float tensor's W-bit patterns in mode ``bytegroup`` (spec §7.5):
+    per slice of S elements, per plane, one zstd frame (with its content size) or the raw bytes,
+    whichever is smaller."""
+    width, _ = FLOAT_FORMATS[dtype]
+    n = int(bits.size)
+    if n < 1:
+        raise ValueError("bytegroup codes at least one element")
+    S = bytegroup_slice(n, width) if slice_elems is None else int(slice_elems)
+    if not 1 <= S <= 0xFFFFFFFF or -(-n // S) * (width // 8) > MAX_STREAMS:
+        raise ValueError(f"bytegroup slice {S} for {n} elements: out of range or too many streams")
+    planes = bytegroup_planes(bits, width)
+    zc = zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=True)
+    streams: list = []
+    for a in range(0, n, S):
+        for p in range(width // 8):
+            data = planes[p, a:a + S].tobytes()
+            z = zc.compress(data)
+            streams.append(ZstdStream(z, len(data)) if len(z) < len(data) else RawStream(data))
+    return S.to_bytes(4, "little"), streams
+
+
+def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: int | None = None, mode: int | None = None,
+           policy: str | None = None) -> tuple[int, bytes, list]:
+    """Choose the smallest lossless coding for a tensor's little-endian bytes among ``stored``
+    and the modes ``policy`` allows (:data:`POLICIES`; None: :func:`current_policy`), or use
+    ``mode`` if given. Returns (mode, params, streams)."""
+    policy = check_policy(policy or current_policy())
     raw = bytes(data) if not isinstance(data, np.ndarray) else data.tobytes()
     candidates: list[tuple[int, bytes, list]] = [(MODE_STORED, b"", [_best_bytes_stream(raw)])]
-    if dtype in FLOAT_FORMATS and (numel >= MIN_SPLIT_ELEMENTS or mode == MODE_FLOAT_SPLIT):
+    big = numel >= MIN_SPLIT_ELEMENTS
+    if dtype in FLOAT_FORMATS:
         width, e = FLOAT_FORMATS[dtype]
-        k = DEFAULT_MANTISSA_BITS[dtype] if mantissa_bits is None else mantissa_bits
         bits = np.frombuffer(raw, dtype=f"<u{width // 8}")
-        sym, rest = split_float(bits, dtype, k)
-        from aligncodec.codec.entropy import rans
+        if (big and policy in ("auto", "float-split", "smallest")) or mode == MODE_FLOAT_SPLIT:
+            k = DEFAULT_MANTISSA_BITS[dtype] if mantissa_bits is None else mantissa_bits
+            sym, rest = split_float(bits, dtype, k)
+            from aligncodec.codec.entropy import rans
 
-        s0 = rans.encode(sym, alphabet_size=int(sym.max()) + 1)
-        del sym, bits  # a large tensor's copies go as soon as they are coded (peak memory)
-        packed = pack_bits(rest, width - e - k)
-        del rest
-        s1 = _best_bytes_stream(packed)
-        del packed
-        candidates.append((MODE_FLOAT_SPLIT, bytes([k]), [s0, s1]))
+            s0 = rans.encode(sym, alphabet_size=int(sym.max()) + 1)
+            del sym  # a large tensor's copies go as soon as they are coded (peak memory)
+            packed = pack_bits(rest, width - e - k)
+            del rest
+            s1 = _best_bytes_stream(packed)
+            del packed
+            candidates.append((MODE_FLOAT_SPLIT, bytes([k]), [s0, s1]))
+        if numel >= 1 and ((big and policy in ("auto", "bytegroup", "smallest")) or mode == MODE_BYTEGROUP):
+            params, streams = encode_bytegroup(bits, dtype)
+            candidates.append((MODE_BYTEGROUP, params, streams))
     if mode is not None:
         forced = [c for c in candidates if c[0] == mode]
         if not forced:
             raise ValueError(f"mode {mode} cannot code a {dtype} tensor")
         return forced[0]
-    return min(candidates, key=lambda c: _streams_size(c[2]))
+    sizes = [_streams_size(c[2]) for c in candidates]
+    best = min(range(len(candidates)), key=sizes.__getitem__)
+    if policy == "auto":  # the smaller fast one (stored, bytegroup) unless float-split saves more than AUTO_TOLERANCE
+        fast = min((i for i, c in enumerate(candidates) if c[0] != MODE_FLOAT_SPLIT), key=sizes.__getitem__)
+        if sizes[fast] <= (1 + AUTO_TOLERANCE) * sizes[best]:
+            return candidates[fast]
+    return candidates[best]
 
 
-def _check_bytes_stream(stream, size: int, what: str) -> None:
-    """A raw or zstd stream that holds exactly ``size`` bytes (checked before any decoding)."""
+def _check_bytes_stream(stream, size: int, what: str, *, content_size: bool = False) -> None:
+    """A raw or zstd stream that holds exactly ``size`` bytes (checked before any decoding);
+    ``content_size``: a zstd frame must declare its content size (spec §7.5)."""
     if isinstance(stream, RawStream):
         if len(stream.data) != size:
             raise StreamError(f"{what}: {len(stream.data)} raw bytes, {size} expected")
@@ -194,16 +307,30 @@ def _check_bytes_stream(stream, size: int, what: str) -> None:
             raise CorruptStreamError(f"{what}: zstd frame invalid: {exc}") from None
         if fcs >= 0 and fcs != size:
             raise CorruptStreamError(f"{what}: zstd frame holds {fcs} bytes, {size} declared")
+        if content_size and fcs < 0:
+            raise StreamError(f"{what}: zstd frame does not declare its content size")
     else:
         raise StreamError(f"{what}: a {CODER_NAMES[stream.coder]} stream cannot hold bytes here")
 
 
-def _bytes_from(stream, size: int, what: str) -> bytes:
-    _check_bytes_stream(stream, size, what)
+_dctx = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's zstd decompression context (one per thread: a context is not thread-safe,
+    and making one per frame costs more than a small frame's decoding)."""
+    d = getattr(_dctx, "d", None)
+    if d is None:
+        d = _dctx.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def _bytes_from(stream, size: int, what: str, *, content_size: bool = False) -> bytes:
+    _check_bytes_stream(stream, size, what, content_size=content_size)
     if isinstance(stream, RawStream):
         return stream.data
     try:
-        out = zstandard.ZstdDecompressor().decompress(stream.data, max_output_size=size)
+        out = _decompressor().decompress(stream.data, max_output_size=size)
     except zstandard.ZstdError as exc:
         raise CorruptStreamError(f"{what}: zstd frame invalid: {exc}") from None
     if len(out) != size:
@@ -225,10 +352,31 @@ def check_params(entry: TensorEntry, limits=None) -> None:
         if len(entry.params) != 1 or not 0 <= entry.params[0] <= min(16 - e, width - 1 - e):
             raise StreamError(f"float-split tensor {entry.name!r}: bad parameters")
         want = 2
+    elif entry.mode == MODE_BYTEGROUP:
+        if entry.dtype not in FLOAT_FORMATS:
+            raise StreamError(f"bytegroup used on {entry.dtype} tensor {entry.name!r}")
+        if len(entry.params) != 4 or int.from_bytes(entry.params, "little") == 0:
+            raise StreamError(f"bytegroup tensor {entry.name!r}: bad parameters")
+        if entry.numel < 1:
+            raise StreamError(f"bytegroup tensor {entry.name!r}: no elements")
+        want = _bytegroup_streams(entry)
     else:
         raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")
     if entry.stream_count != want:
         raise StreamError(f"tensor {entry.name!r}: {entry.stream_count} streams, mode {entry.mode_name} needs {want}")
+
+
+def _bytegroup_streams(entry: TensorEntry) -> int:
+    """⌈numel / S⌉ slices × W/8 planes (params checked)."""
+    S = int.from_bytes(entry.params, "little")
+    return -(-entry.numel // S) * (FLOAT_FORMATS[entry.dtype][0] // 8)
+
+
+def _bytegroup_slices(entry: TensorEntry):
+    """(slice index, first element, elements) of each slice of a bytegroup tensor."""
+    S = int.from_bytes(entry.params, "little")
+    n = entry.numel
+    return [(g, a, min(S, n - a)) for g, a in enumerate(range(0, n, S))]
 
 
 def validate(entry: TensorEntry, streams: list) -> None:
@@ -250,6 +398,14 @@ def validate(entry: TensorEntry, streams: list) -> None:
         check_rans_stream(streams[0], entry.numel, 1 << (e + k))
         _check_bytes_stream(streams[1], packed_size(entry.numel, width - e - k), entry.name)
         return
+    if entry.mode == MODE_BYTEGROUP:  # dtype, params and the stream count checked by check_params
+        B = FLOAT_FORMATS[entry.dtype][0] // 8
+        if len(streams) != entry.stream_count:
+            raise StreamError(f"bytegroup tensor {entry.name!r} needs {entry.stream_count} streams, has {len(streams)}")
+        for g, _, m in _bytegroup_slices(entry):
+            for p in range(B):
+                _check_bytes_stream(streams[g * B + p], m, f"{entry.name} (slice {g}, plane {p})", content_size=True)
+        return
     raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")
 
 
@@ -265,6 +421,8 @@ def plan_decode(entry: TensorEntry, streams: list, out: np.ndarray | None = None
         raise ValueError(f"out must be a 1-d uint8 array of {entry.nbytes} bytes")
     if entry.mode == MODE_STORED:
         return _plan_stored(entry, streams[0], out)
+    if entry.mode == MODE_BYTEGROUP:
+        return _plan_bytegroup(entry, streams, out)
     return _plan_float_split(entry, streams, out, threads)
 
 
@@ -293,6 +451,50 @@ def _plan_float_split(entry, streams, out, threads):
     return out
 
 
+_scratch = threading.local()
+
+
+def join_planes(planes: list, out: np.ndarray) -> None:
+    """``out`` (uint{W}, the planes' length) = the elements whose rotated patterns have these byte
+    planes (spec §7.5), rotated back. numpy ufuncs on the whole slice (they release the GIL, run
+    at several GB/s, and need no numba: a bytegroup archive loads without numba's start-up);
+    one scratch buffer per thread."""
+    w = out.dtype.itemsize * 8
+    u = out.dtype.type
+    np.copyto(out, planes[-1])
+    for p in reversed(planes[:-1]):
+        np.left_shift(out, u(8), out=out)
+        np.bitwise_or(out, p, out=out, casting="unsafe")
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.nbytes < out.nbytes:
+        buf = _scratch.buf = np.empty(max(out.nbytes, 1 << 21), dtype=np.uint8)
+    tmp = buf[: out.nbytes].view(out.dtype)
+    np.right_shift(out, u(1), out=tmp)
+    np.left_shift(out, u(w - 1), out=out)
+    np.bitwise_or(out, tmp, out=out)
+
+
+def _plan_bytegroup(entry, streams, out):
+    """One stage, one task per slice: its planes (zstd frames decoded with an output limit of
+    the slice, or raw views) joined straight into the output's bits (:func:`join_planes`)."""
+    width, _ = FLOAT_FORMATS[entry.dtype]
+    B = width // 8
+    little = sys.byteorder == "little"
+    u = np.dtype(f"u{B}").type
+    n = entry.numel
+    bits = out.view(u) if little else np.empty(n, u)
+
+    def task(g, a, m):
+        planes = [np.frombuffer(_bytes_from(streams[g * B + p], m, entry.name, content_size=True), dtype=np.uint8)
+                  for p in range(B)]
+        join_planes(planes, bits[a:a + m])
+
+    yield [lambda g=g, a=a, m=m: task(g, a, m) for g, a, m in _bytegroup_slices(entry)]
+    if not little:  # pragma: no cover
+        out[:] = bits.astype(f"<u{B}").view(np.uint8)
+    return out
+
+
 def decode(entry: TensorEntry, streams: list, *, reference: bool = False, threads: int | None = None) -> np.ndarray:
     """Decode a lossless tensor to its little-endian bytes (uint8 array of entry.nbytes).
 
@@ -305,6 +507,15 @@ def decode(entry: TensorEntry, streams: list, *, reference: bool = False, thread
     validate(entry, streams)
     if entry.mode == MODE_STORED:
         return np.frombuffer(_bytes_from(streams[0], entry.nbytes, entry.name), dtype=np.uint8)
+    if entry.mode == MODE_BYTEGROUP:  # spec §7.5 in numpy: planes stacked, bytes regrouped, rotated right
+        width, _ = FLOAT_FORMATS[entry.dtype]
+        B = width // 8
+        planes = np.empty((B, entry.numel), dtype=np.uint8)
+        for g, a, m in _bytegroup_slices(entry):
+            for p in range(B):
+                planes[p, a:a + m] = np.frombuffer(_bytes_from(streams[g * B + p], m, entry.name, content_size=True), np.uint8)
+        rotated = np.ascontiguousarray(planes.T).reshape(-1).view(f"<u{B}")
+        return rotr1(rotated, width).astype(f"<u{B}").view(np.uint8)
     width, e = FLOAT_FORMATS[entry.dtype]
     k = entry.params[0]
     n = entry.numel

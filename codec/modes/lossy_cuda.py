@@ -99,18 +99,23 @@ def _cast(w, kind):
 
 
 # ----------------------------------------------------------------- kernels
+#
+# Tables live in two base arrays of the staging buffer (decode_cuda.Staging): I (int64) and
+# F (float32); a kernel gets the element offsets of its tables: oRT/oCB/oCS (rowterm, colbase,
+# colstride: where symbol (i, j) lives), oOR/oOC (offrow, offcol: its class offset), oD (the
+# column steps d), oQ (the m×m factor, row-major), oS (the signs).
 
 
 @cuda.jit(device=True)
-def _coef(syms, rowterm, colbase, colstride, offrow, offcol, d, i, j):
+def _coef(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, i, j):
     """C[i, j] = f32(q[i, j]) · d[j], q = symbol + its class offset."""
-    idx = rowterm[i] + colbase[j] + i * colstride[j]
-    q = np.int32(syms[idx]) + offrow[i] + offcol[j]
-    return cc.fmul_rn(np.float32(q), d[j])
+    idx = I[oRT + i] + I[oCB + j] + i * I[oCS + j]
+    q = np.int64(syms[idx]) + I[oOR + i] + I[oOC + j]
+    return cc.fmul_rn(np.float32(q), F[oD + j])
 
 
 @cuda.jit(device=True)
-def _finish_one(X, base, e, m, Q, g, sgn):
+def _finish_one(X, base, e, m, F, oQ, g, sgn):
     """W for element e of a row whose butterflies are done (X[base + ...] holds the row or segment)."""
     if m > 1:
         a = e // m
@@ -118,26 +123,26 @@ def _finish_one(X, base, e, m, Q, g, sgn):
         row = base + a * m
         acc = np.float32(0.0)
         for k in range(m):
-            acc = cc.fadd_rn(acc, cc.fmul_rn(X[row + k], Q[c * m + k]))
+            acc = cc.fadd_rn(acc, cc.fmul_rn(X[row + k], F[oQ + c * m + k]))
     else:
         acc = X[base + e]
     return cc.fmul_rn(cc.fmul_rn(acc, g), sgn)
 
 
-@cuda.jit
-def identity_kernel(syms, rowterm, colbase, colstride, offrow, offcol, d, rows, n, out, kind):
+@cuda.jit(cache=True)
+def identity_kernel(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, rows, n, out, kind):
     t = cuda.grid(1)
     step = cuda.gridsize(1)
     total = rows * n
     while t < total:
         i = t // n
         j = t - i * n
-        out[t] = _cast(_coef(syms, rowterm, colbase, colstride, offrow, offcol, d, i, j), kind)
+        out[t] = _cast(_coef(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, i, j), kind)
         t += step
 
 
-@cuda.jit
-def segment_kernel(syms, rowterm, colbase, colstride, offrow, offcol, d, r0, n, m, B, Q, g, signs, out, kind, buf, full):
+@cuda.jit(cache=True)
+def segment_kernel(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, r0, n, m, B, oQ, g, oS, out, kind, buf, full):
     """Block b: row r0 + b // (p/B), segment b mod (p/B) of B·m elements (see module doc)."""
     X = cuda.shared.array(0, dtype=float32)
     seg_len = B * m
@@ -151,7 +156,7 @@ def segment_kernel(syms, rowterm, colbase, colstride, offrow, offcol, d, r0, n, 
     bd = cuda.blockDim.x
     e = tid
     while e < seg_len:
-        X[e] = _coef(syms, rowterm, colbase, colstride, offrow, offcol, d, i, j0 + e)
+        X[e] = _coef(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, i, j0 + e)
         e += bd
     cuda.syncthreads()
     half = (B // 2) * m
@@ -175,7 +180,7 @@ def segment_kernel(syms, rowterm, colbase, colstride, offrow, offcol, d, r0, n, 
     if full:
         e = tid
         while e < seg_len:
-            out[i * n + e] = _cast(_finish_one(X, 0, e, m, Q, g, signs[e]), kind)
+            out[i * n + e] = _cast(_finish_one(X, 0, e, m, F, oQ, g, F[oS + e]), kind)
             e += bd
     else:
         e = tid
@@ -184,8 +189,8 @@ def segment_kernel(syms, rowterm, colbase, colstride, offrow, offcol, d, r0, n, 
             e += bd
 
 
-@cuda.jit
-def load_kernel(syms, rowterm, colbase, colstride, offrow, offcol, d, r0, nrows, n, buf):
+@cuda.jit(cache=True)
+def load_kernel(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, r0, nrows, n, buf):
     """Coefficients of rows r0 .. r0+nrows-1 into the buffer (rows whose m exceeds the shared segment)."""
     t = cuda.grid(1)
     step = cuda.gridsize(1)
@@ -193,11 +198,11 @@ def load_kernel(syms, rowterm, colbase, colstride, offrow, offcol, d, r0, nrows,
     while t < total:
         il = t // n
         j = t - il * n
-        buf[t] = _coef(syms, rowterm, colbase, colstride, offrow, offcol, d, r0 + il, j)
+        buf[t] = _coef(syms, I, F, oRT, oCB, oCS, oOR, oOC, oD, r0 + il, j)
         t += step
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def stage_kernel(buf, nrows, n, m, h):
     """One butterfly stage (pairs a, a+h of m-blocks) on every buffered row."""
     t = cuda.grid(1)
@@ -220,15 +225,15 @@ def stage_kernel(buf, nrows, n, m, h):
         t += step
 
 
-@cuda.jit
-def finish_kernel(buf, r0, nrows, n, m, Q, g, signs, out, kind):
+@cuda.jit(cache=True)
+def finish_kernel(buf, r0, nrows, n, m, F, oQ, g, oS, out, kind):
     t = cuda.grid(1)
     step = cuda.gridsize(1)
     total = nrows * n
     while t < total:
         il = t // n
         j = t - il * n
-        out[(r0 + il) * n + j] = _cast(_finish_one(buf, il * n, j, m, Q, g, signs[j]), kind)
+        out[(r0 + il) * n + j] = _cast(_finish_one(buf, il * n, j, m, F, oQ, g, F[oS + j]), kind)
         t += step
 
 
@@ -273,69 +278,91 @@ def _grid(total: int, block: int, cap: int = 65535 * 8) -> int:
     return max(1, min(cap, math.ceil(total / block)))
 
 
-def reconstruct_device(entry, streams, out=None, *, stream_obj=0):
+class EcsqJob:
+    """An ecsq tensor staged on the device (checked by :func:`lossy.parse` first, so the CPU's
+    named errors): every class stream's words and tables and the reconstruction's tables in
+    ONE host-to-device copy (decode_cuda.Staging into this thread's decode_cuda.Pool).
+    :meth:`launch` runs the kernels into ``out`` (one launch for all class streams, then the
+    reconstruction: one launch for rows of up to SHARED_FLOATS); :meth:`check` copies the
+    chunk status back (one copy, a synchronisation) and raises on a corrupt chunk."""
+
+    def __init__(self, entry, streams, *, stream_obj=0, pool_key=0):
+        decode_cuda.require()
+        params, sstreams, scales, hd, cm = lossy.parse(entry, streams)
+        self.entry, self.params, self.stream_obj, self.name = entry, params, stream_obj, entry.name
+        rows, n = entry.shape
+        self.rows, self.n, self.numel = rows, n, rows * n
+        self.kind = KIND[entry.dtype]
+        rowterm, colbase, colstride, offrow, offcol, bases = gather_tables(entry, params, cm)
+        st = decode_cuda.Staging()
+        self.plan = decode_cuda.plan_symbols(sstreams, bases, st)
+        d = lossy.column_steps(params, scales)
+        d = np.asarray(d, dtype=np.float32) if isinstance(d, np.ndarray) else np.full(n, d, dtype=np.float32)
+        self.oI = tuple(st.add(a.astype(np.int64)) for a in (rowterm, colbase, colstride, offrow, offcol))
+        self.oD = st.add(d)
+        self.p, self.m = (n, 1) if params.transform == lossy.TRANSFORM_IDENTITY else lossy.split_pow2(n)
+        self.oQ = self.oS = 0
+        if params.transform != lossy.TRANSFORM_IDENTITY:
+            self.oQ = st.add(hd.Q.astype(np.float32).reshape(-1))
+            self.oS = st.add(hd.signs.astype(np.float32))
+        self.pool = decode_cuda.pool(pool_key)
+        self.views = self.pool.upload(st, self.name, stream_obj)
+        self.d_status = self.pool.status(self.plan.n_chunks, self.name, stream_obj)
+        self.syms = self.pool.array("syms", max(1, self.numel), np.uint16, self.name, stream_obj)
+        self.batch = self.buf = None
+        if params.transform != lossy.TRANSFORM_IDENTITY and n > SHARED_FLOATS and self.numel:
+            self.batch = max(1, min(rows, BUFFER_BYTES // (4 * n)))  # rows through the float32 buffer at a time
+            self.buf = self.pool.array("rowbuf", self.batch * n, np.float32, self.name, stream_obj)
+
+    def launch(self, out) -> None:
+        rows, n, m, p = self.rows, self.n, self.m, self.p
+        so, kind = self.stream_obj, self.kind
+        decode_cuda.launch_symbols(self.plan, self.views, self.syms, self.d_status, so)
+        if self.numel == 0:
+            return
+        I, F = self.views["i8"], self.views["f4"]
+        tables = (self.syms, I, F) + self.oI + (self.oD,)
+        tpb = THREADS_PER_BLOCK
+        if self.params.transform == lossy.TRANSFORM_IDENTITY:
+            identity_kernel[_grid(self.numel, tpb), tpb, so](*tables, rows, n, out, kind)
+            return
+        g = np.float32(1.0 / math.sqrt(p))
+        if n <= SHARED_FLOATS:
+            segment_kernel[rows, tpb, so, 4 * n](*tables, 0, n, m, p, self.oQ, g, self.oS, out, kind, F, True)
+            return
+        batch, buf = self.batch, self.buf
+        B = 1
+        while 2 * B <= p and 2 * B * m <= SHARED_FLOATS:
+            B *= 2
+        for r0 in range(0, rows, batch):
+            nr = min(batch, rows - r0)
+            if m <= SHARED_FLOATS:
+                segment_kernel[nr * (p // B), tpb, so, 4 * B * m](*tables, r0, n, m, B, self.oQ, g, self.oS, out, kind, buf, False)
+            else:
+                load_kernel[_grid(nr * n, tpb), tpb, so](*tables, r0, nr, n, buf)
+            h = B
+            while h < p:
+                stage_kernel[_grid(nr * n // 2, tpb), tpb, so](buf, nr, n, m, h)
+                h *= 2
+            finish_kernel[_grid(nr * n, tpb), tpb, so](buf, r0, nr, n, m, F, self.oQ, g, self.oS, out, kind)
+
+    def check(self) -> None:
+        decode_cuda.check_status(self.plan, self.pool, self.stream_obj)
+
+
+def reconstruct_device(entry, streams, out=None, *, stream_obj=0, pool_key=0):
     """Decode an ecsq tensor on the device into ``out`` (a numba device array of ``numel``
     elements: uint32 holding float32 bits for F32, uint16 bits for F16/BF16; default a new
     one). Raises the CPU decoder's named errors on bad or corrupt input, and
     :class:`decode_cuda.DeviceOutOfMemoryError` naming the tensor when the device is full."""
-    params, sstreams, scales, hd, cm = lossy.parse(entry, streams)
-    rows, n = entry.shape
-    numel = rows * n
-    kind = KIND[entry.dtype]
-    name = entry.name
-    alloc = decode_cuda.device_alloc
+    job = EcsqJob(entry, streams, stream_obj=stream_obj, pool_key=pool_key)
     if out is None:
-        out = alloc(numel, OUT_DTYPE[entry.dtype], name, stream_obj)
-    if out.shape != (numel,):
-        raise ValueError(f"out must hold {numel} elements")
-    rowterm, colbase, colstride, offrow, offcol, bases = gather_tables(entry, params, cm)
-    syms = alloc(numel, np.uint16, name, stream_obj)
-    for s, b in zip(sstreams, bases):
-        decode_cuda.decode_symbols_device(s, syms[b : b + s.n_symbols], stream_obj=stream_obj, name=name)
-    d = lossy.column_steps(params, scales)
-    d = np.asarray(d, dtype=np.float32) if isinstance(d, np.ndarray) else np.full(n, d, dtype=np.float32)
-    to = lambda a: decode_cuda.device_put(np.ascontiguousarray(a), name, stream_obj)  # noqa: E731
-    g_rowterm, g_colbase, g_colstride, g_offrow, g_offcol, g_d = (to(a) for a in (rowterm, colbase, colstride, offrow, offcol, d))
-    tpb = THREADS_PER_BLOCK
-    if params.transform == lossy.TRANSFORM_IDENTITY:
-        identity_kernel[_grid(numel, tpb), tpb, stream_obj](syms, g_rowterm, g_colbase, g_colstride, g_offrow, g_offcol, g_d, rows, n, out, kind)
-        _sync(stream_obj)
-        return out
-    p, m = lossy.split_pow2(n)
-    g = np.float32(1.0 / math.sqrt(p))
-    g_Q = to(hd.Q.astype(np.float32).reshape(-1))
-    g_signs = to(hd.signs.astype(np.float32))
-    if n <= SHARED_FLOATS:
-        segment_kernel[rows, tpb, stream_obj, 4 * n](syms, g_rowterm, g_colbase, g_colstride, g_offrow, g_offcol, g_d,
-                                                     0, n, m, p, g_Q, g, g_signs, out, kind, g_d, True)
-        _sync(stream_obj)
-        return out
-    batch = max(1, min(rows, BUFFER_BYTES // (4 * n)))
-    buf = alloc(batch * n, np.float32, name, stream_obj)
-    B = 1
-    while 2 * B <= p and 2 * B * m <= SHARED_FLOATS:
-        B *= 2
-    for r0 in range(0, rows, batch):
-        nr = min(batch, rows - r0)
-        if m <= SHARED_FLOATS:
-            segment_kernel[nr * (p // B), tpb, stream_obj, 4 * B * m](syms, g_rowterm, g_colbase, g_colstride, g_offrow, g_offcol, g_d,
-                                                                       r0, n, m, B, g_Q, g, g_signs, out, kind, buf, False)
-        else:
-            load_kernel[_grid(nr * n, tpb), tpb, stream_obj](syms, g_rowterm, g_colbase, g_colstride, g_offrow, g_offcol, g_d, r0, nr, n, buf)
-        h = B
-        while h < p:
-            stage_kernel[_grid(nr * n // 2, tpb), tpb, stream_obj](buf, nr, n, m, h)
-            h *= 2
-        finish_kernel[_grid(nr * n, tpb), tpb, stream_obj](buf, r0, nr, n, m, g_Q, g, g_signs, out, kind)
-    _sync(stream_obj)
+        out = decode_cuda.device_alloc(job.numel, OUT_DTYPE[entry.dtype], entry.name, stream_obj)
+    if out.shape != (job.numel,):
+        raise ValueError(f"out must hold {job.numel} elements")
+    job.launch(out)
+    job.check()
     return out
-
-
-def _sync(stream_obj) -> None:
-    if stream_obj != 0:
-        stream_obj.synchronize()
-    else:
-        cuda.synchronize()
 
 
 def decode_gpu(entry, streams, device="cuda"):
@@ -346,8 +373,8 @@ def decode_gpu(entry, streams, device="cuda"):
 
     dev = torch.device(device)
     with torch.cuda.device(dev):
-        nstream = cuda.external_stream(torch.cuda.current_stream(dev).cuda_stream)
+        nstream = decode_cuda._numba_stream(dev)
         t = decode_cuda.torch_empty(entry.numel, torch_dtype(entry.dtype), dev, entry.name)
         view = t.view(torch.int32 if entry.dtype == "F32" else torch.int16)
-        reconstruct_device(entry, streams, cuda.as_cuda_array(view).view(OUT_DTYPE[entry.dtype]), stream_obj=nstream)
+        reconstruct_device(entry, streams, decode_cuda._as_numba(view, OUT_DTYPE[entry.dtype]), stream_obj=nstream, pool_key=dev.index)
     return t.reshape(entry.shape)

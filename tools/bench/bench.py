@@ -82,7 +82,7 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
     m_ref = min(n, max(s.chunk_symbols, reference_symbols // s.chunk_symbols * s.chunk_symbols))
     n_chunks = -(-m_ref // s.chunk_symbols)
     sub = type(s)(s.precision, s.chunk_symbols, m_ref, s.freqs, s.chunk_lengths[:n_chunks],
-                  s.payload[: int(np.sum(s.chunk_lengths[:n_chunks], dtype=np.int64))])
+                  s.payload[: int(np.sum(s.chunk_lengths[:n_chunks], dtype=np.int64))], s.lanes)
     t = _best(lambda: rans_reference.decode(sub), 1)
     row("reference (python)", "symbols", m_ref, t)
 
@@ -121,6 +121,24 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
             raise AssertionError("numba float-split mismatch")
         t = _best(lambda: decode_cpu.decode_float_split(s, packed, "BF16", k, out=o16, threads=th), repeat)
         row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (fused)", n, t)
+
+    # lossless bytegroup (spec §7.5): zstd planes + interleave, the loader's plan on the decode pool
+    from aligncodec.codec import parallel
+    from aligncodec.formats.constants import MODE_BYTEGROUP
+    from aligncodec.formats.layout import TensorEntry
+
+    bg_params, bg_streams = lossless.encode_bytegroup(bits, "BF16")
+    bg = TensorEntry("w", "BF16", (rows, cols), MODE_BYTEGROUP, len(bg_streams), 0, lossless._streams_size(bg_streams), 0, bg_params)
+    info["bytegroup_bits_per_weight"] = 8 * bg.size / n
+    info["float_split_bits_per_weight"] = 8 * (lossless._streams_size([s]) + len(packed)) / n
+    for th in threads:
+        ob = np.empty(2 * n, np.uint8)
+        parallel.run(lossless.plan_decode(bg, bg_streams, ob, threads=th), th)  # cache load + bit-exactness
+        if not np.array_equal(ob.view(np.uint16), bits):
+            raise AssertionError("bytegroup decoder mismatch")
+        t = _best(lambda: parallel.run(lossless.plan_decode(bg, bg_streams, ob, threads=th), th), repeat)
+        row(f"zstd + numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (bytegroup)", n, t,
+            bits_per_weight=info["bytegroup_bits_per_weight"])
 
     if lossy:
         from aligncodec.codec.modes import lossy as lossy_mode
@@ -280,20 +298,24 @@ def _drop_page_cache(paths) -> bool:
     return ok
 
 
-def prepare_load_inputs(model: str, workdir: str | os.PathLike | None = None, progress: bool = True) -> dict:
-    """fp16 safetensors folder of ``model`` and its lossless archive, cached in ``workdir``."""
+def prepare_load_inputs(model: str, workdir: str | os.PathLike | None = None, progress: bool = True,
+                        lossless_mode: str | None = None) -> dict:
+    """fp16 safetensors folder of ``model`` and its lossless archive (coded with the lossless
+    policy ``lossless_mode``, default the encoder's), cached in ``workdir``."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from aligncodec import archive
+    from aligncodec.codec.modes import lossless
     from aligncodec.tools.eval.models import resolve_model
 
+    policy = lossless.check_policy(lossless_mode or lossless.current_policy())
     src = resolve_model(model)
     src_dir = src if src.is_dir() else src.parent
     work = Path(workdir) if workdir else default_workdir(src_dir.name)
     fp16 = work / "fp16"
-    acz = work / f"{src_dir.name}-fp16.acz"
+    acz = work / f"{src_dir.name}-fp16-{policy}.acz"
     if not (fp16 / "model.safetensors").exists():
         fp16.mkdir(parents=True, exist_ok=True)
         sd = {}
@@ -313,8 +335,9 @@ def prepare_load_inputs(model: str, workdir: str | os.PathLike | None = None, pr
                     data = json.dumps(cfg, indent=2).encode()
                 (fp16 / a.name).write_bytes(data)
     if not acz.exists():
-        archive.compress(fp16, acz, progress=progress)
-    return {"model": model, "source": str(src_dir), "fp16_dir": str(fp16), "archive": str(acz),
+        with lossless.use_policy(policy):
+            archive.compress(fp16, acz, progress=progress)
+    return {"model": model, "source": str(src_dir), "fp16_dir": str(fp16), "archive": str(acz), "lossless_mode": policy,
             "fp16_bytes": os.path.getsize(fp16 / "model.safetensors"), "archive_bytes": os.path.getsize(acz)}
 
 
@@ -335,13 +358,14 @@ LOAD_LABELS = {
 
 def bench_load(model: str = "smollm2", *, repeat: int = 3, cold: bool | None = False, workdir=None, progress: bool = True,
                kinds=("st-sd", "acz-sd", "st-hf", "acz-hf"), lossy: str | os.PathLike | None = None,
-               caches: tuple[str, ...] | None = None, threads: int | None = None) -> dict:
+               caches: tuple[str, ...] | None = None, threads: int | None = None, lossless_mode: str | None = None) -> dict:
     """Load times, CPU time and peak RSS, each run in a fresh subprocess, interleaved; medians over ``repeat``.
 
     ``caches``: page-cache states to run, ("warm",), ("cold",) or both (default: from ``cold``).
     ``lossy``: a lossy archive of the same model; adds the ``lossy-*`` kinds. ``threads``: the
-    decoder's threads in the children (ACZ_THREADS; default all CPUs)."""
-    inp = prepare_load_inputs(model, workdir, progress=progress)
+    decoder's threads in the children (ACZ_THREADS; default all CPUs). ``lossless_mode``: the
+    lossless policy of the fp16 archive (default the encoder's; each cached under its own name)."""
+    inp = prepare_load_inputs(model, workdir, progress=progress, lossless_mode=lossless_mode)
     if caches is None:
         caches = ("cold",) if cold else ("warm",)
     kinds = list(kinds)
@@ -414,7 +438,9 @@ def format_table(res: dict) -> str:
             lines.append(f"{r['decoder']:44s} {r['what']:20s} {r['symbols']:10d} {r['Msym_per_s']:9.3g} {r['GB_per_s_bf16']:10.3g} {r.get('x_constriction', float('nan')):9.3g}")
         i = res["info"]
         lines.append(f"shape {i['shape']}, precision {i['precision']}, chunk {i['chunk_symbols']} symbols, "
-                     f"{i['rans_bits_per_symbol']:.3f} bits/symbol, best of {i['repeat']}, GPU: {i.get('gpu', 'none')}, "
+                     f"{i['rans_bits_per_symbol']:.3f} bits/symbol, lossless bits/weight: float-split "
+                     f"{i.get('float_split_bits_per_weight', float('nan')):.3f}, bytegroup {i.get('bytegroup_bits_per_weight', float('nan')):.3f}; "
+                     f"best of {i['repeat']}, GPU: {i.get('gpu', 'none')}, "
                      f"load average {i['loadavg_before'][0]:.1f} -> {i['loadavg_after'][0]:.1f} on {i['cpu_count']} CPUs")
         return "\n".join(lines)
     caches = res["info"].get("page_cache") or ["warm"]
@@ -432,7 +458,7 @@ def format_table(res: dict) -> str:
         line += f" {r['peak_rss'] / 1e6:11.1f} {r['peak_rss_growth_over_model']:12.2f}"
         lines.append(line)
     i = res["info"]
-    lines.append(f"model {i['model']}: median of {i['repeat']} fresh processes per cell; seconds = the load call (imports excluded), "
+    lines.append(f"model {i['model']} (lossless archive: --lossless-mode {i.get('lossless_mode')}): median of {i['repeat']} fresh processes per cell; seconds = the load call (imports excluded), "
                  f"+touch = until every page of every tensor was read, x st = +touch over safetensors' (same cache state), "
                  f"growth/model = (peak RSS - RSS before the call) / decoded bytes (the warm run's); "
                  f"cold = file evicted with posix_fadvise{'' if i.get('evicted_with_fadvise') in (None, True) else ' (FAILED)'}; "

@@ -17,11 +17,16 @@
      the fp16 lossless one), GPU against CPU.
 2. Throughput in GB/s of reconstructed bf16 (2 bytes per weight), CUDA-event timed, best and
    median of ``--repeat`` runs, for a rows x cols layer in each layout of ``--layouts``:
-   - lossless bf16 float-split: kernels only (compressed data on the device) and from host bytes;
+   - lossless bf16 float-split: kernels only (compressed data already staged on the device)
+     and from host bytes (staging, one copy in, kernels, one status copy back);
    - lossy ecsq bf16 (hadamard, column scales, 4 row classes; m = 1 and m = 3, the latter with
-     rows longer than the shared segment): from host streams to the bf16 tensor on the device;
-   - ``--archive``: load_state_dict(device="cuda") of the whole archive, wall time.
-Exit status 0 only if every bit-exactness check passed; 2 without a CUDA device.
+     rows longer than the shared segment): kernels only (streams and tables already on the
+     device), and from host streams to the bf16 tensor on the device;
+   - ``--archive``: load_state_dict(device="cuda") of the whole archive, wall time, in GB/s of
+     bf16 (2 bytes per weight) and of the archive's own dtypes (``GBps_own_dtype_*``).
+Exit status 2 without a CUDA device or when numba cannot compile a kernel (CudaUnavailableError,
+e.g. numba-cuda 0.30.4 with numpy 2.5).
+Exit status 0 only if every bit-exactness check passed.
 """
 
 from __future__ import annotations
@@ -100,6 +105,11 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available() or not cuda.is_available():
         print("no CUDA device: nothing to do", file=sys.stderr)
+        return 2
+    try:
+        decode_cuda.require()  # compiles and runs a probe kernel: a broken numba-cuda install stops here, named
+    except decode_cuda.CudaUnavailableError as exc:
+        print(f"CudaUnavailableError: {exc}", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(0)
@@ -217,38 +227,22 @@ def main(argv=None) -> int:
     kb = lossless.DEFAULT_MANTISSA_BITS["BF16"]
     fsym, rest = lossless.split_float(bits, "BF16", kb)
     packed = lossless.pack_bits(rest, 16 - 8 - kb)
-    d_rest = cuda.to_device(np.frombuffer(packed, np.uint8))
     for lay in layouts:
         s = rans.encode(fsym, alphabet_size=1 << (8 + kb), chunk_symbols=lay[0], lanes=lay[1])
-        words, chunk_w = decode_cpu._words(s)
-        d_words, d_cw, d_tab = cuda.to_device(words), cuda.to_device(chunk_w), cuda.to_device(decode_cpu.slot_table(s.freqs, s.precision))
         out_t = torch.empty(n, dtype=torch.int16, device=dev)
         d_out = cuda.as_cuda_array(out_t).view(np.uint16)
-        nch = len(chunk_w) - 1
-        d_status = cuda.device_array(nch, dtype=np.int32)
-        shared = s.precision <= decode_cuda.SHARED_MAX_PRECISION
-        if lay[1] > 1:
-            kern = decode_cuda.rans_lanes_kernel_shared if shared else decode_cuda.rans_lanes_kernel_global
-            grid, block = max(1, -(-nch // decode_cuda.WARPS_PER_BLOCK)), 32 * decode_cuda.WARPS_PER_BLOCK
-            kargs = (d_words, d_cw, s.chunk_symbols, n, d_tab, s.precision, lay[1], d_out, d_status)
-        else:
-            kern = decode_cuda.rans_kernel_shared if shared else decode_cuda.rans_kernel_global
-            grid, block = max(1, -(-nch // decode_cuda.THREADS_PER_BLOCK)), decode_cuda.THREADS_PER_BLOCK
-            kargs = (d_words, d_cw, s.chunk_symbols, n, d_tab, s.precision, d_out, d_status)
-
-        def kernels_only():
-            kern[grid, block](*kargs)
-            decode_cuda.join_kernel[-(-n // 256), 256](d_out, d_rest, n, 8 - kb, 7 - kb, 16)
-
-        kernels_only()
-        torch.cuda.synchronize()
-        ok = np.array_equal(out_t.cpu().numpy().view(np.uint16), bits) and not d_status.copy_to_host().any()
+        job = decode_cuda.FloatSplitJob(s, packed, "BF16", kb)  # compressed data staged on the device once
+        job.launch(d_out)
+        job.check()
+        ok = np.array_equal(out_t.cpu().numpy().view(np.uint16), bits)
         check(f"timed: lossless bf16 {args.rows}x{args.cols} {lay[0]}x{lay[1]}", ok)
         if not ok:
             continue
+        nch = len(s.chunk_lengths)
         states = int(lane_counts(n, lay[0], lay[1]).sum())
         extra = {"chunks": nch, "states": states, "precision": s.precision, "bits_per_weight": 8 * (len(serialize_stream(s)) + len(packed)) / n}
-        row("lossless bf16 float-split, kernels only", lay, n, cuda_time(kernels_only), extra)
+        row("lossless bf16 float-split, kernels only", lay, n, cuda_time(lambda: job.launch(d_out)), extra)
+        job.check()
         row("lossless bf16 float-split, from host bytes", lay, n,
             cuda_time(lambda: decode_cuda.decode_float_split_device(s, packed, "BF16", kb, out=d_out)), extra)
     for rows_, cols_ in ((args.rows, args.cols), (max(1, args.rows // 2), 3 * args.cols)):
@@ -262,14 +256,25 @@ def main(argv=None) -> int:
             check(f"timed: ecsq bf16 {rows_}x{cols_} {lay[0]}x{lay[1]}", ok)
             if ok:
                 _, m = lossy.split_pow2(cols_)
+                job = lossy_cuda.EcsqJob(e, st)  # streams and tables staged on the device once
+                out_t.zero_()
+                job.launch(d_out)
+                job.check()
+                ok = np.array_equal(out_t.cpu().numpy().view(np.uint8), np.asarray(decode_entry(e, st)).view(np.uint8))
+                check(f"timed: ecsq bf16 {rows_}x{cols_} {lay[0]}x{lay[1]} kernels only", ok)
+                if ok:
+                    row(f"lossy ecsq bf16 {rows_}x{cols_} (m={m}), kernels only", lay, e.numel,
+                        cuda_time(lambda: job.launch(d_out)), {"bytes": e.size})
+                    job.check()
                 row(f"lossy ecsq bf16 {rows_}x{cols_} (m={m}), host streams", lay, e.numel,
                     cuda_time(lambda: lossy_cuda.reconstruct_device(e, st, d_out)), {"bytes": e.size})
     for a in args.archive:
         if not checks.get(f"archive {Path(a).name}: every tensor"):
             continue
-        weights = 0
         with ArchiveReader(a) as r:
-            weights = sum(e.numel for e in r.tensors if not e.name.startswith("acz:file/"))
+            tensors = [e for e in r.tensors if not e.name.startswith("acz:file/")]
+        weights = sum(e.numel for e in tensors)
+        nbytes = sum(e.nbytes for e in tensors)  # the decoded tensors in the archive's own dtypes
         times = []
         for _ in range(max(1, min(3, args.repeat))):
             torch.cuda.synchronize()
@@ -278,8 +283,12 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
             del sd
-        row(f"load_state_dict(device=cuda) {Path(a).name}", None, weights, (min(times), float(np.median(times))),
-            {"note": "wall time: file read, CRC, host-side parsing and every kernel"})
+        best, med = min(times), float(np.median(times))
+        row(f"load_state_dict(device=cuda) {Path(a).name}", None, weights, (best, med),
+            {"note": "wall time: file read, CRC, host-side parsing and every kernel; GBps_* count 2 bytes per weight",
+             "bytes_own_dtype": nbytes, "GBps_own_dtype_best": nbytes / best / 1e9, "GBps_own_dtype_median": nbytes / med / 1e9,
+             "seconds_median": med})
+        print(f"  {'  (own dtypes: ' + format(nbytes / 2**20, '.1f') + ' MiB decoded)':44s} {'':>10s} {nbytes / med / 1e9:8.2f} GB/s (median), {med:.3f} s", flush=True)
 
     all_ok = all(checks.values())
     print(f"\nbit-exactness: {'all ' + str(len(checks)) + ' ok' if all_ok else 'FAILURES: ' + ', '.join(k for k, v in checks.items() if not v)}")

@@ -208,6 +208,20 @@ def _run(argv: list[str], want_tb: list) -> int:
     return int(args.func(args) or 0)
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a program killed by SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush raises no second BrokenPipeError."""
+    import os
+
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line. Every failure is one line ``aligncodec: error: <Name>: <message>``
     on stderr and a documented exit code (a traceback only with ``--traceback``); Ctrl-C is
@@ -231,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                 intr.for_shutdown()
                 _flush_and_exit(EXIT_INTERRUPTED)
             return EXIT_INTERRUPTED
+        except BrokenPipeError:  # `aligncodec inspect big.acz | head`: the reader went away; quiet, as cat does
+            if as_program:
+                _silence_stdout()
+            return EXIT_BROKEN_PIPE
         except Exception as exc:  # one line per error, distinct exit codes
             if intr.count:  # e.g. numpy turns a Ctrl-C during its import into an ImportError
                 print("aligncodec: interrupted", file=sys.stderr)

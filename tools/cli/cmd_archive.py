@@ -21,6 +21,13 @@ def _size(n: float) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from aligncodec.codec.modes import lossless
+
+    with lossless.use_policy(getattr(args, "lossless_mode", None)):  # every tensor coded bit-exactly
+        return _compress(args)
+
+
+def _compress(args: argparse.Namespace) -> int:
     lossy_target = args.bpw is not None or args.distortion is not None
     if args.lossless == lossy_target:
         raise CLIError("give exactly one of --lossless, --bpw B or --distortion D", EXIT_USAGE)
@@ -183,7 +190,12 @@ def add_parser(sub) -> None:
     p = add_command(sub, "compress")
     p.add_argument("input", help="a .safetensors file, or a folder of them (a Hugging Face model folder); with --bpw/--distortion also a cached model name (smollm2)")
     p.add_argument("-o", "--output", required=True, help="archive to write (.acz); written atomically")
-    p.add_argument("--lossless", action="store_true", help="bit-exact coding of every tensor (float-split rANS / zstd)")
+    p.add_argument("--lossless", action="store_true", help="bit-exact coding of every tensor (bytegroup / float-split / zstd; see --lossless-mode)")
+    p.add_argument("--lossless-mode", choices=("auto", "bytegroup", "float-split", "smallest"), default=None,
+                   help="the modes of the tensors coded bit-exactly (all with --lossless, the unquantised ones otherwise): "
+                        "auto (default) = bytegroup (the fast one) or stored, unless float-split is > 2%% smaller for that tensor; "
+                        "bytegroup = always the fast one; float-split = the rANS mode (smaller on bf16, 3x slower to decode); "
+                        "smallest = the fewest bytes")
     p.add_argument("--bpw", type=float, help="lossy: target bits per weight (met within 1%%): all-in over the lossy linear layers (--bpw-scope linear, "
                    "the whole encoder's), or file bytes x 8 / every parameter (--bpw-scope all, the stream encoder's default)")
     p.add_argument("--bpw-scope", choices=("all", "linear"), default=None,

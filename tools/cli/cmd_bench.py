@@ -1,7 +1,7 @@
 """``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench/bench.py).
 
 decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba
-CPU decoders (lossless float-split and lossy ecsq; 1 and 2 threads) and the GPU if present. load:
+CPU decoders (lossless float-split and bytegroup, lossy ecsq; 1 and 2 threads) and the GPU if present. load:
 load time, CPU time and peak RSS of the default model from its fp16 safetensors vs its lossless
 archive (and a lossy archive with --lossy), warm and cold page cache, each in a fresh subprocess.
 Prints a table; --json writes the full result."""
@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
     ld.add_argument("--threads", type=int, help="decoder threads in the children (default: all CPUs)")
     ld.add_argument("--workdir", metavar="DIR", help="where the fp16 folder and archive are kept")
     ld.add_argument("--only", choices=["state-dict", "hf"], help="only the state-dict or only the HF-model loads")
+    ld.add_argument("--lossless-mode", choices=("auto", "bytegroup", "float-split", "smallest"), default=None,
+                    help="how the lossless fp16 archive is coded (as 'compress --lossless-mode'; default auto); "
+                         "each is cached under its own name")
     ld.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
     add_run_options(ld, threads=None, progress="no progress bar while building the archive")
     ld.set_defaults(func=run)
@@ -72,7 +75,8 @@ def run(args) -> int:
             raise CLIError("--threads must be positive", EXIT_USAGE)
         caches = {"warm": ("warm",), "cold": ("cold",), "both": ("warm", "cold")}["cold" if args.cold else args.page_cache]
         res = bench.bench_load(args.model, repeat=args.repeat, workdir=args.workdir, progress=not args.no_progress,
-                               kinds=kinds, lossy=args.lossy, caches=caches, threads=args.threads)
+                               kinds=kinds, lossy=args.lossy, caches=caches, threads=args.threads,
+                               lossless_mode=args.lossless_mode)
     print(bench.format_table(res))
     if args.json:
         bench.write_json(res, args.json)
