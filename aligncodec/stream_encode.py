@@ -1042,6 +1042,7 @@ def _search_last_job(nm, W, dtype, S, ctl, opts, exact, log, x, cache, job) -> t
     for _ in range(4):
         if best[0] <= 0.002 or left <= 0:
             break
+        release_free_memory()  # the previous code's temporaries (a large tensor: hundreds of MB)
         tc1, _ = code_tensor(nm, W, dtype, S, 2.0**x1, opts, cache, job)
         tc1.W_hat = None
         f1 = math.log2(nbytes(tc1) / left)

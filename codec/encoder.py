@@ -285,7 +285,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     sl = slice(None) if stride <= 1 else slice(0, None, stride)
     Wt = job.W[sl]
     q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
-    saturated = bool(q.size) and int(np.abs(q).max()) >= lossy.MAX_ABS_SYMBOL
+    saturated = bool(q.size) and max(int(q.max()), -int(q.min())) >= lossy.MAX_ABS_SYMBOL
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
                             cand.hd.m if cand.hd is not None else 0)
     # choose the symbol classes by an order-0 estimate (entropy + table + stream headers), then
@@ -299,7 +299,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
         est = 0.0 if k == 1 else 4 * k + (q.shape[axis] + 1) / 2 + 8
         for part in parts:
             lo = int(part.min())
-            cnt = np.bincount(part - lo)
+            cnt = _histogram(part, lo)
             nz = cnt[cnt > 0].astype(np.float64)
             est += f * float(-(nz * np.log2(nz / part.size)).sum()) / 8 + 1.2 * len(cnt) + 56
         if est < best_est:
@@ -329,6 +329,18 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
         W_hat, streams = None, []
     return TensorCode(job.name, cand.kind, params, streams, W_hat, nbytes, d, d / max(job.energy, 1e-300),
                       sqnr, noise, saturated)
+
+
+def _histogram(v: np.ndarray, lo: int, chunk: int = 1 << 22) -> np.ndarray:
+    """np.bincount(v − lo), a chunk at a time for a large v (bincount widens its input to
+    int64: a full copy twice the size of int32 symbols)."""
+    if v.size <= chunk:
+        return np.bincount(v - lo)
+    m = int(v.max()) - lo + 1
+    cnt = np.zeros(m, dtype=np.int64)
+    for a in range(0, v.size, chunk):
+        cnt += np.bincount(v[a:a + chunk] - lo, minlength=m)
+    return cnt
 
 
 def choose(job: TensorJob, step: float, stride: int = 1) -> tuple[Candidate, TensorCode]:

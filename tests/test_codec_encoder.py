@@ -153,3 +153,11 @@ def test_make_classes_in_row_chunks(monkeypatch):
     monkeypatch.setattr(lossy, "_CLASS_CHUNK", 96)
     for r, (k, ax) in zip(ref, ((4, 0), (8, 1))):
         assert np.array_equal(lossy.make_classes(q, k, ax), r)
+
+
+def test_histogram_in_chunks_is_bincount():
+    rng = np.random.default_rng(5)
+    v = rng.integers(-300, 200, size=10_001).astype(np.int32)
+    lo = int(v.min())
+    assert np.array_equal(E._histogram(v, lo, chunk=1000), np.bincount(v - lo))
+    assert np.array_equal(E._histogram(v, lo), np.bincount(v - lo))
