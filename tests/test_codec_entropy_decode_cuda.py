@@ -354,3 +354,18 @@ def test_broken_numba_cuda_is_a_named_error(monkeypatch, caplog):
     s = rans.encode(np.arange(10, dtype=np.uint16) % 3)
     with pytest.raises(decode_cuda.CudaUnavailableError, match="row_stack"):
         decode_cuda.decode_symbols_device(s)
+
+
+@pytest.mark.skipif(IN_SIM, reason="host-side check (the simulator child counts only kernel tests)")
+def test_low_occupancy_warnings_off_unless_asked():
+    """Loading a model launches kernels for many small tensors: numba's per-launch
+    "Grid size N will likely result in GPU under-utilization" warning is off by default,
+    and the user's NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS still wins."""
+    code = "import aligncodec.codec.entropy.decode_cuda; from numba import config; print(config.CUDA_LOW_OCCUPANCY_WARNINGS)"
+    for env_value, want in ((None, "0"), ("1", "1")):
+        env = {k: v for k, v in os.environ.items() if k != "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"}
+        if env_value is not None:
+            env["NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS"] = env_value
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip().splitlines()[-1] == want

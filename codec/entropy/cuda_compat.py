@@ -16,12 +16,19 @@ In the simulator the float operations are numpy float32 operations (one rounding
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
 from numba import config, cuda
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
+
+# A model load launches kernels for many small tensors; numba would warn "Grid size N will
+# likely result in GPU under-utilization" for each of them, flooding the user's log with a
+# condition they cannot act on. Off unless the user set NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS.
+if "NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS" not in os.environ:
+    config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
 
 if SIMULATOR:
 

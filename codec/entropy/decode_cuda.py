@@ -16,16 +16,18 @@ first corrupt chunk in stream order (the CPU's order too: every stream's layout 
 before any is decoded, then the first failing stream reports its first failing chunk).
 
 * :func:`rans_multi_kernel` - block b decodes chunks of one stream (a block table says
-  which): one thread per chunk for chunked streams (coder 2), one warp per chunk for
-  interleaved lanes (coder 3). The slot table is staged in shared memory when it fits
+  which): one thread per chunk for chunked streams (coder 2; each thread holds its next
+  word, loaded one renormalisation ahead), one warp per chunk for interleaved lanes (coder 3). The slot table is staged in shared memory when it fits
   (precision <= 12, 32 KiB), else read from global memory. A corrupt chunk is reported in
   ``status`` exactly as on the CPU (1 state < L, 2 ran out of words, 3 final state != L,
   4 words left over).
 * Interleaved lanes (:func:`_lanes_chunk`): the warp keeps a window of the chunk's words in
-  registers (lane i holds words base+i, base+32+i, and two more 32-word blocks prefetched);
-  a renormalising lane takes its word from the window with ``shfl_sync`` at index
+  a ring of four registers (lane i holds words base+i, base+32+i, and two more 32-word blocks
+  in flight); a renormalising lane takes its word from the window with ``shfl_sync`` at index
   ``p - base + rank`` (< 64), so no lane waits on a dependent global load; when the warp has
-  consumed 32 words the window shifts and the next block (loaded two shifts earlier) comes in.
+  consumed 32 words the ring advances and the consumed register loads the block 128 words on
+  (the ring, not a shift of registers: copying a register whose load is in flight would wait
+  for it).
   Reads are clamped to the stream's last word, as before (they never change a verdict:
   a read past the chunk always ends in code 2).
 * :func:`join_kernel` - float-split reconstruction, one thread per element: the
@@ -92,14 +94,15 @@ def _decode_chunk(words, last, tab, toff, precision, w0, wend, m, out, o):
     if x < _L:
         return 1
     p = w0 + 2
+    nxt = np.uint64(words[_imin(p, last)])  # always words[min(p, last)]: loaded a renormalisation ahead
     for k in range(m):
         e = tab[toff + np.int64(x & mask)]
         out[o + k] = e >> _S48
         x = np.uint64(np.uint32(e & _M32)) * np.uint64(np.uint32(x >> P)) + ((e >> _S32) & _M16)  # 32x32 -> 64: x < 2^32 (spec §6)
-        y = (x << _S16) | np.uint64(words[_imin(p, last)])
-        c = x < _L
-        x = y if c else x
-        p += 1 if c else 0
+        if x < _L:
+            x = (x << _S16) | nxt
+            p += 1
+            nxt = np.uint64(words[_imin(p, last)])
     if p > wend:
         return 2
     if x != _L:
@@ -133,6 +136,7 @@ def _lanes_chunk(words, last, tab, toff, precision, lanes, w0, wend, m, out, o, 
     b1 = np.int32(words[_imin(base + 32 + lane, last)])
     b2 = np.int32(words[_imin(base + 64 + lane, last)])
     b3 = np.int32(words[_imin(base + 96 + lane, last)])
+    j = 0
     steps = (m + lanes - 1) // lanes
     for r in range(steps):
         t = r * lanes + lane
@@ -145,18 +149,37 @@ def _lanes_chunk(words, last, tab, toff, precision, lanes, w0, wend, m, out, o, 
         b = cuda.ballot_sync(_FULL, need)
         k = p - base + cuda.popc(b & below)  # < 64: p - base < 32 and the rank < 32
         src = np.int32(k & 31)
-        v0 = cuda.shfl_sync(_FULL, b0, src)
-        v1 = cuda.shfl_sync(_FULL, b1, src)
+        # a ring of four registers: b_j holds words base.., b_(j+1 mod 4) the next 32; the two
+        # others are loads in flight, read by no instruction (a copy would wait for them) until
+        # the window reaches them
+        if j == 0:
+            v0 = cuda.shfl_sync(_FULL, b0, src)
+            v1 = cuda.shfl_sync(_FULL, b1, src)
+        elif j == 1:
+            v0 = cuda.shfl_sync(_FULL, b1, src)
+            v1 = cuda.shfl_sync(_FULL, b2, src)
+        elif j == 2:
+            v0 = cuda.shfl_sync(_FULL, b2, src)
+            v1 = cuda.shfl_sync(_FULL, b3, src)
+        else:
+            v0 = cuda.shfl_sync(_FULL, b3, src)
+            v1 = cuda.shfl_sync(_FULL, b0, src)
         if need:
             v = v0 if k < 32 else v1
             x = (x << _S16) | np.uint64(v)
         p += cuda.popc(b)
-        if p - base >= 32:
+        if p - base >= 32:  # block base.. consumed: its register loads the block 128 words on
+            q = _imin(base + 128 + lane, last)
+            if j == 0:
+                b0 = np.int32(words[q])
+            elif j == 1:
+                b1 = np.int32(words[q])
+            elif j == 2:
+                b2 = np.int32(words[q])
+            elif j == 3:  # (not "else": two identical branches would be merged into one load and a select that waits for it)
+                b3 = np.int32(words[q])
             base += 32
-            b0 = b1
-            b1 = b2
-            b2 = b3
-            b3 = np.int32(words[_imin(base + 96 + lane, last)])
+            j = (j + 1) & 3
     if p > wend:
         return 2
     if cuda.ballot_sync(_FULL, active and x != _L) != 0:
@@ -395,13 +418,13 @@ KEEP_BYTES = 64 << 20  # a pool keeps buffers up to this size; larger ones live 
 
 
 def _staging_buffers(cap: int, name: str, stream_obj, pinned: bool = True):
-    """A host staging buffer (pinned, or pageable for one-off large calls: page-locking a
-    fresh buffer of hundreds of MiB costs more than the pageable copy it would speed up; on an
-    H200 a 100 MiB pinned allocation per call cut an 8192² tensor's load from 8 to 1.3 GB/s)
-    and its device twin with typed views."""
+    """A pinned host staging buffer and its device twin with typed views; ``pinned=False``
+    (one-off large calls) gives no host buffer: the parts are copied straight from their own
+    memory. Page-locking, or merely first-touching, a fresh buffer of ~100 MiB per call costs
+    more than the copy it serves: on an H200 either made an 8192² tensor's load 5x slower."""
     d = device_alloc(cap, np.uint8, name, stream_obj)
     if not pinned:
-        return np.empty(cap, dtype=np.uint8), d, {np.dtype(t).str[1:]: d.view(t) for t in _VIEW_DTYPES}
+        return None, d, {np.dtype(t).str[1:]: d.view(t) for t in _VIEW_DTYPES}
     try:
         h = cuda.pinned_array(cap, dtype=np.uint8)
     except Exception as exc:
@@ -433,6 +456,9 @@ class Pool:
         need = max(8, (st.nbytes + 7) & ~7)
         if need > KEEP_BYTES:
             h, d, views = _staging_buffers(need, name, stream_obj, pinned=False)
+            for off, a in st.parts:  # a few large parts: one pageable copy each, no staging copy
+                _h2d(d[off : off + a.nbytes], a.reshape(-1).view(np.uint8), a.nbytes, stream_obj)
+            return dict(views, _host=st.parts)
         else:
             if need > self.cap:
                 cap = min(KEEP_BYTES, (max(need, 2 * self.cap, 1 << 16) + 7) & ~7)
@@ -597,7 +623,7 @@ class FloatSplitJob:
         self.stream_obj, self.name = stream_obj, name
         st = Staging()
         self.plan = plan_symbols([stream], [0], st)
-        self.roff = st.add(np.frombuffer(np.ascontiguousarray(raw).tobytes(), np.uint8)) if self.n else 0
+        self.roff = st.add(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)) if self.n else 0  # no copy of the rest
         self.pool = pool(pool_key)
         self.views = self.pool.upload(st, name, stream_obj)
         self.d_status = self.pool.status(self.plan.n_chunks, name, stream_obj)
