@@ -174,10 +174,11 @@ def test_quantized_and_float_calibration_differ(tmp_path, text_file):
     assert a.read_bytes() != b.read_bytes()
 
 
-def test_interrupt_then_resume_is_byte_identical(tmp_path, text_file):
+@pytest.mark.parametrize("cal", ["float", "quantized"])
+def test_interrupt_then_resume_is_byte_identical(tmp_path, text_file, cal):
     d = make_checkpoint(tmp_path / "m", "llama", False)
     ref = tmp_path / "ref.acz"
-    S.encode_stream(d, ref, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    S.encode_stream(d, ref, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False)
     out = tmp_path / "out.acz"
 
     def stop(i):
@@ -185,12 +186,12 @@ def test_interrupt_then_resume_is_byte_identical(tmp_path, text_file):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, on_block=stop)
+        S.encode_stream(d, out, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False, on_block=stop)
     assert not out.exists() and S.spool_dir(out).is_dir()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".acz")]  # no writer temp left
     with pytest.raises(S.ResumeError, match="settings"):
-        S.encode_stream(d, out, _opts(text_file, bpw=3.0), tokenizer=ToyTokenizer(), progress=False, resume=True)
-    S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
+        S.encode_stream(d, out, _opts(text_file, bpw=3.0, calibration=cal), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    S.encode_stream(d, out, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False, resume=True)
     assert out.read_bytes() == ref.read_bytes()
     assert not S.spool_dir(out).exists()
 

@@ -203,9 +203,9 @@ def add_parser(sub) -> None:
     p.add_argument("--encoder", choices=("stream", "whole"), default=None,
                    help="lossy: whole = every lossy tensor at once (default; the studies' encoder); "
                         "stream = block by block, memory of one block, any Transformers causal LM")
-    p.add_argument("--calibration", choices=("quantized", "float"), default="quantized",
-                   help="lossy (stream): Σ of block L from the outputs of the already encoded blocks (quantized, "
-                        "default) or of the unmodified model (float)")
+    p.add_argument("--calibration", choices=("quantized", "float"), default="float",
+                   help="lossy (stream): Σ of block L from the unmodified model's activations (float, default) or "
+                        "from the outputs of the already encoded blocks (quantized; same KLD on SmolLM2, worse perplexity)")
     p.add_argument("--calib-text", metavar="FILE", help="lossy (stream): calibration text (UTF-8) instead of the built-in calibration half")
     p.add_argument("--calib-tokens", type=int, default=16384, help="lossy (stream): calibration tokens (default 16384)")
     p.add_argument("--workers", type=int, default=1, help="lossy (stream): tensors of one block coded in parallel")
