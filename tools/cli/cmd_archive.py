@@ -36,7 +36,7 @@ def _compress(args: argparse.Namespace) -> int:
     if lossy_target:
         if args.bpw is not None and args.distortion is not None:
             raise CLIError("give --bpw or --distortion, not both", EXIT_USAGE)
-        encoder_kind = args.encoder or "whole"  # the stream encoder is opt-in until its quality is measured
+        encoder_kind = args.encoder or "whole"  # the stream encoder is opt-in: measured behind the whole encoder on SmolLM2 (docs/results/2026-11-30-stream-speed-memory.md)
         if encoder_kind == "stream":
             return _compress_stream(args)
         if args.bpw_scope == "all":
