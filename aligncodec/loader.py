@@ -22,7 +22,8 @@ CPU decoding runs on a pool of worker threads (:mod:`aligncodec.codec.parallel`;
 parallel over rANS chunks and rows, and over the tensors in flight, so reading,
 CRC, zstd and decoding overlap. On a CUDA device the GPU decoder is used
 (:mod:`aligncodec.codec.entropy.decode_cuda`) for the modes it supports, when
-numba's CUDA target works.
+numba's CUDA target works; the others (``stored``, and ``bytegroup``, which has no
+GPU decoder yet: its registry entry has none) are decoded on the CPU and copied.
 
 :func:`load_hf_model` builds the Transformers model from the ``config.json``
 carried in the archive (auxiliary entry ``acz:file/config.json``) with its

@@ -169,9 +169,11 @@ def test_damaged_frame_is_a_named_error_or_the_right_size():
     raw, params, streams = _good()
     e = entry("BF16", 3000, params, streams)
     cut = [streams[0], ZstdStream(bytes(streams[1].data[:-3]), 1000)] + streams[2:]
-    for ref in (False, True):
-        with pytest.raises(CorruptStreamError):
-            lossless.decode(e, cut, reference=ref)
+    longer = [streams[0], ZstdStream(bytes(streams[1].data) + b"junk", 1000)] + streams[2:]  # not exactly one frame
+    for bad in (cut, longer):
+        for ref in (False, True):
+            with pytest.raises(CorruptStreamError):
+                lossless.decode(e, bad, reference=ref)
     z0 = bytes(streams[1].data)
     for i in range(6, len(z0)):
         z = bytearray(z0)

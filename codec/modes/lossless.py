@@ -325,12 +325,21 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
+def _decompress_one_frame(data, size: int) -> bytes:
+    """One zstd frame, at most ``size`` bytes out; bytes after the frame are a ZstdError (spec §5:
+    the payload is exactly one frame), where this zstandard can tell (``allow_extra_data``, 0.23+)."""
+    try:
+        return _decompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+    except TypeError:  # pragma: no cover - an older zstandard without the argument
+        return _decompressor().decompress(data, max_output_size=size)
+
+
 def _bytes_from(stream, size: int, what: str, *, content_size: bool = False) -> bytes:
     _check_bytes_stream(stream, size, what, content_size=content_size)
     if isinstance(stream, RawStream):
         return stream.data
     try:
-        out = _decompressor().decompress(stream.data, max_output_size=size)
+        out = _decompress_one_frame(stream.data, size)
     except zstandard.ZstdError as exc:
         raise CorruptStreamError(f"{what}: zstd frame invalid: {exc}") from None
     if len(out) != size:

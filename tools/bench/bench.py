@@ -33,13 +33,19 @@ import numpy as np
 from aligncodec.formats.atomic import atomic_write
 
 
-def _best(fn, repeat: int) -> float:
+def _best(fn, repeat: int, clock=time.perf_counter) -> float:
+    """The least ``clock`` time of ``repeat`` runs (wall by default)."""
     best = float("inf")
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = clock()
         fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return best
+
+
+def _best_cpu(fn, repeat: int) -> float:
+    """The least process CPU time (all threads) of ``repeat`` runs: steadier than wall time on a busy machine."""
+    return _best(fn, repeat, time.process_time)
 
 
 def bf16_weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -75,6 +81,8 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
             "cpu_count": os.cpu_count(), "repeat": repeat, "loadavg_before": os.getloadavg()}
 
     def row(name, what, nsym, secs, **extra):
+        if extra.get("cpu_seconds"):  # bf16 GB per CPU-second: what each CPU delivers, whatever the machine's load
+            extra["GB_per_cpu_s_bf16"] = 2 * nsym / extra["cpu_seconds"] / 1e9
         rows_out.append({"decoder": name, "what": what, "symbols": nsym, "seconds": secs,
                          "Msym_per_s": nsym / secs / 1e6, "GB_per_s_bf16": 2 * nsym / secs / 1e9, **extra})
 
@@ -119,8 +127,8 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
         decode_cpu.decode_float_split(s, packed, "BF16", k, out=o16, threads=th)
         if not np.array_equal(o16, bits):
             raise AssertionError("numba float-split mismatch")
-        t = _best(lambda: decode_cpu.decode_float_split(s, packed, "BF16", k, out=o16, threads=th), repeat)
-        row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (fused)", n, t)
+        fs = lambda: decode_cpu.decode_float_split(s, packed, "BF16", k, out=o16, threads=th)  # noqa: E731
+        row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (fused)", n, _best(fs, repeat), cpu_seconds=_best_cpu(fs, repeat))
 
     # lossless bytegroup (spec §7.5): zstd planes + interleave, the loader's plan on the decode pool
     from aligncodec.codec import parallel
@@ -136,9 +144,9 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
         parallel.run(lossless.plan_decode(bg, bg_streams, ob, threads=th), th)  # cache load + bit-exactness
         if not np.array_equal(ob.view(np.uint16), bits):
             raise AssertionError("bytegroup decoder mismatch")
-        t = _best(lambda: parallel.run(lossless.plan_decode(bg, bg_streams, ob, threads=th), th), repeat)
-        row(f"zstd + numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (bytegroup)", n, t,
-            bits_per_weight=info["bytegroup_bits_per_weight"])
+        bgd = lambda: parallel.run(lossless.plan_decode(bg, bg_streams, ob, threads=th), th)  # noqa: E731
+        row(f"zstd + numpy CPU, {th} thread{'s' * (th > 1)}", "bf16 (bytegroup)", n, _best(bgd, repeat),
+            bits_per_weight=info["bytegroup_bits_per_weight"], cpu_seconds=_best_cpu(bgd, repeat))
 
     if lossy:
         from aligncodec.codec.modes import lossy as lossy_mode
@@ -151,9 +159,9 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
             if lossy_cpu.decode(e, st, threads=th).tobytes() != want.tobytes():  # cache load + bit-exactness
                 raise AssertionError("numba ecsq decoder mismatch")
             ob = np.empty(e.nbytes, np.uint8)
-            t = _best(lambda: lossy_cpu.decode(e, st, threads=th, out=ob), repeat)
-            row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (lossy ecsq)", n, t,
-                bits_per_weight=info["lossy_bits_per_weight"])
+            ld = lambda: lossy_cpu.decode(e, st, threads=th, out=ob)  # noqa: E731
+            row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (lossy ecsq)", n, _best(ld, repeat),
+                bits_per_weight=info["lossy_bits_per_weight"], cpu_seconds=_best_cpu(ld, repeat))
     if gpu:
         g = _bench_gpu(s, packed, bits, k, repeat)
         if g is not None:
@@ -432,10 +440,12 @@ def bench_load(model: str = "smollm2", *, repeat: int = 3, cold: bool | None = F
 
 def format_table(res: dict) -> str:
     if res["kind"] == "decode":
-        head = f"{'decoder':44s} {'what':20s} {'symbols':>10s} {'Msym/s':>9s} {'GB/s bf16':>10s} {'x constr.':>9s}"
+        head = f"{'decoder':44s} {'what':20s} {'symbols':>10s} {'Msym/s':>9s} {'GB/s bf16':>10s} {'x constr.':>9s} {'GB/CPU-s':>9s}"
         lines = [head, "-" * len(head)]
         for r in res["rows"]:
-            lines.append(f"{r['decoder']:44s} {r['what']:20s} {r['symbols']:10d} {r['Msym_per_s']:9.3g} {r['GB_per_s_bf16']:10.3g} {r.get('x_constriction', float('nan')):9.3g}")
+            per_cpu = f"{r['GB_per_cpu_s_bf16']:9.3g}" if "GB_per_cpu_s_bf16" in r else f"{'-':>9s}"
+            lines.append(f"{r['decoder']:44s} {r['what']:20s} {r['symbols']:10d} {r['Msym_per_s']:9.3g} {r['GB_per_s_bf16']:10.3g} "
+                         f"{r.get('x_constriction', float('nan')):9.3g} {per_cpu}")
         i = res["info"]
         lines.append(f"shape {i['shape']}, precision {i['precision']}, chunk {i['chunk_symbols']} symbols, "
                      f"{i['rans_bits_per_symbol']:.3f} bits/symbol, lossless bits/weight: float-split "

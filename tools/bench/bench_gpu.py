@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         raw = w.contiguous().view(torch.uint8).numpy()
         for lay in layouts:
             with rans.default_layout(*lay):
-                mode, params, streams = lossless.encode(raw, dt, w.numel())
+                mode, params, streams = lossless.encode(raw, dt, w.numel(), policy="float-split")  # the GPU-decoded mode
             entry = TensorEntry(f"w.{dt}", dt, tuple(w.shape), mode, len(streams), 0, 0, 0, params)
             check(f"float-split {dt} {lay[0]}x{lay[1]}", same_as_cpu(entry, streams))
     vectors = sorted(args.vectors.glob("*.acz"))
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
                 w.add(e.name, e.dtype, e.shape, e.mode, st, e.params)
             for lay, nm in ((layouts[0], "c.lossless"), (layouts[-1], "d.lossless")):
                 with rans.default_layout(*lay):
-                    mode, params, streams = lossless.encode(rawb, "BF16", wb.numel())
+                    mode, params, streams = lossless.encode(rawb, "BF16", wb.numel(), policy="float-split")
                 w.add(nm, "BF16", tuple(wb.shape), mode, streams, params)
         cpu = aligncodec.load_state_dict(p)
         gpu = aligncodec.load_state_dict(p, device="cuda")
