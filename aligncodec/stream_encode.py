@@ -22,8 +22,10 @@ Order of work (GPTQ's own order; see DESIGN.md §7 "upstream error"):
    transforms, J = D + λR, GPTQ + ECSQ) at the step the rate controller gives, write it
    to the archive writer (which spools to disk), put the *decoded* weights in place and
    run the block again to produce the next block's inputs (``calibration="quantized"``:
-   block L is calibrated on the outputs of the already encoded blocks; ``"float"`` keeps
-   the unmodified model's activations, as the whole-model calibration does), free it.
+   block L is calibrated on the outputs of the already encoded blocks; ``"float"``, the
+   default, keeps the unmodified model's activations, as the whole-model calibration does),
+   free it. On SmolLM2 at 3.0 bpw both give KLD 0.3095 and float the better perplexity
+   (docs/results/2026-11-30-stream-speed-memory.md).
 5. **Head**: the input of the output projection (after the final norm) is captured from
    the last block's outputs; the embedding (tied: with that Σ; untied: weight MSE) and an
    untied lm_head are coded last, their step searched on the real coder so that the file
@@ -43,6 +45,7 @@ parameter. ``"linear"``: B = all-in bytes of the block linears × 8 / their weig
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -80,7 +83,7 @@ class NonFiniteError(A.CheckpointError):
 class StreamOptions:
     bpw: float
     scope: str = "all"
-    calibration: str = "quantized"
+    calibration: str = "float"  # measured: same KLD as "quantized", better perplexity, one forward pass
     candidates: tuple[str, ...] = E.DEFAULT_CANDIDATES
     alpha: float = 0.25
     seed: int = 0
@@ -88,7 +91,7 @@ class StreamOptions:
     calib_text: str | None = None  # a file path
     window: int = 1024
     lossy_embeddings: bool | None = None  # None: True for scope "all", False for "linear"
-    threads: int | None = None
+    threads: int | None = 1  # per thread pool (torch, numba, BLAS); None/0: the libraries' defaults (all cores)
     sample_rows: int = 64
     workers: int = 1
     device: str | None = None  # torch device of the calibration forward passes (None: cuda if present, else cpu)
@@ -193,16 +196,36 @@ class RateController:
     def predict(self, x: float, names) -> float:
         return sum(self.ratio(self.curves[t].kind) * self.curves[t].bytes_at(x) for t in names)
 
+    def _aggregate(self, names) -> tuple[np.ndarray, float, float]:
+        """The remaining tensors' curves summed once (every curve lives on LOG2_GRID, and
+        interpolation is linear): Σ ratio·numel·bits on the grid, Σ ratio·numel, Σ ratio·512."""
+        agg = np.zeros(len(LOG2_GRID))
+        n_w = fixed = 0.0
+        for t in names:
+            c = self.curves[t]
+            r = self.ratio(c.kind)
+            agg += (r * c.numel) * c.bits
+            n_w += r * c.numel
+            fixed += r * 512
+        return agg, n_w, fixed
+
+    @staticmethod
+    def _predict_agg(x: float, agg: np.ndarray, n_w: float, fixed: float) -> float:
+        b = float(np.interp(x, LOG2_GRID, agg))
+        if x < LOG2_GRID[0]:
+            b += n_w * (LOG2_GRID[0] - x)
+        return b / 8 + fixed
+
     def solve(self, extra: float = 0.0) -> float:
         """log2 step such that spent + extra + predicted(remaining) = budget."""
         left = self.budget - self.spent - extra
-        names = sorted(self.remaining)
+        agg = self._aggregate(sorted(self.remaining))
         lo, hi = -40.0, 12.0
-        if self.predict(hi, names) > left:
+        if self._predict_agg(hi, *agg) > left:
             return hi
         for _ in range(60):
             mid = 0.5 * (lo + hi)
-            if self.predict(mid, names) > left:
+            if self._predict_agg(mid, *agg) > left:
                 lo = mid
             else:
                 hi = mid
@@ -359,20 +382,28 @@ def _to(obj, dev):
 
 
 def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], capture: list[tuple[str, torch.nn.Module]] | None,
-              dev: torch.device | None = None):
+              dev: torch.device | None = None, sigma_only: bool = False):
     """Outputs of ``block`` per window; with ``capture``, also Σ per linear (aliases share the
-    tensor: linears that read the very same input get the same Σ object)."""
+    tensor: linears that read the very same input get the same Σ object). ``sigma_only``: the
+    outputs are not wanted (quantized calibration runs the block again with the decoded
+    weights), so each window stops as soon as every captured linear has seen its input (the
+    last linear itself, e.g. ``down_proj``, and what follows it are skipped); returns no outputs."""
     acc: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     last = {"x": None, "key": None}
+    seen: set[str] = set()
+    n_capture = len({k for k, _m in capture or []})
     handles = []
     n_pos = 0
 
     def hook_for(key):
         def hook(_m, args):
             x = args[0]
+            seen.add(key)
             if x is last["x"]:
                 aliases[key] = aliases.get(last["key"], last["key"])
+                if sigma_only and len(seen) == n_capture:
+                    raise _Stop
                 return
             last["x"], last["key"] = x, key
             # one window's product in float32 (≤ 1024 positions), accumulated in float64
@@ -380,6 +411,8 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
             if key not in acc:
                 acc[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
             acc[key] += (x2.T @ x2).double()
+            if sigma_only and len(seen) == n_capture:
+                raise _Stop
 
         return hook
 
@@ -390,8 +423,15 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
         with torch.no_grad():
             for h, kw in zip(hs, kws):
                 last["x"] = last["key"] = None
-                o = block(h.to(dev) if dev is not None else h, **kw)
-                outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
+                seen.clear()
+                try:
+                    o = block(h.to(dev) if dev is not None else h, **kw)
+                except _Stop:
+                    o = None
+                if not sigma_only:
+                    if o is None:
+                        raise CalibrationError("a decoder block stopped before its output")
+                    outs.append((o[0] if isinstance(o, tuple) else o).detach().cpu())
                 n_pos += h.shape[0] * h.shape[1]
     finally:
         for hd in handles:
@@ -580,27 +620,97 @@ def _lossy_shape_ok(shape) -> bool:
 
 
 def code_tensor(name: str, W: torch.Tensor, dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
-                cache: dict) -> tuple[E.TensorCode, E.TensorJob]:
-    job = E.TensorJob(name, W, dtype, S)
-    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
+                cache: dict, job: E.TensorJob | None = None) -> tuple[E.TensorCode, E.TensorJob]:
+    """Code one tensor at ``step``: candidates by J on a row subsample, then the chosen one in
+    full. ``job`` (from an earlier call, with its candidates) skips rebuilding them: a step
+    search codes the same tensor several times; the caller then clears ``job.cands``."""
+    keep = job is not None
+    if job is None:
+        job = E.TensorJob(name, W, dtype, S)
+        E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
     if len(job.cands) > 1:
         cand, _ = E.choose(job, step, E.stride_for(W.shape[0], opts.sample_rows))
     else:
         cand = job.cands[0]
+    if not keep:
+        job.cands = [cand]  # the others' C (one float32 copy of W each) go before the full code
     tc = E.code_candidate(job, cand, step)
-    job.cands = []
+    if not keep:
+        job.cands = []
     return tc, job
+
+
+@contextlib.contextmanager
+def thread_limits(n: int | None):
+    """At most ``n`` threads in each of the encoder's thread pools for the duration (torch's
+    intra-op pool, numba's kernels, numpy's BLAS through threadpoolctl); ``None`` or 0 leaves
+    the libraries' defaults. The previous settings come back afterwards."""
+    if not n:
+        yield
+        return
+    import numba
+
+    t_old, nb_old = torch.get_num_threads(), numba.get_num_threads()
+    torch.set_num_threads(n)
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency; without it numpy's BLAS keeps its pool
+        ctx = contextlib.nullcontext()
+    else:
+        ctx = threadpool_limits(limits=n)
+    try:
+        with ctx:
+            yield
+    finally:
+        torch.set_num_threads(t_old)
+        numba.set_num_threads(nb_old)
+
+
+_LIBC = None
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``). Block-sized
+    temporaries (a few MB each) come from the heap once glibc's mmap threshold has risen; the
+    holes they leave kept the resident set growing by ~30 MB per block (SmolLM2, measured).
+    Called after every block and every large tensor; a no-op without glibc. (A fixed low mmap
+    threshold did the same but tripled the system time: every temporary was a fresh mapping.)"""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+def _worker_threads(n: int | None) -> None:
+    """numba's thread count is per calling thread: a worker thread sets its own."""
+    if n:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: StreamOptions, *, progress: bool = True,
                   tokenizer=None, resume: bool = False, on_block=None) -> dict:
-    """Encode ``model`` block by block into ``out`` (see the module doc). Returns a summary."""
+    """Encode ``model`` block by block into ``out`` (see the module doc). Returns a summary.
+    Runs with at most ``opts.threads`` threads per pool (:func:`thread_limits`)."""
+    with thread_limits(opts.threads):
+        return _encode_stream(model, out, opts, progress=progress, tokenizer=tokenizer, resume=resume, on_block=on_block)
+
+
+def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: StreamOptions, *, progress: bool,
+                   tokenizer, resume: bool, on_block) -> dict:
     from aligncodec import archive
 
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     t0 = time.perf_counter()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     src_path = Path(model)
     if not src_path.exists():
         from aligncodec.lossy_compress import resolve_input
@@ -676,13 +786,14 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
         data = calibration_windows(folder, opts, tokenizer)
         windows = data.windows
         for path, cname in plan.outer.items():
-            if plan.lm_head_module and path.startswith(plan.lm_head_module + ".") and not plan.tied:
+            # the output projection is never run (its input is captured by a hook that stops there)
+            if plan.lm_head_module and path.startswith(plan.lm_head_module + "."):
                 continue
             A.set_param(plan.model, path, ckpt.float32(cname))
         hs, kws = record_block_inputs(plan, windows)
-        if plan.embedding and not plan.tied:  # the embedding is only needed for the inputs
-            emb_path = next(p for p, c in plan.outer.items() if c == plan.embedding)
-            A.set_param(plan.model, emb_path, None)
+        for path, cname in plan.outer.items():  # the embedding is only needed for the inputs
+            if cname in (plan.embedding, plan.lm_head):
+                A.set_param(plan.model, path, None)
         log(f"calibration: {data.n_tokens} tokens in {len(windows)} windows")
 
     # ---- writer: lossless tensors and auxiliary files first (their bytes are then known)
@@ -712,6 +823,9 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
             mode, params, streams = lossless.encode(raw, ti.dtype, ti.numel)
             e = w.add(nm, ti.dtype, ti.shape, mode, streams, params)
             other_bytes += lossy.entry_bytes(nm, len(ti.shape), len(params), e.size)
+            del raw, streams
+            if ti.numel >= 1 << 22:
+                release_free_memory()
         for a in src.aux:
             data_b = a.read_bytes()
             mode, params, streams = lossless.encode(data_b, "U8", len(data_b))
@@ -801,7 +915,7 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
                     A.set_param(plan.model, path, ckpt.float32(cname).to(dev))
                 lin_by_w = {li.weight: li for li in b.linears}
                 cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
-                outs, sig = run_block(blk, hs, kws[b.index], cap, dev)
+                outs, sig = run_block(blk, hs, kws[b.index], cap, dev, sigma_only=opts.calibration == "quantized")
             else:
                 sig = {}
             x = ctl.solve()
@@ -810,6 +924,7 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
             names = by_block.get(b.index, [])
 
             def work(nm, x=x, sig=sig, cache=cache):
+                _worker_threads(opts.threads)
                 tc, _job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache)
                 return tc
 
@@ -833,6 +948,7 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
             spool.save_step(f"block{b.index}", {"entries": entries, "ctl": ctl.state(),
                                                "coded": [asdict(coded[n]) for n in names]},
                             hs if calibrate else None)
+            release_free_memory()
             if on_block is not None:  # tests: interrupt after a given block
                 on_block(b.index)
             bar.update(1)
@@ -858,6 +974,7 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
                 if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step
                     st = ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()
                     tc, _ = code_tensor(nm, W, dtype, S, st, opts, {})
+                    tc.W_hat = None
                     put(nm, tc, math.log2(st))
                     continue
                 last = i == len(rest) - 1
@@ -869,6 +986,7 @@ def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Stream
                 ctl.steps.append(2.0**x)
                 put(nm, tc, x)
                 del W, tc
+                release_free_memory()
         # ---- metadata and close
         w.metadata.update(metadata())
         summ = json.loads(w.metadata["acz.lossy.summary"])
@@ -902,7 +1020,17 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
     step is searched on the real coder (secant on exact bytes, at most 4 full codes)."""
     x = ctl.solve()
     cache: dict = {}
-    tc, job = code_tensor(nm, W, dtype, S, 2.0**x, opts, cache)
+    job = E.TensorJob(nm, W, dtype, S)
+    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
+    try:
+        return _search_last_job(nm, W, dtype, S, ctl, opts, exact, log, x, cache, job)
+    finally:
+        job.cands = []
+
+
+def _search_last_job(nm, W, dtype, S, ctl, opts, exact, log, x, cache, job) -> tuple[E.TensorCode, float]:
+    tc, _ = code_tensor(nm, W, dtype, S, 2.0**x, opts, cache, job)
+    tc.W_hat = None  # not needed outside the blocks (nothing runs after them)
     if not exact:
         return tc, x
     left = ctl.budget - ctl.spent
@@ -916,7 +1044,9 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
     for _ in range(4):
         if best[0] <= 0.002 or left <= 0:
             break
-        tc1, _ = code_tensor(nm, W, dtype, S, 2.0**x1, opts, cache)
+        release_free_memory()  # the previous code's temporaries (a large tensor: hundreds of MB)
+        tc1, _ = code_tensor(nm, W, dtype, S, 2.0**x1, opts, cache, job)
+        tc1.W_hat = None
         f1 = math.log2(nbytes(tc1) / left)
         log(f"{nm}: step {2.0**x1:.4g} -> {nbytes(tc1)} bytes (target {left:.0f})")
         if abs(nbytes(tc1) / left - 1) < best[0]:

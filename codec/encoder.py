@@ -187,6 +187,16 @@ class TensorJob:
 
 # --------------------------------------------------------------------------- candidates
 
+CHUNK_ROWS = 8192  # float64 temporaries and error sums of larger tensors are worked one row chunk at a time
+
+
+def row_chunks(rows: int, chunk: int | None = None) -> list[slice]:
+    """Row slices of at most ``chunk`` (default CHUNK_ROWS) rows (one slice for a tensor that
+    small: its sums are then the plain whole-tensor expressions, bit for bit)."""
+    chunk = chunk or CHUNK_ROWS
+    return [slice(a, min(a + chunk, rows)) for a in range(0, max(rows, 1), chunk)]
+
+
 
 def col_scales(diag: torch.Tensor, alpha: float) -> np.ndarray:
     """s_j ∝ diag_j^(−α), normalised so that Σ_j s_j² diag_j = Σ_j diag_j (same expected output
@@ -204,12 +214,19 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
     factors between tensors with the same Σ object (q, k, v; gate, up)."""
     from aligncodec.codec.transforms.hadamard import tensor_seed
 
-    W64 = job.W.to(torch.float64)
-    n = W64.shape[1]
+    n = job.W.shape[1]
     S = job.sigma.to(torch.float64) if job.sigma is not None else None
     job.sig_mean = float(torch.diag(S).mean()) if S is not None else 1.0
-    W32 = job.W.to(torch.float32)
-    job.energy = float(((W32 @ S.to(torch.float32)) * W32).double().sum()) if S is not None else float((W64 * W64).sum())
+    S32 = S.to(torch.float32) if S is not None else None
+    job.energy = 0.0
+    for r in row_chunks(job.W.shape[0]):  # one chunk (the plain expression) unless the tensor is large
+        W32 = job.W[r].to(torch.float32)
+        if S is not None:
+            job.energy += float(((W32 @ S32) * W32).double().sum())
+        else:
+            W64 = W32.to(torch.float64)
+            job.energy += float((W64 * W64).sum())
+    del W32
     cache = {} if cache is None else cache
     job.cands = []
     for kind in kinds:
@@ -240,11 +257,16 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
             U = U.to(torch.float32)
             cache[key] = (sc, U, perm)
         sc, U, perm = cache[key]
-        Cm = torch.from_numpy(hd.apply64(W64.numpy())) if had else W64
-        if sc is not None:
-            Cm = Cm / torch.from_numpy(sc.astype(np.float64))[None, :]
+        C = torch.empty(job.W.shape, dtype=torch.float32)
+        for r in row_chunks(job.W.shape[0]):  # float64 work one row chunk at a time
+            W64 = job.W[r].to(torch.float64)
+            Cm = torch.from_numpy(hd.apply64(W64.numpy())) if had else W64
+            if sc is not None:
+                Cm = Cm / torch.from_numpy(sc.astype(np.float64))[None, :]
+            C[r] = Cm.to(torch.float32)
+            del W64, Cm
         job.cands.append(Candidate(kind, lossy.TRANSFORM_HADAMARD if had else lossy.TRANSFORM_IDENTITY, hd, sc,
-                                   Cm.to(torch.float32).contiguous(), U, perm))
+                                   C, U, perm))
 
 
 # --------------------------------------------------------------------------- coding one tensor
@@ -263,7 +285,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     sl = slice(None) if stride <= 1 else slice(0, None, stride)
     Wt = job.W[sl]
     q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
-    saturated = bool(q.size) and int(np.abs(q).max()) >= lossy.MAX_ABS_SYMBOL
+    saturated = bool(q.size) and max(int(q.max()), -int(q.min())) >= lossy.MAX_ABS_SYMBOL
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
                             cand.hd.m if cand.hd is not None else 0)
     # choose the symbol classes by an order-0 estimate (entropy + table + stream headers), then
@@ -277,7 +299,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
         est = 0.0 if k == 1 else 4 * k + (q.shape[axis] + 1) / 2 + 8
         for part in parts:
             lo = int(part.min())
-            cnt = np.bincount(part - lo)
+            cnt = _histogram(part, lo)
             nz = cnt[cnt > 0].astype(np.float64)
             est += f * float(-(nz * np.log2(nz / part.size)).sum()) / 8 + 1.2 * len(cnt) + 56
         if est < best_est:
@@ -286,20 +308,39 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     nbytes = lossy.entry_bytes(job.name, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(streams))
     if stride > 1:  # whole-tensor estimate: the symbol payload scales with the rows
         nbytes += (f - 1) * sum(len(x.payload) for x in streams[: params.n_classes])
-    W_hat = lossy.reconstruct_from(params, q, cand.scales, cand.hd)
-    W_hat = lossy.rounded_f32(W_hat, job.dtype)
-    D = torch.from_numpy(W_hat) - Wt
-    d = float(((D @ job.sigma.to(torch.float32)) * D).double().sum()) if job.sigma is not None else float((D.double() ** 2).sum())
-    sig = float((Wt.double() ** 2).sum())
-    noise = float((D.double() ** 2).sum())
+    W_hat = np.empty(q.shape, dtype=np.float32)
+    for r in row_chunks(q.shape[0]):  # element-wise float32 work: the same bits in row chunks
+        W_hat[r] = lossy.rounded_f32(lossy.reconstruct_from(params, q[r], cand.scales, cand.hd), job.dtype)
+    del q
+    S32 = job.sigma.to(torch.float32) if job.sigma is not None else None
+    d = sig = noise = 0.0
+    for r in row_chunks(W_hat.shape[0]):  # one chunk (the plain expressions) unless the tensor is large
+        D = torch.from_numpy(W_hat[r]) - Wt[r]
+        D64 = D.double()
+        d += float(((D @ S32) * D).double().sum()) if S32 is not None else float((D64 ** 2).sum())
+        sig += float((Wt[r].double() ** 2).sum())
+        noise += float((D64 ** 2).sum())
+        del D, D64
     nbytes = int(round(nbytes))
     sqnr = 10 * math.log10(sig / noise) if noise > 0 and sig > 0 else (math.inf if noise == 0 else -math.inf)
     if stride > 1:
-        d *= rows / q.shape[0]
-        noise *= rows / q.shape[0]
+        d *= f
+        noise *= f
         W_hat, streams = None, []
     return TensorCode(job.name, cand.kind, params, streams, W_hat, nbytes, d, d / max(job.energy, 1e-300),
                       sqnr, noise, saturated)
+
+
+def _histogram(v: np.ndarray, lo: int, chunk: int = 1 << 22) -> np.ndarray:
+    """np.bincount(v − lo), a chunk at a time for a large v (bincount widens its input to
+    int64: a full copy twice the size of int32 symbols)."""
+    if v.size <= chunk:
+        return np.bincount(v - lo)
+    m = int(v.max()) - lo + 1
+    cnt = np.zeros(m, dtype=np.int64)
+    for a in range(0, v.size, chunk):
+        cnt += np.bincount(v[a:a + chunk] - lo, minlength=m)
+    return cnt
 
 
 def choose(job: TensorJob, step: float, stride: int = 1) -> tuple[Candidate, TensorCode]:

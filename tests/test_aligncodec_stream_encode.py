@@ -174,10 +174,11 @@ def test_quantized_and_float_calibration_differ(tmp_path, text_file):
     assert a.read_bytes() != b.read_bytes()
 
 
-def test_interrupt_then_resume_is_byte_identical(tmp_path, text_file):
+@pytest.mark.parametrize("cal", ["float", "quantized"])
+def test_interrupt_then_resume_is_byte_identical(tmp_path, text_file, cal):
     d = make_checkpoint(tmp_path / "m", "llama", False)
     ref = tmp_path / "ref.acz"
-    S.encode_stream(d, ref, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    S.encode_stream(d, ref, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False)
     out = tmp_path / "out.acz"
 
     def stop(i):
@@ -185,12 +186,12 @@ def test_interrupt_then_resume_is_byte_identical(tmp_path, text_file):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, on_block=stop)
+        S.encode_stream(d, out, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False, on_block=stop)
     assert not out.exists() and S.spool_dir(out).is_dir()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".acz")]  # no writer temp left
     with pytest.raises(S.ResumeError, match="settings"):
-        S.encode_stream(d, out, _opts(text_file, bpw=3.0), tokenizer=ToyTokenizer(), progress=False, resume=True)
-    S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
+        S.encode_stream(d, out, _opts(text_file, bpw=3.0, calibration=cal), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    S.encode_stream(d, out, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False, resume=True)
     assert out.read_bytes() == ref.read_bytes()
     assert not S.spool_dir(out).exists()
 
@@ -265,3 +266,57 @@ def test_cli_stream_compress_and_named_errors(tmp_path, capsys):
     (d / "config.json").write_text(json.dumps(cfg))
     assert main(["compress", str(d), "-o", str(tmp_path / "x.acz"), "--bpw", "4", "--encoder", "stream"]) == EXIT_UNSUPPORTED
     assert not (tmp_path / "x.acz").exists()
+
+
+def test_sigma_only_pass_gives_the_same_sigma(tmp_path, text_file):
+    """Quantized calibration's first pass stops each window once every linear has its input:
+    the Σ are exactly those of the full pass, and it returns no outputs."""
+    d = make_checkpoint(tmp_path, "llama", dtype=torch.float32)
+    plan = A.plan_model(d)
+    ckpt = A.Checkpoint(d)
+    data = S.calibration_windows(d, _opts(text_file, calib_tokens=600), ToyTokenizer())
+    for path, cname in plan.outer.items():
+        A.set_param(plan.model, path, ckpt.float32(cname))
+    hs, kws = S.record_block_inputs(plan, data.windows)
+    b = plan.blocks[0]
+    for path, cname in b.params.items():
+        A.set_param(plan.model, path, ckpt.float32(cname))
+    blk = A.get_module(plan.model, plan.blocks_path)[0]
+    cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
+    outs, full = S.run_block(blk, hs, kws[0], cap)
+    none, part = S.run_block(blk, hs, kws[0], cap, sigma_only=True)
+    assert len(outs) == len(hs) and none == []
+    assert set(full) == set(part) == {li.weight for li in b.linears}
+    for k in full:
+        assert torch.equal(full[k], part[k]), k
+
+
+def test_controller_aggregate_matches_per_tensor_prediction():
+    """solve() sums the remaining curves once; the total equals the per-tensor sum."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    curves = {}
+    for i in range(12):
+        bits = np.sort(rng.uniform(0, 12, len(S.LOG2_GRID)))[::-1].copy()
+        curves[f"t{i}"] = S.RateCurve(f"t{i}", ("q_proj", "down_proj", "embedding")[i % 3], int(rng.integers(4096, 10**6)), bits)
+    ctl = S.RateController(3e6, curves)
+    ctl.record("t0", -3.0, 90_000)
+    ctl.record("t4", -3.0, 50_000)
+    names = sorted(ctl.remaining)
+    agg = ctl._aggregate(names)
+    for x in (-30.0, -24.0, -7.3, -1.0, 0.4, 6.0, 9.0):
+        assert ctl._predict_agg(x, *agg) == pytest.approx(ctl.predict(x, names), rel=1e-12)
+    x = ctl.solve()
+    assert ctl.predict(x, names) == pytest.approx(ctl.budget - ctl.spent, rel=1e-6)
+
+
+def test_thread_limits_set_and_restore():
+    import numba
+
+    before = (torch.get_num_threads(), numba.get_num_threads())
+    with S.thread_limits(1):
+        assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+    assert (torch.get_num_threads(), numba.get_num_threads()) == before
+    with S.thread_limits(None):
+        assert torch.get_num_threads() == before[0]

@@ -14,7 +14,7 @@ def test_split_pow2(n):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("p,m", [(1, 3), (2, 1), (8, 3), (64, 9)])
+@pytest.mark.parametrize("p,m", [(1, 3), (2, 1), (4, 5), (8, 3), (64, 9), (512, 3)])
 def test_numpy_and_torch_agree_bit_for_bit_and_match_the_dense_matrix(dtype, p, m):
     rng = np.random.default_rng(p * 31 + m)
     X = rng.standard_normal((5, p, m)).astype(dtype)

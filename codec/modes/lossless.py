@@ -269,7 +269,11 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
             from aligncodec.codec.entropy import rans
 
             s0 = rans.encode(sym, alphabet_size=int(sym.max()) + 1)
-            s1 = _best_bytes_stream(pack_bits(rest, width - e - k))
+            del sym  # a large tensor's copies go as soon as they are coded (peak memory)
+            packed = pack_bits(rest, width - e - k)
+            del rest
+            s1 = _best_bytes_stream(packed)
+            del packed
             candidates.append((MODE_FLOAT_SPLIT, bytes([k]), [s0, s1]))
         if numel >= 1 and ((big and policy in ("auto", "bytegroup", "smallest")) or mode == MODE_BYTEGROUP):
             params, streams = encode_bytegroup(bits, dtype)

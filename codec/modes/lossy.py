@@ -467,9 +467,23 @@ def _sym_stream(v: np.ndarray, chunk_symbols: int | None, lanes: int | None = No
     return lo, rans.encode((v.astype(np.int64) - lo).astype(np.uint16), chunk_symbols=chunk_symbols, lanes=lanes)
 
 
+_CLASS_CHUNK = 8192  # rows of int symbols widened to float64 at once by make_classes
+
+
 def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
     """Class ids: rows/columns sorted by the mean |q|, split into k groups of equal count."""
-    a = np.abs(q.astype(np.float64)).mean(axis=1 - axis)
+    rows = q.shape[0]
+    if rows <= _CLASS_CHUNK:
+        a = np.abs(q.astype(np.float64)).mean(axis=1 - axis)
+    else:  # a large tensor: float64 copies of one row chunk at a time
+        if axis == 0:
+            a = np.concatenate([np.abs(q[i:i + _CLASS_CHUNK].astype(np.float64)).mean(axis=1)
+                                for i in range(0, rows, _CLASS_CHUNK)])
+        else:
+            a = np.zeros(q.shape[1])
+            for i in range(0, rows, _CLASS_CHUNK):
+                a += np.abs(q[i:i + _CLASS_CHUNK].astype(np.float64)).sum(axis=0)
+            a /= rows
     order = np.argsort(a, kind="stable")
     ids = np.empty(len(a), dtype=np.uint8)
     ids[order] = (np.arange(len(a)) * k // len(a)).astype(np.uint8)

@@ -36,7 +36,7 @@ def _compress(args: argparse.Namespace) -> int:
     if lossy_target:
         if args.bpw is not None and args.distortion is not None:
             raise CLIError("give --bpw or --distortion, not both", EXIT_USAGE)
-        encoder_kind = args.encoder or "whole"  # the stream encoder is opt-in until its quality is measured
+        encoder_kind = args.encoder or "whole"  # the stream encoder is opt-in: measured behind the whole encoder on SmolLM2 (docs/results/2026-11-30-stream-speed-memory.md)
         if encoder_kind == "stream":
             return _compress_stream(args)
         if args.bpw_scope == "all":
@@ -91,9 +91,12 @@ def _compress_stream(args: argparse.Namespace) -> int:
                                calibration="none" if args.no_calibration else args.calibration,
                                candidates=tuple(args.candidates.split(",")), alpha=args.alpha, seed=args.seed,
                                calib_tokens=args.calib_tokens, calib_text=args.calib_text,
-                               lossy_embeddings=True if args.lossy_embeddings else None, workers=args.workers)
+                               lossy_embeddings=True if args.lossy_embeddings else None, workers=args.workers,
+                               threads=args.threads or None)
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
+    if args.threads < 0:
+        raise CLIError("--threads must be >= 0", 2)
     if args.calib_text and not os.path.isfile(args.calib_text):
         raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
     try:
@@ -200,12 +203,16 @@ def add_parser(sub) -> None:
     p.add_argument("--encoder", choices=("stream", "whole"), default=None,
                    help="lossy: whole = every lossy tensor at once (default; the studies' encoder); "
                         "stream = block by block, memory of one block, any Transformers causal LM")
-    p.add_argument("--calibration", choices=("quantized", "float"), default="quantized",
-                   help="lossy (stream): Σ of block L from the outputs of the already encoded blocks (quantized, "
-                        "default) or of the unmodified model (float)")
+    p.add_argument("--calibration", choices=("quantized", "float"), default="float",
+                   help="lossy (stream): Σ of block L from the unmodified model's activations (float, default) or "
+                        "from the outputs of the already encoded blocks (quantized; same KLD on SmolLM2, worse perplexity)")
     p.add_argument("--calib-text", metavar="FILE", help="lossy (stream): calibration text (UTF-8) instead of the built-in calibration half")
     p.add_argument("--calib-tokens", type=int, default=16384, help="lossy (stream): calibration tokens (default 16384)")
     p.add_argument("--workers", type=int, default=1, help="lossy (stream): tensors of one block coded in parallel")
+    p.add_argument("--threads", type=int, default=1, metavar="T",
+                   help="lossy (stream): threads per thread pool (torch, numba, BLAS); default 1: on a machine whose "
+                        "cores are busy, parallel kernels spend their time waiting at barriers (docs/lossy-encoder.md); "
+                        "0 = the libraries' defaults (every core)")
     p.add_argument("--resume", action="store_true", help="lossy (stream): continue an interrupted encode from its spool folder")
     p.add_argument("--distortion", type=float, help="lossy: target mean activation-weighted relative error per tensor instead of --bpw")
     p.add_argument("--candidates", default="hadamard,colscale",
