@@ -68,3 +68,19 @@ def test_bench_load_lossy_warm_and_cold(tmp_path):
     assert out["info"]["evicted_with_fadvise"] is True
     table = bench.format_table(out)
     assert "lossy .acz" in table and "cold s" in table
+
+
+@pytest.mark.model
+def test_stream_profile_reports_each_block(tmp_path, capsys):
+    """tools/bench/stream_profile.py on the tiny synthetic checkpoint (SmolLM2's cached tokenizer)."""
+    import json
+
+    from aligncodec.tools.bench import stream_profile, synth_checkpoint
+
+    d = tmp_path / "tiny"
+    assert synth_checkpoint.main(["--size", "tiny", "-o", str(d)]) in (0, None)
+    capsys.readouterr()
+    assert stream_profile.main([str(d), "--blocks", "2", "--calib-tokens", "512"]) == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(rep["wall_s_per_block"]) == len(rep["cpu_s_per_block"]) == 2
+    assert all(t > 0 for t in rep["cpu_s_per_block"])
