@@ -8,12 +8,12 @@ parent process they are skipped. Run them directly with
 """
 
 import os
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from byteflip import byte_flips
 
 IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 # ACZ_TEST_REAL_GPU=1 runs the device tests on a real CUDA device instead (no simulator):
@@ -27,13 +27,9 @@ def test_kernels_under_simulator():
     """Driver: run this module's kernel tests in a child process with the simulator on."""
     if IN_SIM:
         pytest.skip("already in the simulator")
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBA_NUM_THREADS="2")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=1200)
-    tail = r.stdout[-3000:] + r.stderr[-2000:]
-    assert r.returncode == 0, tail
-    m = re.search(r"(\d+) passed", r.stdout)
-    assert m and int(m.group(1)) == N_SIM_TESTS, tail
+    from simulator import run_under_simulator
+
+    run_under_simulator(__file__, N_SIM_TESTS, timeout=1200)
 
 
 # ----------------------------------------------------------------- kernel tests (child process)
@@ -89,16 +85,12 @@ def test_rans_kernel_matches_cpu(dc, precision):
 @sim_only
 def test_rans_kernel_corruption_verdict_matches_cpu(dc):
     from aligncodec.codec.entropy import decode_cpu, rans
-    from aligncodec.formats.streams import RansStream
     from aligncodec.formats.errors import CorruptStreamError
 
     rng = np.random.default_rng(9)
     sym = rng.integers(0, 12, 300).astype(np.uint16)
     s = rans.encode(sym, chunk_symbols=20)
-    for i in rng.choice(len(s.payload), size=40, replace=False):
-        bad = bytearray(s.payload)
-        bad[i] ^= int(rng.integers(1, 256))
-        t = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad))
+    for i, t in byte_flips(s, rng, 40):
         try:
             want = ("ok", decode_cpu.decode_symbols(t).tobytes())
         except CorruptStreamError as exc:
@@ -160,17 +152,13 @@ def test_lanes_kernel_matches_cpu(dc, precision):
 @sim_only
 def test_lanes_corruption_verdict_matches_cpu(dc):
     from aligncodec.codec.entropy import decode_cpu, rans
-    from aligncodec.formats.streams import RansStream
     from aligncodec.formats.errors import CorruptStreamError
 
     rng = np.random.default_rng(19)
     sym = rng.integers(0, 12, 160).astype(np.uint16)
     s = rans.encode(sym, chunk_symbols=40, lanes=8)
     seen = set()
-    for i in rng.choice(len(s.payload), size=20, replace=False):
-        bad = bytearray(s.payload)
-        bad[i] ^= int(rng.integers(1, 256))
-        t = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad), s.lanes)
+    for i, t in byte_flips(s, rng, 20):
         try:
             want = ("ok", decode_cpu.decode_symbols(t).tobytes())
         except CorruptStreamError as exc:
@@ -205,7 +193,6 @@ def test_lanes_long_chunks_word_window(dc):
     the same symbols and the same verdicts as the CPU decoder."""
     from aligncodec.codec.entropy import decode_cpu, rans
     from aligncodec.formats.errors import CorruptStreamError
-    from aligncodec.formats.streams import RansStream
 
     rng = np.random.default_rng(23)
     for lanes, P, chunk, n in [(32, 12, 1100, 1150), (7, 14, 400, 420), (3, 10, 300, 310)]:
@@ -216,10 +203,7 @@ def test_lanes_long_chunks_word_window(dc):
         got = dc.decode_symbols_device(s).copy_to_host()
         assert np.array_equal(got, sym), (lanes, P)
         kinds = set()
-        for i in rng.choice(len(s.payload), size=2, replace=False):
-            bad = bytearray(s.payload)
-            bad[i] ^= int(rng.integers(1, 256))
-            t = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad), s.lanes)
+        for i, t in byte_flips(s, rng, 2):
             verdicts = []
             for fn in (lambda: decode_cpu.decode_symbols(t), lambda: dc.decode_symbols_device(t).copy_to_host()):
                 try:

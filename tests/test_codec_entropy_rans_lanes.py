@@ -4,6 +4,7 @@ mixing coder 2 and coder 3 tensors loads. (The CUDA warp kernel: tests/test_code
 
 import numpy as np
 import pytest
+from byteflip import byte_flips
 
 from aligncodec.codec.entropy import decode_cpu, rans, rans_reference
 from aligncodec.formats.constants import CODER_RANS, CODER_RANS_LANES, MODE_FLOAT_SPLIT
@@ -65,10 +66,7 @@ def test_lanes_corruption_same_verdict_reference_and_cpu():
     sym = rng.integers(0, 12, 3000).astype(np.uint16)
     s = rans.encode(sym, chunk_symbols=300, lanes=8)
     kinds = set()
-    for i in rng.choice(len(s.payload), size=150, replace=False):
-        bad = bytearray(s.payload)
-        bad[i] ^= int(rng.integers(1, 256))
-        t = RansStream(s.precision, s.chunk_symbols, s.n_symbols, s.freqs, s.chunk_lengths, bytes(bad), s.lanes)
+    for i, t in byte_flips(s, rng, 150):
         want = _verdict(lambda: rans_reference.decode(t))
         assert _verdict(lambda: decode_cpu.decode_symbols(t)) == want, i
         kinds.add(want[0])

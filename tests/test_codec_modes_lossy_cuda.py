@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,13 +35,9 @@ N_SIM_TESTS = len(VECTORS) + 24 + 4  # golden vectors, shape classes, corruption
 @host_only
 def test_lossy_kernels_under_simulator():
     """Driver: run this module's simulator tests in a child process."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", NUMBA_NUM_THREADS="2")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                       env=env, capture_output=True, text=True, timeout=1800)
-    tail = r.stdout[-3000:] + r.stderr[-2000:]
-    assert r.returncode == 0, tail
-    m = re.search(r"(\d+) passed", r.stdout)
-    assert m and int(m.group(1)) == N_SIM_TESTS, tail
+    from simulator import run_under_simulator
+
+    run_under_simulator(__file__, N_SIM_TESTS, timeout=1800)
 
 
 # ----------------------------------------------------------------- host: casts and PTX
