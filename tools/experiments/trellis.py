@@ -247,7 +247,7 @@ def code_trellis(job, delta, c, n_states, taps, table_mode, iters=2, U=None, per
     """(K, ST, W_hat, bytes) of one tensor. ``table_mode``: 'quantiser' (2 tables), 'state' (S),
     each times the rows/columns classes of the option chosen (by entropy) on the λ = 0 pass."""
     trans, qsel = machine(n_states, taps)
-    tmap = qsel.copy() if table_mode == "quantiser" else np.arange(n_states)
+    tmap = {"quantiser": qsel.copy(), "state": np.arange(n_states), "one": np.zeros(n_states, np.int64)}[table_mode]
     n_t = int(tmap.max()) + 1
     W = job.W.numpy().astype(np.float64)
     rows, n = W.shape
