@@ -153,6 +153,15 @@ class Checkpoint:
         t = self.get(name)
         return t.to(torch.float32) if t.dtype != torch.float32 else t.clone()
 
+    def rows_float32(self, name: str, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` (a slice, strided or not) of a tensor of two or more dimensions, in
+        float32, read without reading the rest of the tensor (the file is opened for this read only)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.tensors[name].file), framework="pt") as f:
+            t = f.get_slice(name)[rows]
+        return t.to(torch.float32).contiguous() if t.dtype != torch.float32 else t.clone().contiguous()
+
     def close(self) -> None:
         pass
 

@@ -619,24 +619,34 @@ def _lossy_shape_ok(shape) -> bool:
     return len(shape) == 2 and min(shape) >= 16 and shape[0] * shape[1] >= MIN_NUMEL
 
 
-def code_tensor(name: str, W: torch.Tensor, dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
-                cache: dict, job: E.TensorJob | None = None) -> tuple[E.TensorCode, E.TensorJob]:
+LAZY_MIN_ROWS = E.CHUNK_ROWS  # tensors with more rows (embeddings, lm_head) are read and coded a row chunk at a time
+SEARCH_ROWS = 4096  # rows of the subsample on which the last tensor's step is searched
+FULL_TOL = 0.0025  # the last tensor is coded again if its full code misses the file target by more
+
+
+def tensor_rows(ckpt: A.Checkpoint, nm: str) -> "torch.Tensor | E.RowView":
+    """The tensor in float32: whole for a small one; a :class:`E.RowView` reading row chunks
+    from the checkpoint for one with more than LAZY_MIN_ROWS rows (no float32 copy of the
+    whole tensor is ever held: the coder works one row chunk at a time)."""
+    ti = ckpt.tensors[nm]
+    if len(ti.shape) == 2 and ti.shape[0] > LAZY_MIN_ROWS:
+        return E.RowView(lambda sl: ckpt.rows_float32(nm, sl), tuple(ti.shape))
+    return ckpt.float32(nm)
+
+
+def code_tensor(name: str, W: "torch.Tensor | E.RowView", dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
+                cache: dict, keep_w_hat: bool = True) -> tuple[E.TensorCode, E.TensorJob]:
     """Code one tensor at ``step``: candidates by J on a row subsample, then the chosen one in
-    full. ``job`` (from an earlier call, with its candidates) skips rebuilding them: a step
-    search codes the same tensor several times; the caller then clears ``job.cands``."""
-    keep = job is not None
-    if job is None:
-        job = E.TensorJob(name, W, dtype, S)
-        E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
+    full (a :class:`E.RowView` ``W``: row chunk by row chunk)."""
+    job = E.TensorJob(name, W, dtype, S)
+    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache, lazy=isinstance(W, E.RowView))
     if len(job.cands) > 1:
         cand, _ = E.choose(job, step, E.stride_for(W.shape[0], opts.sample_rows))
     else:
         cand = job.cands[0]
-    if not keep:
-        job.cands = [cand]  # the others' C (one float32 copy of W each) go before the full code
-    tc = E.code_candidate(job, cand, step)
-    if not keep:
-        job.cands = []
+    job.cands = [cand]  # the others' C (one float32 copy of W each) go before the full code
+    tc = E.code_candidate(job, cand, step, keep_w_hat=keep_w_hat)
+    job.cands = []
     return tc, job
 
 
@@ -969,12 +979,11 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                 S = None
                 if calibrate and (nm == plan.lm_head or (plan.tied and nm == plan.embedding)):
                     S = S_head
-                W = ckpt.float32(nm)
+                W = tensor_rows(ckpt, nm)
                 dtype = ckpt.tensors[nm].dtype
                 if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step
                     st = ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()
-                    tc, _ = code_tensor(nm, W, dtype, S, st, opts, {})
-                    tc.W_hat = None
+                    tc, _ = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False)
                     put(nm, tc, math.log2(st))
                     continue
                 last = i == len(rest) - 1
@@ -982,7 +991,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     ov = exact_overhead(1)
                     ctl.budget += overhead - ov
                     overhead = ov
-                tc, x = _search_last(nm, W, dtype, S, ctl, opts, exact=last, log=log)
+                tol = FULL_TOL * (opts.bpw * n_params / 8 if opts.scope == "all" else ctl.budget)
+                tc, x = _search_last(nm, W, dtype, S, ctl, opts, exact=last, log=log, tol_bytes=tol)
                 ctl.steps.append(2.0**x)
                 put(nm, tc, x)
                 del W, tc
@@ -1015,42 +1025,70 @@ def _overhead(meta: dict[str, str], extra_json: int) -> int:
     return PREAMBLE_SIZE + len(build_section(SECTION_METADATA, 0, body)) + extra_json + 32
 
 
-def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exact: bool, log) -> tuple[E.TensorCode, float]:
-    """Code a tensor outside the blocks. The last one absorbs what the controller missed: its
-    step is searched on the real coder (secant on exact bytes, at most 4 full codes)."""
+def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exact: bool, log,
+                 tol_bytes: float = 0.0) -> tuple[E.TensorCode, float]:
+    """Code a tensor outside the blocks at the controller's step; the last one (``exact``)
+    absorbs what the controller missed. Its candidate is chosen on a row subsample, its step
+    searched by secant on the bytes estimated from a subsample of ~SEARCH_ROWS rows (GPTQ rows
+    are independent given H), then it is coded in full **once**; a second full code, at a step
+    corrected by the measured ratio of full to estimated bytes, only if the first misses the
+    target by more than ``tol_bytes``. The full code runs row chunk by row chunk and keeps no
+    reconstruction: memory beyond the symbols is a few row chunks, whatever the tensor's size."""
     x = ctl.solve()
-    cache: dict = {}
+    rows = W.shape[0]
     job = E.TensorJob(nm, W, dtype, S)
-    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
+    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache={}, lazy=isinstance(W, E.RowView))
     try:
-        return _search_last_job(nm, W, dtype, S, ctl, opts, exact, log, x, cache, job)
+        def pick(z):
+            if len(job.cands) > 1:
+                return E.choose(job, 2.0**z, E.stride_for(rows, opts.sample_rows))[0]
+            return job.cands[0]
+
+        cand = pick(x)
+        if not exact:
+            return E.code_candidate(job, cand, 2.0**x, keep_w_hat=False), x
+        left = ctl.budget - ctl.spent
+        stride = max(1, rows // SEARCH_ROWS)
+
+        def estimate(z):
+            return E.code_candidate(job, cand, 2.0**z, stride).bytes_all_in
+
+        x = _secant_bytes(estimate, x, left, nm, log)
+        c2 = pick(x)
+        if c2.kind != cand.kind:  # the step moved enough to change the candidate: search again
+            cand = c2
+            x = _secant_bytes(estimate, x, left, nm, log)
+        tc = E.code_candidate(job, cand, 2.0**x, keep_w_hat=False)
+        log(f"{nm}: step {2.0**x:.4g} -> {tc.bytes_all_in} bytes in full (target {left:.0f})")
+        if abs(tc.bytes_all_in - left) > tol_bytes and left > 0:
+            # the subsample's estimate was biased: correct the target by the measured ratio
+            ratio = tc.bytes_all_in / estimate(x)
+            x2 = _secant_bytes(lambda z: ratio * estimate(z), x, left, nm, log)
+            release_free_memory()
+            tc2 = E.code_candidate(job, cand, 2.0**x2, keep_w_hat=False)
+            log(f"{nm}: step {2.0**x2:.4g} -> {tc2.bytes_all_in} bytes in full (target {left:.0f})")
+            if abs(tc2.bytes_all_in - left) < abs(tc.bytes_all_in - left):
+                tc, x = tc2, x2
+        return tc, x
     finally:
         job.cands = []
 
 
-def _search_last_job(nm, W, dtype, S, ctl, opts, exact, log, x, cache, job) -> tuple[E.TensorCode, float]:
-    tc, _ = code_tensor(nm, W, dtype, S, 2.0**x, opts, cache, job)
-    tc.W_hat = None  # not needed outside the blocks (nothing runs after them)
-    if not exact:
-        return tc, x
-    left = ctl.budget - ctl.spent
-
-    def nbytes(tc):
-        return lossy.entry_bytes(nm, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(tc.streams))
-
-    best = (abs(nbytes(tc) / left - 1), x, tc)
-    x0, f0 = x, math.log2(nbytes(tc) / left)
-    x1 = x0 + f0  # ~1 bit per halving of the step
-    for _ in range(4):
-        if best[0] <= 0.002 or left <= 0:
+def _secant_bytes(f, x: float, left: float, nm: str, log, tol: float = 0.001, max_iter: int = 12) -> float:
+    """log2 step at which ``f`` (estimated bytes) meets ``left`` within ``tol``: secant on
+    log2(bytes / left) (~1 bit per halving of the step); returns the best step seen."""
+    if left <= 0:
+        return x
+    x0, f0 = x, math.log2(f(x) / left)
+    best = (abs(f0), x0)
+    x1 = x0 + f0
+    for _ in range(max_iter):
+        if best[0] <= tol * 1.4427:  # |log2 r| ≤ tol/ln 2 ⇔ |r − 1| ≲ tol
             break
-        release_free_memory()  # the previous code's temporaries (a large tensor: hundreds of MB)
-        tc1, _ = code_tensor(nm, W, dtype, S, 2.0**x1, opts, cache, job)
-        tc1.W_hat = None
-        f1 = math.log2(nbytes(tc1) / left)
-        log(f"{nm}: step {2.0**x1:.4g} -> {nbytes(tc1)} bytes (target {left:.0f})")
-        if abs(nbytes(tc1) / left - 1) < best[0]:
-            best = (abs(nbytes(tc1) / left - 1), x1, tc1)
+        f1 = math.log2(f(x1) / left)
+        if abs(f1) < best[0]:
+            best = (abs(f1), x1)
         xn = x1 - f1 * (x1 - x0) / (f1 - f0) if f1 != f0 else x1 + f1
         x0, f0, x1 = x1, f1, xn
-    return best[2], best[1]
+    log(f"{nm}: step {2.0**best[1]:.4g} by the subsample's estimate (target {left:.0f} bytes)")
+    return best[1]

@@ -208,10 +208,48 @@ def col_scales(diag: torch.Tensor, alpha: float) -> np.ndarray:
     return s.numpy().astype(np.float16).astype(np.float32)
 
 
+def candidate_rows(W: torch.Tensor, hd: "lossy.HadamardData | None", sc: np.ndarray | None) -> torch.Tensor:
+    """C = W T diag(s)⁻¹ for some rows of W (float64 work, float32 result; row by row the same
+    bits whatever rows are passed together)."""
+    W64 = W.to(torch.float64)
+    Cm = torch.from_numpy(hd.apply64(W64.numpy())) if hd is not None else W64
+    if sc is not None:
+        Cm = Cm / torch.from_numpy(sc.astype(np.float64))[None, :]
+    return Cm.to(torch.float32)
+
+
+class RowView:
+    """Rows of a large (out × in) float32 matrix produced on demand by ``fetch(slice)`` (a slice
+    of the underlying rows, contiguous or strided), for a tensor too large to hold in float32
+    several times over. Indexing follows what the encoder does with its matrices: ``v[::k]``
+    (no start, no stop) is another view; ``v[a:b]`` returns those rows as a tensor;
+    ``v.rows(slice)`` fetches underlying rows directly."""
+
+    def __init__(self, fetch: Callable[[slice], torch.Tensor], shape: tuple[int, int], index: range | None = None):
+        self.fetch = fetch
+        self.index = range(shape[0]) if index is None else index
+        self.shape = (len(self.index), shape[1])
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def rows(self, s: slice) -> torch.Tensor:
+        sub = self.index[s]
+        return self.fetch(slice(sub.start, sub.stop, sub.step)) if len(sub) else torch.empty((0, self.shape[1]))
+
+    def __getitem__(self, s):
+        if not isinstance(s, slice):
+            raise TypeError("RowView: row slices only")
+        if s.start is None and s.stop is None:
+            return self if s.step in (None, 1) else RowView(self.fetch, self.shape, self.index[s])
+        return self.rows(s)
+
+
 def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float = 0.5, seed: int = 0, damp: float = 0.01,
-            cache: dict | None = None) -> None:
+            cache: dict | None = None, lazy: bool = False) -> None:
     """Build the job's candidates (transform, scales, factor). ``cache`` shares the Cholesky
-    factors between tensors with the same Σ object (q, k, v; gate, up)."""
+    factors between tensors with the same Σ object (q, k, v; gate, up). ``lazy`` (``job.W`` a
+    :class:`RowView`): each candidate's C is a RowView too, its rows computed when coded."""
     from aligncodec.codec.transforms.hadamard import tensor_seed
 
     n = job.W.shape[1]
@@ -257,14 +295,12 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
             U = U.to(torch.float32)
             cache[key] = (sc, U, perm)
         sc, U, perm = cache[key]
-        C = torch.empty(job.W.shape, dtype=torch.float32)
-        for r in row_chunks(job.W.shape[0]):  # float64 work one row chunk at a time
-            W64 = job.W[r].to(torch.float64)
-            Cm = torch.from_numpy(hd.apply64(W64.numpy())) if had else W64
-            if sc is not None:
-                Cm = Cm / torch.from_numpy(sc.astype(np.float64))[None, :]
-            C[r] = Cm.to(torch.float32)
-            del W64, Cm
+        if lazy:  # rows computed when read (a large tensor: no full float32 copy per candidate)
+            C = RowView(lambda sl, W=job.W, hd=hd, sc=sc: candidate_rows(W.rows(sl), hd, sc), job.W.shape)
+        else:
+            C = torch.empty(job.W.shape, dtype=torch.float32)
+            for r in row_chunks(job.W.shape[0]):  # float64 work one row chunk at a time
+                C[r] = candidate_rows(job.W[r], hd, sc)
         job.cands.append(Candidate(kind, lossy.TRANSFORM_HADAMARD if had else lossy.TRANSFORM_IDENTITY, hd, sc,
                                    C, U, perm))
 
@@ -277,14 +313,20 @@ CLASS_OPTIONS = ((1, 0), (4, 0), (8, 0), (4, 1), (8, 1), (16, 1))
 
 
 def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1,
-                   class_options=None) -> TensorCode:
+                   class_options=None, keep_w_hat: bool = True) -> TensorCode:
     """Code the tensor with one candidate at one step. ``stride`` > 1 codes every stride-th row
     only (GPTQ rows are independent given H) and returns *estimates* for the whole tensor:
-    bytes = exact bytes of the subsample + the symbol payload scaled up; distortion scaled up."""
+    bytes = exact bytes of the subsample + the symbol payload scaled up; distortion scaled up.
+    GPTQ runs one row chunk at a time (the same symbols). ``keep_w_hat=False``: the
+    reconstruction is measured chunk by chunk and not kept (``W_hat`` None)."""
     rows = job.W.shape[0]
     sl = slice(None) if stride <= 1 else slice(0, None, stride)
     Wt = job.W[sl]
-    q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
+    Ct = cand.C[sl]
+    q = np.empty(Wt.shape, dtype=np.int32)
+    for r in row_chunks(q.shape[0]):
+        q[r] = gptq_ecsq(Ct[r], cand.U, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
+    del Ct
     saturated = bool(q.size) and max(int(q.max()), -int(q.min())) >= lossy.MAX_ABS_SYMBOL
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
                             cand.hd.m if cand.hd is not None else 0)
@@ -308,19 +350,22 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     nbytes = lossy.entry_bytes(job.name, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(streams))
     if stride > 1:  # whole-tensor estimate: the symbol payload scales with the rows
         nbytes += (f - 1) * sum(len(x.payload) for x in streams[: params.n_classes])
-    W_hat = np.empty(q.shape, dtype=np.float32)
-    for r in row_chunks(q.shape[0]):  # element-wise float32 work: the same bits in row chunks
-        W_hat[r] = lossy.rounded_f32(lossy.reconstruct_from(params, q[r], cand.scales, cand.hd), job.dtype)
-    del q
+    W_hat = np.empty(q.shape, dtype=np.float32) if keep_w_hat else None
     S32 = job.sigma.to(torch.float32) if job.sigma is not None else None
     d = sig = noise = 0.0
-    for r in row_chunks(W_hat.shape[0]):  # one chunk (the plain expressions) unless the tensor is large
-        D = torch.from_numpy(W_hat[r]) - Wt[r]
+    for r in row_chunks(q.shape[0]):  # one chunk (the plain expressions) unless the tensor is large
+        # element-wise float32 work: the same bits in row chunks
+        Wh = lossy.rounded_f32(lossy.reconstruct_from(params, q[r], cand.scales, cand.hd), job.dtype)
+        if W_hat is not None:
+            W_hat[r] = Wh
+        Wr = Wt[r]
+        D = torch.from_numpy(Wh) - Wr
         D64 = D.double()
         d += float(((D @ S32) * D).double().sum()) if S32 is not None else float((D64 ** 2).sum())
-        sig += float((Wt[r].double() ** 2).sum())
+        sig += float((Wr.double() ** 2).sum())
         noise += float((D64 ** 2).sum())
-        del D, D64
+        del D, D64, Wh, Wr
+    del q
     nbytes = int(round(nbytes))
     sqnr = 10 * math.log10(sig / noise) if noise > 0 and sig > 0 else (math.inf if noise == 0 else -math.inf)
     if stride > 1:

@@ -320,3 +320,56 @@ def test_thread_limits_set_and_restore():
     assert (torch.get_num_threads(), numba.get_num_threads()) == before
     with S.thread_limits(None):
         assert torch.get_num_threads() == before[0]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_row_chunked_embeddings_give_the_same_archive(tmp_path, text_file, monkeypatch, tied):
+    """Embeddings and lm_head read and coded a row chunk at a time (RowView; what a large
+    vocabulary gets) write the same archive bytes as the whole-tensor path."""
+    d = make_checkpoint(tmp_path / "m", "llama", tied)
+    ref, out = tmp_path / "ref.acz", tmp_path / "out.acz"
+    monkeypatch.setattr(S, "LAZY_MIN_ROWS", 1 << 30)
+    S.encode_stream(d, ref, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    from aligncodec.codec import encoder as E
+
+    monkeypatch.setattr(S, "LAZY_MIN_ROWS", 16)
+    monkeypatch.setattr(E, "CHUNK_ROWS", 32)
+    seen = []
+    real = A.Checkpoint.rows_float32
+
+    def spy(self, name, rows):
+        t = real(self, name, rows)
+        seen.append(t.shape[0])
+        return t
+
+    monkeypatch.setattr(A.Checkpoint, "rows_float32", spy)
+    S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    assert seen and max(seen) <= 32
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_last_tensor_is_searched_on_a_subsample_and_coded_in_full_once(tmp_path, text_file, monkeypatch):
+    """The last tensor's step search (what makes the file land on --bpw) runs on a row
+    subsample; the tensor is coded in full exactly once, and the file still lands within 1 %."""
+    import tiny_arch
+    from aligncodec.codec import encoder as E
+
+    monkeypatch.setitem(tiny_arch.COMMON, "vocab_size", 4096)  # the embedding: 4096 x 64, most of the file
+    d = make_checkpoint(tmp_path / "m", "llama", True)
+    monkeypatch.setattr(S, "SEARCH_ROWS", 512)
+    calls = []
+    real = E.code_candidate
+
+    def spy(job, cand, step, stride=1, *a, **kw):
+        calls.append((job.name, stride))
+        return real(job, cand, step, stride, *a, **kw)
+
+    monkeypatch.setattr(E, "code_candidate", spy)
+    out = tmp_path / "m.acz"
+    S.encode_stream(d, out, _opts(text_file, bpw=3.0), tokenizer=ToyTokenizer(vocab=4096), progress=False)
+    emb = [s for n, s in calls if n == "model.embed_tokens.weight"]
+    assert emb.count(1) == 1  # one full code
+    assert len(emb) >= 3 and all(s == 8 for s in emb if s != 1 and s != 4096 // 64)  # the search: stride 8 (4096 / 512 rows)
+    n = archive.inspect(out)["n_weights"]
+    assert abs(8 * os.path.getsize(out) / n / 3.0 - 1) <= 0.01
+    archive.verify(out)

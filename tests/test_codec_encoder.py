@@ -161,3 +161,41 @@ def test_histogram_in_chunks_is_bincount():
     lo = int(v.min())
     assert np.array_equal(E._histogram(v, lo, chunk=1000), np.bincount(v - lo))
     assert np.array_equal(E._histogram(v, lo), np.bincount(v - lo))
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "colscale"])
+def test_row_view_codes_the_same_as_a_tensor(monkeypatch, kind):
+    """A tensor read through a RowView (rows fetched and transformed one chunk at a time, no
+    float32 copy of the whole tensor or of any candidate's C) codes to the same bytes, full and
+    on a row subsample; keep_w_hat=False keeps no reconstruction and changes nothing else."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(300, 48, generator=g)
+    X = torch.randn(500, 48, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, 48, dtype=torch.float64)
+    S = X.T @ X / 500
+    monkeypatch.setattr(E, "CHUNK_ROWS", 64)
+    fetched = []
+
+    def fetch(sl):
+        fetched.append(len(range(*sl.indices(300))))
+        return W[sl].clone()
+
+    ref_job = E.TensorJob("w", W, "BF16", S)
+    E.build_candidates(ref_job, (kind,), seed=1)
+    lazy_job = E.TensorJob("w", E.RowView(fetch, (300, 48)), "BF16", S)
+    E.build_candidates(lazy_job, (kind,), seed=1, lazy=True)
+    assert isinstance(lazy_job.cands[0].C, E.RowView) and lazy_job.energy == pytest.approx(ref_job.energy, rel=1e-12)
+    for stride in (1, 7):
+        ref = E.code_candidate(ref_job, ref_job.cands[0], 0.05, stride)
+        fetched.clear()
+        got = E.code_candidate(lazy_job, lazy_job.cands[0], 0.05, stride, keep_w_hat=False)
+        assert max(fetched) <= 64  # never more than one chunk of rows at a time
+        assert got.W_hat is None and got.bytes_all_in == ref.bytes_all_in and got.params == ref.params
+        assert [getattr(s, "payload", getattr(s, "data", None)) for s in got.streams] == \
+               [getattr(s, "payload", getattr(s, "data", None)) for s in ref.streams]
+        for a in ("dist", "noise", "sqnr_db"):
+            assert getattr(got, a) == pytest.approx(getattr(ref, a), rel=1e-9)
+    view = E.RowView(fetch, (300, 48))
+    assert view[::1] is view and view[::7].shape == (43, 48)
+    assert torch.equal(view[::7][10:20], W[70:140:7])
+    with pytest.raises(TypeError):
+        view[3]
