@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from aligncodec.tools.bench import bench
 from aligncodec.tools.cli import main
@@ -84,3 +85,29 @@ def test_stream_profile_reports_each_block(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(rep["wall_s_per_block"]) == len(rep["cpu_s_per_block"]) == 2
     assert all(t > 0 for t in rep["cpu_s_per_block"])
+
+
+def test_synth_checkpoint_layers_keeps_widths_and_tensors(tmp_path, monkeypatch):
+    """--layers N: the first N blocks of the size, bit for bit the same tensors as the full
+    checkpoint's (values depend on name and seed, scales on the full depth), the same widths."""
+    from safetensors.torch import load_file
+
+    from aligncodec.tools.bench import synth_checkpoint as SC
+
+    full, short = SC.config_dict("1.5b"), SC.config_dict("1.5b", 2)
+    assert short["num_hidden_layers"] == 2 and {k: v for k, v in short.items() if k != "num_hidden_layers"} == \
+        {k: v for k, v in full.items() if k != "num_hidden_layers"}
+    assert SC.n_params("1.5b", 3) - SC.n_params("1.5b", 2) == (SC.n_params("1.5b") - SC.n_params("1.5b", 2)) / 22
+    monkeypatch.setattr(SC, "VOCAB", 64)  # small embeddings: a quick test
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    a = SC.generate("tiny", tmp_path / "a", tokenizer_dir=tok, progress=False)
+    b = SC.generate("tiny", tmp_path / "b", tokenizer_dir=tok, progress=False, layers=1)
+    ta = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    tb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert set(tb) < set(ta) and not any(".layers.1." in k for k in tb)
+    assert all(torch.equal(tb[k], ta[k]) for k in tb)
+    assert json.loads((b / "config.json").read_text())["num_hidden_layers"] == 1
+    with pytest.raises(SystemExit):
+        SC.config_dict("tiny", 0)

@@ -3,6 +3,7 @@ measurements of the encoder (never for quality: the weights are random).
 
     python -m aligncodec.tools.bench.synth_checkpoint --size 0.5b -o /tmp/synth-0.5b
     python -m aligncodec.tools.bench.synth_checkpoint --size 3b -o /tmp/synth-3b --shard-gb 1
+    python -m aligncodec.tools.bench.synth_checkpoint --size 3b --layers 2 -o /tmp/synth-3b-l2   # 3B widths, 2 blocks
 
 Writes a Hugging Face folder: ``config.json`` (LlamaConfig), BF16 safetensors shards of at
 most ``--shard-gb`` with ``model.safetensors.index.json``, and the tokenizer of the cached
@@ -46,8 +47,15 @@ VOCAB = 49152
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
-def config_dict(size: str) -> dict:
-    s = SIZES[size]
+def config_dict(size: str, layers: int | None = None) -> dict:
+    """The size's LlamaConfig; ``layers``: only the first ``layers`` decoder blocks (the same
+    widths, vocabulary and per-layer scales: memory per block and of the embeddings is the full
+    size's, the depth is not)."""
+    s = dict(SIZES[size])
+    if layers is not None:
+        if layers < 1:
+            raise SystemExit("--layers must be at least 1")
+        s["num_hidden_layers"] = layers
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": VOCAB, "hidden_act": "silu",
             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": False,
             "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
@@ -98,13 +106,14 @@ def make_tensor(name: str, shape: tuple[int, ...], kind: str, n_layers: int, see
 
 
 def generate(size: str, out: str | os.PathLike, *, seed: int = 0, shard_gb: float = 1.0, tokenizer_dir=None,
-             progress: bool = True) -> Path:
+             progress: bool = True, layers: int | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
     if size not in SIZES:
         raise SystemExit(f"size must be one of {', '.join(SIZES)}")
-    cfg = config_dict(size)
+    cfg = config_dict(size, layers)
+    full_depth = SIZES[size]["num_hidden_layers"]  # residual-branch scales of the full model
     tok = Path(tokenizer_dir) if tokenizer_dir else None
     if tok is None:
         from aligncodec.tools.eval.models import model_dir
@@ -131,7 +140,7 @@ def generate(size: str, out: str | os.PathLike, *, seed: int = 0, shard_gb: floa
     total = 0
     for si, group in enumerate(shards):
         fname = f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors"
-        sd = {nm: make_tensor(nm, shape, kind, cfg["num_hidden_layers"], seed) for nm, shape, kind in group}
+        sd = {nm: make_tensor(nm, shape, kind, full_depth, seed) for nm, shape, kind in group}
         save_file(sd, str(tmp / fname), metadata={"format": "pt"})
         total += sum(t.numel() * 2 for t in sd.values())
         for nm in sd:
@@ -150,9 +159,9 @@ def generate(size: str, out: str | os.PathLike, *, seed: int = 0, shard_gb: floa
     return out
 
 
-def n_params(size: str) -> int:
+def n_params(size: str, layers: int | None = None) -> int:
     n = 0
-    for _nm, shape, _k in tensor_specs(config_dict(size)):
+    for _nm, shape, _k in tensor_specs(config_dict(size, layers)):
         p = 1
         for d in shape:
             p *= d
@@ -167,9 +176,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=1.0)
     ap.add_argument("--tokenizer", help="folder with tokenizer.json (default: the cached SmolLM2)")
+    ap.add_argument("--layers", type=int, help="only the first N decoder blocks (same widths and scales): "
+                    "a shallow stand-in for the memory of a model too slow to encode in full")
     a = ap.parse_args(argv)
-    p = generate(a.size, a.output, seed=a.seed, shard_gb=a.shard_gb, tokenizer_dir=a.tokenizer)
-    print(f"{p}: {n_params(a.size):,} parameters")
+    p = generate(a.size, a.output, seed=a.seed, shard_gb=a.shard_gb, tokenizer_dir=a.tokenizer, layers=a.layers)
+    print(f"{p}: {n_params(a.size, a.layers):,} parameters")
     return 0
 
 
