@@ -410,7 +410,7 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
             if key not in acc:
                 acc[key] = torch.zeros(x2.shape[1], x2.shape[1], dtype=torch.float64, device=x2.device)
-            acc[key] += (x2.T @ x2).double()
+            acc[key].add_(x2.T @ x2)  # float32 product widened element by element (no float64 copy)
             if sigma_only and len(seen) == n_capture:
                 raise _Stop
 
@@ -441,7 +441,7 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
     if capture:
         for k in acc:
             acc[k] /= n_pos
-            acc[k] = (acc[k] + acc[k].T) / 2
+            E.symmetrize_(acc[k])
         acc = {k: v.cpu() for k, v in acc.items()}
         for key, _m in capture:
             if key in acc:

@@ -208,6 +208,19 @@ def col_scales(diag: torch.Tensor, alpha: float) -> np.ndarray:
     return s.numpy().astype(np.float16).astype(np.float32)
 
 
+def symmetrize_(M: torch.Tensor, tile: int = 1024) -> torch.Tensor:
+    """M ← (M + Mᵀ)/2 in place, one pair of tiles at a time (the same bits as the expression,
+    without its two n × n temporaries). Returns M."""
+    n = M.shape[0]
+    for a in range(0, n, tile):
+        for b in range(a, n, tile):
+            X = M[a:a + tile, b:b + tile]
+            avg = (X + M[b:b + tile, a:a + tile].T) / 2
+            X.copy_(avg)
+            M[b:b + tile, a:a + tile].copy_(avg.T)
+    return M
+
+
 def candidate_rows(W: torch.Tensor, hd: "lossy.HadamardData | None", sc: np.ndarray | None) -> torch.Tensor:
     """C = W T diag(s)⁻¹ for some rows of W (float64 work, float32 result; row by row the same
     bits whatever rows are passed together)."""
@@ -264,7 +277,7 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
         else:
             W64 = W32.to(torch.float64)
             job.energy += float((W64 * W64).sum())
-    del W32
+    del W32, S32
     cache = {} if cache is None else cache
     job.cands = []
     for kind in kinds:
@@ -285,13 +298,17 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
                 St = torch.eye(n, dtype=torch.float64)
             elif had:  # Tᵀ Σ T by two fast transforms
                 A = hd.apply64(S.numpy())  # Σ T
-                St = torch.from_numpy(hd.apply64(np.ascontiguousarray(A.T)))
-                St = (St + St.T) / 2
+                At = np.ascontiguousarray(A.T)
+                del A
+                St = symmetrize_(torch.from_numpy(hd.apply64(At)))
+                del At
             else:
                 St = S
             sc = col_scales(torch.diag(St), alpha) if kind.endswith("colscale") else None
             Hm = St if sc is None else St * torch.from_numpy(sc.astype(np.float64))[:, None] * torch.from_numpy(sc.astype(np.float64))[None, :]
-            U, perm, _ = hessian_factor(2 * Hm, damp, act_order=True, factor="exchange")
+            box = [2 * Hm]  # hessian_factor takes the only reference (a wide input: 0.5 GB a copy)
+            del Hm, St
+            U, perm, _ = hessian_factor(box, damp, act_order=True, factor="exchange")
             U = U.to(torch.float32)
             cache[key] = (sc, U, perm)
         sc, U, perm = cache[key]

@@ -199,3 +199,40 @@ def test_row_view_codes_the_same_as_a_tensor(monkeypatch, kind):
     assert torch.equal(view[::7][10:20], W[70:140:7])
     with pytest.raises(TypeError):
         view[3]
+
+
+def test_symmetrize_in_place_is_the_expression():
+    g = torch.Generator().manual_seed(5)
+    for n in (7, 300, 1030):
+        M = torch.randn(n, n, generator=g, dtype=torch.float64)
+        ref = (M + M.T) / 2
+        out = E.symmetrize_(M, tile=256)
+        assert out is M and torch.equal(M, ref)
+
+
+def test_hessian_factor_handed_over_gives_the_same_factor():
+    """hessian_factor([H]) (the caller's temporary, overwritten and freed early: memory of wide
+    inputs) and hessian_factor(H) give the factor of the plain textbook expressions, bit for bit."""
+    from aligncodec.codec.quant.gptq import hessian_factor
+
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(400, 96, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 96, dtype=torch.float64)
+    H = 2 * (X.T @ X) / 400
+    H[7, :] = 0
+    H[:, 7] = 0  # a dead input
+    n = H.shape[0]
+    R = H.clone()
+    R[7, 7] = 1.0
+    perm = torch.argsort(torch.diag(R), descending=True, stable=True)
+    R = R[perm][:, perm]
+    R += 0.01 * torch.mean(torch.diag(R)) * torch.eye(n, dtype=R.dtype)
+    L = torch.linalg.cholesky(R.flip(0, 1))
+    U_ref = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False).flip(0, 1)
+    keep = H.clone()
+    U1, p1, d1 = hessian_factor(H, 0.01, act_order=True, factor="exchange")
+    assert torch.equal(H, keep)  # a tensor argument is not modified
+    box = [H.clone()]
+    U2, p2, d2 = hessian_factor(box, 0.01, act_order=True, factor="exchange")
+    assert box == []
+    assert torch.equal(U1, U_ref) and torch.equal(U2, U_ref) and torch.equal(p1, perm) and torch.equal(p2, perm)
+    assert bool(d1[7]) and int(d1.sum()) == 1

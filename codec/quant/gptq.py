@@ -19,10 +19,12 @@ from aligncodec.codec.quant.grids import QuantResult, check_weight, column_group
 __all__ = ["hessian_factor", "gptq_affine_block", "gptq", "gptq_ecsq"]
 
 
-def hessian_factor(H: torch.Tensor, damp: float, *, act_order: bool, factor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_order: bool,
+                   factor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U, perm, dead)``: U the upper Cholesky factor (float64) of (H + damp·mean(diag H)·I)⁻¹ in
     processing order, ``perm`` that order (act order: decreasing H_jj, stable; else identity),
-    ``dead`` the inputs with H_jj ≤ 0 (given H_jj = 1).
+    ``dead`` the inputs with H_jj ≤ 0 (given H_jj = 1). ``H`` given as a one-element list: the
+    caller's temporary, taken out of the list and overwritten (no copy; freed early).
 
     ``factor`` picks how U is computed; both give U up to float64 round-off, and each caller
     keeps its own so that its results stay bit-identical:
@@ -31,18 +33,30 @@ def hessian_factor(H: torch.Tensor, damp: float, *, act_order: bool, factor: str
       exchange matrix): one factorisation and one triangular inverse;
     * ``"reference"`` (the baselines, as in the GPTQ reference code): Cholesky of H, its
       inverse, Cholesky of that."""
-    H = H.to(torch.float64).clone()
+    # Memory (a wide input, e.g. 8192² float64 = 0.5 GB per copy): at most three n × n copies
+    # alive at once; the same bits as the plain expressions (one gather for H[perm][:, perm],
+    # the damping added to the diagonal in place, each intermediate freed before the next).
+    if isinstance(H, list):  # [H]: the caller hands over its only reference (freed once permuted)
+        H = H.pop()
+        H = H if H.dtype == torch.float64 else H.to(torch.float64)
+    else:
+        H = H.to(torch.float64).clone()
     dead = torch.diag(H) <= 0
     H[dead, dead] = 1.0
     n = H.shape[0]
     perm = torch.arange(n)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        H = H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype)
+        H = H[perm[:, None], perm[None, :]]
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     if factor == "exchange":
-        L = torch.linalg.cholesky(H.flip(0, 1))
-        U = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False).flip(0, 1)
+        Hf = H.flip(0, 1)
+        del H
+        L = torch.linalg.cholesky(Hf)
+        del Hf
+        U = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False)
+        del L
+        U = U.flip(0, 1)
     elif factor == "reference":
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     else:
