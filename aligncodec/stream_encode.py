@@ -962,7 +962,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
             if on_block is not None:  # tests: interrupt after a given block
                 on_block(b.index)
             bar.update(1)
-            bar.set_postfix_str(f"step {2.0**x:.4g}, {8 * ctl.spent / max(1, sum(ckpt.tensors[n].numel for n in coded)):.3f} bpw")
+            bar.set_postfix_str(f"step {2.0**x:.4g}, {8 * ctl.spent / max(1, sum(ckpt.tensors[n].numel for n in coded)):.3f} bpw, "
+                                f"peak RSS {_peak_rss_gb():.2f} GB")
         bar.close()
         if pool is not None:
             pool.shutdown()
@@ -993,6 +994,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     overhead = ov
                 tol = FULL_TOL * (opts.bpw * n_params / 8 if opts.scope == "all" else ctl.budget)
                 tc, x = _search_last(nm, W, dtype, S, ctl, opts, exact=last, log=log, tol_bytes=tol)
+                log(f"{nm}: coded; peak RSS so far {_peak_rss_gb():.2f} GB")
                 ctl.steps.append(2.0**x)
                 put(nm, tc, x)
                 del W, tc
@@ -1013,6 +1015,16 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
     summ.update({"file_bytes": fb, "bpw_file": 8 * fb / n_params, "seconds_total": time.perf_counter() - t0,
                  "bpw_lossy_in_archive": summ["bpw_lossy_all_in"]})
     return summ
+
+
+def _peak_rss_gb() -> float:
+    """The process's peak resident set so far (getrusage; 0 where unavailable)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
+    except (ImportError, OSError):  # pragma: no cover - not POSIX
+        return 0.0
 
 
 def _hidden(plan) -> int:
