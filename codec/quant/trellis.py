@@ -33,7 +33,7 @@ from aligncodec.codec.modes.lossy import MAX_ABS_TCQ_SYMBOL, trellis_machine
 
 __all__ = ["LAMBDA_C", "prior_bits", "symbol_bits", "tcq_levels", "gptq_tcq", "tcq_independent"]
 
-LAMBDA_C = 0.4  # λ = c·Δ²: c = 0.4 measured best (0.25 and 0.6 worse; docs/results/2026-11-30-encoder-quality.md)
+LAMBDA_C = 0.25  # λ = c·Δ²: with the prior table (no extra pass) c = 0.25 beat 0.4 and 0.6 inside GPTQ (docs/results/2026-11-30-tcq.md)
 _TAIL_BITS = 2.0  # bits per unit of |k| beyond the table's seen range
 
 
