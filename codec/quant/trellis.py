@@ -140,19 +140,19 @@ def _viterbi(w, step, lam, bits, trans, qsel, out_k, out_l, bk, bs, cost, newc):
         s = p
 
 
+@numba.njit(cache=True)
+def _scratch(rows, S):  # pragma: no cover - numba
+    """The search's work arrays: back-pointers (symbol, previous state), outputs, column, costs."""
+    return (np.empty((rows, S), np.int32), np.empty((rows, S), np.int8), np.empty(rows, np.int32),
+            np.empty(rows, np.int32), np.empty(rows, np.float64), np.empty(S), np.empty(S))
+
+
 @numba.njit(parallel=True, cache=True)
 def _tcq_block(W1, U1, step, lam, bits, trans, qsel, K1, E1):  # pragma: no cover - numba
     """GPTQ's column loop over one block with the trellis where the rounding is: the column's
     search (sequential over rows), then its error fed forward in the block (parallel over rows)."""
     rows, b = W1.shape
-    S = trans.shape[0]
-    bk = np.empty((rows, S), np.int32)
-    bs = np.empty((rows, S), np.int8)
-    ok = np.empty(rows, np.int32)
-    ol = np.empty(rows, np.int32)
-    col = np.empty(rows, np.float64)
-    cost = np.empty(S)
-    newc = np.empty(S)
+    bk, bs, ok, ol, col, cost, newc = _scratch(rows, trans.shape[0])
     for i in range(b):
         for r in range(rows):
             col[r] = W1[r, i]
@@ -170,15 +170,8 @@ def _tcq_block(W1, U1, step, lam, bits, trans, qsel, K1, E1):  # pragma: no cove
 def _tcq_columns(W, step, lam, bits, trans, qsel, K):  # pragma: no cover - numba
     """No feedback (Σ = I after the transform): one independent search per column, in parallel."""
     rows, n = W.shape
-    S = trans.shape[0]
     for j in numba.prange(n):
-        bk = np.empty((rows, S), np.int32)
-        bs = np.empty((rows, S), np.int8)
-        ok = np.empty(rows, np.int32)
-        ol = np.empty(rows, np.int32)
-        col = np.empty(rows, np.float64)
-        cost = np.empty(S)
-        newc = np.empty(S)
+        bk, bs, ok, ol, col, cost, newc = _scratch(rows, trans.shape[0])
         for r in range(rows):
             col[r] = W[r, j]
         _viterbi(col, step, lam, bits, trans, qsel, ok, ol, bk, bs, cost, newc)
