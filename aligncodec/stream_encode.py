@@ -924,6 +924,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
 
             pool = ThreadPoolExecutor(max_workers=opts.workers)
         bar = tqdm(total=len(blocks_list), initial=done, desc="blocks", unit="blk", disable=not progress, leave=False)
+        cpu_mark = time.process_time()
         for b in blocks_list[done:]:
             blk = blocks_mod[b.index]
             if calibrate:
@@ -969,7 +970,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                 on_block(b.index)
             bar.update(1)
             bar.set_postfix_str(f"step {2.0**x:.4g}, {8 * ctl.spent / max(1, sum(ckpt.tensors[n].numel for n in coded)):.3f} bpw, "
-                                f"peak RSS {_peak_rss_gb():.2f} GB")
+                                f"peak RSS {_peak_rss_gb():.2f} GB, CPU {time.process_time() - cpu_mark:.1f} s")
+            cpu_mark = time.process_time()
         bar.close()
         if pool is not None:
             pool.shutdown()
