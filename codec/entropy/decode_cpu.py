@@ -75,6 +75,44 @@ def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
     return tab
 
 
+def compact_tables(freqs: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The interleaved-lanes decoder's tables: ``(tab, sym, precision')`` with ``tab[slot] =
+    freq | (slot - cum) << 16`` (uint32) and ``sym[slot]`` (uint8 for alphabets up to 256, else
+    uint16), 5-6 bytes a slot instead of :func:`slot_table`'s 8, so more of a P = 16 table stays
+    in cache. A symbol that owns every slot (freq = 2^P, which needs 17 bits) decodes as the
+    identity x -> x at any precision, so it gets the one-slot table of precision 0 (freq 1, bias 0),
+    whose update ``1 · (x >> 0) + 0`` is the same identity. Frequencies are checked as in
+    :func:`slot_table`."""
+    f = np.ascontiguousarray(freqs, dtype=np.int64)
+    if len(f) > 1 << 16:
+        raise StreamError("rANS alphabet larger than 2^16")
+    if f.size and f.min() < 0:
+        raise StreamError("negative rANS frequency")
+    if int(f.sum()) != 1 << precision:
+        raise StreamError(f"frequencies sum to {int(f.sum())}, not 2^{precision}")
+    symt = np.empty(1 << precision, dtype=np.uint8 if len(f) <= 256 else np.uint16)
+    full = np.flatnonzero(f == 1 << precision)
+    if len(full) and precision > 0:
+        precision = 0
+        f = np.zeros(len(f), dtype=np.int64)
+        f[full[0]] = 1
+        symt = symt[:1]
+    tab = np.empty(1 << precision, dtype=np.uint32)
+    _fill_compact(f, tab, symt)
+    return tab, symt, precision
+
+
+@nb.njit(nogil=True, cache=True)
+def _fill_compact(freqs, tab, symt):
+    pos = 0
+    for s in range(freqs.shape[0]):
+        f = freqs[s]
+        for j in range(f):
+            tab[pos + j] = _U32(f) | (_U32(j) << _U32(16))
+            symt[pos + j] = s
+        pos += f
+
+
 @nb.njit(nogil=True, cache=True)
 def _fill_table(freqs, tab):
     pos = 0
@@ -275,62 +313,67 @@ MIN_TASK_SYMBOLS = 1 << 17
 TASKS_PER_THREAD = 4
 
 
-@nb.njit(cache=True)
-def _decode_lanes_one(words, last, tab, precision, w0, wend, m, lanes, out, o, xs):
+# The interleaved-lanes kernels use the compact tables (:func:`compact_tables`) and unsigned
+# indices throughout (numba adds a negative-index wraparound to every signed subscript); the
+# arithmetic is the one of spec §6.6, so the symbols are the same as the reference decoder's.
+
+
+@nb.njit(nogil=True, cache=True)
+def _decode_lanes_one(words, last, tab, symt, precision, w0, wend, m, lanes, out, o, xs):
     """One chunk of interleaved lanes (spec §6.6) in words[w0:wend] -> out[o:o+m]; xs: lanes-long scratch.
     Consecutive symbols belong to different lanes, so their dependency chains overlap."""
     P = _U64(precision)
     mask = _U64((1 << precision) - 1)
-    M32 = _U64(0xFFFFFFFF)
     M16 = _U64(0xFFFF)
     S16 = _U64(16)
-    S32 = _U64(32)
-    S48 = _U64(48)
+    lastu = _U64(last)
     w = min(lanes, m)
     for j in range(w):
         xs[j] = _state(words, w0 + 2 * j)
         if xs[j] < _L:
             return 1
-    p = w0 + 2 * w
+    p = _U64(w0 + 2 * w)
+    ou = _U64(o)
     t = 0
     while t < m:
         cnt = min(lanes, m - t)
+        tu = _U64(t)
         for j in range(cnt):
-            x = xs[j]
-            e = tab[x & mask]
-            out[o + t + j] = e >> S48
-            x = (e & M32) * (x >> P) + ((e >> S32) & M16)
-            y = (x << S16) | _U64(words[min(p, last)])
+            ju = _U64(j)
+            x = xs[ju]
+            i = x & mask
+            e = _U64(tab[i])
+            out[ou + tu + ju] = symt[i]
+            x = (e & M16) * (x >> P) + (e >> S16)
+            y = (x << S16) | _U64(words[min(p, lastu)])
             c = x < _L
-            xs[j] = y if c else x
-            p += 1 if c else 0
+            xs[ju] = y if c else x
+            p += _U64(1) if c else _U64(0)
         t += cnt
     return _finish_lanes(xs, w, p, wend)
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(nogil=True, cache=True, inline="always")
 def _finish_lanes(xs, w, p, wend):
-    if p > wend:
+    if p > _U64(wend):
         return 2
     for j in range(w):
         if xs[j] != _L:
             return 3
-    if p != wend:
+    if p != _U64(wend):
         return 4
     return 0
 
 
-@nb.njit(cache=True)
-def _decode_lanes_two(words, last, tab, precision, wa, wb, ea, eb, m, lanes, out, oa, ob, xa, xb, status, c0):
+@nb.njit(nogil=True, cache=True)
+def _decode_lanes_two(words, last, tab, symt, precision, wa, wb, ea, eb, m, lanes, out, oa, ob, xa, xb, status, c0):
     """Two full chunks of interleaved lanes in lock step: within a chunk the lanes share one
     word pointer, so a second chunk's independent pointer doubles the work in flight."""
     P = _U64(precision)
     mask = _U64((1 << precision) - 1)
-    M32 = _U64(0xFFFFFFFF)
     M16 = _U64(0xFFFF)
     S16 = _U64(16)
-    S32 = _U64(32)
-    S48 = _U64(48)
+    lastu = _U64(last)
     w = min(lanes, m)
     bad = False
     for j in range(w):
@@ -338,38 +381,44 @@ def _decode_lanes_two(words, last, tab, precision, wa, wb, ea, eb, m, lanes, out
         xb[j] = _state(words, wb + 2 * j)
         bad = bad or xa[j] < _L or xb[j] < _L
     if bad:  # let the single-chunk path name the culprit
-        status[c0] = _decode_lanes_one(words, last, tab, precision, wa, ea, m, lanes, out, oa, xa)
-        status[c0 + 1] = _decode_lanes_one(words, last, tab, precision, wb, eb, m, lanes, out, ob, xb)
+        status[c0] = _decode_lanes_one(words, last, tab, symt, precision, wa, ea, m, lanes, out, oa, xa)
+        status[c0 + 1] = _decode_lanes_one(words, last, tab, symt, precision, wb, eb, m, lanes, out, ob, xb)
         return
-    pa = wa + 2 * w
-    pb = wb + 2 * w
+    pa = _U64(wa + 2 * w)
+    pb = _U64(wb + 2 * w)
+    oau = _U64(oa)
+    obu = _U64(ob)
     t = 0
     while t < m:
         cnt = min(lanes, m - t)
+        tu = _U64(t)
         for j in range(cnt):
-            x = xa[j]
-            y = xb[j]
-            e = tab[x & mask]
-            f = tab[y & mask]
-            out[oa + t + j] = e >> S48
-            out[ob + t + j] = f >> S48
-            x = (e & M32) * (x >> P) + ((e >> S32) & M16)
-            y = (f & M32) * (y >> P) + ((f >> S32) & M16)
-            x2 = (x << S16) | _U64(words[min(pa, last)])
-            y2 = (y << S16) | _U64(words[min(pb, last)])
+            ju = _U64(j)
+            x = xa[ju]
+            y = xb[ju]
+            ix = x & mask
+            iy = y & mask
+            e = _U64(tab[ix])
+            f = _U64(tab[iy])
+            out[oau + tu + ju] = symt[ix]
+            out[obu + tu + ju] = symt[iy]
+            x = (e & M16) * (x >> P) + (e >> S16)
+            y = (f & M16) * (y >> P) + (f >> S16)
+            x2 = (x << S16) | _U64(words[min(pa, lastu)])
+            y2 = (y << S16) | _U64(words[min(pb, lastu)])
             ca = x < _L
             cb = y < _L
-            xa[j] = x2 if ca else x
-            xb[j] = y2 if cb else y
-            pa += 1 if ca else 0
-            pb += 1 if cb else 0
+            xa[ju] = x2 if ca else x
+            xb[ju] = y2 if cb else y
+            pa += _U64(1) if ca else _U64(0)
+            pb += _U64(1) if cb else _U64(0)
         t += cnt
     status[c0] = _finish_lanes(xa, w, pa, ea)
     status[c0 + 1] = _finish_lanes(xb, w, pb, eb)
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest, rw, low, width, join, c0, c1, status):
+def _decode_lanes_range(words, chunk_w, cs, n, tab, symt, precision, lanes, out, rest, rw, low, width, join, c0, c1, status):
     """Chunks [c0, c1) of an interleaved-lanes stream: full chunks two at a time, the rest one by one
     (joined with their float-split rest right after decoding, as :func:`_decode_range`)."""
     last = words.shape[0] - 1
@@ -378,7 +427,7 @@ def _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest,
     c = c0
     while c + 2 <= c1 and (c + 2) * cs <= n:
         a = c * cs
-        _decode_lanes_two(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], chunk_w[c + 1], chunk_w[c + 2],
+        _decode_lanes_two(words, last, tab, symt, precision, chunk_w[c], chunk_w[c + 1], chunk_w[c + 1], chunk_w[c + 2],
                           cs, lanes, out, a, a + cs, xa, xb, status, c)
         if join:
             _join_range(out, a, a + 2 * cs, rest, rw, low, width)
@@ -386,7 +435,7 @@ def _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest,
     while c < c1:
         a = c * cs
         b = min(a + cs, n)
-        status[c] = _decode_lanes_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, lanes, out, a, xa)
+        status[c] = _decode_lanes_one(words, last, tab, symt, precision, chunk_w[c], chunk_w[c + 1], b - a, lanes, out, a, xa)
         if join:
             _join_range(out, a, b, rest, rw, low, width)
         c += 1
@@ -473,19 +522,23 @@ def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = No
         return out
     words, chunk_w = _words(stream)
     words = _readonly(words)
-    tab = slot_table(stream.freqs, stream.precision)
+    lanes = stream.lanes
+    if lanes > 1:
+        tab, symt, precision = compact_tables(stream.freqs, stream.precision)
+        tab, symt = _readonly(tab), _readonly(symt)
+    else:
+        tab, precision = slot_table(stream.freqs, stream.precision), stream.precision
     n_chunks = len(chunk_w) - 1
     status = np.zeros(n_chunks, dtype=np.int32)
     join = rest is not None
     rest_arr = _readonly(rest) if join else _EMPTY_U8
     parts = parallel.resolve_threads(threads) * TASKS_PER_THREAD
-    cs, precision = stream.chunk_symbols, stream.precision
-
-    lanes = stream.lanes
+    cs = stream.chunk_symbols
 
     def task(c0, c1):
         if lanes > 1:
-            _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest_arr, rw, low, width, join, c0, c1, status)
+            _decode_lanes_range(words, chunk_w, cs, n, tab, symt, precision, lanes, out, rest_arr, rw, low, width, join, c0, c1,
+                                status)
         else:
             _decode_range(words, chunk_w, cs, n, tab, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
 
