@@ -4,9 +4,11 @@ Same bitstream as :mod:`aligncodec.codec.entropy.rans` and the reference decoder
 :mod:`aligncodec.codec.entropy.rans_reference`; the tests hold all three bit-exact.
 What makes it fast, without changing the format:
 
-* **one table lookup per symbol**: a packed ``uint64`` slot table of 2^P
-  entries, ``freq | (slot - cum) << 32 | symbol << 48``, so the state update
-  ``x = freq * (x >> P) + (slot - cum)`` needs one load;
+* **two independent table loads per symbol** (:func:`compact_tables`): a ``uint32``
+  slot table ``freq | (slot - cum) << 16`` and the slot's symbol (``uint8`` for
+  alphabets up to 256), so the state update ``x = freq * (x >> P) + (slot - cum)``
+  needs one load and a P = 16 table takes 5 bytes a slot (320 KB) instead of
+  :func:`slot_table`'s packed 8 (512 KB; still the CUDA decoder's layout);
 * **four chunks interleaved per thread**: chunks are independent streams, so one
   thread steps four of them in lock step; their dependency chains overlap and
   the core is no longer bound by the latency of a single state;
@@ -144,72 +146,79 @@ def _finish(x, p, wend):
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_one(words, last, tab, precision, w0, wend, m, out, o):
+def _decode_one(words, last, tab, symt, precision, w0, wend, m, out, o):
     """Decode m symbols of the chunk occupying words[w0:wend] into out[o:o+m]. Returns an error code (0 = ok)."""
     P = _U64(precision)
     mask = _U64((1 << precision) - 1)
-    M32 = _U64(0xFFFFFFFF)
     M16 = _U64(0xFFFF)
     S16 = _U64(16)
-    S32 = _U64(32)
-    S48 = _U64(48)
+    lastu = _U64(last)
     x = _state(words, w0)
     if x < _L:
         return 1
-    p = w0 + 2
+    p = _U64(w0 + 2)
+    ou = _U64(o)
     for k in range(m):
-        e = tab[x & mask]
-        out[o + k] = e >> S48
-        x = (e & M32) * (x >> P) + ((e >> S32) & M16)
-        y = (x << S16) | _U64(words[min(p, last)])
+        i = x & mask
+        e = _U64(tab[i])
+        out[ou + _U64(k)] = symt[i]
+        x = (e & M16) * (x >> P) + (e >> S16)
+        y = (x << S16) | _U64(words[min(p, lastu)])
         c = x < _L
         x = y if c else x
-        p += 1 if c else 0
-    return _finish(x, p, wend)
+        p += _U64(1) if c else _U64(0)
+    return _finish(x, p, _U64(wend))
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_four(words, last, tab, precision, wa, wb, wc, wd, ea, eb, ec, ed, m, out, oa, ob, oc, od, status, c0):
+def _decode_four(words, last, tab, symt, precision, wa, wb, wc, wd, ea, eb, ec, ed, m, out, oa, ob, oc, od, status, c0):
     """Four chunks of m symbols each, stepped in lock step (independent dependency chains)."""
     P = _U64(precision)
     mask = _U64((1 << precision) - 1)
-    M32 = _U64(0xFFFFFFFF)
     M16 = _U64(0xFFFF)
     S16 = _U64(16)
-    S32 = _U64(32)
-    S48 = _U64(48)
+    lastu = _U64(last)
     xa = _state(words, wa)
     xb = _state(words, wb)
     xc = _state(words, wc)
     xd = _state(words, wd)
     if xa < _L or xb < _L or xc < _L or xd < _L:
         # let the single-chunk path name the culprit
-        status[c0] = _decode_one(words, last, tab, precision, wa, ea, m, out, oa)
-        status[c0 + 1] = _decode_one(words, last, tab, precision, wb, eb, m, out, ob)
-        status[c0 + 2] = _decode_one(words, last, tab, precision, wc, ec, m, out, oc)
-        status[c0 + 3] = _decode_one(words, last, tab, precision, wd, ed, m, out, od)
+        status[c0] = _decode_one(words, last, tab, symt, precision, wa, ea, m, out, oa)
+        status[c0 + 1] = _decode_one(words, last, tab, symt, precision, wb, eb, m, out, ob)
+        status[c0 + 2] = _decode_one(words, last, tab, symt, precision, wc, ec, m, out, oc)
+        status[c0 + 3] = _decode_one(words, last, tab, symt, precision, wd, ed, m, out, od)
         return
-    pa = wa + 2
-    pb = wb + 2
-    pc = wc + 2
-    pd = wd + 2
+    pa = _U64(wa + 2)
+    pb = _U64(wb + 2)
+    pc = _U64(wc + 2)
+    pd = _U64(wd + 2)
+    oau = _U64(oa)
+    obu = _U64(ob)
+    ocu = _U64(oc)
+    odu = _U64(od)
     for k in range(m):
-        e_a = tab[xa & mask]
-        e_b = tab[xb & mask]
-        e_c = tab[xc & mask]
-        e_d = tab[xd & mask]
-        out[oa + k] = e_a >> S48
-        out[ob + k] = e_b >> S48
-        out[oc + k] = e_c >> S48
-        out[od + k] = e_d >> S48
-        xa = (e_a & M32) * (xa >> P) + ((e_a >> S32) & M16)
-        xb = (e_b & M32) * (xb >> P) + ((e_b >> S32) & M16)
-        xc = (e_c & M32) * (xc >> P) + ((e_c >> S32) & M16)
-        xd = (e_d & M32) * (xd >> P) + ((e_d >> S32) & M16)
-        ya = (xa << S16) | _U64(words[min(pa, last)])
-        yb = (xb << S16) | _U64(words[min(pb, last)])
-        yc = (xc << S16) | _U64(words[min(pc, last)])
-        yd = (xd << S16) | _U64(words[min(pd, last)])
+        ku = _U64(k)
+        ia = xa & mask
+        ib = xb & mask
+        ic = xc & mask
+        id_ = xd & mask
+        e_a = _U64(tab[ia])
+        e_b = _U64(tab[ib])
+        e_c = _U64(tab[ic])
+        e_d = _U64(tab[id_])
+        out[oau + ku] = symt[ia]
+        out[obu + ku] = symt[ib]
+        out[ocu + ku] = symt[ic]
+        out[odu + ku] = symt[id_]
+        xa = (e_a & M16) * (xa >> P) + (e_a >> S16)
+        xb = (e_b & M16) * (xb >> P) + (e_b >> S16)
+        xc = (e_c & M16) * (xc >> P) + (e_c >> S16)
+        xd = (e_d & M16) * (xd >> P) + (e_d >> S16)
+        ya = (xa << S16) | _U64(words[min(pa, lastu)])
+        yb = (xb << S16) | _U64(words[min(pb, lastu)])
+        yc = (xc << S16) | _U64(words[min(pc, lastu)])
+        yd = (xd << S16) | _U64(words[min(pd, lastu)])
         ca = xa < _L
         cb = xb < _L
         cc = xc < _L
@@ -218,14 +227,14 @@ def _decode_four(words, last, tab, precision, wa, wb, wc, wd, ea, eb, ec, ed, m,
         xb = yb if cb else xb
         xc = yc if cc else xc
         xd = yd if cd else xd
-        pa += 1 if ca else 0
-        pb += 1 if cb else 0
-        pc += 1 if cc else 0
-        pd += 1 if cd else 0
-    status[c0] = _finish(xa, pa, ea)
-    status[c0 + 1] = _finish(xb, pb, eb)
-    status[c0 + 2] = _finish(xc, pc, ec)
-    status[c0 + 3] = _finish(xd, pd, ed)
+        pa += _U64(1) if ca else _U64(0)
+        pb += _U64(1) if cb else _U64(0)
+        pc += _U64(1) if cc else _U64(0)
+        pd += _U64(1) if cd else _U64(0)
+    status[c0] = _finish(xa, pa, _U64(ea))
+    status[c0 + 1] = _finish(xb, pb, _U64(eb))
+    status[c0 + 2] = _finish(xc, pc, _U64(ec))
+    status[c0 + 3] = _finish(xd, pd, _U64(ed))
 
 
 @nb.njit(nogil=True, cache=True)
@@ -281,7 +290,7 @@ def _join_range(out, a, b, rest, rw, low, width):
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_range(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, width, join, c0, c1, status):
+def _decode_range(words, chunk_w, cs, n, tab, symt, precision, out, rest, rw, low, width, join, c0, c1, status):
     """Chunks [c0, c1) of one stream (chunk_w[c]: the word where chunk c starts, chunk_w[-1] the end):
     full chunks four at a time, the rest one by one; with ``join`` each group's symbols are
     joined with their float-split rest right after decoding, while still in cache."""
@@ -290,7 +299,7 @@ def _decode_range(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, wid
     while c + 4 <= c1 and (c + 4) * cs <= n:
         a = c * cs
         _decode_four(
-            words, last, tab, precision,
+            words, last, tab, symt, precision,
             chunk_w[c], chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3],
             chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3], chunk_w[c + 4],
             cs, out, a, a + cs, a + 2 * cs, a + 3 * cs, status, c,
@@ -301,7 +310,7 @@ def _decode_range(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, wid
     while c < c1:
         a = c * cs
         b = min(a + cs, n)
-        status[c] = _decode_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, out, a)
+        status[c] = _decode_one(words, last, tab, symt, precision, chunk_w[c], chunk_w[c + 1], b - a, out, a)
         if join:
             _join_range(out, a, b, rest, rw, low, width)
         c += 1
@@ -313,9 +322,10 @@ MIN_TASK_SYMBOLS = 1 << 17
 TASKS_PER_THREAD = 4
 
 
-# The interleaved-lanes kernels use the compact tables (:func:`compact_tables`) and unsigned
-# indices throughout (numba adds a negative-index wraparound to every signed subscript); the
-# arithmetic is the one of spec §6.6, so the symbols are the same as the reference decoder's.
+# The interleaved-lanes kernels, like the chunked ones above, use the compact tables
+# (:func:`compact_tables`) and unsigned indices throughout (numba adds a negative-index
+# wraparound to every signed subscript); the arithmetic is spec §6's, so the symbols are the
+# reference decoder's.
 
 
 @nb.njit(nogil=True, cache=True)
@@ -523,11 +533,8 @@ def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = No
     words, chunk_w = _words(stream)
     words = _readonly(words)
     lanes = stream.lanes
-    if lanes > 1:
-        tab, symt, precision = compact_tables(stream.freqs, stream.precision)
-        tab, symt = _readonly(tab), _readonly(symt)
-    else:
-        tab, precision = slot_table(stream.freqs, stream.precision), stream.precision
+    tab, symt, precision = compact_tables(stream.freqs, stream.precision)
+    tab, symt = _readonly(tab), _readonly(symt)
     n_chunks = len(chunk_w) - 1
     status = np.zeros(n_chunks, dtype=np.int32)
     join = rest is not None
@@ -540,7 +547,7 @@ def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = No
             _decode_lanes_range(words, chunk_w, cs, n, tab, symt, precision, lanes, out, rest_arr, rw, low, width, join, c0, c1,
                                 status)
         else:
-            _decode_range(words, chunk_w, cs, n, tab, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
+            _decode_range(words, chunk_w, cs, n, tab, symt, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
 
     minimum = max(1, -(-MIN_TASK_SYMBOLS // cs))
     yield parallel.stage(task, parallel.split_ranges(n_chunks, parts, multiple=GROUP, minimum=minimum))
