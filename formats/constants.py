@@ -64,7 +64,9 @@ MODE_STORED = 0
 MODE_FLOAT_SPLIT = 1
 MODE_ECSQ = 2  # lossy (spec §7.4)
 MODE_BYTEGROUP = 3  # lossless byte planes (spec §7.5)
-MODE_NAMES = {MODE_STORED: "stored", MODE_FLOAT_SPLIT: "float-split", MODE_ECSQ: "ecsq", MODE_BYTEGROUP: "bytegroup"}
+MODE_TCQ = 4  # lossy, trellis-coded quantisation (spec §7.6)
+MODE_NAMES = {MODE_STORED: "stored", MODE_FLOAT_SPLIT: "float-split", MODE_ECSQ: "ecsq", MODE_BYTEGROUP: "bytegroup",
+              MODE_TCQ: "tcq"}
 
 # stream coders (spec §5)
 CODER_RAW = 0

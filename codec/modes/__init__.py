@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from aligncodec.codec.registry import lazy
-from aligncodec.formats.constants import MODE_BYTEGROUP, MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED
+from aligncodec.formats.constants import MODE_BYTEGROUP, MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED, MODE_TCQ
 from aligncodec.formats.errors import UnsupportedError
 from aligncodec.formats.layout import TensorEntry
 
@@ -50,6 +50,9 @@ MODES: dict[int, Mode] = {
     # no GPU path yet: for a CUDA device the loader decodes a bytegroup tensor on the CPU (zstd +
     # the byte-plane join, GB/s on a few cores) and copies it to the device
     MODE_BYTEGROUP: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), None, lazy(_LOSSLESS, "check_params")),
+    # trellis-coded ecsq (spec §7.6): the same streams and reconstruction after an integer pass
+    # over the symbols; no GPU path yet (decoded on the CPU and copied)
+    MODE_TCQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode"), None, lazy(_LOSSY, "check_params")),
 }
 assert set(MODES) == set(MODE_NAMES), "every mode id in formats.constants has a registry entry"
 

@@ -35,6 +35,7 @@ import numpy as np
 from aligncodec.formats.constants import DATA_ALIGN, SECTION_ALIGN, STREAM_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
 from aligncodec.formats.streams import RansStream, RawStream, check_rans_stream, serialize_stream
+from aligncodec.formats.constants import MODE_ECSQ, MODE_TCQ
 from aligncodec.formats.errors import StreamError, UnsupportedError
 
 from aligncodec.codec.transforms.fwht import butterflies, split_pow2
@@ -65,18 +66,30 @@ class EcsqParams:
     rank: int = 0  # reserved for partial bases, 0
     n_classes: int = 1  # symbol classes, each with its own rANS stream (table)
     class_axis: int = 0  # 0: rows are classed, 1: columns
+    trellis: int = 0  # mode 4 (tcq): the state-machine id (TRELLIS_MACHINES); 0 for mode 2 (ecsq)
+
+    @property
+    def mode(self) -> int:
+        return MODE_TCQ if self.trellis else MODE_ECSQ
 
     def pack(self) -> bytes:
         return _PARAMS.pack(PARAMS_VERSION, self.transform, self.flags, self.n_classes, self.step, self.offset, self.m,
-                            self.rank, self.class_axis, 0, 0)
+                            self.rank, self.class_axis, self.trellis, 0)
 
     @classmethod
-    def unpack(cls, b: bytes, name: str = "?") -> "EcsqParams":
+    def unpack(cls, b: bytes, name: str = "?", mode: int = MODE_ECSQ) -> "EcsqParams":
+        """Params of a mode 2 (``ecsq``) or mode 4 (``tcq``) tensor: the same 20 bytes, where
+        byte 17 (reserved, 0, in ecsq) is tcq's state-machine id."""
         if len(b) != PARAMS_SIZE:
             raise StreamError(f"ecsq tensor {name!r}: params are {len(b)} bytes, {PARAMS_SIZE} expected")
         ver, tr, flags, k, step, offset, m, rank, axis, r0, r1 = _PARAMS.unpack(b)
         if ver != PARAMS_VERSION:
             raise UnsupportedError(f"ecsq tensor {name!r}: params version {ver} not supported")
+        trellis = 0
+        if mode == MODE_TCQ:
+            if r0 not in TRELLIS_MACHINES:
+                raise UnsupportedError(f"tcq tensor {name!r}: unknown state-machine id {r0}")
+            trellis, r0 = r0, 0
         if r0 or r1 or rank:
             raise StreamError(f"ecsq tensor {name!r}: reserved params field not zero")
         if not 1 <= k <= MAX_CLASSES or axis > 1 or (k == 1 and axis):
@@ -87,7 +100,51 @@ class EcsqParams:
             raise StreamError(f"ecsq tensor {name!r}: unknown flag bits {flags:#x}")
         if not (math.isfinite(step) and step > 0):
             raise StreamError(f"ecsq tensor {name!r}: step {step} is not positive and finite")
-        return cls(tr, step, offset, flags, m, rank, k, axis)
+        return cls(tr, step, offset, flags, m, rank, k, axis, trellis)
+
+
+# --------------------------------------------------------------------------- trellis (mode 4)
+
+# state-machine id → (states S, feedback taps): a shift register of log2(S) bits; the quantiser
+# of a state is its top bit; the next state shifts in (parity of the symbol) XOR (the parity of
+# the state's bits under the taps). Id 1 is VVC's 4-state dependent quantisation.
+TRELLIS_MACHINES = {1: (4, 0b01), 2: (8, 0b11), 3: (16, 0b11)}
+# tcq symbols k satisfy |k| ≤ 16383, so the levels 2k and 2k − sgn k stay within ±32767 and the
+# §7.4 finiteness bound holds unchanged
+MAX_ABS_TCQ_SYMBOL = 16383
+
+
+def trellis_machine(mid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(trans[S, 2], qsel[S]) of state machine ``mid`` (spec §7.6): next state for symbol parity 0/1,
+    and each state's quantiser (0 or 1), both int8."""
+    if mid not in TRELLIS_MACHINES:
+        raise UnsupportedError(f"unknown trellis state-machine id {mid}")
+    n_states, taps = TRELLIS_MACHINES[mid]
+    bits = n_states.bit_length() - 1
+    trans = np.zeros((n_states, 2), np.int8)
+    qsel = np.zeros(n_states, np.int8)
+    for s in range(n_states):
+        fb = bin(s & taps).count("1") & 1
+        for par in (0, 1):
+            trans[s, par] = (s >> 1) | ((par ^ fb) << (bits - 1))
+        qsel[s] = (s >> (bits - 1)) & 1
+    return trans, qsel
+
+
+def trellis_levels(q: np.ndarray, mid: int) -> np.ndarray:
+    """Integer levels L (int32, rows × n) of tcq symbols k (rows × n): each column walks its rows
+    from state 0; quantiser 0 gives L = 2k, quantiser 1 gives L = 2k − sgn(k) (spec §7.6).
+    The reference form (numpy, one vector step per row); the value is C = f32(L) · d."""
+    trans, qsel = trellis_machine(mid)
+    q = np.asarray(q)
+    rows, n = q.shape
+    L = np.empty((rows, n), np.int32)
+    s = np.zeros(n, np.intp)
+    for i in range(rows):
+        k = q[i].astype(np.int32)
+        L[i] = 2 * k - np.where(qsel[s] == 1, np.sign(k), 0).astype(np.int32)
+        s = trans[s, k & 1]
+    return L
 
 
 # --------------------------------------------------------------------------- transforms
@@ -190,6 +247,8 @@ def reconstruct_from(params: EcsqParams, q: np.ndarray, scales: np.ndarray | Non
 
     Valid params (``check_params``: the §7.4 bound keeps |W| < 2^127) never overflow; the
     silenced numpy warnings matter only to direct calls with unchecked params."""
+    if params.trellis:
+        q = trellis_levels(q, params.trellis)
     with np.errstate(over="ignore", invalid="ignore"):
         d = column_steps(params, scales)
         Cm = q.astype(np.float32) * (d[None, :] if isinstance(d, np.ndarray) else d)
@@ -312,7 +371,7 @@ def parse_side(entry: TensorEntry, side_streams: list) -> tuple[EcsqParams, np.n
     if len(entry.shape) != 2 or entry.numel == 0:
         raise StreamError(f"ecsq tensor {name!r}: shape {entry.shape} is not a non-empty matrix")
     rows, n = entry.shape
-    p = EcsqParams.unpack(entry.params, name)
+    p = EcsqParams.unpack(entry.params, name, entry.mode)
     want = (p.n_classes > 1) + bool(p.flags & FLAG_COL_SCALES) + (p.transform == TRANSFORM_HADAMARD)
     if len(side_streams) != want:
         raise StreamError(f"ecsq tensor {name!r}: {len(side_streams) + p.n_classes} streams, {want + p.n_classes} expected")
@@ -365,7 +424,7 @@ def check_params(entry: TensorEntry, limits=None) -> EcsqParams:
         raise StreamError(f"ecsq tensor {name!r}: dtype {entry.dtype} not allowed")
     if len(entry.shape) != 2 or entry.numel == 0:
         raise StreamError(f"ecsq tensor {name!r}: shape {entry.shape} is not a non-empty matrix")
-    p = EcsqParams.unpack(entry.params, name)
+    p = EcsqParams.unpack(entry.params, name, entry.mode)
     n = entry.shape[1]
     if p.transform == TRANSFORM_HADAMARD:
         if p.m != split_pow2(n)[1]:
@@ -382,7 +441,7 @@ def check_params(entry: TensorEntry, limits=None) -> EcsqParams:
 
 
 def n_symbol_streams(entry: TensorEntry) -> int:
-    return EcsqParams.unpack(entry.params, entry.name).n_classes
+    return EcsqParams.unpack(entry.params, entry.name, entry.mode).n_classes
 
 
 def parse(entry: TensorEntry, streams: list):
@@ -399,6 +458,8 @@ def parse(entry: TensorEntry, streams: list):
         check_rans_stream(s, cnt, 1 << 16)
         if off + s.alphabet_size - 1 > MAX_ABS_SYMBOL:
             raise StreamError(f"ecsq tensor {entry.name!r}: class {c} alphabet reaches past +{MAX_ABS_SYMBOL}")
+        if p.trellis and (off < -MAX_ABS_TCQ_SYMBOL or off + s.alphabet_size - 1 > MAX_ABS_TCQ_SYMBOL):
+            raise StreamError(f"tcq tensor {entry.name!r}: class {c} alphabet reaches past ±{MAX_ABS_TCQ_SYMBOL}")
     return p, list(streams[:k]), scales, hd, cm
 
 
@@ -431,7 +492,7 @@ def decode(entry: TensorEntry, streams: list, *, reference: bool = False) -> np.
     Default: the numba kernels of :mod:`aligncodec.codec.modes.lossy_cpu` (parallel, one pass per
     row); ``reference=True``: the reference rANS decoder and the numpy reconstruction below
     (slow; the tests hold the two bit-identical)."""
-    if not reference:
+    if not reference and entry.mode != MODE_TCQ:  # the fused kernels know no trellis (yet)
         from aligncodec.codec.modes import lossy_cpu
 
         return lossy_cpu.decode(entry, streams)
@@ -505,11 +566,13 @@ def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None,
             lo, st = _sym_stream(part, chunk_symbols, lanes)
             cm.offsets.append(lo)
             streams.append(st)
-        params = EcsqParams(params.transform, float(np.float32(params.step)), 0, params.flags, params.m, 0, k, axis)
+        params = EcsqParams(params.transform, float(np.float32(params.step)), 0, params.flags, params.m, 0, k, axis,
+                            params.trellis)
         streams.append(RawStream(cm.to_bytes()))
     else:
         lo, st = _sym_stream(q.reshape(-1), chunk_symbols, lanes)
-        params = EcsqParams(params.transform, float(np.float32(params.step)), lo, params.flags, params.m, 0)
+        params = EcsqParams(params.transform, float(np.float32(params.step)), lo, params.flags, params.m, 0,
+                            trellis=params.trellis)
         streams = [st]
     if scales is not None:
         streams.append(RawStream(np.asarray(scales, dtype="<f2").tobytes()))
