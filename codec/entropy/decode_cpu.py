@@ -62,9 +62,8 @@ ERROR_TEXT = {
 # ----------------------------------------------------------------- tables
 
 
-def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
-    """Packed decode table of 2**precision uint64 entries:
-    ``freq[s] | (slot - cum[s]) << 32 | s << 48`` for the symbol s owning the slot."""
+def _checked_freqs(freqs: np.ndarray, precision: int) -> np.ndarray:
+    """The frequencies as int64, checked: at most 2^16 symbols, none negative, summing to 2^precision."""
     f = np.ascontiguousarray(freqs, dtype=np.int64)
     if len(f) > 1 << 16:
         raise StreamError("rANS alphabet larger than 2^16")
@@ -72,6 +71,13 @@ def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
         raise StreamError("negative rANS frequency")
     if int(f.sum()) != 1 << precision:
         raise StreamError(f"frequencies sum to {int(f.sum())}, not 2^{precision}")
+    return f
+
+
+def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
+    """Packed decode table of 2**precision uint64 entries:
+    ``freq[s] | (slot - cum[s]) << 32 | s << 48`` for the symbol s owning the slot."""
+    f = _checked_freqs(freqs, precision)
     tab = np.empty(1 << precision, dtype=np.uint64)
     _fill_table(f, tab)
     return tab
@@ -85,13 +91,7 @@ def compact_tables(freqs: np.ndarray, precision: int) -> tuple[np.ndarray, np.nd
     identity x -> x at any precision, so it gets the one-slot table of precision 0 (freq 1, bias 0),
     whose update ``1 · (x >> 0) + 0`` is the same identity. Frequencies are checked as in
     :func:`slot_table`."""
-    f = np.ascontiguousarray(freqs, dtype=np.int64)
-    if len(f) > 1 << 16:
-        raise StreamError("rANS alphabet larger than 2^16")
-    if f.size and f.min() < 0:
-        raise StreamError("negative rANS frequency")
-    if int(f.sum()) != 1 << precision:
-        raise StreamError(f"frequencies sum to {int(f.sum())}, not 2^{precision}")
+    f = _checked_freqs(freqs, precision)
     symt = np.empty(1 << precision, dtype=np.uint8 if len(f) <= 256 else np.uint16)
     full = np.flatnonzero(f == 1 << precision)
     if len(full) and precision > 0:
