@@ -19,7 +19,6 @@ best of ``--repeat`` (CPU time, so other processes on the machine affect it litt
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import contextmanager
@@ -140,10 +139,11 @@ def main(argv=None) -> int:
                   f"rANS {r['rans_ns_per_weight']:.2f} ns/weight, whole decode {r['decode_ns_per_weight']:.2f} ns/weight = "
                   f"{r['GB_per_cpu_s_bf16']:.3f} GB of bf16 per CPU-second (1 thread, thread CPU time, best of {a.repeat})")
     res["loadavg_after"] = os.getloadavg()
-    print(f"load average {res['loadavg'][0]:.1f} -> {res['loadavg_after'][0]:.1f}")
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+        from aligncodec.tools.bench.bench import write_json
+
+        write_json(res, a.json)
+    print(f"load average {res['loadavg'][0]:.1f} -> {res['loadavg_after'][0]:.1f}")
     return 0
 
 
