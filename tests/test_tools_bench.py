@@ -101,3 +101,22 @@ def test_rans_precision_rate_and_speed(capsys):
     assert all(r["decode_ns_per_weight"] > 0 for r in rows)
     assert rans_precision.main(["--rows", "32", "--cols", "48", "--repeat", "1", "--cap", "11"]) == 0
     assert "P <= 11" in capsys.readouterr().out
+
+
+def test_load_profile_splits_bytegroup_planes(tmp_path):
+    """tools/bench/load_profile.py on a small fp16 archive: each step timed, each byte plane's stored fraction."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from aligncodec import archive
+    from aligncodec.tools.bench import load_profile
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"w": (torch.randn(600, 512, generator=g) * 0.02).half(), "b": torch.zeros(7, dtype=torch.float16)},
+              str(tmp_path / "m.safetensors"))
+    archive.compress(tmp_path / "m.safetensors", tmp_path / "m.acz", progress=False)
+    T = load_profile.profile(str(tmp_path / "m.acz"))
+    assert T["total"] > 0 and T["bytegroup_zstd"] > 0 and T["bytegroup_join"] > 0
+    assert 0 < T["plane0_stored_fraction"] <= 1 and 0 < T["plane1_stored_fraction"] < T["plane0_stored_fraction"]
+    assert np.isfinite(T["plane0_zstd"]) and T["plane1_zstd"] > 0
