@@ -229,7 +229,14 @@ def test_hessian_factor_handed_over_gives_the_same_factor():
     L = torch.linalg.cholesky(R.flip(0, 1))
     U_ref = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False).flip(0, 1)
     keep = H.clone()
-    U1, p1, d1 = hessian_factor(H, 0.01, act_order=True, factor="exchange")
+    from aligncodec.codec.quant import gptq as G
+
+    G_cols = G.FACTOR_COLS
+    G.FACTOR_COLS = 40  # several column blocks (the default is one block at this size)
+    try:
+        U1, p1, d1 = hessian_factor(H, 0.01, act_order=True, factor="exchange")
+    finally:
+        G.FACTOR_COLS = G_cols
     assert torch.equal(H, keep)  # a tensor argument is not modified
     box = [H.clone()]
     U2, p2, d2 = hessian_factor(box, 0.01, act_order=True, factor="exchange")

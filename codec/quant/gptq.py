@@ -19,6 +19,9 @@ from aligncodec.codec.quant.grids import QuantResult, check_weight, column_group
 __all__ = ["hessian_factor", "gptq_affine_block", "gptq", "gptq_ecsq"]
 
 
+FACTOR_COLS = 512  # columns of the triangular inverse solved at a time (memory: no n × n identity)
+
+
 def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_order: bool,
                    factor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U, perm, dead)``: U the upper Cholesky factor (float64) of (H + damp·mean(diag H)·I)⁻¹ in
@@ -33,8 +36,8 @@ def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_o
       exchange matrix): one factorisation and one triangular inverse;
     * ``"reference"`` (the baselines, as in the GPTQ reference code): Cholesky of H, its
       inverse, Cholesky of that."""
-    # Memory (a wide input, e.g. 8192² float64 = 0.5 GB per copy): at most three n × n copies
-    # alive at once; the same bits as the plain expressions (one gather for H[perm][:, perm],
+    # Memory (a wide input, e.g. 8192² float64 = 0.5 GB per copy): at most two n × n copies
+    # alive at once (given [H]); the same bits as the plain expressions (one gather for H[perm][:, perm],
     # the damping added to the diagonal in place, each intermediate freed before the next).
     if isinstance(H, list):  # [H]: the caller hands over its only reference (freed once permuted)
         H = H.pop()
@@ -54,9 +57,16 @@ def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_o
         del H
         L = torch.linalg.cholesky(Hf)
         del Hf
-        U = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False)
+        # U = J L⁻¹ J, a block of columns of L⁻¹ at a time, written flipped straight into U
+        # (the columns of L⁻¹ are independent: the same bits as solving against the whole I)
+        U = torch.empty(n, n, dtype=L.dtype)
+        for a in range(0, n, FACTOR_COLS):
+            b = min(n, a + FACTOR_COLS)
+            B = torch.zeros(n, b - a, dtype=L.dtype)
+            B[a:b].fill_diagonal_(1.0)
+            U[:, n - b:n - a] = torch.linalg.solve_triangular(L, B, upper=False).flip(0, 1)
+            del B
         del L
-        U = U.flip(0, 1)
     elif factor == "reference":
         U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     else:
