@@ -25,7 +25,7 @@ from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossless, lossy
 from aligncodec.codec.naming import is_embedding, layer_type
 from aligncodec.codec.torch_interop import torch_dtype
-from aligncodec.formats.constants import MODE_ECSQ
+from aligncodec.formats.constants import MODE_ECSQ, MODE_TCQ
 from aligncodec.formats.layout import TensorEntry
 
 from aligncodec import archive
@@ -135,7 +135,7 @@ def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distorti
                  alpha: float = 0.25, seed: int = 0, type_weights: dict | None = None, tol: float = 0.009,
                  names: list[str] | None = None, progress: bool = True,
                  step0: float | None = None, nonfinite: str = "error",
-                 follow_symlinks: bool = False) -> tuple[E.EncodeResult, list[E.TensorJob], dict]:
+                 follow_symlinks: bool = False, trellis: int = 0) -> tuple[E.EncodeResult, list[E.TensorJob], dict]:
     """Run the encoder over a model's lossy tensors. Returns (result, jobs, info).
 
     Checked before any work: the target (TargetError), every lossy tensor's values
@@ -143,7 +143,8 @@ def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distorti
     all-zero or out-of-range tensors, every tensor when ``bpw`` ≥ ``LOSSY_MAX_BPW``, and any
     tensor whose code at the chosen step would clamp symbols or underflow the step
     (:func:`encoder.unfit_reason`); ``info["lossless"]`` lists them with the reason. The
-    result's ``codes`` hold only the tensors written lossy (possibly none)."""
+    result's ``codes`` hold only the tensors written lossy (possibly none). ``trellis``: 0 codes
+    mode 2 ``ecsq``, else mode 4 ``tcq`` with that state machine (:func:`encoder.trellis_id`)."""
     E.check_target(bpw, distortion)
     log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
     t0 = time.perf_counter()
@@ -154,6 +155,10 @@ def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distorti
                       nonfinite=nonfinite, follow_symlinks=follow_symlinks, lossless=lossless_why)
     if not jobs and not lossless_why:
         raise ValueError(f"{model}: no tensor qualifies for lossy coding")
+    if trellis:
+        lossy.trellis_machine(trellis)  # an unknown id is an error before any work
+    for j in jobs:
+        j.trellis = trellis
     if bpw is not None and bpw >= E.LOSSY_MAX_BPW:
         for j in jobs:
             lossless_why[j.name] = f"target {bpw:g} bpw is beyond what lossy coding delivers (< {E.LOSSY_MAX_BPW:g} bpw)"
@@ -191,7 +196,8 @@ def encode_model(model: str | os.PathLike, *, bpw: float | None = None, distorti
     info = {"sigma": sig_src, "seconds_calibration": t_cal, "seconds_prepare": t_prep,
             "seconds_search": res.seconds, "seconds_total": time.perf_counter() - t0,
             "cpu_seconds_total": time.process_time() - c0,
-            "candidates": list(candidates), "alpha": alpha, "lossless": lossless_why}
+            "candidates": list(candidates), "alpha": alpha, "lossless": lossless_why,
+            "quantizer": "ecsq" if not trellis else f"tcq{lossy.TRELLIS_MACHINES[trellis][0]}"}
     return res, jobs, info
 
 
@@ -224,7 +230,7 @@ def verify_lossy(path: str | os.PathLike, expected: dict[str, float], original, 
         by_name = {e.name: e for e in r.tensors}
         for name, want in expected.items():
             e = by_name.get(name)
-            if e is None or e.mode != MODE_ECSQ:
+            if e is None or e.mode not in (MODE_ECSQ, MODE_TCQ):
                 raise E.EncodeVerifyError(f"tensor {name!r} is not in the archive as a lossy tensor")
             W = torch.as_tensor(original(name)).to(torch.float32)
             What = bytes_to_tensor(e, decode_entry(e, r.read_streams(e))).to(torch.float32)
@@ -258,7 +264,7 @@ def write_archive(model: str | os.PathLike, out: str | os.PathLike, res: E.Encod
                     raise ValueError(f"replacement for {name!r} is {t.dtype} {tuple(t.shape)}, the checkpoint holds {dtype} {shape}")
                 raw = tensor_bytes(t)
             return lossless.encode(raw, dtype, int(np.prod(shape, dtype=np.int64)))
-        return MODE_ECSQ, c.params.pack(), c.streams
+        return c.params.mode, c.params.pack(), c.streams
 
     check = None
     if jobs is not None:

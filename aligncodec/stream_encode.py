@@ -61,7 +61,7 @@ import torch
 from aligncodec import arch as A
 from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossless, lossy
-from aligncodec.formats.constants import MODE_ECSQ, PREAMBLE_SIZE, SECTION_METADATA
+from aligncodec.formats.constants import PREAMBLE_SIZE, SECTION_METADATA
 from aligncodec.formats.writer import ArchiveWriter, build_section
 
 CALIB_MODES = ("quantized", "float", "none")
@@ -95,6 +95,7 @@ class StreamOptions:
     sample_rows: int = 64
     workers: int = 1
     device: str | None = None  # torch device of the calibration forward passes (None: cuda if present, else cpu)
+    trellis: int = 0  # 0: mode 2 ecsq; else mode 4 tcq with this state machine (encoder.trellis_id)
 
     def __post_init__(self):
         if self.scope not in SCOPES:
@@ -108,6 +109,8 @@ class StreamOptions:
         for c in self.candidates:
             if c not in E.CANDIDATES:
                 raise ValueError(f"unknown candidate {c!r}; choose from {', '.join(E.CANDIDATES)}")
+        if self.trellis and self.trellis not in lossy.TRELLIS_MACHINES:
+            raise ValueError(f"unknown trellis state-machine id {self.trellis}")
         if self.lossy_embeddings is None:
             self.lossy_embeddings = self.scope == "all"
 
@@ -140,10 +143,12 @@ class RateCurve:
         return self.numel * b / 8 + 512
 
 
-def measure_curve(name: str, kind: str, W: torch.Tensor, hadamard: bool, seed: int) -> RateCurve:
+def measure_curve(name: str, kind: str, W: torch.Tensor, hadamard: bool, seed: int, step_ratio: float = 1.0) -> RateCurve:
     """Empirical entropy of round(W T / Δ) on a row subsample (≈ SAMPLE_VALUES values), on the
     part of LOG2_GRID where a useful step can lie (rms·2^-10 … rms·2^3); outside it the curve
-    continues at 1 bit per halving (fine end) or halves per doubling (coarse end)."""
+    continues at 1 bit per halving (fine end) or halves per doubling (coarse end).
+    ``step_ratio``: the curve of a quantiser whose step Δ codes like ECSQ at Δ / step_ratio
+    (tcq: encoder.TCQ_STEP_RATIO; the controller's measured ratios correct the rest)."""
     rows, n = W.shape
     want = max(1, math.ceil(SAMPLE_VALUES / n))
     stride = max(1, rows // want)
@@ -160,7 +165,7 @@ def measure_curve(name: str, kind: str, W: torch.Tensor, hadamard: bool, seed: i
         raise NonFiniteError(f"tensor {name!r}: rms {rms:g} outside the rate grid")
     bits = np.full(len(LOG2_GRID), np.nan)
     for i in idx[::2]:  # every other grid point, interpolated below
-        q = np.rint(X / 2.0 ** LOG2_GRID[i]).astype(np.int64)
+        q = np.rint(X / (2.0 ** LOG2_GRID[i] / step_ratio)).astype(np.int64)
         lo = int(q.min())
         cnt = np.bincount(q - lo)
         p = cnt[cnt > 0] / q.size
@@ -626,7 +631,7 @@ def code_tensor(name: str, W: torch.Tensor, dtype: str, S: torch.Tensor | None, 
     search codes the same tensor several times; the caller then clears ``job.cands``."""
     keep = job is not None
     if job is None:
-        job = E.TensorJob(name, W, dtype, S)
+        job = E.TensorJob(name, W, dtype, S, trellis=opts.trellis)
         E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
     if len(job.cands) > 1:
         cand, _ = E.choose(job, step, E.stride_for(W.shape[0], opts.sample_rows))
@@ -775,7 +780,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         t = ckpt.get(nm)
         if not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"tensor {nm!r} holds NaN or Inf values")
-        curves[nm] = measure_curve(nm, kind, t, had, opts.seed)
+        curves[nm] = measure_curve(nm, kind, t, had, opts.seed, E.TCQ_STEP_RATIO if opts.trellis else 1.0)
         del t
     t_rate = time.perf_counter() - t_rate
     log(f"rate pass: {len(curves)} tensors in {t_rate:.1f} s")
@@ -858,6 +863,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     "calib_tokens": opts.calib_tokens if calibrate else 0,
                     "calib_text": hashlib.sha256(Path(opts.calib_text).read_bytes()).hexdigest() if opts.calib_text else "builtin",
                     "candidates": list(opts.candidates), "alpha": opts.alpha, "seed": opts.seed,
+                    "quantizer": "ecsq" if not opts.trellis else f"tcq{lossy.TRELLIS_MACHINES[opts.trellis][0]}",
                     "steps": [float(f"{s:.6g}") for s in ctl.steps],
                     "step": float(f"{np.median(ctl.steps):.6g}") if ctl.steps else None,
                     "n_params": n_params, "n_lossy_weights": n_coded, "n_linear_weights": n_linear,
@@ -872,7 +878,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
 
         def put(nm: str, tc: E.TensorCode, x: float):
             ti = ckpt.tensors[nm]
-            e = w.add(nm, ti.dtype, ti.shape, MODE_ECSQ, tc.streams, tc.params.pack())
+            e = w.add(nm, ti.dtype, ti.shape, tc.params.mode, tc.streams, tc.params.pack())
             nb = lossy.entry_bytes(nm, 2, lossy.PARAMS_SIZE, e.size)
             if nm in ctl.curves:
                 ctl.record(nm, x, nb)
@@ -933,7 +939,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
             for nm, tc in zip(names, results):
                 put(nm, tc, x)
                 ti = ckpt.tensors[nm]
-                entries.append((nm, ti.dtype, ti.shape, MODE_ECSQ, tc.params.pack(), tc.streams))
+                entries.append((nm, ti.dtype, ti.shape, tc.params.mode, tc.params.pack(), tc.streams))
                 if calibrate and opts.calibration == "quantized":
                     A.set_param(plan.model, lin_by_w[nm].module + ".weight", torch.from_numpy(tc.W_hat).to(dev))
                 del tc
@@ -1020,7 +1026,7 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
     step is searched on the real coder (secant on exact bytes, at most 4 full codes)."""
     x = ctl.solve()
     cache: dict = {}
-    job = E.TensorJob(nm, W, dtype, S)
+    job = E.TensorJob(nm, W, dtype, S, trellis=opts.trellis)
     E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache)
     try:
         return _search_last_job(nm, W, dtype, S, ctl, opts, exact, log, x, cache, job)

@@ -42,6 +42,7 @@ import torch
 
 from aligncodec.codec.modes import lossy
 from aligncodec.codec.quant.gptq import gptq_ecsq, hessian_factor
+from aligncodec.codec.quant.trellis import gptq_tcq
 from aligncodec.codec.quant.rate import secant_search
 
 CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
@@ -128,13 +129,31 @@ def unfit_reason(code: "TensorCode", job: "TensorJob") -> str | None:
     with np.errstate(all="ignore"):
         steps = np.atleast_1d(lossy.column_steps(code.params, cand.scales if cand is not None else None))
     if code.saturated:
-        return f"the step {code.params.step:.3g} needs symbols beyond ±{lossy.MAX_ABS_SYMBOL}"
+        qmax = lossy.MAX_ABS_TCQ_SYMBOL if code.params.trellis else lossy.MAX_ABS_SYMBOL
+        return f"the step {code.params.step:.3g} needs symbols beyond ±{qmax}"
     if not (np.all(np.isfinite(steps)) and float(np.min(steps)) >= float(np.finfo(np.float32).tiny)):
         return f"the step {code.params.step:.3g} underflows float32"
     if not (math.isfinite(code.dist) and math.isfinite(code.noise)):
         return "the coding error is not finite"
     return None
 DEFAULT_CANDIDATES = ("hadamard", "colscale")
+QUANTIZERS = ("ecsq", "tcq")  # mode 2 (scalar) or mode 4 (trellis-coded, spec §7.6)
+DEFAULT_QUANTIZER = "ecsq"
+DEFAULT_TRELLIS_STATES = 8
+
+
+def trellis_id(quantizer: str, states: int = DEFAULT_TRELLIS_STATES) -> int:
+    """The ``TensorJob.trellis`` value of a quantiser: 0 for ecsq, else the state-machine id of
+    tcq with ``states`` states (lossy.TRELLIS_MACHINES)."""
+    if quantizer == "ecsq":
+        return 0
+    if quantizer != "tcq":
+        raise ValueError(f"unknown quantizer {quantizer!r}; choose from {', '.join(QUANTIZERS)}")
+    ids = {s: mid for mid, (s, _taps) in lossy.TRELLIS_MACHINES.items()}
+    if states not in ids:
+        raise ValueError(f"tcq has no {states}-state machine; choose from {', '.join(map(str, sorted(ids)))}")
+    return ids[states]
+TCQ_STEP_RATIO = 0.6  # tcq's union-grid step over the ECSQ step at about equal rate (a start for the search)
 SCALE_MIN, SCALE_MAX = 2.0**-14, 2.0**15
 
 
@@ -179,6 +198,7 @@ class TensorJob:
     cands: list[Candidate] = field(default_factory=list)
     energy: float = 0.0  # tr(W Σ Wᵀ)
     sig_mean: float = 1.0  # mean diag Σ
+    trellis: int = 0  # 0: mode 2 ecsq; else mode 4 tcq with this state machine (lossy.TRELLIS_MACHINES)
 
     @property
     def numel(self) -> int:
@@ -284,10 +304,15 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     rows = job.W.shape[0]
     sl = slice(None) if stride <= 1 else slice(0, None, stride)
     Wt = job.W[sl]
-    q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
-    saturated = bool(q.size) and max(int(q.max()), -int(q.min())) >= lossy.MAX_ABS_SYMBOL
+    if job.trellis:  # mode 4: the trellis search per column inside GPTQ (codec/quant/trellis.py)
+        q = gptq_tcq(cand.C[sl], cand.U, cand.perm, step, job.trellis).numpy()
+        qmax = lossy.MAX_ABS_TCQ_SYMBOL
+    else:
+        q = gptq_ecsq(cand.C[sl], cand.U, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
+        qmax = lossy.MAX_ABS_SYMBOL
+    saturated = bool(q.size) and max(int(q.max()), -int(q.min())) >= qmax
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
-                            cand.hd.m if cand.hd is not None else 0)
+                            cand.hd.m if cand.hd is not None else 0, trellis=job.trellis)
     # choose the symbol classes by an order-0 estimate (entropy + table + stream headers), then
     # code only the chosen option for real (rANS table fitting is the slow part)
     f = rows / q.shape[0]
@@ -410,6 +435,8 @@ def encode_jobs(jobs: list[TensorJob], *, bpw: float | None = None, distortion: 
     if step0 is None:  # ECSQ of a Gaussian at the target rate
         rms = math.sqrt(sum(float((j.W.double() ** 2).sum()) for j in jobs) / n_weights)
         step0 = rms * math.sqrt(2 * math.pi * math.e) * 2.0 ** (-(bpw if bpw is not None else 3.0))
+        if any(j.trellis for j in jobs):  # tcq's union-grid step sits near 0.6 × the ECSQ step at equal rate
+            step0 *= TCQ_STEP_RATIO
     hist: list[tuple[float, float]] = []
     tol_f = tol if bpw is not None else 4 * tol
 

@@ -106,6 +106,29 @@ def add_eval_arguments(p: argparse.ArgumentParser, *, kld_topk: int = 0, tokens_
                         f"running the reference model beside the model (0 = exact; default {kld_topk})")
 
 
+def add_quantizer_arguments(p: argparse.ArgumentParser) -> None:
+    """--quantizer ecsq|tcq and --trellis-states 4|8|16 of the commands that run the lossy encoder
+    (resolved by :func:`trellis_arg`)."""
+    p.add_argument("--quantizer", choices=("ecsq", "tcq"), default=None,
+                   help="lossy: scalar quantiser (ecsq, mode 2) or trellis-coded quantiser (tcq, mode 4, spec §7.6); "
+                        "default: the encoder's (codec/encoder.py DEFAULT_QUANTIZER)")
+    p.add_argument("--trellis-states", type=int, choices=(4, 8, 16), default=None,
+                   help="lossy, --quantizer tcq: states of the trellis (default 8)")
+
+
+def trellis_arg(args: argparse.Namespace) -> int:
+    """--quantizer/--trellis-states as the encoder's trellis id (0: ecsq); CLIError (usage) if bad."""
+    from aligncodec.codec import encoder
+
+    quantizer = args.quantizer or encoder.DEFAULT_QUANTIZER
+    if args.trellis_states is not None and quantizer != "tcq":
+        raise CLIError("--trellis-states needs --quantizer tcq", EXIT_USAGE)
+    try:
+        return encoder.trellis_id(quantizer, args.trellis_states or encoder.DEFAULT_TRELLIS_STATES)
+    except ValueError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+
+
 def add_run_options(p: argparse.ArgumentParser, *, threads: str | None = "torch threads (default 2)",
                     progress: str | None = "no progress bar") -> None:
     """--threads T (torch threads, default 2) and --no-progress (each left out when its help is None)."""

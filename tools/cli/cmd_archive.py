@@ -9,7 +9,7 @@ import sys
 import time
 
 from aligncodec import archive
-from aligncodec.tools.cli import EXIT_DEPENDENCY, EXIT_IO, EXIT_USAGE, CLIError, add_command
+from aligncodec.tools.cli import EXIT_DEPENDENCY, EXIT_IO, EXIT_USAGE, CLIError, add_command, add_quantizer_arguments, trellis_arg
 
 
 def _size(n: float) -> str:
@@ -64,13 +64,15 @@ def _compress(args: argparse.Namespace) -> int:
         from aligncodec import lossy_compress as _enc
         from aligncodec.codec import encoder
 
+        trellis = trellis_arg(args)
         try:
             encoder.check_target(args.bpw, args.distortion)
             summ = _enc.compress_lossy(args.input, args.output, bpw=args.bpw, distortion=args.distortion,
                                        candidates=tuple(args.candidates.split(",")), alpha=args.alpha,
                                        lossy_embeddings=args.lossy_embeddings, seed=args.seed,
                                        sigma="none" if args.no_calibration else "auto", progress=not args.quiet,
-                                       nonfinite=args.nonfinite, follow_symlinks=args.follow_symlinks, tune_norms=tune)
+                                       nonfinite=args.nonfinite, follow_symlinks=args.follow_symlinks, tune_norms=tune,
+                                       trellis=trellis)
         except encoder.EncodeError:
             raise  # TargetError (2), NonFiniteError (3), EncodeVerifyError (8): named, exit code on the class
         except (archive.InputError, OSError):
@@ -120,7 +122,7 @@ def _compress_stream(args: argparse.Namespace) -> int:
     if args.distortion is not None:
         raise CLIError("the stream encoder takes --bpw; use --encoder whole for --distortion", 2)
     try:
-        opts = S.StreamOptions(bpw=args.bpw, scope=args.bpw_scope or "all",
+        opts = S.StreamOptions(bpw=args.bpw, scope=args.bpw_scope or "all", trellis=trellis_arg(args),
                                calibration="none" if args.no_calibration else args.calibration,
                                candidates=tuple(args.candidates.split(",")), alpha=args.alpha, seed=args.seed,
                                calib_tokens=args.calib_tokens, calib_text=args.calib_text,
@@ -250,6 +252,7 @@ def add_parser(sub) -> None:
     p.add_argument("--distortion", type=float, help="lossy: target mean activation-weighted relative error per tensor instead of --bpw")
     p.add_argument("--candidates", default="hadamard,colscale",
                    help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")
+    add_quantizer_arguments(p)
     p.add_argument("--alpha", type=float, default=0.25, help="lossy: column steps ∝ Σ_jj^-alpha for the colscale transforms (default 0.25)")
     p.add_argument("--lossy-embeddings", action="store_true", help="lossy: code the embeddings lossy too (default with --bpw-scope all)")
     p.add_argument("--no-calibration", action="store_true",

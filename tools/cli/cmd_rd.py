@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from aligncodec.tools.cli import EXIT_DEPENDENCY, CLIError, add_command, add_eval_arguments, add_model_argument, add_run_options
+from aligncodec.tools.cli import (EXIT_DEPENDENCY, CLIError, add_command, add_eval_arguments, add_model_argument,
+                                  add_quantizer_arguments, add_run_options, trellis_arg)
 
 
 def cmd_rd(args: argparse.Namespace) -> int:
@@ -36,8 +37,14 @@ def cmd_rd(args: argparse.Namespace) -> int:
         else:
             print(rd.format_table(res))
         return 0
+    trellis = trellis_arg(args)
     if args.weight_domain:
-        res = rd.weight_domain_curve(args.model, rates, progress=not args.quiet)
+        methods = [m for m in args.wd_methods.split(",") if m]
+        bad = [m for m in methods if m not in rd.WEIGHT_DOMAIN_METHODS]
+        if bad:
+            raise CLIError(f"unknown --wd-methods {', '.join(bad)}; choose from {', '.join(rd.WEIGHT_DOMAIN_METHODS)}", 2)
+        res = rd.weight_domain_curve(args.model, rates, {m: rd.WEIGHT_DOMAIN_METHODS[m] for m in methods},
+                                     progress=not args.quiet, trellis=trellis)
         json.dump(res, sys.stdout, indent=1)
         print()
         if args.output:
@@ -49,7 +56,7 @@ def cmd_rd(args: argparse.Namespace) -> int:
     try:
         res = rd.run_rd(args.model, rates, methods, n_tokens=args.tokens, threads=args.threads, kld_topk=args.kld_topk,
                         progress=not args.quiet, evaluate=not args.no_eval, outdir=args.output,
-                        log=(lambda m: print(m, file=sys.stderr)))
+                        log=(lambda m: print(m, file=sys.stderr)), trellis=trellis)
     except ImportError as exc:
         raise CLIError(f"missing dependency: {exc}", EXIT_DEPENDENCY) from None
     if args.json:
@@ -72,6 +79,10 @@ def add_parser(sub) -> None:
     p.add_argument("--no-eval", action="store_true", help="rates and activation-weighted SQNR only, no perplexity")
     p.add_argument("--weight-domain", action="store_true",
                    help="weight-domain curve instead: SQNR vs bpw with Σ = I (use with the fp32 model minilm)")
+    p.add_argument("--wd-methods", default="ecsq,hadamard,best-of",
+                   help="--weight-domain: comma-separated candidate sets (ecsq = identity, hadamard, best-of = both); "
+                        "with --quantizer tcq each is coded as tcq (default all three)")
+    add_quantizer_arguments(p)
     p.add_argument("-o", "--output", help="folder for rd.json, rd.md and rd.png (written as rows complete)")
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="no new runs: merge the rd.json of earlier runs (same model, tokens and reference) into "

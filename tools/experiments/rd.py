@@ -36,6 +36,7 @@ import torch
 
 
 from aligncodec import lossy_compress as enc
+from aligncodec.codec.modes import lossy
 from aligncodec.codec.naming import layer_type
 from aligncodec.formats.atomic import atomic_write
 
@@ -53,18 +54,24 @@ def _act_sqnr(mean_rel_err: float) -> float:
     return -10 * math.log10(mean_rel_err) if mean_rel_err > 0 else math.inf
 
 
+def method_label(method: str, trellis: int = 0) -> str:
+    """The row label of an encoder method: the method, plus ``+tcqS`` when coded with the
+    S-state trellis (mode 4); ecsq rows keep the plain method name."""
+    return method if not trellis else f"{method}+tcq{lossy.TRELLIS_MACHINES[trellis][0]}"
+
+
 def run_encoder_method(model_name: str, method: str, bpw: float, *, model=None, tok=None, ref=None,
                        n_tokens: int = 8192, threads: int = 2, progress: bool = True, evaluate: bool = True,
-                       sigma="auto", **kw) -> dict:
+                       sigma="auto", trellis: int = 0, **kw) -> dict:
     """Encode the model's linear layers with the encoder, put the decoder's reconstruction
-    into ``model`` (restored afterwards) and evaluate."""
+    into ``model`` (restored afterwards) and evaluate. ``trellis``: 0 ecsq, else tcq's machine id."""
     from aligncodec.tools.eval import evaluate as Ev
 
     res, jobs, info = enc.encode_model(model_name, bpw=bpw, candidates=ENCODER_METHODS[method], sigma=sigma,
-                                       progress=progress, **kw)
+                                       progress=progress, trellis=trellis, **kw)
     modes = enc.modes_by_type((layer_type(j.name), res.codes[j.name].kind) for j in jobs)
     rel = [res.codes[j.name].rel_err for j in jobs]
-    out = {"method": method, "target_bpw": bpw, "bpw": res.bpw, "step": res.step,
+    out = {"method": method_label(method, trellis), "target_bpw": bpw, "bpw": res.bpw, "step": res.step,
            "mean_act_rel_err": float(np.mean(rel)), "act_sqnr_db": _act_sqnr(float(np.mean(rel))),
            "mean_sqnr_db": float(np.mean([res.codes[j.name].sqnr_db for j in jobs])),
            "modes_by_type": modes, "encode_seconds": info["seconds_total"], "encode_info": info,
@@ -105,7 +112,8 @@ def run_baseline_method(model_name: str, method: str, bpw: float, *, n_tokens: i
 
 
 def run_rd(model_name: str, rates: list[float], methods: list[str], *, n_tokens: int = 8192, threads: int = 2,
-           kld_topk: int = 256, progress: bool = True, evaluate: bool = True, outdir=None, log=print) -> dict:
+           kld_topk: int = 256, progress: bool = True, evaluate: bool = True, outdir=None, log=print,
+           trellis: int = 0) -> dict:
     from aligncodec.tools.eval import evaluate as Ev
     from aligncodec.tools.eval.models import load_causal_lm
 
@@ -131,7 +139,7 @@ def run_rd(model_name: str, rates: list[float], methods: list[str], *, n_tokens:
             t0 = time.perf_counter()
             if m in ENCODER_METHODS:
                 row = run_encoder_method(model_name, m, r, model=model, tok=tok, ref=ref, n_tokens=n_tokens,
-                                         threads=threads, progress=progress, evaluate=evaluate)
+                                         threads=threads, progress=progress, evaluate=evaluate, trellis=trellis)
             else:
                 row = run_baseline_method(model_name, m, r, n_tokens=n_tokens, threads=threads, kld_topk=kld_topk,
                                           progress=progress, evaluate=evaluate)
@@ -264,16 +272,22 @@ def plot(res: dict, path) -> Path:
 # --------------------------------------------------------------------------- weight domain
 
 
+WEIGHT_DOMAIN_METHODS = {"ecsq": ("identity",), "hadamard": ("hadamard",), "best-of": ("identity", "hadamard")}
+
+
 def weight_domain_curve(model_name: str = "minilm", rates=(2.0, 2.5, 3.0, 3.5, 4.0),
-                        candidates_by_method=None, progress: bool = False) -> dict:
+                        candidates_by_method=None, progress: bool = False, trellis: int = 0) -> dict:
     """SQNR (dB, weight domain, Σ = I) against all-in bpw on a model's linear weights, and the
-    bpw each method needs for 20 dB (interpolated)."""
-    cands = candidates_by_method or {"ecsq": ("identity",), "hadamard": ("hadamard",), "best-of": ("identity", "hadamard")}
+    bpw each method needs for 20 dB (interpolated). ``trellis``: every method coded as tcq with
+    that state machine (labels ``tcqS`` for ``ecsq``'s identity candidate, else ``METHOD+tcqS``)."""
+    cands = candidates_by_method or WEIGHT_DOMAIN_METHODS
     out = {}
-    for m, cs in cands.items():
+    for m0, cs in cands.items():
+        m = m0 if not trellis else (f"tcq{lossy.TRELLIS_MACHINES[trellis][0]}" if m0 == "ecsq" else method_label(m0, trellis))
         pts = []
         for r in rates:
-            res, jobs, info = enc.encode_model(model_name, bpw=r, candidates=cs, sigma="none", progress=progress)
+            res, jobs, info = enc.encode_model(model_name, bpw=r, candidates=cs, sigma="none", progress=progress,
+                                               trellis=trellis)
             sig = sum(float((j.W.double() ** 2).sum()) for j in jobs)
             noise = sum(float(((torch.from_numpy(res.codes[j.name].W_hat) - j.W).double() ** 2).sum()) for j in jobs)
             pts.append({"bpw": res.bpw, "sqnr_db": 10 * math.log10(sig / noise), "seconds": info["seconds_total"]})

@@ -1,0 +1,232 @@
+"""Trellis-coded ("dependent") quantisation for lossy mode 4 ``tcq`` (spec/FORMAT.md §7.6):
+the encoder's search. The state machine is :func:`aligncodec.codec.modes.lossy.trellis_machine`
+(one definition); the decoder side is ``lossy.trellis_levels``.
+
+Two interleaved quantisers on the union grid of step Δ (``params.step``):
+
+    Q0: level L = 2k            Q1: level L = 2k − sgn k           reconstruction C = f32(L)·d_j
+
+Each column walks its rows from state 0; the state picks the quantiser, and the parity of the
+symbol k moves the state. Per column a Viterbi search over the rows minimises
+
+    Σ_i (c_i − L_i·Δ)² + λ · bits(k_i),      λ = LAMBDA_C · Δ²   (weight units, every column)
+
+with, per state, the candidates: the two nearest levels of its quantiser and 0. Inside GPTQ
+(:func:`gptq_tcq`: act order, lazy batches, as ``gptq.gptq_ecsq``) the search runs where the
+rounding is, and the column's error is fed to the later columns as usual.
+
+Rate term ``bits``: one table per tensor (the format codes each class's symbols with one rANS
+table for both quantisers), −log2 of the frequencies of round(c/2Δ) over the tensor's values
+before quantisation (:func:`prior_bits`, no extra pass; add-½ smoothed, a linear tail outside
+the seen range). ``rate_passes`` > 0 re-runs the search with the tables of the previous pass
+(the research prototype's choice): measured in docs/results/2026-11-30-tcq.md.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from aligncodec.codec.entropy.rans import KERNEL_LOCK
+from aligncodec.codec.modes.lossy import MAX_ABS_TCQ_SYMBOL, trellis_machine
+
+__all__ = ["LAMBDA_C", "prior_bits", "symbol_bits", "tcq_levels", "gptq_tcq", "tcq_independent"]
+
+LAMBDA_C = 0.25  # λ = c·Δ²: with the prior table (no extra pass) c = 0.25 beat 0.4 and 0.6 inside GPTQ (docs/results/2026-11-30-tcq.md)
+_TAIL_BITS = 2.0  # bits per unit of |k| beyond the table's seen range
+
+
+def symbol_bits(K: np.ndarray, kmax: int | None = None) -> np.ndarray:
+    """bits[k + kmax] = −log2 p(k) of the symbols K (add-½ smoothing over the seen range, then a
+    linear tail of ``_TAIL_BITS`` per unit outside it), float64 of length 2·kmax + 1."""
+    K = np.asarray(K).reshape(-1)
+    lo, hi = (int(K.min()), int(K.max())) if K.size else (0, 0)
+    lo, hi = min(lo, 0), max(hi, 0)
+    if kmax is None:
+        kmax = min(MAX_ABS_TCQ_SYMBOL, max(-lo, hi) + 8)
+    lo, hi = max(lo, -kmax), min(hi, kmax)
+    cnt = np.bincount(np.clip(K, lo, hi) - lo, minlength=hi - lo + 1).astype(np.float64) + 0.5
+    tab = -np.log2(cnt / cnt.sum())
+    bits = np.empty(2 * kmax + 1)
+    bits[lo + kmax: hi + kmax + 1] = tab
+    ks = np.arange(-kmax, kmax + 1)
+    below, above = ks < lo, ks > hi
+    bits[below] = tab[0] + _TAIL_BITS * (lo - ks[below])
+    bits[above] = tab[-1] + _TAIL_BITS * (ks[above] - hi)
+    return bits
+
+
+def prior_bits(C: torch.Tensor | np.ndarray, step: float) -> np.ndarray:
+    """The rate table before any search: symbol_bits of round(c / 2Δ) over the tensor's values
+    (each quantiser's step is 2Δ; a k of the trellis sits near c/2Δ in either quantiser)."""
+    c = C.numpy() if isinstance(C, torch.Tensor) else np.asarray(C)
+    k = np.rint(np.clip(c.astype(np.float64) / (2.0 * step), -MAX_ABS_TCQ_SYMBOL, MAX_ABS_TCQ_SYMBOL)).astype(np.int64)
+    return symbol_bits(k)
+
+
+@numba.njit(cache=True)
+def _level(q, k):  # pragma: no cover - numba
+    if q == 0:
+        return 2 * k
+    if k > 0:
+        return 2 * k - 1
+    if k < 0:
+        return 2 * k + 1
+    return 0
+
+
+@numba.njit(cache=True)
+def _viterbi(w, step, lam, bits, trans, qsel, out_k, out_l, bk, bs, cost, newc):  # pragma: no cover - numba
+    """One column w (rows): symbols into out_k, levels into out_l. bk/bs (rows × S): scratch."""
+    rows = w.shape[0]
+    S = trans.shape[0]
+    kmax = (bits.shape[0] - 1) // 2
+    kcap = min(kmax, MAX_ABS_TCQ_SYMBOL)
+    inv = 1.0 / step
+    for s in range(S):
+        cost[s] = np.inf
+    cost[0] = 0.0
+    for i in range(rows):
+        for s in range(S):
+            newc[s] = np.inf
+        wi = np.float64(w[i])
+        t = wi * inv
+        for s in range(S):
+            c0 = cost[s]
+            if c0 == np.inf:
+                continue
+            q = qsel[s]
+            if q == 0:
+                k0 = np.int64(np.floor(t / 2.0))
+                k1 = k0 + 1
+            elif t >= 0:
+                k0 = np.int64(np.floor((t + 1.0) / 2.0))
+                k1 = k0 + 1
+            else:
+                k0 = -np.int64(np.floor((-t + 1.0) / 2.0))
+                k1 = k0 - 1
+            for a in range(3):
+                if a == 0:
+                    k = k0
+                elif a == 1:
+                    k = k1
+                else:
+                    if k0 == 0 or k1 == 0:
+                        break
+                    k = 0
+                if k > kcap:
+                    k = kcap
+                elif k < -kcap:
+                    k = -kcap
+                e = wi - _level(q, k) * step
+                c = c0 + e * e + lam * bits[k + kmax]
+                ns = trans[s, k & 1]
+                if c < newc[ns]:
+                    newc[ns] = c
+                    bk[i, ns] = k
+                    bs[i, ns] = s
+        for s in range(S):
+            cost[s] = newc[s]
+    s = 0
+    for j in range(1, S):
+        if cost[j] < cost[s]:
+            s = j
+    for i in range(rows - 1, -1, -1):
+        k = bk[i, s]
+        p = bs[i, s]
+        out_k[i] = k
+        out_l[i] = _level(qsel[p], k)
+        s = p
+
+
+@numba.njit(cache=True)
+def _scratch(rows, S):  # pragma: no cover - numba
+    """The search's work arrays: back-pointers (symbol, previous state), outputs, column, costs."""
+    return (np.empty((rows, S), np.int32), np.empty((rows, S), np.int8), np.empty(rows, np.int32),
+            np.empty(rows, np.int32), np.empty(rows, np.float64), np.empty(S), np.empty(S))
+
+
+@numba.njit(parallel=True, cache=True)
+def _tcq_block(W1, U1, step, lam, bits, trans, qsel, K1, E1):  # pragma: no cover - numba
+    """GPTQ's column loop over one block with the trellis where the rounding is: the column's
+    search (sequential over rows), then its error fed forward in the block (parallel over rows)."""
+    rows, b = W1.shape
+    bk, bs, ok, ol, col, cost, newc = _scratch(rows, trans.shape[0])
+    for i in range(b):
+        for r in range(rows):
+            col[r] = W1[r, i]
+        _viterbi(col, step, lam, bits, trans, qsel, ok, ol, bk, bs, cost, newc)
+        d = U1[i, i]
+        for r in numba.prange(rows):
+            K1[r, i] = ok[r]
+            err = (W1[r, i] - ol[r] * step) / d
+            E1[r, i] = err
+            for j in range(i + 1, b):
+                W1[r, j] -= err * U1[i, j]
+
+
+@numba.njit(parallel=True, cache=True)
+def _tcq_columns(W, step, lam, bits, trans, qsel, K):  # pragma: no cover - numba
+    """No feedback (Σ = I after the transform): one independent search per column, in parallel."""
+    rows, n = W.shape
+    for j in numba.prange(n):
+        bk, bs, ok, ol, col, cost, newc = _scratch(rows, trans.shape[0])
+        for r in range(rows):
+            col[r] = W[r, j]
+        _viterbi(col, step, lam, bits, trans, qsel, ok, ol, bk, bs, cost, newc)
+        for r in range(rows):
+            K[r, j] = ok[r]
+
+
+def _machine(mid: int):
+    trans, qsel = trellis_machine(mid)
+    return np.ascontiguousarray(trans.astype(np.int64)), np.ascontiguousarray(qsel.astype(np.int64))
+
+
+def tcq_independent(C: np.ndarray, step: float, mid: int, bits: np.ndarray, lam_c: float = LAMBDA_C) -> np.ndarray:
+    """Symbols (int32) of a trellis search per column without error feedback."""
+    trans, qsel = _machine(mid)
+    C = np.ascontiguousarray(C)
+    K = np.empty(C.shape, np.int32)
+    with KERNEL_LOCK:
+        _tcq_columns(C, float(step), lam_c * step * step, np.ascontiguousarray(bits, dtype=np.float64), trans, qsel, K)
+    return K
+
+
+def gptq_tcq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float, mid: int, *,
+             lam_c: float = LAMBDA_C, rate_passes: int = 0, block: int = 128) -> torch.Tensor:
+    """GPTQ (act order, lazy batches, as :func:`aligncodec.codec.quant.gptq.gptq_ecsq`) with the
+    trellis search of state machine ``mid`` per column: tcq symbols k (int32, |k| ≤
+    MAX_ABS_TCQ_SYMBOL) in the original column order. ``rate_passes``: searches again with the
+    previous pass's symbol table (0: the prior table of :func:`prior_bits` only)."""
+    trans, qsel = _machine(mid)
+    lam = lam_c * step * step
+    bits = prior_bits(C, step)
+    Un = U.contiguous().numpy()
+    pn = perm.numpy()
+    out = None
+    for _ in range(1 + max(0, rate_passes)):
+        if out is not None:
+            bits = symbol_bits(out)
+        W = C[:, perm].contiguous().numpy()  # a copy: C is not modified
+        rows, n = W.shape
+        out = np.empty((rows, n), dtype=np.int32)
+        for i1 in range(0, n, block):
+            i2 = min(i1 + block, n)
+            W1 = np.ascontiguousarray(W[:, i1:i2])
+            E1 = np.empty_like(W1)
+            K1 = np.empty(W1.shape, dtype=np.int32)
+            with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
+                _tcq_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), float(step), lam, bits, trans, qsel, K1, E1)
+            out[:, pn[i1:i2]] = K1
+            if i2 < n:
+                W[:, i2:] -= E1 @ Un[i1:i2, i2:]
+    return torch.from_numpy(out)
+
+
+def tcq_levels(K: np.ndarray, mid: int) -> np.ndarray:
+    """Integer levels of symbols K: the decoder's own walk (``lossy.trellis_levels``)."""
+    from aligncodec.codec.modes.lossy import trellis_levels
+
+    return trellis_levels(K, mid)
