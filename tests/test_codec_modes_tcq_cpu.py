@@ -117,3 +117,60 @@ def test_loader_plan_decodes_tcq_with_the_numba_kernels(monkeypatch):
     parallel.run(loader._plan_bytes(e, s, out, 1), 1)
     assert calls  # the level pass ran (not the numpy fallback)
     assert np.array_equal(out, lossy.decode_numpy(e, s))
+
+
+def test_symbol_stream_byte_flips_same_verdict_as_reference():
+    """The byte-flip corpus on a tcq tensor's symbol stream (tests/byteflip.py): the numba decoder
+    and the reference (reference rANS decoder + numpy levels) agree on every damaged stream —
+    the same CorruptStreamError, or the same bytes."""
+    from byteflip import byte_flips
+
+    from aligncodec.formats.errors import CorruptStreamError
+
+    rng = np.random.default_rng(41)
+    kinds = set()
+    for mid, lanes in ((1, None), (2, 4), (3, None)):
+        e, s = make_tcq(12, 20, mid, dtype="BF16", classes=(1, 0), chunk=40, lanes=lanes, seed=mid)
+        for i, t in byte_flips(s[0], rng, 25):
+            st = [t] + list(s[1:])
+            verdicts = []
+            for fn in (lambda: lossy_cpu.decode(e, st), lambda: lossy.decode_numpy(e, st, reference=True)):
+                try:
+                    verdicts.append(("ok", fn().tobytes()))
+                except CorruptStreamError:  # (the two decoders word their messages differently)
+                    verdicts.append(("corrupt",))
+            assert verdicts[0] == verdicts[1], (mid, i)
+            kinds.add(verdicts[0][0])
+    assert "corrupt" in kinds
+
+
+def test_every_byte_flip_of_a_tcq_archive_is_detected(tmp_path):
+    """Any single damaged byte of an archive holding tcq tensors gives a named error, never
+    wrong weights (the data CRC, then the header and stream checks)."""
+    from aligncodec.formats import errors as FE
+    from aligncodec.formats.reader import ArchiveReader
+    from aligncodec.formats.writer import ArchiveWriter
+
+    path = tmp_path / "t.acz"
+    with ArchiveWriter(path, {"k": "v"}) as w:
+        for mid, transform, classes in ((1, 0, (1, 0)), (3, 1, (2, 1))):
+            e, s = make_tcq(4, 12, mid, dtype="BF16", transform=transform, colscale=transform == 1, classes=classes,
+                            chunk=24, seed=mid)
+            w.add(f"t{mid}", e.dtype, e.shape, MODE_TCQ, s, e.params)
+    data = path.read_bytes()
+    bad = tmp_path / "b.acz"
+    counts: dict = {}
+    for i in range(len(data)):
+        b = bytearray(data)
+        b[i] ^= 0x5A
+        bad.write_bytes(b)
+        try:
+            with ArchiveReader(bad) as r:
+                r.check_padding()
+                for e in r.tensors:
+                    decode_entry(e, r.read_streams(e))
+        except FE.AczError as exc:
+            counts[type(exc).__name__] = counts.get(type(exc).__name__, 0) + 1
+            continue
+        pytest.fail(f"flip at byte {i} went undetected")
+    assert sum(counts.values()) == len(data) and counts.get("ChecksumError", 0) > 0
