@@ -5,27 +5,22 @@ transform, class layout, coder and dtype."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from aligncodec.codec.entropy import rans
 from aligncodec.codec.modes import decode_entry, lossy, lossy_cpu
 from aligncodec.formats.constants import MODE_TCQ
-from aligncodec.formats.layout import TensorEntry, align, crc32
-from aligncodec.formats.streams import parse_streams, serialize_stream
+from test_codec_modes_lossy_cpu import _entry as _ecsq_entry
 
 MACHINES = sorted(lossy.TRELLIS_MACHINES)
 
 
-def _entry(name, dtype, shape, params, streams, mode=MODE_TCQ):
-    data = b""
-    for i, s in enumerate(streams):
-        b = serialize_stream(s)
-        if i + 1 < len(streams):
-            b += bytes(align(len(b), 8) - len(b))
-        data += b
-    parsed = parse_streams(data, len(streams))
-    return TensorEntry(name, dtype, shape, mode, len(parsed), 0, len(data), crc32(data), params.pack()), parsed
+def _entry(name, dtype, shape, params, streams):
+    e, parsed = _ecsq_entry(name, dtype, shape, params, streams)  # serialised and parsed back as ecsq's tests do
+    return dataclasses.replace(e, mode=params.mode), parsed
 
 
 def make_tcq(rows, n, mid, *, dtype="F32", transform=1, colscale=False, classes=(1, 0), spread=40, step=0.01, seed=0,

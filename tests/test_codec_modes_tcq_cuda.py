@@ -7,12 +7,12 @@ The device tests run in a child process under numba's CUDA simulator
 ``ACZ_TEST_REAL_GPU=1 pytest tests/test_codec_modes_tcq_cuda.py -k "not under_simulator"``.
 """
 
-import hashlib
 import os
 
 import numpy as np
 import pytest
 
+from test_codec_modes_lossy_cuda import _cpu_bytes, _gpu_bytes, _verdict, lc  # noqa: F401 (lc: the fixture)
 from test_codec_modes_tcq_cpu import MACHINES, make_tcq
 
 IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -22,7 +22,7 @@ host_only = pytest.mark.skipif(IN_SIM, reason="runs without the simulator")
 
 SHAPES = [(5, 16), (3, 7), (2, 1), (17, 40)]  # n a power of two, odd n, a single column, n = 8·5
 VARIANTS = ["identity-K1", "hadamard-K1-scales", "hadamard-rowclasses", "identity-colclasses-scales"]
-N_SIM_TESTS = len(MACHINES) * len(SHAPES) * len(VARIANTS) + 3  # + lanes, corruption, registry; checked by the driver
+N_SIM_TESTS = len(MACHINES) * len(SHAPES) * len(VARIANTS) + 2  # + lanes, corruption; checked by the driver
 
 
 @host_only
@@ -39,31 +39,6 @@ def test_tcq_has_a_gpu_path():
     from aligncodec.formats.constants import MODE_ECSQ, MODE_TCQ
 
     assert MODES[MODE_TCQ].decode_gpu is not None and MODES[MODE_TCQ].decode_gpu is MODES[MODE_ECSQ].decode_gpu
-
-
-@pytest.fixture
-def lc():
-    from numba import config
-
-    assert config.ENABLE_CUDASIM or os.environ.get("ACZ_TEST_REAL_GPU") == "1", "simulator not active"
-    from aligncodec.codec.entropy import decode_cuda
-    from aligncodec.codec.modes import lossy_cuda
-
-    old = (lossy_cuda.THREADS_PER_BLOCK, lossy_cuda.SHARED_FLOATS, lossy_cuda.BUFFER_BYTES, decode_cuda.THREADS_PER_BLOCK)
-    lossy_cuda.THREADS_PER_BLOCK = 8  # few simulated threads, several blocks (and grid-stride column loops)
-    decode_cuda.THREADS_PER_BLOCK = 16
-    yield lossy_cuda
-    lossy_cuda.THREADS_PER_BLOCK, lossy_cuda.SHARED_FLOATS, lossy_cuda.BUFFER_BYTES, decode_cuda.THREADS_PER_BLOCK = old
-
-
-def _gpu_bytes(lc, entry, streams) -> bytes:
-    return lc.reconstruct_device(entry, streams).copy_to_host().tobytes()
-
-
-def _cpu_bytes(entry, streams) -> bytes:
-    from aligncodec.codec.modes import decode_entry
-
-    return decode_entry(entry, streams).tobytes()
 
 
 @sim_only
@@ -89,15 +64,6 @@ def test_lanes_coder_on_device(lc):
     for mid in MACHINES:
         e, st = make_tcq(12, 20, mid, dtype="BF16", colscale=True, classes=(2, 1), chunk=64, lanes=8, seed=mid)
         assert _gpu_bytes(lc, e, st) == _cpu_bytes(e, st), mid
-
-
-def _verdict(fn):
-    from aligncodec.formats.errors import AczError
-
-    try:
-        return ("ok", hashlib.sha256(fn()).hexdigest())
-    except AczError as exc:
-        return (type(exc).__name__, str(exc))
 
 
 @sim_only
