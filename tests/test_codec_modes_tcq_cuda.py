@@ -38,7 +38,8 @@ def test_tcq_has_a_gpu_path():
     from aligncodec.codec.modes import MODES
     from aligncodec.formats.constants import MODE_ECSQ, MODE_TCQ
 
-    assert MODES[MODE_TCQ].decode_gpu is not None and MODES[MODE_TCQ].decode_gpu is MODES[MODE_ECSQ].decode_gpu
+    gpu = MODES[MODE_TCQ].decode_gpu  # ecsq's: lossy_cuda.decode_gpu, which runs the level kernel for tcq
+    assert gpu is not None and gpu.__qualname__ == MODES[MODE_ECSQ].decode_gpu.__qualname__ == "aligncodec.codec.modes.lossy_cuda.decode_gpu"
 
 
 @sim_only
