@@ -210,6 +210,9 @@ class TensorJob:
 CHUNK_ROWS = 8192  # float64 temporaries and error sums of larger tensors are worked one row chunk at a time
 
 
+TRANSFORM_ROWS = 1024  # rows of Σ transformed at a time when building Tᵀ Σ T
+
+
 def row_chunks(rows: int, chunk: int | None = None) -> list[slice]:
     """Row slices of at most ``chunk`` (default CHUNK_ROWS) rows (one slice for a tensor that
     small: its sums are then the plain whole-tensor expressions, bit for bit)."""
@@ -317,11 +320,17 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
             if S is None:
                 St = torch.eye(n, dtype=torch.float64)
             elif had:  # Tᵀ Σ T by two fast transforms
-                A = hd.apply64(S.numpy())  # Σ T
-                At = np.ascontiguousarray(A.T)
+                # one row chunk at a time (rows transform independently: the same bits), so
+                # that a wide input holds Σ, Σ T and the result, not the transform's temporaries
+                Sn = S.numpy()
+                A = np.empty_like(Sn)
+                for r in row_chunks(n, TRANSFORM_ROWS):
+                    A[r] = hd.apply64(Sn[r])  # Σ T
+                St = np.empty_like(Sn)
+                for r in row_chunks(n, TRANSFORM_ROWS):
+                    St[r] = hd.apply64(np.ascontiguousarray(A[:, r].T))  # rows of (Σ T)ᵀ T
                 del A
-                St = symmetrize_(torch.from_numpy(hd.apply64(At)))
-                del At
+                St = symmetrize_(torch.from_numpy(St))
             else:
                 St = S
             sc = col_scales(torch.diag(St), alpha) if kind.endswith("colscale") else None

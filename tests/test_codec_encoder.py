@@ -243,3 +243,29 @@ def test_hessian_factor_handed_over_gives_the_same_factor():
     assert box == []
     assert torch.equal(U1, U_ref) and torch.equal(U2, U_ref) and torch.equal(p1, perm) and torch.equal(p2, perm)
     assert bool(d1[7]) and int(d1.sum()) == 1
+
+
+def test_rotated_sigma_in_row_chunks_is_the_same(monkeypatch):
+    """Tᵀ Σ T is built a row chunk of Σ at a time (memory of wide inputs): the same factor and
+    the same code as the whole-matrix transforms."""
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(40, 96, generator=g)
+    X = torch.randn(300, 96, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, 96, dtype=torch.float64)
+    S = X.T @ X / 300
+
+    def build():
+        job = E.TensorJob("w", W, "BF16", S)
+        E.build_candidates(job, ("hadamard",), seed=2)
+        return job.cands[0]
+
+    ref = build()
+    hd = ref.hd
+    St = torch.from_numpy(hd.apply64(np.ascontiguousarray(hd.apply64(S.numpy()).T)))
+    monkeypatch.setattr(E, "TRANSFORM_ROWS", 40)
+    got = build()
+    assert torch.equal(got.U, ref.U) and torch.equal(got.perm, ref.perm)
+    # and the same as the plain expression's factor
+    from aligncodec.codec.quant.gptq import hessian_factor
+
+    U, perm, _ = hessian_factor(2 * ((St + St.T) / 2), 0.01, act_order=True, factor="exchange")
+    assert torch.equal(U.to(torch.float32), got.U) and torch.equal(perm, got.perm)
