@@ -90,9 +90,12 @@ def cast_bits(src, kind, out):
 # every step of the m × m product is then a long run of independent float32 operations on
 # contiguous memory, which LLVM vectorizes (AVX2/AVX-512) without changing any rounding.
 # Indices are cast to unsigned before subscripting: numba's negative-index wraparound on
-# signed indices otherwise blocks vectorization.
+# signed indices otherwise blocks vectorization. BLOCK = 8 (one AVX2 vector of float32) was
+# 7-15 % faster than 16 or 32, and 4 no better, on 4096 = 4096 × 1, 576 = 64 × 9 and
+# 1536 = 512 × 3 columns (docs/results/2026-11-30-load-v2.md). Any BLOCK gives the same bits:
+# rows are independent and each weight's operations are the same in the same order.
 
-BLOCK = 16
+BLOCK = 8
 _U64 = np.uint64
 
 
