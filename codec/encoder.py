@@ -10,6 +10,11 @@ optional per-input-coordinate step scales s_j):
     q  = integers, |q| ≤ 32767  (act-order, no groups: nothing else to send)
     Ŵ  = lossy.reconstruct_from(q)   — the decoder's own float32 algorithm
 
+With ``TensorJob.trellis`` ≠ 0 the rounding inside GPTQ is the trellis search of mode 4
+``tcq`` (codec/quant/trellis.py, spec §7.6): symbols |k| ≤ 16383 whose levels a state machine
+walked down each column gives; params, streams, classes, the mode decision and the step search
+are ecsq's, and Ŵ is again lossy.reconstruct_from's (the decoder's level walk included).
+
 and keeps the candidate with the least Lagrangian cost J = D + λ R, with D the
 activation-weighted error tr(ΔW Σ ΔWᵀ) and R the exact bits the tensor adds to
 the archive (symbols, frequency table, chunk table, stream headers, params,
