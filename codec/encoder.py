@@ -143,7 +143,10 @@ def unfit_reason(code: "TensorCode", job: "TensorJob") -> str | None:
     return None
 DEFAULT_CANDIDATES = ("hadamard", "colscale")
 QUANTIZERS = ("ecsq", "tcq")  # mode 2 (scalar) or mode 4 (trellis-coded, spec §7.6)
-DEFAULT_QUANTIZER = "ecsq"
+# the CLI's default (compress, rd): tcq measured better at equal rate (SmolLM2 3.0 bpw: exact KLD
+# 0.2418 vs 0.2944; MiniLM weight domain 3.29 vs 3.44 bpw at 20 dB; docs/results/2026-11-30-tcq.md).
+# The library functions (encode_model, StreamOptions, rd) code ecsq unless given a trellis id.
+DEFAULT_QUANTIZER = "tcq"
 DEFAULT_TRELLIS_STATES = 8
 
 
