@@ -134,6 +134,31 @@ def test_slot_table_layout():
     assert int(t[0]) & 0xFFFFFFFF == 1 << 16 and int(t[-1]) >> 48 == 1
 
 
+def test_compact_tables_layout():
+    tab, sym, P = decode_cpu.compact_tables(np.array([3, 0, 5], dtype=np.uint32), 3)
+    assert P == 3 and sym.dtype == np.uint8 and tab.dtype == np.uint32
+    assert sym.tolist() == [0, 0, 0, 2, 2, 2, 2, 2]
+    assert [int(e) & 0xFFFF for e in tab] == [3, 3, 3, 5, 5, 5, 5, 5]
+    assert [int(e) >> 16 for e in tab] == [0, 1, 2, 0, 1, 2, 3, 4]
+    assert decode_cpu.compact_tables(np.ones(512, np.uint32), 9)[1].dtype == np.uint16  # alphabet > 256
+    # a symbol owning every slot (freq 2^16 has no 16-bit field): the identity table of precision 0
+    tab, sym, P = decode_cpu.compact_tables(np.array([0, 1 << 16, 0], np.uint32), 16)
+    assert (P, tab.tolist(), sym.tolist()) == (0, [1], [1])
+    with pytest.raises(StreamError):
+        decode_cpu.compact_tables(np.array([1, 2], np.uint32), 3)
+
+
+@pytest.mark.parametrize("P", [1, 12, 16])
+def test_lanes_single_symbol_owning_every_slot(P):
+    """freq = 2^P (the whole table) in a larger alphabet: CPU lanes decoder == reference."""
+    f = np.zeros(40, np.uint32)
+    f[37] = 1 << P
+    sym = np.full(70000, 37, np.uint16)
+    s = rans.encode(sym, freqs=f, precision=P, chunk_symbols=4096, lanes=32)
+    assert np.array_equal(np.asarray(rans_reference.decode(s), np.uint16), sym)
+    assert np.array_equal(decode_cpu.decode_symbols(s, threads=2), sym)
+
+
 # ----------------------------------------------------------------- float-split
 
 

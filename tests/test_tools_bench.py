@@ -84,3 +84,39 @@ def test_stream_profile_reports_each_block(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(rep["wall_s_per_block"]) == len(rep["cpu_s_per_block"]) == 2
     assert all(t > 0 for t in rep["cpu_s_per_block"])
+
+
+def test_rans_precision_rate_and_speed(capsys):
+    """tools/bench/rans_precision.py: capping P never lowers the rate estimate below the encoder's own
+    choice, costs nothing at the full range, and the capped encoder's stream decodes bit-exact."""
+    from aligncodec.tools.bench import rans_precision
+
+    e, streams = bench.lossy_entry(64, 96)
+    full = rans_precision.rate_cost([(e.numel, streams)], cap=16)
+    assert full["delta_bpw"] == 0 and full["rans_symbols"] == e.numel and full["weights"] == e.numel
+    low = rans_precision.rate_cost([(e.numel, streams)], cap=10)
+    assert low["delta_bpw"] >= 0 and low["rans_MB_written"] == full["rans_MB_written"]
+    rows = rans_precision.decode_speed(64, 96, caps=(16, 10), repeat=1)  # asserts bit-exactness itself
+    assert [r["cap"] for r in rows] == [16, 10] and max(rows[1]["precisions"]) <= 10
+    assert all(r["decode_ns_per_weight"] > 0 for r in rows)
+    assert rans_precision.main(["--rows", "32", "--cols", "48", "--repeat", "1", "--cap", "11"]) == 0
+    assert "P <= 11" in capsys.readouterr().out
+
+
+def test_load_profile_splits_bytegroup_planes(tmp_path):
+    """tools/bench/load_profile.py on a small fp16 archive: each step timed, each byte plane's stored fraction."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from aligncodec import archive
+    from aligncodec.tools.bench import load_profile
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"w": (torch.randn(600, 512, generator=g) * 0.02).half(), "b": torch.zeros(7, dtype=torch.float16)},
+              str(tmp_path / "m.safetensors"))
+    archive.compress(tmp_path / "m.safetensors", tmp_path / "m.acz", progress=False)
+    T = load_profile.profile(str(tmp_path / "m.acz"))
+    assert T["total"] > 0 and T["bytegroup_zstd"] > 0 and T["bytegroup_join"] > 0
+    assert 0 < T["plane0_stored_fraction"] <= 1 and 0 < T["plane1_stored_fraction"] < T["plane0_stored_fraction"]
+    assert np.isfinite(T["plane0_zstd"]) and T["plane1_zstd"] > 0

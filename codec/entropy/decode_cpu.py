@@ -4,9 +4,11 @@ Same bitstream as :mod:`aligncodec.codec.entropy.rans` and the reference decoder
 :mod:`aligncodec.codec.entropy.rans_reference`; the tests hold all three bit-exact.
 What makes it fast, without changing the format:
 
-* **one table lookup per symbol**: a packed ``uint64`` slot table of 2^P
-  entries, ``freq | (slot - cum) << 32 | symbol << 48``, so the state update
-  ``x = freq * (x >> P) + (slot - cum)`` needs one load;
+* **two independent table loads per symbol** (:func:`compact_tables`): a ``uint32``
+  slot table ``freq | (slot - cum) << 16`` and the slot's symbol (``uint8`` for
+  alphabets up to 256), so the state update ``x = freq * (x >> P) + (slot - cum)``
+  needs one load and a P = 16 table takes 5 bytes a slot (320 KB) instead of
+  :func:`slot_table`'s packed 8 (512 KB; still the CUDA decoder's layout);
 * **four chunks interleaved per thread**: chunks are independent streams, so one
   thread steps four of them in lock step; their dependency chains overlap and
   the core is no longer bound by the latency of a single state;
@@ -60,9 +62,8 @@ ERROR_TEXT = {
 # ----------------------------------------------------------------- tables
 
 
-def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
-    """Packed decode table of 2**precision uint64 entries:
-    ``freq[s] | (slot - cum[s]) << 32 | s << 48`` for the symbol s owning the slot."""
+def _checked_freqs(freqs: np.ndarray, precision: int) -> np.ndarray:
+    """The frequencies as int64, checked: at most 2^16 symbols, none negative, summing to 2^precision."""
     f = np.ascontiguousarray(freqs, dtype=np.int64)
     if len(f) > 1 << 16:
         raise StreamError("rANS alphabet larger than 2^16")
@@ -70,9 +71,48 @@ def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
         raise StreamError("negative rANS frequency")
     if int(f.sum()) != 1 << precision:
         raise StreamError(f"frequencies sum to {int(f.sum())}, not 2^{precision}")
+    return f
+
+
+def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
+    """Packed decode table of 2**precision uint64 entries:
+    ``freq[s] | (slot - cum[s]) << 32 | s << 48`` for the symbol s owning the slot."""
+    f = _checked_freqs(freqs, precision)
     tab = np.empty(1 << precision, dtype=np.uint64)
     _fill_table(f, tab)
     return tab
+
+
+def compact_tables(freqs: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The interleaved-lanes decoder's tables: ``(tab, sym, precision')`` with ``tab[slot] =
+    freq | (slot - cum) << 16`` (uint32) and ``sym[slot]`` (uint8 for alphabets up to 256, else
+    uint16), 5-6 bytes a slot instead of :func:`slot_table`'s 8, so more of a P = 16 table stays
+    in cache. A symbol that owns every slot (freq = 2^P, which needs 17 bits) decodes as the
+    identity x -> x at any precision, so it gets the one-slot table of precision 0 (freq 1, bias 0),
+    whose update ``1 · (x >> 0) + 0`` is the same identity. Frequencies are checked as in
+    :func:`slot_table`."""
+    f = _checked_freqs(freqs, precision)
+    symt = np.empty(1 << precision, dtype=np.uint8 if len(f) <= 256 else np.uint16)
+    full = np.flatnonzero(f == 1 << precision)
+    if len(full) and precision > 0:
+        precision = 0
+        f = np.zeros(len(f), dtype=np.int64)
+        f[full[0]] = 1
+        symt = symt[:1]
+    tab = np.empty(1 << precision, dtype=np.uint32)
+    _fill_compact(f, tab, symt)
+    return tab, symt, precision
+
+
+@nb.njit(nogil=True, cache=True)
+def _fill_compact(freqs, tab, symt):
+    pos = 0
+    for s in range(freqs.shape[0]):
+        f = freqs[s]
+        for j in range(f):
+            tab[pos + j] = _U32(f) | (_U32(j) << _U32(16))
+            symt[pos + j] = s
+        pos += f
 
 
 @nb.njit(nogil=True, cache=True)
@@ -106,72 +146,79 @@ def _finish(x, p, wend):
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_one(words, last, tab, precision, w0, wend, m, out, o):
+def _decode_one(words, last, tab, symt, precision, w0, wend, m, out, o):
     """Decode m symbols of the chunk occupying words[w0:wend] into out[o:o+m]. Returns an error code (0 = ok)."""
     P = _U64(precision)
     mask = _U64((1 << precision) - 1)
-    M32 = _U64(0xFFFFFFFF)
     M16 = _U64(0xFFFF)
     S16 = _U64(16)
-    S32 = _U64(32)
-    S48 = _U64(48)
+    lastu = _U64(last)
     x = _state(words, w0)
     if x < _L:
         return 1
-    p = w0 + 2
+    p = _U64(w0 + 2)
+    ou = _U64(o)
     for k in range(m):
-        e = tab[x & mask]
-        out[o + k] = e >> S48
-        x = (e & M32) * (x >> P) + ((e >> S32) & M16)
-        y = (x << S16) | _U64(words[min(p, last)])
+        i = x & mask
+        e = _U64(tab[i])
+        out[ou + _U64(k)] = symt[i]
+        x = (e & M16) * (x >> P) + (e >> S16)
+        y = (x << S16) | _U64(words[min(p, lastu)])
         c = x < _L
         x = y if c else x
-        p += 1 if c else 0
-    return _finish(x, p, wend)
+        p += _U64(1) if c else _U64(0)
+    return _finish(x, p, _U64(wend))
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_four(words, last, tab, precision, wa, wb, wc, wd, ea, eb, ec, ed, m, out, oa, ob, oc, od, status, c0):
+def _decode_four(words, last, tab, symt, precision, wa, wb, wc, wd, ea, eb, ec, ed, m, out, oa, ob, oc, od, status, c0):
     """Four chunks of m symbols each, stepped in lock step (independent dependency chains)."""
     P = _U64(precision)
     mask = _U64((1 << precision) - 1)
-    M32 = _U64(0xFFFFFFFF)
     M16 = _U64(0xFFFF)
     S16 = _U64(16)
-    S32 = _U64(32)
-    S48 = _U64(48)
+    lastu = _U64(last)
     xa = _state(words, wa)
     xb = _state(words, wb)
     xc = _state(words, wc)
     xd = _state(words, wd)
     if xa < _L or xb < _L or xc < _L or xd < _L:
         # let the single-chunk path name the culprit
-        status[c0] = _decode_one(words, last, tab, precision, wa, ea, m, out, oa)
-        status[c0 + 1] = _decode_one(words, last, tab, precision, wb, eb, m, out, ob)
-        status[c0 + 2] = _decode_one(words, last, tab, precision, wc, ec, m, out, oc)
-        status[c0 + 3] = _decode_one(words, last, tab, precision, wd, ed, m, out, od)
+        status[c0] = _decode_one(words, last, tab, symt, precision, wa, ea, m, out, oa)
+        status[c0 + 1] = _decode_one(words, last, tab, symt, precision, wb, eb, m, out, ob)
+        status[c0 + 2] = _decode_one(words, last, tab, symt, precision, wc, ec, m, out, oc)
+        status[c0 + 3] = _decode_one(words, last, tab, symt, precision, wd, ed, m, out, od)
         return
-    pa = wa + 2
-    pb = wb + 2
-    pc = wc + 2
-    pd = wd + 2
+    pa = _U64(wa + 2)
+    pb = _U64(wb + 2)
+    pc = _U64(wc + 2)
+    pd = _U64(wd + 2)
+    oau = _U64(oa)
+    obu = _U64(ob)
+    ocu = _U64(oc)
+    odu = _U64(od)
     for k in range(m):
-        e_a = tab[xa & mask]
-        e_b = tab[xb & mask]
-        e_c = tab[xc & mask]
-        e_d = tab[xd & mask]
-        out[oa + k] = e_a >> S48
-        out[ob + k] = e_b >> S48
-        out[oc + k] = e_c >> S48
-        out[od + k] = e_d >> S48
-        xa = (e_a & M32) * (xa >> P) + ((e_a >> S32) & M16)
-        xb = (e_b & M32) * (xb >> P) + ((e_b >> S32) & M16)
-        xc = (e_c & M32) * (xc >> P) + ((e_c >> S32) & M16)
-        xd = (e_d & M32) * (xd >> P) + ((e_d >> S32) & M16)
-        ya = (xa << S16) | _U64(words[min(pa, last)])
-        yb = (xb << S16) | _U64(words[min(pb, last)])
-        yc = (xc << S16) | _U64(words[min(pc, last)])
-        yd = (xd << S16) | _U64(words[min(pd, last)])
+        ku = _U64(k)
+        ia = xa & mask
+        ib = xb & mask
+        ic = xc & mask
+        id_ = xd & mask
+        e_a = _U64(tab[ia])
+        e_b = _U64(tab[ib])
+        e_c = _U64(tab[ic])
+        e_d = _U64(tab[id_])
+        out[oau + ku] = symt[ia]
+        out[obu + ku] = symt[ib]
+        out[ocu + ku] = symt[ic]
+        out[odu + ku] = symt[id_]
+        xa = (e_a & M16) * (xa >> P) + (e_a >> S16)
+        xb = (e_b & M16) * (xb >> P) + (e_b >> S16)
+        xc = (e_c & M16) * (xc >> P) + (e_c >> S16)
+        xd = (e_d & M16) * (xd >> P) + (e_d >> S16)
+        ya = (xa << S16) | _U64(words[min(pa, lastu)])
+        yb = (xb << S16) | _U64(words[min(pb, lastu)])
+        yc = (xc << S16) | _U64(words[min(pc, lastu)])
+        yd = (xd << S16) | _U64(words[min(pd, lastu)])
         ca = xa < _L
         cb = xb < _L
         cc = xc < _L
@@ -180,14 +227,14 @@ def _decode_four(words, last, tab, precision, wa, wb, wc, wd, ea, eb, ec, ed, m,
         xb = yb if cb else xb
         xc = yc if cc else xc
         xd = yd if cd else xd
-        pa += 1 if ca else 0
-        pb += 1 if cb else 0
-        pc += 1 if cc else 0
-        pd += 1 if cd else 0
-    status[c0] = _finish(xa, pa, ea)
-    status[c0 + 1] = _finish(xb, pb, eb)
-    status[c0 + 2] = _finish(xc, pc, ec)
-    status[c0 + 3] = _finish(xd, pd, ed)
+        pa += _U64(1) if ca else _U64(0)
+        pb += _U64(1) if cb else _U64(0)
+        pc += _U64(1) if cc else _U64(0)
+        pd += _U64(1) if cd else _U64(0)
+    status[c0] = _finish(xa, pa, _U64(ea))
+    status[c0 + 1] = _finish(xb, pb, _U64(eb))
+    status[c0 + 2] = _finish(xc, pc, _U64(ec))
+    status[c0 + 3] = _finish(xd, pd, _U64(ed))
 
 
 @nb.njit(nogil=True, cache=True)
@@ -243,7 +290,7 @@ def _join_range(out, a, b, rest, rw, low, width):
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_range(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, width, join, c0, c1, status):
+def _decode_range(words, chunk_w, cs, n, tab, symt, precision, out, rest, rw, low, width, join, c0, c1, status):
     """Chunks [c0, c1) of one stream (chunk_w[c]: the word where chunk c starts, chunk_w[-1] the end):
     full chunks four at a time, the rest one by one; with ``join`` each group's symbols are
     joined with their float-split rest right after decoding, while still in cache."""
@@ -252,7 +299,7 @@ def _decode_range(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, wid
     while c + 4 <= c1 and (c + 4) * cs <= n:
         a = c * cs
         _decode_four(
-            words, last, tab, precision,
+            words, last, tab, symt, precision,
             chunk_w[c], chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3],
             chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3], chunk_w[c + 4],
             cs, out, a, a + cs, a + 2 * cs, a + 3 * cs, status, c,
@@ -263,7 +310,7 @@ def _decode_range(words, chunk_w, cs, n, tab, precision, out, rest, rw, low, wid
     while c < c1:
         a = c * cs
         b = min(a + cs, n)
-        status[c] = _decode_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, out, a)
+        status[c] = _decode_one(words, last, tab, symt, precision, chunk_w[c], chunk_w[c + 1], b - a, out, a)
         if join:
             _join_range(out, a, b, rest, rw, low, width)
         c += 1
@@ -275,62 +322,68 @@ MIN_TASK_SYMBOLS = 1 << 17
 TASKS_PER_THREAD = 4
 
 
-@nb.njit(cache=True)
-def _decode_lanes_one(words, last, tab, precision, w0, wend, m, lanes, out, o, xs):
+# The interleaved-lanes kernels, like the chunked ones above, use the compact tables
+# (:func:`compact_tables`) and unsigned indices throughout (numba adds a negative-index
+# wraparound to every signed subscript); the arithmetic is spec §6's, so the symbols are the
+# reference decoder's.
+
+
+@nb.njit(nogil=True, cache=True)
+def _decode_lanes_one(words, last, tab, symt, precision, w0, wend, m, lanes, out, o, xs):
     """One chunk of interleaved lanes (spec §6.6) in words[w0:wend] -> out[o:o+m]; xs: lanes-long scratch.
     Consecutive symbols belong to different lanes, so their dependency chains overlap."""
     P = _U64(precision)
     mask = _U64((1 << precision) - 1)
-    M32 = _U64(0xFFFFFFFF)
     M16 = _U64(0xFFFF)
     S16 = _U64(16)
-    S32 = _U64(32)
-    S48 = _U64(48)
+    lastu = _U64(last)
     w = min(lanes, m)
     for j in range(w):
         xs[j] = _state(words, w0 + 2 * j)
         if xs[j] < _L:
             return 1
-    p = w0 + 2 * w
+    p = _U64(w0 + 2 * w)
+    ou = _U64(o)
     t = 0
     while t < m:
         cnt = min(lanes, m - t)
+        tu = _U64(t)
         for j in range(cnt):
-            x = xs[j]
-            e = tab[x & mask]
-            out[o + t + j] = e >> S48
-            x = (e & M32) * (x >> P) + ((e >> S32) & M16)
-            y = (x << S16) | _U64(words[min(p, last)])
+            ju = _U64(j)
+            x = xs[ju]
+            i = x & mask
+            e = _U64(tab[i])
+            out[ou + tu + ju] = symt[i]
+            x = (e & M16) * (x >> P) + (e >> S16)
+            y = (x << S16) | _U64(words[min(p, lastu)])
             c = x < _L
-            xs[j] = y if c else x
-            p += 1 if c else 0
+            xs[ju] = y if c else x
+            p += _U64(1) if c else _U64(0)
         t += cnt
     return _finish_lanes(xs, w, p, wend)
 
 
-@nb.njit(cache=True, inline="always")
+@nb.njit(nogil=True, cache=True, inline="always")
 def _finish_lanes(xs, w, p, wend):
-    if p > wend:
+    if p > _U64(wend):
         return 2
     for j in range(w):
         if xs[j] != _L:
             return 3
-    if p != wend:
+    if p != _U64(wend):
         return 4
     return 0
 
 
-@nb.njit(cache=True)
-def _decode_lanes_two(words, last, tab, precision, wa, wb, ea, eb, m, lanes, out, oa, ob, xa, xb, status, c0):
+@nb.njit(nogil=True, cache=True)
+def _decode_lanes_two(words, last, tab, symt, precision, wa, wb, ea, eb, m, lanes, out, oa, ob, xa, xb, status, c0):
     """Two full chunks of interleaved lanes in lock step: within a chunk the lanes share one
     word pointer, so a second chunk's independent pointer doubles the work in flight."""
     P = _U64(precision)
     mask = _U64((1 << precision) - 1)
-    M32 = _U64(0xFFFFFFFF)
     M16 = _U64(0xFFFF)
     S16 = _U64(16)
-    S32 = _U64(32)
-    S48 = _U64(48)
+    lastu = _U64(last)
     w = min(lanes, m)
     bad = False
     for j in range(w):
@@ -338,38 +391,44 @@ def _decode_lanes_two(words, last, tab, precision, wa, wb, ea, eb, m, lanes, out
         xb[j] = _state(words, wb + 2 * j)
         bad = bad or xa[j] < _L or xb[j] < _L
     if bad:  # let the single-chunk path name the culprit
-        status[c0] = _decode_lanes_one(words, last, tab, precision, wa, ea, m, lanes, out, oa, xa)
-        status[c0 + 1] = _decode_lanes_one(words, last, tab, precision, wb, eb, m, lanes, out, ob, xb)
+        status[c0] = _decode_lanes_one(words, last, tab, symt, precision, wa, ea, m, lanes, out, oa, xa)
+        status[c0 + 1] = _decode_lanes_one(words, last, tab, symt, precision, wb, eb, m, lanes, out, ob, xb)
         return
-    pa = wa + 2 * w
-    pb = wb + 2 * w
+    pa = _U64(wa + 2 * w)
+    pb = _U64(wb + 2 * w)
+    oau = _U64(oa)
+    obu = _U64(ob)
     t = 0
     while t < m:
         cnt = min(lanes, m - t)
+        tu = _U64(t)
         for j in range(cnt):
-            x = xa[j]
-            y = xb[j]
-            e = tab[x & mask]
-            f = tab[y & mask]
-            out[oa + t + j] = e >> S48
-            out[ob + t + j] = f >> S48
-            x = (e & M32) * (x >> P) + ((e >> S32) & M16)
-            y = (f & M32) * (y >> P) + ((f >> S32) & M16)
-            x2 = (x << S16) | _U64(words[min(pa, last)])
-            y2 = (y << S16) | _U64(words[min(pb, last)])
+            ju = _U64(j)
+            x = xa[ju]
+            y = xb[ju]
+            ix = x & mask
+            iy = y & mask
+            e = _U64(tab[ix])
+            f = _U64(tab[iy])
+            out[oau + tu + ju] = symt[ix]
+            out[obu + tu + ju] = symt[iy]
+            x = (e & M16) * (x >> P) + (e >> S16)
+            y = (f & M16) * (y >> P) + (f >> S16)
+            x2 = (x << S16) | _U64(words[min(pa, lastu)])
+            y2 = (y << S16) | _U64(words[min(pb, lastu)])
             ca = x < _L
             cb = y < _L
-            xa[j] = x2 if ca else x
-            xb[j] = y2 if cb else y
-            pa += 1 if ca else 0
-            pb += 1 if cb else 0
+            xa[ju] = x2 if ca else x
+            xb[ju] = y2 if cb else y
+            pa += _U64(1) if ca else _U64(0)
+            pb += _U64(1) if cb else _U64(0)
         t += cnt
     status[c0] = _finish_lanes(xa, w, pa, ea)
     status[c0 + 1] = _finish_lanes(xb, w, pb, eb)
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest, rw, low, width, join, c0, c1, status):
+def _decode_lanes_range(words, chunk_w, cs, n, tab, symt, precision, lanes, out, rest, rw, low, width, join, c0, c1, status):
     """Chunks [c0, c1) of an interleaved-lanes stream: full chunks two at a time, the rest one by one
     (joined with their float-split rest right after decoding, as :func:`_decode_range`)."""
     last = words.shape[0] - 1
@@ -378,7 +437,7 @@ def _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest,
     c = c0
     while c + 2 <= c1 and (c + 2) * cs <= n:
         a = c * cs
-        _decode_lanes_two(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], chunk_w[c + 1], chunk_w[c + 2],
+        _decode_lanes_two(words, last, tab, symt, precision, chunk_w[c], chunk_w[c + 1], chunk_w[c + 1], chunk_w[c + 2],
                           cs, lanes, out, a, a + cs, xa, xb, status, c)
         if join:
             _join_range(out, a, a + 2 * cs, rest, rw, low, width)
@@ -386,7 +445,7 @@ def _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest,
     while c < c1:
         a = c * cs
         b = min(a + cs, n)
-        status[c] = _decode_lanes_one(words, last, tab, precision, chunk_w[c], chunk_w[c + 1], b - a, lanes, out, a, xa)
+        status[c] = _decode_lanes_one(words, last, tab, symt, precision, chunk_w[c], chunk_w[c + 1], b - a, lanes, out, a, xa)
         if join:
             _join_range(out, a, b, rest, rw, low, width)
         c += 1
@@ -473,21 +532,22 @@ def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = No
         return out
     words, chunk_w = _words(stream)
     words = _readonly(words)
-    tab = slot_table(stream.freqs, stream.precision)
+    lanes = stream.lanes
+    tab, symt, precision = compact_tables(stream.freqs, stream.precision)
+    tab, symt = _readonly(tab), _readonly(symt)
     n_chunks = len(chunk_w) - 1
     status = np.zeros(n_chunks, dtype=np.int32)
     join = rest is not None
     rest_arr = _readonly(rest) if join else _EMPTY_U8
     parts = parallel.resolve_threads(threads) * TASKS_PER_THREAD
-    cs, precision = stream.chunk_symbols, stream.precision
-
-    lanes = stream.lanes
+    cs = stream.chunk_symbols
 
     def task(c0, c1):
         if lanes > 1:
-            _decode_lanes_range(words, chunk_w, cs, n, tab, precision, lanes, out, rest_arr, rw, low, width, join, c0, c1, status)
+            _decode_lanes_range(words, chunk_w, cs, n, tab, symt, precision, lanes, out, rest_arr, rw, low, width, join, c0, c1,
+                                status)
         else:
-            _decode_range(words, chunk_w, cs, n, tab, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
+            _decode_range(words, chunk_w, cs, n, tab, symt, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
 
     minimum = max(1, -(-MIN_TASK_SYMBOLS // cs))
     yield parallel.stage(task, parallel.split_ranges(n_chunks, parts, multiple=GROUP, minimum=minimum))

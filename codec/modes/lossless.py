@@ -334,8 +334,11 @@ def _decompress_one_frame(data, size: int) -> bytes:
         return _decompressor().decompress(data, max_output_size=size)
 
 
-def _bytes_from(stream, size: int, what: str, *, content_size: bool = False) -> bytes:
-    _check_bytes_stream(stream, size, what, content_size=content_size)
+def _bytes_from(stream, size: int, what: str, *, content_size: bool = False, checked: bool = False) -> bytes:
+    """The ``size`` bytes a raw or zstd stream holds; ``checked``: :func:`validate` has already
+    checked this stream (its kind, size and zstd frame header), so that is not repeated."""
+    if not checked:
+        _check_bytes_stream(stream, size, what, content_size=content_size)
     if isinstance(stream, RawStream):
         return stream.data
     try:
@@ -418,12 +421,16 @@ def validate(entry: TensorEntry, streams: list) -> None:
     raise UnsupportedError(f"tensor {entry.name!r}: coding mode {entry.mode} is not known to this decoder")
 
 
-def plan_decode(entry: TensorEntry, streams: list, out: np.ndarray | None = None, *, threads: int | None = None):
+def plan_decode(entry: TensorEntry, streams: list, out: np.ndarray | None = None, *, threads: int | None = None,
+                validated: bool = False):
     """Plan (:mod:`aligncodec.codec.parallel`) decoding a lossless tensor into ``out`` (uint8 of
     entry.nbytes; new if None) and returning it: a zstd frame in one task, then the rANS chunks of
     a float-split tensor in parallel, joined with the rest straight into the output bits.
-    The entry and its streams are validated before the plan is returned."""
-    validate(entry, streams)
+    The entry and its streams are validated before the plan is returned, unless the caller
+    says it already ran :func:`validate` on them (``validated``; the loader's
+    :func:`~aligncodec.validation.check_entry` does)."""
+    if not validated:
+        validate(entry, streams)
     if out is None:
         out = np.empty(entry.nbytes, dtype=np.uint8)
     elif out.dtype != np.uint8 or out.shape != (entry.nbytes,):
@@ -436,7 +443,8 @@ def plan_decode(entry: TensorEntry, streams: list, out: np.ndarray | None = None
 
 
 def _plan_stored(entry, stream, out):
-    yield [lambda: out.__setitem__(slice(None), np.frombuffer(_bytes_from(stream, entry.nbytes, entry.name), dtype=np.uint8))]
+    yield [lambda: out.__setitem__(slice(None), np.frombuffer(_bytes_from(stream, entry.nbytes, entry.name, checked=True),
+                                                              dtype=np.uint8))]
     return out
 
 
@@ -449,8 +457,8 @@ def _plan_float_split(entry, streams, out, threads):
     rw = width - e - k
     box = {}
     if isinstance(streams[1], ZstdStream):  # decompress first (one task; zstd releases the GIL)
-        yield [lambda: box.__setitem__("rest", _bytes_from(streams[1], packed_size(n, rw), entry.name))]
-    rest = box["rest"] if box else _bytes_from(streams[1], packed_size(n, rw), entry.name)
+        yield [lambda: box.__setitem__("rest", _bytes_from(streams[1], packed_size(n, rw), entry.name, checked=True))]
+    rest = box["rest"] if box else _bytes_from(streams[1], packed_size(n, rw), entry.name, checked=True)
     little = sys.byteorder == "little"
     u = np.dtype(f"u{width // 8}").type
     bits = out.view(u) if little else np.empty(n, u)  # the kernels write native order
@@ -494,8 +502,8 @@ def _plan_bytegroup(entry, streams, out):
     bits = out.view(u) if little else np.empty(n, u)
 
     def task(g, a, m):
-        planes = [np.frombuffer(_bytes_from(streams[g * B + p], m, entry.name, content_size=True), dtype=np.uint8)
-                  for p in range(B)]
+        planes = [np.frombuffer(_bytes_from(streams[g * B + p], m, entry.name, content_size=True, checked=True),
+                                dtype=np.uint8) for p in range(B)]
         join_planes(planes, bits[a:a + m])
 
     yield [lambda g=g, a=a, m=m: task(g, a, m) for g, a, m in _bytegroup_slices(entry)]

@@ -1,6 +1,7 @@
 """Where a lossless archive's CPU load time goes, step by step, in this process, one thread:
 reading + CRC-32 + stream parsing, output allocation with its first touch, and each mode's
-decode (bytegroup split into zstd and the plane join).
+decode (bytegroup split into zstd and the plane join; per byte plane, the fraction of its
+bytes the archive stores and its zstd seconds: what storing a plane raw would cost and save).
 
     python -m aligncodec.tools.bench.load_profile ARCHIVE.acz
 
@@ -25,6 +26,7 @@ def profile(path: str) -> dict:
     from aligncodec.formats.streams import parse_streams
 
     T: dict[str, float] = {"read_crc_parse": 0.0, "alloc_touch": 0.0, "bytegroup_zstd": 0.0, "bytegroup_join": 0.0}
+    planes_info: dict[int, list] = {}
     t_all = time.perf_counter()
     with ArchiveReader(path) as r:
         for e in r.tensors:
@@ -41,11 +43,18 @@ def profile(path: str) -> dict:
                 B = FLOAT_FORMATS[e.dtype][0] // 8
                 bits = out.view(f"u{B}")
                 for g, a, m in lossless._bytegroup_slices(e):
-                    z0 = time.perf_counter()
-                    planes = [np.frombuffer(lossless._bytes_from(streams[g * B + p], m, e.name, content_size=True), np.uint8) for p in range(B)]
+                    planes = []
+                    for p in range(B):
+                        z0 = time.perf_counter()
+                        planes.append(np.frombuffer(lossless._bytes_from(streams[g * B + p], m, e.name, content_size=True), np.uint8))
+                        dz = time.perf_counter() - z0
+                        T["bytegroup_zstd"] += dz
+                        pl = planes_info.setdefault(p, [0, 0, 0.0])  # bytes, bytes stored, zstd seconds
+                        pl[0] += m
+                        pl[1] += len(streams[g * B + p].data)
+                        pl[2] += dz
                     z1 = time.perf_counter()
                     lossless.join_planes(planes, bits[a:a + m])
-                    T["bytegroup_zstd"] += z1 - z0
                     T["bytegroup_join"] += time.perf_counter() - z1
             else:
                 d0 = time.perf_counter()
@@ -53,6 +62,9 @@ def profile(path: str) -> dict:
                 k = MODE_NAMES[e.mode]
                 T[k] = T.get(k, 0.0) + time.perf_counter() - d0
     T["total"] = time.perf_counter() - t_all
+    for p, (raw, stored, secs) in sorted(planes_info.items()):  # byte plane p of the bytegroup tensors
+        T[f"plane{p}_stored_fraction"] = stored / raw
+        T[f"plane{p}_zstd"] = secs
     return T
 
 
@@ -64,7 +76,8 @@ def main(argv=None) -> int:
     import os
 
     T = profile(argv[0])
-    print(argv[0], "  ".join(f"{k} {v:.3f} s" for k, v in T.items()), f"(load average {os.getloadavg()[0]:.1f})")
+    print(argv[0], "  ".join(f"{k} {v:.3f}" + ("" if k.endswith("fraction") else " s") for k, v in T.items()),
+          f"(load average {os.getloadavg()[0]:.1f})")
     return 0
 
 
