@@ -47,7 +47,7 @@ import numpy as np
 
 from aligncodec.auxfiles import AUX_PREFIX, is_aux
 from aligncodec.formats import errors as E
-from aligncodec.formats.constants import MODE_BYTEGROUP, MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED
+from aligncodec.formats.constants import MODE_BYTEGROUP, MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED, MODE_TCQ
 from aligncodec.formats.layout import TensorEntry, crc32
 from aligncodec.formats.limits import Limits, resolve as resolve_limits
 from aligncodec.formats.reader import iter_archive, parse_header
@@ -293,7 +293,7 @@ def _plan_bytes(entry: TensorEntry, streams: list, out: np.ndarray, threads: int
             from aligncodec.codec.modes import lossless
 
             return lossless.plan_decode(entry, streams, out, threads=threads, validated=True)
-        if entry.mode == MODE_ECSQ:
+        if entry.mode in (MODE_ECSQ, MODE_TCQ):  # tcq: ecsq's plan with a level pass (spec §7.6)
             from aligncodec.codec.modes import lossy_cpu
 
             return lossy_cpu.plan_ecsq(entry, streams, out, threads=threads)

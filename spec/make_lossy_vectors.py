@@ -1,4 +1,4 @@
-"""Golden vectors of the lossy mode 2 `ecsq` (spec/FORMAT.md §7.4).
+"""Golden vectors of the lossy modes 2 `ecsq` (spec/FORMAT.md §7.4) and 4 `tcq` (§7.6).
 
 Writes spec/vectors/lossy/*.acz and *.json (the decoded tensor's SHA-256, and its first
 values as float32). Inputs are fixed integers and fixed float32 constants (no QR, no
@@ -19,7 +19,7 @@ import numpy as np
 from aligncodec.codec.modes import lossy
 from aligncodec.codec.modes import decode_entry
 from aligncodec.codec.torch_interop import bytes_to_tensor
-from aligncodec.formats.constants import MODE_ECSQ
+from aligncodec.formats.constants import MODE_NAMES
 from aligncodec.formats.reader import ArchiveReader
 from aligncodec.formats.writer import ArchiveWriter
 
@@ -53,6 +53,23 @@ def cases():
     Q5 = np.array([[0.6, -0.8, 0, 0, 0], [0.8, 0.6, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 0.28, 0.96], [0, 0, 0, -0.96, 0.28]], dtype=np.float32)
     hd = lossy.HadamardData(np.where(np.arange(40) % 3 == 0, -1.0, 1.0).astype(np.float32), Q5)
     yield ("lossy_lanes", "h.weight", "BF16", q, lossy.EcsqParams(lossy.TRANSFORM_HADAMARD, 0.02, 0, 0, 5), None, hd, (2, 0), 7)
+    # mode 4, tcq (spec §7.6): every state machine; the symbols are levels' halves, so spreads are smaller
+    # 5. machine 1 (4 states), identity, one class, F32
+    q = _q((10, 6), 5, 1.5)
+    yield "lossy_tcq_m1", "t.weight", "F32", q, lossy.EcsqParams(lossy.TRANSFORM_IDENTITY, 0.0078125, 0, trellis=1), None, None, (1, 0)
+    # 6. machine 2 (8 states), hadamard (n = 24 = 8·3), column scales, 3 column classes, BF16
+    q = _q((12, 24), 6, 1.5)
+    q[:, :4] *= 5
+    hd = lossy.HadamardData(np.where(np.arange(24) % 5 == 1, -1.0, 1.0).astype(np.float32), Q3)
+    sc = (1.0 + (np.arange(24) % 4) / 4).astype(np.float16).astype(np.float32)
+    yield ("lossy_tcq_m2_hadamard_colscale_classes", "layer.weight", "BF16", q,
+           lossy.EcsqParams(lossy.TRANSFORM_HADAMARD, 0.015, 0, lossy.FLAG_COL_SCALES, 3, trellis=2), sc, hd, (3, 1))
+    # 7. machine 3 (16 states), hadamard (n = 40 = 8·5), 4 row classes, F16, interleaved lanes (coder 3)
+    q = _q((17, 40), 7, 1.2)
+    q[::4] *= 3
+    hd = lossy.HadamardData(np.where(np.arange(40) % 3 == 0, -1.0, 1.0).astype(np.float32), Q5)
+    yield ("lossy_tcq_m3_lanes", "h.weight", "F16", q, lossy.EcsqParams(lossy.TRANSFORM_HADAMARD, 0.01, 0, 0, 5, trellis=3),
+           None, hd, (4, 0), 7)
 
 
 def write(outdir: Path) -> None:
@@ -61,13 +78,13 @@ def write(outdir: Path) -> None:
         params, streams = lossy.encode_symbols(q, base, sc, hd, chunk_symbols=64, classes=cls, lanes=lanes[0] if lanes else 1)
         path = outdir / f"{stem}.acz"
         with ArchiveWriter(path, {"acz.tool": "spec/make_lossy_vectors.py"}) as w:
-            w.add(name, dtype, q.shape, MODE_ECSQ, streams, params.pack())
+            w.add(name, dtype, q.shape, params.mode, streams, params.pack())
         with ArchiveReader(path) as r:
             e = r.tensors[0]
             raw = decode_entry(e, r.read_streams(e))
             vals = bytes_to_tensor(e, raw).float().reshape(-1)[:8].tolist()
         (outdir / f"{stem}.json").write_text(json.dumps({"tensors": [{
-            "name": name, "dtype": dtype, "shape": list(q.shape), "mode": "ecsq",
+            "name": name, "dtype": dtype, "shape": list(q.shape), "mode": MODE_NAMES[params.mode],
             "sha256": hashlib.sha256(raw.tobytes()).hexdigest(), "first_values_f32": vals}]}, indent=1) + "\n")
 
 

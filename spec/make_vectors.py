@@ -22,7 +22,7 @@ import numpy as np
 
 from aligncodec.codec.modes import lossless
 from aligncodec.codec.entropy import rans
-from aligncodec.formats.constants import DTYPES, FLOAT_FORMATS, MODE_BYTEGROUP, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED, SECTION_FLAG_REQUIRED, SECTION_METADATA, SECTION_TENSOR
+from aligncodec.formats.constants import DTYPES, FLOAT_FORMATS, MODE_BYTEGROUP, MODE_FLOAT_SPLIT, MODE_NAMES, MODE_STORED, MODE_TCQ, SECTION_FLAG_REQUIRED, SECTION_METADATA, SECTION_TENSOR
 from aligncodec.formats.layout import TensorEntry, align, crc32
 from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, serialize_stream
 from aligncodec.formats.reader import parse_preamble
@@ -280,6 +280,7 @@ def invalid_cases() -> dict[str, tuple[bytes, str]]:
     e14, d14 = _entry("w", "BF16", (40, 100), mode, [lcor, lrest_s], params)
     out["lanes_state_corrupt"] = (_archive([(e14, d14)]), "CorruptStreamError")
     out.update(bytegroup_invalid())
+    out.update(tcq_invalid())
     b = bytearray(good); pad_at = 64 + len(hdr)
     if pad_at < cut:
         b[pad_at] = 1
@@ -315,6 +316,32 @@ def bytegroup_invalid() -> dict[str, tuple[bytes, str]]:
     z = bytearray(streams[1].data)
     z[len(z) // 2] ^= 0x5A  # inside the compressed block: zstd rejects the frame when it decodes it
     out["bytegroup_zstd_corrupt"] = (arch("BF16", [streams[0], ZstdStream(bytes(z), 100)] + streams[2:]), "CorruptStreamError")
+    return out
+
+
+def tcq_invalid() -> dict[str, tuple[bytes, str]]:
+    """Mode 4 (spec §7.6) defects, checksums valid: an unknown state-machine id (params byte 17)
+    and a class alphabet reaching past the tcq symbol range ±16383."""
+    from aligncodec.codec.modes import lossy
+
+    out: dict[str, tuple[bytes, str]] = {}
+    q = (np.arange(48, dtype=np.int32).reshape(6, 8) % 7) - 3
+    base = lossy.EcsqParams(lossy.TRANSFORM_IDENTITY, 0.25, 0, trellis=1)
+    params, streams = lossy.encode_symbols(q, base, None, None, chunk_symbols=64)
+
+    def arch(prm, sts):
+        e, d = _entry("w", "F32", q.shape, MODE_TCQ, sts, prm)
+        return _archive([(e, d)])
+
+    for mid in (0, 4):
+        raw = bytearray(params.pack())
+        raw[17] = mid
+        out[f"tcq_machine_{mid}"] = (arch(bytes(raw), streams), "UnsupportedError")
+    wide = q.copy()
+    wide[:3] = -lossy.MAX_ABS_TCQ_SYMBOL - 1  # valid ecsq symbols past tcq's range: a class of its own (offset
+    wparams, wstreams = lossy.encode_symbols(wide, base, None, None, chunk_symbols=64, classes=(2, 0))  # −16384, one symbol)
+    assert wparams.n_classes == 2 and min(lossy.ClassMap.from_bytes(wstreams[2].data, 2, 6).offsets) == -lossy.MAX_ABS_TCQ_SYMBOL - 1
+    out["tcq_symbol_range"] = (arch(wparams.pack(), wstreams), "StreamError")
     return out
 
 

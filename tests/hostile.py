@@ -158,6 +158,24 @@ def _hadamard(rows: int, n: int, m: int) -> bytes:
     return build({}, [t])
 
 
+def _tcq(q, machine: int, classes=(1, 0)) -> T:
+    """A mode 4 (tcq, spec §7.6) F32 tensor of symbols q, identity transform, step 0.5;
+    ``machine`` goes into params byte 17 as it is (valid or not)."""
+    from aligncodec.codec.modes import lossy
+
+    q = np.asarray(q, np.int32)
+    base = lossy.EcsqParams(lossy.TRANSFORM_IDENTITY, 0.5, 0, trellis=1)
+    params, streams = lossy.encode_symbols(q, base, None, None, chunk_symbols=64, classes=classes)
+    raw = bytearray(params.pack())
+    raw[17] = machine
+    return T("t.weight", "F32", q.shape, C.MODE_TCQ, streams, bytes(raw))
+
+
+# machine 1 (VVC's 4 states) on these symbols walks to the levels [[2, -2, 4], [5, 0, -4]] (spec §7.6 by hand:
+# column 0 leaves state 0 on parity 1 for state 2, whose quantiser is 1: 2·3 − 1); W = 0.5·L
+TCQ_Q = [[1, -1, 2], [3, 0, -2]]
+TCQ_W = np.array([1.0, -1.0, 2.0, 2.5, 0.0, -2.0], "<f4").tobytes()
+
 CASES: dict[str, Case] = {
     # ---- only named errors: metadata JSON
     "nested_metadata": Case(lambda: build(b"[" * 100000, [W]), "HeaderError", "deeply nested metadata JSON (RecursionError)"),
@@ -255,6 +273,13 @@ CASES: dict[str, Case] = {
     "bytegroup_ok": Case(lambda: build({}, [T("w", "BF16", (3,), C.MODE_BYTEGROUP, [C.RawStream(b"\x81\x00\x02"), C.RawStream(b"\x7f\x00\xff")],
                                               (3).to_bytes(4, "little"))]),
                          "OK", "a valid bytegroup tensor of raw planes", {"w": b"\xc0\xbf\x00\x00\x81\x7f"}),
+    # ---- mode 4, tcq (spec §7.6): the state-machine id and the symbol range are checked before decoding
+    "tcq_machine_unknown": Case(lambda: build({}, [_tcq(TCQ_Q, 9)]), "UnsupportedError", "tcq state-machine id 9 (params byte 17)"),
+    "tcq_machine_zero": Case(lambda: build({}, [_tcq(TCQ_Q, 0)]), "UnsupportedError", "tcq with state-machine id 0 (ecsq's reserved byte)"),
+    "tcq_symbol_range": Case(lambda: build({}, [_tcq([[-16384] * 3, [1, 0, -1]], 2, (2, 0))]), "StreamError",
+                             "tcq class alphabet from −16384: levels would leave ±32767"),
+    "tcq_ok": Case(lambda: build({}, [_tcq(TCQ_Q, 1)]), "OK", "a valid tcq tensor: the level walk down each column",
+                   {"t.weight": TCQ_W}),
     # ---- valid archives the reader must still take
     "orphan_name_collision": Case(lambda: build(files_meta({"extra.safetensors": {"metadata": {}, "tensors": ["a"]}}),
                                                 [stored("a", b"\x01"), stored("b", b"\x02")]),

@@ -30,10 +30,16 @@ def test_mutate_is_deterministic_and_seeds_are_valid():
     a = [F.mutate(random.Random(f"1:{i}"), pool[i % len(pool)]) for i in range(50)]
     b = [F.mutate(random.Random(f"1:{i}"), pool[i % len(pool)]) for i in range(50)]
     assert a == b
+    from aligncodec.formats.reader import ArchiveReader
+
     wd = F.work_dir()
+    modes = set()
     for i, s in enumerate(pool):
         assert F.run_input(s, wd / f"s{i}.acz", decompress=True)["ops"] == {"verify": "OK", "inspect": "OK", "load_stream": "OK", "decompress": "OK"}
         assert F.assemble(F.split(s)) == s  # taking apart and putting together is exact
+        with ArchiveReader(wd / f"s{i}.acz") as r:
+            modes |= {e.mode_name for e in r.tensors}
+    assert {"stored", "float-split", "bytegroup", "ecsq", "tcq"} <= modes  # every coding mode is mutated
 
 
 def test_fuzz_smoke():

@@ -1,4 +1,4 @@
-"""Golden vectors of the lossy mode (spec/FORMAT.md §7.4, spec/make_lossy_vectors.py)."""
+"""Golden vectors of the lossy modes (spec/FORMAT.md §7.4, §7.6; spec/make_lossy_vectors.py)."""
 
 import hashlib
 import json
@@ -20,6 +20,8 @@ VEC = sorted((ROOT / "spec" / "vectors" / "lossy").glob("*.acz"))
 
 def test_there_are_lossy_vectors():
     assert len(VEC) >= 3
+    modes = {json.loads(p.with_suffix(".json").read_text())["tensors"][0]["mode"] for p in VEC}
+    assert modes == {"ecsq", "tcq"}
 
 
 @pytest.mark.parametrize("path", VEC, ids=lambda p: p.stem)
@@ -39,6 +41,8 @@ def test_lossy_vector_decodes_to_recorded_bytes(path):
         syms = [rans.decode(s) for s in sstreams]
         q = (cm.assemble(syms, e.shape, p.class_axis) if cm is not None
              else syms[0].reshape(e.shape).astype(np.int64) + p.offset)
+        if p.trellis:  # mode 4 (§7.6): the levels of the state-machine walk
+            q = lossy.trellis_levels(q, p.trellis).astype(np.int64)
         d = p.step * (scales.astype(np.float64) if scales is not None else 1.0)
         W = q * d
         if hd is not None:

@@ -5,10 +5,10 @@ Same bitstream as :mod:`aligncodec.codec.entropy.rans` and the reference decoder
 What makes it fast, without changing the format:
 
 * **two independent table loads per symbol** (:func:`compact_tables`): a ``uint32``
-  slot table ``freq | (slot - cum) << 16`` and the slot's symbol (``uint8`` for
-  alphabets up to 256), so the state update ``x = freq * (x >> P) + (slot - cum)``
-  needs one load and a P = 16 table takes 5 bytes a slot (320 KB) instead of
-  :func:`slot_table`'s packed 8 (512 KB; still the CUDA decoder's layout);
+  slot table ``freq | (slot - cum) << 16`` and the slot's ``uint16`` symbol, so the
+  state update ``x = freq * (x >> P) + (slot - cum)`` needs one load and a P = 16
+  table takes 6 bytes a slot (384 KB) instead of :func:`slot_table`'s packed 8
+  (512 KB; still the CUDA decoder's layout);
 * **four chunks interleaved per thread**: chunks are independent streams, so one
   thread steps four of them in lock step; their dependency chains overlap and
   the core is no longer bound by the latency of a single state;
@@ -84,15 +84,16 @@ def slot_table(freqs: np.ndarray, precision: int) -> np.ndarray:
 
 
 def compact_tables(freqs: np.ndarray, precision: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The interleaved-lanes decoder's tables: ``(tab, sym, precision')`` with ``tab[slot] =
-    freq | (slot - cum) << 16`` (uint32) and ``sym[slot]`` (uint8 for alphabets up to 256, else
-    uint16), 5-6 bytes a slot instead of :func:`slot_table`'s 8, so more of a P = 16 table stays
-    in cache. A symbol that owns every slot (freq = 2^P, which needs 17 bits) decodes as the
+    """The CPU decoder's tables: ``(tab, sym, precision')`` with ``tab[slot] = freq | (slot - cum) << 16``
+    (uint32) and ``sym[slot]`` (uint16), 6 bytes a slot instead of :func:`slot_table`'s 8, so more
+    of a P = 16 table stays in cache. (A uint8 ``sym`` for alphabets up to 256 decoded about 5 %
+    faster, but doubled the kernels' type specialisations: a load could then meet one not yet in
+    numba's cache and compile it.) A symbol that owns every slot (freq = 2^P, which needs 17 bits) decodes as the
     identity x -> x at any precision, so it gets the one-slot table of precision 0 (freq 1, bias 0),
     whose update ``1 · (x >> 0) + 0`` is the same identity. Frequencies are checked as in
     :func:`slot_table`."""
     f = _checked_freqs(freqs, precision)
-    symt = np.empty(1 << precision, dtype=np.uint8 if len(f) <= 256 else np.uint16)
+    symt = np.empty(1 << precision, dtype=np.uint16)
     full = np.flatnonzero(f == 1 << precision)
     if len(full) and precision > 0:
         precision = 0

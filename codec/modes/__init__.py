@@ -51,8 +51,8 @@ MODES: dict[int, Mode] = {
     # the byte-plane join, GB/s on a few cores) and copies it to the device
     MODE_BYTEGROUP: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), None, lazy(_LOSSLESS, "check_params")),
     # trellis-coded ecsq (spec §7.6): the same streams and reconstruction after an integer pass
-    # over the symbols; no GPU path yet (decoded on the CPU and copied)
-    MODE_TCQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode"), None, lazy(_LOSSY, "check_params")),
+    # over the symbols (the level walk down each column), on the CPU and on the GPU
+    MODE_TCQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode"), lazy(_LOSSY_CUDA, "decode_gpu"), lazy(_LOSSY, "check_params")),
 }
 assert set(MODES) == set(MODE_NAMES), "every mode id in formats.constants has a registry entry"
 

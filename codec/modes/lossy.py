@@ -492,7 +492,7 @@ def decode(entry: TensorEntry, streams: list, *, reference: bool = False) -> np.
     Default: the numba kernels of :mod:`aligncodec.codec.modes.lossy_cpu` (parallel, one pass per
     row); ``reference=True``: the reference rANS decoder and the numpy reconstruction below
     (slow; the tests hold the two bit-identical)."""
-    if not reference and entry.mode != MODE_TCQ:  # the fused kernels know no trellis (yet)
+    if not reference:
         from aligncodec.codec.modes import lossy_cpu
 
         return lossy_cpu.decode(entry, streams)

@@ -1,5 +1,7 @@
 """CPU decoding of mode 2 (``ecsq``, spec §7.4) with numba kernels: symbols, reconstruction
-and the dtype cast in one pass per row, no numpy temporaries.
+and the dtype cast in one pass per row, no numpy temporaries. Mode 4 (``tcq``, spec §7.6)
+adds one stage between the two below: the trellis levels, column ranges in parallel, written
+over the symbols (see :func:`_levels`).
 
 The plan (:func:`plan_ecsq`, run by :mod:`aligncodec.codec.parallel`) has two stages:
 
@@ -88,9 +90,12 @@ def cast_bits(src, kind, out):
 # every step of the m × m product is then a long run of independent float32 operations on
 # contiguous memory, which LLVM vectorizes (AVX2/AVX-512) without changing any rounding.
 # Indices are cast to unsigned before subscripting: numba's negative-index wraparound on
-# signed indices otherwise blocks vectorization.
+# signed indices otherwise blocks vectorization. BLOCK = 8 (one AVX2 vector of float32) was
+# 7-15 % faster than 16 or 32, and 4 no better, on 4096 = 4096 × 1, 576 = 64 × 9 and
+# 1536 = 512 × 3 columns (docs/results/2026-11-30-load-v2.md). Any BLOCK gives the same bits:
+# rows are independent and each weight's operations are the same in the same order.
 
-BLOCK = 16
+BLOCK = 8
 _U64 = np.uint64
 
 
@@ -223,6 +228,56 @@ def _rows_hadamard(U, rowbase, rowoff, colbase_t, colstride_t, coloff_t, gather,
     return nan
 
 
+# ----------------------------------------------------------------- trellis levels (mode 4, spec §7.6)
+#
+# A tcq tensor's symbols are replaced, in place in the symbol buffer, by their levels L biased
+# by LEVEL_BIAS (|L| ≤ 32767, so L + 32767 fits a uint16); the ecsq kernels above then run
+# unchanged with the offset −LEVEL_BIAS and read q = L. Each task walks a range of columns down
+# all the rows (one state per column, one contiguous run of symbols per row).
+
+LEVEL_BIAS = 32767
+
+
+@nb.njit(nogil=True, cache=True)
+def _levels(U, rowbase, rowoff, colbase, colstride, coloff, gather, bits, taps, rows, j0, j1):
+    """Columns [j0, j1): U[idx(i, j)] ← L[i, j] + LEVEL_BIAS, walking i = 0 .. rows − 1 from state 0."""
+    w = j1 - j0
+    st = np.zeros(w, dtype=np.int32)
+    top = bits - 1
+    for i in range(rows):
+        rb = rowbase[i]
+        ro = rowoff[i]
+        for t in range(w):
+            j = j0 + t
+            if gather:
+                idx = _U64(rb + colbase[j] + i * colstride[j])
+                q = np.int32(U[idx]) + ro + coloff[j]
+            else:
+                idx = _U64(rb + j)
+                q = np.int32(U[idx]) + ro
+            s = st[_U64(t)]
+            u = (s >> top) & 1
+            sg = np.int32(q > 0) - np.int32(q < 0)
+            U[idx] = np.uint16(2 * q - u * sg + LEVEL_BIAS)
+            f = s & taps  # parity of the tapped bits (S ≤ 16: at most 4 bits)
+            f ^= f >> 2
+            f ^= f >> 1
+            st[_U64(t)] = (s >> 1) | (((q ^ f) & 1) << top)
+
+
+def _level_stage(U, prm, rowbase, rowoff, colbase, colstride, coloff, gather, rows, n, threads):
+    """The tasks of the level pass (column ranges), and the (rowoff, coloff) the kernels then use."""
+    n_states, taps = lossy.TRELLIS_MACHINES[prm.trellis]
+    bits = n_states.bit_length() - 1
+
+    def task(j0, j1):
+        _levels(U, rowbase, rowoff, colbase, colstride, coloff, gather, bits, taps, rows, j0, j1)
+
+    ranges = parallel.split_ranges(n, parallel.resolve_threads(threads) * 4, multiple=64,
+                                   minimum=max(64, MIN_TASK_WEIGHTS // max(1, rows)))
+    return parallel.stage(task, ranges), np.full(rows, -LEVEL_BIAS, np.int32), np.zeros_like(coloff)
+
+
 # ----------------------------------------------------------------- plan
 
 
@@ -266,6 +321,9 @@ def _plan(entry, streams, prm, sstreams, scales, hd, cm, out, threads):
     yield from parallel.together([decode_cpu.plan_decode(s, U[b:b + c], threads=threads) for s, b, c in zip(sstreams, bases, counts)])
 
     rowbase, rowoff, colbase, colstride, coloff, gather = _index_maps(entry, prm, cm, bases, counts)
+    if prm.trellis:  # mode 4: symbols → biased levels in place, then the ecsq reconstruction as is
+        tasks, rowoff, coloff = _level_stage(U, prm, rowbase, rowoff, colbase, colstride, coloff, gather, rows, n, threads)
+        yield tasks
     d = lossy.column_steps(prm, scales)
     d = np.ascontiguousarray(np.broadcast_to(np.float32(d), (n,)) if not isinstance(d, np.ndarray) else d, dtype=np.float32)
     kind = KINDS[entry.dtype]
@@ -292,6 +350,10 @@ def _plan(entry, streams, prm, sstreams, scales, hd, cm, out, threads):
     minimum = max(1, MIN_TASK_WEIGHTS // n)
     yield parallel.stage(task, parallel.split_ranges(rows, parallel.resolve_threads(threads) * 4, minimum=minimum))
     if nan.any():  # only from non-finite arithmetic: the numpy path defines the NaN bits (torch's cast)
+        if prm.trellis:  # U holds levels now: the numpy path from the streams
+            with np.errstate(all="ignore"):
+                out[:] = lossy.decode_numpy(entry, streams)
+            return out
         syms = [U[b:b + c] for b, c in zip(bases, counts)]
         k = len(sstreams)
         with np.errstate(all="ignore"):

@@ -1,4 +1,6 @@
-"""GPU reconstruction of lossy mode 2 ``ecsq`` (spec/FORMAT.md §7.4) with numba.cuda.
+"""GPU reconstruction of lossy mode 2 ``ecsq`` (spec/FORMAT.md §7.4) and mode 4 ``tcq``
+(§7.6: :func:`levels_kernel`, one thread per column, turns the symbols into levels in place
+first) with numba.cuda.
 
 Bit-exact with the CPU decoder (:func:`aligncodec.codec.modes.lossy.decode`): the same
 validation (:func:`lossy.parse`, so the same named errors), the symbols decoded on the
@@ -237,6 +239,38 @@ def finish_kernel(buf, r0, nrows, n, m, F, oQ, g, oS, out, kind):
         t += step
 
 
+# ----------------------------------------------------------------- trellis levels (mode 4, spec §7.6)
+
+LEVEL_BIAS = 32767  # as lossy_cpu: the symbols are overwritten by L + 32767 (|L| ≤ 32767), offset −32767
+
+
+@cuda.jit(cache=True)
+def levels_kernel(syms, I, oRT, oCB, oCS, oOR, oOC, rows, n, bits, taps):
+    """One thread per column j (grid-stride): walk its rows from state 0 and write
+    L[i, j] + LEVEL_BIAS over symbol (i, j) (spec §7.6). Columns are independent; adjacent
+    threads touch adjacent symbols (a row's symbols are contiguous within its class stream)."""
+    j = cuda.grid(1)
+    step = cuda.gridsize(1)
+    top = bits - 1
+    while j < n:
+        s = np.int64(0)
+        for i in range(rows):
+            idx = I[oRT + i] + I[oCB + j] + i * I[oCS + j]
+            q = np.int64(syms[idx]) + I[oOR + i] + I[oOC + j]
+            lv = 2 * q
+            if (s >> top) & 1:
+                if q > 0:
+                    lv -= 1
+                elif q < 0:
+                    lv += 1
+            syms[idx] = np.uint16(lv + LEVEL_BIAS)
+            f = s & taps  # parity of the tapped bits (S ≤ 16: at most 4 bits)
+            f ^= f >> 2
+            f ^= f >> 1
+            s = (s >> 1) | (((q ^ f) & 1) << top)
+        j += step
+
+
 # ----------------------------------------------------------------- host side
 
 
@@ -299,6 +333,9 @@ class EcsqJob:
         d = lossy.column_steps(params, scales)
         d = np.asarray(d, dtype=np.float32) if isinstance(d, np.ndarray) else np.full(n, d, dtype=np.float32)
         self.oI = tuple(st.add(a.astype(np.int64)) for a in (rowterm, colbase, colstride, offrow, offcol))
+        self.oI_rec = self.oI  # the tables the reconstruction reads q through
+        if params.trellis:  # tcq: the level pass overwrites the symbols with biased levels
+            self.oI_rec = self.oI[:3] + (st.add(np.full(rows, -LEVEL_BIAS, np.int64)), st.add(np.zeros(n, np.int64)))
         self.oD = st.add(d)
         self.p, self.m = (n, 1) if params.transform == lossy.TRANSFORM_IDENTITY else lossy.split_pow2(n)
         self.oQ = self.oS = 0
@@ -321,8 +358,11 @@ class EcsqJob:
         if self.numel == 0:
             return
         I, F = self.views["i8"], self.views["f4"]
-        tables = (self.syms, I, F) + self.oI + (self.oD,)
         tpb = THREADS_PER_BLOCK
+        if self.params.trellis:
+            n_states, taps = lossy.TRELLIS_MACHINES[self.params.trellis]
+            levels_kernel[_grid(n, tpb), tpb, so](self.syms, I, *self.oI, rows, n, n_states.bit_length() - 1, taps)
+        tables = (self.syms, I, F) + self.oI_rec + (self.oD,)
         if self.params.transform == lossy.TRANSFORM_IDENTITY:
             identity_kernel[_grid(self.numel, tpb), tpb, so](*tables, rows, n, out, kind)
             return
@@ -366,7 +406,7 @@ def reconstruct_device(entry, streams, out=None, *, stream_obj=0, pool_key=0):
 
 
 def decode_gpu(entry, streams, device="cuda"):
-    """An ecsq tensor as a torch tensor of its dtype on a CUDA device, reconstructed there."""
+    """An ecsq or tcq tensor as a torch tensor of its dtype on a CUDA device, reconstructed there."""
     import torch
 
     from aligncodec.codec.torch_interop import torch_dtype

@@ -152,16 +152,27 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
         from aligncodec.codec.modes import lossy as lossy_mode
         from aligncodec.codec.modes import lossy_cpu
 
-        e, st = lossy_entry(rows, cols)
-        info["lossy_bits_per_weight"] = 8 * e.size / e.numel
-        want = lossy_mode.decode_numpy(e, st)
-        for th in threads:
-            if lossy_cpu.decode(e, st, threads=th).tobytes() != want.tobytes():  # cache load + bit-exactness
-                raise AssertionError("numba ecsq decoder mismatch")
-            ob = np.empty(e.nbytes, np.uint8)
-            ld = lambda: lossy_cpu.decode(e, st, threads=th, out=ob)  # noqa: E731
-            row(f"numba CPU, {th} thread{'s' * (th > 1)}", "bf16 (lossy ecsq)", n, _best(ld, repeat),
-                bits_per_weight=info["lossy_bits_per_weight"], cpu_seconds=_best_cpu(ld, repeat))
+        # ecsq (mode 2) and tcq (mode 4, 8-state machine: ecsq plus the level pass) on the same
+        # symbols, so the tcq/ecsq ratio is the cost of the trellis walk alone
+        for label, trellis in (("ecsq", 0), ("tcq", 2)):
+            e, st = lossy_entry(rows, cols, trellis=trellis)
+            info[f"{label}_bits_per_weight"] = 8 * e.size / e.numel
+            if not trellis:
+                info["lossy_bits_per_weight"] = info["ecsq_bits_per_weight"]
+            want = lossy_mode.decode_numpy(e, st)
+            for th in threads:
+                if lossy_cpu.decode(e, st, threads=th).tobytes() != want.tobytes():  # cache load + bit-exactness
+                    raise AssertionError(f"numba {label} decoder mismatch")
+                ob = np.empty(e.nbytes, np.uint8)
+                ld = lambda: lossy_cpu.decode(e, st, threads=th, out=ob)  # noqa: E731
+                row(f"numba CPU, {th} thread{'s' * (th > 1)}", f"bf16 (lossy {label})", n, _best(ld, repeat),
+                    bits_per_weight=info[f"{label}_bits_per_weight"], cpu_seconds=_best_cpu(ld, repeat))
+            del want
+        for th in threads:  # tcq speed as a share of ecsq's (the issue-14 target: ≥ 0.5)
+            nm = f"numba CPU, {th} thread{'s' * (th > 1)}"
+            sp = {r["what"]: r["Msym_per_s"] for r in rows_out if r["decoder"] == nm}
+            if "bf16 (lossy ecsq)" in sp and "bf16 (lossy tcq)" in sp:
+                info[f"tcq_over_ecsq_speed_{th}t"] = sp["bf16 (lossy tcq)"] / sp["bf16 (lossy ecsq)"]
     if gpu:
         g = _bench_gpu(s, packed, bits, k, repeat)
         if g is not None:
@@ -178,12 +189,13 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
     return {"kind": "decode", "info": info, "rows": rows_out}
 
 
-def lossy_entry(rows: int, cols: int, seed: int = 0):
+def lossy_entry(rows: int, cols: int, seed: int = 0, trellis: int = 0):
     """An ecsq (mode 2) BF16 tensor as the lossy encoder writes one at about 3 bits per weight:
     hadamard transform with its odd factor, column scales, 4 row classes; symbols Gaussian with
-    a per-row spread (the coefficients of a rotated weight). Returns (entry, parsed streams)."""
+    a per-row spread (the coefficients of a rotated weight). Returns (entry, parsed streams).
+    ``trellis``: a state-machine id (spec §7.6) makes it a tcq (mode 4) tensor of the same symbols."""
     from aligncodec.codec.modes import lossy as L
-    from aligncodec.formats.constants import MODE_ECSQ
+    from aligncodec.formats.constants import MODE_ECSQ, MODE_TCQ
     from aligncodec.formats.layout import TensorEntry, align, crc32
     from aligncodec.formats.streams import parse_streams, serialize_stream
 
@@ -193,13 +205,14 @@ def lossy_entry(rows: int, cols: int, seed: int = 0):
     hd = L.HadamardData(np.where(rng.random(cols) < 0.5, -1, 1).astype(np.float32),
                         np.linalg.qr(rng.standard_normal((L.split_pow2(cols)[1],) * 2))[0].astype(np.float32))
     scales = (0.5 + rng.random(cols)).astype(np.float16)
-    p = L.EcsqParams(L.TRANSFORM_HADAMARD, 0.002, 0, L.FLAG_COL_SCALES, hd.m)
+    p = L.EcsqParams(L.TRANSFORM_HADAMARD, 0.002, 0, L.FLAG_COL_SCALES, hd.m, trellis=trellis)
     p, streams = L.encode_symbols(q, p, scales, hd, classes=(4, 0))
     data = b""
     for i, st in enumerate(streams):
         b = serialize_stream(st)
         data += b + (bytes(align(len(b), 8) - len(b)) if i + 1 < len(streams) else b"")
-    e = TensorEntry("bench.weight", "BF16", (rows, cols), MODE_ECSQ, len(streams), 0, len(data), crc32(data), p.pack())
+    e = TensorEntry("bench.weight", "BF16", (rows, cols), MODE_TCQ if trellis else MODE_ECSQ, len(streams), 0, len(data),
+                    crc32(data), p.pack())
     return e, parse_streams(data, len(streams))
 
 
@@ -452,6 +465,9 @@ def format_table(res: dict) -> str:
                      f"{i.get('float_split_bits_per_weight', float('nan')):.3f}, bytegroup {i.get('bytegroup_bits_per_weight', float('nan')):.3f}; "
                      f"best of {i['repeat']}, GPU: {i.get('gpu', 'none')}, "
                      f"load average {i['loadavg_before'][0]:.1f} -> {i['loadavg_after'][0]:.1f} on {i['cpu_count']} CPUs")
+        ratios = [f"{k.rsplit('_', 1)[1]}: {v:.2f}" for k, v in i.items() if k.startswith("tcq_over_ecsq_speed_")]
+        if ratios:
+            lines.append(f"lossy tcq (8 states) decode speed / ecsq's, same symbols: {', '.join(ratios)}")
         return "\n".join(lines)
     caches = res["info"].get("page_cache") or ["warm"]
     head = f"{'load':58s} {'file MB':>8s} {'model MB':>8s}"

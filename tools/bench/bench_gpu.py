@@ -11,7 +11,8 @@
    - lossy ``ecsq`` (spec §7.4) reconstructed on the device: every golden vector of
      spec/vectors/lossy, random tensors of every shape class (identity / hadamard, power-of-two
      and odd m, K = 1 and K > 1 on either axis, with and without column scales, F32/F16/BF16),
-     rows longer than the shared-memory segment (global butterfly stages);
+     rows longer than the shared-memory segment (global butterfly stages); the same shape classes
+     as lossy ``tcq`` (spec §7.6, each state machine: the level kernel, then ecsq's);
    - the streaming loader with device="cuda" on an archive mixing both layouts and both kinds;
    - ``--archive``: every tensor of the given archives (e.g. the SmolLM2 3-bpw lossy archive and
      the fp16 lossless one), GPU against CPU.
@@ -21,7 +22,8 @@
      and from host bytes (staging, one copy in, kernels, one status copy back);
    - lossy ecsq bf16 (hadamard, column scales, 4 row classes; m = 1 and m = 3, the latter with
      rows longer than the shared segment): kernels only (streams and tables already on the
-     device), and from host streams to the bf16 tensor on the device;
+     device), and from host streams to the bf16 tensor on the device; lossy tcq bf16 (8 states)
+     at the first shape, the same two timings;
    - ``--archive``: load_state_dict(device="cuda") of the whole archive, wall time, in GB/s of
      bf16 (2 bytes per weight) and of the archive's own dtypes (``GBps_own_dtype_*``).
 Exit status 2 without a CUDA device or when numba cannot compile a kernel (CudaUnavailableError,
@@ -47,12 +49,12 @@ def _layouts(s: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in x.split("x")) for x in s.split(",")]
 
 
-def _ecsq_case(rng, rows, n, transform, classes, scales_on, dtype, layout, name="t"):
-    """A random ecsq tensor as (entry, parsed streams), written and read back through the container."""
+def _ecsq_case(rng, rows, n, transform, classes, scales_on, dtype, layout, name="t", trellis=0):
+    """A random ecsq tensor as (entry, parsed streams), written and read back through the container
+    (``trellis``: a tcq tensor, spec §7.6, with that state machine)."""
     import tempfile
 
     from aligncodec.codec.modes import lossy
-    from aligncodec.formats.constants import MODE_ECSQ
     from aligncodec.formats.layout import TensorEntry
     from aligncodec.formats.reader import ArchiveReader
     from aligncodec.formats.streams import RansStream, lane_counts, serialize_stream
@@ -66,12 +68,12 @@ def _ecsq_case(rng, rows, n, transform, classes, scales_on, dtype, layout, name=
         _, m = lossy.split_pow2(n)
         Q = np.linalg.qr(rng.standard_normal((m, m)))[0].astype(np.float32)
         hd = lossy.HadamardData(np.where(rng.random(n) < 0.5, -1.0, 1.0).astype(np.float32), Q)
-    base = lossy.EcsqParams(transform, float(np.float32(0.004)), 0, lossy.FLAG_COL_SCALES if scales_on else 0, m)
+    base = lossy.EcsqParams(transform, float(np.float32(0.004)), 0, lossy.FLAG_COL_SCALES if scales_on else 0, m, trellis=trellis)
     params, streams = lossy.encode_symbols(q, base, sc, hd, chunk_symbols=layout[0], classes=classes, lanes=layout[1])
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "t.acz"
         with ArchiveWriter(path) as w:
-            w.add(name, dtype, (rows, n), MODE_ECSQ, streams, params.pack())
+            w.add(name, dtype, (rows, n), params.mode, streams, params.pack())
         with ArchiveReader(path) as r:
             e = r.tensors[0]
             return e, r.read_streams(e)
@@ -169,6 +171,10 @@ def main(argv=None) -> int:
             dt = ("F32", "F16", "BF16")[(i + j) % 3]
             e, st = _ecsq_case(rng, rows, n, tr, cls, sc, dt, layouts[(i + j) % len(layouts)])
             check(f"ecsq {rows}x{n} {lossy.TRANSFORM_NAMES[tr]} K={cls[0]} axis={cls[1]} scales={sc} {dt}", same_as_cpu(e, st))
+            mid = 1 + (i + j) % len(lossy.TRELLIS_MACHINES)  # the same shape class as tcq (spec §7.6)
+            e, st = _ecsq_case(rng, rows, n, tr, cls, sc, dt, layouts[(i + j + 1) % len(layouts)], trellis=mid)
+            check(f"tcq machine {mid} {rows}x{n} {lossy.TRANSFORM_NAMES[tr]} K={cls[0]} axis={cls[1]} scales={sc} {dt}",
+                  same_as_cpu(e, st))
     # the loader, device="cuda", on an archive with both layouts and both kinds
     import tempfile
 
@@ -245,15 +251,18 @@ def main(argv=None) -> int:
         job.check()
         row("lossless bf16 float-split, from host bytes", lay, n,
             cuda_time(lambda: decode_cuda.decode_float_split_device(s, packed, "BF16", kb, out=d_out)), extra)
-    for rows_, cols_ in ((args.rows, args.cols), (max(1, args.rows // 2), 3 * args.cols)):
+    # ecsq at two shapes, and tcq (8 states: ecsq + the level kernel) at the first
+    for rows_, cols_, trellis in ((args.rows, args.cols, 0), (max(1, args.rows // 2), 3 * args.cols, 0),
+                                  (args.rows, args.cols, 2)):
+        mname = "tcq" if trellis else "ecsq"
         for lay in layouts:
-            e, st = _ecsq_case(rng, rows_, cols_, lossy.TRANSFORM_HADAMARD, (4, 0), True, "BF16", lay, "lossy")
+            e, st = _ecsq_case(rng, rows_, cols_, lossy.TRANSFORM_HADAMARD, (4, 0), True, "BF16", lay, "lossy", trellis)
             out_t = torch.empty(e.numel, dtype=torch.int16, device=dev)
             d_out = cuda.as_cuda_array(out_t).view(np.uint16)
             lossy_cuda.reconstruct_device(e, st, d_out)
             torch.cuda.synchronize()
             ok = np.array_equal(out_t.cpu().numpy().view(np.uint8), np.asarray(decode_entry(e, st)).view(np.uint8))
-            check(f"timed: ecsq bf16 {rows_}x{cols_} {lay[0]}x{lay[1]}", ok)
+            check(f"timed: {mname} bf16 {rows_}x{cols_} {lay[0]}x{lay[1]}", ok)
             if ok:
                 _, m = lossy.split_pow2(cols_)
                 job = lossy_cuda.EcsqJob(e, st)  # streams and tables staged on the device once
@@ -261,12 +270,12 @@ def main(argv=None) -> int:
                 job.launch(d_out)
                 job.check()
                 ok = np.array_equal(out_t.cpu().numpy().view(np.uint8), np.asarray(decode_entry(e, st)).view(np.uint8))
-                check(f"timed: ecsq bf16 {rows_}x{cols_} {lay[0]}x{lay[1]} kernels only", ok)
+                check(f"timed: {mname} bf16 {rows_}x{cols_} {lay[0]}x{lay[1]} kernels only", ok)
                 if ok:
-                    row(f"lossy ecsq bf16 {rows_}x{cols_} (m={m}), kernels only", lay, e.numel,
+                    row(f"lossy {mname} bf16 {rows_}x{cols_} (m={m}), kernels only", lay, e.numel,
                         cuda_time(lambda: job.launch(d_out)), {"bytes": e.size})
                     job.check()
-                row(f"lossy ecsq bf16 {rows_}x{cols_} (m={m}), host streams", lay, e.numel,
+                row(f"lossy {mname} bf16 {rows_}x{cols_} (m={m}), host streams", lay, e.numel,
                     cuda_time(lambda: lossy_cuda.reconstruct_device(e, st, d_out)), {"bytes": e.size})
     for a in args.archive:
         if not checks.get(f"archive {Path(a).name}: every tensor"):
