@@ -17,7 +17,7 @@ def test_bench_decode_small_runs_every_decoder():
     assert ("numba CPU, 1 thread", "bf16 (fused)") in whats and ("numba CPU, 2 threads", "symbols") in whats
     assert ("numba CPU, 2 threads", "bf16 (lossy ecsq)") in whats and 1 < res["info"]["lossy_bits_per_weight"] < 6
     assert ("numba CPU, 1 thread", "bf16 (lossy tcq)") in whats and 1 < res["info"]["tcq_bits_per_weight"] < 6
-    assert res["info"]["tcq_over_ecsq_speed_2t"] > 0
+    assert res["info"]["tcq_over_ecsq_speed_2t"] > 0 and res["info"]["tcq_over_ecsq_cpu_1t"] > 0
     for r in res["rows"]:
         assert r["seconds"] > 0 and r["GB_per_s_bf16"] == pytest.approx(2 * r["symbols"] / r["seconds"] / 1e9)
     assert "x constr." in bench.format_table(res) and "tcq (8 states) decode speed / ecsq's" in bench.format_table(res)
