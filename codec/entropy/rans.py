@@ -40,7 +40,13 @@ DEFAULT_LAYOUT = (1 << 17, 32)  # 131072 symbols in 32 interleaved lanes per chu
 # ~0.1 KB for no parallelism worth having.
 LANES_MIN_SYMBOLS = 1 << 17
 _SMALL_LAYOUT = (DEFAULT_CHUNK_SYMBOLS, 1)
-PRECISION_CHOICES = (10, 11, 12, 13, 14, 15, 16)
+# precisions the encoder picks from (the format allows 1..16, spec §6.2). Capped at 12: a 2^12-slot
+# table (6 B/slot on the CPU, 24 KiB) stays in L1 / GPU shared memory, where larger ones cost a
+# cache miss on every symbol; measured: +0.0014 bpw on the SmolLM2 3-bpw archive, lossy CPU decode
+# 0.47 → 0.58 GB of bf16 per CPU-second (docs/results/2026-11-30-load-v2.md). An alphabet of more
+# than 2^12 symbols takes the smallest precision that holds it (PRECISION_FALLBACK).
+PRECISION_CHOICES = (10, 11, 12)
+PRECISION_FALLBACK = (13, 14, 15, 16)
 
 # ----------------------------------------------------------------- frequency tables
 
@@ -107,7 +113,10 @@ def choose_table(counts: np.ndarray, precisions=PRECISION_CHOICES) -> tuple[int,
         if best is None or c < best[0]:
             best = (c, p, f)
     if best is None:
-        raise ValueError(f"{n_used} distinct symbols exceed 2^{max(precisions)}")
+        fits = [p for p in PRECISION_FALLBACK if (1 << p) >= n_used and p > max(precisions)]
+        if not fits:
+            raise ValueError(f"{n_used} distinct symbols exceed 2^{max(precisions)}")
+        return fits[0], quantize_counts(counts, fits[0])
     return best[1], best[2]
 
 
