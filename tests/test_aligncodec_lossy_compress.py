@@ -13,6 +13,7 @@ from aligncodec import lossy_compress
 from aligncodec.codec import encoder
 from aligncodec.tools.cli import main
 
+LOSSY = ("ecsq", "tcq")  # the lossy modes (the CLI's default quantiser codes tcq)
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
 DOWN = "model.layers.0.mlp.down_proj.weight"
 
@@ -71,7 +72,7 @@ def test_nonfinite_lossless_flag(tmp_path, capsys):
     out = tmp_path / "m.acz"
     assert _compress(src, out, "--bpw", "3", "--nonfinite", "lossless") == 0
     modes, info = _modes(out, capsys)
-    assert modes[DOWN] != "ecsq" and modes[O_PROJ] == "ecsq"
+    assert modes[DOWN] not in LOSSY and modes[O_PROJ] in LOSSY
     summ = json.loads(info["metadata"]["acz.lossy.summary"])
     assert "NaN" in summ["lossless"][DOWN]
     dec = _decoded(tmp_path, out)
@@ -86,7 +87,7 @@ def test_rate_beyond_lossy_goes_lossless(tmp_path, capsys, bpw):
     out = tmp_path / "m.acz"
     assert _compress(src, out, "--bpw", bpw) == 0
     modes, info = _modes(out, capsys)
-    assert all(m != "ecsq" for m in modes.values())
+    assert all(m not in LOSSY for m in modes.values())
     summ = json.loads(info["metadata"]["acz.lossy.summary"])
     assert set(summ["lossless"]) == {O_PROJ, DOWN}
     dec = _decoded(tmp_path, out)
@@ -125,15 +126,16 @@ def test_degenerate_tensors_go_lossless(tmp_path, capsys, case):
     out = tmp_path / "m.acz"
     assert _compress(src, out, "--bpw", "3") == 0
     modes, info = _modes(out, capsys)
-    assert modes[DOWN] != "ecsq"
-    assert (modes[O_PROJ] == "ecsq") == (case != "all_zero")
+    assert modes[DOWN] not in LOSSY
+    assert (modes[O_PROJ] in LOSSY) == (case != "all_zero")
     dec = _decoded(tmp_path, out)
     assert torch.equal(dec[DOWN], sd[DOWN])
     assert main(["verify", str(out), "-q"]) == 0
 
 
 def test_clamped_symbols_go_lossless(tmp_path, capsys):
-    """A tiny distortion target on a tensor with a large outlier needs symbols beyond ±32767:
+    """A tiny distortion target on a tensor with a large outlier needs symbols beyond ±32767
+    (ecsq) or ±16383 (tcq):
     that tensor must go lossless, never be written with its outlier clamped."""
     def edit(sd):
         sd[DOWN][0, 0] = 2000.0  # ~70,000 × the rms
@@ -143,7 +145,7 @@ def test_clamped_symbols_go_lossless(tmp_path, capsys):
     modes, info = _modes(out, capsys)
     dec = _decoded(tmp_path, out)
     summ = json.loads(info["metadata"]["acz.lossy.summary"])
-    assert modes[DOWN] != "ecsq" and "symbols beyond" in summ["lossless"][DOWN]
+    assert modes[DOWN] not in LOSSY and "symbols beyond" in summ["lossless"][DOWN]
     assert torch.equal(dec[DOWN], sd[DOWN])
     for k in (O_PROJ,):  # every tensor written lossy decodes close to its original
         W, Wh = sd[k], dec[k]

@@ -373,3 +373,21 @@ def test_last_tensor_is_searched_on_a_subsample_and_coded_in_full_once(tmp_path,
     n = archive.inspect(out)["n_weights"]
     assert abs(8 * os.path.getsize(out) / n / 3.0 - 1) <= 0.01
     archive.verify(out)
+
+
+def test_stream_encoder_writes_tcq_that_decodes_to_what_it_measured(tmp_path, text_file):
+    """--quantizer tcq through the stream encoder: every lossy tensor is mode 4, the file lands on
+    the rate, and the decoded linears carry the error the encoder recorded (the archive verifies)."""
+    d = make_checkpoint(tmp_path / "m", "llama", True)
+    out = tmp_path / "m.acz"
+    summ = S.encode_stream(d, out, _opts(text_file, trellis=2), tokenizer=ToyTokenizer(), progress=False)
+    assert summ["quantizer"] == "tcq8"
+    info = archive.inspect(out)
+    modes = {r["name"]: r["mode"] for r in info["tensors"]}
+    plan = A.plan_model(d)
+    assert modes[plan.embedding] == "tcq" and "ecsq" not in modes.values()
+    assert sum(modes[li.weight] == "tcq" for b in plan.blocks for li in b.linears) >= 4
+    assert abs(8 * os.path.getsize(out) / info["n_weights"] / 4.0 - 1) <= 0.01
+    archive.verify(out)
+    with pytest.raises(ValueError):
+        S.StreamOptions(bpw=3.0, trellis=9)

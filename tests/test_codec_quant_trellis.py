@@ -180,7 +180,7 @@ def test_cli_quantizer_errors(tmp_path, capsys):
     src, _ = _ckpt(tmp_path)
     out = tmp_path / "m.acz"
     assert main(["compress", str(src), "-o", str(out), "--no-calibration", "-q", "--bpw", "3",
-                 "--trellis-states", "4"]) == 2
+                 "--quantizer", "ecsq", "--trellis-states", "4"]) == 2
     assert "--trellis-states needs --quantizer tcq" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(SystemExit):

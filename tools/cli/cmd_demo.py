@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from aligncodec import archive
-from aligncodec.tools.cli import add_command
+from aligncodec.tools.cli import add_command, add_quantizer_arguments, trellis_arg
 from aligncodec.tools.cli.cmd_archive import _print_table
 from aligncodec.tools.eval import models
 
@@ -54,11 +54,14 @@ def _lossy(args, src: Path, out_dir: Path) -> int:
     from aligncodec.tools.experiments import rd
 
     bpw = args.bpw
-    acz = out_dir / f"{args.model}-align-{bpw:g}bpw.acz"
-    print(f"[2/5] align encoder at {bpw:g} bits per weight (all-in over the linear layers) -> {acz}")
+    trellis = trellis_arg(args)
+    coder = rd.method_label("align", trellis).replace("align", "").lstrip("+") or "ecsq"
+    acz = out_dir / f"{args.model}-align-{coder}-{bpw:g}bpw.acz"
+    print(f"[2/5] align encoder ({coder}) at {bpw:g} bits per weight (all-in over the linear layers) -> {acz}")
     print("      (first run: calibration Σ of every linear input from 16,384 calibration tokens, cached)")
     t0 = time.perf_counter()
-    summ = enc.compress_lossy(args.model, acz, bpw=bpw, candidates=rd.ENCODER_METHODS["align"], progress=True)
+    summ = enc.compress_lossy(args.model, acz, bpw=bpw, candidates=rd.ENCODER_METHODS["align"], progress=True,
+                              trellis=trellis)
     t_align = time.perf_counter() - t0
     per = json.loads(archive.inspect(acz)["metadata"]["acz.lossy"])
     modes = enc.modes_by_type((v["type"], v["kind"]) for v in per.values())
@@ -74,19 +77,19 @@ def _lossy(args, src: Path, out_dir: Path) -> int:
     ev = Ev.evaluate(model, tok, n_tokens=args.tokens, ref_model=ref, threads=args.threads, progress=True,
                      label=acz.name)
     del model
-    print(f"[5/5] rotation baseline at the same rate: randomized Hadamard + GPTQ, same coder and counting")
+    print(f"[5/5] rotation baseline at the same rate: randomized Hadamard + GPTQ, same coder ({coder}) and counting")
     model, tok = models.load_causal_lm(args.model)
     torch.set_num_threads(args.threads)
     had = rd.run_encoder_method(args.model, "hadamard", bpw, model=model, tok=tok, ref=ref, n_tokens=args.tokens,
-                                threads=args.threads, progress=True)
+                                threads=args.threads, progress=True, trellis=trellis)
     print()
     print(f"model {args.model}, {args.tokens} evaluation tokens, KLD against the top-256 reference log-probs")
     print(f"| method | all-in bpw (linear) | perplexity | KLD (nats) | encode s |")
     print(f"|---|---|---|---|---|")
     print(f"| unmodified (float32) | 32 | {ppl_ref:.3f} | 0 | - |")
-    print(f"| align (archive, decoded) | {summ['bpw_lossy_in_archive']:.4f} | {ev['perplexity']:.3f} | {ev['kld_mean']:.4f} | "
+    print(f"| align + {coder} (archive, decoded) | {summ['bpw_lossy_in_archive']:.4f} | {ev['perplexity']:.3f} | {ev['kld_mean']:.4f} | "
           f"{summ['seconds_total']:.0f} |")
-    print(f"| hadamard + GPTQ (rotation) | {had['bpw']:.4f} | {had['perplexity']:.3f} | {had['kld']:.4f} | "
+    print(f"| hadamard + GPTQ + {coder} (rotation) | {had['bpw']:.4f} | {had['perplexity']:.3f} | {had['kld']:.4f} | "
           f"{had['encode_seconds']:.0f} |")
     d = had["kld"] - ev["kld_mean"]
     rel = d / max(had["kld"], 1e-12)
@@ -120,4 +123,5 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--lossless", action="store_true", help="bit-exact compression instead (table + verify)")
     p.add_argument("--out-dir", help="where archives go (default: <cache>/demo)")
+    add_quantizer_arguments(p)
     p.set_defaults(func=cmd_demo)
