@@ -266,13 +266,41 @@ def _verdict(fn):
         return (type(exc).__name__, str(exc))
 
 
+def flipped_data_verdicts(lc, e, data: bytes, rng, kinds: dict, *, recrc: bool = False, tries: int = 40) -> int:
+    """``tries`` copies of tensor ``e``'s data with 1-2 random bytes changed: each that parses into
+    streams is decoded by the CPU and the GPU path, whose verdicts must agree; ``kinds`` counts the
+    verdicts (and the parse errors). ``recrc``: the entry's CRC as if recomputed over the damage.
+    Returns the number of cases that reached the decoders."""
+    import dataclasses
+
+    from aligncodec.formats.layout import crc32
+    from aligncodec.formats.streams import parse_streams
+
+    n_cases = 0
+    for _ in range(tries):
+        bad = bytearray(data)
+        for i in rng.choice(len(bad), size=int(rng.integers(1, 3)), replace=False):
+            bad[i] ^= int(rng.integers(1, 256))
+        try:
+            st = parse_streams(bytes(bad), e.stream_count)
+        except Exception as exc:  # caught before any decoder runs: the same for both
+            kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
+            continue
+        be = dataclasses.replace(e, crc=crc32(bytes(bad))) if recrc else e
+        cpu = _verdict(lambda: _cpu_bytes(be, st))
+        gpu = _verdict(lambda: _gpu_bytes(lc, be, st))
+        assert gpu == cpu, (e.name, cpu, gpu)
+        kinds[cpu[0]] = kinds.get(cpu[0], 0) + 1
+        n_cases += 1
+    return n_cases
+
+
 @sim_only
 def test_corrupt_data_same_verdicts(lc):
     """A damaged-archive corpus: bytes of the tensor data changed (CRC aside, as if it had been
     recomputed); the CPU and the GPU path reach the same verdict on every one."""
     from aligncodec.codec.modes import lossy
     from aligncodec.formats.reader import ArchiveReader
-    from aligncodec.formats.streams import parse_streams
     from aligncodec.formats.writer import ArchiveWriter
 
     rng = np.random.default_rng(11)
@@ -282,22 +310,7 @@ def test_corrupt_data_same_verdicts(lc):
             cases.append((r.tensors[0], bytes(r.read_data(r.tensors[0]))))
     cases.append(_make(rng, 6, 24, lossy.TRANSFORM_HADAMARD, (1, 0), True, "F16"))
     kinds = {}
-    n_cases = 0
-    for e, data in cases:
-        for _ in range(40):
-            bad = bytearray(data)
-            for i in rng.choice(len(bad), size=int(rng.integers(1, 3)), replace=False):
-                bad[i] ^= int(rng.integers(1, 256))
-            try:
-                st = parse_streams(bytes(bad), e.stream_count)
-            except Exception as exc:  # caught before any decoder runs: the same for both
-                kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
-                continue
-            cpu = _verdict(lambda: _cpu_bytes(e, st))
-            gpu = _verdict(lambda: _gpu_bytes(lc, e, st))
-            assert gpu == cpu, (e.name, cpu, gpu)
-            kinds[cpu[0]] = kinds.get(cpu[0], 0) + 1
-            n_cases += 1
+    n_cases = sum(flipped_data_verdicts(lc, e, data, rng, kinds) for e, data in cases)
     assert n_cases >= 30, kinds
     assert "CorruptStreamError" in kinds and "ok" in kinds, kinds  # the corpus reaches the decoders' checks
 

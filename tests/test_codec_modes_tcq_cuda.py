@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from test_codec_modes_lossy_cuda import _cpu_bytes, _gpu_bytes, _verdict, lc  # noqa: F401 (lc: the fixture)
+from test_codec_modes_lossy_cuda import _cpu_bytes, _gpu_bytes, _verdict, flipped_data_verdicts, lc  # noqa: F401 (lc: the fixture)
 from test_codec_modes_tcq_cpu import MACHINES, make_tcq
 
 IN_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
@@ -74,8 +74,8 @@ def test_corrupt_tcq_same_verdicts(lc):
     verdict, a named error or the same bytes, on every case."""
     import dataclasses
 
-    from aligncodec.formats.layout import TensorEntry, align, crc32
-    from aligncodec.formats.streams import parse_streams, serialize_stream
+    from aligncodec.formats.layout import align
+    from aligncodec.formats.streams import serialize_stream
 
     rng = np.random.default_rng(14)
     kinds: dict = {}
@@ -86,21 +86,7 @@ def test_corrupt_tcq_same_verdicts(lc):
         for i, s in enumerate(st):
             b = serialize_stream(s)
             data += b + (bytes(align(len(b), 8) - len(b)) if i + 1 < len(st) else b"")
-        for _ in range(40):
-            bad = bytearray(data)
-            for i in rng.choice(len(bad), size=int(rng.integers(1, 3)), replace=False):
-                bad[i] ^= int(rng.integers(1, 256))
-            try:
-                bst = parse_streams(bytes(bad), e.stream_count)
-            except Exception as exc:  # caught before any decoder runs: the same for both
-                kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
-                continue
-            be = dataclasses.replace(e, crc=crc32(bytes(bad)))
-            cpu = _verdict(lambda: _cpu_bytes(be, bst))
-            gpu = _verdict(lambda: _gpu_bytes(lc, be, bst))
-            assert gpu == cpu, (mid, cpu, gpu)
-            kinds[cpu[0]] = kinds.get(cpu[0], 0) + 1
-            n_cases += 1
+        n_cases += flipped_data_verdicts(lc, e, data, rng, kinds, recrc=True)
         for byte17 in (0, 4, 200):  # unknown state-machine ids
             p = bytearray(e.params)
             p[17] = byte17
