@@ -175,7 +175,7 @@ class Candidate:
     hd: lossy.HadamardData | None
     scales: np.ndarray | None  # float32 values exactly representable in float16
     C: torch.Tensor  # W T diag(s)^-1, float32
-    U: torch.Tensor  # upper Cholesky factor of (damped H)^-1, in act-order, float32
+    R: torch.Tensor  # reverse Cholesky factor of the damped H (H = R Rᵀ, R upper), in act order, float32
     perm: torch.Tensor  # act order
 
 
@@ -345,10 +345,9 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
             Hm = St if sc is None else St * torch.from_numpy(sc.astype(np.float64))[:, None] * torch.from_numpy(sc.astype(np.float64))[None, :]
             box = [2 * Hm]  # hessian_factor takes the only reference (a wide input: 0.5 GB a copy)
             del Hm, St
-            U, perm, _ = hessian_factor(box, damp, act_order=True, factor="exchange")
-            U = U.to(torch.float32)
-            cache[key] = (sc, U, perm)
-        sc, U, perm = cache[key]
+            R, perm, _ = hessian_factor(box, damp, act_order=True, factor="reverse", dtype=torch.float32)
+            cache[key] = (sc, R, perm)
+        sc, R, perm = cache[key]
         if lazy:  # rows computed when read (a large tensor: no full float32 copy per candidate)
             C = RowView(lambda sl, W=job.W, hd=hd, sc=sc: candidate_rows(W.rows(sl), hd, sc), job.W.shape)
         else:
@@ -356,7 +355,7 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
             for r in row_chunks(job.W.shape[0]):  # float64 work one row chunk at a time
                 C[r] = candidate_rows(job.W[r], hd, sc)
         job.cands.append(Candidate(kind, lossy.TRANSFORM_HADAMARD if had else lossy.TRANSFORM_IDENTITY, hd, sc,
-                                   C, U, perm))
+                                   C, R, perm))
 
 
 # --------------------------------------------------------------------------- coding one tensor
@@ -383,9 +382,9 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     chunks = row_chunks(q.shape[0]) if (not job.trellis or isinstance(Ct, RowView)) else [slice(0, q.shape[0])]
     for r in chunks:
         if job.trellis:  # mode 4: the trellis search per column inside GPTQ (codec/quant/trellis.py)
-            q[r] = gptq_tcq(Ct[r], cand.U, cand.perm, step, job.trellis).numpy()
+            q[r] = gptq_tcq(Ct[r], cand.R, cand.perm, step, job.trellis).numpy()
         else:
-            q[r] = gptq_ecsq(Ct[r], cand.U, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
+            q[r] = gptq_ecsq(Ct[r], cand.R, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
     del Ct
     qmax = lossy.MAX_ABS_TCQ_SYMBOL if job.trellis else lossy.MAX_ABS_SYMBOL
     saturated = bool(q.size) and max(int(q.max()), -int(q.min())) >= qmax

@@ -57,7 +57,7 @@ def test_error_feedback_lowers_activation_weighted_error():
     E.build_candidates(job, ("identity",))
     c = job.cands[0]
     step = 0.02
-    q_gptq = gptq_ecsq(c.C, c.U, c.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
+    q_gptq = gptq_ecsq(c.C, c.R, c.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
     q_rtn = np.round(c.C.numpy() / step).astype(np.int32)
 
     def err(q):
@@ -108,7 +108,7 @@ def test_gptq_kernel_matches_textbook_gptq(block):
     E.build_candidates(job, ("identity",))
     c = job.cands[0]
     step = 0.03
-    q = gptq_ecsq(c.C, c.U, c.perm, step, maxq=lossy.MAX_ABS_SYMBOL, block=block).numpy()
+    q = gptq_ecsq(c.C, c.R, c.perm, step, maxq=lossy.MAX_ABS_SYMBOL, block=block).numpy()
     ref = _gptq_textbook(c.C, S, step)
     assert q.shape == ref.shape and q.dtype == np.int32
     # float32 vs float64 arithmetic may flip a rounding tie now and then, never more
@@ -212,7 +212,8 @@ def test_symmetrize_in_place_is_the_expression():
 
 def test_hessian_factor_handed_over_gives_the_same_factor():
     """hessian_factor([H]) (the caller's temporary, overwritten and freed early: memory of wide
-    inputs) and hessian_factor(H) give the factor of the plain textbook expressions, bit for bit."""
+    inputs) and hessian_factor(H) give the factor of the plain textbook expressions, bit for bit:
+    the reverse Cholesky factor R (H' = R Rᵀ, R upper) and the reference U (Uᵀ U = H'⁻¹) = R⁻¹."""
     from aligncodec.codec.quant.gptq import hessian_factor
 
     g = torch.Generator().manual_seed(6)
@@ -221,28 +222,31 @@ def test_hessian_factor_handed_over_gives_the_same_factor():
     H[7, :] = 0
     H[:, 7] = 0  # a dead input
     n = H.shape[0]
-    R = H.clone()
-    R[7, 7] = 1.0
-    perm = torch.argsort(torch.diag(R), descending=True, stable=True)
-    R = R[perm][:, perm]
-    R += 0.01 * torch.mean(torch.diag(R)) * torch.eye(n, dtype=R.dtype)
-    L = torch.linalg.cholesky(R.flip(0, 1))
-    U_ref = torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False).flip(0, 1)
+    Hd = H.clone()
+    Hd[7, 7] = 1.0
+    perm = torch.argsort(torch.diag(Hd), descending=True, stable=True)
+    Hd = Hd[perm][:, perm]
+    Hd += 0.01 * torch.mean(torch.diag(Hd)) * torch.eye(n, dtype=Hd.dtype)
+    R_ref = torch.linalg.cholesky(Hd.flip(0, 1)).flip(0, 1)
+    assert torch.equal(R_ref, torch.triu(R_ref)) and torch.allclose(R_ref @ R_ref.T, Hd)
     keep = H.clone()
     from aligncodec.codec.quant import gptq as G
 
     G_cols = G.FACTOR_COLS
     G.FACTOR_COLS = 40  # several column blocks (the default is one block at this size)
     try:
-        U1, p1, d1 = hessian_factor(H, 0.01, act_order=True, factor="exchange")
+        R1, p1, d1 = hessian_factor(H, 0.01, act_order=True, factor="reverse")
     finally:
         G.FACTOR_COLS = G_cols
     assert torch.equal(H, keep)  # a tensor argument is not modified
     box = [H.clone()]
-    U2, p2, d2 = hessian_factor(box, 0.01, act_order=True, factor="exchange")
+    R2, p2, d2 = hessian_factor(box, 0.01, act_order=True, factor="reverse", dtype=torch.float32)
     assert box == []
-    assert torch.equal(U1, U_ref) and torch.equal(U2, U_ref) and torch.equal(p1, perm) and torch.equal(p2, perm)
+    assert torch.equal(R1, R_ref) and torch.equal(R2, R_ref.to(torch.float32))
+    assert torch.equal(p1, perm) and torch.equal(p2, perm)
     assert bool(d1[7]) and int(d1.sum()) == 1
+    U, p3, _ = hessian_factor(H, 0.01, act_order=True, factor="reference")  # the baselines' factor: R⁻¹
+    assert torch.equal(p3, perm) and torch.allclose(U @ R_ref, torch.eye(n, dtype=U.dtype), atol=1e-9)
 
 
 def test_rotated_sigma_in_row_chunks_is_the_same(monkeypatch):
@@ -263,9 +267,9 @@ def test_rotated_sigma_in_row_chunks_is_the_same(monkeypatch):
     St = torch.from_numpy(hd.apply64(np.ascontiguousarray(hd.apply64(S.numpy()).T)))
     monkeypatch.setattr(E, "TRANSFORM_ROWS", 40)
     got = build()
-    assert torch.equal(got.U, ref.U) and torch.equal(got.perm, ref.perm)
+    assert torch.equal(got.R, ref.R) and torch.equal(got.perm, ref.perm)
     # and the same as the plain expression's factor
     from aligncodec.codec.quant.gptq import hessian_factor
 
-    U, perm, _ = hessian_factor(2 * ((St + St.T) / 2), 0.01, act_order=True, factor="exchange")
-    assert torch.equal(U.to(torch.float32), got.U) and torch.equal(perm, got.perm)
+    R, perm, _ = hessian_factor(2 * ((St + St.T) / 2), 0.01, act_order=True, factor="reverse", dtype=torch.float32)
+    assert torch.equal(R, got.R) and torch.equal(perm, got.perm)

@@ -62,8 +62,8 @@ def test_symbol_bits_is_a_code_length_table():
 def test_gptq_without_feedback_is_the_independent_search():
     rng = np.random.default_rng(3)
     C = torch.from_numpy(rng.standard_normal((96, 40)).astype(np.float32))
-    U, perm, _ = hessian_factor(2 * torch.eye(40, dtype=torch.float64), 0.01, act_order=True, factor="exchange")
-    K = T.gptq_tcq(C, U.to(torch.float32), perm, 0.3, 2).numpy()
+    R, perm, _ = hessian_factor(2 * torch.eye(40, dtype=torch.float64), 0.01, act_order=True, factor="reverse", dtype=torch.float32)
+    K = T.gptq_tcq(C, R, perm, 0.3, 2).numpy()
     K2 = T.tcq_independent(C.numpy(), 0.3, 2, T.prior_bits(C, 0.3))
     assert np.array_equal(K, K2)
     assert np.abs(K).max() <= lossy.MAX_ABS_TCQ_SYMBOL
@@ -73,8 +73,7 @@ def test_tcq_beats_ecsq_on_gaussian_columns():
     """About 1 dB at equal entropy on i.i.d. Gaussian data (no feedback): the trellis's gain."""
     rng = np.random.default_rng(4)
     C = torch.from_numpy(rng.standard_normal((1024, 64)).astype(np.float32))
-    U, perm, _ = hessian_factor(2 * torch.eye(64, dtype=torch.float64), 0.01, act_order=True, factor="exchange")
-    U = U.to(torch.float32)
+    R, perm, _ = hessian_factor(2 * torch.eye(64, dtype=torch.float64), 0.01, act_order=True, factor="reverse", dtype=torch.float32)
     from aligncodec.codec.quant.gptq import gptq_ecsq
 
     def ent(q):
@@ -84,9 +83,9 @@ def test_tcq_beats_ecsq_on_gaussian_columns():
 
     pts_e = []
     for st in (0.45, 0.55, 0.65):
-        q = gptq_ecsq(C, U, perm, st, maxq=32767).numpy()
+        q = gptq_ecsq(C, R, perm, st, maxq=32767).numpy()
         pts_e.append((ent(q), 10 * np.log10(1 / float(((q * st - C.numpy()) ** 2).mean()))))
-    K = T.gptq_tcq(C, U, perm, 0.33, 2).numpy()
+    K = T.gptq_tcq(C, R, perm, 0.33, 2).numpy()
     L = lossy.trellis_levels(K, 2)
     h, snr = ent(K), 10 * np.log10(1 / float(((L * 0.33 - C.numpy()) ** 2).mean()))
     pts_e.sort()
@@ -185,3 +184,20 @@ def test_cli_quantizer_errors(tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(SystemExit):
         main(["compress", str(src), "-o", str(out), "--bpw", "3", "--quantizer", "tcq", "--trellis-states", "5"])
+
+
+def test_gptq_tcq_lazy_batches_match_one_batch():
+    """The lazy-batch form (errors of done batches fed through R, the reverse Cholesky factor)
+    is a re-association of the one-batch column loop with U = R⁻¹: the same symbols up to
+    float32 rounding ties."""
+    g = torch.Generator().manual_seed(11)
+    n = 96
+    X = torch.randn(400, n, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, n, dtype=torch.float64)
+    X[:, 5] += 3 * X[:, 9]  # correlated inputs: real feedback
+    R, perm, _ = hessian_factor(2 * X.T @ X / 400, 0.01, act_order=True, factor="reverse", dtype=torch.float32)
+    C = torch.randn(200, n, generator=g) * 0.05
+    one = T.gptq_tcq(C, R, perm, 0.02, 2, block=128).numpy()  # n < block: one batch, U = R⁻¹ throughout
+    for block in (7, 32):
+        K = T.gptq_tcq(C, R, perm, 0.02, 2, block=block).numpy()
+        assert (K != one).mean() < 0.01
+    assert np.abs(one).max() > 2

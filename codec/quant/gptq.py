@@ -23,22 +23,24 @@ FACTOR_COLS = 512  # columns of the triangular inverse solved at a time (memory:
 
 
 def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_order: bool,
-                   factor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(U, perm, dead)``: U the upper Cholesky factor (float64) of (H + damp·mean(diag H)·I)⁻¹ in
-    processing order, ``perm`` that order (act order: decreasing H_jj, stable; else identity),
-    ``dead`` the inputs with H_jj ≤ 0 (given H_jj = 1). ``H`` given as a one-element list: the
-    caller's temporary, taken out of the list and overwritten (no copy; freed early).
+                   factor: str, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(F, perm, dead)`` for the damped H' = H + damp·mean(diag H)·I in processing order:
+    ``perm`` that order (act order: decreasing H_jj, stable; else identity), ``dead`` the inputs
+    with H_jj ≤ 0 (given H_jj = 1). ``H`` given as a one-element list: the caller's temporary,
+    taken out of the list and overwritten (no copy; freed early).
 
-    ``factor`` picks how U is computed; both give U up to float64 round-off, and each caller
-    keeps its own so that its results stay bit-identical:
+    ``factor`` picks F:
 
-    * ``"exchange"`` (the lossy encoder): U = J·L⁻¹·J with L the lower factor of J·H·J (J the
-      exchange matrix): one factorisation and one triangular inverse;
-    * ``"reference"`` (the baselines, as in the GPTQ reference code): Cholesky of H, its
-      inverse, Cholesky of that."""
-    # Memory (a wide input, e.g. 8192² float64 = 0.5 GB per copy): at most two n × n copies
-    # alive at once (given [H]); the same bits as the plain expressions (one gather for H[perm][:, perm],
-    # the damping added to the diagonal in place, each intermediate freed before the next).
+    * ``"reverse"`` (the lossy encoder, :func:`gptq_ecsq` / ``trellis.gptq_tcq``): R = J·L·J,
+      upper triangular with H' = R·Rᵀ (L the lower Cholesky factor of J·H'·J, J the exchange
+      matrix). GPTQ's factor U (upper, Uᵀ U = H'⁻¹) is R⁻¹; it is never formed (one
+      factorisation, n³/3 flops; :func:`lazy_batches` needs only R and R's diagonal blocks);
+      returned in ``dtype``, converted a column block at a time;
+    * ``"reference"`` (the baselines, as in the GPTQ reference code): U itself, as Cholesky of
+      H', its inverse, Cholesky of that (float64)."""
+    # Memory (a wide input, e.g. 8192² float64 = 0.5 GB per copy): at most two n × n float64
+    # copies alive at once (given [H]); one gather for H[perm][:, perm], the damping added to the
+    # diagonal in place, each intermediate freed before the next.
     if isinstance(H, list):  # [H]: the caller hands over its only reference (freed once permuted)
         H = H.pop()
         H = H if H.dtype == torch.float64 else H.to(torch.float64)
@@ -52,26 +54,52 @@ def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_o
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         H = H[perm[:, None], perm[None, :]]
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    if factor == "exchange":
+    if factor == "reverse":
         Hf = H.flip(0, 1)
         del H
         L = torch.linalg.cholesky(Hf)
         del Hf
-        # U = J L⁻¹ J, a block of columns of L⁻¹ at a time, written flipped straight into U
-        # (the columns of L⁻¹ are independent: the same bits as solving against the whole I)
-        U = torch.empty(n, n, dtype=L.dtype)
-        for a in range(0, n, FACTOR_COLS):
+        F = torch.empty(n, n, dtype=dtype)
+        for a in range(0, n, FACTOR_COLS):  # R[i, j] = L[n−1−i, n−1−j], a block of columns at a time
             b = min(n, a + FACTOR_COLS)
-            B = torch.zeros(n, b - a, dtype=L.dtype)
-            B[a:b].fill_diagonal_(1.0)
-            U[:, n - b:n - a] = torch.linalg.solve_triangular(L, B, upper=False).flip(0, 1)
-            del B
+            F[:, n - b:n - a] = L[:, a:b].flip(0, 1).to(dtype)
         del L
     elif factor == "reference":
-        U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        F = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     else:
         raise ValueError(f"unknown factor {factor!r}")
-    return U, perm, dead
+    return F, perm, dead
+
+
+def lazy_batches(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, block: int, run_block) -> None:
+    """GPTQ's column sweep (act order ``perm``, lazy batches of ``block`` columns) in the form
+    that needs only the reverse Cholesky factor R of H (H = R Rᵀ, R upper; :func:`hessian_factor`
+    ``"reverse"``) instead of U = R⁻¹.
+
+    With D = W − Q (original weights minus their quantized values, processing order) GPTQ's
+    errors are E = D·R (since W − Q = E·U). For a batch B after the columns A already done, the
+    weights GPTQ quantizes are therefore W_B + D_A·R_AB·R_BB⁻¹ (the textbook's trailing updates
+    E_A·U_AB, with U_AB = −R_AA⁻¹ R_AB R_BB⁻¹ and E_A = D_A R_AA): one GEMM over the done
+    columns per batch, the same flops as the textbook's trailing updates; inside the batch the
+    column loop runs with U_BB = R_BB⁻¹ (a batch-sized triangular inverse). The same symbols as
+    the U form up to float rounding (a re-association), without the n³ inverse.
+
+    ``run_block(W1, U1, i1, i2)`` quantizes the batch's weights W1 (rows × b, float32,
+    contiguous, overwritten by the column loop) with the factor block U1 and returns their
+    quantized values (rows × b)."""
+    W = C[:, perm].contiguous().numpy()  # a copy (indexing by perm): C is not modified
+    Rn = R.to(C.dtype).contiguous().numpy()
+    n = W.shape[1]
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        R1 = torch.from_numpy(Rn[i1:i2, i1:i2]).to(torch.float64)
+        U1 = torch.linalg.solve_triangular(R1, torch.eye(i2 - i1, dtype=torch.float64), upper=True)
+        U1 = np.ascontiguousarray(U1.to(C.dtype).numpy())
+        W1 = np.ascontiguousarray(W[:, i1:i2])
+        if i1:
+            W1 += (W[:, :i1] @ Rn[:i1, i1:i2]) @ U1
+        Q1 = run_block(W1, U1, i1, i2)
+        W[:, i1:i2] -= Q1  # D_B: the batch's columns now hold W − Q
 
 
 @numba.njit(parallel=True, cache=True)
@@ -178,30 +206,28 @@ def gptq(
     return QuantResult(Q.contiguous(), S.contiguous(), tuple(P), group_size)
 
 
-def gptq_ecsq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float, *, maxq: int,
+def gptq_ecsq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, *, maxq: int,
               block: int = 128) -> torch.Tensor:
-    """GPTQ (act order, lazy batches) with the uniform step ``step``: integer symbols
-    clamp(round(w/Δ), ±maxq) (int32), in the original column order. Within a block the column
-    loop is :func:`gptq_affine_block` (numba, parallel over rows; the same kernel as :func:`gptq`); the trailing update is one float32 GEMM.
+    """GPTQ (act order, lazy batches: :func:`lazy_batches`, R the reverse Cholesky factor of H)
+    with the uniform step ``step``: integer symbols clamp(round(w/Δ), ±maxq) (int32), in the
+    original column order. Within a batch the column loop is :func:`gptq_affine_block` (numba,
+    parallel over rows; the same kernel as :func:`gptq`).
 
     Rounding is plain (unbiased): a dead zone (offset ½ − θ towards zero) was measured inside
     GPTQ at −0.07 dB (θ = 0.1) and −0.8 dB (θ = 0.2) at equal rate, so there is none."""
-    W = C[:, perm].contiguous().numpy()  # indexing by perm made a copy: C is not modified
-    rows, n = W.shape
-    Un = U.contiguous().numpy()
+    rows, n = C.shape
     out = np.empty((rows, n), dtype=np.int32)  # |symbols| ≤ maxq ≤ 32767, in the original column order
     pn = perm.numpy()
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        W1 = np.ascontiguousarray(W[:, i1:i2])
+
+    def run_block(W1, U1, i1, i2):
         E1 = np.empty_like(W1)
         V1 = np.empty_like(W1)
         S1 = np.empty(W1.shape, dtype=np.int64)
         scale = np.full(W1.shape, step, dtype=W1.dtype)
         with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
-            gptq_affine_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), scale, np.zeros_like(scale),
-                              float(-maxq), float(maxq), S1, V1, E1)
+            gptq_affine_block(W1, U1, scale, np.zeros_like(scale), float(-maxq), float(maxq), S1, V1, E1)
         out[:, pn[i1:i2]] = S1
-        if i2 < n:
-            W[:, i2:] -= E1 @ Un[i1:i2, i2:]
+        return V1
+
+    lazy_batches(C, R, perm, block, run_block)
     return torch.from_numpy(out)

@@ -148,9 +148,10 @@ def _scratch(rows, S):  # pragma: no cover - numba
 
 
 @numba.njit(parallel=True, cache=True)
-def _tcq_block(W1, U1, step, lam, bits, trans, qsel, K1, E1):  # pragma: no cover - numba
+def _tcq_block(W1, U1, step, lam, bits, trans, qsel, K1, Q1, E1):  # pragma: no cover - numba
     """GPTQ's column loop over one block with the trellis where the rounding is: the column's
-    search (sequential over rows), then its error fed forward in the block (parallel over rows)."""
+    search (sequential over rows), then its error fed forward in the block (parallel over rows).
+    Symbols into K1, reconstructed values (level·Δ) into Q1."""
     rows, b = W1.shape
     bk, bs, ok, ol, col, cost, newc = _scratch(rows, trans.shape[0])
     for i in range(b):
@@ -160,7 +161,9 @@ def _tcq_block(W1, U1, step, lam, bits, trans, qsel, K1, E1):  # pragma: no cove
         d = U1[i, i]
         for r in numba.prange(rows):
             K1[r, i] = ok[r]
-            err = (W1[r, i] - ol[r] * step) / d
+            v = ol[r] * step
+            Q1[r, i] = v
+            err = (W1[r, i] - v) / d
             E1[r, i] = err
             for j in range(i + 1, b):
                 W1[r, j] -= err * U1[i, j]
@@ -194,34 +197,35 @@ def tcq_independent(C: np.ndarray, step: float, mid: int, bits: np.ndarray, lam_
     return K
 
 
-def gptq_tcq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float, mid: int, *,
+def gptq_tcq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, mid: int, *,
              lam_c: float = LAMBDA_C, rate_passes: int = 0, block: int = 128) -> torch.Tensor:
-    """GPTQ (act order, lazy batches, as :func:`aligncodec.codec.quant.gptq.gptq_ecsq`) with the
-    trellis search of state machine ``mid`` per column: tcq symbols k (int32, |k| ≤
-    MAX_ABS_TCQ_SYMBOL) in the original column order. ``rate_passes``: searches again with the
-    previous pass's symbol table (0: the prior table of :func:`prior_bits` only)."""
+    """GPTQ (act order, lazy batches: ``gptq.lazy_batches``, R the reverse Cholesky factor of H,
+    as :func:`aligncodec.codec.quant.gptq.gptq_ecsq`) with the trellis search of state machine
+    ``mid`` per column: tcq symbols k (int32, |k| ≤ MAX_ABS_TCQ_SYMBOL) in the original column
+    order. ``rate_passes``: searches again with the previous pass's symbol table (0: the prior
+    table of :func:`prior_bits` only)."""
+    from aligncodec.codec.quant.gptq import lazy_batches
+
     trans, qsel = _machine(mid)
     lam = lam_c * step * step
     bits = prior_bits(C, step)
-    Un = U.contiguous().numpy()
     pn = perm.numpy()
     out = None
     for _ in range(1 + max(0, rate_passes)):
         if out is not None:
             bits = symbol_bits(out)
-        W = C[:, perm].contiguous().numpy()  # a copy: C is not modified
-        rows, n = W.shape
-        out = np.empty((rows, n), dtype=np.int32)
-        for i1 in range(0, n, block):
-            i2 = min(i1 + block, n)
-            W1 = np.ascontiguousarray(W[:, i1:i2])
+        out = np.empty(tuple(C.shape), dtype=np.int32)
+
+        def run_block(W1, U1, i1, i2, bits=bits, out=out):
             E1 = np.empty_like(W1)
+            Q1 = np.empty_like(W1)
             K1 = np.empty(W1.shape, dtype=np.int32)
             with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
-                _tcq_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), float(step), lam, bits, trans, qsel, K1, E1)
+                _tcq_block(W1, U1, float(step), lam, bits, trans, qsel, K1, Q1, E1)
             out[:, pn[i1:i2]] = K1
-            if i2 < n:
-                W[:, i2:] -= E1 @ Un[i1:i2, i2:]
+            return Q1
+
+        lazy_batches(C, R, perm, block, run_block)
     return torch.from_numpy(out)
 
 
