@@ -96,7 +96,7 @@ def lazy_batches(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, block: in
         U1 = torch.linalg.solve_triangular(R1, torch.eye(i2 - i1, dtype=torch.float64), upper=True)
         U1 = np.ascontiguousarray(U1.to(C.dtype).numpy())
         W1 = np.ascontiguousarray(W[:, i1:i2])
-        if i1:
+        if i1 and np.any(Rn[:i1, i1:i2]):  # (R diagonal, Σ = I: no feedback, no GEMM)
             W1 += (W[:, :i1] @ Rn[:i1, i1:i2]) @ U1
         Q1 = run_block(W1, U1, i1, i2)
         W[:, i1:i2] -= Q1  # D_B: the batch's columns now hold W − Q
