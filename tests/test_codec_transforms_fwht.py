@@ -43,3 +43,16 @@ def test_float32_butterfly_is_one_rounding_per_level():
         ref = Z.reshape(3, 16, 1)
         h *= 2
     assert np.array_equal(butterflies(X), ref)
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 1), (5, 16, 3), (2, 1, 7), (4, 8192, 1)])
+def test_jit_butterflies_are_the_numpy_butterflies_bit_for_bit(shape):
+    """The encoder's numba butterflies (in place, float64) do the same additions in the same
+    order as fwht.butterflies."""
+    from aligncodec.codec.transforms.fwht import butterflies
+    from aligncodec.codec.transforms.fwht_jit import butterflies_inplace
+
+    X = np.random.default_rng(sum(shape)).standard_normal(shape)
+    ref = butterflies(X)
+    got = butterflies_inplace(X.copy())
+    assert got.dtype == np.float64 and np.array_equal(got.view(np.uint64), ref.view(np.uint64))

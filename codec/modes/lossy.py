@@ -196,10 +196,12 @@ class HadamardData:
 
     def apply64(self, X: np.ndarray) -> np.ndarray:
         """X · T for row vectors X (k × n), float64, fast (butterflies + the m × m factor)."""
-        X = np.asarray(X, dtype=np.float64) * self.signs.astype(np.float64)[None, :]
+        from aligncodec.codec.transforms.fwht_jit import butterflies_inplace  # encoder side: numba
+
+        X = np.asarray(X, dtype=np.float64) * self.signs.astype(np.float64)[None, :]  # a new array
         k, n = X.shape
         p, m = split_pow2(n)
-        Y = butterflies(X.reshape(k, p, m))
+        Y = butterflies_inplace(X.reshape(k, p, m))  # the same bits as fwht.butterflies
         Y = Y @ self.Q.astype(np.float64)
         return (Y / math.sqrt(p)).reshape(k, n)
 
