@@ -161,8 +161,6 @@ def _cpu_bytes(entry, streams) -> bytes:
 @pytest.mark.parametrize("path", VECTORS, ids=lambda p: p.stem)
 def test_golden_vector_on_device(lc, path):
     from aligncodec.formats.reader import ArchiveReader
-    from aligncodec.formats.streams import parse_streams
-    from aligncodec.formats.writer import ArchiveWriter
 
     want = json.loads(path.with_suffix(".json").read_text())["tensors"][0]["sha256"]
     with ArchiveReader(path) as r:
@@ -176,9 +174,6 @@ def test_golden_vector_on_device(lc, path):
 def _make(rng, rows, n, transform, classes, scales_on, dtype):
     """A random ecsq tensor: (entry, streams)."""
     from aligncodec.codec.modes import lossy
-    from aligncodec.formats.reader import ArchiveReader
-    from aligncodec.formats.streams import parse_streams
-    from aligncodec.formats.writer import ArchiveWriter
 
     q = np.round(rng.laplace(0, 3.0, size=(rows, n))).astype(np.int32)
     q[: max(1, rows // 3)] *= 4
@@ -198,10 +193,8 @@ def _entry_of(name, dtype, shape, params, streams):
     """Write one tensor to an in-memory archive and read it back: the entry and its parsed streams."""
     import tempfile
 
-    from aligncodec.codec.modes import lossy
     from aligncodec.formats.constants import MODE_ECSQ
     from aligncodec.formats.reader import ArchiveReader
-    from aligncodec.formats.streams import parse_streams
     from aligncodec.formats.writer import ArchiveWriter
 
     with tempfile.TemporaryDirectory() as d:
@@ -224,9 +217,7 @@ SHAPES = [  # (rows, n): n a power of two (m = 1), odd n (p = 1), n = p·m with 
 @pytest.mark.parametrize("variant", ["identity-K1", "hadamard-K1-scales", "hadamard-rowclasses", "identity-colclasses-scales"])
 def test_random_tensor_on_device(lc, rows, n, variant):
     from aligncodec.codec.modes import lossy
-    from aligncodec.formats.reader import ArchiveReader
     from aligncodec.formats.streams import parse_streams
-    from aligncodec.formats.writer import ArchiveWriter
 
     rng = np.random.default_rng(hash((rows, n, variant)) % 2**32)
     transform = lossy.TRANSFORM_HADAMARD if variant.startswith("hadamard") else lossy.TRANSFORM_IDENTITY
@@ -245,9 +236,7 @@ def test_random_tensor_on_device(lc, rows, n, variant):
 def test_row_batches(lc):
     """Rows longer than the shared segment, processed a few rows at a time through the buffer."""
     from aligncodec.codec.modes import lossy
-    from aligncodec.formats.reader import ArchiveReader
     from aligncodec.formats.streams import parse_streams
-    from aligncodec.formats.writer import ArchiveWriter
 
     rng = np.random.default_rng(5)
     e, data = _make(rng, 7, 48, lossy.TRANSFORM_HADAMARD, (2, 1), True, "BF16")
@@ -301,7 +290,6 @@ def test_corrupt_data_same_verdicts(lc):
     recomputed); the CPU and the GPU path reach the same verdict on every one."""
     from aligncodec.codec.modes import lossy
     from aligncodec.formats.reader import ArchiveReader
-    from aligncodec.formats.writer import ArchiveWriter
 
     rng = np.random.default_rng(11)
     cases = []
@@ -319,8 +307,6 @@ def test_corrupt_data_same_verdicts(lc):
 def test_out_of_memory_names_the_tensor(lc, monkeypatch):
     from aligncodec.codec.entropy import decode_cuda
     from aligncodec.formats.reader import ArchiveReader
-    from aligncodec.formats.streams import parse_streams
-    from aligncodec.formats.writer import ArchiveWriter
 
     path = VECTORS[0]
     with ArchiveReader(path) as r:

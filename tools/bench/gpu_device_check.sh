@@ -14,8 +14,8 @@ cd /tmp
 python3 -c "import sys, numba, numpy, torch; print(sys.version.split()[0], 'numba', numba.__version__, 'numpy', numpy.__version__, 'torch', torch.__version__)
 from aligncodec.codec.entropy import decode_cuda; decode_cuda.require(); print('probe kernel ok')" 2>&1 | tee -a $OUT/env.txt
 echo "=== 1. the device tests on the real GPU $(date +%T)"
-ACZ_TEST_REAL_GPU=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -x $R/tests/test_codec_modes_lossy_cuda.py \
-  $R/tests/test_codec_entropy_decode_cuda.py -k "not under_simulator" 2>&1 | tail -25 | tee $OUT/pytest_gpu.log
+ACZ_TEST_REAL_GPU=1 ACZ_SIM_FULL=1 timeout 150 python3 -m pytest -q -p no:cacheprovider -x $R/tests/test_codec_modes_lossy_cuda.py \
+  $R/tests/test_codec_entropy_decode_cuda.py $R/tests/test_codec_modes_tcq_cuda.py -k "not under_simulator" 2>&1 | tail -25 | tee $OUT/pytest_gpu.log
 echo "=== 2. bench_gpu 4096x4096 + archives $(date +%T)"
 timeout 240 python3 -m aligncodec.tools.bench.bench_gpu --vectors $R/spec/vectors/lossy "${AARGS[@]}" \
   --repeat 10 --json $OUT/bench_gpu_4096.json 2>&1 | tee $OUT/bench_gpu_4096.log
