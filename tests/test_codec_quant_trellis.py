@@ -141,15 +141,17 @@ def test_tcq_archive_decodes_to_the_encoders_w_hat(tmp_path, dtype, cands):
         assert np.array_equal(got.view(np.uint32), code.W_hat.view(np.uint32))  # bit-exact: what was measured
 
 
-def test_tcq_rate_lands_and_beats_ecsq_at_equal_rate(tmp_path, capsys):
+@pytest.mark.parametrize("encoder", [["--encoder", "whole"], ["--bpw-scope", "linear"]], ids=["whole", "stream"])
+def test_tcq_rate_lands_and_beats_ecsq_at_equal_rate(tmp_path, capsys, encoder):
     """The rate search meets the target with tcq, and at that rate the weight error is lower
-    than ecsq's (Σ = I, Gaussian weights: no calibration)."""
+    than ecsq's (Σ = I, Gaussian weights: no calibration); both encoders (stream: the default,
+    at the lossy tensors' rate)."""
     src, sd = _ckpt(tmp_path)
     err = {}
     for q in ("ecsq", "tcq"):
         out = tmp_path / f"{q}.acz"
         assert main(["compress", str(src), "-o", str(out), "--no-calibration", "-q", "--bpw", "3",
-                     "--candidates", "identity", "--quantizer", q]) == 0
+                     "--candidates", "identity", "--quantizer", q, *encoder]) == 0
         capsys.readouterr()
         assert main(["inspect", str(out), "--json"]) == 0
         info = json.loads(capsys.readouterr().out)
