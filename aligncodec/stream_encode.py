@@ -681,6 +681,10 @@ def check_coded(w: ArchiveWriter, entry, tc: E.TensorCode, ckpt: A.Checkpoint, n
         if tc.W_hat is not None and not torch.equal(Wh, torch.from_numpy(tc.W_hat[r])):
             raise E.EncodeVerifyError(f"tensor {nm!r} decodes to other values than the encoder's reconstruction")
         got += float(((Wh - ckpt.rows_float32(nm, r)).double() ** 2).sum())
+    del What
+    lossy_cpu = sys.modules.get("aligncodec.codec.modes.lossy_cpu")
+    if hasattr(lossy_cpu, "release_scratch"):  # the CPU decoder's pooled symbol buffers: not kept between tensors here
+        lossy_cpu.release_scratch()
     want = tc.noise
     if not (math.isfinite(got) and abs(got - want) <= VERIFY_RTOL * max(want, 0.0) + 1e-30):
         raise E.EncodeVerifyError(f"tensor {nm!r} decodes with error {got:.6g}, the encoder measured {want:.6g}")
