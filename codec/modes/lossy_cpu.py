@@ -23,6 +23,7 @@ fall back to that numpy path, which defines the NaN bits.
 from __future__ import annotations
 
 import math
+import threading
 
 import numba as nb
 import numpy as np
@@ -233,17 +234,25 @@ def _rows_hadamard(U, rowbase, rowoff, colbase_t, colstride_t, coloff_t, gather,
 # A tcq tensor's symbols are replaced, in place in the symbol buffer, by their levels L biased
 # by LEVEL_BIAS (|L| ≤ 32767, so L + 32767 fits a uint16); the ecsq kernels above then run
 # unchanged with the offset −LEVEL_BIAS and read q = L. Each task walks a range of columns down
-# all the rows (one state per column, one contiguous run of symbols per row).
+# all the rows (one state per column, one contiguous run of symbols per row). One task per
+# thread: the wider a task's run of each row, the better the pass streams through memory
+# (4096 × 4096, 8-state machine, ns per weight, one thread CPU, load 12.6: full rows 0.42,
+# 2048 columns 0.52, 1024 0.64, 512 0.68-0.84; docs/results/2026-11-30-load-v2.md).
 
 LEVEL_BIAS = 32767
+LEVEL_TASKS_PER_THREAD = 1
 
 
 @nb.njit(nogil=True, cache=True)
-def _levels(U, rowbase, rowoff, colbase, colstride, coloff, gather, bits, taps, rows, j0, j1):
-    """Columns [j0, j1): U[idx(i, j)] ← L[i, j] + LEVEL_BIAS, walking i = 0 .. rows − 1 from state 0."""
+def _levels(U, rowbase, rowoff, colbase, colstride, coloff, gather, smask, rtaps, rows, j0, j1):
+    """Columns [j0, j1): U[idx(i, j)] ← L[i, j] + LEVEL_BIAS, walking i = 0 .. rows − 1 from state 0.
+
+    Each column's state s is kept bit-reversed, r (see :func:`_reversed_machine`): the
+    quantiser (the top bit of s) is bit 0 of r and the shift register moves the other way,
+    ``r' = ((r << 1) | (parity(q) ^ parity(r & rtaps))) & smask``, so no shift depends on the
+    machine; the sign of q is ``(q >> 63) − (−q >> 63)``. Same states, same levels as spec §7.6."""
     w = j1 - j0
-    st = np.zeros(w, dtype=np.int32)
-    top = bits - 1
+    st = np.zeros(w, dtype=np.int64)
     for i in range(rows):
         rb = rowbase[i]
         ro = rowoff[i]
@@ -251,31 +260,78 @@ def _levels(U, rowbase, rowoff, colbase, colstride, coloff, gather, bits, taps, 
             j = j0 + t
             if gather:
                 idx = _U64(rb + colbase[j] + i * colstride[j])
-                q = np.int32(U[idx]) + ro + coloff[j]
+                q = np.int64(U[idx]) + ro + coloff[j]
             else:
                 idx = _U64(rb + j)
-                q = np.int32(U[idx]) + ro
-            s = st[_U64(t)]
-            u = (s >> top) & 1
-            sg = np.int32(q > 0) - np.int32(q < 0)
-            U[idx] = np.uint16(2 * q - u * sg + LEVEL_BIAS)
-            f = s & taps  # parity of the tapped bits (S ≤ 16: at most 4 bits)
+                q = np.int64(U[idx]) + ro
+            tu = _U64(t)
+            r = st[tu]
+            sg = (q >> 63) - ((-q) >> 63)
+            U[idx] = np.uint16(2 * q - ((-(r & 1)) & sg) + LEVEL_BIAS)
+            f = r & rtaps  # parity of the tapped bits (S ≤ 16: at most 4 bits)
             f ^= f >> 2
             f ^= f >> 1
-            st[_U64(t)] = (s >> 1) | (((q ^ f) & 1) << top)
+            st[tu] = ((r << 1) | ((q ^ f) & 1)) & smask
+
+
+def _reversed_machine(mid: int) -> tuple[int, int]:
+    """(smask, rtaps) of state machine ``mid`` for :func:`_levels`: the state mask S − 1 and the
+    feedback taps with their bits reversed over the log2(S) state bits."""
+    n_states, taps = lossy.TRELLIS_MACHINES[mid]
+    bits = n_states.bit_length() - 1
+    return n_states - 1, sum(1 << (bits - 1 - k) for k in range(bits) if taps >> k & 1)
 
 
 def _level_stage(U, prm, rowbase, rowoff, colbase, colstride, coloff, gather, rows, n, threads):
     """The tasks of the level pass (column ranges), and the (rowoff, coloff) the kernels then use."""
-    n_states, taps = lossy.TRELLIS_MACHINES[prm.trellis]
-    bits = n_states.bit_length() - 1
+    smask, rtaps = _reversed_machine(prm.trellis)
 
     def task(j0, j1):
-        _levels(U, rowbase, rowoff, colbase, colstride, coloff, gather, bits, taps, rows, j0, j1)
+        _levels(U, rowbase, rowoff, colbase, colstride, coloff, gather, smask, rtaps, rows, j0, j1)
 
-    ranges = parallel.split_ranges(n, parallel.resolve_threads(threads) * 4, multiple=64,
+    ranges = parallel.split_ranges(n, parallel.resolve_threads(threads) * LEVEL_TASKS_PER_THREAD, multiple=64,
                                    minimum=max(64, MIN_TASK_WEIGHTS // max(1, rows)))
     return parallel.stage(task, ranges), np.full(rows, -LEVEL_BIAS, np.int32), np.zeros_like(coloff)
+
+
+# ----------------------------------------------------------------- symbol scratch
+#
+# The symbol buffer of a tensor (2 bytes a weight) is borrowed from a small pool instead of
+# allocated per tensor: a fresh buffer of more than a few MB is a new anonymous mapping, and
+# its first touch (page faults, zeroing by the kernel) cost 0.36-0.52 ns a weight on this
+# machine, about a tenth of the whole lossy decode. The pool keeps at most SCRATCH_KEEP_BYTES
+# of idle buffers; release_scratch() frees them (the loader calls it when a load ends).
+
+SCRATCH_KEEP_BYTES = 256 << 20
+_scratch_lock = threading.Lock()
+_scratch: list[np.ndarray] = []
+
+
+def _borrow(n: int) -> np.ndarray:
+    """A uint16 buffer of at least ``n`` elements (contents undefined), from the pool if one fits."""
+    with _scratch_lock:
+        fits = [i for i, b in enumerate(_scratch) if b.size >= n]
+        if fits:
+            i = min(fits, key=lambda i: _scratch[i].size)
+            return _scratch.pop(i)
+    return np.empty(n, dtype=np.uint16)
+
+
+def _give_back(buf: np.ndarray) -> None:
+    """Return a borrowed buffer to the pool (the smallest idle ones make room; too big: dropped)."""
+    if buf.nbytes > SCRATCH_KEEP_BYTES:
+        return
+    with _scratch_lock:
+        _scratch.append(buf)
+        _scratch.sort(key=lambda b: -b.nbytes)
+        while sum(b.nbytes for b in _scratch) > SCRATCH_KEEP_BYTES:
+            _scratch.pop()
+
+
+def release_scratch() -> None:
+    """Free the idle symbol buffers kept for the next tensors."""
+    with _scratch_lock:
+        _scratch.clear()
 
 
 # ----------------------------------------------------------------- plan
@@ -317,7 +373,16 @@ def _plan(entry, streams, prm, sstreams, scales, hd, cm, out, threads):
         raise ValueError(f"out must be a 1-d uint8 array of {entry.nbytes} bytes")
     counts = [s.n_symbols for s in sstreams]
     bases = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])[:-1].tolist()
-    U = np.empty(int(sum(counts)), dtype=np.uint16)
+    total = int(sum(counts))
+    buf = _borrow(total)
+    try:
+        return (yield from _plan_with(entry, streams, prm, sstreams, scales, hd, cm, out, threads, counts, bases, buf[:total]))
+    finally:
+        _give_back(buf)
+
+
+def _plan_with(entry, streams, prm, sstreams, scales, hd, cm, out, threads, counts, bases, U):
+    rows, n = entry.shape
     yield from parallel.together([decode_cpu.plan_decode(s, U[b:b + c], threads=threads) for s, b, c in zip(sstreams, bases, counts)])
 
     rowbase, rowoff, colbase, colstride, coloff, gather = _index_maps(entry, prm, cm, bases, counts)
