@@ -238,6 +238,98 @@ def _decode_four(words, last, tab, symt, precision, wa, wb, wc, wd, ea, eb, ec, 
     status[c0 + 3] = _finish(xd, pd, _U64(ed))
 
 
+@nb.njit(nogil=True, cache=True, inline="always")
+def _tail(words, lastu, tab, symt, P, mask, x, p, out, o, k0, k1):
+    """One chain continued alone from symbol k0 to k1 (the steps of :func:`_decode_one`)."""
+    M16 = _U64(0xFFFF)
+    S16 = _U64(16)
+    for k in range(k0, k1):
+        i = x & mask
+        e = _U64(tab[i])
+        out[o + _U64(k)] = symt[i]
+        x = (e & M16) * (x >> P) + (e >> S16)
+        y = (x << S16) | _U64(words[min(p, lastu)])
+        c = x < _L
+        x = y if c else x
+        p += _U64(1) if c else _U64(0)
+    return x, p
+
+
+@nb.njit(nogil=True, cache=True)
+def _decode_four_var(words, last, tab, symt, precision, wa, wb, wc, wd, ea, eb, ec, ed, ma, mb, mc, md, out, oa, ob, oc, od,
+                     status, ca, cb, cc, cd):
+    """:func:`_decode_four` for the last chunks of a range: each chunk its own symbol count (the
+    stream's short last chunk), lock step up to the shortest, then each chain alone. A chunk may be
+    given twice (fewer than four left): it is decoded twice, to the same symbols and status.
+    Every chain runs exactly :func:`_decode_one`'s steps, so symbols and verdicts are the same."""
+    P = _U64(precision)
+    mask = _U64((1 << precision) - 1)
+    M16 = _U64(0xFFFF)
+    S16 = _U64(16)
+    lastu = _U64(last)
+    xa = _state(words, wa)
+    xb = _state(words, wb)
+    xc = _state(words, wc)
+    xd = _state(words, wd)
+    if xa < _L or xb < _L or xc < _L or xd < _L:
+        status[ca] = _decode_one(words, last, tab, symt, precision, wa, ea, ma, out, oa)
+        status[cb] = _decode_one(words, last, tab, symt, precision, wb, eb, mb, out, ob)
+        status[cc] = _decode_one(words, last, tab, symt, precision, wc, ec, mc, out, oc)
+        status[cd] = _decode_one(words, last, tab, symt, precision, wd, ed, md, out, od)
+        return
+    pa = _U64(wa + 2)
+    pb = _U64(wb + 2)
+    pc = _U64(wc + 2)
+    pd = _U64(wd + 2)
+    oau = _U64(oa)
+    obu = _U64(ob)
+    ocu = _U64(oc)
+    odu = _U64(od)
+    mmin = min(ma, mb, mc, md)
+    for k in range(mmin):
+        ku = _U64(k)
+        ia = xa & mask
+        ib = xb & mask
+        ic = xc & mask
+        id_ = xd & mask
+        e_a = _U64(tab[ia])
+        e_b = _U64(tab[ib])
+        e_c = _U64(tab[ic])
+        e_d = _U64(tab[id_])
+        out[oau + ku] = symt[ia]
+        out[obu + ku] = symt[ib]
+        out[ocu + ku] = symt[ic]
+        out[odu + ku] = symt[id_]
+        xa = (e_a & M16) * (xa >> P) + (e_a >> S16)
+        xb = (e_b & M16) * (xb >> P) + (e_b >> S16)
+        xc = (e_c & M16) * (xc >> P) + (e_c >> S16)
+        xd = (e_d & M16) * (xd >> P) + (e_d >> S16)
+        ya = (xa << S16) | _U64(words[min(pa, lastu)])
+        yb = (xb << S16) | _U64(words[min(pb, lastu)])
+        yc = (xc << S16) | _U64(words[min(pc, lastu)])
+        yd = (xd << S16) | _U64(words[min(pd, lastu)])
+        c_a = xa < _L
+        c_b = xb < _L
+        c_c = xc < _L
+        c_d = xd < _L
+        xa = ya if c_a else xa
+        xb = yb if c_b else xb
+        xc = yc if c_c else xc
+        xd = yd if c_d else xd
+        pa += _U64(1) if c_a else _U64(0)
+        pb += _U64(1) if c_b else _U64(0)
+        pc += _U64(1) if c_c else _U64(0)
+        pd += _U64(1) if c_d else _U64(0)
+    xa, pa = _tail(words, lastu, tab, symt, P, mask, xa, pa, out, oau, mmin, ma)
+    xb, pb = _tail(words, lastu, tab, symt, P, mask, xb, pb, out, obu, mmin, mb)
+    xc, pc = _tail(words, lastu, tab, symt, P, mask, xc, pc, out, ocu, mmin, mc)
+    xd, pd = _tail(words, lastu, tab, symt, P, mask, xd, pd, out, odu, mmin, md)
+    status[ca] = _finish(xa, pa, _U64(ea))
+    status[cb] = _finish(xb, pb, _U64(eb))
+    status[cc] = _finish(xc, pc, _U64(ec))
+    status[cd] = _finish(xd, pd, _U64(ed))
+
+
 @nb.njit(nogil=True, cache=True)
 def _join_range(out, a, b, rest, rw, low, width):
     """out[i] (a symbol) := the float bit pattern of symbol out[i] and rest i (rw bits at bit i*rw of rest).
@@ -293,7 +385,8 @@ def _join_range(out, a, b, rest, rw, low, width):
 @nb.njit(nogil=True, cache=True)
 def _decode_range(words, chunk_w, cs, n, tab, symt, precision, out, rest, rw, low, width, join, c0, c1, status):
     """Chunks [c0, c1) of one stream (chunk_w[c]: the word where chunk c starts, chunk_w[-1] the end):
-    full chunks four at a time, the rest one by one; with ``join`` each group's symbols are
+    full chunks four at a time, two or three left (the stream's short last chunk among them) in
+    lock step too (:func:`_decode_four_var`), a single one alone; with ``join`` each group's symbols are
     joined with their float-split rest right after decoding, while still in cache."""
     last = words.shape[0] - 1
     c = c0
@@ -308,6 +401,21 @@ def _decode_range(words, chunk_w, cs, n, tab, symt, precision, out, rest, rw, lo
         if join:
             _join_range(out, a, a + 4 * cs, rest, rw, low, width)
         c += 4
+    if c1 - c >= 2:  # two or three chunks left (the last maybe short): in lock step, the last repeated
+        k0 = c
+        k1 = min(c + 1, c1 - 1)
+        k2 = min(c + 2, c1 - 1)
+        k3 = min(c + 3, c1 - 1)
+        _decode_four_var(
+            words, last, tab, symt, precision,
+            chunk_w[k0], chunk_w[k1], chunk_w[k2], chunk_w[k3],
+            chunk_w[k0 + 1], chunk_w[k1 + 1], chunk_w[k2 + 1], chunk_w[k3 + 1],
+            min(cs, n - k0 * cs), min(cs, n - k1 * cs), min(cs, n - k2 * cs), min(cs, n - k3 * cs),
+            out, k0 * cs, k1 * cs, k2 * cs, k3 * cs, status, k0, k1, k2, k3,
+        )
+        if join:
+            _join_range(out, c * cs, min(c1 * cs, n), rest, rw, low, width)
+        c = c1
     while c < c1:
         a = c * cs
         b = min(a + cs, n)
