@@ -47,7 +47,7 @@ import torch
 
 from aligncodec.codec.modes import lossy
 from aligncodec.codec.quant.gptq import gptq_ecsq, hessian_factor
-from aligncodec.codec.quant.trellis import gptq_tcq
+from aligncodec.codec.quant.trellis import LAMBDA_C, class_rate, gptq_tcq
 from aligncodec.codec.quant.rate import secant_search
 
 CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
@@ -161,6 +161,11 @@ def trellis_id(quantizer: str, states: int = DEFAULT_TRELLIS_STATES) -> int:
     if states not in ids:
         raise ValueError(f"tcq has no {states}-state machine; choose from {', '.join(map(str, sorted(ids)))}")
     return ids[states]
+# (tcq λ factor, tcq rate passes, class-map refinement) by domain. Calibrated (GPTQ): as measured
+# for SmolLM2 (docs/results/2026-11-30-tcq.md). Weight domain (Σ = I, no GPTQ feedback, the search
+# is cheap): measured on MiniLM fp32 (docs/results/2026-11-30-tcq.md, "Weight-domain tuning").
+CALIBRATED_SETTINGS = (LAMBDA_C, 0, False)
+WEIGHT_DOMAIN_SETTINGS = (0.35, 1, True)
 TCQ_STEP_RATIO = 0.6  # tcq's union-grid step over the ECSQ step at about equal rate (a start for the search)
 SCALE_MIN, SCALE_MAX = 2.0**-14, 2.0**15
 
@@ -207,6 +212,18 @@ class TensorJob:
     energy: float = 0.0  # tr(W Σ Wᵀ)
     sig_mean: float = 1.0  # mean diag Σ
     trellis: int = 0  # 0: mode 2 ecsq; else mode 4 tcq with this state machine (lossy.TRELLIS_MACHINES)
+    # encoder settings; None: the default of the job's domain (``settings``)
+    tcq_lambda: float | None = None  # tcq: λ = c·Δ² of the trellis search
+    tcq_passes: int | None = None  # tcq: searches again with the previous pass's class tables
+    refine_classes: bool | None = None  # class maps refined by lossy.refine_classes
+
+    def settings(self) -> tuple[float, int, bool]:
+        """(tcq λ factor, tcq rate passes, class refinement): the fields, or where None the
+        defaults of the job's domain: calibrated (Σ given, GPTQ feedback) or the weight domain
+        (Σ = I, no calibration; WEIGHT_DOMAIN_SETTINGS)."""
+        d = WEIGHT_DOMAIN_SETTINGS if self.sigma is None else CALIBRATED_SETTINGS
+        return (d[0] if self.tcq_lambda is None else self.tcq_lambda, d[1] if self.tcq_passes is None else self.tcq_passes,
+                d[2] if self.refine_classes is None else self.refine_classes)
 
     @property
     def numel(self) -> int:
@@ -378,35 +395,30 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     Wt = job.W[sl]
     Ct = cand.C[sl]
     q = np.empty(Wt.shape, dtype=np.int32)
+    f = rows / q.shape[0]
     # GPTQ rows are independent given H: the same symbols in row chunks. The trellis search's
     # rate prior is measured on the rows it is given: whole unless the tensor is a RowView.
     chunks = row_chunks(q.shape[0]) if (not job.trellis or isinstance(Ct, RowView)) else [slice(0, q.shape[0])]
+    lam_c, passes, refine = job.settings()
     for r in chunks:
         if job.trellis:  # mode 4: the trellis search per column inside GPTQ (codec/quant/trellis.py)
-            q[r] = gptq_tcq(Ct[r], cand.U, cand.perm, step, job.trellis).numpy()
+            q[r] = gptq_tcq(Ct[r], cand.U, cand.perm, step, job.trellis, lam_c=lam_c).numpy()
         else:
             q[r] = gptq_ecsq(Ct[r], cand.U, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
+    if job.trellis and passes and len(chunks) == 1:
+        # search again, each symbol priced by its class's table of the previous pass (the
+        # classes chosen as below): the rate the format's class streams will charge
+        for _ in range(passes):
+            cls = choose_classes(q, f, class_options, refine)
+            ids = None if cls[0] == 1 else (cls[2] if len(cls) > 2 else lossy.make_classes(q, *cls))
+            q = gptq_tcq(Ct, cand.U, cand.perm, step, job.trellis, lam_c=lam_c,
+                         rate=class_rate(q, ids, cls[1])).numpy()
     del Ct
     qmax = lossy.MAX_ABS_TCQ_SYMBOL if job.trellis else lossy.MAX_ABS_SYMBOL
     saturated = bool(q.size) and max(int(q.max()), -int(q.min())) >= qmax
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
                             cand.hd.m if cand.hd is not None else 0, trellis=job.trellis)
-    # choose the symbol classes by an order-0 estimate (entropy + table + stream headers), then
-    # code only the chosen option for real (rANS table fitting is the slow part)
-    f = rows / q.shape[0]
-    best_cls, best_est = (1, 0), math.inf
-    for cls in (class_options if class_options is not None else CLASS_OPTIONS):
-        k, axis = cls
-        k = min(k, q.shape[axis])
-        parts = [q.reshape(-1)] if k == 1 else lossy.ClassMap(lossy.make_classes(q, k, axis), []).split(q, axis, k)
-        est = 0.0 if k == 1 else 4 * k + (q.shape[axis] + 1) / 2 + 8
-        for part in parts:
-            lo = int(part.min())
-            cnt = _histogram(part, lo)
-            nz = cnt[cnt > 0].astype(np.float64)
-            est += f * float(-(nz * np.log2(nz / part.size)).sum()) / 8 + 1.2 * len(cnt) + 56
-        if est < best_est:
-            best_cls, best_est = (k, axis), est
+    best_cls = choose_classes(q, f, class_options, refine)
     params, streams = lossy.encode_symbols(q, base, cand.scales, cand.hd, classes=best_cls)
     nbytes = lossy.entry_bytes(job.name, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(streams))
     if stride > 1:  # whole-tensor estimate: the symbol payload scales with the rows
@@ -435,6 +447,34 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
         W_hat, streams = None, []
     return TensorCode(job.name, cand.kind, params, streams, W_hat, nbytes, d, d / max(job.energy, 1e-300),
                       sqnr, noise, saturated)
+
+
+def choose_classes(q: np.ndarray, f: float = 1.0, class_options=None, refine: bool = False) -> tuple:
+    """The symbol classes of the least order-0 estimate (entropy + table + stream headers + class
+    map, the symbol part scaled by ``f`` for a subsample): (k, axis) with the class map of
+    ``lossy.make_classes``, or with ``refine`` (k, axis, ids), each option's map refined by
+    ``lossy.refine_classes`` before it is estimated. rANS table fitting is the slow part, so only
+    the chosen option is coded for real."""
+    best_cls, best_est = (1, 0), math.inf
+    for cls in (class_options if class_options is not None else CLASS_OPTIONS):
+        k, axis = cls
+        k = min(k, q.shape[axis])
+        ids = None
+        if k > 1:
+            ids = lossy.make_classes(q, k, axis)
+            if refine:
+                ids = lossy.refine_classes(q, ids, axis)
+                k = int(ids.max()) + 1
+        parts = [q.reshape(-1)] if k == 1 else lossy.ClassMap(ids, []).split(q, axis, k)
+        est = 0.0 if k == 1 else 4 * k + (q.shape[axis] + 1) / 2 + 8
+        for part in parts:
+            lo = int(part.min())
+            cnt = _histogram(part, lo)
+            nz = cnt[cnt > 0].astype(np.float64)
+            est += f * float(-(nz * np.log2(nz / part.size)).sum()) / 8 + 1.2 * len(cnt) + 56
+        if est < best_est:
+            best_cls, best_est = ((k, axis, ids) if refine and k > 1 else (k, axis)), est
+    return best_cls
 
 
 def _histogram(v: np.ndarray, lo: int, chunk: int = 1 << 22) -> np.ndarray:

@@ -103,3 +103,21 @@ def test_rejects_symbols_outside_table():
         rans.encode(np.array([0, 1, 2]), freqs=np.array([1 << 11, 1 << 11, 0], dtype=np.uint32), precision=12)
     with pytest.raises(ValueError):
         rans.encode(np.array([70000]))
+
+
+def test_short_last_chunk_joins_the_one_before():
+    """The default layout merges a last chunk shorter than a quarter chunk into the one before
+    (rans.merged_tail_chunk); the stream still decodes, and a pinned layout is kept exactly."""
+    assert rans.merged_tail_chunk(100, 64) == 64  # a tail of 36 ≥ 16: kept
+    assert rans.merged_tail_chunk(70, 64) == 70  # a tail of 6: one chunk of 70
+    assert rans.merged_tail_chunk(64 * 3 + 5, 64) == 66  # four chunks → three of ⌈197/3⌉
+    assert rans.merged_tail_chunk(64, 64) == 64 and rans.merged_tail_chunk(10, 64) == 64
+    rng = np.random.default_rng(2)
+    for n in (rans.LANES_MIN_SYMBOLS + 1000, rans.DEFAULT_CHUNK_SYMBOLS + 300):
+        sym = rng.integers(0, 9, n).astype(np.uint16)
+        st = rans.encode(sym)
+        assert st.chunk_symbols == n and len(st.chunk_lengths) == 1
+        assert np.array_equal(rans.decode(st), sym)
+        with rans.default_layout(rans.DEFAULT_CHUNK_SYMBOLS, 1):
+            pinned = rans.encode(sym)
+        assert pinned.chunk_symbols == rans.DEFAULT_CHUNK_SYMBOLS and np.array_equal(rans.decode(pinned), sym)

@@ -202,3 +202,34 @@ def test_round_to_dtype_is_bit_equal_to_torch(dtype):
     assert np.array_equal(got.reshape(-1), want.reshape(-1))
     back = torch.from_numpy(W.copy()).to(tdt).to(torch.float32).numpy()
     assert np.array_equal(lossy.rounded_f32(W, dtype).view(np.uint32), back.view(np.uint32))
+
+
+def test_refined_classes_code_no_longer_and_roundtrip():
+    """lossy.refine_classes (Lloyd on the classes' tables) never lengthens the order-0 code of
+    the start map, returns dense ids, and encode_symbols writes a given map that decodes exactly."""
+    rng = np.random.default_rng(11)
+    scale = np.exp(rng.normal(0, 0.8, 40))
+    q = np.rint(rng.laplace(0, 1, (40, 30)) * scale[:, None]).astype(np.int32)
+
+    def bits(ids, axis):
+        X = q if axis == 0 else q.T
+        tot = 0.0
+        for c in np.unique(ids):
+            _, cnt = np.unique(X[ids == c], return_counts=True)
+            tot -= float((cnt * np.log2(cnt / cnt.sum())).sum())
+        return tot
+
+    for axis in (0, 1):
+        ids0 = lossy.make_classes(q, 4, axis)
+        ids = lossy.refine_classes(q, ids0, axis)
+        k = int(ids.max()) + 1
+        assert ids.dtype == np.uint8 and set(np.unique(ids)) == set(range(k))
+        assert bits(ids, axis) <= bits(ids0, axis) + 1e-9
+        params, streams = lossy.encode_symbols(q, lossy.EcsqParams(0, 0.5, 0), None, None, classes=(k, axis, ids))
+        assert params.n_classes == k and params.class_axis == axis
+        from aligncodec.formats.layout import TensorEntry
+
+        e = TensorEntry("t", "F32", q.shape, params.mode, len(streams), 0, 0, 0, params.pack())
+        assert np.array_equal(lossy.decode(e, streams).view(np.float32).reshape(q.shape), q.astype(np.float32) * np.float32(0.5))
+    with pytest.raises(ValueError):
+        lossy.encode_symbols(q, lossy.EcsqParams(0, 0.5, 0), None, None, classes=(3, 0, np.zeros(40, np.uint8)))

@@ -185,3 +185,63 @@ def test_cli_quantizer_errors(tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(SystemExit):
         main(["compress", str(src), "-o", str(out), "--bpw", "3", "--quantizer", "tcq", "--trellis-states", "5"])
+
+
+# --------------------------------------------------------------------------- class-aware rate (weight domain)
+
+
+def test_class_rate_prices_each_symbol_by_its_class_table():
+    rng = np.random.default_rng(5)
+    K = np.rint(rng.normal(0, 1, (12, 10)) * np.r_[0.3, 3.0][np.arange(12) % 2][:, None]).astype(np.int32)
+    ids = (np.arange(12) % 2).astype(np.uint8)
+    bits, rtab, ctab = T.class_rate(K, ids, 0)
+    assert bits.shape[0] == 2 and np.array_equal(rtab, ids) and not ctab.any()
+    kmax = (bits.shape[1] - 1) // 2
+    for c in (0, 1):
+        assert np.array_equal(bits[c], T.symbol_bits(K[ids == c], kmax))
+    bits1, rtab1, ctab1 = T.class_rate(K.T, ids, 1)
+    assert np.array_equal(ctab1, ids) and not rtab1.any() and np.array_equal(bits1, bits)
+
+
+def test_per_class_search_is_each_class_searched_with_its_table():
+    rng = np.random.default_rng(6)
+    C = rng.standard_normal((64, 24))
+    ids = (np.arange(24) % 3).astype(np.uint8)  # column classes
+    bits = np.stack([T.symbol_bits(rng.integers(-s, s + 1, 500), 12) for s in (1, 3, 6)])
+    K = T.tcq_independent(C, 0.25, 2, bits, lam_c=0.4, ctab=ids.astype(np.int64))
+    for c in range(3):
+        Kc = T.tcq_independent(np.ascontiguousarray(C[:, ids == c]), 0.25, 2, bits[c], lam_c=0.4)
+        assert np.array_equal(K[:, ids == c], Kc)
+    # row classes through GPTQ without feedback: the same as the independent search
+    rids = (np.arange(64) % 2).astype(np.int64)
+    U, perm, _ = hessian_factor(2 * torch.eye(24, dtype=torch.float64), 0.01, act_order=True, factor="exchange")
+    Kg = T.gptq_tcq(torch.from_numpy(C.astype(np.float32)), U.to(torch.float32), perm, 0.25, 2, lam_c=0.4,
+                    rate=(bits[:2], rids, None)).numpy()
+    assert np.array_equal(Kg, T.tcq_independent(C.astype(np.float32), 0.25, 2, bits[:2], lam_c=0.4, rtab=rids))
+    with pytest.raises(ValueError):
+        T.tcq_independent(C, 0.25, 2, bits, ctab=np.full(24, 3, np.int64))  # no table 3
+
+
+def test_weight_domain_settings_and_their_code_decodes_exactly():
+    rng = np.random.default_rng(7)
+    W = torch.from_numpy((rng.standard_normal((48, 32)) * np.linspace(0.2, 2, 32)).astype(np.float32))
+    job = E.TensorJob("w", W, "F32", None, trellis=2)
+    assert job.settings() == E.WEIGHT_DOMAIN_SETTINGS
+    assert E.TensorJob("w", W, "F32", torch.eye(32, dtype=torch.float64)).settings() == E.CALIBRATED_SETTINGS
+    E.build_candidates(job, ("identity",))
+    code = E.code_candidate(job, job.cands[0], 0.1)
+    entry = lossy_entry(code, W.shape)
+    assert np.array_equal(lossy.decode(entry, code.streams).view(np.float32).reshape(W.shape), code.W_hat)
+    job0 = E.TensorJob("w", W, "F32", None, trellis=2, tcq_lambda=E.WEIGHT_DOMAIN_SETTINGS[0], tcq_passes=0,
+                       refine_classes=False)
+    E.build_candidates(job0, ("identity",))
+    code0 = E.code_candidate(job0, job0.cands[0], 0.1)
+    # the passes and refined classes do not cost rate at equal distortion (J at the measured slope)
+    lam = 0.335 * 0.1 ** 2
+    assert code.noise / lam + 8 * code.bytes_all_in <= code0.noise / lam + 8 * code0.bytes_all_in
+
+
+def lossy_entry(code, shape):
+    from aligncodec.formats.layout import TensorEntry
+
+    return TensorEntry(code.name, "F32", tuple(shape), code.params.mode, len(code.streams), 0, 0, 0, code.params.pack())

@@ -241,13 +241,29 @@ def cumulative(freqs: np.ndarray) -> np.ndarray:
 def default_layout(chunk_symbols: int, lanes: int):
     """Temporarily make (chunk_symbols, lanes) the layout of encode() calls that name none
     (the golden-vector generators pin the layout they were written with)."""
-    global DEFAULT_LAYOUT, _SMALL_LAYOUT
-    old = DEFAULT_LAYOUT, _SMALL_LAYOUT
+    global DEFAULT_LAYOUT, _SMALL_LAYOUT, TAIL_MERGE
+    old = DEFAULT_LAYOUT, _SMALL_LAYOUT, TAIL_MERGE
     DEFAULT_LAYOUT = _SMALL_LAYOUT = (int(chunk_symbols), int(lanes))
+    TAIL_MERGE = 0  # exactly that layout
     try:
         yield
     finally:
-        DEFAULT_LAYOUT, _SMALL_LAYOUT = old
+        DEFAULT_LAYOUT, _SMALL_LAYOUT, TAIL_MERGE = old
+
+
+TAIL_MERGE = 4  # a last chunk shorter than chunk/TAIL_MERGE joins the one before it
+
+
+def merged_tail_chunk(n: int, chunk_symbols: int) -> int:
+    """The chunk size of the default layout for n symbols: ``chunk_symbols``, unless the last chunk
+    would hold fewer than chunk_symbols / TAIL_MERGE symbols; then one chunk fewer, each holding
+    ⌈n / chunks⌉ (≤ 1.25 × chunk_symbols). A short last chunk costs its own states (32 lanes: 128 B)
+    and length for a few symbols: on MiniLM's 147,456-symbol streams 0.003 bpw
+    (docs/results/2026-11-30-tcq.md, "Weight-domain tuning")."""
+    chunks = -(-n // chunk_symbols)
+    if not TAIL_MERGE or chunks < 2 or n - (chunks - 1) * chunk_symbols >= chunk_symbols // TAIL_MERGE:
+        return chunk_symbols
+    return -(-n // (chunks - 1))
 
 
 def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: int | None = None, freqs: np.ndarray | None = None,
@@ -261,6 +277,7 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
     layout of 16384 symbols); a named chunk size alone means the chunked layout, lanes = 1."""
     if chunk_symbols is None:
         chunk_symbols, default_lanes = DEFAULT_LAYOUT if np.size(symbols) >= LANES_MIN_SYMBOLS else _SMALL_LAYOUT
+        chunk_symbols = merged_tail_chunk(int(np.size(symbols)), chunk_symbols)
         lanes = default_lanes if lanes is None else lanes
     elif lanes is None:
         lanes = 1

@@ -551,16 +551,48 @@ def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
     return ids
 
 
+def refine_classes(q: np.ndarray, ids: np.ndarray, axis: int, iters: int = 20) -> np.ndarray:
+    """Lloyd refinement of a class map: each row (axis 0) or column (1) moves to the class whose
+    table (the classes' symbol frequencies, add-½ smoothed) codes it in the fewest bits, the
+    tables are re-counted, until nothing moves (at most ``iters`` rounds). Empty classes are
+    dropped and the ids renumbered 0..k'−1 in order of the classes' mean |q| (uint8)."""
+    q = np.asarray(q)
+    X = q if axis == 0 else q.T
+    ids = np.asarray(ids, dtype=np.int64).copy()
+    k = int(ids.max()) + 1 if ids.size else 1
+    lo = int(X.min()) if X.size else 0
+    A = (int(X.max()) - lo + 1) if X.size else 1
+    if k > 1 and A <= 1 << 12:  # (per-line counts: lines × alphabet; wide alphabets keep the sorted split)
+        idx = (X - lo).astype(np.int64) + (np.arange(X.shape[0], dtype=np.int64) * A)[:, None]
+        cnt = np.bincount(idx.reshape(-1), minlength=X.shape[0] * A).reshape(X.shape[0], A).astype(np.float64)
+        for _ in range(iters):
+            tabs = np.stack([cnt[ids == c].sum(0) for c in range(k)]) + 0.5
+            lp = np.log2(tabs / tabs.sum(1, keepdims=True))
+            new = np.argmin(-cnt @ lp.T, axis=1)
+            if np.array_equal(new, ids):
+                break
+            ids = new
+    used = np.unique(ids)
+    mean_abs = np.array([np.abs(X[ids == c].astype(np.float64)).mean() for c in used])
+    rank = np.empty(len(used), dtype=np.int64)
+    rank[np.argsort(mean_abs, kind="stable")] = np.arange(len(used))
+    return rank[np.searchsorted(used, ids)].astype(np.uint8)
+
+
 def encode_symbols(q: np.ndarray, params: EcsqParams, scales: np.ndarray | None, hd: HadamardData | None,
-                   chunk_symbols: int | None = None, classes: tuple[int, int] = (1, 0), lanes: int | None = None) -> tuple[EcsqParams, list]:
+                   chunk_symbols: int | None = None, classes: tuple = (1, 0), lanes: int | None = None) -> tuple[EcsqParams, list]:
     """Streams (and params with offsets filled in) for integer symbols q (out × in);
-    ``classes = (k, axis)`` splits the symbols into k classes of rows (axis 0) or columns (1).
+    ``classes = (k, axis)`` splits the symbols into k classes of rows (axis 0) or columns (1)
+    by :func:`make_classes`; ``(k, axis, ids)`` gives the class map (ids < k, every class used).
     ``chunk_symbols``/``lanes``: the rANS layout (None: the encoder's default, rans.default_layout)."""
     q = np.asarray(q)
-    k, axis = classes
-    k = min(k, q.shape[axis])
+    k, axis = classes[:2]
+    ids = classes[2] if len(classes) > 2 else None
+    k = min(k, q.shape[axis]) if ids is None else k
+    if ids is not None and (len(ids) != q.shape[axis] or int(np.max(ids)) >= k or len(np.unique(ids)) != k):
+        raise ValueError("class ids must cover 0..k-1 along the class axis")
     if k > 1:
-        cm = ClassMap(make_classes(q, k, axis), [])
+        cm = ClassMap(make_classes(q, k, axis) if ids is None else np.asarray(ids, dtype=np.uint8), [])
         streams = []
         for part in cm.split(q, axis, k):
             lo, st = _sym_stream(part, chunk_symbols, lanes)

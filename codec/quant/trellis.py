@@ -31,7 +31,7 @@ import torch
 from aligncodec.codec.entropy.rans import KERNEL_LOCK
 from aligncodec.codec.modes.lossy import MAX_ABS_TCQ_SYMBOL, trellis_machine
 
-__all__ = ["LAMBDA_C", "prior_bits", "symbol_bits", "tcq_levels", "gptq_tcq", "tcq_independent"]
+__all__ = ["LAMBDA_C", "prior_bits", "symbol_bits", "class_rate", "tcq_levels", "gptq_tcq", "tcq_independent"]
 
 LAMBDA_C = 0.25  # λ = c·Δ²: with the prior table (no extra pass) c = 0.25 beat 0.4 and 0.6 inside GPTQ (docs/results/2026-11-30-tcq.md)
 _TAIL_BITS = 2.0  # bits per unit of |k| beyond the table's seen range
@@ -77,11 +77,12 @@ def _level(q, k):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True)
-def _viterbi(w, step, lam, bits, trans, qsel, out_k, out_l, bk, bs, cost, newc):  # pragma: no cover - numba
-    """One column w (rows): symbols into out_k, levels into out_l. bk/bs (rows × S): scratch."""
+def _viterbi(w, step, lam, bits, tab, trans, qsel, out_k, out_l, bk, bs, cost, newc):  # pragma: no cover - numba
+    """One column w (rows): symbols into out_k, levels into out_l. bk/bs (rows × S): scratch.
+    ``bits`` (tables × (2·kmax + 1)): rate tables; row i's symbol is priced by table ``tab[i]``."""
     rows = w.shape[0]
     S = trans.shape[0]
-    kmax = (bits.shape[0] - 1) // 2
+    kmax = (bits.shape[1] - 1) // 2
     kcap = min(kmax, MAX_ABS_TCQ_SYMBOL)
     inv = 1.0 / step
     for s in range(S):
@@ -92,6 +93,7 @@ def _viterbi(w, step, lam, bits, trans, qsel, out_k, out_l, bk, bs, cost, newc):
             newc[s] = np.inf
         wi = np.float64(w[i])
         t = wi * inv
+        ti = tab[i]
         for s in range(S):
             c0 = cost[s]
             if c0 == np.inf:
@@ -120,7 +122,7 @@ def _viterbi(w, step, lam, bits, trans, qsel, out_k, out_l, bk, bs, cost, newc):
                 elif k < -kcap:
                     k = -kcap
                 e = wi - _level(q, k) * step
-                c = c0 + e * e + lam * bits[k + kmax]
+                c = c0 + e * e + lam * bits[ti, k + kmax]
                 ns = trans[s, k & 1]
                 if c < newc[ns]:
                     newc[ns] = c
@@ -148,15 +150,18 @@ def _scratch(rows, S):  # pragma: no cover - numba
 
 
 @numba.njit(parallel=True, cache=True)
-def _tcq_block(W1, U1, step, lam, bits, trans, qsel, K1, E1):  # pragma: no cover - numba
+def _tcq_block(W1, U1, step, lam, bits, rtab, ctab, trans, qsel, K1, E1):  # pragma: no cover - numba
     """GPTQ's column loop over one block with the trellis where the rounding is: the column's
-    search (sequential over rows), then its error fed forward in the block (parallel over rows)."""
+    search (sequential over rows), then its error fed forward in the block (parallel over rows).
+    Symbol (r, i) is priced by rate table ``rtab[r] + ctab[i]``."""
     rows, b = W1.shape
     bk, bs, ok, ol, col, cost, newc = _scratch(rows, trans.shape[0])
+    tab = np.empty(rows, np.int64)
     for i in range(b):
         for r in range(rows):
             col[r] = W1[r, i]
-        _viterbi(col, step, lam, bits, trans, qsel, ok, ol, bk, bs, cost, newc)
+            tab[r] = rtab[r] + ctab[i]
+        _viterbi(col, step, lam, bits, tab, trans, qsel, ok, ol, bk, bs, cost, newc)
         d = U1[i, i]
         for r in numba.prange(rows):
             K1[r, i] = ok[r]
@@ -167,14 +172,17 @@ def _tcq_block(W1, U1, step, lam, bits, trans, qsel, K1, E1):  # pragma: no cove
 
 
 @numba.njit(parallel=True, cache=True)
-def _tcq_columns(W, step, lam, bits, trans, qsel, K):  # pragma: no cover - numba
-    """No feedback (Σ = I after the transform): one independent search per column, in parallel."""
+def _tcq_columns(W, step, lam, bits, rtab, ctab, trans, qsel, K):  # pragma: no cover - numba
+    """No feedback (Σ = I after the transform): one independent search per column, in parallel.
+    Symbol (r, j) is priced by rate table ``rtab[r] + ctab[j]``."""
     rows, n = W.shape
     for j in numba.prange(n):
         bk, bs, ok, ol, col, cost, newc = _scratch(rows, trans.shape[0])
+        tab = np.empty(rows, np.int64)
         for r in range(rows):
             col[r] = W[r, j]
-        _viterbi(col, step, lam, bits, trans, qsel, ok, ol, bk, bs, cost, newc)
+            tab[r] = rtab[r] + ctab[j]
+        _viterbi(col, step, lam, bits, tab, trans, qsel, ok, ol, bk, bs, cost, newc)
         for r in range(rows):
             K[r, j] = ok[r]
 
@@ -184,41 +192,80 @@ def _machine(mid: int):
     return np.ascontiguousarray(trans.astype(np.int64)), np.ascontiguousarray(qsel.astype(np.int64))
 
 
-def tcq_independent(C: np.ndarray, step: float, mid: int, bits: np.ndarray, lam_c: float = LAMBDA_C) -> np.ndarray:
-    """Symbols (int32) of a trellis search per column without error feedback."""
+def class_rate(K: np.ndarray, ids: np.ndarray | None = None, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rate model of symbols K as the format codes them: one table per symbol class
+    (``ids`` along ``axis``, as ``lossy.make_classes``; None: one class). Returns (bits
+    (classes × (2·kmax + 1)), rtab (rows,), ctab (n,)): symbol (r, j) is priced by table
+    rtab[r] + ctab[j]."""
+    K = np.asarray(K)
+    rows, n = K.shape
+    kmax = min(MAX_ABS_TCQ_SYMBOL, (int(np.abs(K).max()) if K.size else 0) + 8)
+    rtab = np.zeros(rows, np.int64)
+    ctab = np.zeros(n, np.int64)
+    if ids is None:
+        return symbol_bits(K, kmax)[None, :], rtab, ctab
+    ids = np.asarray(ids, dtype=np.int64)
+    k = int(ids.max()) + 1
+    bits = np.empty((k, 2 * kmax + 1))
+    for c in range(k):
+        part = K[ids == c] if axis == 0 else K[:, ids == c]
+        bits[c] = symbol_bits(part, kmax)
+    (rtab if axis == 0 else ctab)[:] = ids
+    return bits, rtab, ctab
+
+
+def _rate_arrays(rate, rows: int, n: int):
+    bits, rtab, ctab = rate
+    bits = np.ascontiguousarray(np.atleast_2d(bits), dtype=np.float64)
+    rtab = np.zeros(rows, np.int64) if rtab is None else np.ascontiguousarray(rtab, dtype=np.int64)
+    ctab = np.zeros(n, np.int64) if ctab is None else np.ascontiguousarray(ctab, dtype=np.int64)
+    if rtab.shape != (rows,) or ctab.shape != (n,) or min(rtab.min(initial=0), ctab.min(initial=0)) < 0 \
+            or int(rtab.max(initial=0)) + int(ctab.max(initial=0)) >= len(bits):
+        raise ValueError("rate tables do not match the tensor")
+    return bits, rtab, ctab
+
+
+def tcq_independent(C: np.ndarray, step: float, mid: int, bits: np.ndarray, lam_c: float = LAMBDA_C,
+                    rtab: np.ndarray | None = None, ctab: np.ndarray | None = None) -> np.ndarray:
+    """Symbols (int32) of a trellis search per column without error feedback. ``bits``: one rate
+    table, or several with ``rtab``/``ctab`` (see :func:`class_rate`)."""
     trans, qsel = _machine(mid)
     C = np.ascontiguousarray(C)
+    bits, rtab, ctab = _rate_arrays((bits, rtab, ctab), *C.shape)
     K = np.empty(C.shape, np.int32)
     with KERNEL_LOCK:
-        _tcq_columns(C, float(step), lam_c * step * step, np.ascontiguousarray(bits, dtype=np.float64), trans, qsel, K)
+        _tcq_columns(C, float(step), lam_c * step * step, bits, rtab, ctab, trans, qsel, K)
     return K
 
 
 def gptq_tcq(C: torch.Tensor, U: torch.Tensor, perm: torch.Tensor, step: float, mid: int, *,
-             lam_c: float = LAMBDA_C, rate_passes: int = 0, block: int = 128) -> torch.Tensor:
+             lam_c: float = LAMBDA_C, rate_passes: int = 0, block: int = 128, rate=None) -> torch.Tensor:
     """GPTQ (act order, lazy batches, as :func:`aligncodec.codec.quant.gptq.gptq_ecsq`) with the
     trellis search of state machine ``mid`` per column: tcq symbols k (int32, |k| ≤
-    MAX_ABS_TCQ_SYMBOL) in the original column order. ``rate_passes``: searches again with the
-    previous pass's symbol table (0: the prior table of :func:`prior_bits` only)."""
+    MAX_ABS_TCQ_SYMBOL) in the original column order. ``rate``: the rate model (bits, rtab,
+    ctab) of :func:`class_rate` (None: the prior table of :func:`prior_bits`).
+    ``rate_passes``: searches again with the previous pass's symbol table (one class)."""
     trans, qsel = _machine(mid)
     lam = lam_c * step * step
-    bits = prior_bits(C, step)
+    rows, n = C.shape
+    bits, rtab, ctab = _rate_arrays(rate if rate is not None else (prior_bits(C, step), None, None), rows, n)
     Un = U.contiguous().numpy()
     pn = perm.numpy()
     out = None
     for _ in range(1 + max(0, rate_passes)):
         if out is not None:
-            bits = symbol_bits(out)
+            bits, rtab, ctab = _rate_arrays(class_rate(out), rows, n)
         W = C[:, perm].contiguous().numpy()  # a copy: C is not modified
-        rows, n = W.shape
         out = np.empty((rows, n), dtype=np.int32)
+        cperm = np.ascontiguousarray(ctab[pn])
         for i1 in range(0, n, block):
             i2 = min(i1 + block, n)
             W1 = np.ascontiguousarray(W[:, i1:i2])
             E1 = np.empty_like(W1)
             K1 = np.empty(W1.shape, dtype=np.int32)
             with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
-                _tcq_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), float(step), lam, bits, trans, qsel, K1, E1)
+                _tcq_block(W1, np.ascontiguousarray(Un[i1:i2, i1:i2]), float(step), lam, bits, rtab,
+                           np.ascontiguousarray(cperm[i1:i2]), trans, qsel, K1, E1)
             out[:, pn[i1:i2]] = K1
             if i2 < n:
                 W[:, i2:] -= E1 @ Un[i1:i2, i2:]
