@@ -75,8 +75,8 @@ class CalibrationError(RuntimeError):
     """The calibration forward pass cannot run or leaves a linear layer without Σ."""
 
 
-class NonFiniteError(A.CheckpointError):
-    """A weight to be coded holds NaN or Inf."""
+class NonFiniteError(A.CheckpointError, E.NonFiniteError):
+    """A weight to be coded holds NaN or Inf (``nonfinite="error"``, the default)."""
 
 
 @dataclass
@@ -96,8 +96,11 @@ class StreamOptions:
     workers: int = 1
     device: str | None = None  # torch device of the calibration forward passes (None: cuda if present, else cpu)
     trellis: int = 0  # 0: mode 2 ecsq; else mode 4 tcq with this state machine (encoder.trellis_id)
+    nonfinite: str = "error"  # a lossy candidate holding NaN/Inf: NonFiniteError, or coded lossless ("lossless")
 
     def __post_init__(self):
+        if self.nonfinite not in ("error", "lossless"):
+            raise ValueError(f"nonfinite must be 'error' or 'lossless', not {self.nonfinite!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"bpw scope must be one of {SCOPES}, got {self.scope!r}")
         if self.calibration not in CALIB_MODES:
@@ -243,15 +246,25 @@ class RateController:
         self.remaining.discard(name)
         self.spent += nbytes
 
+    def skip(self, name: str, nbytes: int = 0, share: float = 0.0) -> None:
+        """``name`` was coded lossless after all: its curve (and the ratio of its kind) take no
+        further part; its ``nbytes`` are spent (whole-file scope: they are in the file) or its
+        ``share`` of the budget is withdrawn (linear scope: the target counts lossy tensors only,
+        as the whole encoder's)."""
+        self.remaining.discard(name)
+        self.spent += nbytes
+        self.budget -= share
+
     def restore(self, st: dict) -> None:
         self.spent = st["spent"]
         self.actual = dict(st["actual"])
         self.predicted = dict(st["predicted"])
         self.remaining = set(st["remaining"])
         self.steps = list(st["steps"])
+        self.budget = st.get("budget", self.budget)  # lowered by skip() in linear scope
 
     def state(self) -> dict:
-        return {"spent": self.spent, "actual": dict(self.actual), "predicted": dict(self.predicted),
+        return {"budget": self.budget, "spent": self.spent, "actual": dict(self.actual), "predicted": dict(self.predicted),
                 "remaining": sorted(self.remaining), "steps": list(self.steps)}
 
 
@@ -639,6 +652,45 @@ def tensor_rows(ckpt: A.Checkpoint, nm: str) -> "torch.Tensor | E.RowView":
     return ckpt.float32(nm)
 
 
+VERIFY_RTOL = 1e-3  # as lossy_compress.verify_lossy
+
+
+def check_coded(w: ArchiveWriter, entry, tc: E.TensorCode, ckpt: A.Checkpoint, nm: str) -> float:
+    """The stream encoder's check of what it wrote (the whole encoder decodes its archive after
+    writing, :func:`aligncodec.lossy_compress.verify_lossy`; this one checks each tensor right
+    after coding it): the entry's bytes are read back from the writer's spool, parsed and decoded
+    by the CPU decoder, then compared, one row chunk at a time, bit for bit with the encoder's
+    own reconstruction (where it was kept) and, in the weight domain, with the error the encoder
+    measured (‖W − Ŵ‖² within VERIFY_RTOL). A mismatch is EncodeVerifyError (exit 8): the
+    archive never gets its final name. Returns the decoded error."""
+    from aligncodec.codec.modes import decode_entry
+    from aligncodec.codec.torch_interop import bytes_to_tensor
+    from aligncodec.formats.streams import parse_streams
+
+    try:
+        What = bytes_to_tensor(entry, decode_entry(entry, parse_streams(w.read_back(entry), entry.stream_count)))
+    except Exception as exc:  # noqa: BLE001 - any failure to decode what was just written is the check failing
+        raise E.EncodeVerifyError(f"tensor {nm!r} does not decode ({type(exc).__name__}: {exc})") from None
+    if tuple(What.shape) != tuple(ckpt.tensors[nm].shape):
+        raise E.EncodeVerifyError(f"tensor {nm!r} decodes to shape {tuple(What.shape)}")
+    got = 0.0
+    for r in E.row_chunks(What.shape[0]):
+        Wh = What[r].to(torch.float32)
+        if not bool(torch.isfinite(Wh).all()):
+            raise E.EncodeVerifyError(f"tensor {nm!r} decodes to non-finite values")
+        if tc.W_hat is not None and not torch.equal(Wh, torch.from_numpy(tc.W_hat[r])):
+            raise E.EncodeVerifyError(f"tensor {nm!r} decodes to other values than the encoder's reconstruction")
+        got += float(((Wh - ckpt.rows_float32(nm, r)).double() ** 2).sum())
+    del What
+    lossy_cpu = sys.modules.get("aligncodec.codec.modes.lossy_cpu")
+    if hasattr(lossy_cpu, "release_scratch"):  # the CPU decoder's pooled symbol buffers: not kept between tensors here
+        lossy_cpu.release_scratch()
+    want = tc.noise
+    if not (math.isfinite(got) and abs(got - want) <= VERIFY_RTOL * max(want, 0.0) + 1e-30):
+        raise E.EncodeVerifyError(f"tensor {nm!r} decodes with error {got:.6g}, the encoder measured {want:.6g}")
+    return got
+
+
 def code_tensor(name: str, W: "torch.Tensor | E.RowView", dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
                 cache: dict, keep_w_hat: bool = True) -> tuple[E.TensorCode, E.TensorJob]:
     """Code one tensor at ``step``: candidates by J on a row subsample, then the chosen one in
@@ -651,6 +703,7 @@ def code_tensor(name: str, W: "torch.Tensor | E.RowView", dtype: str, S: torch.T
         cand = job.cands[0]
     job.cands = [cand]  # the others' C (one float32 copy of W each) go before the full code
     tc = E.code_candidate(job, cand, step, keep_w_hat=keep_w_hat)
+    job.unfit = E.unfit_reason(tc, job)  # a code lossy coding cannot serve: the tensor goes lossless
     job.cands = []
     return tc, job
 
@@ -713,15 +766,16 @@ def _worker_threads(n: int | None) -> None:
 
 
 def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: StreamOptions, *, progress: bool = True,
-                  tokenizer=None, resume: bool = False, on_block=None) -> dict:
+                  tokenizer=None, resume: bool = False, on_block=None, follow_symlinks: bool = False) -> dict:
     """Encode ``model`` block by block into ``out`` (see the module doc). Returns a summary.
     Runs with at most ``opts.threads`` threads per pool (:func:`thread_limits`)."""
     with thread_limits(opts.threads):
-        return _encode_stream(model, out, opts, progress=progress, tokenizer=tokenizer, resume=resume, on_block=on_block)
+        return _encode_stream(model, out, opts, progress=progress, tokenizer=tokenizer, resume=resume, on_block=on_block,
+                              follow_symlinks=follow_symlinks)
 
 
 def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: StreamOptions, *, progress: bool,
-                   tokenizer, resume: bool, on_block) -> dict:
+                   tokenizer, resume: bool, on_block, follow_symlinks: bool = False) -> dict:
     from aligncodec import archive
 
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else (lambda m: None)
@@ -732,6 +786,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
 
         src_path = resolve_input(model)
     folder = src_path.parent if src_path.is_file() else src_path
+    src = archive.find_inputs(src_path, follow_symlinks=follow_symlinks)  # InputError before any work (symlinks, names,
+    files_meta = archive._file_metadata(src)  # a file that is not safetensors), as the whole encoder
     ckpt = A.Checkpoint(src_path)
     calibrate = opts.calibration != "none"
     has_config = (folder / "config.json").is_file()
@@ -755,13 +811,9 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         for nm, ti in ckpt.tensors.items():
             if is_lossy_candidate(nm, ti.dtype, ti.shape, lossy_embeddings=opts.lossy_embeddings):
                 order.append((nm, layer_type(nm), None))
-    lossy_names = {n for n, _, _ in order}
-    kinds = {n: k for n, k, _ in order}
-    linear_names = {n for n, k, _ in order if k not in ("embedding", "lm_head")}
-    n_params = ckpt.n_params
-    n_linear = sum(ckpt.tensors[n].numel for n in linear_names)
     if not order:
         raise ValueError(f"{model}: no tensor qualifies for lossy coding")
+    n_params = ckpt.n_params
 
     # ---- spool: finished blocks survive a kill; --resume continues from them
     ident = {"input": input_fingerprint(ckpt), "options": opts.fingerprint()}
@@ -774,26 +826,60 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         spool = None
     import shutil
 
-    need = 3 * opts.bpw * n_params / 8 + (2 * opts.calib_tokens * 4 * _hidden(plan) if calibrate else 0) + (64 << 20)
+    need = 3 * min(opts.bpw, 32.0) * n_params / 8 + (2 * opts.calib_tokens * 4 * _hidden(plan) if calibrate else 0) + (64 << 20)
     free = shutil.disk_usage(sp_path.parent).free
     if free < need:
         raise SpoolSpaceError(f"{sp_path.parent}: {free / 1e9:.2f} GB free, the encode needs about {need / 1e9:.2f} GB "
                               "(archive, its spool and the resume spool)")
-    if spool is None:
-        spool = Spool.create(sp_path, ident)
 
-    # ---- rate pass (also the NaN/Inf check)
+    # ---- rate pass, with the checks of every lossy candidate before any work (as the whole
+    # encoder's build_jobs): NaN/Inf is NonFiniteError naming every such tensor, or (nonfinite
+    # "lossless") that tensor goes lossless; so do all-zero tensors, weights beyond the lossy
+    # range, rms outside the rate grid, and every tensor when the target is beyond lossy coding
     had = any(c.startswith("hadamard") for c in opts.candidates)
     curves: dict[str, RateCurve] = {}
+    lossless_why: dict[str, str] = {}  # lossy candidates coded lossless instead, with the reason
+    bad: dict[str, int] = {}
     t_rate = time.perf_counter()
     for nm, kind, _b in order:
         t = ckpt.get(nm)
-        if not bool(torch.isfinite(t).all()):
-            raise NonFiniteError(f"tensor {nm!r} holds NaN or Inf values")
-        curves[nm] = measure_curve(nm, kind, t, had, opts.seed, E.TCQ_STEP_RATIO if opts.trellis else 1.0)
+        n_bad = E.count_nonfinite(t)
+        if n_bad:
+            bad[nm] = n_bad
+            lossless_why[nm] = f"{n_bad} NaN/Inf values"
+            continue
+        if opts.nonfinite == "error" and bad:
+            continue  # an error follows: no curve needed
+        why = E.lossless_reason(t)
+        if why is None and opts.bpw >= E.LOSSY_MAX_BPW:
+            why = f"target {opts.bpw:g} bpw is beyond what lossy coding delivers (< {E.LOSSY_MAX_BPW:g} bpw)"
+        if why is None:
+            try:
+                curves[nm] = measure_curve(nm, kind, t, had, opts.seed, E.TCQ_STEP_RATIO if opts.trellis else 1.0)
+            except NonFiniteError as exc:  # finite, but no useful step on the grid
+                why = str(exc)
+        if why is not None:
+            lossless_why[nm] = why
         del t
+    if bad and opts.nonfinite == "error":
+        try:
+            E.check_finite(bad)
+        except E.NonFiniteError as exc:
+            raise NonFiniteError(str(exc)) from None
+    order = [o for o in order if o[0] not in lossless_why]
     t_rate = time.perf_counter() - t_rate
     log(f"rate pass: {len(curves)} tensors in {t_rate:.1f} s")
+    if lossless_why:
+        log(f"note: {len(lossless_why)} tensor(s) coded lossless instead of lossy: "
+            + "; ".join(f"{n}: {w}" for n, w in list(lossless_why.items())[:3]) + (" ..." if len(lossless_why) > 3 else ""))
+    lossy_names = {n for n, _, _ in order}
+    kinds = {n: k for n, k, _ in order}
+    linear_names = {n for n, k, _ in order if k not in ("embedding", "lm_head")}
+    n_linear = sum(ckpt.tensors[n].numel for n in linear_names)
+    if not order:
+        calibrate = False  # nothing left to code lossy: no calibration, no rate control
+    if spool is None:
+        spool = Spool.create(sp_path, ident)
 
     # ---- calibration inputs (before any coding: a model that cannot run fails here)
     windows = None
@@ -815,13 +901,6 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
     from aligncodec.auxfiles import AUX_PREFIX
     from aligncodec.codec.torch_interop import tensor_bytes
 
-    src = archive.find_inputs(src_path)
-    files_meta = {}
-    for f in ckpt.files:
-        from safetensors import safe_open
-
-        with safe_open(str(f), framework="pt") as st:
-            files_meta[f.name] = {"metadata": st.metadata() or {}, "tensors": list(st.keys())}
     from aligncodec import __version__
 
     meta = {"acz.tool": f"aligncodec {__version__}", "acz.files": json.dumps(files_meta, sort_keys=True)}
@@ -855,7 +934,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
             budget = opts.bpw * n_linear / 8
             curves_ctl = {n: c for n, c in curves.items() if n in linear_names}
         ctl = RateController(budget, curves if opts.scope == "all" else curves_ctl)
-        if budget <= 0:
+        if budget <= 0 and order:
             raise ValueError(f"--bpw {opts.bpw}: the lossless tensors alone take {8 * other_bytes / n_params:.3f} bits per parameter")
 
         coded: dict[str, Coded] = {}
@@ -865,6 +944,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                        "act_rel_err": float(f"{c.rel_err:.6g}"), "sqnr_db": round(c.sqnr_db, 3), "type": c.type,
                        "step": float(f"{c.step:.6g}")} for n, c in coded.items()}
             lin_bytes = sum(c.nbytes for n, c in coded.items() if n in linear_names)
+            n_lin = sum(ckpt.tensors[n].numel for n in coded if n in linear_names)
             n_coded = sum(ckpt.tensors[n].numel for n in coded)
             modes: dict[str, int] = {}
             for c in coded.values():
@@ -876,9 +956,10 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     "quantizer": "ecsq" if not opts.trellis else f"tcq{lossy.TRELLIS_MACHINES[opts.trellis][0]}",
                     "steps": [float(f"{s:.6g}") for s in ctl.steps],
                     "step": float(f"{np.median(ctl.steps):.6g}") if ctl.steps else None,
-                    "n_params": n_params, "n_lossy_weights": n_coded, "n_linear_weights": n_linear,
-                    "bpw_linear_all_in": 8 * lin_bytes / max(1, n_linear),
-                    "bpw_lossy_all_in": 8 * sum(c.nbytes for c in coded.values()) / max(1, n_coded), "modes": modes}
+                    "n_params": n_params, "n_lossy_weights": n_coded, "n_linear_weights": n_lin,
+                    "bpw_linear_all_in": 8 * lin_bytes / max(1, n_lin),
+                    "bpw_lossy_all_in": 8 * sum(c.nbytes for c in coded.values()) / max(1, n_coded), "modes": modes,
+                    "nonfinite": opts.nonfinite, "lossless": dict(sorted(lossless_why.items()))}
             return {**meta, "acz.lossy": json.dumps(per, sort_keys=True), "acz.lossy.summary": json.dumps(summ, sort_keys=True)}
 
         def exact_overhead(n_more: int) -> int:
@@ -886,19 +967,36 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
             return _overhead(m, n_more * (len(m["acz.lossy"]) // max(1, len(coded)) + 2 if coded else 150))
         x_fixed = None  # linear scope: embeddings lossy are coded at the last linear step
 
-        def put(nm: str, tc: E.TensorCode, x: float):
+        def put(nm: str, tc: E.TensorCode, x: float, unfit: str | None = None):
+            """Write one coded tensor and check it (:func:`check_coded`); a code lossy coding
+            cannot serve (``unfit``: clamped symbols, an underflowing step) is replaced by the
+            tensor's lossless code, its bytes counted as spent."""
             ti = ckpt.tensors[nm]
+            if unfit:
+                lossless_why[nm] = unfit
+                mode, params, streams = lossless.encode(tensor_bytes(ckpt.get(nm)), ti.dtype, ti.numel)
+                e = w.add(nm, ti.dtype, ti.shape, mode, streams, params)
+                nb = lossy.entry_bytes(nm, len(ti.shape), len(params), e.size)
+                if nm in ctl.curves:
+                    if opts.scope == "all":
+                        ctl.skip(nm, nbytes=nb)
+                    else:
+                        ctl.skip(nm, share=opts.bpw * ti.numel / 8)
+                log(f"note: {nm} coded lossless instead of lossy: {unfit}")
+                return (nm, ti.dtype, ti.shape, mode, params, streams)
             e = w.add(nm, ti.dtype, ti.shape, tc.params.mode, tc.streams, tc.params.pack())
+            check_coded(w, e, tc, ckpt, nm)
             nb = lossy.entry_bytes(nm, 2, lossy.PARAMS_SIZE, e.size)
             if nm in ctl.curves:
                 ctl.record(nm, x, nb)
             coded[nm] = Coded(nm, tc.kind, float(tc.params.step), nb, float(tc.rel_err), float(tc.sqnr_db), kinds[nm])
+            return (nm, ti.dtype, ti.shape, tc.params.mode, tc.params.pack(), tc.streams)
 
         # ---- block pass (finished blocks of an interrupted run come back from the spool)
         by_block: dict[int | None, list[str]] = {}
         for nm, _k, b in order:
             by_block.setdefault(b, []).append(nm)
-        blocks_list = plan.blocks if plan is not None else []
+        blocks_list = plan.blocks if (plan is not None and order) else []
         blocks_mod = A.get_module(plan.model, plan.blocks_path) if plan is not None else None
         done = 0
         if resume and spool.steps:
@@ -908,6 +1006,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     w.add(nm, dtype, shape, mode, streams, params)
                 for c in pl["coded"]:
                     coded[c["name"]] = Coded(**c)
+                lossless_why.update(pl.get("lossless", {}))
             ctl.restore(pl["ctl"])
             done = len(spool.steps)
             if calibrate:
@@ -942,16 +1041,14 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
 
             def work(nm, x=x, sig=sig, cache=cache):
                 _worker_threads(opts.threads)
-                tc, _job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache)
-                return tc
+                tc, job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache)
+                return tc, job.unfit
 
             results = pool.map(work, names) if pool is not None else map(work, names)
             entries = []
-            for nm, tc in zip(names, results):
-                put(nm, tc, x)
-                ti = ckpt.tensors[nm]
-                entries.append((nm, ti.dtype, ti.shape, tc.params.mode, tc.params.pack(), tc.streams))
-                if calibrate and opts.calibration == "quantized":
+            for nm, (tc, unfit) in zip(names, results):
+                entries.append(put(nm, tc, x, unfit))
+                if calibrate and opts.calibration == "quantized" and not unfit:
                     A.set_param(plan.model, lin_by_w[nm].module + ".weight", torch.from_numpy(tc.W_hat).to(dev))
                 del tc
             cache.clear()
@@ -963,7 +1060,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     A.set_param(plan.model, path, None)
             sig = None
             spool.save_step(f"block{b.index}", {"entries": entries, "ctl": ctl.state(),
-                                               "coded": [asdict(coded[n]) for n in names]},
+                                               "coded": [asdict(coded[n]) for n in names if n in coded],
+                                               "lossless": {n: lossless_why[n] for n in names if n in lossless_why}},
                             hs if calibrate else None)
             release_free_memory()
             if on_block is not None:  # tests: interrupt after a given block
@@ -992,8 +1090,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                 dtype = ckpt.tensors[nm].dtype
                 if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step
                     st = ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()
-                    tc, _ = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False)
-                    put(nm, tc, math.log2(st))
+                    tc, job = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False)
+                    put(nm, tc, math.log2(st), job.unfit)
                     continue
                 last = i == len(rest) - 1
                 if last and opts.scope == "all":
@@ -1001,10 +1099,10 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     ctl.budget += overhead - ov
                     overhead = ov
                 tol = FULL_TOL * (opts.bpw * n_params / 8 if opts.scope == "all" else ctl.budget)
-                tc, x = _search_last(nm, W, dtype, S, ctl, opts, exact=last, log=log, tol_bytes=tol)
+                tc, x, unfit = _search_last(nm, W, dtype, S, ctl, opts, exact=last, log=log, tol_bytes=tol)
                 log(f"{nm}: coded; peak RSS so far {_peak_rss_gb():.2f} GB")
                 ctl.steps.append(2.0**x)
-                put(nm, tc, x)
+                put(nm, tc, x, unfit)
                 del W, tc
                 release_free_memory()
         # ---- metadata and close
@@ -1066,7 +1164,8 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
 
         cand = pick(x)
         if not exact:
-            return E.code_candidate(job, cand, 2.0**x, keep_w_hat=False), x
+            tc = E.code_candidate(job, cand, 2.0**x, keep_w_hat=False)
+            return tc, x, E.unfit_reason(tc, job)
         left = ctl.budget - ctl.spent
         stride = max(1, rows // SEARCH_ROWS)
 
@@ -1089,7 +1188,7 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
             log(f"{nm}: step {2.0**x2:.4g} -> {tc2.bytes_all_in} bytes in full (target {left:.0f})")
             if abs(tc2.bytes_all_in - left) < abs(tc.bytes_all_in - left):
                 tc, x = tc2, x2
-        return tc, x
+        return tc, x, E.unfit_reason(tc, job)
     finally:
         job.cands = []
 

@@ -37,6 +37,7 @@ to beat equal-SQNR allocation: docs/results/2026-11-28-rd.md), optionally multip
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -395,9 +396,14 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     Ct = cand.C[sl]
     q = np.empty(Wt.shape, dtype=np.int32)
     f = rows / q.shape[0]
-    # GPTQ rows are independent given H: the same symbols in row chunks. The trellis search's
-    # rate prior is measured on the rows it is given: whole unless the tensor is a RowView.
-    chunks = row_chunks(q.shape[0]) if (not job.trellis or isinstance(Ct, RowView)) else [slice(0, q.shape[0])]
+    # GPTQ rows are independent given H: the same symbols in row chunks (ecsq). Not tcq: its
+    # state machine walks every row of a column (spec §7.6), so the trellis search runs on all
+    # rows at once, a RowView's included (a search restarted at state 0 per row chunk chose
+    # symbols for a state the decoder does not have: SmolLM2's 49,152-row embedding decoded with
+    # 1.8x the error the encoder measured, caught by the stream encoder's check).
+    if job.trellis and isinstance(Ct, RowView):
+        Ct = Ct[0:Ct.shape[0]]  # the rows as one float32 tensor
+    chunks = row_chunks(q.shape[0]) if not job.trellis else [slice(0, q.shape[0])]
     lam_c, passes, refine = job.settings()
     for r in chunks:
         if job.trellis:  # mode 4: the trellis search per column inside GPTQ (codec/quant/trellis.py)
@@ -425,9 +431,13 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     W_hat = np.empty(q.shape, dtype=np.float32) if keep_w_hat else None
     S32 = job.sigma.to(torch.float32) if job.sigma is not None else None
     d = sig = noise = 0.0
+    rparams = params
+    if job.trellis:  # tcq: the levels of each column's whole walk first, then row chunks as ecsq's
+        trellis_levels_in_place(q, job.trellis)
+        rparams = dataclasses.replace(params, trellis=0)
     for r in row_chunks(q.shape[0]):  # one chunk (the plain expressions) unless the tensor is large
         # element-wise float32 work: the same bits in row chunks
-        Wh = lossy.rounded_f32(lossy.reconstruct_from(params, q[r], cand.scales, cand.hd), job.dtype)
+        Wh = lossy.rounded_f32(lossy.reconstruct_from(rparams, q[r], cand.scales, cand.hd), job.dtype)
         if W_hat is not None:
             W_hat[r] = Wh
         Wr = Wt[r]
@@ -446,6 +456,20 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
         W_hat, streams = None, []
     return TensorCode(job.name, cand.kind, params, streams, W_hat, nbytes, d, d / max(job.energy, 1e-300),
                       sqnr, noise, saturated)
+
+
+def trellis_levels_in_place(q: np.ndarray, mid: int) -> None:
+    """tcq symbols k (int32, rows × n) replaced in place by their levels L: each column walks
+    all its rows from state 0 (spec §7.6; :func:`lossy.trellis_levels` without the copy), so
+    row chunks of the result reconstruct as ecsq's symbols would, bit for bit the decoder's."""
+    trans, qsel = lossy.trellis_machine(mid)
+    s = np.zeros(q.shape[1], np.intp)
+    for i in range(q.shape[0]):
+        k = q[i]
+        par = k & 1
+        L = 2 * k - np.where(qsel[s] == 1, np.sign(k), 0).astype(k.dtype)
+        s = trans[s, par]
+        q[i] = L
 
 
 def choose_classes(q: np.ndarray, f: float = 1.0, class_options=None, refine: bool = False) -> tuple:

@@ -110,6 +110,19 @@ class ArchiveWriter:
         finally:
             self._spool.close()
 
+    def read_back(self, entry: TensorEntry) -> bytes:
+        """The data bytes of ``entry`` (returned by :meth:`add`) as the spool holds them: what
+        :meth:`close` will copy into the archive (the encoder's check of what it wrote)."""
+        if self._closed:
+            raise ValueError("writer is closed")
+        for e, off in reversed(self._entries):
+            if e is entry:
+                self._spool.seek(off)
+                data = self._spool.read(e.size)
+                self._spool.seek(0, io.SEEK_END)
+                return data
+        raise KeyError(entry.name)
+
     def abort(self) -> None:
         if not self._closed:
             self._closed = True

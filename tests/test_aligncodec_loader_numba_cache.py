@@ -1,7 +1,7 @@
 """No numba compilation at load: every kernel the loader runs is cached (``cache=True``).
 
 A first process with an empty ``NUMBA_CACHE_DIR`` loads an archive holding every kind of
-tensor the CPU decoder handles (stored raw and zstd, float-split F16/BF16/F32/F64, ecsq
+tensor the CPU decoder handles (stored raw and zstd, float-split F16/BF16/F32/F64, ecsq and tcq
 identity/hadamard with and without classes and column scales, F32/F16/BF16), compiling and
 caching the kernels; a second, fresh process loads another archive of the same kinds and
 must compile nothing: numba's ``numba:compile`` event (fired only for a real compilation,
@@ -20,7 +20,7 @@ import torch
 
 from aligncodec import archive
 from aligncodec.codec.modes import lossy
-from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED
+from aligncodec.formats.constants import MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_STORED, MODE_TCQ
 from aligncodec.formats.reader import ArchiveReader
 from aligncodec.formats.writer import ArchiveWriter
 
@@ -68,11 +68,13 @@ def _archive(path, seed):
     src = path.with_suffix(".safetensors")
     save_file(sd, str(src))
     rng = np.random.default_rng(seed)
-    lossy_specs = {  # name: (dtype, shape, transform, column scales, classes)
-        "g.id": ("F32", (20, 24), 0, False, (1, 0)),
-        "h.had": ("BF16", (20, 96), 1, True, (3, 0)),
-        "i.had": ("F16", (20, 64), 1, False, (4, 1)),
-        "j.had": ("F32", (9, 40), 1, True, (1, 0)),
+    lossy_specs = {  # name: (dtype, shape, transform, column scales, classes, trellis machine: 0 = ecsq)
+        "g.id": ("F32", (20, 24), 0, False, (1, 0), 0),
+        "h.had": ("BF16", (20, 96), 1, True, (3, 0), 0),
+        "i.had": ("F16", (20, 64), 1, False, (4, 1), 0),
+        "j.had": ("F32", (9, 40), 1, True, (1, 0), 0),
+        "k.tcq": ("BF16", (20, 96), 1, True, (3, 0), 2),
+        "l.tcq": ("F32", (12, 40), 0, False, (2, 1), 1),
     }
 
     def encode(name, dtype, shape, raw):
@@ -86,20 +88,20 @@ def _archive(path, seed):
     with ArchiveReader(path) as r, ArchiveWriter(str(path) + ".new", r.metadata) as w:
         for e in entries:
             w.add(e.name, e.dtype, e.shape, e.mode, r.read_streams(e), e.params)
-        for name, (dtype, shape, tr, cs, cls) in lossy_specs.items():
+        for name, (dtype, shape, tr, cs, cls, mid) in lossy_specs.items():
             rows, n = shape
             q = rng.integers(-20, 21, size=shape).astype(np.int32)
             hd = lossy.HadamardData.from_seed(n, seed) if tr else None
             m = lossy.split_pow2(n)[1] if tr else 0
             scales = (0.5 + rng.random(n)).astype(np.float16) if cs else None
-            p = lossy.EcsqParams(tr, 0.01, 0, lossy.FLAG_COL_SCALES if cs else 0, m)
+            p = lossy.EcsqParams(tr, 0.01, 0, lossy.FLAG_COL_SCALES if cs else 0, m, trellis=mid)
             p, streams = lossy.encode_symbols(q, p, scales, hd, chunk_symbols=100, classes=cls)
-            w.add(name, dtype, shape, MODE_ECSQ, streams, p.pack())
+            w.add(name, dtype, shape, p.mode, streams, p.pack())
     os.replace(str(path) + ".new", path)
     with ArchiveReader(path) as r:
         modes = {e.mode for e in r.tensors}
         dtypes = {e.dtype for e in r.tensors if e.mode == MODE_FLOAT_SPLIT}
-    assert modes == {MODE_STORED, MODE_FLOAT_SPLIT, MODE_ECSQ} and dtypes == {"F16", "BF16", "F32", "F64"}
+    assert modes == {MODE_STORED, MODE_FLOAT_SPLIT, MODE_ECSQ, MODE_TCQ} and dtypes == {"F16", "BF16", "F32", "F64"}
     return path
 
 
@@ -118,10 +120,10 @@ def test_second_process_compiles_nothing(tmp_path, monkeypatch):
     # the package's own __pycache__ may already hold the kernels: point the first process at an
     # empty cache and show that it does compile, so the second process's silence means something
     first = _run(a1, cache)
-    assert first["tensors"] == 10
+    assert first["tensors"] == 12
     if not first["compiled"]:
         pytest.skip("the first process compiled nothing: numba found the kernels in another cache")
     second = _run(a2, cache)
-    assert second["tensors"] == 10
+    assert second["tensors"] == 12
     assert second["compiled"] == [], second["compiled"]
     assert second["cache_hits"] > 0

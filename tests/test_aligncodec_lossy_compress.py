@@ -1,6 +1,11 @@
 """The lossy encoder on inputs and targets lossy coding cannot serve (issue 15): NaN / Inf
 weights, --bpw 48 / 100 / inf / nan / 0, all-zero and constant-3e38 tensors, clamped steps,
-and the post-write check of the archive. Small synthetic checkpoints, through the CLI."""
+and the post-write check of the archive. Small synthetic checkpoints, through the CLI.
+
+Every --bpw case runs on both encoders (the ``enc`` fixture): the whole-model encoder
+(``--encoder whole``) and the default one, the block-sequential stream encoder, at
+``--bpw-scope linear`` (on checkpoints this small the file's fixed overhead, a few KB,
+would take most of a whole-file budget)."""
 
 import json
 import math
@@ -30,8 +35,21 @@ def _ckpt(tmp_path, edit=None, name="model.safetensors"):
     return p, sd
 
 
-def _compress(src, out, *extra):
-    return main(["compress", str(src), "-o", str(out), "--no-calibration", "-q", *extra])
+ENCODERS = {"whole": ["--encoder", "whole"], "stream": ["--bpw-scope", "linear"]}  # stream: the default, no --encoder
+
+
+@pytest.fixture(params=sorted(ENCODERS))
+def enc(request):
+    return request.param
+
+
+def _compress(src, out, *extra, enc=None):
+    return main(["compress", str(src), "-o", str(out), "--no-calibration", "-q", *ENCODERS.get(enc, []), *extra])
+
+
+def _no_leftovers(tmp_path, out):
+    """Nothing under the final name, no temporary archive, no spool of the stream encoder."""
+    assert not out.exists() and not list(tmp_path.glob(".acz-tmp-*")) and not list(tmp_path.glob(".acz-spool-*"))
 
 
 def _modes(out, capsys):
@@ -54,23 +72,27 @@ def _poison(value, count=1):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_nonfinite_is_a_named_error_before_any_work(tmp_path, capsys, monkeypatch, value):
+def test_nonfinite_is_a_named_error_before_any_work(tmp_path, capsys, monkeypatch, value, enc):
+    from aligncodec import stream_encode
+
     src, _ = _ckpt(tmp_path, _poison(value, 3))
     called = []
     monkeypatch.setattr(encoder, "build_candidates", lambda *a, **k: called.append(1))
     monkeypatch.setattr(lossy_compress, "get_sigma", lambda *a, **k: called.append(2))
+    monkeypatch.setattr(stream_encode, "calibration_windows", lambda *a, **k: called.append(3))
     out = tmp_path / "m.acz"
-    assert _compress(src, out, "--bpw", "3") == 3
+    assert _compress(src, out, "--bpw", "3", enc=enc) == 3
     err = capsys.readouterr().err
     assert "NonFiniteError" in err and DOWN in err and "3 NaN/Inf" in err and "Traceback" not in err
     assert not called  # no calibration, no encoding
-    assert not out.exists()
+    _no_leftovers(tmp_path, out)
+    assert not stream_encode.spool_dir(out).exists()  # not even a resume spool
 
 
-def test_nonfinite_lossless_flag(tmp_path, capsys):
+def test_nonfinite_lossless_flag(tmp_path, capsys, enc):
     src, sd = _ckpt(tmp_path, _poison(float("nan"), 2))
     out = tmp_path / "m.acz"
-    assert _compress(src, out, "--bpw", "3", "--nonfinite", "lossless") == 0
+    assert _compress(src, out, "--bpw", "3", "--nonfinite", "lossless", enc=enc) == 0
     modes, info = _modes(out, capsys)
     assert modes[DOWN] not in LOSSY and modes[O_PROJ] in LOSSY
     summ = json.loads(info["metadata"]["acz.lossy.summary"])
@@ -82,10 +104,10 @@ def test_nonfinite_lossless_flag(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bpw", ["48", "100"])
-def test_rate_beyond_lossy_goes_lossless(tmp_path, capsys, bpw):
+def test_rate_beyond_lossy_goes_lossless(tmp_path, capsys, bpw, enc):
     src, sd = _ckpt(tmp_path)
     out = tmp_path / "m.acz"
-    assert _compress(src, out, "--bpw", bpw) == 0
+    assert _compress(src, out, "--bpw", bpw, enc=enc) == 0
     modes, info = _modes(out, capsys)
     assert all(m not in LOSSY for m in modes.values())
     summ = json.loads(info["metadata"]["acz.lossy.summary"])
@@ -97,10 +119,10 @@ def test_rate_beyond_lossy_goes_lossless(tmp_path, capsys, bpw):
 
 
 @pytest.mark.parametrize("bpw", ["inf", "nan", "0", "-1"])
-def test_invalid_targets_are_named_errors(tmp_path, capsys, bpw):
+def test_invalid_targets_are_named_errors(tmp_path, capsys, bpw, enc):
     src, _ = _ckpt(tmp_path)
     out = tmp_path / "m.acz"
-    assert _compress(src, out, f"--bpw={bpw}") == 2
+    assert _compress(src, out, f"--bpw={bpw}", enc=enc) == 2
     err = capsys.readouterr().err
     assert "TargetError" in err and "math domain" not in err
     assert not out.exists()
@@ -113,7 +135,7 @@ def test_invalid_distortion_is_named(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["zero", "const3e38", "all_zero"])
-def test_degenerate_tensors_go_lossless(tmp_path, capsys, case):
+def test_degenerate_tensors_go_lossless(tmp_path, capsys, case, enc):
     def edit(sd):
         if case == "zero":
             sd[DOWN].zero_()
@@ -124,10 +146,11 @@ def test_degenerate_tensors_go_lossless(tmp_path, capsys, case):
             sd[O_PROJ].zero_()
     src, sd = _ckpt(tmp_path, edit)
     out = tmp_path / "m.acz"
-    assert _compress(src, out, "--bpw", "3") == 0
+    assert _compress(src, out, "--bpw", "3", enc=enc) == 0
     modes, info = _modes(out, capsys)
     assert modes[DOWN] not in LOSSY
     assert (modes[O_PROJ] in LOSSY) == (case != "all_zero")
+    assert DOWN in json.loads(info["metadata"]["acz.lossy.summary"])["lossless"]
     dec = _decoded(tmp_path, out)
     assert torch.equal(dec[DOWN], sd[DOWN])
     assert main(["verify", str(out), "-q"]) == 0
@@ -152,6 +175,26 @@ def test_clamped_symbols_go_lossless(tmp_path, capsys):
         assert float(((W - Wh) ** 2).sum() / (W**2).sum()) < 1e-4
 
 
+def test_clamped_symbols_at_a_high_rate_go_lossless(tmp_path, capsys, enc):
+    """--bpw 15 (below the lossy limit) on a tensor with a ~70,000 x rms outlier: the step the
+    rate asks for needs symbols beyond the quantiser's range for that tensor, which must go
+    lossless (exact) instead of being written with its outlier clamped; the other stays lossy."""
+    def edit(sd):
+        sd[DOWN][0, 0] = 2000.0
+    src, sd = _ckpt(tmp_path, edit)
+    out = tmp_path / "m.acz"
+    assert _compress(src, out, "--bpw", "15", "--candidates", "identity", enc=enc) == 0
+    modes, info = _modes(out, capsys)
+    summ = json.loads(info["metadata"]["acz.lossy.summary"])
+    assert modes[DOWN] not in LOSSY and "symbols beyond" in summ["lossless"][DOWN]
+    assert modes[O_PROJ] in LOSSY
+    dec = _decoded(tmp_path, out)
+    assert torch.equal(dec[DOWN], sd[DOWN])
+    W, Wh = sd[O_PROJ], dec[O_PROJ]
+    assert float(((W - Wh) ** 2).sum() / (W**2).sum()) < 1e-6  # ~15 bits per weight
+    assert main(["verify", str(out), "-q"]) == 0
+
+
 def test_unfit_reason_underflowing_step():
     job = encoder.TensorJob("w", torch.randn(32, 32), "F32", None)
     encoder.build_candidates(job, ("identity",))
@@ -161,9 +204,10 @@ def test_unfit_reason_underflowing_step():
     assert "underflows" in encoder.unfit_reason(code, job)
 
 
-def test_post_write_check_rejects_a_mismatch(tmp_path, capsys, monkeypatch):
-    """The archive is decoded after writing and each lossy tensor's error compared with what
-    the encoder measured; a mismatch is EncodeVerifyError (exit 8) and no output is kept."""
+def test_post_write_check_rejects_a_mismatch(tmp_path, capsys, monkeypatch, enc):
+    """The archive is decoded after writing (the stream encoder: each tensor right after coding
+    it) and each lossy tensor's error compared with what the encoder measured; a mismatch is
+    EncodeVerifyError (exit 8) and no output is kept."""
     src, _ = _ckpt(tmp_path)
     real = encoder.code_candidate
 
@@ -174,20 +218,8 @@ def test_post_write_check_rejects_a_mismatch(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(encoder, "code_candidate", lying)
     out = tmp_path / "m.acz"
-    assert _compress(src, out, "--bpw", "3") == 8
+    assert _compress(src, out, "--bpw", "3", enc=enc) == 8
     err = capsys.readouterr().err
     assert "EncodeVerifyError" in err
-    assert not out.exists() and not list(tmp_path.glob(".acz-tmp-*"))
+    _no_leftovers(tmp_path, out)
 
-
-def test_verify_lossy_passes_a_good_archive(tmp_path):
-    src, sd = _ckpt(tmp_path)
-    out = tmp_path / "m.acz"
-    res, jobs, info = lossy_compress.encode_model(src, bpw=3, sigma="none", progress=False)
-    meta = lossy_compress.lossy_metadata(res, jobs, info, {"bpw": 3})
-    lossy_compress.write_archive(src, out, res, meta, progress=False)
-    got = lossy_compress.verify_lossy(out, {n: c.noise for n, c in res.codes.items()}, lambda n: sd[n])
-    assert set(got) == {O_PROJ, DOWN}
-    assert all(math.isfinite(v) and v > 0 for v in got.values())
-    with pytest.raises(encoder.EncodeVerifyError):
-        lossy_compress.verify_lossy(out, {"model.norm.weight": 0.0}, lambda n: sd[n])

@@ -391,3 +391,35 @@ def test_stream_encoder_writes_tcq_that_decodes_to_what_it_measured(tmp_path, te
     archive.verify(out)
     with pytest.raises(ValueError):
         S.StreamOptions(bpw=3.0, trellis=9)
+
+
+def test_cli_default_encoder_is_stream_and_checks_each_tensor(tmp_path, capsys, monkeypatch):
+    """`compress --bpw` without --encoder is the stream encoder (whole-file --bpw); its check of
+    each block tensor compares the decoded values bit for bit with the encoder's reconstruction:
+    one flipped bit there (the error sum barely moves) is EncodeVerifyError (exit 8), nothing kept."""
+    from aligncodec.codec import encoder as E
+    from aligncodec.tools.cli import EXIT_VERIFY, main
+
+    d = make_checkpoint(tmp_path / "m", "llama", False)
+    out = tmp_path / "o.acz"
+    assert main(["compress", str(d), "-o", str(out), "--bpw", "4", "--no-calibration", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    summ = json.loads(info["metadata"]["acz.lossy.summary"])
+    assert summ["encoder"] == "stream" and summ["target"] == {"bpw": 4.0, "scope": "all"}
+    assert abs(info["bpw_file"] / 4 - 1) <= 0.01
+    real = E.code_candidate
+
+    def off_by_one_ulp(*a, **k):
+        c = real(*a, **k)
+        if c.W_hat is not None:
+            c.W_hat.view("u4")[0, 0] ^= 1
+        return c
+
+    monkeypatch.setattr(E, "code_candidate", off_by_one_ulp)
+    out2 = tmp_path / "o2.acz"
+    assert main(["compress", str(d), "-o", str(out2), "--bpw", "4", "--no-calibration", "-q"]) == EXIT_VERIFY
+    err = capsys.readouterr().err
+    assert "EncodeVerifyError" in err and "reconstruction" in err and "Traceback" not in err
+    assert not out2.exists() and not list(tmp_path.glob(".acz-tmp-*")) and not list(tmp_path.glob(".acz-spool-*"))

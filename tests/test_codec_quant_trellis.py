@@ -140,15 +140,17 @@ def test_tcq_archive_decodes_to_the_encoders_w_hat(tmp_path, dtype, cands):
         assert np.array_equal(got.view(np.uint32), code.W_hat.view(np.uint32))  # bit-exact: what was measured
 
 
-def test_tcq_rate_lands_and_beats_ecsq_at_equal_rate(tmp_path, capsys):
+@pytest.mark.parametrize("encoder", [["--encoder", "whole"], ["--bpw-scope", "linear"]], ids=["whole", "stream"])
+def test_tcq_rate_lands_and_beats_ecsq_at_equal_rate(tmp_path, capsys, encoder):
     """The rate search meets the target with tcq, and at that rate the weight error is lower
-    than ecsq's (Σ = I, Gaussian weights: no calibration)."""
+    than ecsq's (Σ = I, Gaussian weights: no calibration); both encoders (stream: the default,
+    at the lossy tensors' rate)."""
     src, sd = _ckpt(tmp_path)
     err = {}
     for q in ("ecsq", "tcq"):
         out = tmp_path / f"{q}.acz"
         assert main(["compress", str(src), "-o", str(out), "--no-calibration", "-q", "--bpw", "3",
-                     "--candidates", "identity", "--quantizer", q]) == 0
+                     "--candidates", "identity", "--quantizer", q, *encoder]) == 0
         capsys.readouterr()
         assert main(["inspect", str(out), "--json"]) == 0
         info = json.loads(capsys.readouterr().out)
@@ -201,6 +203,32 @@ def test_gptq_tcq_lazy_batches_match_one_batch():
         K = T.gptq_tcq(C, R, perm, 0.02, 2, block=block).numpy()
         assert (K != one).mean() < 0.01
     assert np.abs(one).max() > 2
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["tensor", "rowview"])
+def test_tcq_tensor_taller_than_a_row_chunk_decodes_to_what_was_measured(tmp_path, monkeypatch, lazy):
+    """tcq's state machine walks all the rows of a column (spec §7.6): a tensor coded and
+    measured in row chunks (more rows than encoder.CHUNK_ROWS, here made small; the stream
+    encoder's embeddings are such RowViews) must decode bit for bit to the encoder's
+    reconstruction and to the error it measured."""
+    from aligncodec.codec.modes import decode_entry
+    from aligncodec.codec.torch_interop import bytes_to_tensor
+    from aligncodec.formats.streams import parse_streams
+    from aligncodec.formats.writer import ArchiveWriter
+
+    monkeypatch.setattr(E, "CHUNK_ROWS", 64)
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(300, 32, generator=g) * 0.05
+    src = E.RowView(lambda sl: W[sl].clone(), tuple(W.shape)) if lazy else W
+    job = E.TensorJob("t.weight", src, "F32", None, trellis=2)
+    E.build_candidates(job, ("identity",), lazy=lazy)
+    tc = E.code_candidate(job, job.cands[0], 0.01)
+    w = ArchiveWriter(tmp_path / "t.acz")
+    e = w.add("t.weight", "F32", tuple(W.shape), tc.params.mode, tc.streams, tc.params.pack())
+    dec = bytes_to_tensor(e, decode_entry(e, parse_streams(w.read_back(e), e.stream_count))).to(torch.float32)
+    w.abort()
+    assert np.array_equal(dec.numpy().view(np.uint32), tc.W_hat.view(np.uint32))
+    assert float(((dec - W).double() ** 2).sum()) == pytest.approx(tc.noise, rel=1e-9)
 
 
 # --------------------------------------------------------------------------- class-aware rate (weight domain)

@@ -23,10 +23,12 @@ def ckpt(tmp_path):
     return p, sd
 
 
-def test_cli_lossy_compress_inspect_verify_decompress(tmp_path, ckpt, capsys):
+@pytest.mark.parametrize("encoder", [["--encoder", "whole"], ["--bpw-scope", "linear"]], ids=["whole", "stream"])
+def test_cli_lossy_compress_inspect_verify_decompress(tmp_path, ckpt, capsys, encoder):
+    """Both encoders at the lossy-tensor rate (the stream encoder is the default: no --encoder)."""
     src, sd = ckpt
     out = tmp_path / "m.acz"
-    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--no-calibration", "-q"]) == 0
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--no-calibration", "-q", *encoder]) == 0
     capsys.readouterr()
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -45,6 +47,52 @@ def test_cli_lossy_compress_inspect_verify_decompress(tmp_path, ckpt, capsys):
     assert 10 < sqnr < 30  # ~3 bits per weight of a Gaussian: ≈ 18 dB
 
 
+def test_cli_default_bpw_counts_the_whole_file(tmp_path, ckpt, capsys):
+    """`compress --bpw B` (no --encoder, no --bpw-scope): file bytes x 8 / every parameter lands
+    within 1 % of B, auxiliary bytes, lossless norm and metadata included; the lossy tensors
+    therefore get less than B each, and inspect reports both figures."""
+    src, sd = ckpt
+    out = tmp_path / "m.acz"
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--no-calibration", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    n_params = sum(v.numel() for v in sd.values())
+    assert info["bpw_file"] == pytest.approx(8 * out.stat().st_size / n_params)
+    assert abs(info["bpw_file"] / 3 - 1) <= 0.01
+    summ = json.loads(info["metadata"]["acz.lossy.summary"])
+    assert summ["encoder"] == "stream" and summ["target"]["scope"] == "all"
+    assert 0 < info["bpw_linear"] < 3
+    assert main(["verify", str(out), "-q"]) == 0
+
+
+def test_cli_whole_only_flags_pick_the_whole_encoder(tmp_path, ckpt, capsys):
+    """--distortion (and --tune-norms) without --encoder: the whole-model encoder, said in one
+    stderr line; with --bpw-scope all or a stream-only flag, a usage error; a stream-only flag
+    with --encoder whole is a usage error too. Nothing is written on an error."""
+    src, _ = ckpt
+    out = tmp_path / "m.acz"
+    assert main(["compress", str(src), "-o", str(out), "--distortion", "0.01", "--no-calibration"]) == 0
+    err = capsys.readouterr().err
+    assert [ln for ln in err.splitlines() if ln.startswith("note:") and "--encoder whole" in ln and "--distortion" in ln]
+    summ = json.loads(archive_summary(out))
+    assert "encoder" not in summ and summ["target"] == {"distortion": 0.01}  # the whole encoder's summary
+    out.unlink()
+    for extra in (["--bpw", "3", "--tune-norms", "--bpw-scope", "all"], ["--distortion", "0.01", "--workers", "2"],
+                  ["--bpw", "3", "--encoder", "whole", "--resume"], ["--bpw", "3", "--encoder", "whole", "--calib-tokens", "64"],
+                  ["--distortion", "0.01", "--encoder", "stream"]):
+        assert main(["compress", str(src), "-o", str(out), "--no-calibration", "-q", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert "encoder" in err and "Traceback" not in err, extra
+        assert not out.exists()
+
+
+def archive_summary(path):
+    from aligncodec import archive
+
+    return archive.inspect(path)["metadata"]["acz.lossy.summary"]
+
+
 def test_cli_lossy_needs_exactly_one_target(tmp_path, ckpt):
     src, _ = ckpt
     out = tmp_path / "m.acz"
@@ -59,12 +107,13 @@ def test_calibration_failure_is_an_error_not_weight_mse(tmp_path, ckpt, capsys):
     Σ = I is used only when --no-calibration asks for it."""
     src, _ = ckpt
     out = tmp_path / "m.acz"
-    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "-q"]) == 7
+    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--encoder", "whole", "-q"]) == 7
     err = capsys.readouterr().err
     assert "no calibration Σ" in err and "--no-calibration" in err
     assert not out.exists()
-    # the block-sequential encoder cannot build a model without its config either
-    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--encoder", "stream", "-q"]) == 6
-    err = capsys.readouterr().err
-    assert "config.json" in err and "--no-calibration" in err
-    assert not out.exists()
+    # the block-sequential encoder (the default) cannot build a model without its config either
+    for encoder in ([], ["--encoder", "stream"]):
+        assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "-q", *encoder]) == 6
+        err = capsys.readouterr().err
+        assert "config.json" in err and "--no-calibration" in err
+        assert not out.exists()

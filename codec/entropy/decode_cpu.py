@@ -146,34 +146,44 @@ def _finish(x, p, wend):
     return 0
 
 
-@nb.njit(nogil=True, cache=True)
-def _decode_one(words, last, tab, symt, precision, w0, wend, m, out, o):
-    """Decode m symbols of the chunk occupying words[w0:wend] into out[o:o+m]. Returns an error code (0 = ok)."""
-    P = _U64(precision)
-    mask = _U64((1 << precision) - 1)
+@nb.njit(nogil=True, cache=True, inline="always")
+def _tail(words, lastu, tab, symt, P, mask, x, p, out, o, k0, k1):
+    """One chain continued alone from symbol k0 to k1 (the steps of :func:`_decode_one`)."""
     M16 = _U64(0xFFFF)
     S16 = _U64(16)
-    lastu = _U64(last)
-    x = _state(words, w0)
-    if x < _L:
-        return 1
-    p = _U64(w0 + 2)
-    ou = _U64(o)
-    for k in range(m):
+    for k in range(k0, k1):
         i = x & mask
         e = _U64(tab[i])
-        out[ou + _U64(k)] = symt[i]
+        out[o + _U64(k)] = symt[i]
         x = (e & M16) * (x >> P) + (e >> S16)
         y = (x << S16) | _U64(words[min(p, lastu)])
         c = x < _L
         x = y if c else x
         p += _U64(1) if c else _U64(0)
+    return x, p
+
+
+@nb.njit(nogil=True, cache=True)
+def _decode_one(words, last, tab, symt, precision, w0, wend, m, out, o):
+    """Decode m symbols of the chunk occupying words[w0:wend] into out[o:o+m]. Returns an error code (0 = ok)."""
+    P = _U64(precision)
+    mask = _U64((1 << precision) - 1)
+    lastu = _U64(last)
+    x = _state(words, w0)
+    if x < _L:
+        return 1
+    x, p = _tail(words, lastu, tab, symt, P, mask, x, _U64(w0 + 2), out, _U64(o), 0, m)
     return _finish(x, p, _U64(wend))
 
 
 @nb.njit(nogil=True, cache=True)
-def _decode_four(words, last, tab, symt, precision, wa, wb, wc, wd, ea, eb, ec, ed, m, out, oa, ob, oc, od, status, c0):
-    """Four chunks of m symbols each, stepped in lock step (independent dependency chains)."""
+def _decode_four(words, last, tab, symt, precision, wa, wb, wc, wd, ea, eb, ec, ed, ma, mb, mc, md, out, oa, ob, oc, od,
+                 status, ca, cb, cc, cd):
+    """Four chunks (ma..md symbols; ca..cd their indices in ``status``) stepped in lock step
+    (independent dependency chains) up to the shortest, then each chain alone: the groups of four
+    full chunks, and the two or three left at the end of a range (the stream's short last chunk
+    among them), a chunk then given twice (decoded twice, to the same symbols and status).
+    Every chain runs exactly :func:`_decode_one`'s steps, so symbols and verdicts are the same."""
     P = _U64(precision)
     mask = _U64((1 << precision) - 1)
     M16 = _U64(0xFFFF)
@@ -184,11 +194,10 @@ def _decode_four(words, last, tab, symt, precision, wa, wb, wc, wd, ea, eb, ec, 
     xc = _state(words, wc)
     xd = _state(words, wd)
     if xa < _L or xb < _L or xc < _L or xd < _L:
-        # let the single-chunk path name the culprit
-        status[c0] = _decode_one(words, last, tab, symt, precision, wa, ea, m, out, oa)
-        status[c0 + 1] = _decode_one(words, last, tab, symt, precision, wb, eb, m, out, ob)
-        status[c0 + 2] = _decode_one(words, last, tab, symt, precision, wc, ec, m, out, oc)
-        status[c0 + 3] = _decode_one(words, last, tab, symt, precision, wd, ed, m, out, od)
+        status[ca] = _decode_one(words, last, tab, symt, precision, wa, ea, ma, out, oa)
+        status[cb] = _decode_one(words, last, tab, symt, precision, wb, eb, mb, out, ob)
+        status[cc] = _decode_one(words, last, tab, symt, precision, wc, ec, mc, out, oc)
+        status[cd] = _decode_one(words, last, tab, symt, precision, wd, ed, md, out, od)
         return
     pa = _U64(wa + 2)
     pb = _U64(wb + 2)
@@ -198,7 +207,8 @@ def _decode_four(words, last, tab, symt, precision, wa, wb, wc, wd, ea, eb, ec, 
     obu = _U64(ob)
     ocu = _U64(oc)
     odu = _U64(od)
-    for k in range(m):
+    mmin = min(ma, mb, mc, md)
+    for k in range(mmin):
         ku = _U64(k)
         ia = xa & mask
         ib = xb & mask
@@ -220,22 +230,26 @@ def _decode_four(words, last, tab, symt, precision, wa, wb, wc, wd, ea, eb, ec, 
         yb = (xb << S16) | _U64(words[min(pb, lastu)])
         yc = (xc << S16) | _U64(words[min(pc, lastu)])
         yd = (xd << S16) | _U64(words[min(pd, lastu)])
-        ca = xa < _L
-        cb = xb < _L
-        cc = xc < _L
-        cd = xd < _L
-        xa = ya if ca else xa
-        xb = yb if cb else xb
-        xc = yc if cc else xc
-        xd = yd if cd else xd
-        pa += _U64(1) if ca else _U64(0)
-        pb += _U64(1) if cb else _U64(0)
-        pc += _U64(1) if cc else _U64(0)
-        pd += _U64(1) if cd else _U64(0)
-    status[c0] = _finish(xa, pa, _U64(ea))
-    status[c0 + 1] = _finish(xb, pb, _U64(eb))
-    status[c0 + 2] = _finish(xc, pc, _U64(ec))
-    status[c0 + 3] = _finish(xd, pd, _U64(ed))
+        c_a = xa < _L
+        c_b = xb < _L
+        c_c = xc < _L
+        c_d = xd < _L
+        xa = ya if c_a else xa
+        xb = yb if c_b else xb
+        xc = yc if c_c else xc
+        xd = yd if c_d else xd
+        pa += _U64(1) if c_a else _U64(0)
+        pb += _U64(1) if c_b else _U64(0)
+        pc += _U64(1) if c_c else _U64(0)
+        pd += _U64(1) if c_d else _U64(0)
+    xa, pa = _tail(words, lastu, tab, symt, P, mask, xa, pa, out, oau, mmin, ma)
+    xb, pb = _tail(words, lastu, tab, symt, P, mask, xb, pb, out, obu, mmin, mb)
+    xc, pc = _tail(words, lastu, tab, symt, P, mask, xc, pc, out, ocu, mmin, mc)
+    xd, pd = _tail(words, lastu, tab, symt, P, mask, xd, pd, out, odu, mmin, md)
+    status[ca] = _finish(xa, pa, _U64(ea))
+    status[cb] = _finish(xb, pb, _U64(eb))
+    status[cc] = _finish(xc, pc, _U64(ec))
+    status[cd] = _finish(xd, pd, _U64(ed))
 
 
 @nb.njit(nogil=True, cache=True)
@@ -293,7 +307,8 @@ def _join_range(out, a, b, rest, rw, low, width):
 @nb.njit(nogil=True, cache=True)
 def _decode_range(words, chunk_w, cs, n, tab, symt, precision, out, rest, rw, low, width, join, c0, c1, status):
     """Chunks [c0, c1) of one stream (chunk_w[c]: the word where chunk c starts, chunk_w[-1] the end):
-    full chunks four at a time, the rest one by one; with ``join`` each group's symbols are
+    full chunks four at a time, two or three left (the stream's short last chunk among them) in
+    lock step too (:func:`_decode_four`), a single one alone; with ``join`` each group's symbols are
     joined with their float-split rest right after decoding, while still in cache."""
     last = words.shape[0] - 1
     c = c0
@@ -303,11 +318,26 @@ def _decode_range(words, chunk_w, cs, n, tab, symt, precision, out, rest, rw, lo
             words, last, tab, symt, precision,
             chunk_w[c], chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3],
             chunk_w[c + 1], chunk_w[c + 2], chunk_w[c + 3], chunk_w[c + 4],
-            cs, out, a, a + cs, a + 2 * cs, a + 3 * cs, status, c,
+            cs, cs, cs, cs, out, a, a + cs, a + 2 * cs, a + 3 * cs, status, c, c + 1, c + 2, c + 3,
         )
         if join:
             _join_range(out, a, a + 4 * cs, rest, rw, low, width)
         c += 4
+    if c1 - c >= 2:  # two or three chunks left (the last maybe short): in lock step, the last repeated
+        k0 = c
+        k1 = min(c + 1, c1 - 1)
+        k2 = min(c + 2, c1 - 1)
+        k3 = min(c + 3, c1 - 1)
+        _decode_four(
+            words, last, tab, symt, precision,
+            chunk_w[k0], chunk_w[k1], chunk_w[k2], chunk_w[k3],
+            chunk_w[k0 + 1], chunk_w[k1 + 1], chunk_w[k2 + 1], chunk_w[k3 + 1],
+            min(cs, n - k0 * cs), min(cs, n - k1 * cs), min(cs, n - k2 * cs), min(cs, n - k3 * cs),
+            out, k0 * cs, k1 * cs, k2 * cs, k3 * cs, status, k0, k1, k2, k3,
+        )
+        if join:
+            _join_range(out, c * cs, min(c1 * cs, n), rest, rw, low, width)
+        c = c1
     while c < c1:
         a = c * cs
         b = min(a + cs, n)

@@ -42,7 +42,7 @@ def _compress(args: argparse.Namespace) -> int:
     if lossy_target:
         if args.bpw is not None and args.distortion is not None:
             raise CLIError("give --bpw or --distortion, not both", EXIT_USAGE)
-        encoder_kind = args.encoder or "whole"  # the stream encoder is opt-in: measured behind the whole encoder on SmolLM2 (docs/results/2026-11-30-stream-speed-memory.md)
+        encoder_kind = _pick_encoder(args)
         if encoder_kind == "stream":
             if args.tune_norms:
                 raise CLIError("--tune-norms needs the whole-model encoder (--encoder whole)", EXIT_USAGE)
@@ -107,6 +107,36 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
+WHOLE_ONLY = (("distortion", "--distortion"), ("tune_norms", "--tune-norms"))
+STREAM_ONLY = (("resume", "--resume"), ("workers", "--workers"), ("calib_tokens", "--calib-tokens"),
+               ("calibration", "--calibration"), ("threads", "--threads"))
+
+
+def _pick_encoder(args: argparse.Namespace) -> str:
+    """The lossy encoder: ``--encoder`` when given; else the block-sequential stream encoder
+    (the default: memory of one block, --bpw over the whole file), unless a flag only the
+    whole-model encoder knows is given (--distortion, --tune-norms): then the whole encoder,
+    said in one stderr line (its --bpw counts the lossy linear layers). A stream-only flag given
+    with the whole encoder, or --bpw-scope all with a whole-only flag, is a usage error."""
+    whole_flags = [f for a, f in WHOLE_ONLY if getattr(args, a)]
+    stream_flags = [f for a, f in STREAM_ONLY if getattr(args, a) not in (None, False)]
+    kind = args.encoder
+    if kind is None:
+        kind = "whole" if whole_flags else "stream"
+        if whole_flags:
+            if args.bpw_scope == "all":
+                raise CLIError(f"{', '.join(whole_flags)} need the whole-model encoder, which only knows --bpw-scope linear", EXIT_USAGE)
+            if stream_flags:
+                raise CLIError(f"{', '.join(whole_flags)} need the whole-model encoder; {', '.join(stream_flags)} the stream encoder",
+                               EXIT_USAGE)
+            if not args.quiet:
+                scope = "; --bpw counts the lossy linear layers only (--bpw-scope linear)" if args.bpw is not None else ""
+                print(f"note: {', '.join(whole_flags)}: using the whole-model encoder (--encoder whole){scope}", file=sys.stderr)
+    elif kind == "whole" and stream_flags:
+        raise CLIError(f"{', '.join(stream_flags)} need the stream encoder (--encoder stream, the default)", EXIT_USAGE)
+    return kind
+
+
 def _tune_error():
     from aligncodec.tune_norms import TuneError
 
@@ -119,26 +149,34 @@ def _compress_stream(args: argparse.Namespace) -> int:
     from aligncodec import stream_encode as S
     from aligncodec.tools.cli import EXIT_UNSUPPORTED
 
+    from aligncodec.codec import encoder
+
     if args.distortion is not None:
         raise CLIError("the stream encoder takes --bpw; use --encoder whole for --distortion", 2)
+    encoder.check_target(args.bpw, None)  # TargetError (exit 2), as the whole encoder
     try:
         opts = S.StreamOptions(bpw=args.bpw, scope=args.bpw_scope or "all", trellis=trellis_arg(args),
-                               calibration="none" if args.no_calibration else args.calibration,
+                               calibration="none" if args.no_calibration else (args.calibration or "float"),
                                candidates=tuple(args.candidates.split(",")), alpha=args.alpha, seed=args.seed,
-                               calib_tokens=args.calib_tokens, calib_text=args.calib_text,
-                               lossy_embeddings=True if args.lossy_embeddings else None, workers=args.workers,
-                               threads=args.threads or None)
+                               calib_tokens=16384 if args.calib_tokens is None else args.calib_tokens, calib_text=args.calib_text,
+                               lossy_embeddings=True if args.lossy_embeddings else None, workers=1 if args.workers is None else args.workers,
+                               threads=(1 if args.threads is None else args.threads) or None, nonfinite=args.nonfinite)
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
-    if args.threads < 0:
+    if (args.threads or 0) < 0:
         raise CLIError("--threads must be >= 0", 2)
     if args.calib_text and not os.path.isfile(args.calib_text):
         raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
     try:
-        summ = S.encode_stream(args.input, args.output, opts, progress=not args.quiet, resume=args.resume)
+        summ = S.encode_stream(args.input, args.output, opts, progress=not args.quiet, resume=bool(args.resume),
+                               follow_symlinks=args.follow_symlinks)
+    except encoder.EncodeError:
+        raise  # NonFiniteError (3), EncodeVerifyError (8): named, exit code on the class
     except arch.UnsupportedArchitectureError as exc:
         raise CLIError(f"unsupported architecture: {exc}", EXIT_UNSUPPORTED) from None
-    except (archive.InputError, FileNotFoundError, S.CalibrationError) as exc:
+    except archive.InputError:
+        raise  # named (InputError, CheckpointError, ...), exit 3
+    except (FileNotFoundError, S.CalibrationError) as exc:
         raise CLIError(f"{type(exc).__name__}: {exc}", EXIT_IO) from None
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
@@ -147,6 +185,9 @@ def _compress_stream(args: argparse.Namespace) -> int:
         print(f"{summ['file_bytes']:,} bytes: {summ['bpw_file']:.4f} bits per parameter over the whole file "
               f"({summ['n_params']:,} parameters), linear layers {summ['bpw_linear_all_in']:.4f} bits/weight all-in; "
               f"calibration {summ['calibration']}, modes {summ['modes']}; encoded in {summ['seconds_total']:.1f} s")
+        n_ll = len(summ.get("lossless") or {})
+        if n_ll:
+            print(f"{n_ll} tensor(s) chosen for lossy coding were coded lossless (reasons in the archive's acz.lossy.summary)")
     return 0
 
 
@@ -231,25 +272,27 @@ def add_parser(sub) -> None:
                         "auto (default) = bytegroup (the fast one) or stored, unless float-split is > 2%% smaller for that tensor; "
                         "bytegroup = always the fast one; float-split = the rANS mode (smaller on bf16, 3x slower to decode); "
                         "smallest = the fewest bytes")
-    p.add_argument("--bpw", type=float, help="lossy: target bits per weight (met within 1%%): all-in over the lossy linear layers (--bpw-scope linear, "
-                   "the whole encoder's), or file bytes x 8 / every parameter (--bpw-scope all, the stream encoder's default)")
+    p.add_argument("--bpw", type=float, help="lossy: target bits per weight, met within 1%%: by default file bytes x 8 / every parameter "
+                   "(--bpw-scope all, as llama.cpp quotes its formats); --bpw-scope linear: all-in over the lossy linear layers")
     p.add_argument("--bpw-scope", choices=("all", "linear"), default=None,
-                   help="lossy: what --bpw counts (stream encoder: default all; the whole encoder only knows linear)")
+                   help="lossy: what --bpw counts: all (default: the whole file, every parameter) or linear (the lossy linear "
+                        "layers all-in, embeddings lossless; the studies' definition and the only one --encoder whole knows)")
     p.add_argument("--encoder", choices=("stream", "whole"), default=None,
-                   help="lossy: whole = every lossy tensor at once (default; the studies' encoder); "
-                        "stream = block by block, memory of one block, any Transformers causal LM")
-    p.add_argument("--calibration", choices=("quantized", "float"), default="float",
+                   help="lossy: stream (default) = block by block, memory of one block, any Transformers causal LM, --resume; "
+                        "whole = every lossy tensor at once (the studies' encoder, ~40 bytes of memory per parameter; "
+                        "--bpw-scope linear only); chosen without asking when --distortion or --tune-norms is given")
+    p.add_argument("--calibration", choices=("quantized", "float"), default=None,
                    help="lossy (stream): Σ of block L from the unmodified model's activations (float, default) or "
                         "from the outputs of the already encoded blocks (quantized; same KLD on SmolLM2, worse perplexity)")
     p.add_argument("--calib-text", metavar="FILE", help="lossy (stream, and --tune-norms): calibration text (UTF-8) instead of the built-in calibration half")
-    p.add_argument("--calib-tokens", type=int, default=16384, help="lossy (stream): calibration tokens (default 16384)")
-    p.add_argument("--workers", type=int, default=1, help="lossy (stream): tensors of one block coded in parallel")
-    p.add_argument("--threads", type=int, default=1, metavar="T",
+    p.add_argument("--calib-tokens", type=int, default=None, help="lossy (stream): calibration tokens (default 16384)")
+    p.add_argument("--workers", type=int, default=None, help="lossy (stream): tensors of one block coded in parallel (default 1)")
+    p.add_argument("--threads", type=int, default=None, metavar="T",
                    help="lossy (stream): threads per thread pool (torch, numba, BLAS); default 1: on a machine whose "
                         "cores are busy, parallel kernels spend their time waiting at barriers (docs/lossy-encoder.md); "
                         "0 = the libraries' defaults (every core)")
     p.add_argument("--resume", action="store_true", help="lossy (stream): continue an interrupted encode from its spool folder")
-    p.add_argument("--distortion", type=float, help="lossy: target mean activation-weighted relative error per tensor instead of --bpw")
+    p.add_argument("--distortion", type=float, help="lossy (whole): target mean activation-weighted relative error per tensor instead of --bpw")
     p.add_argument("--candidates", default="hadamard,colscale",
                    help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")
     add_quantizer_arguments(p)
