@@ -3,7 +3,6 @@ inspect, decompress all-or-nothing with --force, symlinks leaving the input fold
 umask, stale temporaries of dead writers, a full disk, a corrupt input safetensors."""
 
 import errno
-import json
 import os
 import signal
 import socket

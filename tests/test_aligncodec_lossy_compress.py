@@ -8,7 +8,6 @@ Every --bpw case runs on both encoders (the ``enc`` fixture): the whole-model en
 would take most of a whole-file budget)."""
 
 import json
-import math
 
 import pytest
 import torch
