@@ -38,7 +38,6 @@ import json
 import mmap
 import os
 import queue
-import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -519,9 +518,9 @@ def load(
             mapped.close()
         if owned:
             f.close()
-        lossy_cpu = sys.modules.get("aligncodec.codec.modes.lossy_cpu")
-        if lossy_cpu is not None:  # the symbol buffers kept for the next lossy tensor
-            lossy_cpu.release_scratch()
+        from aligncodec.codec.modes import release_decoder_scratch
+
+        release_decoder_scratch()  # the symbol buffers kept for the next lossy tensor
 
 
 def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1,

@@ -52,7 +52,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -663,7 +663,7 @@ def check_coded(w: ArchiveWriter, entry, tc: E.TensorCode, ckpt: A.Checkpoint, n
     own reconstruction (where it was kept) and, in the weight domain, with the error the encoder
     measured (‖W − Ŵ‖² within VERIFY_RTOL). A mismatch is EncodeVerifyError (exit 8): the
     archive never gets its final name. Returns the decoded error."""
-    from aligncodec.codec.modes import decode_entry
+    from aligncodec.codec.modes import decode_entry, release_decoder_scratch
     from aligncodec.codec.torch_interop import bytes_to_tensor
     from aligncodec.formats.streams import parse_streams
 
@@ -682,9 +682,7 @@ def check_coded(w: ArchiveWriter, entry, tc: E.TensorCode, ckpt: A.Checkpoint, n
             raise E.EncodeVerifyError(f"tensor {nm!r} decodes to other values than the encoder's reconstruction")
         got += float(((Wh - ckpt.rows_float32(nm, r)).double() ** 2).sum())
     del What
-    lossy_cpu = sys.modules.get("aligncodec.codec.modes.lossy_cpu")
-    if hasattr(lossy_cpu, "release_scratch"):  # the CPU decoder's pooled symbol buffers: not kept between tensors here
-        lossy_cpu.release_scratch()
+    release_decoder_scratch()  # the CPU decoder's pooled symbol buffers: not kept between tensors here
     want = tc.noise
     if not (math.isfinite(got) and abs(got - want) <= VERIFY_RTOL * max(want, 0.0) + 1e-30):
         raise E.EncodeVerifyError(f"tensor {nm!r} decodes with error {got:.6g}, the encoder measured {want:.6g}")
@@ -908,23 +906,27 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
     if src_model:
         meta["acz.source_model"] = src_model
     w = ArchiveWriter(out, meta)
+
+    def add_lossless(nm: str, dtype: str, shape: tuple, raw) -> tuple[tuple, int]:
+        """Code ``raw`` (the tensor's bytes) losslessly into the archive: (its spool entry, its
+        bytes in the file)."""
+        mode, params, streams = lossless.encode(raw, dtype, int(np.prod(shape)))
+        e = w.add(nm, dtype, shape, mode, streams, params)
+        return (nm, dtype, shape, mode, params, streams), lossy.entry_bytes(nm, len(shape), len(params), e.size)
+
     try:
         other_bytes = 0
         for nm, ti in ckpt.tensors.items():
             if nm in lossy_names:
                 continue
             raw = tensor_bytes(ckpt.get(nm))
-            mode, params, streams = lossless.encode(raw, ti.dtype, ti.numel)
-            e = w.add(nm, ti.dtype, ti.shape, mode, streams, params)
-            other_bytes += lossy.entry_bytes(nm, len(ti.shape), len(params), e.size)
-            del raw, streams
+            other_bytes += add_lossless(nm, ti.dtype, ti.shape, raw)[1]
+            del raw
             if ti.numel >= 1 << 22:
                 release_free_memory()
         for a in src.aux:
             data_b = a.read_bytes()
-            mode, params, streams = lossless.encode(data_b, "U8", len(data_b))
-            e = w.add(AUX_PREFIX + a.name, "U8", (len(data_b),), mode, streams, params)
-            other_bytes += lossy.entry_bytes(AUX_PREFIX + a.name, 1, len(params), e.size)
+            other_bytes += add_lossless(AUX_PREFIX + a.name, "U8", (len(data_b),), data_b)[1]
         # bytes outside the entries: preamble, the metadata section (per-tensor results ≈ 150 bytes
         # each, recomputed exactly before the last tensor), final alignment
         overhead = _overhead(meta, 150 * len(order) + 1200)
@@ -965,7 +967,6 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         def exact_overhead(n_more: int) -> int:
             m = metadata()
             return _overhead(m, n_more * (len(m["acz.lossy"]) // max(1, len(coded)) + 2 if coded else 150))
-        x_fixed = None  # linear scope: embeddings lossy are coded at the last linear step
 
         def put(nm: str, tc: E.TensorCode, x: float, unfit: str | None = None):
             """Write one coded tensor and check it (:func:`check_coded`); a code lossy coding
@@ -974,16 +975,14 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
             ti = ckpt.tensors[nm]
             if unfit:
                 lossless_why[nm] = unfit
-                mode, params, streams = lossless.encode(tensor_bytes(ckpt.get(nm)), ti.dtype, ti.numel)
-                e = w.add(nm, ti.dtype, ti.shape, mode, streams, params)
-                nb = lossy.entry_bytes(nm, len(ti.shape), len(params), e.size)
+                entry, nb = add_lossless(nm, ti.dtype, ti.shape, tensor_bytes(ckpt.get(nm)))
                 if nm in ctl.curves:
                     if opts.scope == "all":
                         ctl.skip(nm, nbytes=nb)
                     else:
                         ctl.skip(nm, share=opts.bpw * ti.numel / 8)
                 log(f"note: {nm} coded lossless instead of lossy: {unfit}")
-                return (nm, ti.dtype, ti.shape, mode, params, streams)
+                return entry
             e = w.add(nm, ti.dtype, ti.shape, tc.params.mode, tc.streams, tc.params.pack())
             check_coded(w, e, tc, ckpt, nm)
             nb = lossy.entry_bytes(nm, 2, lossy.PARAMS_SIZE, e.size)

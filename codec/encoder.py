@@ -433,7 +433,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     d = sig = noise = 0.0
     rparams = params
     if job.trellis:  # tcq: the levels of each column's whole walk first, then row chunks as ecsq's
-        trellis_levels_in_place(q, job.trellis)
+        lossy.trellis_levels(q, job.trellis, out=q)
         rparams = dataclasses.replace(params, trellis=0)
     for r in row_chunks(q.shape[0]):  # one chunk (the plain expressions) unless the tensor is large
         # element-wise float32 work: the same bits in row chunks
@@ -456,20 +456,6 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
         W_hat, streams = None, []
     return TensorCode(job.name, cand.kind, params, streams, W_hat, nbytes, d, d / max(job.energy, 1e-300),
                       sqnr, noise, saturated)
-
-
-def trellis_levels_in_place(q: np.ndarray, mid: int) -> None:
-    """tcq symbols k (int32, rows × n) replaced in place by their levels L: each column walks
-    all its rows from state 0 (spec §7.6; :func:`lossy.trellis_levels` without the copy), so
-    row chunks of the result reconstruct as ecsq's symbols would, bit for bit the decoder's."""
-    trans, qsel = lossy.trellis_machine(mid)
-    s = np.zeros(q.shape[1], np.intp)
-    for i in range(q.shape[0]):
-        k = q[i]
-        par = k & 1
-        L = 2 * k - np.where(qsel[s] == 1, np.sign(k), 0).astype(k.dtype)
-        s = trans[s, par]
-        q[i] = L
 
 
 def choose_classes(q: np.ndarray, f: float = 1.0, class_options=None, refine: bool = False) -> tuple:

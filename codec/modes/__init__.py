@@ -18,6 +18,7 @@ imported on first use, so importing this registry costs nothing (no numba, no to
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,3 +92,12 @@ def decode_entry_gpu(entry: TensorEntry, streams: list, device):
     no GPU path (the caller then decodes on the CPU and copies)."""
     gpu = mode_of(entry).decode_gpu
     return None if gpu is None else gpu(entry, streams, device)
+
+
+def release_decoder_scratch() -> None:
+    """Free the idle buffers the CPU decoders keep for the next tensor (the lossy decoder's
+    pooled symbol buffers), if that decoder was ever loaded: the end of a load, or an encoder's
+    read-back check."""
+    lossy_cpu = sys.modules.get(__name__ + ".lossy_cpu")
+    if lossy_cpu is not None:
+        lossy_cpu.release_scratch()

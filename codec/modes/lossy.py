@@ -131,14 +131,16 @@ def trellis_machine(mid: int) -> tuple[np.ndarray, np.ndarray]:
     return trans, qsel
 
 
-def trellis_levels(q: np.ndarray, mid: int) -> np.ndarray:
+def trellis_levels(q: np.ndarray, mid: int, out: np.ndarray | None = None) -> np.ndarray:
     """Integer levels L (int32, rows × n) of tcq symbols k (rows × n): each column walks its rows
     from state 0; quantiser 0 gives L = 2k, quantiser 1 gives L = 2k − sgn(k) (spec §7.6).
-    The reference form (numpy, one vector step per row); the value is C = f32(L) · d."""
+    The reference form (numpy, one vector step per row); the value is C = f32(L) · d.
+    ``out``: an int32 rows × n array to write L into (``q`` itself is fine: each row's symbols
+    are read before its levels are written)."""
     trans, qsel = trellis_machine(mid)
     q = np.asarray(q)
     rows, n = q.shape
-    L = np.empty((rows, n), np.int32)
+    L = np.empty((rows, n), np.int32) if out is None else out
     s = np.zeros(n, np.intp)
     for i in range(rows):
         k = q[i].astype(np.int32)
