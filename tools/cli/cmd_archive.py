@@ -154,13 +154,19 @@ def _compress_stream(args: argparse.Namespace) -> int:
     if args.distortion is not None:
         raise CLIError("the stream encoder takes --bpw; use --encoder whole for --distortion", 2)
     encoder.check_target(args.bpw, None)  # TargetError (exit 2), as the whole encoder
+    # the stream-only flags default to None on the command line (so that _pick_encoder sees
+    # whether they were given): StreamOptions' own defaults apply to those not given
+    given = {k: v for k, v in (("calibration", args.calibration), ("calib_tokens", args.calib_tokens),
+                               ("workers", args.workers), ("threads", args.threads)) if v is not None}
+    if "threads" in given:
+        given["threads"] = given["threads"] or None  # 0: the libraries' defaults
+    if args.no_calibration:
+        given["calibration"] = "none"
     try:
         opts = S.StreamOptions(bpw=args.bpw, scope=args.bpw_scope or "all", trellis=trellis_arg(args),
-                               calibration="none" if args.no_calibration else (args.calibration or "float"),
                                candidates=tuple(args.candidates.split(",")), alpha=args.alpha, seed=args.seed,
-                               calib_tokens=16384 if args.calib_tokens is None else args.calib_tokens, calib_text=args.calib_text,
-                               lossy_embeddings=True if args.lossy_embeddings else None, workers=1 if args.workers is None else args.workers,
-                               threads=(1 if args.threads is None else args.threads) or None, nonfinite=args.nonfinite)
+                               calib_text=args.calib_text, lossy_embeddings=True if args.lossy_embeddings else None,
+                               nonfinite=args.nonfinite, **given)
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
     if (args.threads or 0) < 0:
