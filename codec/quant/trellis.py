@@ -7,9 +7,7 @@ Two interleaved quantisers on the union grid of step Δ (``params.step``):
     Q0: level L = 2k            Q1: level L = 2k − sgn k           reconstruction C = f32(L)·d_j
 
 Each column walks its rows from state 0; the state picks the quantiser, and the parity of the
-symbol k moves the state. A tall tensor is searched one row chunk at a time, each chunk's
-columns entering in the final states of the chunk above (``state`` of :func:`gptq_tcq`): the
-decoder's walk exactly, with memory bounded by the chunk. Per column a Viterbi search over the rows minimises
+symbol k moves the state. Per column a Viterbi search over the rows minimises
 
     Σ_i (c_i − L_i·Δ)² + λ · bits(k_i),      λ = LAMBDA_C · Δ²   (weight units, every column)
 
@@ -22,6 +20,13 @@ table for both quantisers), −log2 of the frequencies of round(c/2Δ) over the 
 before quantisation (:func:`prior_bits`, no extra pass; add-½ smoothed, a linear tail outside
 the seen range). ``rate_passes`` > 0 re-runs the search with the tables of the previous pass
 (the research prototype's choice): measured in docs/results/2026-11-30-tcq.md.
+
+A tensor taller than the encoder's row chunk is searched one chunk at a time: each column
+enters a chunk in the state its walk reached at the end of the chunk above (``state`` of
+:func:`gptq_tcq`; the other start states cost +inf) and leaves in the chosen path's best end
+state. That is the decoder's walk exactly, with memory bounded by the chunk; only the choice
+at each boundary is local (the all-rows search could pick another end state there). The rate
+table of a chunk without ``rate`` is the prior of that chunk's values.
 """
 
 from __future__ import annotations
