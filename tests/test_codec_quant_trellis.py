@@ -112,9 +112,11 @@ def _ckpt(tmp_path, dtype=torch.float32):
 
 def test_trellis_id():
     assert E.trellis_id("ecsq") == 0
-    assert [lossy.TRELLIS_MACHINES[E.trellis_id("tcq", s)][0] for s in (4, 8, 16)] == [4, 8, 16]
+    assert [lossy.TRELLIS_MACHINES[E.trellis_id("tcq", s)][0] for s in (4, 8, 16, 32, 64)] == [4, 8, 16, 32, 64]
     with pytest.raises(ValueError):
         E.trellis_id("tcq", 5)
+    with pytest.raises(ValueError):
+        E.trellis_id("tcq", 128)
     with pytest.raises(ValueError):
         E.trellis_id("vq")
 

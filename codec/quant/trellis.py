@@ -156,7 +156,7 @@ def _viterbi(w, step, lam, bits, tab, trans, qsel, s0, out_k, out_l, bk, bs, cos
 
 @numba.njit(cache=True)
 def _scratch(rows, S):  # pragma: no cover - numba
-    """The search's work arrays: back-pointers (symbol, previous state), outputs, column, costs."""
+    """The search's work arrays: back-pointers (symbol, previous state: int8, S ≤ 128), outputs, column, costs."""
     return (np.empty((rows, S), np.int32), np.empty((rows, S), np.int8), np.empty(rows, np.int32),
             np.empty(rows, np.int32), np.empty(rows, np.float64), np.empty(S), np.empty(S))
 
@@ -205,6 +205,8 @@ def _tcq_columns(W, step, lam, bits, rtab, ctab, trans, qsel, St, K):  # pragma:
 
 def _machine(mid: int):
     trans, qsel = trellis_machine(mid)
+    if trans.shape[0] > 128:  # the back-pointers to the previous state (_scratch's bs) are int8
+        raise ValueError(f"the trellis search handles at most 128 states, machine {mid} has {trans.shape[0]}")
     return np.ascontiguousarray(trans.astype(np.int64)), np.ascontiguousarray(qsel.astype(np.int64))
 
 
