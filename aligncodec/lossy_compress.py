@@ -75,9 +75,9 @@ def get_sigma(model: str, sigma) -> tuple[dict[str, torch.Tensor], str]:
     if sigma in (None, "none"):
         return {}, "none (weight MSE)"
     try:
-        from aligncodec.tools.eval.calibrate import load_sigma
+        from aligncodec.tools.eval.calibrate import DEFAULT_CALIB_TOKENS, load_sigma
 
-        return load_sigma(str(model), progress=True), "calibration (16384 calib tokens)"
+        return load_sigma(str(model), progress=True), f"calibration ({DEFAULT_CALIB_TOKENS} calib tokens)"
     except Exception as exc:  # noqa: BLE001 - re-raised as one named error, with the cause attached
         raise CalibrationUnavailableError(
             f"no calibration Σ for {model} ({type(exc).__name__}: {exc}); use --no-calibration to code with plain weight MSE"

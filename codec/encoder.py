@@ -388,36 +388,40 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     """Code the tensor with one candidate at one step. ``stride`` > 1 codes every stride-th row
     only (GPTQ rows are independent given H) and returns *estimates* for the whole tensor:
     bytes = exact bytes of the subsample + the symbol payload scaled up; distortion scaled up.
-    GPTQ runs one row chunk at a time (the same symbols). ``keep_w_hat=False``: the
-    reconstruction is measured chunk by chunk and not kept (``W_hat`` None)."""
+    GPTQ runs one row chunk at a time (the same symbols; tcq: each column's trellis state carried
+    from chunk to chunk). ``keep_w_hat=False``: the reconstruction is measured chunk by chunk
+    and not kept (``W_hat`` None)."""
     rows = job.W.shape[0]
     sl = slice(None) if stride <= 1 else slice(0, None, stride)
     Wt = job.W[sl]
     Ct = cand.C[sl]
     q = np.empty(Wt.shape, dtype=np.int32)
     f = rows / q.shape[0]
-    # GPTQ rows are independent given H: the same symbols in row chunks (ecsq). Not tcq: its
-    # state machine walks every row of a column (spec §7.6), so the trellis search runs on all
-    # rows at once, a RowView's included (a search restarted at state 0 per row chunk chose
-    # symbols for a state the decoder does not have: SmolLM2's 49,152-row embedding decoded with
-    # 1.8x the error the encoder measured, caught by the stream encoder's check).
-    if job.trellis and isinstance(Ct, RowView):
-        Ct = Ct[0:Ct.shape[0]]  # the rows as one float32 tensor
-    chunks = row_chunks(q.shape[0]) if not job.trellis else [slice(0, q.shape[0])]
+    # GPTQ rows are independent given H: the same symbols in row chunks. tcq's state machine
+    # walks every row of a column (spec §7.6): its row chunks are searched in order, each column
+    # entering a chunk in the final state of the chunk above (the decoder's walk exactly; a
+    # search restarted at state 0 per chunk chose symbols for a state the decoder does not have:
+    # SmolLM2's 49,152-row embedding decoded with 1.8x the error the encoder measured).
+    chunks = row_chunks(q.shape[0])
     lam_c, passes, refine = job.settings()
-    for r in chunks:
-        if job.trellis:  # mode 4: the trellis search per column inside GPTQ (codec/quant/trellis.py)
-            q[r] = gptq_tcq(Ct[r], cand.R, cand.perm, step, job.trellis, lam_c=lam_c).numpy()
-        else:
-            q[r] = gptq_ecsq(Ct[r], cand.R, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
-    if job.trellis and passes and len(chunks) == 1:
+
+    def tcq_search(rate=None):
+        state = np.zeros(q.shape[1], np.int64)  # row 0 of every column: state 0
+        for r in chunks:
+            rr = None if rate is None else (rate[0], rate[1][r], rate[2])
+            q[r] = gptq_tcq(Ct[r], cand.R, cand.perm, step, job.trellis, lam_c=lam_c, rate=rr, state=state).numpy()
+
+    if job.trellis:  # mode 4: the trellis search per column inside GPTQ (codec/quant/trellis.py)
+        tcq_search()
         # search again, each symbol priced by its class's table of the previous pass (the
         # classes chosen as below): the rate the format's class streams will charge
         for _ in range(passes):
             cls = choose_classes(q, f, class_options, refine)
             ids = None if cls[0] == 1 else (cls[2] if len(cls) > 2 else lossy.make_classes(q, *cls))
-            q = gptq_tcq(Ct, cand.R, cand.perm, step, job.trellis, lam_c=lam_c,
-                         rate=class_rate(q, ids, cls[1])).numpy()
+            tcq_search(class_rate(q, ids, cls[1]))  # the tables are taken before q is overwritten
+    else:
+        for r in chunks:
+            q[r] = gptq_ecsq(Ct[r], cand.R, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
     del Ct
     qmax = lossy.MAX_ABS_TCQ_SYMBOL if job.trellis else lossy.MAX_ABS_SYMBOL
     saturated = bool(q.size) and max(int(q.max()), -int(q.min())) >= qmax
@@ -432,7 +436,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     S32 = job.sigma.to(torch.float32) if job.sigma is not None else None
     d = sig = noise = 0.0
     rparams = params
-    if job.trellis:  # tcq: the levels of each column's whole walk first, then row chunks as ecsq's
+    if job.trellis:  # tcq: the levels of each column's whole walk first (int32, in place), then row chunks as ecsq's
         lossy.trellis_levels(q, job.trellis, out=q)
         rparams = dataclasses.replace(params, trellis=0)
     for r in row_chunks(q.shape[0]):  # one chunk (the plain expressions) unless the tensor is large

@@ -70,6 +70,18 @@ def cases():
     hd = lossy.HadamardData(np.where(np.arange(40) % 3 == 0, -1.0, 1.0).astype(np.float32), Q5)
     yield ("lossy_tcq_m3_lanes", "h.weight", "F16", q, lossy.EcsqParams(lossy.TRANSFORM_HADAMARD, 0.01, 0, 0, 5, trellis=3),
            None, hd, (4, 0), 7)
+    # 8. machine 4 (32 states), identity, 2 column classes, F32; 26 rows: the 5-bit register fills
+    # and its tapped (oldest) bits feed back for 20 rows of every column
+    q = _q((26, 9), 8, 1.5)
+    q[:, ::4] *= 3
+    yield "lossy_tcq_m4_colclasses", "c.weight", "F32", q, lossy.EcsqParams(lossy.TRANSFORM_IDENTITY, 0.03125, 0, trellis=4), None, None, (2, 1)
+    # 9. machine 5 (64 states), hadamard (n = 24 = 8·3), column scales, 3 row classes, BF16, 33 rows
+    q = _q((33, 24), 9, 1.5)
+    q[::5] *= 4
+    hd = lossy.HadamardData(np.where(np.arange(24) % 7 == 2, -1.0, 1.0).astype(np.float32), Q3)
+    sc = (1.0 + (np.arange(24) % 3) / 8).astype(np.float16).astype(np.float32)
+    yield ("lossy_tcq_m5_hadamard_colscale_rowclasses", "m.weight", "BF16", q,
+           lossy.EcsqParams(lossy.TRANSFORM_HADAMARD, 0.0125, 0, lossy.FLAG_COL_SCALES, 3, trellis=5), sc, hd, (3, 0))
 
 
 def write(outdir: Path) -> None:

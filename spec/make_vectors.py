@@ -333,7 +333,7 @@ def tcq_invalid() -> dict[str, tuple[bytes, str]]:
         e, d = _entry("w", "F32", q.shape, MODE_TCQ, sts, prm)
         return _archive([(e, d)])
 
-    for mid in (0, 4):
+    for mid in (0, lossy.RESERVED_TRELLIS_ID):  # 0: ecsq's reserved byte; 255: reserved, never assigned (§7.6)
         raw = bytearray(params.pack())
         raw[17] = mid
         out[f"tcq_machine_{mid}"] = (arch(bytes(raw), streams), "UnsupportedError")

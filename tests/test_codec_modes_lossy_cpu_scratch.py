@@ -136,7 +136,8 @@ def test_reversed_machine_walks_the_spec_states(mid):
     r, got = 0, []
     for p in par:
         got.append(r & 1)
-        f = r & rtaps
+        f = r & rtaps  # as lossy_cpu._levels: the parity of the tapped bits, folded over 8 bits
+        f ^= f >> 4
         f ^= f >> 2
         f ^= f >> 1
         r = ((r << 1) | ((p ^ f) & 1)) & smask

@@ -15,7 +15,7 @@ from aligncodec.formats.writer import ArchiveWriter
 
 def _walk(q, mid):
     """§7.6 written out scalar by scalar, from the table in the spec (not from trellis_machine)."""
-    S, taps = {1: (4, 0b01), 2: (8, 0b11), 3: (16, 0b11)}[mid]
+    S, taps = {1: (4, 0b01), 2: (8, 0b11), 3: (16, 0b11), 4: (32, 0b11), 5: (64, 0b11)}[mid]
     b = S.bit_length() - 1
     rows, n = q.shape
     L = np.zeros((rows, n), np.int64)
@@ -86,7 +86,7 @@ def test_unknown_state_machine_is_unsupported(tmp_path):
     q = np.arange(-6, 6, dtype=np.int32).reshape(3, 4)
     good = lossy.EcsqParams(lossy.TRANSFORM_IDENTITY, 0.5, 0, trellis=1)
     raw = bytearray(lossy.encode_symbols(q, good, None, None)[0].pack())
-    for bad_id in (0, 4, 255):
+    for bad_id in (0, 6, 254, lossy.RESERVED_TRELLIS_ID):  # 0: ecsq's byte; 6: the first unassigned id
         raw[17] = bad_id
         path, _ = _archive(tmp_path, q, good, raw_params=bytes(raw))
         with ArchiveReader(path) as r:

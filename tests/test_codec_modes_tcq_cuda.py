@@ -87,14 +87,14 @@ def test_corrupt_tcq_same_verdicts(lc):
     rng = np.random.default_rng(14)
     kinds: dict = {}
     n_cases = 0
-    for mid, classes in ((1, (1, 0)), (2, (3, 0)), (3, (2, 1))):
+    for mid, classes in ((1, (1, 0)), (2, (3, 0)), (3, (2, 1)), (5, (3, 1))):
         e, st = make_tcq(12, 32, mid, dtype="F16", colscale=True, classes=classes, seed=mid)
         data = b""
         for i, s in enumerate(st):
             b = serialize_stream(s)
             data += b + (bytes(align(len(b), 8) - len(b)) if i + 1 < len(st) else b"")
         n_cases += flipped_data_verdicts(lc, e, data, rng, kinds, recrc=True)
-        for byte17 in (0, 4, 200):  # unknown state-machine ids
+        for byte17 in (0, 6, 200, 255):  # unknown state-machine ids (0: ecsq's byte; 6: the first unassigned; 255 reserved)
             p = bytearray(e.params)
             p[17] = byte17
             be = dataclasses.replace(e, params=bytes(p))

@@ -10,7 +10,8 @@ from aligncodec.tools.cli import main
 
 
 def test_bench_decode_small_runs_every_decoder():
-    res = bench.bench_decode(64, 80, threads=(1, 2), repeat=1, reference_symbols=1000, chunk_symbols=256, gpu=False)
+    res = bench.bench_decode(64, 80, threads=(1, 2), repeat=1, reference_symbols=1000, chunk_symbols=256, gpu=False,
+                             tcq_states=(8, 64))
     names = [r["decoder"] for r in res["rows"]]
     assert names[0].startswith("reference")
     assert any(n.startswith("constriction") for n in names)
@@ -21,7 +22,9 @@ def test_bench_decode_small_runs_every_decoder():
     assert res["info"]["tcq_over_ecsq_speed_2t"] > 0 and res["info"]["tcq_over_ecsq_cpu_1t"] > 0
     for r in res["rows"]:
         assert r["seconds"] > 0 and r["GB_per_s_bf16"] == pytest.approx(2 * r["symbols"] / r["seconds"] / 1e9)
+    assert ("numba CPU, 2 threads", "bf16 (lossy tcq64)") in whats and res["info"]["tcq64_over_tcq_speed_1t"] > 0
     assert "x constr." in bench.format_table(res) and "tcq (8 states) decode speed / ecsq's" in bench.format_table(res)
+    assert "tcq64 (64 states) decode speed / tcq 8 states'" in bench.format_table(res)
 
 
 def test_cli_bench_decode_json(tmp_path, capsys):

@@ -107,8 +107,11 @@ class EcsqParams:
 
 # state-machine id → (states S, feedback taps): a shift register of log2(S) bits; the quantiser
 # of a state is its top bit; the next state shifts in (parity of the symbol) XOR (the parity of
-# the state's bits under the taps). Id 1 is VVC's 4-state dependent quantisation.
-TRELLIS_MACHINES = {1: (4, 0b01), 2: (8, 0b11), 3: (16, 0b11)}
+# the state's bits under the taps). Id 1 is VVC's 4-state dependent quantisation; ids 4 and 5
+# (32 and 64 states) are format 1.6 (spec §7.6). Id 255 is reserved: never assigned, the golden
+# vector of an unknown id (spec/vectors/invalid/tcq_machine_255).
+TRELLIS_MACHINES = {1: (4, 0b01), 2: (8, 0b11), 3: (16, 0b11), 4: (32, 0b11), 5: (64, 0b11)}
+RESERVED_TRELLIS_ID = 255
 # tcq symbols k satisfy |k| ≤ 16383, so the levels 2k and 2k − sgn k stay within ±32767 and the
 # §7.4 finiteness bound holds unchanged
 MAX_ABS_TCQ_SYMBOL = 16383

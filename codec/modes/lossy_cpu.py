@@ -268,7 +268,8 @@ def _levels(U, rowbase, rowoff, colbase, colstride, coloff, gather, smask, rtaps
             r = st[tu]
             sg = (q >> 63) - ((-q) >> 63)
             U[idx] = np.uint16(2 * q - ((-(r & 1)) & sg) + LEVEL_BIAS)
-            f = r & rtaps  # parity of the tapped bits (S ≤ 16: at most 4 bits)
+            f = r & rtaps  # parity of the tapped bits (S ≤ 256: at most 8 bits; reversed, the
+            f ^= f >> 4    # taps of a 32- or 64-state machine sit in bits 3-5)
             f ^= f >> 2
             f ^= f >> 1
             st[tu] = ((r << 1) | ((q ^ f) & 1)) & smask

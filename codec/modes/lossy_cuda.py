@@ -264,7 +264,8 @@ def levels_kernel(syms, I, oRT, oCB, oCS, oOR, oOC, rows, n, bits, taps):
                 elif q < 0:
                     lv += 1
             syms[idx] = np.uint16(lv + LEVEL_BIAS)
-            f = s & taps  # parity of the tapped bits (S ≤ 16: at most 4 bits)
+            f = s & taps  # parity of the tapped bits (S ≤ 256: at most 8 bits)
+            f ^= f >> 4
             f ^= f >> 2
             f ^= f >> 1
             s = (s >> 1) | (((q ^ f) & 1) << top)

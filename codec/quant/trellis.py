@@ -20,6 +20,13 @@ table for both quantisers), −log2 of the frequencies of round(c/2Δ) over the 
 before quantisation (:func:`prior_bits`, no extra pass; add-½ smoothed, a linear tail outside
 the seen range). ``rate_passes`` > 0 re-runs the search with the tables of the previous pass
 (the research prototype's choice): measured in docs/results/2026-11-30-tcq.md.
+
+A tensor taller than the encoder's row chunk is searched one chunk at a time: each column
+enters a chunk in the state its walk reached at the end of the chunk above (``state`` of
+:func:`gptq_tcq`; the other start states cost +inf) and leaves in the chosen path's best end
+state. That is the decoder's walk exactly, with memory bounded by the chunk; only the choice
+at each boundary is local (the all-rows search could pick another end state there). The rate
+table of a chunk without ``rate`` is the prior of that chunk's values.
 """
 
 from __future__ import annotations
@@ -77,9 +84,12 @@ def _level(q, k):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True)
-def _viterbi(w, step, lam, bits, tab, trans, qsel, out_k, out_l, bk, bs, cost, newc):  # pragma: no cover - numba
-    """One column w (rows): symbols into out_k, levels into out_l. bk/bs (rows × S): scratch.
-    ``bits`` (tables × (2·kmax + 1)): rate tables; row i's symbol is priced by table ``tab[i]``."""
+def _viterbi(w, step, lam, bits, tab, trans, qsel, s0, out_k, out_l, bk, bs, cost, newc):  # pragma: no cover - numba
+    """One column w (rows) whose walk enters row 0 in state ``s0`` (the decoder's state after
+    the column's earlier rows; 0 at the top): symbols into out_k, levels into out_l; returns
+    the state after the last row of the chosen path (its best end state). bk/bs (rows × S):
+    scratch. ``bits`` (tables × (2·kmax + 1)): rate tables; row i's symbol is priced by table
+    ``tab[i]``."""
     rows = w.shape[0]
     S = trans.shape[0]
     kmax = (bits.shape[1] - 1) // 2
@@ -87,7 +97,7 @@ def _viterbi(w, step, lam, bits, tab, trans, qsel, out_k, out_l, bk, bs, cost, n
     inv = 1.0 / step
     for s in range(S):
         cost[s] = np.inf
-    cost[0] = 0.0
+    cost[s0] = 0.0
     for i in range(rows):
         for s in range(S):
             newc[s] = np.inf
@@ -134,27 +144,29 @@ def _viterbi(w, step, lam, bits, tab, trans, qsel, out_k, out_l, bk, bs, cost, n
     for j in range(1, S):
         if cost[j] < cost[s]:
             s = j
+    end = s
     for i in range(rows - 1, -1, -1):
         k = bk[i, s]
         p = bs[i, s]
         out_k[i] = k
         out_l[i] = _level(qsel[p], k)
         s = p
+    return end
 
 
 @numba.njit(cache=True)
 def _scratch(rows, S):  # pragma: no cover - numba
-    """The search's work arrays: back-pointers (symbol, previous state), outputs, column, costs."""
+    """The search's work arrays: back-pointers (symbol, previous state: int8, S ≤ 128), outputs, column, costs."""
     return (np.empty((rows, S), np.int32), np.empty((rows, S), np.int8), np.empty(rows, np.int32),
             np.empty(rows, np.int32), np.empty(rows, np.float64), np.empty(S), np.empty(S))
 
 
 @numba.njit(parallel=True, cache=True)
-def _tcq_block(W1, U1, step, lam, bits, rtab, ctab, trans, qsel, K1, Q1, E1):  # pragma: no cover - numba
+def _tcq_block(W1, U1, step, lam, bits, rtab, ctab, trans, qsel, S1, K1, Q1, E1):  # pragma: no cover - numba
     """GPTQ's column loop over one block with the trellis where the rounding is: the column's
-    search (sequential over rows), then its error fed forward in the block (parallel over rows).
-    Symbol (r, i) is priced by rate table ``rtab[r] + ctab[i]``; symbols into K1, reconstructed
-    values (level·Δ) into Q1."""
+    search (sequential over rows, entering in state S1[i]; S1[i] becomes its final state), then
+    its error fed forward in the block (parallel over rows). Symbol (r, i) is priced by rate
+    table ``rtab[r] + ctab[i]``; symbols into K1, reconstructed values (level·Δ) into Q1."""
     rows, b = W1.shape
     bk, bs, ok, ol, col, cost, newc = _scratch(rows, trans.shape[0])
     tab = np.empty(rows, np.int64)
@@ -162,7 +174,7 @@ def _tcq_block(W1, U1, step, lam, bits, rtab, ctab, trans, qsel, K1, Q1, E1):  #
         for r in range(rows):
             col[r] = W1[r, i]
             tab[r] = rtab[r] + ctab[i]
-        _viterbi(col, step, lam, bits, tab, trans, qsel, ok, ol, bk, bs, cost, newc)
+        S1[i] = _viterbi(col, step, lam, bits, tab, trans, qsel, S1[i], ok, ol, bk, bs, cost, newc)
         d = U1[i, i]
         for r in numba.prange(rows):
             K1[r, i] = ok[r]
@@ -175,9 +187,10 @@ def _tcq_block(W1, U1, step, lam, bits, rtab, ctab, trans, qsel, K1, Q1, E1):  #
 
 
 @numba.njit(parallel=True, cache=True)
-def _tcq_columns(W, step, lam, bits, rtab, ctab, trans, qsel, K):  # pragma: no cover - numba
-    """No feedback (Σ = I after the transform): one independent search per column, in parallel.
-    Symbol (r, j) is priced by rate table ``rtab[r] + ctab[j]``."""
+def _tcq_columns(W, step, lam, bits, rtab, ctab, trans, qsel, St, K):  # pragma: no cover - numba
+    """No feedback (Σ = I after the transform): one independent search per column, in parallel,
+    column j entering in state St[j] (overwritten by its final state). Symbol (r, j) is priced
+    by rate table ``rtab[r] + ctab[j]``."""
     rows, n = W.shape
     for j in numba.prange(n):
         bk, bs, ok, ol, col, cost, newc = _scratch(rows, trans.shape[0])
@@ -185,13 +198,15 @@ def _tcq_columns(W, step, lam, bits, rtab, ctab, trans, qsel, K):  # pragma: no 
         for r in range(rows):
             col[r] = W[r, j]
             tab[r] = rtab[r] + ctab[j]
-        _viterbi(col, step, lam, bits, tab, trans, qsel, ok, ol, bk, bs, cost, newc)
+        St[j] = _viterbi(col, step, lam, bits, tab, trans, qsel, St[j], ok, ol, bk, bs, cost, newc)
         for r in range(rows):
             K[r, j] = ok[r]
 
 
 def _machine(mid: int):
     trans, qsel = trellis_machine(mid)
+    if trans.shape[0] > 128:  # the back-pointers to the previous state (_scratch's bs) are int8
+        raise ValueError(f"the trellis search handles at most 128 states, machine {mid} has {trans.shape[0]}")
     return np.ascontiguousarray(trans.astype(np.int64)), np.ascontiguousarray(qsel.astype(np.int64))
 
 
@@ -228,27 +243,51 @@ def _rate_arrays(rate, rows: int, n: int):
     return bits, rtab, ctab
 
 
+def _states(state: np.ndarray | None, n: int, n_states: int) -> np.ndarray:
+    """The per-column entry states as the kernels' int64 array (None: state 0, the top of a column)."""
+    if state is None:
+        return np.zeros(n, np.int64)
+    st = np.asarray(state)
+    if st.shape != (n,) or not np.issubdtype(st.dtype, np.integer) or (n and (int(st.min()) < 0 or int(st.max()) >= n_states)):
+        raise ValueError(f"trellis states must be {n} integers in [0, {n_states})")
+    return np.ascontiguousarray(st, dtype=np.int64)
+
+
 def tcq_independent(C: np.ndarray, step: float, mid: int, bits: np.ndarray, lam_c: float = LAMBDA_C,
-                    rtab: np.ndarray | None = None, ctab: np.ndarray | None = None) -> np.ndarray:
+                    rtab: np.ndarray | None = None, ctab: np.ndarray | None = None,
+                    state: np.ndarray | None = None) -> np.ndarray:
     """Symbols (int32) of a trellis search per column without error feedback. ``bits``: one rate
-    table, or several with ``rtab``/``ctab`` (see :func:`class_rate`)."""
+    table, or several with ``rtab``/``ctab`` (see :func:`class_rate`). ``state``: as
+    :func:`gptq_tcq` (the columns' entry states, overwritten with their final states)."""
     trans, qsel = _machine(mid)
     C = np.ascontiguousarray(C)
     bits, rtab, ctab = _rate_arrays((bits, rtab, ctab), *C.shape)
+    st = _states(state, C.shape[1], len(trans))
     K = np.empty(C.shape, np.int32)
     with KERNEL_LOCK:
-        _tcq_columns(C, float(step), lam_c * step * step, bits, rtab, ctab, trans, qsel, K)
+        _tcq_columns(C, float(step), lam_c * step * step, bits, rtab, ctab, trans, qsel, st, K)
+    if state is not None:
+        state[...] = st
     return K
 
 
 def gptq_tcq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, mid: int, *,
-             lam_c: float = LAMBDA_C, rate_passes: int = 0, block: int = 128, rate=None) -> torch.Tensor:
+             lam_c: float = LAMBDA_C, rate_passes: int = 0, block: int = 128, rate=None,
+             state: np.ndarray | None = None) -> torch.Tensor:
     """GPTQ (act order, lazy batches: ``gptq.lazy_batches``, R the reverse Cholesky factor of H,
     as :func:`aligncodec.codec.quant.gptq.gptq_ecsq`) with the trellis search of state machine
     ``mid`` per column: tcq symbols k (int32, |k| ≤ MAX_ABS_TCQ_SYMBOL) in the original column
     order. ``rate``: the rate model (bits, rtab, ctab) of :func:`class_rate` (None: the prior
     table of :func:`prior_bits`). ``rate_passes``: searches again with the previous pass's
-    symbol table (one class)."""
+    symbol table (one class).
+
+    ``state`` (integer array, one per column, original order; None: all 0): the state each
+    column's walk is in when it reaches C's first row, i.e. C is a row chunk of a taller tensor
+    and ``state`` the final states of the chunk above it (spec §7.6: the decoder walks each
+    column from state 0 at row 0 down to the last row). Each column's search starts there (the
+    other start states cost +inf) and ends in its best end state, which is written back into
+    ``state``: row chunks coded in order with one such array are the decoder's walk exactly.
+    GPTQ's rows are independent given H, so only the trellis state crosses a chunk boundary."""
     from aligncodec.codec.quant.gptq import lazy_batches
 
     trans, qsel = _machine(mid)
@@ -256,6 +295,8 @@ def gptq_tcq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, 
     rows, n = C.shape
     bits, rtab, ctab = _rate_arrays(rate if rate is not None else (prior_bits(C, step), None, None), rows, n)
     pn = perm.numpy()
+    start = _states(state, n, len(trans))
+    final = start.copy()
     out = None
     for _ in range(1 + max(0, rate_passes)):
         if out is not None:
@@ -267,13 +308,17 @@ def gptq_tcq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, 
             E1 = np.empty_like(W1)
             Q1 = np.empty_like(W1)
             K1 = np.empty(W1.shape, dtype=np.int32)
+            S1 = np.ascontiguousarray(start[pn[i1:i2]])  # each pass enters at the given states
             with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
                 _tcq_block(W1, U1, float(step), lam, bits, rtab, np.ascontiguousarray(cperm[i1:i2]), trans, qsel,
-                           K1, Q1, E1)
+                           S1, K1, Q1, E1)
             out[:, pn[i1:i2]] = K1
+            final[pn[i1:i2]] = S1
             return Q1
 
         lazy_batches(C, R, perm, block, run_block)
+    if state is not None:
+        state[...] = final
     return torch.from_numpy(out)
 
 

@@ -59,8 +59,10 @@ def bf16_weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: int = 3, reference_symbols: int = 100_000,
                  chunk_symbols: int | None = None, gpu: bool = True, constriction_check: bool = True,
-                 lossy: bool = True) -> dict:
-    """Throughput of the decoders on the float-split symbols of a rows x cols bf16 matrix."""
+                 lossy: bool = True, tcq_states=(8,)) -> dict:
+    """Throughput of the decoders on the float-split symbols of a rows x cols bf16 matrix.
+    ``tcq_states``: the tcq state machines timed beside ecsq (8: the encoder's default, labelled
+    ``tcq``; any other S is labelled ``tcqS`` with its speed ratio to the 8-state machine's)."""
     import constriction
     import numba
 
@@ -154,9 +156,14 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
 
         # ecsq (mode 2) and tcq (mode 4, 8-state machine: ecsq plus the level pass) on the same
         # symbols, so the tcq/ecsq ratio is the cost of the trellis walk alone; their runs
-        # alternate (a busy machine's load then drifts over both alike)
+        # alternate (a busy machine's load then drifts over both alike). Other machines
+        # (tcq_states) likewise, each as tcqS.
+        from aligncodec.codec import encoder as enc
+
+        arms = [("ecsq", 0), ("tcq", enc.trellis_id("tcq", 8))]
+        arms += [(f"tcq{S}", enc.trellis_id("tcq", S)) for S in tcq_states if S != 8]
         cases = []
-        for label, trellis in (("ecsq", 0), ("tcq", 2)):
+        for label, trellis in arms:
             e, st = lossy_entry(rows, cols, trellis=trellis)
             info[f"{label}_bits_per_weight"] = 8 * e.size / e.numel
             want = lossy_mode.decode_numpy(e, st)
@@ -179,6 +186,9 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
             # tcq's speed as a share of ecsq's (the issue-14 target: ≥ 0.5), by wall and by CPU time
             info[f"tcq_over_ecsq_speed_{th}t"] = wall[0] / wall[1]
             info[f"tcq_over_ecsq_cpu_{th}t"] = cpu[0] / cpu[1]
+            for i, (label, *_) in enumerate(cases[2:], 2):  # a larger machine against the 8-state one
+                info[f"{label}_over_tcq_speed_{th}t"] = wall[1] / wall[i]
+                info[f"{label}_over_tcq_cpu_{th}t"] = cpu[1] / cpu[i]
     if gpu:
         g = _bench_gpu(s, packed, bits, k, repeat)
         if g is not None:
@@ -475,6 +485,10 @@ def format_table(res: dict) -> str:
                   for k, v in i.items() if k.startswith("tcq_over_ecsq_speed_")]
         if ratios:
             lines.append(f"lossy tcq (8 states) decode speed / ecsq's, same symbols, runs alternating: {', '.join(ratios)}")
+        for lab in sorted({k.split("_over_tcq_speed_")[0] for k in i if "_over_tcq_speed_" in k}, key=lambda x: int(x[3:])):
+            r = [f"{k.rsplit('_', 1)[1]}: {v:.2f} (CPU time {i[k.replace('speed', 'cpu')]:.2f})"
+                 for k, v in i.items() if k.startswith(f"{lab}_over_tcq_speed_")]
+            lines.append(f"lossy {lab} ({lab[3:]} states) decode speed / tcq 8 states', same symbols: {', '.join(r)}")
         return "\n".join(lines)
     caches = res["info"].get("page_cache") or ["warm"]
     head = f"{'load':58s} {'file MB':>8s} {'model MB':>8s}"

@@ -107,12 +107,12 @@ def add_eval_arguments(p: argparse.ArgumentParser, *, kld_topk: int = 0, tokens_
 
 
 def add_quantizer_arguments(p: argparse.ArgumentParser) -> None:
-    """--quantizer ecsq|tcq and --trellis-states 4|8|16 of the commands that run the lossy encoder
+    """--quantizer ecsq|tcq and --trellis-states 4|8|16|32|64 of the commands that run the lossy encoder
     (resolved by :func:`trellis_arg`)."""
     p.add_argument("--quantizer", choices=("ecsq", "tcq"), default=None,
                    help="lossy: scalar quantiser (ecsq, mode 2) or trellis-coded quantiser (tcq, mode 4, spec §7.6); "
                         "default: the encoder's (codec/encoder.py DEFAULT_QUANTIZER)")
-    p.add_argument("--trellis-states", type=int, choices=(4, 8, 16), default=None,
+    p.add_argument("--trellis-states", type=int, choices=(4, 8, 16, 32, 64), default=None,
                    help="lossy, --quantizer tcq: states of the trellis (default 8)")
 
 

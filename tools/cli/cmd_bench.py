@@ -23,6 +23,8 @@ def add_parser(sub) -> None:
     d.add_argument("--reference-symbols", type=int, default=100_000,
                    help="symbols the slow reference decoder decodes (whole chunks, default 100000)")
     d.add_argument("--chunk-symbols", type=int, default=None, help="rANS chunk size (default: the encoder's)")
+    d.add_argument("--tcq-states", default="8",
+                   help="comma-separated tcq state machines timed beside ecsq (default 8; e.g. 8,32,64)")
     d.add_argument("--no-gpu", action="store_true", help="skip the GPU even if one is present")
     d.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
     d.set_defaults(func=run)
@@ -64,9 +66,17 @@ def run(args) -> int:
             raise CLIError(f"--threads must be comma-separated integers, not {args.threads!r}", EXIT_USAGE) from None
         if not threads or min(threads) < 1 or args.rows < 1 or args.cols < 1:
             raise CLIError("--threads, --rows and --cols must be positive", EXIT_USAGE)
+        from aligncodec.codec import encoder
+
+        try:
+            tcq_states = tuple(int(x) for x in args.tcq_states.split(",") if x.strip())
+            for S in tcq_states:
+                encoder.trellis_id("tcq", S)
+        except ValueError as exc:
+            raise CLIError(f"--tcq-states {args.tcq_states!r}: {exc}", EXIT_USAGE) from None
         res = bench.bench_decode(args.rows, args.cols, threads=threads, repeat=args.repeat,
                                  reference_symbols=args.reference_symbols, chunk_symbols=args.chunk_symbols,
-                                 gpu=not args.no_gpu)
+                                 gpu=not args.no_gpu, tcq_states=tcq_states)
     else:
         kinds = {"state-dict": ("st-sd", "acz-sd"), "hf": ("st-hf", "acz-hf"), None: ("st-sd", "acz-sd", "st-hf", "acz-hf")}[args.only]
         if args.lossy is not None and not os.path.isfile(args.lossy):

@@ -12,12 +12,13 @@ import json
 
 from aligncodec.tools.cli import add_command, add_model_argument, add_run_options
 from aligncodec.tools.cli.cmd_models import model_errors
+from aligncodec.tools.eval.text import DEFAULT_CALIB_TOKENS
 
 
 def add_parser(sub) -> None:
     p = add_command(sub, "calibrate", description=__doc__)
     add_model_argument(p)
-    p.add_argument("--tokens", type=int, default=16384, metavar="N", help="calibration tokens (default 16384)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_CALIB_TOKENS, metavar="N", help=f"calibration tokens (default {DEFAULT_CALIB_TOKENS})")
     p.add_argument("--force", action="store_true", help="recompute even if a matching file is cached")
     p.add_argument("--json", action="store_true", help="print the file's path and metadata as JSON")
     add_run_options(p)

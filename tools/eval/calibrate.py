@@ -44,9 +44,9 @@ from pathlib import Path
 import torch
 
 from aligncodec.formats.atomic import atomic_write
+from aligncodec.tools.eval.text import DEFAULT_CALIB_TOKENS
 
 SIGMA_FORMAT = "aligncodec-sigma/1"
-DEFAULT_CALIB_TOKENS = 16384
 
 
 class CalibrationError(Exception):

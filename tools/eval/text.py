@@ -44,6 +44,7 @@ EXPECTED_SHA256 = {
 }
 
 SPLITS = ("calib", "eval")
+DEFAULT_CALIB_TOKENS = 16384  # calibration tokens of Σ capture and the stream encoder (one home for the CLI's help)
 
 _DROP_TAGS = {"ref", "table", "gallery", "references", "timeline", "imagemap"}
 _DROP_LINK = re.compile(r"^\s*:?\s*(file|image|category|media|[a-z]{2,3}(-[a-z]+)?)\s*:", re.IGNORECASE)

@@ -5,10 +5,13 @@ RMS), SQNR over all of them, bpw at 20 dB interpolated between the two steps tha
 Quicker than ``aligncodec rd --weight-domain`` (no step search) for comparing encoder settings.
 
     python -m aligncodec.tools.experiments.tcq_weight_domain --states 8 --lam 0.25,0.35 --passes 0,1,2
-    python -m aligncodec.tools.experiments.tcq_weight_domain --states 64 --extra-machines   # not in the format
+    python -m aligncodec.tools.experiments.tcq_weight_domain --states 64
+    python -m aligncodec.tools.experiments.tcq_weight_domain --states 128 --extra-machines --taps 0b101   # not in the format
 
-``--extra-machines`` registers 32/64/128-state machines (taps ``--taps``) in this process only, to
-measure what a larger state machine would buy; archives with them are not valid (spec §7.6).
+The format's machines (spec §7.6: 4, 8, 16, 32, 64 states) are used as they are.
+``--extra-machines`` makes the ``--states`` machine an experimental one with taps ``--taps``
+(any S up to 128), registered in this process only under an id the format never assigns, to
+measure what other machines would buy; archives with them are not valid.
 Results: docs/results/2026-11-30-tcq.md ("Weight-domain tuning").
 """
 
@@ -27,6 +30,8 @@ from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossy
 from aligncodec.formats.streams import RansStream, serialize_stream
 
+EXPERIMENT_ID = 254  # unassigned in spec §7.6 (255 is the reserved one)
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,16 +42,17 @@ def main(argv=None) -> int:
     ap.add_argument("--lam", default="0.35", help="comma-separated λ factors c (λ = c·Δ²)")
     ap.add_argument("--passes", default="1", help="comma-separated extra search passes")
     ap.add_argument("--refine", type=int, default=1, help="1: refined class maps (lossy.refine_classes)")
-    ap.add_argument("--extra-machines", action="store_true", help="register 32/64/128-state machines (experiment only)")
-    ap.add_argument("--taps", type=lambda x: int(x, 0), default=0b11, help="taps of the extra machines (≤ 0b1111)")
+    ap.add_argument("--extra-machines", action="store_true",
+                    help="code with an experimental --states machine of taps --taps (not in the format)")
+    ap.add_argument("--taps", type=lambda x: int(x, 0), default=0b11, help="taps of the experimental machine (≤ 8 bits)")
     ap.add_argument("--breakdown", action="store_true", help="bpw of payload, rANS headers/tables, raw streams, entries")
     a = ap.parse_args(argv)
     if a.extra_machines:
-        lossy.TRELLIS_MACHINES.update({4: (32, a.taps), 5: (64, a.taps), 6: (128, a.taps)})
+        lossy.TRELLIS_MACHINES[EXPERIMENT_ID] = (a.states, a.taps)
     jobs = LC.build_jobs(LC.resolve_input(a.model), None)
     if a.names:
         jobs = [j for j in jobs if re.search(a.names, j.name)]
-    mid = E.trellis_id("tcq", a.states)
+    mid = EXPERIMENT_ID if a.extra_machines else E.trellis_id("tcq", a.states)
     cache: dict = {}
     for j in jobs:
         j.trellis = mid

@@ -1,6 +1,6 @@
 """Settings study of the tcq encoder (issue 14, lever 1) inside GPTQ: for each tensor, the bits
 tcq needs at ECSQ's activation-weighted distortion, for several rate models (λ = c·Δ², extra
-passes with the previous pass's table). Both arms are the product's own code
+passes with the previous pass's class tables, the encoder's own). Both arms are the product's own code
 (``encoder.code_candidate`` with ``job.trellis`` 0 or the machine id; the search is
 :mod:`aligncodec.codec.quant.trellis`), so bytes are real (rANS streams, tables, header entry).
 
@@ -44,34 +44,30 @@ def compare(model: str, names_re: str, kind: str, states: int, lams, passes, sig
     LC.attach_sigma(jobs, sig)
     mid = E.trellis_id("tcq", states)
     out = {}
-    gptq_tcq = E.gptq_tcq
-    try:
-        for j in jobs:
-            E.build_candidates(j, (kind,))
-            cand = j.cands[0]
-            rms = float(cand.C.double().pow(2).mean().sqrt())
-            st3 = rms * math.sqrt(2 * math.pi * math.e) * 2.0**-3.0  # ~3 bpw for a Gaussian
-            t0 = time.perf_counter()
-            e = [(8 * tc.bytes_all_in / j.numel, tc.dist) for tc in (E.code_candidate(j, cand, st3 * f) for f in (0.9, 1.0, 1.12))]
-            t_e = (time.perf_counter() - t0) / 3
-            row = {"ecsq_bpw": e[1][0], "ecsq_seconds_per_code": t_e, "tcq": {}}
-            for c in lams:
-                for p in passes:
-                    E.gptq_tcq = lambda C, U, perm, step, m, c=c, p=p: gptq_tcq(C, U, perm, step, m, lam_c=c, rate_passes=p)
-                    j.trellis = mid
-                    t0 = time.perf_counter()
-                    pts = [(8 * tc.bytes_all_in / j.numel, tc.dist)
-                           for tc in (E.code_candidate(j, cand, st3 * f) for f in (0.55, 0.62, 0.7))]
-                    t_t = (time.perf_counter() - t0) / 3
-                    j.trellis = 0
-                    b = bpw_at_equal_d(pts, e[1][1])
-                    row["tcq"][f"c{c:g}-passes{p}"] = {"bpw_at_ecsq_d": b, "saving_bpw": e[1][0] - b, "seconds_per_code": t_t,
-                                                        "points": pts}
-                    print(f"{j.name} tcq{states} c={c:g} passes={p}: {b:.4f} bpw at ECSQ's D ({e[1][0]:.4f}), "
-                          f"saves {e[1][0] - b:+.4f}; {t_t:.2f} s/code (ecsq {t_e:.2f})", file=sys.stderr)
-            out[j.name] = row
-    finally:
-        E.gptq_tcq = gptq_tcq
+    for j in jobs:
+        E.build_candidates(j, (kind,))
+        cand = j.cands[0]
+        rms = float(cand.C.double().pow(2).mean().sqrt())
+        st3 = rms * math.sqrt(2 * math.pi * math.e) * 2.0**-3.0  # ~3 bpw for a Gaussian
+        t0 = time.perf_counter()
+        e = [(8 * tc.bytes_all_in / j.numel, tc.dist) for tc in (E.code_candidate(j, cand, st3 * f) for f in (0.9, 1.0, 1.12))]
+        t_e = (time.perf_counter() - t0) / 3
+        row = {"ecsq_bpw": e[1][0], "ecsq_seconds_per_code": t_e, "tcq": {}}
+        for c in lams:
+            for p in passes:
+                # the product's settings (λ factor, rate passes with the class tables)
+                j.trellis, j.tcq_lambda, j.tcq_passes = mid, c, p
+                t0 = time.perf_counter()
+                pts = [(8 * tc.bytes_all_in / j.numel, tc.dist)
+                       for tc in (E.code_candidate(j, cand, st3 * f) for f in (0.55, 0.62, 0.7))]
+                t_t = (time.perf_counter() - t0) / 3
+                j.trellis, j.tcq_lambda, j.tcq_passes = 0, None, None
+                b = bpw_at_equal_d(pts, e[1][1])
+                row["tcq"][f"c{c:g}-passes{p}"] = {"bpw_at_ecsq_d": b, "saving_bpw": e[1][0] - b, "seconds_per_code": t_t,
+                                                    "points": pts}
+                print(f"{j.name} tcq{states} c={c:g} passes={p}: {b:.4f} bpw at ECSQ's D ({e[1][0]:.4f}), "
+                      f"saves {e[1][0] - b:+.4f}; {t_t:.2f} s/code (ecsq {t_e:.2f})", file=sys.stderr)
+        out[j.name] = row
     return out
 
 
