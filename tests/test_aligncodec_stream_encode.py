@@ -195,6 +195,43 @@ def test_interrupt_then_resume_is_byte_identical(tmp_path, text_file, cal):
     assert not S.spool_dir(out).exists()
 
 
+_KILL_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from aligncodec import stream_encode as S
+from tiny_arch import ToyTokenizer
+
+def die(i):
+    if i == 0:  # block 0 finished and spooled: the process dies as under kill -9 (no cleanup runs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+opts = S.StreamOptions(bpw=4.0, calib_tokens=1500, calib_text={text!r}, window=256)
+S.encode_stream({src!r}, {out!r}, opts, tokenizer=ToyTokenizer(), progress=False, on_block=die)
+"""
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path, text_file):
+    """A real kill -9 (SIGKILL: no finally, no atexit) after the first block: no file under the
+    final name, and --resume yields the uninterrupted run's bytes."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    d = make_checkpoint(tmp_path / "m", "llama", True)
+    ref = tmp_path / "ref.acz"
+    S.encode_stream(d, ref, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    out = tmp_path / "out.acz"
+    code = _KILL_CHILD.format(tests=str(Path(__file__).parent), text=str(text_file), src=str(d), out=str(out))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert not out.exists() and S.spool_dir(out).is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".acz")]  # no writer temp left
+    S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    assert out.read_bytes() == ref.read_bytes()
+    assert not S.spool_dir(out).exists()
+
+
 def test_resume_against_other_input_or_damaged_spool(tmp_path, text_file):
     d = make_checkpoint(tmp_path / "m", "llama")
     out = tmp_path / "out.acz"
