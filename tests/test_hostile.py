@@ -105,11 +105,11 @@ def test_metadata_limit(tmp_path):
 
 
 _PEAK = r"""
-import io, json, resource, sys, tempfile
+import io, json, resource, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 import hostile as H
-d = Path(tempfile.mkdtemp())
+d = Path(sys.argv[2])  # the test's tmp_path: removed by pytest, not left in /tmp
 H.write_corpus(d)
 def kb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 # warm up every path (imports, numba kernels) on valid archives, then take the baseline
@@ -118,7 +118,7 @@ for n in ("orphan_name_collision", "zero_size_ok"):
         assert H.run_op(op, d / f"{n}.acz", d)[0] == "OK"
 base = kb()
 res = {}
-for n in sys.argv[2:]:
+for n in sys.argv[3:]:
     for op in H.OPS:
         res[f"{n}/{op}"] = H.run_op(op, d / f"{n}.acz", d)[0]
 print(json.dumps({"base_kb": base, "peak_kb": kb(), "res": res}))
@@ -128,9 +128,9 @@ BOUNDED = ["zstd_bogus_256MiB", "zstd_rle_256MiB", "zstd_rle_1GiB", "rans_ecsq_3
            "many_tensors_expansion", "hadamard_m_1023", "zero_dim_huge", "nested_metadata", "zstd_rle_under_slack"]
 
 
-def test_bounded_work_peak_memory():
+def test_bounded_work_peak_memory(tmp_path):
     """Every bounded-work case through every read path costs < 64 MB over the warmed baseline."""
-    p = subprocess.run([sys.executable, "-c", _PEAK, str(Path(__file__).resolve().parent), *BOUNDED],
+    p = subprocess.run([sys.executable, "-c", _PEAK, str(Path(__file__).resolve().parent), str(tmp_path), *BOUNDED],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
