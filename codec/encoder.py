@@ -49,7 +49,7 @@ import torch
 from aligncodec.codec.modes import lossy
 from aligncodec.codec.quant.gptq import gptq_ecsq, hessian_factor
 from aligncodec.codec.quant.trellis import LAMBDA_C, class_rate, gptq_tcq
-from aligncodec.codec.quant.rate import secant_search
+from aligncodec.codec.quant.rate import histogram, secant_search
 
 CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
 
@@ -481,25 +481,12 @@ def choose_classes(q: np.ndarray, f: float = 1.0, class_options=None, refine: bo
         parts = [q.reshape(-1)] if k == 1 else lossy.ClassMap(ids, []).split(q, axis, k)
         est = 0.0 if k == 1 else 4 * k + (q.shape[axis] + 1) / 2 + 8
         for part in parts:
-            lo = int(part.min())
-            cnt = _histogram(part, lo)
+            cnt = histogram(part, int(part.min()), int(part.max()))
             nz = cnt[cnt > 0].astype(np.float64)
             est += f * float(-(nz * np.log2(nz / part.size)).sum()) / 8 + 1.2 * len(cnt) + 56
         if est < best_est:
             best_cls, best_est = ((k, axis, ids) if refine and k > 1 else (k, axis)), est
     return best_cls
-
-
-def _histogram(v: np.ndarray, lo: int, chunk: int = 1 << 22) -> np.ndarray:
-    """np.bincount(v − lo), a chunk at a time for a large v (bincount widens its input to
-    int64: a full copy twice the size of int32 symbols)."""
-    if v.size <= chunk:
-        return np.bincount(v - lo)
-    m = int(v.max()) - lo + 1
-    cnt = np.zeros(m, dtype=np.int64)
-    for a in range(0, v.size, chunk):
-        cnt += np.bincount(v[a:a + chunk] - lo, minlength=m)
-    return cnt
 
 
 def choose(job: TensorJob, step: float, stride: int = 1) -> tuple[Candidate, TensorCode]:

@@ -156,11 +156,16 @@ def test_make_classes_in_row_chunks(monkeypatch):
 
 
 def test_histogram_in_chunks_is_bincount():
+    from aligncodec.codec.quant.rate import histogram
+
     rng = np.random.default_rng(5)
     v = rng.integers(-300, 200, size=10_001).astype(np.int32)
-    lo = int(v.min())
-    assert np.array_equal(E._histogram(v, lo, chunk=1000), np.bincount(v - lo))
-    assert np.array_equal(E._histogram(v, lo), np.bincount(v - lo))
+    lo, hi = int(v.min()), int(v.max())
+    assert np.array_equal(histogram(v, lo, hi, chunk=1000), np.bincount(v - lo))
+    assert np.array_equal(histogram(v, lo, hi), np.bincount(v - lo))
+    # clipped to [lo, hi], chunk by chunk (symbol_bits's kmax window), wider than the values too
+    assert np.array_equal(histogram(v, -50, 60, chunk=999), np.bincount(np.clip(v, -50, 60) + 50, minlength=111))
+    assert np.array_equal(histogram(v, -400, 400, chunk=777), np.bincount(v + 400, minlength=801))
 
 
 @pytest.mark.parametrize("kind", ["hadamard", "colscale"])

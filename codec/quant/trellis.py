@@ -18,8 +18,9 @@ rounding is, and the column's error is fed to the later columns as usual.
 Rate term ``bits``: one table per tensor (the format codes each class's symbols with one rANS
 table for both quantisers), −log2 of the frequencies of round(c/2Δ) over the tensor's values
 before quantisation (:func:`prior_bits`, no extra pass; add-½ smoothed, a linear tail outside
-the seen range). ``rate_passes`` > 0 re-runs the search with the tables of the previous pass
-(the research prototype's choice): measured in docs/results/2026-11-30-tcq.md.
+the seen range), or the tables a caller passes as ``rate`` (:func:`class_rate`): the encoder's
+extra passes (``codec/encoder.py`` ``code_candidate``) re-run the search with the class tables of
+the previous pass, measured in docs/results/2026-11-30-tcq.md.
 
 A tensor taller than the encoder's row chunk is searched one chunk at a time: each column
 enters a chunk in the state its walk reached at the end of the chunk above (``state`` of
@@ -37,6 +38,7 @@ import torch
 
 from aligncodec.codec.entropy.rans import KERNEL_LOCK
 from aligncodec.codec.modes.lossy import MAX_ABS_TCQ_SYMBOL, trellis_machine
+from aligncodec.codec.quant.rate import histogram
 
 __all__ = ["LAMBDA_C", "prior_bits", "symbol_bits", "class_rate", "tcq_levels", "gptq_tcq", "tcq_independent"]
 
@@ -53,7 +55,7 @@ def symbol_bits(K: np.ndarray, kmax: int | None = None) -> np.ndarray:
     if kmax is None:
         kmax = min(MAX_ABS_TCQ_SYMBOL, max(-lo, hi) + 8)
     lo, hi = max(lo, -kmax), min(hi, kmax)
-    cnt = np.bincount(np.clip(K, lo, hi) - lo, minlength=hi - lo + 1).astype(np.float64) + 0.5
+    cnt = histogram(K, lo, hi).astype(np.float64) + 0.5
     tab = -np.log2(cnt / cnt.sum())
     bits = np.empty(2 * kmax + 1)
     bits[lo + kmax: hi + kmax + 1] = tab
@@ -217,7 +219,7 @@ def class_rate(K: np.ndarray, ids: np.ndarray | None = None, axis: int = 0) -> t
     rtab[r] + ctab[j]."""
     K = np.asarray(K)
     rows, n = K.shape
-    kmax = min(MAX_ABS_TCQ_SYMBOL, (int(np.abs(K).max()) if K.size else 0) + 8)
+    kmax = min(MAX_ABS_TCQ_SYMBOL, (max(int(K.max()), -int(K.min())) if K.size else 0) + 8)  # no |K| copy
     rtab = np.zeros(rows, np.int64)
     ctab = np.zeros(n, np.int64)
     if ids is None:
@@ -272,14 +274,13 @@ def tcq_independent(C: np.ndarray, step: float, mid: int, bits: np.ndarray, lam_
 
 
 def gptq_tcq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, mid: int, *,
-             lam_c: float = LAMBDA_C, rate_passes: int = 0, block: int = 128, rate=None,
+             lam_c: float = LAMBDA_C, block: int = 128, rate=None,
              state: np.ndarray | None = None) -> torch.Tensor:
     """GPTQ (act order, lazy batches: ``gptq.lazy_batches``, R the reverse Cholesky factor of H,
     as :func:`aligncodec.codec.quant.gptq.gptq_ecsq`) with the trellis search of state machine
     ``mid`` per column: tcq symbols k (int32, |k| ≤ MAX_ABS_TCQ_SYMBOL) in the original column
     order. ``rate``: the rate model (bits, rtab, ctab) of :func:`class_rate` (None: the prior
-    table of :func:`prior_bits`). ``rate_passes``: searches again with the previous pass's
-    symbol table (one class).
+    table of :func:`prior_bits`).
 
     ``state`` (integer array, one per column, original order; None: all 0): the state each
     column's walk is in when it reaches C's first row, i.e. C is a row chunk of a taller tensor
@@ -295,28 +296,23 @@ def gptq_tcq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, 
     rows, n = C.shape
     bits, rtab, ctab = _rate_arrays(rate if rate is not None else (prior_bits(C, step), None, None), rows, n)
     pn = perm.numpy()
-    start = _states(state, n, len(trans))
-    final = start.copy()
-    out = None
-    for _ in range(1 + max(0, rate_passes)):
-        if out is not None:
-            bits, rtab, ctab = _rate_arrays(class_rate(out), rows, n)
-        out = np.empty((rows, n), dtype=np.int32)
-        cperm = np.ascontiguousarray(ctab[pn])
+    final = _states(state, n, len(trans)).copy()  # the entry states, overwritten with the end states
+    out = np.empty((rows, n), dtype=np.int32)
+    cperm = np.ascontiguousarray(ctab[pn])
 
-        def run_block(W1, U1, i1, i2, bits=bits, rtab=rtab, cperm=cperm, out=out):
-            E1 = np.empty_like(W1)
-            Q1 = np.empty_like(W1)
-            K1 = np.empty(W1.shape, dtype=np.int32)
-            S1 = np.ascontiguousarray(start[pn[i1:i2]])  # each pass enters at the given states
-            with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
-                _tcq_block(W1, U1, float(step), lam, bits, rtab, np.ascontiguousarray(cperm[i1:i2]), trans, qsel,
-                           S1, K1, Q1, E1)
-            out[:, pn[i1:i2]] = K1
-            final[pn[i1:i2]] = S1
-            return Q1
+    def run_block(W1, U1, i1, i2):
+        E1 = np.empty_like(W1)
+        Q1 = np.empty_like(W1)
+        K1 = np.empty(W1.shape, dtype=np.int32)
+        S1 = np.ascontiguousarray(final[pn[i1:i2]])
+        with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
+            _tcq_block(W1, U1, float(step), lam, bits, rtab, np.ascontiguousarray(cperm[i1:i2]), trans, qsel,
+                       S1, K1, Q1, E1)
+        out[:, pn[i1:i2]] = K1
+        final[pn[i1:i2]] = S1
+        return Q1
 
-        lazy_batches(C, R, perm, block, run_block)
+    lazy_batches(C, R, perm, block, run_block)
     if state is not None:
         state[...] = final
     return torch.from_numpy(out)
