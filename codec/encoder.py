@@ -49,7 +49,8 @@ import torch
 from aligncodec.codec.modes import lossy
 from aligncodec.codec.quant.gptq import gptq_ecsq, hessian_factor
 from aligncodec.codec.quant.trellis import LAMBDA_C, class_rate, gptq_tcq
-from aligncodec.codec.quant.rate import histogram, secant_search
+from aligncodec.codec.entropy.rans import histogram
+from aligncodec.codec.quant.rate import secant_search
 
 CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
 
@@ -478,7 +479,7 @@ def choose_classes(q: np.ndarray, f: float = 1.0, class_options=None, refine: bo
             if refine:
                 ids = lossy.refine_classes(q, ids, axis)
                 k = int(ids.max()) + 1
-        parts = [q.reshape(-1)] if k == 1 else lossy.ClassMap(ids, []).split(q, axis, k)
+        parts = [q.reshape(-1)] if k == 1 else lossy.ClassMap(ids, []).split(q, axis, k)  # (one class at a time)
         est = 0.0 if k == 1 else 4 * k + (q.shape[axis] + 1) / 2 + 8
         for part in parts:
             cnt = histogram(part, int(part.min()), int(part.max()))

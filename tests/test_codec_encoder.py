@@ -135,6 +135,7 @@ def test_row_chunked_work_gives_the_same_code(monkeypatch, kind, sigma):
     ref, jref = code()
     monkeypatch.setattr(E, "CHUNK_ROWS", 64)
     monkeypatch.setattr(lossy, "_CLASS_CHUNK", 64)
+    monkeypatch.setattr(lossy, "_CLASS_ELEMS", 1000)
     got, jgot = code()
     assert torch.equal(jref.cands[0].C, jgot.cands[0].C)
     assert got.bytes_all_in == ref.bytes_all_in and got.params == ref.params
@@ -151,12 +152,14 @@ def test_make_classes_in_row_chunks(monkeypatch):
     q = (rng.laplace(size=(1000, 40)) * rng.uniform(0.5, 4, size=40)[None, :] * rng.uniform(0.5, 4, size=(1000, 1))).round().astype(np.int32)
     ref = [lossy.make_classes(q, k, ax) for k, ax in ((4, 0), (8, 1))]
     monkeypatch.setattr(lossy, "_CLASS_CHUNK", 96)
-    for r, (k, ax) in zip(ref, ((4, 0), (8, 1))):
-        assert np.array_equal(lossy.make_classes(q, k, ax), r)
+    for elems in (1 << 20, 40 * 7, 1):  # one chunk; 7 rows a chunk; one row
+        monkeypatch.setattr(lossy, "_CLASS_ELEMS", elems)
+        for r, (k, ax) in zip(ref, ((4, 0), (8, 1))):
+            assert np.array_equal(lossy.make_classes(q, k, ax), r)
 
 
 def test_histogram_in_chunks_is_bincount():
-    from aligncodec.codec.quant.rate import histogram
+    from aligncodec.codec.entropy.rans import histogram
 
     rng = np.random.default_rng(5)
     v = rng.integers(-300, 200, size=10_001).astype(np.int32)

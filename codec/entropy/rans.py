@@ -123,6 +123,35 @@ def choose_table(counts: np.ndarray, precisions=PRECISION_CHOICES) -> tuple[int,
 # ----------------------------------------------------------------- numba kernels
 
 
+
+HISTOGRAM_CHUNK = 1 << 20  # symbols per bincount call (its int64 widening: 8 MB)
+
+
+def histogram(v: np.ndarray, lo: int, hi: int, chunk: int = HISTOGRAM_CHUNK) -> np.ndarray:
+    """Counts (int64, length hi − lo + 1) of the integer symbols ``v`` clipped to [lo, hi], a
+    chunk at a time: bincount widens its input to int64, and a clip or a shift is a copy too,
+    so one call on a large tensor's symbols (an embedding: 394 M for a 3B model) would hold
+    temporaries of up to twice their size. Every symbol counter of the encoder uses it."""
+    v = np.asarray(v).reshape(-1)
+    m = hi - lo + 1
+    cnt = np.zeros(m, dtype=np.int64)
+    for a in range(0, v.size, chunk):
+        c = v[a:a + chunk]
+        if int(c.min()) < lo or int(c.max()) > hi:
+            c = np.clip(c, lo, hi)
+        cnt += np.bincount(c.astype(np.int64) - lo, minlength=m)
+    return cnt
+
+
+def to_uint16(v: np.ndarray, lo: int, chunk: int = HISTOGRAM_CHUNK) -> np.ndarray:
+    """``v − lo`` as the coder's uint16 symbols (flattened), converted a chunk at a time (no
+    int64 copy of the whole array). The caller checks the range."""
+    v = np.asarray(v).reshape(-1)
+    out = np.empty(v.size, dtype=np.uint16)
+    for a in range(0, v.size, chunk):
+        out[a:a + chunk] = v[a:a + chunk].astype(np.int64) - lo
+    return out
+
 @nb.njit(cache=True)
 def _encode_chunk(sym, start, stop, freq, cum, precision, out_words):
     """Encode sym[start:stop] in reverse; returns (final state, number of words);
@@ -288,12 +317,13 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
         raise ValueError("rANS symbols must lie in [0, 65536)")
     sym = sym.astype(np.uint16, copy=False)
     n = int(sym.size)
+    top = int(sym.max()) if n else 0
     if alphabet_size is None:
-        alphabet_size = int(sym.max()) + 1 if n else 1
+        alphabet_size = top + 1
+    if top >= alphabet_size:
+        raise ValueError("symbol outside the alphabet")
+    counts = histogram(sym, 0, alphabet_size - 1) if n else np.eye(1, alphabet_size, dtype=np.int64)[0]
     if freqs is None:
-        counts = np.bincount(sym, minlength=alphabet_size).astype(np.int64) if n else np.eye(1, alphabet_size, dtype=np.int64)[0]
-        if len(counts) > alphabet_size:
-            raise ValueError("symbol outside the alphabet")
         if precision is None:
             precision, freqs = choose_table(counts)
         else:
@@ -301,7 +331,7 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
     freqs = np.asarray(freqs, dtype=np.uint32)
     if precision is None or not 1 <= precision <= MAX_PRECISION or int(freqs.sum()) != 1 << precision:
         raise ValueError("frequencies must sum to 2**precision with precision in 1..16")
-    if n and np.any(freqs[sym] == 0):
+    if n and (len(freqs) < alphabet_size or np.any(freqs[:alphabet_size][counts > 0] == 0)):
         raise ValueError("a symbol has zero frequency")
     n_chunks = -(-n // chunk_symbols)
     if n == 0:

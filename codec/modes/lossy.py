@@ -342,8 +342,11 @@ class ClassMap:
     def symbol_counts(self, other: int) -> list[int]:
         return [int((self.ids == c).sum()) * other for c in range(self.k)]
 
-    def split(self, q: np.ndarray, axis: int, k: int) -> list[np.ndarray]:
-        return [(q[self.ids == c] if axis == 0 else q[:, self.ids == c]).reshape(-1) for c in range(k)]
+    def split(self, q: np.ndarray, axis: int, k: int):
+        """The symbols of each class in turn (flattened copies), one alive at a time: a large
+        tensor's classes together would be a second copy of it."""
+        for c in range(k):
+            yield (q[self.ids == c] if axis == 0 else q[:, self.ids == c]).reshape(-1)
 
     def assemble(self, syms: list[np.ndarray], shape: tuple[int, int], axis: int, name: str = "?") -> np.ndarray:
         q = np.empty(shape, dtype=np.int32)
@@ -532,10 +535,11 @@ def _sym_stream(v: np.ndarray, chunk_symbols: int | None, lanes: int | None = No
     lo = min(lo, 0)  # offset ≤ 0 keeps the params check simple
     from aligncodec.codec.entropy import rans
 
-    return lo, rans.encode((v.astype(np.int64) - lo).astype(np.uint16), chunk_symbols=chunk_symbols, lanes=lanes)
+    return lo, rans.encode(rans.to_uint16(v, lo), chunk_symbols=chunk_symbols, lanes=lanes)
 
 
-_CLASS_CHUNK = 8192  # rows of int symbols widened to float64 at once by make_classes
+_CLASS_CHUNK = 8192  # tensors with more rows are measured by make_classes a row chunk at a time
+_CLASS_ELEMS = 1 << 20  # symbols per chunk there (float64 temporaries of 8 MB)
 
 
 def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
@@ -543,15 +547,16 @@ def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
     rows = q.shape[0]
     if rows <= _CLASS_CHUNK:
         a = np.abs(q.astype(np.float64)).mean(axis=1 - axis)
-    else:  # a large tensor: float64 copies of one row chunk at a time
-        if axis == 0:
-            a = np.concatenate([np.abs(q[i:i + _CLASS_CHUNK].astype(np.float64)).mean(axis=1)
-                                for i in range(0, rows, _CLASS_CHUNK)])
-        else:
-            a = np.zeros(q.shape[1])
-            for i in range(0, rows, _CLASS_CHUNK):
-                a += np.abs(q[i:i + _CLASS_CHUNK].astype(np.float64)).sum(axis=0)
-            a /= rows
+    else:  # a large tensor (an embedding): one row chunk at a time
+        step = max(1, _CLASS_ELEMS // max(1, q.shape[1]))
+        if axis == 0:  # each row's mean within its chunk: independent of the chunk size
+            a = np.concatenate([np.abs(q[i:i + step].astype(np.float64)).mean(axis=1)
+                                for i in range(0, rows, step)])
+        else:  # exact integer column sums: independent of the chunk size
+            a = np.zeros(q.shape[1], np.int64)
+            for i in range(0, rows, step):
+                a += np.abs(q[i:i + step]).sum(axis=0, dtype=np.int64)
+            a = a / rows
     order = np.argsort(a, kind="stable")
     ids = np.empty(len(a), dtype=np.uint8)
     ids[order] = (np.arange(len(a)) * k // len(a)).astype(np.uint8)

@@ -1,31 +1,10 @@
 """The rate search shared by the lossy encoder and the entropy-coded baselines: a secant
 search on x = log2(step) for the root of a target function f (f > 0: the rate is too high,
-raise the step), bracketed, with bisection when a secant step leaves the bracket; and the
-symbol histogram the rate estimates count with."""
+raise the step), bracketed, with bisection when a secant step leaves the bracket."""
 
 from __future__ import annotations
 
 from typing import Callable
-
-import numpy as np
-
-HISTOGRAM_CHUNK = 1 << 22  # symbols per bincount call
-
-
-def histogram(v: np.ndarray, lo: int, hi: int, chunk: int = HISTOGRAM_CHUNK) -> np.ndarray:
-    """Counts (int64, length hi − lo + 1) of the integer symbols ``v`` clipped to [lo, hi], a
-    chunk at a time: bincount widens its input to int64, and the clip and the shift are copies
-    too, so one call on a large tensor's int32 symbols (an embedding: 28 M) would hold three
-    temporaries of up to twice its size."""
-    v = np.asarray(v).reshape(-1)
-    m = hi - lo + 1
-    cnt = np.zeros(m, dtype=np.int64)
-    for a in range(0, v.size, chunk):
-        c = v[a:a + chunk]
-        if int(c.min()) < lo or int(c.max()) > hi:
-            c = np.clip(c, lo, hi)
-        cnt += np.bincount(c - lo, minlength=m)
-    return cnt
 
 
 def secant_search(f: Callable[[float], float], x0: float, f0: float, *, tol: float, max_iter: int,

@@ -36,9 +36,8 @@ import numba
 import numpy as np
 import torch
 
-from aligncodec.codec.entropy.rans import KERNEL_LOCK
+from aligncodec.codec.entropy.rans import KERNEL_LOCK, histogram
 from aligncodec.codec.modes.lossy import MAX_ABS_TCQ_SYMBOL, trellis_machine
-from aligncodec.codec.quant.rate import histogram
 
 __all__ = ["LAMBDA_C", "prior_bits", "symbol_bits", "class_rate", "tcq_levels", "gptq_tcq", "tcq_independent"]
 
