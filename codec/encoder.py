@@ -361,9 +361,16 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
             else:
                 St = S
             sc = col_scales(torch.diag(St), alpha) if kind.endswith("colscale") else None
-            Hm = St if sc is None else St * torch.from_numpy(sc.astype(np.float64))[:, None] * torch.from_numpy(sc.astype(np.float64))[None, :]
-            box = [2 * Hm]  # hessian_factor takes the only reference (a wide input: 0.5 GB a copy)
-            del Hm, St
+            # H = 2·diag(sc)·St·diag(sc), built in one n × n float64 array (a wide input: 0.5 GB a
+            # copy): St itself where it is this candidate's own array (Tᵀ Σ T, I), else one copy
+            # of Σ; the same operations in the same order as the plain expression, so the same bits
+            Hm = St if St is not S else St.clone()
+            del St
+            if sc is not None:
+                v = torch.from_numpy(sc.astype(np.float64))
+                Hm.mul_(v[:, None]).mul_(v[None, :])
+            box = [Hm.mul_(2)]  # hessian_factor takes the only reference
+            del Hm
             R, perm, _ = hessian_factor(box, damp, act_order=True, factor="reverse", dtype=torch.float32)
             cache[key] = (sc, R, perm)
         sc, R, perm = cache[key]

@@ -281,3 +281,29 @@ def test_rotated_sigma_in_row_chunks_is_the_same(monkeypatch):
 
     R, perm, _ = hessian_factor(2 * ((St + St.T) / 2), 0.01, act_order=True, factor="reverse", dtype=torch.float32)
     assert torch.equal(R, got.R) and torch.equal(perm, got.perm)
+
+
+@pytest.mark.parametrize("sigma", [True, False])
+def test_candidate_factors_are_the_plain_expression_and_leave_sigma_alone(sigma):
+    """build_candidates builds each candidate's H = 2·diag(s)·(Tᵀ Σ T)·diag(s) in one array (in
+    place where the array is its own): the factor is bit for bit the plain expression's, and Σ,
+    shared by the tensors of one input site, is not modified."""
+    from aligncodec.codec.quant.gptq import hessian_factor
+
+    W, S = _setup(seed=4)
+    S0 = S.clone()
+    job = E.TensorJob("t.weight", W, "F32", S if sigma else None)
+    E.build_candidates(job, ("identity", "hadamard", "colscale", "hadamard-colscale"), seed=3)
+    assert torch.equal(S, S0)
+    Sd = S0.numpy() if sigma else np.eye(W.shape[1])
+    for c in job.cands:
+        if c.hd is not None and sigma:
+            St = E.symmetrize_(torch.from_numpy(c.hd.apply64(np.ascontiguousarray(c.hd.apply64(Sd).T))))
+        else:  # Σ itself, or without calibration I (Tᵀ I T = I, taken as exact)
+            St = torch.from_numpy(Sd.copy())
+        if c.scales is not None:
+            assert np.array_equal(c.scales, E.col_scales(torch.diag(St), 0.5))
+            v = torch.from_numpy(c.scales.astype(np.float64))
+            St = St * v[:, None] * v[None, :]
+        R, perm, _ = hessian_factor(2 * St, 0.01, act_order=True, factor="reverse", dtype=torch.float32)
+        assert torch.equal(c.R, R) and torch.equal(c.perm, perm), c.kind
