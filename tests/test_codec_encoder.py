@@ -307,3 +307,20 @@ def test_candidate_factors_are_the_plain_expression_and_leave_sigma_alone(sigma)
             St = St * v[:, None] * v[None, :]
         R, perm, _ = hessian_factor(2 * St, 0.01, act_order=True, factor="reverse", dtype=torch.float32)
         assert torch.equal(c.R, R) and torch.equal(c.perm, perm), c.kind
+
+
+@pytest.mark.parametrize("trellis", [0, 2])
+def test_saturated_symbols_clamp_at_the_format_bound_without_wrapping(trellis):
+    """A step far too small for the weights: every symbol clamps at the format's bound (ecsq
+    ±32767, tcq ±16383), is flagged, and decodes to the clamped value with its sign (the
+    encoder holds the symbols as int16: no wrap-around)."""
+    W = torch.tensor([[1.0, -1.0, 0.5, -0.25]] * 8)
+    job = E.TensorJob("t.weight", W, "F32", None, trellis=trellis)
+    E.build_candidates(job, ("identity",))
+    step = 1e-6
+    tc = E.code_candidate(job, job.cands[0], step)
+    assert tc.saturated
+    bound = lossy.MAX_ABS_SYMBOL if not trellis else 2 * lossy.MAX_ABS_TCQ_SYMBOL - 1
+    got = np.abs(tc.W_hat / np.float32(tc.params.step))
+    assert np.all(np.sign(tc.W_hat) == np.sign(W.numpy()))
+    assert got.max() <= bound + 2 and got.min() >= bound - 2

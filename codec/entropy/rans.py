@@ -137,9 +137,10 @@ def histogram(v: np.ndarray, lo: int, hi: int, chunk: int = HISTOGRAM_CHUNK) -> 
     cnt = np.zeros(m, dtype=np.int64)
     for a in range(0, v.size, chunk):
         c = v[a:a + chunk]
+        c = c.astype(np.int64)
         if int(c.min()) < lo or int(c.max()) > hi:
-            c = np.clip(c, lo, hi)
-        cnt += np.bincount(c.astype(np.int64) - lo, minlength=m)
+            np.clip(c, lo, hi, out=c)
+        cnt += np.bincount(c - lo, minlength=m)
     return cnt
 
 

@@ -138,8 +138,9 @@ def trellis_levels(q: np.ndarray, mid: int, out: np.ndarray | None = None) -> np
     """Integer levels L (int32, rows × n) of tcq symbols k (rows × n): each column walks its rows
     from state 0; quantiser 0 gives L = 2k, quantiser 1 gives L = 2k − sgn(k) (spec §7.6).
     The reference form (numpy, one vector step per row); the value is C = f32(L) · d.
-    ``out``: an int32 rows × n array to write L into (``q`` itself is fine: each row's symbols
-    are read before its levels are written)."""
+    ``out``: an int32 rows × n array to write L into (int16 holds every level of symbols within
+    MAX_ABS_TCQ_SYMBOL; ``q`` itself is fine: each row's symbols are read before its levels are
+    written)."""
     trans, qsel = trellis_machine(mid)
     q = np.asarray(q)
     rows, n = q.shape
@@ -575,7 +576,7 @@ def refine_classes(q: np.ndarray, ids: np.ndarray, axis: int, iters: int = 20) -
     lo = int(X.min()) if X.size else 0
     A = (int(X.max()) - lo + 1) if X.size else 1
     if k > 1 and A <= 1 << 12:  # (per-line counts: lines × alphabet; wide alphabets keep the sorted split)
-        idx = (X - lo).astype(np.int64) + (np.arange(X.shape[0], dtype=np.int64) * A)[:, None]
+        idx = (X.astype(np.int64) - lo) + (np.arange(X.shape[0], dtype=np.int64) * A)[:, None]  # (no int16 wrap)
         cnt = np.bincount(idx.reshape(-1), minlength=X.shape[0] * A).reshape(X.shape[0], A).astype(np.float64)
         for _ in range(iters):
             tabs = np.stack([cnt[ids == c].sum(0) for c in range(k)]) + 0.5
