@@ -148,8 +148,11 @@ QUANTIZERS = ("ecsq", "tcq")  # mode 2 (scalar) or mode 4 (trellis-coded, spec Â
 # the CLI's default (compress, rd): tcq measured better at equal rate (SmolLM2 3.0 bpw: exact KLD
 # 0.2418 vs 0.2944; MiniLM weight domain 3.29 vs 3.44 bpw at 20 dB; docs/results/2026-11-30-tcq.md).
 # The library functions (encode_model, StreamOptions, rd) code ecsq unless given a trellis id.
+# 64 states since 2026-12-01 (docs/results/2026-12-01-table32k-final.md): against 8 states, SmolLM2
+# whole file 3.0 bpw KLD 0.3328 vs 0.3511 (8,192 tokens) for 1.36x the encode CPU; linear scope,
+# whole encoder, 32,768 tokens: 0.2210 vs 0.2385; CPU decode at 0.90-0.98 of 8 states' speed.
 DEFAULT_QUANTIZER = "tcq"
-DEFAULT_TRELLIS_STATES = 8
+DEFAULT_TRELLIS_STATES = 64
 
 
 def trellis_id(quantizer: str, states: int = DEFAULT_TRELLIS_STATES) -> int:
