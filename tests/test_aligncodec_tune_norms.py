@@ -88,7 +88,8 @@ def test_not_kept_when_it_does_not_help(tmp_path, tiny, monkeypatch):
 
 
 def test_options_are_checked():
-    for bad in (dict(steps=-1), dict(tokens=0), dict(window=1), dict(lr=0.0), dict(lr=float("nan")), dict(minutes=0.0)):
+    for bad in (dict(steps=-1), dict(tokens=0), dict(window=1), dict(lr=0.0), dict(lr=float("nan")), dict(minutes=0.0),
+                dict(val_tokens=-1), dict(val_tokens=1.5)):
         with pytest.raises(ValueError):
             TN.TuneOptions(**bad)
 
@@ -115,3 +116,34 @@ def test_cli_no_tokenizer_is_named(tmp_path, tiny, capsys):
     err = capsys.readouterr().err
     assert rc == 7 and "tokenizer" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_held_out_check_stops_a_diverging_run_early(tmp_path, tiny):
+    """A step size that makes the optimiser diverge: the held-out checks pick an earlier state
+    than the last step, and what is stored never has a higher held-out KL than the original."""
+    src, text = tiny
+    opts = TN.TuneOptions(steps=12, tokens=512, window=256, lr=30.0, val_tokens=512, calib_text=str(text), threads=1)
+    out = tmp_path / "t.acz"
+    summ = LC.compress_lossy(src, out, bpw=3.0, sigma="none", progress=False, tune_norms=opts, tokenizer=ToyTokenizer())
+    info = summ["tune_norms"]
+    assert info["val_tokens"] == 512 and info["steps"] == 12
+    assert info["best_step"] < 12, info
+    assert info["kept"] == (info["kl_val_after"] < info["kl_val_before"])
+    if not info["kept"]:
+        from safetensors.torch import load_file
+
+        orig = load_file(str(src / "model.safetensors"))
+        for n, t in load_state_dict(out).items():
+            if t.ndim == 1:
+                assert torch.equal(t, orig[n])
+
+
+def test_too_little_calibration_text_for_the_hold_out_is_named(tmp_path, tiny):
+    src, _ = tiny
+    short = tmp_path / "short.txt"
+    short.write_text(TEXT[:1200])
+    opts = TN.TuneOptions(steps=1, tokens=512, window=256, val_tokens=4096, calib_text=str(short), threads=1)
+    with pytest.raises(TN.TuneError, match="val_tokens"):
+        LC.compress_lossy(src, tmp_path / "t.acz", bpw=3.0, sigma="none", progress=False, tune_norms=opts,
+                          tokenizer=ToyTokenizer())
+    assert not (tmp_path / "t.acz").exists()

@@ -35,7 +35,8 @@ def _compress(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not args.force:
         raise CLIError(f"{args.output} exists (use --force to overwrite)", EXIT_IO)
     tune_given = [f for f, v in (("--tune-steps", args.tune_steps), ("--tune-tokens", args.tune_tokens),
-                                 ("--tune-minutes", args.tune_minutes)) if v is not None]
+                                 ("--tune-minutes", args.tune_minutes), ("--tune-val-tokens", args.tune_val_tokens))
+                  if v is not None]
     if tune_given and not args.tune_norms:
         raise CLIError(f"{', '.join(tune_given)} need --tune-norms", EXIT_USAGE)
     if args.tune_norms and not lossy_target:
@@ -56,7 +57,8 @@ def _compress(args: argparse.Namespace) -> int:
                 raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
             try:
                 tune = TuneOptions(**{k: v for k, v in (("steps", args.tune_steps), ("tokens", args.tune_tokens),
-                                                         ("minutes", args.tune_minutes)) if v is not None},
+                                                         ("minutes", args.tune_minutes), ("val_tokens", args.tune_val_tokens))
+                                      if v is not None},
                                    calib_text=args.calib_text)
             except ValueError as exc:
                 raise CLIError(str(exc), EXIT_USAGE) from None
@@ -92,7 +94,9 @@ def _compress(args: argparse.Namespace) -> int:
                       f"(step {summ['step']:.5g}, modes {summ['modes']}); encoded in {summ['seconds_total']:.1f} s")
             tn = summ.get("tune_norms")
             if tn:
-                print(f"tune-norms: calibration KL {tn['kl_calib_before']:.5f} -> {tn['kl_calib_after']:.5f} "
+                held = (f", held-out KL {tn['kl_val_before']:.5f} -> {tn['kl_val_after']:.5f} (values of step {tn['best_step']})"
+                        if tn.get("kl_val_before") is not None else "")
+                print(f"tune-norms: calibration KL {tn['kl_calib_before']:.5f} -> {tn['kl_calib_after']:.5f}{held} "
                       f"({'kept' if tn['kept'] else 'not lower: the original values were kept'}); {tn['steps']} steps on "
                       f"{tn['tokens']} tokens in {tn['seconds_total']:.1f} s")
             if n_ll:
@@ -316,6 +320,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tune-steps", type=int, default=None, help="--tune-norms: optimiser steps, one window each (default 32)")
     p.add_argument("--tune-tokens", type=int, default=None, help="--tune-norms: calibration tokens (default 4096)")
     p.add_argument("--tune-minutes", type=float, default=None, help="--tune-norms: time budget of the optimisation loop (default: none)")
+    p.add_argument("--tune-val-tokens", type=int, default=None,
+                   help="--tune-norms: held-out calibration tokens after the training ones; the values of the best held-out "
+                        "check are kept, and only if they lower the held-out KL (default 1024; 0: no hold-out)")
     p.add_argument("--follow-symlinks", action="store_true", help="read symlinks in the input folder that point outside it")
     p.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
