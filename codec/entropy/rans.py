@@ -120,10 +120,6 @@ def choose_table(counts: np.ndarray, precisions=PRECISION_CHOICES) -> tuple[int,
     return best[1], best[2]
 
 
-# ----------------------------------------------------------------- numba kernels
-
-
-
 HISTOGRAM_CHUNK = 1 << 20  # symbols per bincount call (its int64 widening: 8 MB)
 
 
@@ -131,13 +127,12 @@ def histogram(v: np.ndarray, lo: int, hi: int, chunk: int = HISTOGRAM_CHUNK) -> 
     """Counts (int64, length hi − lo + 1) of the integer symbols ``v`` clipped to [lo, hi], a
     chunk at a time: bincount widens its input to int64, and a clip or a shift is a copy too,
     so one call on a large tensor's symbols (an embedding: 394 M for a 3B model) would hold
-    temporaries of up to twice their size. Every symbol counter of the encoder uses it."""
+    temporaries of up to twice their size. The encoder's counters over whole tensors use it."""
     v = np.asarray(v).reshape(-1)
     m = hi - lo + 1
     cnt = np.zeros(m, dtype=np.int64)
     for a in range(0, v.size, chunk):
-        c = v[a:a + chunk]
-        c = c.astype(np.int64)
+        c = v[a:a + chunk].astype(np.int64)
         if int(c.min()) < lo or int(c.max()) > hi:
             np.clip(c, lo, hi, out=c)
         cnt += np.bincount(c - lo, minlength=m)
@@ -152,6 +147,10 @@ def to_uint16(v: np.ndarray, lo: int, chunk: int = HISTOGRAM_CHUNK) -> np.ndarra
     for a in range(0, v.size, chunk):
         out[a:a + chunk] = v[a:a + chunk].astype(np.int64) - lo
     return out
+
+
+# ----------------------------------------------------------------- numba kernels
+
 
 @nb.njit(cache=True)
 def _encode_chunk(sym, start, stop, freq, cum, precision, out_words):
