@@ -28,15 +28,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
         return _compress(args)
 
 
+# --tune-norms's options: (flag, argparse attribute, TuneOptions field)
+TUNE_FLAGS = (("--tune-steps", "tune_steps", "steps"), ("--tune-tokens", "tune_tokens", "tokens"),
+              ("--tune-minutes", "tune_minutes", "minutes"), ("--tune-val-tokens", "tune_val_tokens", "val_tokens"))
+
+
 def _compress(args: argparse.Namespace) -> int:
     lossy_target = args.bpw is not None or args.distortion is not None
     if args.lossless == lossy_target:
         raise CLIError("give exactly one of --lossless, --bpw B or --distortion D", EXIT_USAGE)
     if os.path.exists(args.output) and not args.force:
         raise CLIError(f"{args.output} exists (use --force to overwrite)", EXIT_IO)
-    tune_given = [f for f, v in (("--tune-steps", args.tune_steps), ("--tune-tokens", args.tune_tokens),
-                                 ("--tune-minutes", args.tune_minutes), ("--tune-val-tokens", args.tune_val_tokens))
-                  if v is not None]
+    tune_given = [flag for flag, attr, _ in TUNE_FLAGS if getattr(args, attr) is not None]
     if tune_given and not args.tune_norms:
         raise CLIError(f"{', '.join(tune_given)} need --tune-norms", EXIT_USAGE)
     if args.tune_norms and not lossy_target:
@@ -56,9 +59,7 @@ def _compress(args: argparse.Namespace) -> int:
             if args.calib_text and not os.path.isfile(args.calib_text):
                 raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
             try:
-                tune = TuneOptions(**{k: v for k, v in (("steps", args.tune_steps), ("tokens", args.tune_tokens),
-                                                         ("minutes", args.tune_minutes), ("val_tokens", args.tune_val_tokens))
-                                      if v is not None},
+                tune = TuneOptions(**{opt: getattr(args, attr) for _, attr, opt in TUNE_FLAGS if getattr(args, attr) is not None},
                                    calib_text=args.calib_text)
             except ValueError as exc:
                 raise CLIError(str(exc), EXIT_USAGE) from None
