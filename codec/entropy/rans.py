@@ -139,22 +139,12 @@ def histogram(v: np.ndarray, lo: int, hi: int, chunk: int = HISTOGRAM_CHUNK) -> 
     return cnt
 
 
-def to_uint16(v: np.ndarray, lo: int, chunk: int = HISTOGRAM_CHUNK) -> np.ndarray:
-    """``v − lo`` as the coder's uint16 symbols (flattened), converted a chunk at a time (no
-    int64 copy of the whole array). The caller checks the range."""
-    v = np.asarray(v).reshape(-1)
-    out = np.empty(v.size, dtype=np.uint16)
-    for a in range(0, v.size, chunk):
-        out[a:a + chunk] = v[a:a + chunk].astype(np.int64) - lo
-    return out
-
-
 # ----------------------------------------------------------------- numba kernels
 
 
 @nb.njit(cache=True)
-def _encode_chunk(sym, start, stop, freq, cum, precision, out_words):
-    """Encode sym[start:stop] in reverse; returns (final state, number of words);
+def _encode_chunk(sym, start, stop, freq, cum, precision, out_words, offset):
+    """Encode sym[start:stop] − offset in reverse; returns (final state, number of words);
     words are written to out_words in the order the decoder reads them."""
     L = np.uint64(RANS_STATE_LOWER)
     x = L
@@ -162,7 +152,7 @@ def _encode_chunk(sym, start, stop, freq, cum, precision, out_words):
     shift = np.uint64(32 - precision)
     cap = out_words.shape[0]
     for k in range(stop - 1, start - 1, -1):
-        s = sym[k]
+        s = np.int64(sym[k]) - offset
         f = np.uint64(freq[s])
         x_max = f << shift
         if x >= x_max:
@@ -174,7 +164,7 @@ def _encode_chunk(sym, start, stop, freq, cum, precision, out_words):
 
 
 @nb.njit(parallel=True, cache=True)
-def _encode_all(sym, chunk_symbols, freq, cum, precision, n_chunks):
+def _encode_all(sym, chunk_symbols, freq, cum, precision, n_chunks, offset):
     n = sym.shape[0]
     states = np.empty(n_chunks, dtype=np.uint32)
     nwords = np.empty(n_chunks, dtype=np.int64)
@@ -184,14 +174,14 @@ def _encode_all(sym, chunk_symbols, freq, cum, precision, n_chunks):
         a = c * chunk_symbols
         b = min(a + chunk_symbols, n)
         region = scratch[a:b]
-        x, w = _encode_chunk(sym, a, b, freq, cum, precision, region)
+        x, w = _encode_chunk(sym, a, b, freq, cum, precision, region, offset)
         states[c] = np.uint32(x)
         nwords[c] = w
     return states, nwords, scratch
 
 
 @nb.njit(cache=True)
-def _encode_chunk_lanes(sym, start, stop, freq, cum, precision, lanes, out_words, states):
+def _encode_chunk_lanes(sym, start, stop, freq, cum, precision, lanes, out_words, states, offset):
     """Interleaved lanes (spec §6.6): symbol k of the chunk goes to lane k mod lanes, all
     lanes share one word stream. Encodes in reverse; returns the number of words, written
     at the end of out_words in the order the decoder reads them; states[l] the final states."""
@@ -204,7 +194,7 @@ def _encode_chunk_lanes(sym, start, stop, freq, cum, precision, lanes, out_words
     for k in range(stop - 1, start - 1, -1):
         l = (k - start) % lanes
         x = states[l]
-        s = sym[k]
+        s = np.int64(sym[k]) - offset
         f = np.uint64(freq[s])
         if x >= f << shift:
             out_words[cap - 1 - n] = np.uint16(x & np.uint64(0xFFFF))
@@ -215,7 +205,7 @@ def _encode_chunk_lanes(sym, start, stop, freq, cum, precision, lanes, out_words
 
 
 @nb.njit(parallel=True, cache=True)
-def _encode_all_lanes(sym, chunk_symbols, freq, cum, precision, n_chunks, lanes):
+def _encode_all_lanes(sym, chunk_symbols, freq, cum, precision, n_chunks, lanes, offset):
     n = sym.shape[0]
     states = np.empty((n_chunks, lanes), dtype=np.uint64)
     nwords = np.empty(n_chunks, dtype=np.int64)
@@ -223,7 +213,7 @@ def _encode_all_lanes(sym, chunk_symbols, freq, cum, precision, n_chunks, lanes)
     for c in nb.prange(n_chunks):
         a = c * chunk_symbols
         b = min(a + chunk_symbols, n)
-        nwords[c] = _encode_chunk_lanes(sym, a, b, freq, cum, precision, lanes, scratch[a:b], states[c])
+        nwords[c] = _encode_chunk_lanes(sym, a, b, freq, cum, precision, lanes, scratch[a:b], states[c], offset)
     return states, nwords, scratch
 
 
@@ -295,15 +285,24 @@ def merged_tail_chunk(n: int, chunk_symbols: int) -> int:
     return -(-n // (chunks - 1))
 
 
+ENCODE_GROUP_SYMBOLS = 1 << 23  # symbols coded per kernel call: the worst-case word scratch is 16 MB
+
+
 def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: int | None = None, freqs: np.ndarray | None = None,
-           chunk_symbols: int | None = None, lanes: int | None = None) -> RansStream:
-    """Entropy-code non-negative integer symbols (< 2^16) into a :class:`RansStream`.
+           chunk_symbols: int | None = None, lanes: int | None = None, offset: int = 0) -> RansStream:
+    """Entropy-code integer symbols into a :class:`RansStream`: ``symbols − offset``, which must
+    lie in [0, 2^16). ``offset`` lets a caller code signed symbols (int16, say) without a shifted
+    copy of them; the stream holds the shifted values.
 
     The table is fitted to the symbols' own counts (precision chosen to
     minimise payload + table) unless ``freqs``/``precision`` are given.
     ``lanes`` > 1 writes interleaved lanes (coder 3, spec §6.6). Unnamed, both come from
     :data:`DEFAULT_LAYOUT` (streams of fewer than :data:`LANES_MIN_SYMBOLS` symbols: the chunked
-    layout of 16384 symbols); a named chunk size alone means the chunked layout, lanes = 1."""
+    layout of 16384 symbols); a named chunk size alone means the chunked layout, lanes = 1.
+
+    The chunks are coded a group of about :data:`ENCODE_GROUP_SYMBOLS` symbols at a time (each
+    chunk is an independent stream, so the same bytes), so the coder's worst-case scratch of one
+    word per symbol is bounded, not the size of the tensor (a 3B model's embedding: 0.8 GB)."""
     if chunk_symbols is None:
         chunk_symbols, default_lanes = DEFAULT_LAYOUT if np.size(symbols) >= LANES_MIN_SYMBOLS else _SMALL_LAYOUT
         chunk_symbols = merged_tail_chunk(int(np.size(symbols)), chunk_symbols)
@@ -313,16 +312,21 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
     if not 1 <= lanes <= MAX_LANES:
         raise ValueError(f"lanes must be 1..{MAX_LANES}")
     sym = np.ascontiguousarray(symbols).reshape(-1)
-    if sym.size and (sym.min() < 0 or sym.max() >= 1 << 16):
-        raise ValueError("rANS symbols must lie in [0, 65536)")
-    sym = sym.astype(np.uint16, copy=False)
+    if sym.dtype.kind not in "iu" and sym.size:
+        raise ValueError("rANS symbols must be integers")
+    offset = int(offset)
     n = int(sym.size)
-    top = int(sym.max()) if n else 0
+    lo, top = (int(sym.min()) - offset, int(sym.max()) - offset) if n else (0, 0)
+    if lo < 0 or top >= 1 << 16:
+        raise ValueError("rANS symbols must lie in [0, 65536)")
+    if sym.dtype.itemsize > 2:  # the kernels take 8- and 16-bit integers as they are (no copy)
+        sym = sym.astype(np.uint16) if offset == 0 else (sym.astype(np.int64) - offset).astype(np.uint16)
+        offset = 0
     if alphabet_size is None:
         alphabet_size = top + 1
     if top >= alphabet_size:
         raise ValueError("symbol outside the alphabet")
-    counts = histogram(sym, 0, alphabet_size - 1) if n else np.eye(1, alphabet_size, dtype=np.int64)[0]
+    counts = histogram(sym, offset, offset + alphabet_size - 1) if n else np.eye(1, alphabet_size, dtype=np.int64)[0]
     if freqs is None:
         if precision is None:
             precision, freqs = choose_table(counts)
@@ -333,17 +337,37 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
         raise ValueError("frequencies must sum to 2**precision with precision in 1..16")
     if n and (len(freqs) < alphabet_size or np.any(freqs[:alphabet_size][counts > 0] == 0)):
         raise ValueError("a symbol has zero frequency")
-    n_chunks = -(-n // chunk_symbols)
     if n == 0:
         return RansStream(precision, chunk_symbols, 0, freqs, np.zeros(0, np.uint32), b"", lanes)
-    with KERNEL_LOCK:  # numba's default (workqueue) threading layer must not be entered by two threads at once
-        if lanes > 1:
-            states, nwords, scratch = _encode_all_lanes(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks, lanes)
-        else:
-            states, nwords, scratch = _encode_all(sym, chunk_symbols, freqs, cumulative(freqs), precision, n_chunks)
-            states = states.astype(np.uint64).reshape(-1, 1)  # one lane per chunk
-    payload, lengths = _pack(states, nwords, scratch, chunk_symbols, n, lanes)
-    return RansStream(precision, chunk_symbols, n, freqs, lengths, payload.tobytes(), lanes)
+    cum = cumulative(freqs)
+    per_group = max(1, ENCODE_GROUP_SYMBOLS // chunk_symbols) * chunk_symbols
+    payloads, lens = [], []
+    for a in range(0, n, per_group):
+        part = sym[a:a + per_group]
+        m = int(part.size)
+        n_chunks = -(-m // chunk_symbols)
+        with KERNEL_LOCK:  # numba's default (workqueue) threading layer must not be entered by two threads at once
+            if lanes > 1:
+                states, nwords, scratch = _encode_all_lanes(part, chunk_symbols, freqs, cum, precision, n_chunks, lanes,
+                                                            offset)
+            else:
+                states, nwords, scratch = _encode_all(part, chunk_symbols, freqs, cum, precision, n_chunks, offset)
+                states = states.astype(np.uint64).reshape(-1, 1)  # one lane per chunk
+        payload, lengths = _pack(states, nwords, scratch, chunk_symbols, m, lanes)
+        del scratch
+        payloads.append(payload)
+        lens.append(lengths)
+    lengths = lens[0] if len(lens) == 1 else np.concatenate(lens)
+    if len(payloads) > 1:  # one array, each group's freed as it is copied: 2x the payload at most
+        whole = np.empty(sum(p.size for p in payloads), np.uint8)
+        pos = 0
+        while payloads:
+            p = payloads.pop(0)
+            whole[pos:pos + p.size] = p
+            pos += p.size
+        payloads = [whole]
+    data = payloads[0].tobytes()
+    return RansStream(precision, chunk_symbols, n, freqs, lengths, data, lanes)
 
 
 def decode(stream: RansStream, *, out: np.ndarray | None = None) -> np.ndarray:

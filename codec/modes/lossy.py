@@ -536,7 +536,7 @@ def _sym_stream(v: np.ndarray, chunk_symbols: int | None, lanes: int | None = No
     lo = min(lo, 0)  # offset ≤ 0 keeps the params check simple
     from aligncodec.codec.entropy import rans
 
-    return lo, rans.encode(rans.to_uint16(v, lo), chunk_symbols=chunk_symbols, lanes=lanes)
+    return lo, rans.encode(v, offset=lo, chunk_symbols=chunk_symbols, lanes=lanes)  # v − lo, no shifted copy
 
 
 _CLASS_CHUNK = 8192  # tensors with more rows are measured by make_classes a row chunk at a time

@@ -32,18 +32,23 @@ def main(argv=None) -> int:
     ap.add_argument("--bpw", type=float, default=3.0)
     ap.add_argument("--scope", default="linear", choices=("all", "linear"))
     ap.add_argument("--calibration", default="float", choices=("float", "quantized"))
+    ap.add_argument("--quantizer", default=None, choices=("ecsq", "tcq"), help="default: the encoder's")
+    ap.add_argument("--trellis-states", type=int, default=None, help="tcq: default the encoder's")
     ap.add_argument("--threads", type=int, default=1, help="0: the libraries' defaults")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N top functions of blocks 1..")
     args = ap.parse_args(argv)
     from aligncodec import stream_encode as S
+    from aligncodec.codec import encoder as E
 
     model = args.model
     if not os.path.exists(model):
         from aligncodec.tools.eval.models import resolve_model
 
         model = resolve_model(model)
+    quantizer = args.quantizer or E.DEFAULT_QUANTIZER
+    trellis = E.trellis_id(quantizer, args.trellis_states or E.DEFAULT_TRELLIS_STATES)
     opts = S.StreamOptions(bpw=args.bpw, scope=args.scope, calibration=args.calibration,
-                           calib_tokens=args.calib_tokens, threads=args.threads or None)
+                           calib_tokens=args.calib_tokens, threads=args.threads or None, trellis=trellis)
     wall, cpu = [], []
     mark = [time.perf_counter(), time.process_time()]
     prof = cProfile.Profile()
@@ -65,6 +70,7 @@ def main(argv=None) -> int:
         except _Stop:
             pass
     print(json.dumps({"model": str(args.model), "calib_tokens": args.calib_tokens, "threads": args.threads,
+                      "quantizer": quantizer, "trellis": trellis,
                       "calibration": args.calibration, "wall_s_per_block": [round(t, 3) for t in wall],
                       "cpu_s_per_block": [round(t, 3) for t in cpu], "loadavg": os.getloadavg()}))
     if args.profile and wall[1:]:
