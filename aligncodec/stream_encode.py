@@ -386,7 +386,7 @@ def head_input_sigma(plan: A.ModelPlan, windows, finals: list[torch.Tensor]) -> 
     if acc is None:
         raise CalibrationError("the output projection was never reached")
     acc /= n_pos
-    return (acc + acc.T) / 2
+    return E.symmetrize_(acc).to(torch.float32)  # the encoder's Hessian work is float32
 
 
 def _to(obj, dev):
@@ -401,13 +401,17 @@ def _to(obj, dev):
 
 
 def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], capture: list[tuple[str, torch.nn.Module]] | None,
-              dev: torch.device | None = None, sigma_only: bool = False):
-    """Outputs of ``block`` per window; with ``capture``, also Σ per linear (aliases share the
-    tensor: linears that read the very same input get the same Σ object). ``sigma_only``: the
-    outputs are not wanted (quantized calibration runs the block again with the decoded
-    weights), so each window stops as soon as every captured linear has seen its input (the
-    last linear itself, e.g. ``down_proj``, and what follows it are skipped); returns no outputs."""
+              dev: torch.device | None = None, sigma_only: bool = False, energy: dict[str, float] | None = None):
+    """Outputs of ``block`` per window; with ``capture``, also Σ per linear (float32; aliases
+    share the tensor: linears that read the very same input get the same Σ object).
+    ``sigma_only``: the outputs are not wanted (quantized calibration runs the block again with
+    the decoded weights), so each window stops as soon as every captured linear has seen its
+    input (the last linear itself, e.g. ``down_proj``, and what follows it are skipped); returns
+    no outputs. ``energy``: filled with tr(W Σ Wᵀ) = ‖X Wᵀ‖² / positions per captured linear
+    whose output was computed, from the outputs the forward pass makes anyway (the encoder's
+    relative error needs it; otherwise a rows × n² product per tensor)."""
     acc: dict[str, torch.Tensor] = {}
+    en: dict[str, float] = {}
     aliases: dict[str, str] = {}
     last = {"x": None, "key": None}
     seen: set[str] = set()
@@ -435,8 +439,20 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
 
         return hook
 
+    def out_hook_for(key):
+        def hook(m, _args, y):
+            y2 = y.detach().reshape(-1, y.shape[-1]).float()
+            b = getattr(m, "bias", None)
+            if isinstance(b, torch.Tensor):
+                y2 = y2 - b.detach().float()
+            en[key] = en.get(key, 0.0) + float((y2 * y2).sum(dtype=torch.float64))
+
+        return hook
+
     for key, m in capture or []:
         handles.append(m.register_forward_pre_hook(hook_for(key)))
+        if energy is not None:
+            handles.append(m.register_forward_hook(out_hook_for(key)))
     outs = []
     try:
         with torch.no_grad():
@@ -458,10 +474,11 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
         last["x"] = None
     sig = {}
     if capture:
-        for k in acc:
+        for k in list(acc):  # accumulated in float64, kept in float32 (the encoder's Hessian work)
             acc[k] /= n_pos
-            E.symmetrize_(acc[k])
-        acc = {k: v.cpu() for k, v in acc.items()}
+            acc[k] = E.symmetrize_(acc[k]).to(device="cpu", dtype=torch.float32)
+        if energy is not None:
+            energy.update({k: v / n_pos for k, v in en.items()})
         for key, _m in capture:
             if key in acc:
                 sig[key] = acc[key]
@@ -691,10 +708,11 @@ def check_coded(w: ArchiveWriter, entry, tc: E.TensorCode, ckpt: A.Checkpoint, n
 
 
 def code_tensor(name: str, W: "torch.Tensor | E.RowView", dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
-                cache: dict, keep_w_hat: bool = True) -> tuple[E.TensorCode, E.TensorJob]:
+                cache: dict, keep_w_hat: bool = True, energy: float | None = None) -> tuple[E.TensorCode, E.TensorJob]:
     """Code one tensor at ``step``: candidates by J on a row subsample, then the chosen one in
-    full (a :class:`E.RowView` ``W``: row chunk by row chunk)."""
-    job = E.TensorJob(name, W, dtype, S, trellis=opts.trellis)
+    full (a :class:`E.RowView` ``W``: row chunk by row chunk). ``energy``: tr(W Σ Wᵀ) if known
+    (:func:`run_block`'s), else measured."""
+    job = E.TensorJob(name, W, dtype, S, trellis=opts.trellis, energy=energy)
     E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache, lazy=isinstance(W, E.RowView))
     if len(job.cands) > 1:
         cand, _ = E.choose(job, step, E.stride_for(W.shape[0], opts.sample_rows))
@@ -1026,12 +1044,14 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         cpu_mark = time.process_time()
         for b in blocks_list[done:]:
             blk = blocks_mod[b.index]
+            energies: dict[str, float] = {}
             if calibrate:
                 for path, cname in b.params.items():
                     A.set_param(plan.model, path, ckpt.float32(cname).to(dev))
                 lin_by_w = {li.weight: li for li in b.linears}
                 cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
-                outs, sig = run_block(blk, hs, kws[b.index], cap, dev, sigma_only=opts.calibration == "quantized")
+                outs, sig = run_block(blk, hs, kws[b.index], cap, dev, sigma_only=opts.calibration == "quantized",
+                                      energy=energies)
             else:
                 sig = {}
             x = ctl.solve()
@@ -1039,9 +1059,10 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
             cache: dict = {}
             names = by_block.get(b.index, [])
 
-            def work(nm, x=x, sig=sig, cache=cache):
+            def work(nm, x=x, sig=sig, cache=cache, energies=energies):
                 _worker_threads(opts.threads)
-                tc, job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache)
+                tc, job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache,
+                                      energy=energies.get(nm) if nm in sig else None)
                 return tc, job.unfit
 
             results = pool.map(work, names) if pool is not None else map(work, names)

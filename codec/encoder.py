@@ -211,10 +211,10 @@ class TensorJob:
     name: str
     W: torch.Tensor  # float32 (out × in)
     dtype: str
-    sigma: torch.Tensor | None  # float64 (in × in), None → identity
+    sigma: torch.Tensor | None  # (in × in), float32 (the encoder's work; float64 is converted), None → identity
     type_weight: float = 1.0
     cands: list[Candidate] = field(default_factory=list)
-    energy: float = 0.0  # tr(W Σ Wᵀ)
+    energy: float | None = None  # tr(W Σ Wᵀ); None: build_candidates computes it
     sig_mean: float = 1.0  # mean diag Σ
     trellis: int = 0  # 0: mode 2 ecsq; else mode 4 tcq with this state machine (lossy.TRELLIS_MACHINES)
     # encoder settings; None: the default of the job's domain (``settings``)
@@ -274,6 +274,21 @@ def symmetrize_(M: torch.Tensor, tile: int = 1024) -> torch.Tensor:
     return M
 
 
+def rotate_sigma(S: np.ndarray, hd: "lossy.HadamardData") -> np.ndarray:
+    """Tᵀ Σ T (float32, symmetric) of a float32 Σ by two passes of fast transforms, one row chunk
+    of TRANSFORM_ROWS at a time in float64 (rows transform independently: the same bits in any
+    chunking), so that a wide input holds Σ, Σ T and the result, not the transforms' temporaries."""
+    n = S.shape[0]
+    A = np.empty((n, n), np.float32)
+    for r in row_chunks(n, TRANSFORM_ROWS):
+        A[r] = hd.apply64(S[r])  # Σ T
+    St = np.empty((n, n), np.float32)
+    for r in row_chunks(n, TRANSFORM_ROWS):
+        St[r] = hd.apply64(np.ascontiguousarray(A[:, r].T))  # rows of (Σ T)ᵀ T = Tᵀ Σ T (Σ symmetric)
+    del A
+    return symmetrize_(torch.from_numpy(St)).numpy()
+
+
 def candidate_rows(W: torch.Tensor, hd: "lossy.HadamardData | None", sc: np.ndarray | None) -> torch.Tensor:
     """C = W T diag(s)⁻¹ for some rows of W (float64 work, float32 result; row by row the same
     bits whatever rows are passed together)."""
@@ -319,18 +334,22 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
     from aligncodec.codec.transforms.hadamard import tensor_seed
 
     n = job.W.shape[1]
-    S = job.sigma.to(torch.float64) if job.sigma is not None else None
-    job.sig_mean = float(torch.diag(S).mean()) if S is not None else 1.0
-    S32 = S.to(torch.float32) if S is not None else None
-    job.energy = 0.0
-    for r in row_chunks(job.W.shape[0]):  # one chunk (the plain expression) unless the tensor is large
-        W32 = job.W[r].to(torch.float32)
-        if S is not None:
-            job.energy += float(((W32 @ S32) * W32).double().sum())
-        else:
-            W64 = W32.to(torch.float64)
-            job.energy += float((W64 * W64).sum())
-    del W32, S32
+    # Σ (read-only: shared by the tensors of one input site) in float32: the energy and the
+    # Hessians are float32 work, as in GPTQ's reference code (a wide input's n × n copies: 0.27 GB
+    # each at n = 8,192 instead of 0.54; the factor 0.6x the time); the rotations themselves are
+    # float64 arithmetic a row chunk at a time (HadamardData.apply64), stored in float32
+    S32 = None if job.sigma is None else (job.sigma if job.sigma.dtype == torch.float32 else job.sigma.to(torch.float32))
+    job.sig_mean = float(torch.diag(S32).to(torch.float64).mean()) if S32 is not None else 1.0
+    if job.energy is None:  # tr(W Σ Wᵀ), unless the caller measured it (stream encoder: from the forward pass)
+        job.energy = 0.0
+        for r in row_chunks(job.W.shape[0]):  # one chunk (the plain expression) unless the tensor is large
+            W32 = job.W[r].to(torch.float32)
+            if S32 is not None:
+                job.energy += float(((W32 @ S32) * W32).double().sum())
+            else:
+                W64 = W32.to(torch.float64)
+                job.energy += float((W64 * W64).sum())
+        del W32
     cache = {} if cache is None else cache
     job.cands = []
     for kind in kinds:
@@ -347,32 +366,21 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
             key = (key_s, kind, alpha)
             hd = None
         if key not in cache:
-            if S is None:
+            if S32 is None:  # Tᵀ I T = I, taken as exact (float64: the weight-domain factor as it was)
                 St = torch.eye(n, dtype=torch.float64)
             elif had:  # Tᵀ Σ T by two fast transforms
-                # one row chunk at a time (rows transform independently: the same bits), so
-                # that a wide input holds Σ, Σ T and the result, not the transform's temporaries
-                Sn = S.numpy()
-                A = np.empty_like(Sn)
-                for r in row_chunks(n, TRANSFORM_ROWS):
-                    A[r] = hd.apply64(Sn[r])  # Σ T
-                St = np.empty_like(Sn)
-                for r in row_chunks(n, TRANSFORM_ROWS):
-                    St[r] = hd.apply64(np.ascontiguousarray(A[:, r].T))  # rows of (Σ T)ᵀ T
-                del A
-                St = symmetrize_(torch.from_numpy(St))
+                St = torch.from_numpy(rotate_sigma(S32.numpy(), hd))
             else:
-                St = S
+                St = S32
             sc = col_scales(torch.diag(St), alpha) if kind.endswith("colscale") else None
-            # H = 2·diag(sc)·St·diag(sc), built in one n × n float64 array (a wide input: 0.5 GB a
-            # copy): St itself where it is this candidate's own array (Tᵀ Σ T, I), else one copy
-            # of Σ; the same operations in the same order as the plain expression, so the same bits
-            Hm = St if St is not S else St.clone()
+            # H = 2·diag(sc)·St·diag(sc), built in one n × n array: St itself where it is this
+            # candidate's own array (Tᵀ Σ T, I), else one copy of Σ
+            Hm = St if St is not S32 else St.clone()
             del St
             if sc is not None:
-                v = torch.from_numpy(sc.astype(np.float64))
+                v = torch.from_numpy(sc).to(Hm.dtype)
                 Hm.mul_(v[:, None]).mul_(v[None, :])
-            box = [Hm.mul_(2)]  # hessian_factor takes the only reference
+            box = [Hm.mul_(2)]  # hessian_factor takes the only reference (and works in its dtype)
             del Hm
             R, perm, _ = hessian_factor(box, damp, act_order=True, factor="reverse", dtype=torch.float32)
             cache[key] = (sc, R, perm)

@@ -255,6 +255,54 @@ def test_hessian_factor_handed_over_gives_the_same_factor():
     assert bool(d1[7]) and int(d1.sum()) == 1
     U, p3, _ = hessian_factor(H, 0.01, act_order=True, factor="reference")  # the baselines' factor: R⁻¹
     assert torch.equal(p3, perm) and torch.allclose(U @ R_ref, torch.eye(n, dtype=U.dtype), atol=1e-9)
+    # a float32 H handed over is factored in float32: the plain expression in float32
+    H32 = H.to(torch.float32)
+    Hd32 = H32.clone()
+    Hd32[7, 7] = 1.0
+    perm32 = torch.argsort(torch.diag(Hd32), descending=True, stable=True)
+    Hd32 = Hd32[perm32][:, perm32]
+    Hd32 += 0.01 * torch.mean(torch.diag(Hd32)) * torch.eye(n, dtype=torch.float32)
+    R32_ref = torch.linalg.cholesky(Hd32.flip(0, 1)).flip(0, 1)
+    R3, p4, _ = hessian_factor([H32.clone()], 0.01, act_order=True, factor="reverse", dtype=torch.float32)
+    assert R3.dtype == torch.float32 and torch.equal(R3, R32_ref) and torch.equal(p4, perm32)
+    assert torch.allclose(R3.double(), R_ref, atol=1e-4)  # and close to the float64 factor
+
+
+def test_float32_factor_falls_back_to_float64(monkeypatch):
+    """Should the float32 Cholesky fail (H' not positive definite at float32 precision), the
+    factor is computed in float64 from the same H' (returned in the dtype asked for)."""
+    from aligncodec.codec.quant import gptq as G
+
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(200, 40, generator=g, dtype=torch.float64)
+    H32 = (2 * X.T @ X / 200).to(torch.float32)
+    real = torch.linalg.cholesky_ex
+    calls = []
+
+    def fail_in_float32(A, *a, **k):
+        calls.append(A.dtype)
+        L, info = real(A, *a, **k)
+        return (L, torch.ones_like(info)) if A.dtype == torch.float32 else (L, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", fail_in_float32)
+    R, perm, _ = G.hessian_factor([H32.clone()], 0.01, act_order=True, factor="reverse", dtype=torch.float32)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", real)
+    Hd = H32[perm][:, perm]
+    Hd += 0.01 * torch.mean(torch.diag(Hd)) * torch.eye(40, dtype=torch.float32)
+    R64 = torch.linalg.cholesky(Hd.flip(0, 1).double()).flip(0, 1)
+    assert calls == [torch.float32] and R.dtype == torch.float32 and torch.equal(R, R64.to(torch.float32))
+    Hbad = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # indefinite in any precision: torch's error
+    with pytest.raises(RuntimeError):
+        G.hessian_factor([Hbad], 0.0, act_order=False, factor="reverse")
+
+
+def _rotated32(hd, S):
+    """The plain expression of the encoder's Tᵀ Σ T: float64 transforms of a float32 Σ, each pass
+    stored in float32, symmetrised."""
+    S32 = np.asarray(S, dtype=np.float32)
+    A = hd.apply64(S32).astype(np.float32)
+    St = hd.apply64(np.ascontiguousarray(A.T)).astype(np.float32)
+    return torch.from_numpy((St + St.T) / 2)
 
 
 def test_rotated_sigma_in_row_chunks_is_the_same(monkeypatch):
@@ -271,15 +319,14 @@ def test_rotated_sigma_in_row_chunks_is_the_same(monkeypatch):
         return job.cands[0]
 
     ref = build()
-    hd = ref.hd
-    St = torch.from_numpy(hd.apply64(np.ascontiguousarray(hd.apply64(S.numpy()).T)))
+    St = _rotated32(ref.hd, S.numpy())
     monkeypatch.setattr(E, "TRANSFORM_ROWS", 40)
     got = build()
     assert torch.equal(got.R, ref.R) and torch.equal(got.perm, ref.perm)
     # and the same as the plain expression's factor
     from aligncodec.codec.quant.gptq import hessian_factor
 
-    R, perm, _ = hessian_factor(2 * ((St + St.T) / 2), 0.01, act_order=True, factor="reverse", dtype=torch.float32)
+    R, perm, _ = hessian_factor([2 * St], 0.01, act_order=True, factor="reverse", dtype=torch.float32)
     assert torch.equal(R, got.R) and torch.equal(perm, got.perm)
 
 
@@ -295,17 +342,18 @@ def test_candidate_factors_are_the_plain_expression_and_leave_sigma_alone(sigma)
     job = E.TensorJob("t.weight", W, "F32", S if sigma else None)
     E.build_candidates(job, ("identity", "hadamard", "colscale", "hadamard-colscale"), seed=3)
     assert torch.equal(S, S0)
-    Sd = S0.numpy() if sigma else np.eye(W.shape[1])
+    # Σ's Hessians in float32; without calibration I, in float64 (Tᵀ I T = I, taken as exact)
+    Sd = S0.to(torch.float32).numpy() if sigma else np.eye(W.shape[1])
     for c in job.cands:
         if c.hd is not None and sigma:
-            St = E.symmetrize_(torch.from_numpy(c.hd.apply64(np.ascontiguousarray(c.hd.apply64(Sd).T))))
-        else:  # Σ itself, or without calibration I (Tᵀ I T = I, taken as exact)
+            St = _rotated32(c.hd, Sd)
+        else:
             St = torch.from_numpy(Sd.copy())
         if c.scales is not None:
             assert np.array_equal(c.scales, E.col_scales(torch.diag(St), 0.5))
-            v = torch.from_numpy(c.scales.astype(np.float64))
+            v = torch.from_numpy(c.scales).to(St.dtype)
             St = St * v[:, None] * v[None, :]
-        R, perm, _ = hessian_factor(2 * St, 0.01, act_order=True, factor="reverse", dtype=torch.float32)
+        R, perm, _ = hessian_factor([2 * St], 0.01, act_order=True, factor="reverse", dtype=torch.float32)
         assert torch.equal(c.R, R) and torch.equal(c.perm, perm), c.kind
 
 

@@ -204,6 +204,43 @@ def test_round_to_dtype_is_bit_equal_to_torch(dtype):
     assert np.array_equal(lossy.rounded_f32(W, dtype).view(np.uint32), back.view(np.uint32))
 
 
+def _refine_plain(q, ids, axis, iters=20):
+    """refine_classes as the whole-array expressions (the reference for the chunked version)."""
+    X = q if axis == 0 else q.T
+    ids = np.asarray(ids, dtype=np.int64).copy()
+    k = int(ids.max()) + 1
+    lo = int(X.min())
+    A = int(X.max()) - lo + 1
+    idx = (X.astype(np.int64) - lo) + (np.arange(X.shape[0], dtype=np.int64) * A)[:, None]
+    cnt = np.bincount(idx.reshape(-1), minlength=X.shape[0] * A).reshape(X.shape[0], A).astype(np.float64)
+    for _ in range(iters):
+        tabs = np.stack([cnt[ids == c].sum(0) for c in range(k)]) + 0.5
+        lp = np.log2(tabs / tabs.sum(1, keepdims=True))
+        new = np.argmin(-cnt @ lp.T, axis=1)
+        if np.array_equal(new, ids):
+            break
+        ids = new
+    used = np.unique(ids)
+    mean_abs = np.array([np.abs(X[ids == c].astype(np.float64)).mean() for c in used])
+    rank = np.empty(len(used), dtype=np.int64)
+    rank[np.argsort(mean_abs, kind="stable")] = np.arange(len(used))
+    return rank[np.searchsorted(used, ids)].astype(np.uint8)
+
+
+@pytest.mark.parametrize("elems", [1 << 20, 64, 7])
+def test_refine_classes_in_row_chunks_is_the_whole_array_expression(monkeypatch, elems):
+    """refine_classes counts a row chunk of q at a time (no int64 copy of a large tensor's
+    symbols): the same class map as the whole-array expressions, for rows and columns."""
+    monkeypatch.setattr(lossy, "_CLASS_ELEMS", elems)
+    rng = np.random.default_rng(12)
+    scale = np.exp(rng.normal(0, 0.9, (50, 1))) * np.exp(rng.normal(0, 0.5, (1, 33)))
+    q = np.rint(rng.laplace(0, 1, (50, 33)) * scale).astype(np.int16)
+    for axis in (0, 1):
+        for k in (2, 4, 8):
+            ids0 = lossy.make_classes(q, k, axis)
+            assert np.array_equal(lossy.refine_classes(q, ids0, axis), _refine_plain(q, ids0, axis))
+
+
 def test_refined_classes_code_no_longer_and_roundtrip():
     """lossy.refine_classes (Lloyd on the classes' tables) never lengthens the order-0 code of
     the start map, returns dense ids, and encode_symbols writes a given map that decodes exactly."""

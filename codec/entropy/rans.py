@@ -319,8 +319,11 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
     lo, top = (int(sym.min()) - offset, int(sym.max()) - offset) if n else (0, 0)
     if lo < 0 or top >= 1 << 16:
         raise ValueError("rANS symbols must lie in [0, 65536)")
-    if sym.dtype.itemsize > 2:  # the kernels take 8- and 16-bit integers as they are (no copy)
-        sym = sym.astype(np.uint16) if offset == 0 else (sym.astype(np.int64) - offset).astype(np.uint16)
+    if sym.dtype.itemsize > 2:  # the kernels take 8- and 16-bit integers as they are (no copy); wider: shifted
+        wide, sym = sym, np.empty(n, dtype=np.uint16)  # to uint16 a chunk at a time (no int64 copy of them all)
+        for a in range(0, n, HISTOGRAM_CHUNK):
+            sym[a:a + HISTOGRAM_CHUNK] = wide[a:a + HISTOGRAM_CHUNK].astype(np.int64) - offset
+        del wide
         offset = 0
     if alphabet_size is None:
         alphabet_size = top + 1

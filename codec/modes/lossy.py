@@ -570,14 +570,31 @@ def refine_classes(q: np.ndarray, ids: np.ndarray, axis: int, iters: int = 20) -
     tables are re-counted, until nothing moves (at most ``iters`` rounds). Empty classes are
     dropped and the ids renumbered 0..k'−1 in order of the classes' mean |q| (uint8)."""
     q = np.asarray(q)
-    X = q if axis == 0 else q.T
+    lines = q.shape[axis]
     ids = np.asarray(ids, dtype=np.int64).copy()
     k = int(ids.max()) + 1 if ids.size else 1
-    lo = int(X.min()) if X.size else 0
-    A = (int(X.max()) - lo + 1) if X.size else 1
-    if k > 1 and A <= 1 << 12:  # (per-line counts: lines × alphabet; wide alphabets keep the sorted split)
-        idx = (X.astype(np.int64) - lo) + (np.arange(X.shape[0], dtype=np.int64) * A)[:, None]  # (no int16 wrap)
-        cnt = np.bincount(idx.reshape(-1), minlength=X.shape[0] * A).reshape(X.shape[0], A).astype(np.float64)
+    lo = int(q.min()) if q.size else 0
+    A = (int(q.max()) - lo + 1) if q.size else 1
+    # per-line symbol counts and sums of |q|, exact integers, a row chunk of q at a time (a large
+    # tensor, e.g. a 3B model's embedding: no int64 copy of all its symbols)
+    step = max(1, _CLASS_ELEMS // max(1, q.shape[1]))
+    abs_sum = np.zeros(lines, np.int64)
+    counting = k > 1 and A <= 1 << 12  # (per-line counts: lines × alphabet; wide alphabets keep the sorted split)
+    cnt = np.zeros(lines * A if counting else 0, np.int64)
+    for a in range(0, q.shape[0], step):
+        c = q[a:a + step].astype(np.int64)
+        if axis == 0:
+            abs_sum[a:a + c.shape[0]] = np.abs(c).sum(axis=1)
+            line = np.arange(a, a + c.shape[0], dtype=np.int64)[:, None]
+        else:
+            abs_sum += np.abs(c).sum(axis=0)
+            line = np.arange(q.shape[1], dtype=np.int64)[None, :]
+        if counting:
+            c -= lo
+            c += line * A
+            cnt += np.bincount(c.reshape(-1), minlength=lines * A)
+    if counting:
+        cnt = cnt.reshape(lines, A).astype(np.float64)
         for _ in range(iters):
             tabs = np.stack([cnt[ids == c].sum(0) for c in range(k)]) + 0.5
             lp = np.log2(tabs / tabs.sum(1, keepdims=True))
@@ -586,7 +603,10 @@ def refine_classes(q: np.ndarray, ids: np.ndarray, axis: int, iters: int = 20) -
                 break
             ids = new
     used = np.unique(ids)
-    mean_abs = np.array([np.abs(X[ids == c].astype(np.float64)).mean() for c in used])
+    per_line = q.shape[1 - axis]
+    # each class's mean |q|: its exact integer sum over its symbols (what the float64 mean of
+    # integers below 2^53 gives, bit for bit)
+    mean_abs = np.array([abs_sum[ids == c].sum() / (int((ids == c).sum()) * per_line) for c in used])
     rank = np.empty(len(used), dtype=np.int64)
     rank[np.argsort(mean_abs, kind="stable")] = np.arange(len(used))
     return rank[np.searchsorted(used, ids)].astype(np.uint8)
