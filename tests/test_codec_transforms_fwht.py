@@ -56,3 +56,22 @@ def test_jit_butterflies_are_the_numpy_butterflies_bit_for_bit(shape):
     ref = butterflies(X)
     got = butterflies_inplace(X.copy())
     assert got.dtype == np.float64 and np.array_equal(got.view(np.uint64), ref.view(np.uint64))
+
+
+@pytest.mark.parametrize("shape", [(3, 64, 1), (5, 16, 3), (2, 1, 7), (4, 1024, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_signed_butterflies_are_the_numpy_expression(shape, dtype):
+    """apply64's fused pass: float64(X)·signs, then the butterflies, bit for bit the numpy
+    expression; X is not modified."""
+    from aligncodec.codec.transforms.fwht import butterflies
+    from aligncodec.codec.transforms.fwht_jit import signed_butterflies
+
+    k, p, m = shape
+    rng = np.random.default_rng(p + m)
+    X = rng.standard_normal((k, p * m)).astype(dtype)
+    signs = rng.choice([-1.0, 1.0], p * m).astype(np.float32)
+    X0 = X.copy()
+    ref = butterflies((X.astype(np.float64) * signs.astype(np.float64)[None, :]).reshape(k, p, m))
+    got = signed_butterflies(X, signs, p, m)
+    assert np.array_equal(X, X0)
+    assert got.dtype == np.float64 and np.array_equal(got.view(np.uint64), ref.view(np.uint64))

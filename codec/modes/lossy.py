@@ -201,15 +201,19 @@ class HadamardData:
         return cls(rh.signs.numpy().astype(np.float32), rh.Q.numpy().astype(np.float32))
 
     def apply64(self, X: np.ndarray) -> np.ndarray:
-        """X · T for row vectors X (k × n), float64, fast (butterflies + the m × m factor)."""
-        from aligncodec.codec.transforms.fwht_jit import butterflies_inplace  # encoder side: numba
+        """X · T for row vectors X (k × n; float32 or float64, not modified), float64, fast
+        (signs and butterflies in one numba pass, then the m × m factor and the scale in place)."""
+        from aligncodec.codec.transforms.fwht_jit import signed_butterflies  # encoder side: numba
 
-        X = np.asarray(X, dtype=np.float64) * self.signs.astype(np.float64)[None, :]  # a new array
         k, n = X.shape
         p, m = split_pow2(n)
-        Y = butterflies_inplace(X.reshape(k, p, m))  # the same bits as fwht.butterflies
-        Y = Y @ self.Q.astype(np.float64)
-        return (Y / math.sqrt(p)).reshape(k, n)
+        Y = signed_butterflies(X, self.signs, p, m)  # the same bits as fwht.butterflies of X·diag(signs)
+        if m > 1:
+            Y = Y @ self.Q.astype(np.float64)
+        else:  # a 1 × 1 factor: the product Y @ Q is this multiplication, bit for bit
+            Y *= np.float64(self.Q[0, 0])
+        Y /= math.sqrt(p)
+        return Y.reshape(k, n)
 
     def matrix64(self) -> np.ndarray:
         """T as a float64 n × n matrix built from the float32 data (encoder side)."""

@@ -31,3 +31,22 @@ def butterflies_inplace(X: np.ndarray) -> np.ndarray:
         raise ValueError("butterflies_inplace: a C-contiguous (k, p, m) array")
     _butterflies_inplace(X)  # not a parallel kernel: no lock needed
     return X
+
+
+@numba.njit(cache=True)
+def _signed_butterflies(X, signs, out):  # pragma: no cover - numba
+    k, p, m = out.shape
+    for r in range(k):
+        for i in range(p):
+            for c in range(m):
+                out[r, i, c] = np.float64(X[r, i * m + c]) * signs[i * m + c]
+    _butterflies_inplace(out)
+
+
+def signed_butterflies(X: np.ndarray, signs: np.ndarray, p: int, m: int) -> np.ndarray:
+    """(X · diag(signs)) as float64 (k, p, m), then H_p along axis 1: one pass over X, no
+    intermediate copies (HadamardData.apply64). ``X`` (k × p·m, float32 or float64) is not modified."""
+    X = np.ascontiguousarray(X)
+    out = np.empty((X.shape[0], p, m), dtype=np.float64)
+    _signed_butterflies(X, np.ascontiguousarray(signs, dtype=np.float64), out)
+    return out
