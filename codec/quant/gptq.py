@@ -60,8 +60,8 @@ def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_o
     if factor == "reverse":
         order = perm.flip(0)  # J·H[perm][:, perm]·J = H[order][:, order]
         Hf = torch.empty(n, n, dtype=H.dtype)
-        for a in range(0, n, FACTOR_COLS):
-            Hf[a:a + FACTOR_COLS] = H[order[a:a + FACTOR_COLS, None], order[None, :]]
+        for a in range(0, n, FACTOR_COLS):  # rows, then columns: two contiguous gathers
+            torch.index_select(H.index_select(0, order[a:a + FACTOR_COLS]), 1, order, out=Hf[a:a + FACTOR_COLS])
         del H
         Hf.diagonal().add_(shift)
         L, info = torch.linalg.cholesky_ex(Hf)
