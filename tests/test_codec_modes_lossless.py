@@ -40,6 +40,17 @@ def test_pack_bits_roundtrip(width, n, seed):
     assert np.array_equal(lossless.unpack_bits(packed, n, width), v)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32])
+@pytest.mark.parametrize("width", [3, 8, 13, 16, 24, 31])
+def test_pack_bits_of_narrow_types_is_the_uint64_packing(dtype, width):
+    """Unsigned values are packed in their own width (split_float's rest of a large F32 tensor:
+    no uint64 copy): the same bytes as packing them widened to uint64."""
+    bits = 8 * np.dtype(dtype).itemsize
+    rng = np.random.default_rng(width + bits)
+    v = rng.integers(0, 2 ** min(width, bits), 1001, dtype=np.uint64)
+    assert lossless.pack_bits(v.astype(dtype), width) == lossless.pack_bits(v, width)
+
+
 def test_pack_bits_is_lsb_first():
     # values 1 and 2 in 3 bits: bits 100 010 -> 0b010001 = 0x11
     assert lossless.pack_bits(np.array([1, 2]), 3) == bytes([0x11])

@@ -159,9 +159,12 @@ def pack_bits(values: np.ndarray, width: int) -> bytes:
     """Pack unsigned values of ``width`` bits LSB-first (spec §7.2): bit b of value i is
     bit (i*width + b) of the stream, stream bit j being bit j%8 of byte j//8; the
     unused high bits of the last byte are zero."""
-    v = np.ascontiguousarray(values, dtype=np.uint64)
+    v = np.ascontiguousarray(values)
+    if v.dtype.kind != "u":
+        v = v.astype(np.uint64)  # (unsigned values are packed in their own width: no uint64 copy)
     if width % 8 == 0:
-        return v.astype("<u8").view(np.uint8).reshape(-1, 8)[:, : width // 8].tobytes()
+        size = v.dtype.itemsize if width // 8 <= v.dtype.itemsize else 8
+        return v.astype(f"<u{size}", copy=False).view(np.uint8).reshape(-1, size)[:, : width // 8].tobytes()
     out = np.zeros(packed_size(len(v), width), dtype=np.uint8)
     _jit(_pack_bits)(v, width, out)
     return out.tobytes()
@@ -185,14 +188,15 @@ def packed_size(n: int, width: int) -> int:
 
 
 def split_float(bits: np.ndarray, dtype: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(symbols: exponent and top-k mantissa bits; rest: sign and the low bits, W-E-k bits each)."""
+    """(symbols: exponent and top-k mantissa bits, uint16; rest: sign and the low bits, W-E-k bits
+    each, as W-bit unsigned integers)."""
     width, e = FLOAT_FORMATS[dtype]
     low = width - 1 - e - k
     u = np.dtype(f"u{width // 8}").type
     b = bits.astype(u, copy=False)
     sym = ((b >> u(low)) & u((1 << (e + k)) - 1)).astype(np.uint16)
     rest = ((b >> u(width - 1)) << u(low)) | (b & u((1 << low) - 1))
-    return sym, rest.astype(np.uint64)
+    return sym, rest  # in the format's own width (a large F32 tensor: no uint64 copy)
 
 
 def join_float(sym: np.ndarray, rest: np.ndarray, dtype: str, k: int) -> np.ndarray:
