@@ -205,7 +205,8 @@ def test_round_to_dtype_is_bit_equal_to_torch(dtype):
 
 
 def _refine_plain(q, ids, axis, iters=20):
-    """refine_classes as the whole-array expressions (the reference for the chunked version)."""
+    """refine_classes' counts and class means as the whole-array expressions (the reference for
+    the chunked version)."""
     X = q if axis == 0 else q.T
     ids = np.asarray(ids, dtype=np.int64).copy()
     k = int(ids.max()) + 1
@@ -213,13 +214,7 @@ def _refine_plain(q, ids, axis, iters=20):
     A = int(X.max()) - lo + 1
     idx = (X.astype(np.int64) - lo) + (np.arange(X.shape[0], dtype=np.int64) * A)[:, None]
     cnt = np.bincount(idx.reshape(-1), minlength=X.shape[0] * A).reshape(X.shape[0], A).astype(np.float64)
-    for _ in range(iters):
-        tabs = np.stack([cnt[ids == c].sum(0) for c in range(k)]) + 0.5
-        lp = np.log2(tabs / tabs.sum(1, keepdims=True))
-        new = np.argmin(-cnt @ lp.T, axis=1)
-        if np.array_equal(new, ids):
-            break
-        ids = new
+    ids = lossy.lloyd_classes(cnt, ids, k, iters)  # (the rounds themselves: test_refined_classes_code_no_longer...)
     used = np.unique(ids)
     mean_abs = np.array([np.abs(X[ids == c].astype(np.float64)).mean() for c in used])
     rank = np.empty(len(used), dtype=np.int64)

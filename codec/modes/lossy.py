@@ -568,6 +568,20 @@ def make_classes(q: np.ndarray, k: int, axis: int) -> np.ndarray:
     return ids
 
 
+def lloyd_classes(cnt: np.ndarray, ids: np.ndarray, k: int, iters: int) -> np.ndarray:
+    """Lloyd rounds on per-line symbol counts ``cnt`` (lines × alphabet, float64): each line to
+    the class whose add-½ table codes it in the fewest bits, tables re-counted, until nothing
+    moves (at most ``iters`` rounds). Returns the ids (int64)."""
+    for _ in range(iters):
+        tabs = np.stack([cnt[ids == c].sum(0) for c in range(k)]) + 0.5
+        lp = np.log2(tabs / tabs.sum(1, keepdims=True))
+        new = np.argmin(-cnt @ lp.T, axis=1)
+        if np.array_equal(new, ids):
+            break
+        ids = new
+    return ids
+
+
 def refine_classes(q: np.ndarray, ids: np.ndarray, axis: int, iters: int = 20) -> np.ndarray:
     """Lloyd refinement of a class map: each row (axis 0) or column (1) moves to the class whose
     table (the classes' symbol frequencies, add-½ smoothed) codes it in the fewest bits, the
@@ -598,14 +612,7 @@ def refine_classes(q: np.ndarray, ids: np.ndarray, axis: int, iters: int = 20) -
             c += line * A
             cnt += np.bincount(c.reshape(-1), minlength=lines * A)
     if counting:
-        cnt = cnt.reshape(lines, A).astype(np.float64)
-        for _ in range(iters):
-            tabs = np.stack([cnt[ids == c].sum(0) for c in range(k)]) + 0.5
-            lp = np.log2(tabs / tabs.sum(1, keepdims=True))
-            new = np.argmin(-cnt @ lp.T, axis=1)
-            if np.array_equal(new, ids):
-                break
-            ids = new
+        ids = lloyd_classes(cnt.reshape(lines, A).astype(np.float64), ids, k, iters)
     used = np.unique(ids)
     per_line = q.shape[1 - axis]
     # each class's mean |q|: its exact integer sum over its symbols (what the float64 mean of
