@@ -296,12 +296,11 @@ def test_float32_factor_falls_back_to_float64(monkeypatch):
         G.hessian_factor([Hbad], 0.0, act_order=False, factor="reverse")
 
 
-def _rotated32(hd, S):
-    """The plain expression of the encoder's Tᵀ Σ T: float64 transforms of a float32 Σ, each pass
-    stored in float32, symmetrised."""
+def _rotated64(hd, S):
+    """The plain expression of the encoder's Tᵀ Σ T: float64 transforms of the float32 Σ,
+    symmetrised (float64 throughout: encoder.rotate_sigma)."""
     S32 = np.asarray(S, dtype=np.float32)
-    A = hd.apply64(S32).astype(np.float32)
-    St = hd.apply64(np.ascontiguousarray(A.T)).astype(np.float32)
+    St = hd.apply64(np.ascontiguousarray(hd.apply64(S32).T))
     return torch.from_numpy((St + St.T) / 2)
 
 
@@ -319,7 +318,7 @@ def test_rotated_sigma_in_row_chunks_is_the_same(monkeypatch):
         return job.cands[0]
 
     ref = build()
-    St = _rotated32(ref.hd, S.numpy())
+    St = _rotated64(ref.hd, S.numpy())
     monkeypatch.setattr(E, "TRANSFORM_ROWS", 40)
     got = build()
     assert torch.equal(got.R, ref.R) and torch.equal(got.perm, ref.perm)
@@ -342,13 +341,13 @@ def test_candidate_factors_are_the_plain_expression_and_leave_sigma_alone(sigma)
     job = E.TensorJob("t.weight", W, "F32", S if sigma else None)
     E.build_candidates(job, ("identity", "hadamard", "colscale", "hadamard-colscale"), seed=3)
     assert torch.equal(S, S0)
-    # Σ's Hessians in float32; without calibration I, in float64 (Tᵀ I T = I, taken as exact)
+    # Σ kept in float32, each candidate's H in float64 (without calibration I: Tᵀ I T = I, taken as exact)
     Sd = S0.to(torch.float32).numpy() if sigma else np.eye(W.shape[1])
     for c in job.cands:
         if c.hd is not None and sigma:
-            St = _rotated32(c.hd, Sd)
+            St = _rotated64(c.hd, Sd)
         else:
-            St = torch.from_numpy(Sd.copy())
+            St = torch.from_numpy(Sd.astype(np.float64))
         if c.scales is not None:
             assert np.array_equal(c.scales, E.col_scales(torch.diag(St), 0.5))
             v = torch.from_numpy(c.scales).to(St.dtype)
