@@ -255,45 +255,6 @@ def test_hessian_factor_handed_over_gives_the_same_factor():
     assert bool(d1[7]) and int(d1.sum()) == 1
     U, p3, _ = hessian_factor(H, 0.01, act_order=True, factor="reference")  # the baselines' factor: R⁻¹
     assert torch.equal(p3, perm) and torch.allclose(U @ R_ref, torch.eye(n, dtype=U.dtype), atol=1e-9)
-    # a float32 H handed over is factored in float32: the plain expression in float32
-    H32 = H.to(torch.float32)
-    Hd32 = H32.clone()
-    Hd32[7, 7] = 1.0
-    perm32 = torch.argsort(torch.diag(Hd32), descending=True, stable=True)
-    Hd32 = Hd32[perm32][:, perm32]
-    Hd32 += 0.01 * torch.mean(torch.diag(Hd32)) * torch.eye(n, dtype=torch.float32)
-    R32_ref = torch.linalg.cholesky(Hd32.flip(0, 1)).flip(0, 1)
-    R3, p4, _ = hessian_factor([H32.clone()], 0.01, act_order=True, factor="reverse", dtype=torch.float32)
-    assert R3.dtype == torch.float32 and torch.equal(R3, R32_ref) and torch.equal(p4, perm32)
-    assert torch.allclose(R3.double(), R_ref, atol=1e-4)  # and close to the float64 factor
-
-
-def test_float32_factor_falls_back_to_float64(monkeypatch):
-    """Should the float32 Cholesky fail (H' not positive definite at float32 precision), the
-    factor is computed in float64 from the same H' (returned in the dtype asked for)."""
-    from aligncodec.codec.quant import gptq as G
-
-    g = torch.Generator().manual_seed(9)
-    X = torch.randn(200, 40, generator=g, dtype=torch.float64)
-    H32 = (2 * X.T @ X / 200).to(torch.float32)
-    real = torch.linalg.cholesky_ex
-    calls = []
-
-    def fail_in_float32(A, *a, **k):
-        calls.append(A.dtype)
-        L, info = real(A, *a, **k)
-        return (L, torch.ones_like(info)) if A.dtype == torch.float32 else (L, info)
-
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", fail_in_float32)
-    R, perm, _ = G.hessian_factor([H32.clone()], 0.01, act_order=True, factor="reverse", dtype=torch.float32)
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", real)
-    Hd = H32[perm][:, perm]
-    Hd += 0.01 * torch.mean(torch.diag(Hd)) * torch.eye(40, dtype=torch.float32)
-    R64 = torch.linalg.cholesky(Hd.flip(0, 1).double()).flip(0, 1)
-    assert calls == [torch.float32] and R.dtype == torch.float32 and torch.equal(R, R64.to(torch.float32))
-    Hbad = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # indefinite in any precision: torch's error
-    with pytest.raises(RuntimeError):
-        G.hessian_factor([Hbad], 0.0, act_order=False, factor="reverse")
 
 
 def _rotated64(hd, S):

@@ -27,8 +27,7 @@ def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_o
     """``(F, perm, dead)`` for the damped H' = H + damp·mean(diag H)·I in processing order:
     ``perm`` that order (act order: decreasing H_jj, stable; else identity), ``dead`` the inputs
     with H_jj ≤ 0 (given H_jj = 1). ``H`` given as a one-element list: the caller's temporary,
-    taken out of the list and overwritten (no copy; freed early), and the work is done in its
-    dtype (float32 or float64); a tensor argument is worked on in float64.
+    taken out of the list and overwritten (no copy; freed early). The work is float64.
 
     ``factor`` picks F:
 
@@ -36,9 +35,8 @@ def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_o
       upper triangular with H' = R·Rᵀ (L the lower Cholesky factor of J·H'·J, J the exchange
       matrix). GPTQ's factor U (upper, Uᵀ U = H'⁻¹) is R⁻¹; it is never formed (one
       factorisation, n³/3 flops; :func:`lazy_batches` needs only R and R's diagonal blocks);
-      returned in ``dtype``. A float32 H is factored in float32, as GPTQ's reference code does
-      (0.6x the time of float64 at n = 8,192, half the memory); should that factorisation fail
-      (H' not positive definite in float32), it is redone in float64 from the same H';
+      returned in ``dtype`` (a float32 factorisation, as in GPTQ's reference code, was
+      measured worse on Gemma-3's rotated Hessians: codec/encoder.py ``rotate_sigma``);
     * ``"reference"`` (the baselines, as in the GPTQ reference code): U itself, as Cholesky of
       H', its inverse, Cholesky of that (float64)."""
     # Memory (a wide input, e.g. 8192² float64 = 0.5 GB per copy): the caller's H, plus J·H'·J
@@ -46,8 +44,7 @@ def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_o
     # temporary of the gather or the flip.
     if isinstance(H, list):  # [H]: the caller hands over its only reference (freed once gathered)
         H = H.pop()
-        if H.dtype not in (torch.float32, torch.float64):
-            H = H.to(torch.float64)
+        H = H if H.dtype == torch.float64 else H.to(torch.float64)
     else:
         H = H.to(torch.float64).clone()
     dead = torch.diag(H) <= 0
@@ -64,11 +61,7 @@ def hessian_factor(H: "torch.Tensor | list[torch.Tensor]", damp: float, *, act_o
             torch.index_select(H.index_select(0, order[a:a + FACTOR_COLS]), 1, order, out=Hf[a:a + FACTOR_COLS])
         del H
         Hf.diagonal().add_(shift)
-        L, info = torch.linalg.cholesky_ex(Hf)
-        if int(info) != 0 and Hf.dtype != torch.float64:  # not positive definite in float32: float64
-            L = torch.linalg.cholesky(Hf.to(torch.float64))
-        elif int(info) != 0:
-            torch.linalg.cholesky(Hf)  # raises torch's own error (the leading minor that failed)
+        L = torch.linalg.cholesky(Hf)
         del Hf
         F = torch.empty(n, n, dtype=dtype)
         for a in range(0, n, FACTOR_COLS):  # R[i, j] = L[n−1−i, n−1−j], a block of columns at a time
