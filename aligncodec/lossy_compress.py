@@ -123,15 +123,10 @@ def build_jobs(src: Path, sigma: dict | None = None, *, lossy_embeddings: bool =
 
 
 def attach_sigma(jobs: list[E.TensorJob], sigma: dict) -> None:
-    """Give each job its Σ, in float32 (the encoder's Hessian work; build_candidates), one
-    converted array per Σ object so that the tensors of one input site still share it."""
-    as32: dict[int, torch.Tensor] = {}
     for j in jobs:
         S = sigma.get(j.name)
         if S is not None and S.shape != (j.W.shape[1], j.W.shape[1]):
             raise ValueError(f"Σ for {j.name} has shape {tuple(S.shape)}, the weight reads {j.W.shape[1]} inputs")
-        if S is not None:
-            S = as32.setdefault(id(S), S.to(torch.float32))
         j.sigma = S
         j.energy = None  # measured again with this Σ
 

@@ -386,7 +386,7 @@ def head_input_sigma(plan: A.ModelPlan, windows, finals: list[torch.Tensor]) -> 
     if acc is None:
         raise CalibrationError("the output projection was never reached")
     acc /= n_pos
-    return E.symmetrize_(acc).to(torch.float32)  # the encoder's Hessian work is float32
+    return E.symmetrize_(acc)
 
 
 def _to(obj, dev):
@@ -427,7 +427,7 @@ def mirror_lower_(G: torch.Tensor, tile: int = GRAM_TILE) -> torch.Tensor:
 
 def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], capture: list[tuple[str, torch.nn.Module]] | None,
               dev: torch.device | None = None, sigma_only: bool = False, energy: dict[str, float] | None = None):
-    """Outputs of ``block`` per window; with ``capture``, also Σ per linear (float32; aliases
+    """Outputs of ``block`` per window; with ``capture``, also Σ per linear (float64; aliases
     share the tensor: linears that read the very same input get the same Σ object).
     ``sigma_only``: the outputs are not wanted (quantized calibration runs the block again with
     the decoded weights), so each window stops as soon as every captured linear has seen its
@@ -499,9 +499,9 @@ def run_block(block: torch.nn.Module, hs: list[torch.Tensor], kws: list[dict], c
         last["x"] = None
     sig = {}
     if capture:
-        for k in list(acc):  # accumulated in float64, kept in float32 (the encoder's Hessian work)
+        for k in list(acc):  # accumulated and kept in float64 (float32 storage cost Gemma-3 4 % KLD)
             acc[k] /= n_pos
-            acc[k] = mirror_lower_(acc[k]).to(device="cpu", dtype=torch.float32)
+            acc[k] = mirror_lower_(acc[k]).to(device="cpu")
         if energy is not None:
             energy.update({k: v / n_pos for k, v in en.items()})
         for key, _m in capture:

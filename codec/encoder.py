@@ -211,7 +211,7 @@ class TensorJob:
     name: str
     W: torch.Tensor  # float32 (out × in)
     dtype: str
-    sigma: torch.Tensor | None  # (in × in), float32 (the encoder's work; float64 is converted), None → identity
+    sigma: torch.Tensor | None  # (in × in), float64 (or float32), None → identity
     type_weight: float = 1.0
     cands: list[Candidate] = field(default_factory=list)
     energy: float | None = None  # tr(W Σ Wᵀ); None: build_candidates computes it
@@ -272,6 +272,24 @@ def symmetrize_(M: torch.Tensor, tile: int = 1024) -> torch.Tensor:
             X.copy_(avg)
             M[b:b + tile, a:a + tile].copy_(avg.T)
     return M
+
+
+SIGMA_BLOCK = 1024  # rows of a float64 Σ converted to float32 at a time by sigma_quad
+
+
+def sigma_quad(D: torch.Tensor, S: torch.Tensor, block: int = SIGMA_BLOCK) -> float:
+    """Σ_ij (D Σ Dᵀ)_ii = sum((D @ Σ) * D), float32 products summed in float64, for float32 rows
+    D. A float64 Σ is converted to float32 ``block`` rows at a time (no float32 copy of a wide Σ
+    beside it: 0.27 GB at n = 8,192); at n ≤ ``block`` it is the plain expression."""
+    if S.dtype == torch.float32:
+        return float(((D @ S) * D).double().sum())
+    n = S.shape[0]
+    if n <= block:
+        return float(((D @ S.to(torch.float32)) * D).double().sum())
+    P = torch.zeros(D.shape, dtype=torch.float32)
+    for a in range(0, n, block):
+        P.addmm_(D[:, a:a + block], S[a:a + block].to(torch.float32))
+    return float((P * D).double().sum())
 
 
 def rotate_sigma(S: np.ndarray, hd: "lossy.HadamardData") -> np.ndarray:
@@ -337,18 +355,16 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
     from aligncodec.codec.transforms.hadamard import tensor_seed
 
     n = job.W.shape[1]
-    # Σ (read-only: shared by the tensors of one input site) is kept in float32 (its rounding is
-    # relative to each entry: harmless, and half the memory of a wide input's float64 copy); the
-    # energy and distortion products are float32; each candidate's rotated Σ, H and Cholesky
-    # factor are float64 (see rotate_sigma)
-    S32 = None if job.sigma is None else (job.sigma if job.sigma.dtype == torch.float32 else job.sigma.to(torch.float32))
-    job.sig_mean = float(torch.diag(S32).to(torch.float64).mean()) if S32 is not None else 1.0
+    # Σ (read-only: shared by the tensors of one input site) as given (the stream encoder's is
+    # float64); each candidate's rotated Σ, H and Cholesky factor are float64 (see rotate_sigma)
+    S = job.sigma
+    job.sig_mean = float(torch.diag(S).to(torch.float64).mean()) if S is not None else 1.0
     if job.energy is None:  # tr(W Σ Wᵀ), unless the caller measured it (stream encoder: from the forward pass)
         job.energy = 0.0
         for r in row_chunks(job.W.shape[0]):  # one chunk (the plain expression) unless the tensor is large
             W32 = job.W[r].to(torch.float32)
-            if S32 is not None:
-                job.energy += float(((W32 @ S32) * W32).double().sum())
+            if S is not None:
+                job.energy += sigma_quad(W32, S)
             else:
                 W64 = W32.to(torch.float64)
                 job.energy += float((W64 * W64).sum())
@@ -369,12 +385,12 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
             key = (key_s, kind, alpha)
             hd = None
         if key not in cache:
-            if S32 is None:  # Tᵀ I T = I, taken as exact (float64: the weight-domain factor as it was)
+            if S is None:  # Tᵀ I T = I, taken as exact
                 St = torch.eye(n, dtype=torch.float64)
             elif had:  # Tᵀ Σ T by two fast transforms
-                St = torch.from_numpy(rotate_sigma(S32.numpy(), hd))
-            else:  # Σ itself: one float64 copy (the factor's arithmetic is float64 for every candidate)
-                St = S32.to(torch.float64)
+                St = torch.from_numpy(rotate_sigma(S.numpy(), hd))
+            else:  # Σ itself: one float64 copy (H is built in place in it)
+                St = S.to(torch.float64, copy=True)
             sc = col_scales(torch.diag(St), alpha) if kind.endswith("colscale") else None
             # H = 2·diag(sc)·St·diag(sc), built in place in this candidate's own float64 array
             Hm = St
@@ -456,7 +472,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     if stride > 1:  # whole-tensor estimate: the symbol payload scales with the rows
         nbytes += (f - 1) * sum(len(x.payload) for x in streams[: params.n_classes])
     W_hat = np.empty(q.shape, dtype=np.float32) if keep_w_hat else None
-    S32 = job.sigma.to(torch.float32) if job.sigma is not None else None
+    S = job.sigma
     d = sig = noise = 0.0
     rparams = params
     if job.trellis:  # tcq: the levels of each column's whole walk first (int32, in place), then row chunks as ecsq's
@@ -470,7 +486,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
         Wr = Wt[r]
         D = torch.from_numpy(Wh) - Wr
         D64 = D.double()
-        d += float(((D @ S32) * D).double().sum()) if S32 is not None else float((D64 ** 2).sum())
+        d += sigma_quad(D, S) if S is not None else float((D64 ** 2).sum())
         sig += float((Wr.double() ** 2).sum())
         noise += float((D64 ** 2).sum())
         del D, D64, Wh, Wr

@@ -98,8 +98,8 @@ def test_truncated_and_missing_shards_are_named(tmp_path):
 
 
 def test_float_mode_sigma_matches_whole_model_calibration(tmp_path, text_file):
-    """Block by block on the unmodified model gives the Σ of the whole-model capture (kept in
-    float32), and the energy tr(W Σ Wᵀ) taken from the linears' outputs is that of Σ and W."""
+    """Block by block on the unmodified model gives the Σ of the whole-model capture (float64),
+    and the energy tr(W Σ Wᵀ) taken from the linears' outputs is that of Σ and W."""
     from aligncodec.tools.eval.calibrate import capture_sigma
     from transformers import AutoModelForCausalLM
 
@@ -122,14 +122,13 @@ def test_float_mode_sigma_matches_whole_model_calibration(tmp_path, text_file):
         hs, sig = S.run_block(blocks[b.index], hs, kws[b.index], cap, energy=en)
         assert set(en) == {li.weight for li in b.linears}
         for li in b.linears:
-            assert sig[li.weight].dtype == torch.float32
+            assert sig[li.weight].dtype == torch.float64
             W = ckpt.float32(li.weight).double()
             want = float(((W @ sig[li.weight].double()) * W).sum())
             assert en[li.weight] == pytest.approx(want, rel=1e-4), li.weight
             R = ref[li.weight] if li.weight in ref else None
             if R is None:  # stored under the first linear that reads the same input
                 continue
-            R = R.to(torch.float32)
             assert torch.allclose(sig[li.weight], R, rtol=1e-4, atol=1e-6 * float(R.abs().max())), li.weight
 
 

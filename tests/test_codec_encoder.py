@@ -258,10 +258,9 @@ def test_hessian_factor_handed_over_gives_the_same_factor():
 
 
 def _rotated64(hd, S):
-    """The plain expression of the encoder's Tᵀ Σ T: float64 transforms of the float32 Σ,
-    symmetrised (float64 throughout: encoder.rotate_sigma)."""
-    S32 = np.asarray(S, dtype=np.float32)
-    St = hd.apply64(np.ascontiguousarray(hd.apply64(S32).T))
+    """The plain expression of the encoder's Tᵀ Σ T: float64 transforms of Σ, symmetrised
+    (float64 throughout: encoder.rotate_sigma)."""
+    St = hd.apply64(np.ascontiguousarray(hd.apply64(np.asarray(S)).T))
     return torch.from_numpy((St + St.T) / 2)
 
 
@@ -302,8 +301,8 @@ def test_candidate_factors_are_the_plain_expression_and_leave_sigma_alone(sigma)
     job = E.TensorJob("t.weight", W, "F32", S if sigma else None)
     E.build_candidates(job, ("identity", "hadamard", "colscale", "hadamard-colscale"), seed=3)
     assert torch.equal(S, S0)
-    # Σ kept in float32, each candidate's H in float64 (without calibration I: Tᵀ I T = I, taken as exact)
-    Sd = S0.to(torch.float32).numpy() if sigma else np.eye(W.shape[1])
+    # each candidate's H in float64 (without calibration I: Tᵀ I T = I, taken as exact)
+    Sd = S0.numpy() if sigma else np.eye(W.shape[1])
     for c in job.cands:
         if c.hd is not None and sigma:
             St = _rotated64(c.hd, Sd)
@@ -332,3 +331,21 @@ def test_saturated_symbols_clamp_at_the_format_bound_without_wrapping(trellis):
     got = np.abs(tc.W_hat / np.float32(tc.params.step))
     assert np.all(np.sign(tc.W_hat) == np.sign(W.numpy()))
     assert got.max() <= bound + 2 and got.min() >= bound - 2
+
+
+@pytest.mark.parametrize("n,block", [(50, 1024), (130, 32), (96, 96)])
+def test_sigma_quad_in_blocks_is_the_product(n, block):
+    """sum((D Σ) ∘ D) with a float64 Σ converted a row block at a time: the plain float32
+    expression's value (its bits where one block holds Σ), and Σ is not modified."""
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(300, n, generator=g, dtype=torch.float64)
+    S = X.T @ X / 300
+    S0 = S.clone()
+    D = torch.randn(40, n, generator=g)
+    ref = float(((D @ S.to(torch.float32)) * D).double().sum())
+    got = E.sigma_quad(D, S, block)
+    assert torch.equal(S, S0)
+    assert got == pytest.approx(ref, rel=1e-5)
+    if block >= n:
+        assert got == ref
+    assert E.sigma_quad(D, S.to(torch.float32)) == ref
