@@ -1087,7 +1087,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
             def work(nm, x=x, sig=sig, cache=cache, energies=energies):
                 _worker_threads(opts.threads)
                 tc, job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache,
-                                      energy=energies.get(nm) if nm in sig else None)
+                                      energy=energies.get(nm))
                 return tc, job.unfit
 
             results = pool.map(work, names) if pool is not None else map(work, names)

@@ -281,10 +281,8 @@ def sigma_quad(D: torch.Tensor, S: torch.Tensor, block: int = SIGMA_BLOCK) -> fl
     """Σ_ij (D Σ Dᵀ)_ii = sum((D @ Σ) * D), float32 products summed in float64, for float32 rows
     D. A float64 Σ is converted to float32 ``block`` rows at a time (no float32 copy of a wide Σ
     beside it: 0.27 GB at n = 8,192); at n ≤ ``block`` it is the plain expression."""
-    if S.dtype == torch.float32:
-        return float(((D @ S) * D).double().sum())
     n = S.shape[0]
-    if n <= block:
+    if S.dtype == torch.float32 or n <= block:
         return float(((D @ S.to(torch.float32)) * D).double().sum())
     P = torch.zeros(D.shape, dtype=torch.float32)
     for a in range(0, n, block):
@@ -398,7 +396,7 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
             if sc is not None:
                 v = torch.from_numpy(sc).to(Hm.dtype)
                 Hm.mul_(v[:, None]).mul_(v[None, :])
-            box = [Hm.mul_(2)]  # hessian_factor takes the only reference (and works in its dtype, float64)
+            box = [Hm.mul_(2)]  # hessian_factor takes the only reference
             del Hm
             R, perm, _ = hessian_factor(box, damp, act_order=True, factor="reverse", dtype=torch.float32)
             cache[key] = (sc, R, perm)
