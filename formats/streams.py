@@ -21,6 +21,17 @@ from aligncodec.formats.layout import RANS_AUX, STREAM, align
 
 
 def leb128_encode(values: Sequence[int]) -> bytes:
+    v = np.asarray(values) if not isinstance(values, np.ndarray) else values
+    if v.ndim == 1 and v.dtype.kind in "iu" and v.size:  # vectorized: the encoder writes 1,024-entry tables by the hundred
+        v = v.astype(np.int64)
+        if int(v.min()) < 0:
+            raise ValueError("LEB128 values are unsigned")
+        if int(v.max()) < 1 << 56:
+            groups = (v[:, None] >> (7 * np.arange(8, dtype=np.int64))) & 0x7F
+            nb = 1 + sum((v >= (1 << (7 * j))).astype(np.int64) for j in range(1, 8))
+            j = np.arange(8)[None, :]
+            groups |= np.where(j < nb[:, None] - 1, 0x80, 0)
+            return groups.astype(np.uint8)[j < nb[:, None]].tobytes()
     out = bytearray()
     for v in values:
         v = int(v)
@@ -125,6 +136,17 @@ class RansStream:
 
 
 Stream = RawStream | ZstdStream | RansStream
+
+
+def serialized_size(s: Stream) -> int:
+    """len(serialize_stream(s)), without building it."""
+    if isinstance(s, (RawStream, ZstdStream)):
+        return STREAM.size + len(s.data)
+    if isinstance(s, RansStream):
+        f = np.asarray(s.freqs, dtype=np.int64)
+        table = int(sum((f >= (1 << (7 * j))).sum() for j in range(1, 10))) + len(f)
+        return STREAM.size + align(RANS_AUX.size + table + 4 * len(s.chunk_lengths), STREAM_ALIGN) + len(s.payload)
+    raise TypeError(f"not a stream: {type(s).__name__}")
 
 
 def serialize_stream(s: Stream) -> bytes:

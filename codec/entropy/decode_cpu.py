@@ -573,7 +573,20 @@ def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = No
     parts = parallel.resolve_threads(threads) * TASKS_PER_THREAD
     cs = stream.chunk_symbols
 
-    def task(c0, c1):
+    from aligncodec.codec.entropy import native
+
+    if native.decodes(lanes, out, join, rw, width):  # the C kernels (AVX2 for 32 lanes): the same symbols
+        tab32, sym32 = native.decode_tables(tab, symt)
+        rest_c = np.ascontiguousarray(rest_arr)
+        words_c = np.ascontiguousarray(words)
+
+        def task(c0, c1):
+            native.decode_range(words_c, chunk_w, cs, n, tab32, sym32, precision, lanes, out, join, rest_c, rw, low, width, c0,
+                                c1, status)
+    else:
+        task = None
+
+    def numba_task(c0, c1):
         if lanes > 1:
             _decode_lanes_range(words, chunk_w, cs, n, tab, symt, precision, lanes, out, rest_arr, rw, low, width, join, c0, c1,
                                 status)
@@ -581,7 +594,7 @@ def plan_decode(stream: RansStream, out: np.ndarray, *, threads: int | None = No
             _decode_range(words, chunk_w, cs, n, tab, symt, precision, out, rest_arr, rw, low, width, join, c0, c1, status)
 
     minimum = max(1, -(-MIN_TASK_SYMBOLS // cs))
-    yield parallel.stage(task, parallel.split_ranges(n_chunks, parts, multiple=GROUP, minimum=minimum))
+    yield parallel.stage(task or numba_task, parallel.split_ranges(n_chunks, parts, multiple=GROUP, minimum=minimum))
     _raise_status(status)
     return out
 

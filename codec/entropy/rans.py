@@ -289,13 +289,15 @@ ENCODE_GROUP_SYMBOLS = 1 << 23  # symbols coded per kernel call: the worst-case 
 
 
 def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: int | None = None, freqs: np.ndarray | None = None,
-           chunk_symbols: int | None = None, lanes: int | None = None, offset: int = 0) -> RansStream:
+           chunk_symbols: int | None = None, lanes: int | None = None, offset: int = 0,
+           counts: np.ndarray | None = None) -> RansStream:
     """Entropy-code integer symbols into a :class:`RansStream`: ``symbols − offset``, which must
     lie in [0, 2^16). ``offset`` lets a caller code signed symbols (int16, say) without a shifted
     copy of them; the stream holds the shifted values.
 
     The table is fitted to the symbols' own counts (precision chosen to
     minimise payload + table) unless ``freqs``/``precision`` are given.
+    ``counts``: the symbols' counts (of ``symbols − offset``), if the caller has them (trusted).
     ``lanes`` > 1 writes interleaved lanes (coder 3, spec §6.6). Unnamed, both come from
     :data:`DEFAULT_LAYOUT` (streams of fewer than :data:`LANES_MIN_SYMBOLS` symbols: the chunked
     layout of 16384 symbols); a named chunk size alone means the chunked layout, lanes = 1.
@@ -329,7 +331,12 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
         alphabet_size = top + 1
     if top >= alphabet_size:
         raise ValueError("symbol outside the alphabet")
-    counts = histogram(sym, offset, offset + alphabet_size - 1) if n else np.eye(1, alphabet_size, dtype=np.int64)[0]
+    if counts is not None:  # the caller counted them already (lossless.encode's native split)
+        counts = np.asarray(counts, dtype=np.int64)
+        if counts.shape != (alphabet_size,) or int(counts.sum()) != n:
+            raise ValueError("counts must have one entry per symbol of the alphabet and sum to the symbols")
+    else:
+        counts = histogram(sym, offset, offset + alphabet_size - 1) if n else np.eye(1, alphabet_size, dtype=np.int64)[0]
     if freqs is None:
         if precision is None:
             precision, freqs = choose_table(counts)
@@ -343,6 +350,11 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
     if n == 0:
         return RansStream(precision, chunk_symbols, 0, freqs, np.zeros(0, np.uint32), b"", lanes)
     cum = cumulative(freqs)
+    from aligncodec.codec.entropy import native
+
+    if native.encodes(sym, lanes, precision):  # the C encoder: the same bytes, parallel on the decode pool
+        data, lengths = native.encode_chunks(sym, chunk_symbols, freqs, cum, precision, lanes, offset)
+        return RansStream(precision, chunk_symbols, n, freqs, lengths, data.tobytes(), lanes)
     per_group = max(1, ENCODE_GROUP_SYMBOLS // chunk_symbols) * chunk_symbols
     payloads, lens = [], []
     for a in range(0, n, per_group):

@@ -23,7 +23,7 @@ import zstandard
 
 from aligncodec.formats.constants import CODER_NAMES, FLOAT_FORMATS, MAX_STREAMS, MODE_BYTEGROUP, MODE_FLOAT_SPLIT, MODE_STORED, STREAM_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
-from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, check_rans_stream, serialize_stream
+from aligncodec.formats.streams import RansStream, RawStream, ZstdStream, check_rans_stream, serialize_stream, serialized_size
 from aligncodec.formats.errors import CorruptStreamError, StreamError, UnsupportedError
 
 # numba and the rANS coder are imported when something is coded, not when an entry is checked
@@ -86,13 +86,31 @@ def _zstd(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False, write_content_size=True).compress(data)
 
 
+# bytes streams longer than SAMPLE_MIN are first tried on their first SAMPLE_BYTES: if zstd saves
+# less than SAMPLE_GAIN there, the whole is not tried (a float-split rest, the sign and low mantissa
+# bits, is incompressible noise: coding it for nothing cost as much time as the rANS coder)
+SAMPLE_MIN = 1 << 18
+SAMPLE_BYTES = 1 << 16
+SAMPLE_GAIN = 0.02
+
+
+def _zstd_sample_ratio(data) -> float:
+    """zstd's size / the size of ``data``'s first SAMPLE_BYTES (1.0 when data is short: try it whole)."""
+    if len(data) <= SAMPLE_MIN:
+        return 0.0
+    head = bytes(memoryview(data)[:SAMPLE_BYTES])
+    return len(_zstd(head)) / len(head)
+
+
 def _best_bytes_stream(data: bytes) -> RawStream | ZstdStream:
+    if _zstd_sample_ratio(data) > 1 - SAMPLE_GAIN:
+        return RawStream(data)
     z = _zstd(data)
     return ZstdStream(z, len(data)) if len(z) < len(data) else RawStream(data)
 
 
 def _streams_size(streams) -> int:
-    return sum(align(len(serialize_stream(s)), STREAM_ALIGN) for s in streams)
+    return sum(align(serialized_size(s), STREAM_ALIGN) for s in streams)
 
 
 def _pack_bits(v, width, out):
@@ -262,26 +280,34 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
     ``mode`` if given. Returns (mode, params, streams)."""
     policy = check_policy(policy or current_policy())
     raw = bytes(data) if not isinstance(data, np.ndarray) else data.tobytes()
-    candidates: list[tuple[int, bytes, list]] = [(MODE_STORED, b"", [_best_bytes_stream(raw)])]
+    candidates: list[tuple[int, bytes, list]] = []
     big = numel >= MIN_SPLIT_ELEMENTS
     if dtype in FLOAT_FORMATS:
         width, e = FLOAT_FORMATS[dtype]
         bits = np.frombuffer(raw, dtype=f"<u{width // 8}")
         if (big and policy in ("auto", "float-split", "smallest")) or mode == MODE_FLOAT_SPLIT:
             k = DEFAULT_MANTISSA_BITS[dtype] if mantissa_bits is None else mantissa_bits
-            sym, rest = split_float(bits, dtype, k)
-            from aligncodec.codec.entropy import rans
+            from aligncodec.codec.entropy import native, rans
 
-            s0 = rans.encode(sym, alphabet_size=int(sym.max()) + 1)
-            del sym  # a large tensor's copies go as soon as they are coded (peak memory)
-            packed = pack_bits(rest, width - e - k)
-            del rest
-            s1 = _best_bytes_stream(packed)
+            if native.available() and width in (16, 32) and width - e - k <= 25:
+                # one native pass: the symbols, their counts and the packed rest (the same values)
+                sym, counts, packed = native.split_float(bits, width, e, k)
+                top = int(np.flatnonzero(counts)[-1]) + 1
+                s0 = rans.encode(sym, alphabet_size=top, counts=counts[:top])
+                del sym
+            else:
+                sym, rest = split_float(bits, dtype, k)
+                s0 = rans.encode(sym, alphabet_size=int(sym.max()) + 1)
+                del sym  # a large tensor's copies go as soon as they are coded (peak memory)
+                packed = pack_bits(rest, width - e - k)
+                del rest
+            s1 = _best_bytes_stream(packed if isinstance(packed, bytes) else packed.tobytes())
             del packed
             candidates.append((MODE_FLOAT_SPLIT, bytes([k]), [s0, s1]))
         if numel >= 1 and ((big and policy in ("auto", "bytegroup", "smallest")) or mode == MODE_BYTEGROUP):
             params, streams = encode_bytegroup(bits, dtype)
             candidates.append((MODE_BYTEGROUP, params, streams))
+    candidates.insert(0, (MODE_STORED, b"", [_stored_stream(raw, [_streams_size(c[2]) for c in candidates], mode)]))
     if mode is not None:
         forced = [c for c in candidates if c[0] == mode]
         if not forced:
@@ -294,6 +320,16 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
         if sizes[fast] <= (1 + AUTO_TOLERANCE) * sizes[best]:
             return candidates[fast]
     return candidates[best]
+
+
+def _stored_stream(raw: bytes, others: list[int], mode: int | None) -> RawStream | ZstdStream:
+    """The ``stored`` candidate: zstd or raw, the smaller; a long tensor whose first SAMPLE_BYTES
+    zstd shrinks to a size that, scaled to the whole, is not within 10 % of the other candidates'
+    smallest stays raw untried (zstd of a whole bf16 tensor cost as much time as its float-split)."""
+    if mode in (None, MODE_STORED) and others and len(raw) > SAMPLE_MIN:
+        if _zstd_sample_ratio(raw) * len(raw) > 1.1 * min(others):
+            return RawStream(raw)
+    return _best_bytes_stream(raw)
 
 
 def _check_bytes_stream(stream, size: int, what: str, *, content_size: bool = False) -> None:
