@@ -172,11 +172,15 @@ def compress(
     progress: bool = True,
     follow_symlinks: bool = False,
     check: Callable[[Path], object] | None = None,
+    threads: int | None = None,
 ) -> list[TensorEntry]:
     """Compress a safetensors file or model folder into ``out``.
 
     ``encode_tensor(name, dtype, shape, bytes) -> (mode, params, streams)``
-    defaults to the lossless coder. ``check(path)``, if given, is called on the finished
+    defaults to the lossless coder; then ``threads`` (None: every CPU, or ``ACZ_THREADS``) code
+    the tensors: each tensor's chunks in parallel on the decode pool, and up to ``threads``
+    tensors at once while the archive is written in order (reading, coding and writing overlap).
+    The archive's bytes do not depend on ``threads``. ``check(path)``, if given, is called on the finished
     archive under a temporary name; only if it returns does the archive get the name ``out``
     (the lossy encoder's post-write verification). ``follow_symlinks``: see :func:`find_inputs`."""
     from tqdm import tqdm
@@ -205,12 +209,46 @@ def compress(
     total = sum(os.path.getsize(f) for f in src.files)
     entries: list[TensorEntry] = []
 
+    from aligncodec.codec import parallel
+
+    n_threads = parallel.resolve_threads(threads)
+
+    def coded():
+        """(name, dtype, shape, nbytes, (mode, params, streams)) in the checkpoint's order; the default
+        coder runs on up to n_threads tensors at once (at most n_threads + 1 read ahead)."""
+        items = iter_checkpoint(src)
+        if encode_tensor is not None or n_threads == 1:
+            for _fname, name, dtype, shape, raw in items:
+                with parallel.threads_override(n_threads):
+                    yield name, dtype, shape, raw.nbytes, enc(name, dtype, shape, raw)
+            return
+        import collections
+        from concurrent.futures import ThreadPoolExecutor
+
+        def job(name, dtype, shape, raw):
+            with parallel.threads_override(n_threads):
+                return enc(name, dtype, shape, raw)
+
+        pending: collections.deque = collections.deque()
+        with ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="acz-encode") as ex:
+            try:
+                for _fname, name, dtype, shape, raw in items:
+                    pending.append((name, dtype, shape, raw.nbytes, ex.submit(job, name, dtype, shape, raw)))
+                    while len(pending) > n_threads:
+                        name_, dtype_, shape_, nb_, fut = pending.popleft()
+                        yield name_, dtype_, shape_, nb_, fut.result()
+                while pending:
+                    name_, dtype_, shape_, nb_, fut = pending.popleft()
+                    yield name_, dtype_, shape_, nb_, fut.result()
+            finally:
+                for *_, fut in pending:
+                    fut.cancel()
+
     def write(path: Path) -> None:
         with ArchiveWriter(path, meta) as w, tqdm(total=total, unit="B", unit_scale=True, desc="compress", disable=None if progress else True, leave=False) as bar:
-            for _fname, name, dtype, shape, raw in iter_checkpoint(src):
-                mode, params, streams = enc(name, dtype, shape, raw)
+            for name, dtype, shape, nbytes, (mode, params, streams) in coded():
                 w.add(name, dtype, shape, mode, streams, params)
-                bar.update(raw.nbytes)
+                bar.update(nbytes)
             for a in src.aux:
                 add_aux_file(w, a)
             entries.extend(w.close())

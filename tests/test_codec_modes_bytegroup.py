@@ -81,20 +81,21 @@ def test_decodes_into_the_loader_buffer_in_parallel():
     assert out.tobytes() == raw.tobytes()
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
 @pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
-def test_policies(dtype):
-    raw = weights(dtype, 50_000, seed=3)
+def test_policies(dtype, size):
+    raw = weights(dtype, 50_000 if size == "small" else 70_000, seed=3)
     n = raw.size // (FLOAT_FORMATS[dtype][0] // 8)
     got = {p: lossless.encode(raw, dtype, n, policy=p) for p in lossless.POLICIES}
     size = {p: lossless._streams_size(c[2]) for p, c in got.items()}
     assert got["float-split"][0] in (MODE_FLOAT_SPLIT, MODE_STORED)
     assert got["bytegroup"][0] in (MODE_BYTEGROUP, MODE_STORED)
     assert size["smallest"] == min(size["bytegroup"], size["float-split"])
-    # auto: the smaller of stored and bytegroup unless float-split is more than AUTO_TOLERANCE smaller
-    if got["auto"][0] != MODE_FLOAT_SPLIT:
-        assert size["auto"] == size["bytegroup"] <= (1 + lossless.AUTO_TOLERANCE) * size["smallest"]
+    # auto: BF16 / F16 as float-split (stored or float-split) but for small tensors, F32 the smallest
+    if dtype == "F32" or n < lossless.AUTO_ALL_BELOW:
+        assert got["auto"][0] == got["smallest"][0] and size["auto"] == size["smallest"]
     else:
-        assert size["auto"] == size["smallest"] and size["bytegroup"] > (1 + lossless.AUTO_TOLERANCE) * size["smallest"]
+        assert got["auto"][0] == got["float-split"][0] and size["auto"] == size["float-split"]
     for p, (mode, params, streams) in got.items():
         e = TensorEntry("t", dtype, (n,), mode, len(streams), 0, 0, 0, params)
         assert lossless.decode(e, streams).tobytes() == raw.tobytes(), p
@@ -195,8 +196,9 @@ def test_registry_has_no_gpu_path_so_cuda_targets_decode_on_the_cpu():
 
 
 def test_archive_with_both_lossless_float_modes_loads_bit_exact(tmp_path):
-    """The default policy on a mixed checkpoint: fp16 tensors in bytegroup, bf16 ones in
-    float-split (bytegroup is > 2 % larger on bf16 Gaussian weights); every read path agrees."""
+    """The default policy on a mixed checkpoint: fp16 and bf16 tensors in float-split, an fp32
+    tensor of bf16 values (its low mantissa bytes zero) in bytegroup, the smallest; every read
+    path agrees."""
     from safetensors.torch import save_file
 
     from aligncodec import archive, loader
@@ -204,13 +206,14 @@ def test_archive_with_both_lossless_float_modes_loads_bit_exact(tmp_path):
     g = torch.Generator().manual_seed(5)
     sd = {"a.weight": (torch.randn(512, 256, generator=g) * 0.02).half(),
           "b.weight": (torch.randn(512, 256, generator=g) * 0.02).to(torch.bfloat16),
-          "c.bias": torch.zeros(7)}
+          "c.bias": torch.zeros(7),
+          "d.weight": (torch.randn(512, 256, generator=g) * 0.02).to(torch.bfloat16).float()}
     src = tmp_path / "m"
     src.mkdir()
     save_file(sd, src / "model.safetensors")
     archive.compress(src, tmp_path / "m.acz", progress=False)
     modes = {t["name"]: t["mode"] for t in archive.inspect(tmp_path / "m.acz")["tensors"]}
-    assert modes["a.weight"] == "bytegroup" and modes["b.weight"] == "float-split", modes
+    assert modes["a.weight"] == modes["b.weight"] == "float-split" and modes["d.weight"] == "bytegroup", modes
     archive.verify(tmp_path / "m.acz")
     got = loader.load_state_dict(tmp_path / "m.acz")
     for k, v in sd.items():

@@ -17,6 +17,7 @@
  */
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -99,8 +100,9 @@ static void init_perm(void)
     }
 }
 
-/* 8 decoded symbols s (lanes of a vector) of elements i0..i0+7 (i0 a multiple of 8, so their rest
- * starts on a byte: i0 * rw / 8) to the sink */
+/* 8 decoded symbols s (lanes of a vector) of elements i0..i0+7 to the sink; their rests start at
+ * bit sh = (i0 * rw) mod 8 of byte i0 * rw / 8 (sh = 0 for rw = 8 and 24, any for a chunk size
+ * that is not a multiple of 8) */
 __attribute__((target("avx2,popcnt,bmi2"), always_inline)) static inline void emit8(const Sink *k, int64_t i0, __m256i s,
                                                                                    __m256i jrw)
 {
@@ -110,7 +112,9 @@ __attribute__((target("avx2,popcnt,bmi2"), always_inline)) static inline void em
         return;
     }
     const int rw = k->rw;
-    int64_t byte0 = (int64_t)(((uint64_t)i0 * (uint64_t)rw) >> 3);
+    uint64_t bit0 = (uint64_t)i0 * (uint64_t)rw;
+    int64_t byte0 = (int64_t)(bit0 >> 3);
+    int sh = (int)(bit0 & 7);
     __m256i r;
     if (byte0 + 32 > k->rest_nbytes) { /* the rest's last bytes: one at a time */
         uint32_t tmp[8];
@@ -119,20 +123,21 @@ __attribute__((target("avx2,popcnt,bmi2"), always_inline)) static inline void em
             emit(k, i0 + j, tmp[j]);
         return;
     }
-    if (rw <= 8) { /* 8 rests in rw bytes: one load, each rw-bit field deposited in its own byte */
+    if (rw * 8 + sh <= 64) { /* 8 rests in one 64-bit load, each rw-bit field deposited in its own byte */
         uint64_t w;
         memcpy(&w, k->rest + byte0, 8);
-        uint64_t f = _pdep_u64(w, 0x0101010101010101ull * ((1u << rw) - 1u));
+        uint64_t f = _pdep_u64(w >> sh, 0x0101010101010101ull * ((1u << rw) - 1u));
         r = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)f));
-    } else if (rw == 24) { /* 3 bytes each: two 16-byte loads, bytes shuffled into 32-bit lanes */
+    } else if (rw == 24) { /* 3 bytes each (sh = 0): two 16-byte loads, bytes shuffled into 32-bit lanes */
         const __m256i sh = _mm256_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1,
                                             0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
         __m256i b = _mm256_setr_m128i(_mm_loadu_si128((const __m128i *)(k->rest + byte0)),
                                       _mm_loadu_si128((const __m128i *)(k->rest + byte0 + 12)));
         r = _mm256_shuffle_epi8(b, sh);
     } else {
-        __m256i g = _mm256_i32gather_epi32((const int *)(k->rest + byte0), _mm256_srli_epi32(jrw, 3), 1);
-        r = _mm256_and_si256(_mm256_srlv_epi32(g, _mm256_and_si256(jrw, _mm256_set1_epi32(7))),
+        __m256i rel = _mm256_add_epi32(jrw, _mm256_set1_epi32(sh));
+        __m256i g = _mm256_i32gather_epi32((const int *)(k->rest + byte0), _mm256_srli_epi32(rel, 3), 1);
+        r = _mm256_and_si256(_mm256_srlv_epi32(g, _mm256_and_si256(rel, _mm256_set1_epi32(7))),
                              _mm256_set1_epi32((int)((1u << rw) - 1u)));
     }
     __m128i lo = _mm_cvtsi32_si128(k->low), top = _mm_cvtsi32_si128(k->width - 1);
@@ -284,6 +289,106 @@ int acz_encode_lanes(const void *sym, int sym_kind, int64_t n, int64_t cs, const
     return 0;
 }
 
+#ifdef ACZ_X86
+static int32_t ENC_PERM[256][8];
+
+static void init_enc_perm(void)
+{
+    for (int mk = 0; mk < 256; mk++) { /* the set lanes, ascending, in the top popcount(mk) slots */
+        int c = __builtin_popcount((unsigned)mk), i = 8 - c;
+        for (int j = 0; j < 8; j++)
+            ENC_PERM[mk][j] = 0;
+        for (int j = 0; j < 8; j++)
+            if ((mk >> j) & 1)
+                ENC_PERM[mk][i++] = j;
+    }
+}
+
+/* groups [g0, g1) of 8 symbols (a + 8g .. a + 8g + 7: lanes 8(g mod 4) ..) of a 32-lane chunk,
+ * descending, uint16 symbols; x / f as floor(x * (1/f) + 2^-18) in double precision, exact:
+ * the product is within 2^-20 of x / f = q + r / f, r / f <= 1 - 2^-16. Words of the lanes that
+ * renormalise go, ascending by lane, right below the words already written (as the scalar loop
+ * writes them one by one, highest lane first). */
+__attribute__((target("avx2,popcnt"))) static int64_t simd_encode_groups(const uint16_t *sym, int64_t a, int64_t g1, int64_t offset,
+                                                                        const uint32_t *fcum, const double *invf,
+                                                                        int P, uint32_t *xs, uint16_t *end, int64_t nw)
+{
+    const __m256i vlim = _mm256_set1_epi32(0), lo16 = _mm256_set1_epi32(0xFFFF), flip = _mm256_set1_epi32((int)0x80000000u);
+    const __m256i voff = _mm256_set1_epi32((int)offset);
+    const __m256d two31 = _mm256_set1_pd(2147483648.0), bias = _mm256_set1_pd(1.0 / (1 << 18));
+    const __m128i sP = _mm_cvtsi32_si128(32 - P), vP = _mm_cvtsi32_si128(P);
+    (void)vlim;
+    for (int64_t g = g1 - 1; g >= 0; g--) {
+        uint32_t *xp = xs + 8 * (g & 3);
+        __m256i X = _mm256_loadu_si256((const __m256i *)xp);
+        __m256i s = _mm256_sub_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(sym + a + 8 * g))), voff);
+        __m256i fc = _mm256_i32gather_epi32((const int *)fcum, s, 4); /* freq | cum << 16 */
+        __m256i f = _mm256_and_si256(fc, lo16), c = _mm256_srli_epi32(fc, 16);
+        __m256i xmax = _mm256_sll_epi32(f, sP);
+        __m256i big = _mm256_cmpeq_epi32(_mm256_max_epu32(X, xmax), X);
+        int mk = _mm256_movemask_ps(_mm256_castsi256_ps(big));
+        if (mk) {
+            int cnt = _mm_popcnt_u32((unsigned)mk);
+            __m256i w = _mm256_permutevar8x32_epi32(_mm256_and_si256(X, lo16), _mm256_loadu_si256((const __m256i *)ENC_PERM[mk]));
+            __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, w), 0xD8);
+            _mm_storeu_si128((__m128i *)(end - nw - 8), _mm256_castsi256_si128(p));
+            nw += cnt;
+            X = _mm256_blendv_epi8(X, _mm256_srli_epi32(X, 16), big);
+        }
+        __m256i xf = _mm256_xor_si256(X, flip); /* x - 2^31 as a signed int, converted, + 2^31 */
+        __m256d xlo = _mm256_add_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(xf)), two31);
+        __m256d xhi = _mm256_add_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(xf, 1)), two31);
+        __m256d ilo = _mm256_i32gather_pd(invf, _mm256_castsi256_si128(s), 8);
+        __m256d ihi = _mm256_i32gather_pd(invf, _mm256_extracti128_si256(s, 1), 8);
+        __m128i qlo = _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(xlo, ilo), bias));
+        __m128i qhi = _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(xhi, ihi), bias));
+        __m256i q = _mm256_setr_m128i(qlo, qhi);
+        X = _mm256_add_epi32(_mm256_add_epi32(_mm256_sll_epi32(q, vP), _mm256_sub_epi32(X, _mm256_mullo_epi32(q, f))), c);
+        _mm256_storeu_si256((__m256i *)xp, X);
+    }
+    return nw;
+}
+#endif
+
+/* as acz_encode_lanes for 32 lanes and uint16 symbols (no symbol owning every slot, so freq and cum
+ * fit 16 bits: fcum[s] = freq[s] | cum[s] << 16), AVX2 */
+int acz_encode_lanes32(const uint16_t *sym, int64_t n, int64_t cs, const uint32_t *freq, const uint32_t *cum,
+                       const uint32_t *fcum, int P, int64_t offset, const double *invf, uint16_t *scratch, uint32_t *states,
+                       int64_t *nwords, int64_t c0, int64_t c1)
+{
+#ifdef ACZ_X86
+    if (!use_simd || P < 1 || P > 16)
+        return -1;
+    for (int64_t c = c0; c < c1; c++) {
+        int64_t a = c * cs, b = a + cs < n ? a + cs : n, m = b - a, G = m / 8;
+        uint32_t xs[32];
+        for (int l = 0; l < 32; l++)
+            xs[l] = RANS_L;
+        uint16_t *end = scratch + b;
+        int64_t nw = 0;
+        for (int64_t k = b - 1; k >= a + 8 * G; k--) { /* the top partial group, one by one */
+            int l = (int)((k - a) & 31);
+            int64_t s = (int64_t)sym[k] - offset;
+            uint32_t f = freq[s], x = xs[l];
+            if ((uint64_t)x >= ((uint64_t)f << (32 - P))) {
+                *(end - 1 - nw) = (uint16_t)x;
+                nw++;
+                x >>= 16;
+            }
+            xs[l] = ((x / f) << P) + (x % f) + cum[s];
+        }
+        nw = simd_encode_groups(sym, a, G, offset, fcum, invf, P, xs, end, nw);
+        memcpy(states + c * 32, xs, sizeof(xs));
+        nwords[c] = nw;
+    }
+    return 0;
+#else
+    (void)sym, (void)n, (void)cs, (void)freq, (void)cum, (void)fcum, (void)P, (void)offset, (void)invf, (void)scratch, (void)states;
+    (void)nwords, (void)c0, (void)c1;
+    return -1;
+#endif
+}
+
 /* chunk bytes (spec §6.3, §6.6): each chunk's min(lanes, m) states (u32 LE), then its words in
  * decode order; out must hold sum(lengths) bytes (lengths computed by the caller). */
 int acz_pack(const uint32_t *states, const int64_t *nwords, const uint16_t *scratch, int64_t cs, int64_t n, int lanes,
@@ -307,8 +412,39 @@ int acz_pack(const uint32_t *states, const int64_t *nwords, const uint16_t *scra
  * exponent and top k mantissa bits, uint16), counted into hist (2^(e+k) int64), and the rest (sign,
  * low mantissa bits: rw = width − e − k bits each) bit-packed LSB first into rest, which the
  * caller zeroed; i0 * rw must be a multiple of 8 (so ranges write disjoint bytes). */
+#ifdef ACZ_X86
+/* elements [i0, i0 + 8m) of 16-bit floats with rw <= 8: symbols and rests 8 at a time, the rests'
+ * rw-bit fields gathered from their bytes (pext) into rw bytes; counts in 4 tables (no chain of
+ * increments on one counter). Returns the rest's next byte. */
+__attribute__((target("avx2,bmi2"))) static uint8_t *split16_simd(const uint16_t *bits, int64_t i0, int64_t m, int low, int rw,
+                                                                 uint32_t smask, uint16_t *sym, int64_t *h4, int64_t hs, uint8_t *o)
+{
+    const __m256i vs = _mm256_set1_epi32((int)smask), vl = _mm256_set1_epi32((int)((1u << low) - 1u));
+    const __m128i cl = _mm_cvtsi32_si128(low);
+    const uint64_t pm = 0x0101010101010101ull * ((1u << rw) - 1u);
+    for (int64_t g = 0; g < m; g++) {
+        int64_t i = i0 + 8 * g;
+        __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(bits + i)));
+        __m256i sy = _mm256_and_si256(_mm256_srl_epi32(b, cl), vs);
+        __m256i r = _mm256_or_si256(_mm256_sll_epi32(_mm256_srli_epi32(b, 15), cl), _mm256_and_si256(b, vl));
+        __m128i sy16 = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(sy, sy), 0xD8));
+        _mm_storeu_si128((__m128i *)(sym + i), sy16);
+        __m128i r16 = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8));
+        uint64_t r8 = (uint64_t)_mm_cvtsi128_si64(_mm_packus_epi16(r16, r16));
+        uint64_t packed = _pext_u64(r8, pm);
+        memcpy(o, &packed, 8); /* rw bytes valid; the rest is overwritten next (the caller leaves 8 bytes of room) */
+        o += rw;
+        uint16_t t[8];
+        _mm_storeu_si128((__m128i *)t, sy16);
+        h4[t[0]]++, h4[hs + t[1]]++, h4[2 * hs + t[2]]++, h4[3 * hs + t[3]]++;
+        h4[t[4]]++, h4[hs + t[5]]++, h4[2 * hs + t[6]]++, h4[3 * hs + t[7]]++;
+    }
+    return o;
+}
+#endif
+
 int acz_split_float(const void *bits, int width, int e, int k, int64_t i0, int64_t i1, uint16_t *sym, int64_t *hist,
-                    uint8_t *rest)
+                    uint8_t *rest, int64_t rest_nbytes)
 {
     int low = width - 1 - e - k, rw = width - e - k;
     if ((width != 16 && width != 32) || rw > 25 || ((uint64_t)i0 * rw) & 7)
@@ -317,6 +453,26 @@ int acz_split_float(const void *bits, int width, int e, int k, int64_t i0, int64
     uint8_t *o = rest + (((uint64_t)i0 * rw) >> 3);
     uint64_t acc = 0;
     int nacc = 0;
+#ifdef ACZ_X86
+    if (use_simd && width == 16 && rw <= 8) {
+        /* groups of 8 while their 8-byte rest stores stay inside this range's bytes of the rest
+         * (another thread writes the next range's) */
+        int64_t m = (i1 - i0) / 8, lim = (int64_t)(((uint64_t)i1 * rw) >> 3);
+        if (lim > rest_nbytes)
+            lim = rest_nbytes;
+        while (m > 0 && (int64_t)(((uint64_t)(i0 + 8 * m) * rw) >> 3) + 8 - rw > lim)
+            m--;
+        int64_t hs = (int64_t)smask + 1;
+        int64_t *h4 = (int64_t *)calloc((size_t)(4 * hs), sizeof(int64_t));
+        if (h4 && m > 0) {
+            o = split16_simd((const uint16_t *)bits, i0, m, low, rw, smask, sym, h4, hs, o);
+            for (int64_t s = 0; s < hs; s++)
+                hist[s] += h4[s] + h4[hs + s] + h4[2 * hs + s] + h4[3 * hs + s];
+            i0 += 8 * m;
+        }
+        free(h4);
+    }
+#endif
     for (int64_t i = i0; i < i1; i++) {
         uint32_t b = width == 16 ? ((const uint16_t *)bits)[i] : ((const uint32_t *)bits)[i];
         uint32_t s = (b >> low) & smask;
@@ -349,6 +505,7 @@ int acz_init(void)
 {
 #ifdef ACZ_X86
     init_perm();
+    init_enc_perm();
 #endif
     return acz_set_simd(1);
 }

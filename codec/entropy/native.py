@@ -29,9 +29,10 @@ def _load():
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.acz_decode_lanes.argtypes = [p, p, i64, i64, p, p, i32, i32, p, i32, p, i64, i32, i32, i32, i64, i64, p]
     lib.acz_encode_lanes.argtypes = [p, i32, i64, i64, p, p, i32, i32, i64, p, p, p, p, p, i64, i64]
+    lib.acz_encode_lanes32.argtypes = [p, i64, i64, p, p, p, i32, i64, p, p, p, p, i64, i64]
     lib.acz_pack.argtypes = [p, p, p, i64, i64, i32, i64, i64, p, p]
-    lib.acz_split_float.argtypes = [p, i32, i32, i32, i64, i64, p, p, p]
-    for f in (lib.acz_decode_lanes, lib.acz_encode_lanes, lib.acz_pack, lib.acz_split_float, lib.acz_init, lib.acz_set_simd,
+    lib.acz_split_float.argtypes = [p, i32, i32, i32, i64, i64, p, p, p, i64]
+    for f in (lib.acz_decode_lanes, lib.acz_encode_lanes, lib.acz_encode_lanes32, lib.acz_pack, lib.acz_split_float, lib.acz_init, lib.acz_set_simd,
               lib.acz_has_avx2):
         f.restype = ctypes.c_int
     lib.acz_set_simd.argtypes = [i32]
@@ -124,7 +125,16 @@ def encode_chunks(sym: np.ndarray, chunk_symbols: int, freqs: np.ndarray, cum: n
     kind = _SYM_KIND[sym.dtype]
     rcp, rsh = reciprocals(freqs)
 
+    vector = lanes == 32 and sym.dtype == np.uint16 and simd() and int(freqs.max()) < 1 << precision
+    invf = 1.0 / np.maximum(freqs, 1).astype(np.float64)
+    fcum = (freqs | (cum << np.uint32(16))).astype(np.uint32) if vector else freqs
+
     def enc(c0, c1):
+        if vector:  # AVX2, 8 lanes at a time: the same bytes
+            if LIB.acz_encode_lanes32(_ptr(sym), n, chunk_symbols, _ptr(freqs), _ptr(cum), _ptr(fcum), precision, offset, _ptr(invf), _ptr(scratch),
+                                      _ptr(states), _ptr(nwords), c0, c1):
+                raise ValueError("native rANS encoder: unsupported layout")
+            return
         if LIB.acz_encode_lanes(_ptr(sym), kind, n, chunk_symbols, _ptr(freqs), _ptr(cum), precision, lanes, offset, _ptr(rcp), _ptr(rsh), _ptr(scratch),
                                 _ptr(states), _ptr(nwords), c0, c1):
             raise ValueError("native rANS encoder: unsupported layout")
@@ -168,7 +178,7 @@ def split_float(bits: np.ndarray, width: int, e: int, k: int, threads: int | Non
     hists = np.zeros((max(1, len(ranges)), 1 << (e + k)), dtype=np.int64)
 
     def task(j, a, b):
-        if LIB.acz_split_float(_ptr(bits), width, e, k, a, b, _ptr(sym), _ptr(hists[j]), _ptr(rest)):
+        if LIB.acz_split_float(_ptr(bits), width, e, k, a, b, _ptr(sym), _ptr(hists[j]), _ptr(rest), rest.size):
             raise ValueError("native float split: unsupported layout")
 
     def plan():

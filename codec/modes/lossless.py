@@ -8,7 +8,7 @@ frame — whichever is smaller. ``bytegroup`` rotates each float's sign to its l
 splits the elements into byte planes (the exponent byte, the mantissa bytes), each plane of
 each slice of the tensor one zstd frame (Huffman-coded literals, decoded at GB/s) or raw.
 ``stored`` keeps the little-endian bytes, raw or zstd. The encoder tries the candidates its
-*policy* allows (:data:`POLICIES`; by default bytegroup unless another mode is more than 2 % smaller); decoding is always bit-exact.
+*policy* allows (:data:`POLICIES`; by default float-split for BF16 / F16, the smallest mode for F32); decoding is always bit-exact.
 """
 
 from __future__ import annotations
@@ -44,16 +44,22 @@ BYTEGROUP_ZSTD_LEVEL = 1
 BYTEGROUP_MIN_SLICE = 1 << 18
 
 # which lossless modes the encoder may choose among (``stored`` is always a candidate):
-# "auto" (the default): stored or bytegroup, the smaller, unless float-split is more than
-#     AUTO_TOLERANCE smaller for this tensor (measured on SmolLM2: fp16 bytegroup is 0.13 % larger than float-split and
-#     decodes about 3x faster, so fp16 tensors get bytegroup; bf16 bytegroup is 4.4 % larger,
-#     so bf16 tensors keep float-split);
+# "auto" (the default): per dtype, the candidates that pay (docs/results/2026-12-07-lossless-speed.md):
+#     BF16 and F16: stored or float-split, the smaller (float-split is the smaller mode on both,
+#         and with the native kernels (codec/entropy/_fastrans.c) it decodes at least as fast
+#         as bytegroup: no bytegroup candidate to code for nothing), and every mode below
+#         AUTO_ALL_BELOW elements (biases, norms: there bytegroup is often the smallest, and cheap);
+#     F32: every mode, the fewest bytes (bytegroup wins where the low mantissa bytes are zero,
+#         e.g. bf16 weights upcast; float-split on trained fp32 weights);
+#     F64 (no native float-split kernel): stored or bytegroup, the smaller, unless float-split is
+#         more than AUTO_TOLERANCE smaller (the rule "auto" had for every dtype before);
 # "bytegroup": stored or bytegroup, the smaller (the fastest decoding);
 # "float-split": stored or float-split, the smaller (the encoder before bytegroup, byte for byte);
 # "smallest": every lossless mode, the fewest bytes.
 POLICIES = ("auto", "bytegroup", "float-split", "smallest")
 DEFAULT_POLICY = "auto"
 AUTO_TOLERANCE = 0.02
+AUTO_ALL_BELOW = 1 << 16
 _policy: list[str] = []  # the stack of use_policy blocks (process-wide: encoder threads see it too)
 
 
@@ -95,7 +101,7 @@ SAMPLE_GAIN = 0.02
 
 
 def _zstd_sample_ratio(data) -> float:
-    """zstd's size / the size of ``data``'s first SAMPLE_BYTES (1.0 when data is short: try it whole)."""
+    """zstd's size / the size of ``data``'s first SAMPLE_BYTES (0.0 when data is short: try it whole)."""
     if len(data) <= SAMPLE_MIN:
         return 0.0
     head = bytes(memoryview(data)[:SAMPLE_BYTES])
@@ -279,13 +285,17 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
     and the modes ``policy`` allows (:data:`POLICIES`; None: :func:`current_policy`), or use
     ``mode`` if given. Returns (mode, params, streams)."""
     policy = check_policy(policy or current_policy())
-    raw = bytes(data) if not isinstance(data, np.ndarray) else data.tobytes()
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1 and data.flags.c_contiguous:
+        raw = data  # no copy: a stored candidate's bytes are copied only if it is chosen
+    else:
+        raw = np.frombuffer(bytes(data) if not isinstance(data, np.ndarray) else data.tobytes(), dtype=np.uint8)
     candidates: list[tuple[int, bytes, list]] = []
     big = numel >= MIN_SPLIT_ELEMENTS
     if dtype in FLOAT_FORMATS:
         width, e = FLOAT_FORMATS[dtype]
-        bits = np.frombuffer(raw, dtype=f"<u{width // 8}")
-        if (big and policy in ("auto", "float-split", "smallest")) or mode == MODE_FLOAT_SPLIT:
+        bits = raw.view(f"<u{width // 8}")
+        auto_fs, auto_bg = dtype != "F64" or policy != "auto", dtype in ("F32", "F64") or numel < AUTO_ALL_BELOW
+        if (big and (policy in ("float-split", "smallest") or (policy == "auto" and auto_fs))) or mode == MODE_FLOAT_SPLIT:
             k = DEFAULT_MANTISSA_BITS[dtype] if mantissa_bits is None else mantissa_bits
             from aligncodec.codec.entropy import native, rans
 
@@ -304,7 +314,8 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
             s1 = _best_bytes_stream(packed if isinstance(packed, bytes) else packed.tobytes())
             del packed
             candidates.append((MODE_FLOAT_SPLIT, bytes([k]), [s0, s1]))
-        if numel >= 1 and ((big and policy in ("auto", "bytegroup", "smallest")) or mode == MODE_BYTEGROUP):
+        if numel >= 1 and ((big and (policy in ("bytegroup", "smallest") or (policy == "auto" and auto_bg)))
+                           or mode == MODE_BYTEGROUP):
             params, streams = encode_bytegroup(bits, dtype)
             candidates.append((MODE_BYTEGROUP, params, streams))
     candidates.insert(0, (MODE_STORED, b"", [_stored_stream(raw, [_streams_size(c[2]) for c in candidates], mode)]))
@@ -312,17 +323,17 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
         forced = [c for c in candidates if c[0] == mode]
         if not forced:
             raise ValueError(f"mode {mode} cannot code a {dtype} tensor")
-        return forced[0]
+        return _own(forced[0])
     sizes = [_streams_size(c[2]) for c in candidates]
     best = min(range(len(candidates)), key=sizes.__getitem__)
-    if policy == "auto":  # the smaller fast one (stored, bytegroup) unless float-split saves more than AUTO_TOLERANCE
+    if policy == "auto" and dtype == "F64":  # the smaller of stored, bytegroup unless float-split saves more than AUTO_TOLERANCE
         fast = min((i for i, c in enumerate(candidates) if c[0] != MODE_FLOAT_SPLIT), key=sizes.__getitem__)
         if sizes[fast] <= (1 + AUTO_TOLERANCE) * sizes[best]:
-            return candidates[fast]
-    return candidates[best]
+            return _own(candidates[fast])
+    return _own(candidates[best])
 
 
-def _stored_stream(raw: bytes, others: list[int], mode: int | None) -> RawStream | ZstdStream:
+def _stored_stream(raw, others: list[int], mode: int | None) -> RawStream | ZstdStream:
     """The ``stored`` candidate: zstd or raw, the smaller; a long tensor whose first SAMPLE_BYTES
     zstd shrinks to a size that, scaled to the whole, is not within 10 % of the other candidates'
     smallest stays raw untried (zstd of a whole bf16 tensor cost as much time as its float-split)."""
@@ -330,6 +341,11 @@ def _stored_stream(raw: bytes, others: list[int], mode: int | None) -> RawStream
         if _zstd_sample_ratio(raw) * len(raw) > 1.1 * min(others):
             return RawStream(raw)
     return _best_bytes_stream(raw)
+
+
+def _own(c: tuple[int, bytes, list]) -> tuple[int, bytes, list]:
+    """A candidate whose raw streams own their bytes (a stored candidate may view the caller's array)."""
+    return c[0], c[1], [RawStream(bytes(s.data)) if isinstance(s, RawStream) and not isinstance(s.data, bytes) else s for s in c[2]]
 
 
 def _check_bytes_stream(stream, size: int, what: str, *, content_size: bool = False) -> None:

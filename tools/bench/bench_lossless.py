@@ -1,100 +1,211 @@
-"""Lossless benchmark: aligncodec vs zstd on the same bytes, in the same run.
+"""Lossless benchmark: aligncodec vs zstd (levels 3 and 19) and ZipNN on the same bytes, in the same run.
 
-    python -m aligncodec.tools.bench.bench_lossless [--model minilm] [--json OUT]
+    aligncodec bench lossless [--model minilm,smollm2] [--dtypes bf16,fp16,fp32] [--copies 4] [--json OUT]
+    python -m aligncodec.tools.bench.bench_lossless ...   (the same)
 
-For the model's weights as shipped (fp32) and cast to bf16 and fp16: archive
-size (all-in: header, tables, every byte), ratio against the raw tensor bytes,
-bits per weight, compress and decompress throughput (MB/s of raw tensor bytes,
-single process), and the same for zstd (levels 3 and 19) over the
-concatenated raw tensor bytes. Decompression is timed to tensors in memory.
+For each model's floating-point tensors, cast to each dtype (``--copies`` copies of them, as
+``copy<i>.<name>``, to make a larger input of the same statistics): one safetensors file, then
+
+* aligncodec: ``archive.compress`` of that file (the default lossless policy) and
+  ``loader.load_state_dict`` of the archive (decompression to tensors in memory, file in the
+  page cache), at 1 thread and at every CPU (``threads=``);
+* zstd (python-zstandard) over the concatenated raw tensor bytes, compression at 1 thread and
+  with zstd's own worker threads, decompression (single-threaded in zstd);
+* ZipNN (``pip install aligncodec[bench]``; left out when it is not installed) over the same
+  concatenated bytes with its ``bytearray_dtype``, ``threads=1`` and every CPU. ZipNN's
+  compress rewrites its input buffer in place, so every run gets a fresh copy (not timed).
+
+Every round trip is checked byte for byte (the peers' too); a mismatch raises. Bits per weight
+= compressed bytes x 8 / weights (aligncodec: the whole archive file). MB/s = raw tensor bytes /
+wall seconds, best of ``--repeat``. The machine's other load counts in every number: compare the
+rows of one run, not across runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-import zstandard
-from safetensors.torch import load_file, save_file
-
-from aligncodec.formats.reader import ArchiveReader
-from aligncodec import archive
-from aligncodec.tools.eval import models
-from aligncodec.codec.modes import decode_entry
+DTYPES = {"bf16": ("bfloat16", "bfloat16"), "fp16": ("float16", "float16"), "fp32": ("float32", "float32")}
 
 
-def _decode_all(path: Path) -> int:
-    n = 0
-    with ArchiveReader(path) as r:
-        for e in r.tensors:
-            n += decode_entry(e, r.read_streams(e)).size
-    return n
+def _best(fn, repeat: int):
+    """(best seconds, last result) of ``repeat`` calls; ``fn`` returns (seconds, result)."""
+    best, res = float("inf"), None
+    for _ in range(repeat):
+        t, res = fn()
+        best = min(best, t)
+    return best, res
 
 
-def run(model: str) -> list[dict]:
+def _timed(fn, *a, **k):
+    t0 = time.perf_counter()
+    r = fn(*a, **k)
+    return time.perf_counter() - t0, r
+
+
+def _inputs(model: str, dtype: str, copies: int):
+    """(state dict of the cast tensors, their concatenated raw bytes, number of weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from aligncodec import archive
+    from aligncodec.tools.eval import models
+
     src = archive.find_inputs(models.resolve_model(model)).files
     sd = {}
     for f in src:
         sd.update(load_file(str(f)))
+    tdt = getattr(torch, DTYPES[dtype][0])
+    cast = {}
+    for c in range(copies):
+        for k, v in sd.items():
+            if v.is_floating_point():
+                cast[f"copy{c}.{k}" if copies > 1 else k] = v.to(tdt).contiguous()
+    raw = b"".join(v.reshape(-1).view(torch.uint8).numpy().tobytes() for v in cast.values())
+    return cast, raw, sum(v.numel() for v in cast.values())
+
+
+def _aligncodec(cast: dict, raw_len: int, n: int, threads: list[int], repeat: int, workdir: Path) -> list[dict]:
+    import torch
+    from safetensors.torch import save_file
+
+    from aligncodec import archive, loader
+
+    st = workdir / "model.safetensors"
+    save_file(cast, str(st))
     rows = []
-    for label, dt in [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]:
-        cast = {k: (v.to(dt) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
-        n = sum(v.numel() for v in cast.values())
-        raw = b"".join(v.reshape(-1).view(torch.uint8).numpy().tobytes() for v in cast.values())
-        with tempfile.TemporaryDirectory() as d:
-            st = Path(d) / "model.safetensors"
-            save_file(cast, st)
-            acz = Path(d) / "m.acz"
-            _decode_all  # warm the numba kernels outside the timings
-            archive.compress(st, Path(d) / "warm.acz", progress=False)
-            _decode_all(Path(d) / "warm.acz")
-            t0 = time.perf_counter()
-            archive.compress(st, acz, progress=False)
-            t_c = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            got = _decode_all(acz)
-            t_d = time.perf_counter() - t0
-            assert got == len(raw)
-            size = acz.stat().st_size
-        row = {"dtype": label, "weights": n, "raw_bytes": len(raw), "aligncodec_bytes": size,
-               "aligncodec_ratio": len(raw) / size, "aligncodec_bpw": size * 8 / n,
-               "aligncodec_compress_MBps": len(raw) / t_c / 1e6, "aligncodec_decompress_MBps": len(raw) / t_d / 1e6}
-        for lvl in (3, 19):
-            t0 = time.perf_counter()
-            z = zstandard.ZstdCompressor(level=lvl).compress(raw)
-            tc = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            zstandard.ZstdDecompressor().decompress(z)
-            td = time.perf_counter() - t0
-            row.update({f"zstd{lvl}_ratio": len(raw) / len(z), f"zstd{lvl}_bpw": len(z) * 8 / n,
-                        f"zstd{lvl}_compress_MBps": len(raw) / tc / 1e6, f"zstd{lvl}_decompress_MBps": len(raw) / td / 1e6})
-        rows.append(row)
+    sizes = set()
+    for T in threads:
+        acz = workdir / f"t{T}.acz"
+        archive.compress(st, workdir / "warm.acz", progress=False, threads=T)  # numba / native caches, page cache
+        loader.load_state_dict(workdir / "warm.acz", threads=T)
+        tc, _ = _best(lambda: _timed(archive.compress, st, acz, progress=False, threads=T), repeat)
+        td, got = _best(lambda: _timed(loader.load_state_dict, acz, threads=T), repeat)
+        for k, v in cast.items():
+            if not torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)):
+                raise AssertionError(f"aligncodec round trip differs in {k}")
+        del got
+        size = acz.stat().st_size
+        sizes.add(acz.read_bytes())
+        rows.append({"tool": "aligncodec", "threads": T, "bytes": size, "bpw": size * 8 / n,
+                     "compress_MBps": raw_len / tc / 1e6, "decompress_MBps": raw_len / td / 1e6})
+    if len(sizes) != 1:
+        raise AssertionError("aligncodec archives differ between thread counts")
     return rows
 
 
+def _zstd(raw: bytes, n: int, level: int, threads: list[int], repeat: int) -> list[dict]:
+    import zstandard
+
+    rows = []
+    for T in threads:
+        cctx = zstandard.ZstdCompressor(level=level, threads=0 if T == 1 else T)
+        tc, z = _best(lambda: _timed(cctx.compress, raw), repeat)
+        td, back = _best(lambda: _timed(zstandard.ZstdDecompressor().decompress, z), repeat)
+        if back != raw:
+            raise AssertionError(f"zstd {level} round trip differs")
+        rows.append({"tool": f"zstd {level}", "threads": T, "bytes": len(z), "bpw": len(z) * 8 / n,
+                     "compress_MBps": len(raw) / tc / 1e6, "decompress_MBps": len(raw) / td / 1e6,
+                     "note": "decompression single-threaded" if T > 1 else ""})
+    return rows
+
+
+def _zipnn(raw: bytes, n: int, dtype: str, threads: list[int], repeat: int) -> list[dict]:
+    try:
+        import zipnn
+    except ImportError:
+        return []
+    rows = []
+    for T in threads:
+        z = zipnn.ZipNN(bytearray_dtype=DTYPES[dtype][1], threads=T)
+        best_c = best_d = float("inf")
+        for _ in range(repeat):
+            fresh = bytes(bytearray(raw))  # its compress rewrites the buffer it is given
+            t, c = _timed(z.compress, fresh)
+            best_c = min(best_c, t)
+            t, back = _timed(z.decompress, c)
+            best_d = min(best_d, t)
+            if bytes(back) != raw:
+                raise AssertionError("ZipNN round trip differs")
+        rows.append({"tool": f"zipnn {getattr(zipnn, '__version__', '')}".strip(), "threads": T, "bytes": len(c),
+                     "bpw": len(c) * 8 / n, "compress_MBps": len(raw) / best_c / 1e6, "decompress_MBps": len(raw) / best_d / 1e6})
+    return rows
+
+
+def run(models=("minilm", "smollm2"), dtypes=("bf16", "fp16", "fp32"), copies: int = 1, threads: list[int] | None = None,
+        repeat: int = 3, zstd_levels=(3, 19), peers: bool = True) -> list[dict]:
+    from aligncodec.codec import parallel
+
+    threads = threads or sorted({1, parallel.cpu_count()})
+    out = []
+    for model in models:
+        for dtype in dtypes:
+            cast, raw, n = _inputs(model, dtype, copies)
+            base = {"model": model, "dtype": dtype, "copies": copies, "weights": n, "raw_bytes": len(raw)}
+            with tempfile.TemporaryDirectory() as d:
+                rows = _aligncodec(cast, len(raw), n, threads, repeat, Path(d))
+            del cast
+            if peers:
+                for lvl in zstd_levels:
+                    rows += _zstd(raw, n, lvl, threads, 1 if lvl >= 10 else repeat)
+                rows += _zipnn(raw, n, dtype, threads, repeat)
+            for r in rows:
+                out.append({**base, **r})
+                print(_line(out[-1]), flush=True)
+    return out
+
+
+def _line(r: dict) -> str:
+    return (f"| {r['model']} | {r['dtype']} | {r['tool']} | {r['threads']} | {r['bpw']:.4f} | {r['compress_MBps']:.0f} | "
+            f"{r['decompress_MBps']:.0f} |")
+
+
+HEADER = ("| model | dtype | tool | threads | bits/weight | compress MB/s | decompress MB/s |\n"
+          "|---|---|---|---|---|---|---|")
+
+
 def table(rows: list[dict]) -> str:
-    out = ["| weights | coder | ratio | bits/weight | compress MB/s | decompress MB/s |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['dtype']} | aligncodec | {r['aligncodec_ratio']:.3f} | {r['aligncodec_bpw']:.3f} | {r['aligncodec_compress_MBps']:.0f} | {r['aligncodec_decompress_MBps']:.0f} |")
-        for lvl in (3, 19):
-            out.append(f"| {r['dtype']} | zstd -{lvl} | {r[f'zstd{lvl}_ratio']:.3f} | {r[f'zstd{lvl}_bpw']:.3f} | {r[f'zstd{lvl}_compress_MBps']:.0f} | {r[f'zstd{lvl}_decompress_MBps']:.0f} |")
-    return "\n".join(out)
+    return "\n".join([HEADER] + [_line(r) for r in rows])
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default="minilm,smollm2", help="comma-separated reference models (default minilm,smollm2)")
+    ap.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma-separated casts (default bf16,fp16,fp32)")
+    ap.add_argument("--copies", type=int, default=1, help="copies of the tensors in the input (default 1)")
+    ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1 and every CPU)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs, best kept (default 3; zstd 19: 1)")
+    ap.add_argument("--zstd-levels", default="3,19", help="comma-separated zstd levels (default 3,19)")
+    ap.add_argument("--no-peers", action="store_true", help="aligncodec only (no zstd, no ZipNN)")
+    ap.add_argument("--json", type=Path, help="write the rows as JSON")
+
+
+def main_args(a) -> int:
+    models = [m for m in a.model.split(",") if m]
+    dtypes = [d for d in a.dtypes.split(",") if d]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or a.copies < 1 or a.repeat < 1:
+        raise ValueError(f"dtypes must be among {', '.join(DTYPES)}; --copies and --repeat positive")
+    threads = [int(x) for x in a.threads.split(",")] if a.threads else None
+    if threads and min(threads) < 1:
+        raise ValueError("--threads must be positive")
+    print(HEADER, flush=True)
+    rows = run(models, dtypes, a.copies, threads, a.repeat, tuple(int(x) for x in a.zstd_levels.split(",") if x), not a.no_peers)
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="minilm")
-    ap.add_argument("--json", type=Path)
-    a = ap.parse_args()
-    rows = run(a.model)
-    print(table(rows))
-    if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+    add_arguments(ap)
+    raise SystemExit(main_args(ap.parse_args()))
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

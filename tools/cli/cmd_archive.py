@@ -103,8 +103,11 @@ def _compress(args: argparse.Namespace) -> int:
             if n_ll:
                 print(f"{n_ll} tensor(s) chosen for lossy coding were coded lossless (reasons in the archive's acz.lossy.summary)")
         return 0
+    if (args.threads or 0) < 0:
+        raise CLIError("--threads must be >= 0", EXIT_USAGE)
     t0 = time.perf_counter()
-    archive.compress(args.input, args.output, progress=not args.quiet, follow_symlinks=args.follow_symlinks)
+    archive.compress(args.input, args.output, progress=not args.quiet, follow_symlinks=args.follow_symlinks,
+                     threads=args.threads or None)
     dt = time.perf_counter() - t0
     info = archive.inspect(args.output)
     if not args.quiet:
@@ -220,9 +223,19 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
                         f"plus {DEFAULT_RATIO_SLACK_BYTES >> 20} MiB; 'inf' for none). Raise it only for archives you trust")
 
 
+def _decode_threads(args: argparse.Namespace):
+    """--threads T of decompress / verify: the decode pool's threads in this block (0 / none: every CPU)."""
+    from aligncodec.codec import parallel
+
+    if (args.threads or 0) < 0:
+        raise CLIError("--threads must be >= 0", EXIT_USAGE)
+    return parallel.threads_override(args.threads or None)
+
+
 def cmd_decompress(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    paths = archive.decompress(args.archive, args.output, progress=not args.quiet, limits=_limits(args), force=args.force)
+    with _decode_threads(args):
+        paths = archive.decompress(args.archive, args.output, progress=not args.quiet, limits=_limits(args), force=args.force)
     if not args.quiet:
         for p in paths:
             print(archive.printable(str(p)))
@@ -269,7 +282,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    res = archive.verify(args.archive, decode=not args.no_decode, progress=not args.quiet, limits=_limits(args))
+    with _decode_threads(args):
+        res = archive.verify(args.archive, decode=not args.no_decode, progress=not args.quiet, limits=_limits(args))
     print(f"{args.archive}: OK ({res['tensors']} tensors, every checksum{'' if args.no_decode else ' and stream'} verified)")
     return 0
 
@@ -281,8 +295,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lossless", action="store_true", help="bit-exact coding of every tensor (bytegroup / float-split / zstd; see --lossless-mode)")
     p.add_argument("--lossless-mode", choices=("auto", "bytegroup", "float-split", "smallest"), default=None,
                    help="the modes of the tensors coded bit-exactly (all with --lossless, the unquantised ones otherwise): "
-                        "auto (default) = bytegroup (the fast one) or stored, unless float-split is > 2%% smaller for that tensor; "
-                        "bytegroup = always the fast one; float-split = the rANS mode (smaller on bf16, 3x slower to decode); "
+                        "auto (default) = float-split (or stored) for bf16/fp16, the smallest mode for fp32; "
+                        "bytegroup = byte planes + zstd (ZipNN's idea; larger on bf16); float-split = exponent and top mantissa bits "
+                        "rANS-coded (the smallest, decoded by native AVX2 kernels); "
                         "smallest = the fewest bytes")
     p.add_argument("--bpw", type=float, help="lossy: target bits per weight, met within 1%%: by default file bytes x 8 / every parameter "
                    "(--bpw-scope all, as llama.cpp quotes its formats); --bpw-scope linear: all-in over the lossy linear layers")
@@ -300,7 +315,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calib-tokens", type=int, default=None, help=f"lossy (stream): calibration tokens (default {DEFAULT_CALIB_TOKENS})")
     p.add_argument("--workers", type=int, default=None, help="lossy (stream): tensors of one block coded in parallel (default 1)")
     p.add_argument("--threads", type=int, default=None, metavar="T",
-                   help="lossy (stream): threads per thread pool (torch, numba, BLAS); default 1: on a machine whose "
+                   help="--lossless: coding threads (default / 0: every CPU, or ACZ_THREADS; the archive's bytes do not "
+                        "depend on it). lossy (stream): threads per thread pool (torch, numba, BLAS); default 1: on a machine whose "
                         "cores are busy, parallel kernels spend their time waiting at barriers (docs/lossy-encoder.md); "
                         "0 = the libraries' defaults (every core)")
     p.add_argument("--resume", action="store_true", help="lossy (stream): continue an interrupted encode from its spool folder")
@@ -331,6 +347,7 @@ def add_parser(sub) -> None:
 
     p = add_command(sub, "decompress")
     p.add_argument("archive")
+    p.add_argument("--threads", type=int, default=None, metavar="T", help="decoding threads (default / 0: every CPU, or ACZ_THREADS)")
     p.add_argument("-o", "--output", required=True, help="output folder (created; written in a temporary folder beside it, then renamed)")
     p.add_argument("-f", "--force", action="store_true", help="write into an existing non-empty output folder (replacing the files it decodes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or file list")
@@ -345,6 +362,7 @@ def add_parser(sub) -> None:
 
     p = add_command(sub, "verify")
     p.add_argument("archive")
+    p.add_argument("--threads", type=int, default=None, metavar="T", help="decoding threads (default / 0: every CPU, or ACZ_THREADS)")
     p.add_argument("--no-decode", action="store_true", help="check checksums and structure only, do not decode")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_limit_args(p)

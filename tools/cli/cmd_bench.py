@@ -1,4 +1,5 @@
-"""``aligncodec bench decode|load``: decoder throughput and model load time / peak RSS (see tools/bench/bench.py).
+"""``aligncodec bench decode|load|lossless``: decoder throughput, model load time / peak RSS (see
+tools/bench/bench.py), and lossless ratio and speed against zstd and ZipNN (tools/bench/bench_lossless.py).
 
 decode: symbols/s and GB/s of reconstructed bf16 for the reference decoder, constriction, the numba
 CPU decoders (lossless float-split and bytegroup, lossy ecsq; 1 and 2 threads) and the GPU if present. load:
@@ -7,6 +8,8 @@ archive (and a lossy archive with --lossy), warm and cold page cache, each in a 
 Prints a table; --json writes the full result."""
 
 from __future__ import annotations
+
+import argparse
 
 from aligncodec.tools.cli import add_command, add_model_argument, add_run_options
 
@@ -49,6 +52,22 @@ def add_parser(sub) -> None:
     ld.add_argument("--json", metavar="OUT", help="write the result as JSON to OUT ('-' for stdout)")
     add_run_options(ld, threads=None, progress="no progress bar while building the archive")
     ld.set_defaults(func=run)
+    from aligncodec.tools.bench import bench_lossless
+
+    ll = bs.add_parser("lossless", help="lossless ratio and speed vs zstd 3/19 and ZipNN, in the same run",
+                       description=bench_lossless.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench_lossless.add_arguments(ll)
+    ll.set_defaults(func=run_lossless)
+
+
+def run_lossless(args) -> int:
+    from aligncodec.tools.bench import bench_lossless
+    from aligncodec.tools.cli import EXIT_USAGE, CLIError
+
+    try:
+        return bench_lossless.main_args(args)
+    except ValueError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
 
 
 def run(args) -> int:
