@@ -48,11 +48,38 @@ def leb128_encode(values: Sequence[int]) -> bytes:
     return bytes(out)
 
 
+def _leb128_decode_valid(buf, count: int, max_value: int) -> np.ndarray | None:
+    """numpy form of :func:`leb128_decode` for a well-formed table (a loader reads hundreds of
+    1,024-entry tables); None when anything is off, and the loop below names the fault."""
+    b = np.frombuffer(buf, dtype=np.uint8)
+    if count < 1 or b.size < count:
+        return None
+    ends = np.flatnonzero(b < 0x80)
+    if ends.size != count or ends[-1] != b.size - 1:
+        return None
+    starts = np.empty(count, dtype=np.int64)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lens = ends - starts + 1
+    if int(lens.max()) > 3 or np.any((b[ends] == 0) & (lens > 1)):
+        return None
+    v = np.zeros(count, dtype=np.int64)
+    for j in range(3):
+        m = lens > j
+        v[m] |= (b[starts[m] + j].astype(np.int64) & 0x7F) << (7 * j)
+    if int(v.max()) > max_value:
+        return None
+    return v.astype(np.uint32)
+
+
 def leb128_decode(buf: bytes, count: int, max_value: int) -> np.ndarray:
     """Decode exactly ``count`` unsigned LEB128 values that fill ``buf`` exactly.
 
     Raises StreamError on overlong encodings (more than 3 bytes, or a redundant
     zero final byte), values above ``max_value``, truncation or bytes left over."""
+    fast = _leb128_decode_valid(buf, count, max_value)
+    if fast is not None:
+        return fast
     out = np.zeros(count, dtype=np.uint32)
     pos = 0
     n = len(buf)
