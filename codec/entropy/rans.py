@@ -318,7 +318,11 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
         raise ValueError("rANS symbols must be integers")
     offset = int(offset)
     n = int(sym.size)
-    lo, top = (int(sym.min()) - offset, int(sym.max()) - offset) if n else (0, 0)
+    if counts is not None and n and sym.dtype.itemsize <= 2:  # the caller's counts say where the symbols lie (no pass over them)
+        used = np.flatnonzero(np.asarray(counts))
+        lo, top = (int(used[0]), int(used[-1])) if used.size else (-1, 0)
+    else:
+        lo, top = (int(sym.min()) - offset, int(sym.max()) - offset) if n else (0, 0)
     if lo < 0 or top >= 1 << 16:
         raise ValueError("rANS symbols must lie in [0, 65536)")
     if sym.dtype.itemsize > 2:  # the kernels take 8- and 16-bit integers as they are (no copy); wider: shifted
