@@ -65,7 +65,7 @@ def _inputs(model: str, dtype: str, copies: int):
     for c in range(copies):
         for k, v in sd.items():
             if v.is_floating_point():
-                cast[f"copy{c}.{k}" if copies > 1 else k] = v.to(tdt).contiguous()
+                cast[f"copy{c}.{k}" if copies > 1 else k] = v.to(tdt).contiguous().clone()  # (fp32: .to is no copy)
     raw = b"".join(v.reshape(-1).view(torch.uint8).numpy().tobytes() for v in cast.values())
     return cast, raw, sum(v.numel() for v in cast.values())
 
