@@ -67,22 +67,29 @@ def quantize_counts(counts: np.ndarray, precision: int) -> np.ndarray:
     f = np.maximum(1, np.floor(c * M / total)).astype(np.int64)
     diff = M - int(f.sum())
     if diff:
-        # heap of the cost of one more (diff > 0) or one less (diff < 0) unit per symbol
-        def gain(i: int) -> float:
-            fi = f[i]
-            if diff > 0:
-                return -c[i] * math.log2((fi + 1) / fi)  # most negative = largest saving first
-            if fi <= 1:
-                return math.inf
-            return c[i] * math.log2(fi / (fi - 1))
-
-        heap = [(gain(i), i) for i in range(len(f))]
+        # heap of the cost of one more (diff > 0: most negative = largest saving first) or one less
+        # (diff < 0) unit per symbol; Python floats and ints, the same IEEE arithmetic as numpy's
+        # scalars, without their per-call cost (the encoder builds three tables per tensor)
+        log2 = math.log2
+        cl = c.tolist()
+        fl = f.tolist()
+        if diff > 0:
+            heap = [(-ci * log2((fi + 1) / fi), i) for i, (ci, fi) in enumerate(zip(cl, fl))]
+        else:
+            heap = [(ci * log2(fi / (fi - 1)) if fi > 1 else math.inf, i) for i, (ci, fi) in enumerate(zip(cl, fl))]
         heapq.heapify(heap)
-        step = 1 if diff > 0 else -1
-        for _ in range(abs(diff)):
-            g, i = heapq.heappop(heap)
-            f[i] += step
-            heapq.heappush(heap, (gain(i), i))
+        pop, push = heapq.heappop, heapq.heappush
+        if diff > 0:
+            for _ in range(diff):
+                i = pop(heap)[1]
+                fi = fl[i] = fl[i] + 1
+                push(heap, (-cl[i] * log2((fi + 1) / fi), i))
+        else:
+            for _ in range(-diff):
+                i = pop(heap)[1]
+                fi = fl[i] = fl[i] - 1
+                push(heap, (cl[i] * log2(fi / (fi - 1)) if fi > 1 else math.inf, i))
+        f = np.asarray(fl, dtype=np.int64)
     out = np.zeros(len(counts), dtype=np.uint32)
     out[used] = f
     return out
