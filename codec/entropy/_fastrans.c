@@ -327,12 +327,11 @@ __attribute__((target("avx2,popcnt"))) static int64_t simd_encode_groups(const u
         __m256i xmax = _mm256_sll_epi32(f, sP);
         __m256i big = _mm256_cmpeq_epi32(_mm256_max_epu32(X, xmax), X);
         int mk = _mm256_movemask_ps(_mm256_castsi256_ps(big));
-        if (mk) {
-            int cnt = _mm_popcnt_u32((unsigned)mk);
+        { /* no branch: whether any lane renormalises is a coin toss for the predictor */
             __m256i w = _mm256_permutevar8x32_epi32(_mm256_and_si256(X, lo16), _mm256_loadu_si256((const __m256i *)ENC_PERM[mk]));
             __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, w), 0xD8);
             _mm_storeu_si128((__m128i *)(end - nw - 8), _mm256_castsi256_si128(p));
-            nw += cnt;
+            nw += _mm_popcnt_u32((unsigned)mk);
             X = _mm256_blendv_epi8(X, _mm256_srli_epi32(X, 16), big);
         }
         __m256i xf = _mm256_xor_si256(X, flip); /* x - 2^31 as a signed int, converted, + 2^31 */
