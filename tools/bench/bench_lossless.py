@@ -17,8 +17,9 @@ For each model's floating-point tensors, cast to each dtype (``--copies`` copies
 
 Every round trip is checked byte for byte (the peers' too); a mismatch raises. Bits per weight
 = compressed bytes x 8 / weights (aligncodec: the whole archive file). MB/s = raw tensor bytes /
-wall seconds, best of ``--repeat``. The machine's other load counts in every number: compare the
-rows of one run, not across runs.
+wall seconds, best of ``--repeat``; MB/CPU-s = raw bytes / this process's CPU seconds (all its
+threads), the steadier figure on a shared machine. The machine's other load counts in every
+number: compare the rows of one run, not across runs.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ DTYPES = {"bf16": ("bfloat16", "bfloat16"), "fp16": ("float16", "float16"), "fp3
 
 
 def _best(fn, repeat: int):
-    """(best seconds, last result) of ``repeat`` calls; ``fn`` returns (seconds, result)."""
-    best, res = float("inf"), None
+    """(best (wall, cpu) seconds, last result) of ``repeat`` calls; ``fn`` returns ((wall, cpu), result)."""
+    best, res = (float("inf"), float("inf")), None
     for _ in range(repeat):
         t, res = fn()
         best = min(best, t)
@@ -43,9 +44,16 @@ def _best(fn, repeat: int):
 
 
 def _timed(fn, *a, **k):
-    t0 = time.perf_counter()
+    """((wall seconds, this process's CPU seconds), result)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     r = fn(*a, **k)
-    return time.perf_counter() - t0, r
+    return (time.perf_counter() - t0, time.process_time() - c0), r
+
+
+def _speeds(raw_len: int, tc, td) -> dict:
+    """MB/s of raw bytes per wall second, and per CPU second (the steadier figure on a shared machine)."""
+    return {"compress_MBps": raw_len / tc[0] / 1e6, "decompress_MBps": raw_len / td[0] / 1e6,
+            "compress_MB_per_cpu_s": raw_len / max(tc[1], 1e-9) / 1e6, "decompress_MB_per_cpu_s": raw_len / max(td[1], 1e-9) / 1e6}
 
 
 def _inputs(model: str, dtype: str, copies: int):
@@ -92,8 +100,7 @@ def _aligncodec(cast: dict, raw_len: int, n: int, threads: list[int], repeat: in
         del got
         size = acz.stat().st_size
         sizes.add(acz.read_bytes())
-        rows.append({"tool": "aligncodec", "threads": T, "bytes": size, "bpw": size * 8 / n,
-                     "compress_MBps": raw_len / tc / 1e6, "decompress_MBps": raw_len / td / 1e6})
+        rows.append({"tool": "aligncodec", "threads": T, "bytes": size, "bpw": size * 8 / n, **_speeds(raw_len, tc, td)})
     if len(sizes) != 1:
         raise AssertionError("aligncodec archives differ between thread counts")
     return rows
@@ -109,8 +116,7 @@ def _zstd(raw: bytes, n: int, level: int, threads: list[int], repeat: int) -> li
         td, back = _best(lambda: _timed(zstandard.ZstdDecompressor().decompress, z), repeat)
         if back != raw:
             raise AssertionError(f"zstd {level} round trip differs")
-        rows.append({"tool": f"zstd {level}", "threads": T, "bytes": len(z), "bpw": len(z) * 8 / n,
-                     "compress_MBps": len(raw) / tc / 1e6, "decompress_MBps": len(raw) / td / 1e6,
+        rows.append({"tool": f"zstd {level}", "threads": T, "bytes": len(z), "bpw": len(z) * 8 / n, **_speeds(len(raw), tc, td),
                      "note": "decompression single-threaded" if T > 1 else ""})
     return rows
 
@@ -123,7 +129,7 @@ def _zipnn(raw: bytes, n: int, dtype: str, threads: list[int], repeat: int) -> l
     rows = []
     for T in threads:
         z = zipnn.ZipNN(bytearray_dtype=DTYPES[dtype][1], threads=T)
-        best_c = best_d = float("inf")
+        best_c = best_d = (float("inf"), float("inf"))
         for _ in range(repeat):
             fresh = bytes(bytearray(raw))  # its compress rewrites the buffer it is given
             t, c = _timed(z.compress, fresh)
@@ -133,7 +139,7 @@ def _zipnn(raw: bytes, n: int, dtype: str, threads: list[int], repeat: int) -> l
             if bytes(back) != raw:
                 raise AssertionError("ZipNN round trip differs")
         rows.append({"tool": f"zipnn {getattr(zipnn, '__version__', '')}".strip(), "threads": T, "bytes": len(c),
-                     "bpw": len(c) * 8 / n, "compress_MBps": len(raw) / best_c / 1e6, "decompress_MBps": len(raw) / best_d / 1e6})
+                     "bpw": len(c) * 8 / n, **_speeds(len(raw), best_c, best_d)})
     return rows
 
 
@@ -162,11 +168,11 @@ def run(models=("minilm", "smollm2"), dtypes=("bf16", "fp16", "fp32"), copies: i
 
 def _line(r: dict) -> str:
     return (f"| {r['model']} | {r['dtype']} | {r['tool']} | {r['threads']} | {r['bpw']:.4f} | {r['compress_MBps']:.0f} | "
-            f"{r['decompress_MBps']:.0f} |")
+            f"{r['decompress_MBps']:.0f} | {r['compress_MB_per_cpu_s']:.0f} | {r['decompress_MB_per_cpu_s']:.0f} |")
 
 
-HEADER = ("| model | dtype | tool | threads | bits/weight | compress MB/s | decompress MB/s |\n"
-          "|---|---|---|---|---|---|---|")
+HEADER = ("| model | dtype | tool | threads | bits/weight | compress MB/s | decompress MB/s | compress MB/CPU-s | decompress MB/CPU-s |\n"
+          "|---|---|---|---|---|---|---|---|---|")
 
 
 def table(rows: list[dict]) -> str:
