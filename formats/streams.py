@@ -170,8 +170,10 @@ def serialized_size(s: Stream) -> int:
     if isinstance(s, (RawStream, ZstdStream)):
         return STREAM.size + len(s.data)
     if isinstance(s, RansStream):
-        f = np.asarray(s.freqs, dtype=np.int64)
-        table = int(sum((f >= (1 << (7 * j))).sum() for j in range(1, 10))) + len(f)
+        f = np.asarray(s.freqs)
+        table = len(f) + int(np.count_nonzero(f >= 1 << 7)) + int(np.count_nonzero(f >= 1 << 14))  # values < 2^17: <= 3 bytes
+        if len(f) and int(f.max()) >= 1 << 21:
+            table = len(leb128_encode(f))
         return STREAM.size + align(RANS_AUX.size + table + 4 * len(s.chunk_lengths), STREAM_ALIGN) + len(s.payload)
     raise TypeError(f"not a stream: {type(s).__name__}")
 
