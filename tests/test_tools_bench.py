@@ -147,7 +147,10 @@ def test_load_profile_splits_bytegroup_planes(tmp_path):
     g = torch.Generator().manual_seed(0)
     save_file({"w": (torch.randn(600, 512, generator=g) * 0.02).half(), "b": torch.zeros(7, dtype=torch.float16)},
               str(tmp_path / "m.safetensors"))
-    archive.compress(tmp_path / "m.safetensors", tmp_path / "m.acz", progress=False)
+    from aligncodec.codec.modes import lossless
+
+    with lossless.use_policy("bytegroup"):  # (the default codes fp16 as float-split since 2026-12-07)
+        archive.compress(tmp_path / "m.safetensors", tmp_path / "m.acz", progress=False)
     T = load_profile.profile(str(tmp_path / "m.acz"))
     assert T["total"] > 0 and T["bytegroup_zstd"] > 0 and T["bytegroup_join"] > 0
     assert 0 < T["plane0_stored_fraction"] <= 1 and 0 < T["plane1_stored_fraction"] < T["plane0_stored_fraction"]
