@@ -91,10 +91,14 @@ def test_policies(dtype, size):
     assert got["float-split"][0] in (MODE_FLOAT_SPLIT, MODE_STORED)
     assert got["bytegroup"][0] in (MODE_BYTEGROUP, MODE_STORED)
     assert size["smallest"] == min(size["bytegroup"], size["float-split"])
-    # auto: BF16 / F16 as float-split (stored or float-split) but for small tensors, F32 the smallest
-    if dtype == "F32" or n < lossless.AUTO_ALL_BELOW:
+    if dtype != "BF16":  # auto: the smaller of stored and bytegroup unless float-split is more than AUTO_TOLERANCE smaller
+        if got["auto"][0] != MODE_FLOAT_SPLIT:
+            assert size["auto"] == size["bytegroup"] <= (1 + lossless.AUTO_TOLERANCE) * size["smallest"]
+        else:
+            assert size["auto"] == size["smallest"] and size["bytegroup"] > (1 + lossless.AUTO_TOLERANCE) * size["smallest"]
+    elif n < lossless.AUTO_ALL_BELOW:  # BF16: every mode for a small tensor
         assert got["auto"][0] == got["smallest"][0] and size["auto"] == size["smallest"]
-    else:
+    else:  # BF16: float-split (or stored)
         assert got["auto"][0] == got["float-split"][0] and size["auto"] == size["float-split"]
     for p, (mode, params, streams) in got.items():
         e = TensorEntry("t", dtype, (n,), mode, len(streams), 0, 0, 0, params)
@@ -196,9 +200,8 @@ def test_registry_has_no_gpu_path_so_cuda_targets_decode_on_the_cpu():
 
 
 def test_archive_with_both_lossless_float_modes_loads_bit_exact(tmp_path):
-    """The default policy on a mixed checkpoint: fp16 and bf16 tensors in float-split, an fp32
-    tensor of bf16 values (its low mantissa bytes zero) in bytegroup, the smallest; every read
-    path agrees."""
+    """The default policy on a mixed checkpoint: fp16 tensors and an fp32 tensor of bf16 values in
+    bytegroup, bf16 ones in float-split; every read path agrees."""
     from safetensors.torch import save_file
 
     from aligncodec import archive, loader
@@ -213,7 +216,7 @@ def test_archive_with_both_lossless_float_modes_loads_bit_exact(tmp_path):
     save_file(sd, src / "model.safetensors")
     archive.compress(src, tmp_path / "m.acz", progress=False)
     modes = {t["name"]: t["mode"] for t in archive.inspect(tmp_path / "m.acz")["tensors"]}
-    assert modes["a.weight"] == modes["b.weight"] == "float-split" and modes["d.weight"] == "bytegroup", modes
+    assert modes["a.weight"] == modes["d.weight"] == "bytegroup" and modes["b.weight"] == "float-split", modes
     archive.verify(tmp_path / "m.acz")
     got = loader.load_state_dict(tmp_path / "m.acz")
     for k, v in sd.items():

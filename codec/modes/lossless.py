@@ -8,7 +8,8 @@ frame — whichever is smaller. ``bytegroup`` rotates each float's sign to its l
 splits the elements into byte planes (the exponent byte, the mantissa bytes), each plane of
 each slice of the tensor one zstd frame (Huffman-coded literals, decoded at GB/s) or raw.
 ``stored`` keeps the little-endian bytes, raw or zstd. The encoder tries the candidates its
-*policy* allows (:data:`POLICIES`; by default float-split for BF16 / F16, the smallest mode for F32); decoding is always bit-exact.
+*policy* allows (:data:`POLICIES`; by default float-split for BF16, bytegroup unless float-split is more than 2 % smaller
+for the other float dtypes); decoding is always bit-exact.
 """
 
 from __future__ import annotations
@@ -44,15 +45,14 @@ BYTEGROUP_ZSTD_LEVEL = 1
 BYTEGROUP_MIN_SLICE = 1 << 18
 
 # which lossless modes the encoder may choose among (``stored`` is always a candidate):
-# "auto" (the default): per dtype, the candidates that pay (docs/results/2026-12-07-lossless-speed.md):
-#     BF16 and F16: stored or float-split, the smaller (float-split is the smaller mode on both,
-#         and with the native kernels (codec/entropy/_fastrans.c) it decodes at least as fast
-#         as bytegroup: no bytegroup candidate to code for nothing), and every mode below
-#         AUTO_ALL_BELOW elements (biases, norms: there bytegroup is often the smallest, and cheap);
-#     F32: every mode, the fewest bytes (bytegroup wins where the low mantissa bytes are zero,
-#         e.g. bf16 weights upcast; float-split on trained fp32 weights);
-#     F64 (no native float-split kernel): stored or bytegroup, the smaller, unless float-split is
-#         more than AUTO_TOLERANCE smaller (the rule "auto" had for every dtype before);
+# "auto" (the default): per dtype (docs/results/2026-12-07-lossless-speed.md):
+#     BF16: stored or float-split, the smaller (bytegroup is 4.4 % larger on bf16, and with the
+#         native kernels (codec/entropy/_fastrans.c) float-split decodes about as fast: no
+#         bytegroup candidate coded for nothing), every mode below AUTO_ALL_BELOW elements
+#         (biases, norms: there bytegroup is often the smallest, and cheap);
+#     F16, F32, F64: stored or bytegroup, the smaller, unless float-split is more than
+#         AUTO_TOLERANCE smaller (measured on SmolLM2: fp16 bytegroup is 0.13 % larger than
+#         float-split and still decodes faster, fp32 0.11 % smaller);
 # "bytegroup": stored or bytegroup, the smaller (the fastest decoding);
 # "float-split": stored or float-split, the smaller (the encoder before bytegroup, byte for byte);
 # "smallest": every lossless mode, the fewest bytes.
@@ -98,6 +98,7 @@ def _zstd(data: bytes) -> bytes:
 SAMPLE_MIN = 1 << 18
 SAMPLE_BYTES = 1 << 16
 SAMPLE_GAIN = 0.02
+STORED_MARGIN = 0.03
 
 
 def _zstd_sample_ratio(data) -> float:
@@ -294,7 +295,7 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
     if dtype in FLOAT_FORMATS:
         width, e = FLOAT_FORMATS[dtype]
         bits = raw.view(f"<u{width // 8}")
-        auto_fs, auto_bg = dtype != "F64" or policy != "auto", dtype in ("F32", "F64") or numel < AUTO_ALL_BELOW
+        auto_fs, auto_bg = True, dtype != "BF16" or numel < AUTO_ALL_BELOW
         if (big and (policy in ("float-split", "smallest") or (policy == "auto" and auto_fs))) or mode == MODE_FLOAT_SPLIT:
             k = DEFAULT_MANTISSA_BITS[dtype] if mantissa_bits is None else mantissa_bits
             from aligncodec.codec.entropy import native, rans
@@ -326,7 +327,7 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
         return _own(forced[0])
     sizes = [_streams_size(c[2]) for c in candidates]
     best = min(range(len(candidates)), key=sizes.__getitem__)
-    if policy == "auto" and dtype == "F64":  # the smaller of stored, bytegroup unless float-split saves more than AUTO_TOLERANCE
+    if policy == "auto" and dtype != "BF16":  # the smaller of stored, bytegroup unless float-split saves more than AUTO_TOLERANCE
         fast = min((i for i, c in enumerate(candidates) if c[0] != MODE_FLOAT_SPLIT), key=sizes.__getitem__)
         if sizes[fast] <= (1 + AUTO_TOLERANCE) * sizes[best]:
             return _own(candidates[fast])
@@ -335,10 +336,11 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
 
 def _stored_stream(raw, others: list[int], mode: int | None) -> RawStream | ZstdStream:
     """The ``stored`` candidate: zstd or raw, the smaller; a long tensor whose first SAMPLE_BYTES
-    zstd shrinks to a size that, scaled to the whole, is not within 10 % of the other candidates'
-    smallest stays raw untried (zstd of a whole bf16 tensor cost as much time as its float-split)."""
+    zstd shrinks to a size that, scaled to the whole, is not within STORED_MARGIN of the other
+    candidates' smallest stays raw untried (zstd of a whole bf16 tensor cost as much time as its
+    float-split; fp16 weights: zstd's ~14.7 bits per weight against float-split's ~13.6)."""
     if mode in (None, MODE_STORED) and others and len(raw) > SAMPLE_MIN:
-        if _zstd_sample_ratio(raw) * len(raw) > 1.1 * min(others):
+        if _zstd_sample_ratio(raw) * len(raw) > (1 + STORED_MARGIN) * min(others):
             return RawStream(raw)
     return _best_bytes_stream(raw)
 

@@ -78,21 +78,28 @@ def _inputs(model: str, dtype: str, copies: int):
     return cast, raw, sum(v.numel() for v in cast.values())
 
 
-def _aligncodec(cast: dict, raw_len: int, n: int, threads: list[int], repeat: int, workdir: Path) -> list[dict]:
+def _aligncodec(cast: dict, raw_len: int, n: int, threads: list[int], repeat: int, workdir: Path, mode: str = "auto") -> list[dict]:
     import torch
     from safetensors.torch import save_file
 
     from aligncodec import archive, loader
+    from aligncodec.codec.modes import lossless
 
     st = workdir / "model.safetensors"
-    save_file(cast, str(st))
+    if not st.exists():
+        save_file(cast, str(st))
     rows = []
     sizes = set()
+
+    def compress(out, T):
+        with lossless.use_policy(mode):
+            archive.compress(st, out, progress=False, threads=T)
+
     for T in threads:
         acz = workdir / f"t{T}.acz"
-        archive.compress(st, workdir / "warm.acz", progress=False, threads=T)  # numba / native caches, page cache
+        compress(workdir / "warm.acz", T)  # numba / native caches, page cache
         loader.load_state_dict(workdir / "warm.acz", threads=T)
-        tc, _ = _best(lambda: _timed(archive.compress, st, acz, progress=False, threads=T), repeat)
+        tc, _ = _best(lambda: _timed(compress, acz, T), repeat)
         td, got = _best(lambda: _timed(loader.load_state_dict, acz, threads=T), repeat)
         for k, v in cast.items():
             if not torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)):
@@ -100,7 +107,7 @@ def _aligncodec(cast: dict, raw_len: int, n: int, threads: list[int], repeat: in
         del got
         size = acz.stat().st_size
         sizes.add(acz.read_bytes())
-        rows.append({"tool": "aligncodec", "threads": T, "bytes": size, "bpw": size * 8 / n, **_speeds(raw_len, tc, td)})
+        rows.append({"tool": "aligncodec" if mode == "auto" else f"aligncodec {mode}", "threads": T, "bytes": size, "bpw": size * 8 / n, **_speeds(raw_len, tc, td)})
     if len(sizes) != 1:
         raise AssertionError("aligncodec archives differ between thread counts")
     return rows
@@ -144,7 +151,7 @@ def _zipnn(raw: bytes, n: int, dtype: str, threads: list[int], repeat: int) -> l
 
 
 def run(models=("minilm", "smollm2"), dtypes=("bf16", "fp16", "fp32"), copies: int = 1, threads: list[int] | None = None,
-        repeat: int = 3, zstd_levels=(3, 19), peers: bool = True) -> list[dict]:
+        repeat: int = 3, zstd_levels=(3, 19), peers: bool = True, modes=("auto",)) -> list[dict]:
     from aligncodec.codec import parallel
 
     threads = threads or sorted({1, parallel.cpu_count()})
@@ -153,8 +160,10 @@ def run(models=("minilm", "smollm2"), dtypes=("bf16", "fp16", "fp32"), copies: i
         for dtype in dtypes:
             cast, raw, n = _inputs(model, dtype, copies)
             base = {"model": model, "dtype": dtype, "copies": copies, "weights": n, "raw_bytes": len(raw)}
+            rows = []
             with tempfile.TemporaryDirectory() as d:
-                rows = _aligncodec(cast, len(raw), n, threads, repeat, Path(d))
+                for mode in modes:
+                    rows += _aligncodec(cast, len(raw), n, threads, repeat, Path(d), mode)
             del cast
             if peers:
                 for lvl in zstd_levels:
@@ -187,6 +196,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs, best kept (default 3; zstd 19: 1)")
     ap.add_argument("--zstd-levels", default="3,19", help="comma-separated zstd levels (default 3,19)")
     ap.add_argument("--no-peers", action="store_true", help="aligncodec only (no zstd, no ZipNN)")
+    ap.add_argument("--lossless-modes", default="auto",
+                    help="comma-separated encoder policies, one aligncodec row each (default auto; e.g. auto,bytegroup)")
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
 
 
@@ -200,7 +211,11 @@ def main_args(a) -> int:
     if threads and min(threads) < 1:
         raise ValueError("--threads must be positive")
     print(HEADER, flush=True)
-    rows = run(models, dtypes, a.copies, threads, a.repeat, tuple(int(x) for x in a.zstd_levels.split(",") if x), not a.no_peers)
+    from aligncodec.codec.modes import lossless
+
+    modes = tuple(lossless.check_policy(m) for m in a.lossless_modes.split(",") if m)
+    rows = run(models, dtypes, a.copies, threads, a.repeat, tuple(int(x) for x in a.zstd_levels.split(",") if x), not a.no_peers,
+               modes)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
     return 0

@@ -295,7 +295,7 @@ def add_parser(sub) -> None:
     p.add_argument("--lossless", action="store_true", help="bit-exact coding of every tensor (bytegroup / float-split / zstd; see --lossless-mode)")
     p.add_argument("--lossless-mode", choices=("auto", "bytegroup", "float-split", "smallest"), default=None,
                    help="the modes of the tensors coded bit-exactly (all with --lossless, the unquantised ones otherwise): "
-                        "auto (default) = float-split (or stored) for bf16/fp16, the smallest mode for fp32; "
+                        "auto (default) = float-split (or stored) for bf16; for fp16/fp32 bytegroup or stored, unless float-split is > 2%% smaller; "
                         "bytegroup = byte planes + zstd (ZipNN's idea; larger on bf16); float-split = exponent and top mantissa bits "
                         "rANS-coded (the smallest, decoded by native AVX2 kernels); "
                         "smallest = the fewest bytes")
