@@ -152,7 +152,7 @@ __attribute__((target("avx2,popcnt,bmi2"), always_inline)) static inline void em
     }
 }
 
-#define STEP(X, T)                                                                                  \
+#define STEPQ(X, T, p, a)                                                                           \
     do {                                                                                            \
         __m256i slot = _mm256_and_si256(X, vmask);                                                  \
         __m256i e = _mm256_i32gather_epi32((const int *)tab, slot, 4);                              \
@@ -167,6 +167,7 @@ __attribute__((target("avx2,popcnt,bmi2"), always_inline)) static inline void em
         p += _mm_popcnt_u32((unsigned)mk);                                                          \
         emit8(k, a + (T), s, jrw);                                                                  \
     } while (0)
+#define STEP(X, T) STEPQ(X, T, p, a)
 
 /* full rounds of 32 symbols while 32 words can be read; returns the next symbol index */
 __attribute__((target("avx2,popcnt,bmi2"))) static int64_t simd_rounds(const uint16_t *words, int64_t *pp, int64_t wend,
@@ -193,9 +194,84 @@ __attribute__((target("avx2,popcnt,bmi2"))) static int64_t simd_rounds(const uin
     *pp = p;
     return t;
 }
+
+/* two chunks of m symbols each in lock step (8 independent state vectors: the gathers' latency
+ * overlaps better), full rounds while both can read 32 words; returns the next symbol index */
+__attribute__((target("avx2,popcnt,bmi2"))) static int64_t simd_rounds2(const uint16_t *words, int64_t *ppa, int64_t wenda,
+                                                                  int64_t *ppb, int64_t wendb, int64_t m, uint32_t *xa,
+                                                                  uint32_t *xb, const uint32_t *tab, const uint32_t *symt, int P,
+                                                                  const Sink *k, int64_t a, int64_t b)
+{
+    const __m256i vmask = _mm256_set1_epi32((int)((1u << P) - 1u)), lo16 = _mm256_set1_epi32(0xFFFF);
+    const __m256i zero = _mm256_setzero_si256();
+    const __m128i vP = _mm_cvtsi32_si128(P);
+    const __m256i jrw = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(k->join ? k->rw : 0));
+    __m256i A0 = _mm256_loadu_si256((const __m256i *)xa), A1 = _mm256_loadu_si256((const __m256i *)(xa + 8));
+    __m256i A2 = _mm256_loadu_si256((const __m256i *)(xa + 16)), A3 = _mm256_loadu_si256((const __m256i *)(xa + 24));
+    __m256i B0 = _mm256_loadu_si256((const __m256i *)xb), B1 = _mm256_loadu_si256((const __m256i *)(xb + 8));
+    __m256i B2 = _mm256_loadu_si256((const __m256i *)(xb + 16)), B3 = _mm256_loadu_si256((const __m256i *)(xb + 24));
+    int64_t pa = *ppa, pb = *ppb, t = 0;
+    for (; t + 32 <= m && pa + 32 <= wenda && pb + 32 <= wendb; t += 32) {
+        STEPQ(A0, t, pa, a);
+        STEPQ(B0, t, pb, b);
+        STEPQ(A1, t + 8, pa, a);
+        STEPQ(B1, t + 8, pb, b);
+        STEPQ(A2, t + 16, pa, a);
+        STEPQ(B2, t + 16, pb, b);
+        STEPQ(A3, t + 24, pa, a);
+        STEPQ(B3, t + 24, pb, b);
+    }
+    _mm256_storeu_si256((__m256i *)xa, A0), _mm256_storeu_si256((__m256i *)(xa + 8), A1);
+    _mm256_storeu_si256((__m256i *)(xa + 16), A2), _mm256_storeu_si256((__m256i *)(xa + 24), A3);
+    _mm256_storeu_si256((__m256i *)xb, B0), _mm256_storeu_si256((__m256i *)(xb + 8), B1);
+    _mm256_storeu_si256((__m256i *)(xb + 16), B2), _mm256_storeu_si256((__m256i *)(xb + 24), B3);
+    *ppa = pa, *ppb = pb;
+    return t;
+}
 #endif
 
 static int use_simd = 0;
+
+typedef struct {
+    int64_t p, wend, m, a, t;
+    int w;
+    uint32_t xs[32];
+} Chunk;
+
+/* a chunk's states read and checked (status 0, 1 or 2) */
+static int32_t chunk_open(Chunk *c, const uint16_t *words, int64_t w0, int64_t wend, int64_t m, int lanes, int64_t a)
+{
+    c->w = m < lanes ? (int)m : lanes;
+    c->wend = wend, c->m = m, c->a = a, c->t = 0;
+    if (wend - w0 < 2 * (int64_t)c->w)
+        return 2;
+    for (int j = 0; j < c->w; j++) {
+        c->xs[j] = (uint32_t)words[w0 + 2 * j] | ((uint32_t)words[w0 + 2 * j + 1] << 16);
+        if (c->xs[j] < RANS_L)
+            return 1;
+    }
+    c->p = w0 + 2 * c->w;
+    return 0;
+}
+
+/* the rest of a chunk (vector rounds, then one symbol at a time) and its final checks */
+static int32_t chunk_finish(Chunk *c, const uint16_t *words, int lanes, const uint32_t *tab, const uint32_t *symt, int P,
+                            const Sink *k)
+{
+#ifdef ACZ_X86
+    if (use_simd && lanes == 32 && c->m >= 32 && c->t + 32 <= c->m) {
+        int64_t p = c->p;
+        c->t += simd_rounds(words, &p, c->wend, c->m - c->t, c->xs, tab, symt, P, k, c->a + c->t);
+        c->p = p;
+    }
+#endif
+    if (scalar_steps(words, &c->p, c->wend, c->t, c->m, lanes, c->xs, tab, symt, P, k, c->a))
+        return 2;
+    for (int j = 0; j < c->w; j++)
+        if (c->xs[j] != RANS_L)
+            return 3;
+    return c->p != c->wend ? 4 : 0;
+}
 
 /* one chunk of m symbols (words [w0, wend)) to elements a..a+m-1; the status codes of decode_cpu.py */
 static int32_t decode_chunk(const uint16_t *words, int64_t w0, int64_t wend, int64_t m, int lanes, const uint32_t *tab,
@@ -232,7 +308,23 @@ int acz_decode_lanes(const uint16_t *words, const int64_t *chunk_w, int64_t cs, 
     if (lanes < 1 || lanes > 32 || P < 0 || P > 16 || (join && (rw > 25 || (width != 16 && width != 32))))
         return -1;
     Sink k = {out, width, join, rest, rest_nbytes, rw, low};
-    for (int64_t c = c0; c < c1; c++) {
+    int64_t c = c0;
+#ifdef ACZ_X86
+    if (use_simd && lanes == 32) { /* full chunks two at a time, in lock step */
+        Chunk A, B;
+        for (; c + 2 <= c1 && (c + 2) * cs <= n && cs >= 32; c += 2) {
+            int32_t sa = chunk_open(&A, words, chunk_w[c], chunk_w[c + 1], cs, lanes, c * cs);
+            int32_t sb = chunk_open(&B, words, chunk_w[c + 1], chunk_w[c + 2], cs, lanes, (c + 1) * cs);
+            if (!sa && !sb) {
+                int64_t t = simd_rounds2(words, &A.p, A.wend, &B.p, B.wend, cs, A.xs, B.xs, tab, symt, P, &k, A.a, B.a);
+                A.t = B.t = t;
+            }
+            status[c] = sa ? sa : chunk_finish(&A, words, lanes, tab, symt, P, &k);
+            status[c + 1] = sb ? sb : chunk_finish(&B, words, lanes, tab, symt, P, &k);
+        }
+    }
+#endif
+    for (; c < c1; c++) {
         int64_t a = c * cs, m = n - a < cs ? n - a : cs;
         status[c] = decode_chunk(words, chunk_w[c], chunk_w[c + 1], m, lanes, tab, symt, P, &k, a);
     }
