@@ -319,7 +319,8 @@ def encode(data: bytes | np.ndarray, dtype: str, numel: int, *, mantissa_bits: i
                            or mode == MODE_BYTEGROUP):
             params, streams = encode_bytegroup(bits, dtype)
             candidates.append((MODE_BYTEGROUP, params, streams))
-    candidates.insert(0, (MODE_STORED, b"", [_stored_stream(raw, [_streams_size(c[2]) for c in candidates], mode)]))
+    if mode in (None, MODE_STORED):  # (a forced mode needs no stored candidate)
+        candidates.insert(0, (MODE_STORED, b"", [_stored_stream(raw, [_streams_size(c[2]) for c in candidates], mode)]))
     if mode is not None:
         forced = [c for c in candidates if c[0] == mode]
         if not forced:
