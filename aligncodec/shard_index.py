@@ -147,7 +147,8 @@ def index_metadata(indexes: list[Path], files: dict[str, dict]) -> tuple[dict[st
     (``({}, [])`` when there are none), each checked against the shards ``files`` (``acz.files``' shape). Raises
     :class:`ShardIndexError` (an InputError, exit 3) on an index that disagrees with the shards:
     a tensor missing, listed twice, listed in the wrong shard or that no shard holds, a shard
-    that is not in the folder, a shard named by two indexes."""
+    that is not in the folder, a shard named by two indexes, a safetensors file of the folder
+    that no index names."""
     out: dict[str, dict] = {}
     notes: list[str] = []
     owner: dict[str, str] = {}
@@ -162,5 +163,10 @@ def index_metadata(indexes: list[Path], files: dict[str, dict]) -> tuple[dict[st
         out[p.name] = spec
     if not out:
         return {}, notes
+    for f, info in files.items():  # what the index does not name, a loader of the folder would not read
+        if f not in owner:
+            eg = f" (its tensors, e.g. {info['tensors'][0]!r}, are missing from the index)" if info["tensors"] else ""
+            raise ShardIndexError(f"{', '.join(sorted(out))}: {f} is in the folder but not in the index{eg}; "
+                                  "remove the file or fix the index")
     # member order is kept (a layout that does not sort keys needs it); the text is deterministic
     return {M.KEY_INDEX: json.dumps(out, ensure_ascii=False, separators=(",", ":"))}, notes
