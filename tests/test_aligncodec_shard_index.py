@@ -167,10 +167,11 @@ def test_index_disagreeing_with_shards_is_exit_3(sharded, tmp_path, capsys, kind
     err = capsys.readouterr().err
     assert "ShardIndexError" in err and INDEX in err
     assert not out.exists() and not list(tmp_path.glob(".acz-tmp-*"))
-    # the lossy encoders check it before any work too
-    assert main(["compress", str(sharded), "-o", str(out), "--bpw", "4", "--no-calibration", "-q"]) == 3
-    assert "ShardIndexError" in capsys.readouterr().err
-    assert not out.exists()
+    # both lossy encoders check it before any work too
+    for enc in ("stream", "whole"):
+        assert main(["compress", str(sharded), "-o", str(out), "--bpw", "4", "--no-calibration", "-q", "--encoder", enc]) == 3
+        assert "ShardIndexError" in capsys.readouterr().err
+        assert not out.exists()
 
 
 def test_index_names_outside_the_portable_set_are_refused(sharded, tmp_path, capsys):
