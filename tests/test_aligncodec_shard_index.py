@@ -135,8 +135,11 @@ def _break(kind):
         idx = _index(d)
         wm = idx["weight_map"]
         shards = sorted(set(wm.values()))
-        if kind == "missing_tensor":
-            del wm[sorted(wm)[0]]
+        if kind == "missing_tensor":  # from a shard that holds others too
+            del wm[next(t for t, f in wm.items() if list(wm.values()).count(f) > 1)]
+        elif kind == "shard_not_in_index":  # every tensor of the last shard gone from the index
+            for t in [t for t, f in wm.items() if f == shards[-1]]:
+                del wm[t]
         elif kind == "tensor_no_shard_holds":
             wm["model.extra.weight"] = shards[0]
         elif kind == "wrong_shard":
@@ -158,7 +161,7 @@ def _break(kind):
     return edit
 
 
-@pytest.mark.parametrize("kind", ["missing_tensor", "tensor_no_shard_holds", "wrong_shard", "missing_file",
+@pytest.mark.parametrize("kind", ["missing_tensor", "shard_not_in_index", "tensor_no_shard_holds", "wrong_shard", "missing_file",
                                   "listed_twice", "not_json", "no_weight_map", "total_size_negative"])
 def test_index_disagreeing_with_shards_is_exit_3(sharded, tmp_path, capsys, kind):
     _break(kind)(sharded)
@@ -166,6 +169,10 @@ def test_index_disagreeing_with_shards_is_exit_3(sharded, tmp_path, capsys, kind
     assert main(["compress", str(sharded), "-o", str(out), "--lossless", "-q"]) == 3
     err = capsys.readouterr().err
     assert "ShardIndexError" in err and INDEX in err
+    assert {"missing_tensor": "is missing from the index", "shard_not_in_index": "is in the folder but not in the index",
+            "tensor_no_shard_holds": "which no shard holds", "wrong_shard": "but it is in", "missing_file": "not in the folder",
+            "listed_twice": "is listed twice", "not_json": "not UTF-8 JSON", "no_weight_map": "no 'weight_map'",
+            "total_size_negative": "total_size"}[kind] in err
     assert not out.exists() and not list(tmp_path.glob(".acz-tmp-*"))
     # both lossy encoders check it before any work too
     for enc in ("stream", "whole"):
