@@ -829,7 +829,9 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         src_path = resolve_input(model)
     folder = src_path.parent if src_path.is_file() else src_path
     src = archive.find_inputs(src_path, follow_symlinks=follow_symlinks)  # InputError before any work (symlinks, names,
-    files_meta = archive._file_metadata(src)  # a file that is not safetensors), as the whole encoder
+    src_meta, notes = src.metadata()  # a file that is not safetensors, an index that disagrees with its shards), as
+    for n in notes:  # the whole encoder
+        log(f"note: {n}")
     ckpt = A.Checkpoint(src_path)
     calibrate = opts.calibration != "none"
     has_config = (folder / "config.json").is_file()
@@ -945,7 +947,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
 
     from aligncodec import __version__
 
-    meta = {"acz.tool": f"aligncodec {__version__}", "acz.files": json.dumps(files_meta, sort_keys=True)}
+    meta = {"acz.tool": f"aligncodec {__version__}", **src_meta}
     src_model = archive._reference_model_of(src.root)
     if src_model:
         meta["acz.source_model"] = src_model

