@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from aligncodec import __version__
-from aligncodec.auxfiles import AUX_MAX_BYTES, AUX_PREFIX, AUX_SUFFIXES, add_aux_file, aux_name_problem, extract_aux_files, find_aux_files, is_aux
+from aligncodec.auxfiles import AUX_MAX_BYTES, AUX_PREFIX, AUX_SUFFIXES, add_aux_file, aux_name_problem, file_name, find_aux_files, is_aux
 from aligncodec.formats import errors as E
 from aligncodec.formats import metadata as M
 from aligncodec.formats.limits import Limits
@@ -30,19 +30,8 @@ from aligncodec.formats.constants import DATA_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
 from aligncodec.formats.reader import ArchiveReader
 from aligncodec.formats.writer import ArchiveWriter
+from aligncodec.errors import InputError, OutputError  # noqa: F401 - re-exported: archive.InputError
 from aligncodec.validation import check_entry, open_archive
-
-
-class InputError(Exception):
-    """The input checkpoint cannot be read (missing, not safetensors, corrupt safetensors,
-    duplicate tensor names, an auxiliary file name outside the portable set, a symlink
-    leaving the input folder)."""
-
-    exit_code = 3  # the CLI's exit code (README)
-
-
-class OutputError(OSError):
-    """An output could not be written (disk full, permission, an existing destination)."""
 
 
 def printable(s: str) -> str:
@@ -412,3 +401,30 @@ def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = 
                 if out.size != e.nbytes:
                     raise E.StreamError(f"tensor {e.name!r} decoded to {out.size} bytes, {e.nbytes} expected")
         return {"file": os.fspath(archive), "tensors": len(r.tensors), "ok": True}
+
+
+# ----------------------------------------------------------------- auxiliary files
+
+
+def iter_aux_files(archive: str | os.PathLike, limits=None) -> Iterator[tuple[str, bytes]]:
+    """``(file name, bytes)`` of each auxiliary file of an archive on disk, by random access."""
+    from aligncodec.codec.modes import decode_entry
+
+    with open_archive(archive, limits) as r:  # every aux name checked on open (validation.check_header)
+        for e in r.tensors:
+            if is_aux(e.name):
+                fname = file_name(e.name)
+                yield fname, decode_entry(e, r.read_streams(e)).tobytes()
+
+
+def read_aux_files(archive: str | os.PathLike, limits=None) -> dict[str, bytes]:
+    """All auxiliary files of an archive on disk, by file name."""
+    return dict(iter_aux_files(archive, limits))
+
+
+def extract_aux_files(archive: str | os.PathLike, outdir: str | os.PathLike, limits=None) -> list[Path]:
+    """Write the archive's auxiliary files into ``outdir`` (each atomically); returns their paths."""
+    written = []
+    for fname, data in iter_aux_files(archive, limits):
+        written.append(atomic_write(Path(outdir) / fname, lambda tmp, data=data: tmp.write_bytes(data)))
+    return written

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aligncodec.archive import InputError
+from aligncodec.errors import InputError
 from aligncodec.formats import errors as E
 from aligncodec.formats import metadata as M
 

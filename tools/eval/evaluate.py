@@ -353,7 +353,7 @@ def _load_archive(path: Path):
 
     from transformers import AutoTokenizer
 
-    from aligncodec.auxfiles import extract_aux_files
+    from aligncodec.archive import extract_aux_files
     from aligncodec.loader import load_hf_model
 
     model = load_hf_model(path, device="cpu", dtype=torch.float32)
