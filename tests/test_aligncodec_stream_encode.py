@@ -280,6 +280,58 @@ def test_workers_give_the_same_bytes(tmp_path, text_file):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.parametrize("quantizer,calibration", [("tcq", "float"), ("ecsq", "quantized")])
+def test_thread_counts_give_the_same_bytes(tmp_path, text_file, monkeypatch, quantizer, calibration):
+    """Every thread count (0: every core; the deprecated workers) writes the same archive bytes:
+    what runs in parallel (a block's linears, the next block's forward pass, the rate pass, the
+    row chunks of a tall tensor: a wavefront for tcq) is computed exactly as with one thread.
+    Small row chunks give the embedding and lm_head several chunks, so the wavefront runs."""
+    import threading
+
+    from aligncodec.codec import encoder as E
+    from aligncodec.codec import parallel
+
+    d = make_checkpoint(tmp_path / "m", "llama", False)
+    monkeypatch.setattr(S, "LAZY_MIN_ROWS", 16)
+    monkeypatch.setattr(E, "CHUNK_ROWS", 32)
+    where, fanout = set(), []
+    real_code, real_pipe, real_tasks = S.code_tensor, parallel.pipeline, parallel.run_tasks
+
+    def code_spy(*a, **kw):
+        where.add(threading.current_thread().name.split("_")[0])
+        return real_code(*a, **kw)
+
+    def pipe_spy(plans, threads, init=None):
+        fanout.append(("pipeline", len(plans), threads))
+        return real_pipe(plans, threads, init)
+
+    def tasks_spy(tasks, threads, init=None):
+        fanout.append(("tasks", len(tasks), threads))
+        return real_tasks(tasks, threads, init)
+
+    monkeypatch.setattr(S, "code_tensor", code_spy)
+    monkeypatch.setattr(parallel, "pipeline", pipe_spy)
+    monkeypatch.setattr(parallel, "run_tasks", tasks_spy)
+    trellis = E.trellis_id(quantizer, 8) if quantizer == "tcq" else 0
+    data = {}
+    for label, kw in (("t1", dict(threads=1)), ("t2", dict(threads=2)), ("t3", dict(threads=3)), ("w2", dict(workers=2)),
+                      ("t0", dict(threads=0))):
+        where.clear()
+        fanout.clear()
+        out = tmp_path / f"{label}.acz"
+        S.encode_stream(d, out, _opts(text_file, trellis=trellis, calibration=calibration, **kw), tokenizer=ToyTokenizer(),
+                        progress=False)
+        data[label] = out.read_bytes()
+        if label == "t1":
+            assert where == {"MainThread"} and all(t == 1 for _k, _n, t in fanout)
+        if label == "t2":  # the parallel paths did run: linears in the pool, chunks on two threads
+            assert "acz-encode" in where
+            kind = "pipeline" if quantizer == "tcq" else "tasks"
+            assert any(k == kind and n > 1 and t == 2 for k, n, t in fanout), fanout
+    assert all(v == data["t1"] for v in data.values()), [k for k, v in data.items() if v != data["t1"]]
+    archive.verify(tmp_path / "t2.acz")
+
+
 def test_no_calibration_without_config(tmp_path):
     d = make_checkpoint(tmp_path / "m", "llama", False)
     os.unlink(d / "config.json")
