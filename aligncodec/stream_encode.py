@@ -80,6 +80,32 @@ class NonFiniteError(A.CheckpointError, E.NonFiniteError):
     """A weight to be coded holds NaN or Inf (``nonfinite="error"``, the default)."""
 
 
+class TokenizerMismatchError(A.CheckpointError):
+    """The calibration tokenizer yields token ids the model has no embedding row for (a
+    tokenizer that belongs to another model beside the weights)."""
+
+
+def check_vocab(plan: A.ModelPlan, ckpt: A.Checkpoint, windows, tokenizer_size=None) -> None:
+    """Raise TokenizerMismatchError, naming both numbers, when a calibration token id is not
+    below the model's vocabulary: its config's ``vocab_size`` and its input embedding's rows
+    (before any work; the first forward pass would otherwise fail deep in the embedding lookup).
+    ``tokenizer_size``: a callable giving len(tokenizer) for the message (called on error only)."""
+    top = max((int(w.max()) for w in windows if w.numel()), default=-1)
+    cfg = plan.config
+    vs = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+    rows = ckpt.tensors[plan.embedding].shape[0] if plan.embedding in ckpt.tensors else None
+    limits = [(int(v), what) for v, what in ((vs, "config vocab_size"), (rows, f"rows of {plan.embedding}")) if v]
+    bad = [(v, what) for v, what in limits if top >= v]
+    if bad:
+        v, what = min(bad)
+        size = tokenizer_size() if callable(tokenizer_size) else tokenizer_size
+        tok = f" (of {size:,} tokens)" if size and size > top else ""
+        raise TokenizerMismatchError(
+            f"the calibration tokenizer{tok} gives token id {top:,}, but the model has a vocabulary of {v:,} "
+            f"({what}): the tokenizer does not belong to this model; put the model's own tokenizer beside its weights, "
+            "or use --no-calibration")
+
+
 @dataclass
 class StreamOptions:
     bpw: float
@@ -901,6 +927,12 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
     # encoder's build_jobs): NaN/Inf is NonFiniteError naming every such tensor, or (nonfinite
     # "lossless") that tensor goes lossless; so do all-zero tensors, weights beyond the lossy
     # range, rms outside the rate grid, and every tensor when the target is beyond lossy coding
+    # ---- calibration text, tokenized and checked against the model's vocabulary before any work
+    data = None
+    if calibrate and opts.bpw < E.LOSSY_MAX_BPW:
+        data = calibration_windows(folder, opts, tokenizer)
+        check_vocab(plan, ckpt, data.windows, lambda: _tokenizer_size(folder, tokenizer))
+
     had = any(c.startswith("hadamard") for c in opts.candidates)
     curves: dict[str, RateCurve] = {}
     lossless_why: dict[str, str] = {}  # lossy candidates coded lossless instead, with the reason
@@ -960,7 +992,9 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
     # ---- calibration inputs (before any coding: a model that cannot run fails here)
     windows = None
     if calibrate:
-        data = calibration_windows(folder, opts, tokenizer)
+        if data is None:
+            data = calibration_windows(folder, opts, tokenizer)
+            check_vocab(plan, ckpt, data.windows, lambda: _tokenizer_size(folder, tokenizer))
         windows = data.windows
         for path, cname in plan.outer.items():
             # the output projection is never run (its input is captured by a hook that stops there)
@@ -1239,6 +1273,18 @@ def _largest_first(names: list[str], ckpt: A.Checkpoint, sig: dict) -> list[str]
         out.append(pick)
         left.remove(pick)
     return out
+
+
+def _tokenizer_size(folder: Path, tokenizer) -> int | None:
+    """len(tokenizer) of the given tokenizer, or of the folder's (for an error message only)."""
+    try:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return len(tokenizer)
+    except Exception:  # noqa: BLE001 - only a detail of the message
+        return None
 
 
 def _peak_rss_gb() -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -537,3 +538,46 @@ def test_gram_from_the_lower_triangle_is_the_full_product(n, tile):
     assert torch.allclose(G, full, rtol=1e-5, atol=1e-4)
     if tile >= n:
         assert torch.equal(G, S.E.symmetrize_(full))
+
+
+def _save_word_tokenizer(folder, text: str, first_id: int) -> int:
+    """A word-level fast tokenizer beside the weights whose words get ids from ``first_id`` up
+    (a tokenizer of another model); returns its size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<x{i}>": i for i in range(3, first_id)}}
+    for i, w in enumerate(sorted(set(text.split()))):
+        vocab[w] = first_id + i
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(str(folder))
+    return max(vocab.values()) + 1
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_a_named_input_error(tmp_path, text_file, capsys):
+    """A tokenizer of another model beside the weights (ids beyond the vocabulary: a 49,152-token
+    tokenizer beside a 32,000-token Mistral) is TokenizerMismatchError, exit 3, naming the id and
+    the vocabulary, before any output; the model's own vocabulary range encodes."""
+    import tiny_arch
+    from aligncodec.tools.cli import EXIT_IO, exit_code_for, main
+
+    d = make_checkpoint(tmp_path / "m", "mistral", False, max_shard_size="100KB")  # sharded, untied, vocab 96
+    vocab = tiny_arch.COMMON["vocab_size"]
+    size = _save_word_tokenizer(d, TEXT, first_id=vocab + 50)
+    out = tmp_path / "o.acz"
+    with pytest.raises(S.TokenizerMismatchError) as ei:
+        S.encode_stream(d, out, _opts(text_file, calib_tokens=100), progress=False)
+    msg = str(ei.value)
+    assert f"vocabulary of {vocab} (config vocab_size)" in msg and f"of {size} tokens" in msg
+    top = int(re.search(r"gives token id (\d+)", msg).group(1))
+    assert vocab <= top < size
+    assert exit_code_for(ei.value) == EXIT_IO and isinstance(ei.value, archive.InputError)
+    assert not out.exists()
+    assert main(["compress", str(d), "-o", str(out), "--bpw", "3", "--calib-text", str(text_file), "--calib-tokens", "100"]) == EXIT_IO
+    err = capsys.readouterr().err
+    assert "TokenizerMismatchError" in err and str(vocab) in err and not out.exists()
+    # ids inside the vocabulary: the same folder encodes
+    _save_word_tokenizer(d, TEXT, first_id=3)
+    S.encode_stream(d, out, _opts(text_file, calib_tokens=100), progress=False)
+    archive.verify(out)
