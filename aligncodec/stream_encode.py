@@ -1014,7 +1014,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
     from aligncodec import __version__
 
     meta = {"acz.tool": f"aligncodec {__version__}", "acz.files": json.dumps(files_meta, sort_keys=True)}
-    src_model = archive._reference_model_of(src.root)
+    src_model = archive._reference_model_of(src.root, src.files)
     if src_model:
         meta["acz.source_model"] = src_model
     w = ArchiveWriter(out, meta)
