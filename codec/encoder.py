@@ -505,7 +505,8 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     if job.trellis:  # tcq: the levels of each column's whole walk first (int32, in place), then row chunks as ecsq's
         lossy.trellis_levels(q, job.trellis, out=q)
         rparams = dataclasses.replace(params, trellis=0)
-    for r in row_chunks(q.shape[0]):  # one chunk (the plain expressions) unless the tensor is large
+
+    def measure(r):  # one chunk (the plain expressions) unless the tensor is large
         # element-wise float32 work: the same bits in row chunks
         Wh = lossy.rounded_f32(lossy.reconstruct_from(rparams, q[r], cand.scales, cand.hd), job.dtype)
         if W_hat is not None:
@@ -513,10 +514,14 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
         Wr = Wt[r]
         D = torch.from_numpy(Wh) - Wr
         D64 = D.double()
-        d += sigma_quad(D, S) if S is not None else float((D64 ** 2).sum())
-        sig += float((Wr.double() ** 2).sum())
-        noise += float((D64 ** 2).sum())
-        del D, D64, Wh, Wr
+        return (sigma_quad(D, S) if S is not None else float((D64 ** 2).sum()), float((Wr.double() ** 2).sum()),
+                float((D64 ** 2).sum()))
+
+    # the chunks on the caller's threads; their sums added in chunk order (the bits of one thread)
+    for dc, sc_, nc in parallel.run_tasks([lambda r=r: measure(r) for r in row_chunks(q.shape[0])], threads, init):
+        d += dc
+        sig += sc_
+        noise += nc
     del q
     nbytes = int(round(nbytes))
     sqnr = 10 * math.log10(sig / noise) if noise > 0 and sig > 0 else (math.inf if noise == 0 else -math.inf)
