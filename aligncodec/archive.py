@@ -173,14 +173,37 @@ def iter_checkpoint(src: Source) -> Iterator[tuple[str, str, str, tuple[int, ...
             raise InputError(f"{str(f)!r} is not a valid safetensors file: {type(exc).__name__}: {exc}") from None
 
 
-def _reference_model_of(folder: Path) -> str | None:
-    """The reference model name (tools/eval/models.py) whose cached folder this is, if any."""
+def _reference_model_of(folder: Path, files: list[Path] | None = None) -> str | None:
+    """The reference model name (tools/eval/models.py) whose weights the input is, if any: its
+    cached folder itself, or (``files``: the input's safetensors files) one file with the size
+    and the sha256 the cached model's manifest records for its weights, e.g. the model copied to
+    a plain folder (hashed only when the sizes agree). ``eval`` takes it as the KLD reference."""
     from aligncodec.tools.eval import models
 
     for name in models.MODELS:
         d = models.model_dir(name)
         if d.is_dir() and d.resolve() == Path(folder).resolve():
             return name
+    if not files or len(files) != 1:
+        return None
+    f = Path(files[0])
+    try:
+        size = f.stat().st_size
+    except OSError:
+        return None
+    digest = None
+    for name in models.MODELS:
+        cached = models.model_dir(name) / models.WEIGHTS
+        try:
+            if not cached.is_file() or cached.stat().st_size != size:
+                continue
+            want = (models.read_manifest(name) or {}).get("files", {}).get(models.WEIGHTS)
+        except (OSError, ValueError, AttributeError):  # an unreadable manifest: no match
+            continue
+        if isinstance(want, str):
+            digest = digest or models.sha256_file(f)
+            if digest == want:
+                return name
     return None
 
 
@@ -224,7 +247,7 @@ def compress(
     if progress:
         for n in notes:
             print(f"note: {n}", file=sys.stderr)
-    src_model = _reference_model_of(src.root)
+    src_model = _reference_model_of(src.root, src.files)
     if src_model:
         meta["acz.source_model"] = src_model
     meta.update(metadata or {})

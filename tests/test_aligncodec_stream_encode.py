@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -280,6 +281,58 @@ def test_workers_give_the_same_bytes(tmp_path, text_file):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.parametrize("quantizer,calibration", [("tcq", "float"), ("ecsq", "quantized")])
+def test_thread_counts_give_the_same_bytes(tmp_path, text_file, monkeypatch, quantizer, calibration):
+    """Every thread count (0: every core; the deprecated workers) writes the same archive bytes:
+    what runs in parallel (a block's linears, the next block's forward pass, the rate pass, the
+    row chunks of a tall tensor: a wavefront for tcq) is computed exactly as with one thread.
+    Small row chunks give the embedding and lm_head several chunks, so the wavefront runs."""
+    import threading
+
+    from aligncodec.codec import encoder as E
+    from aligncodec.codec import parallel
+
+    d = make_checkpoint(tmp_path / "m", "llama", False)
+    monkeypatch.setattr(S, "LAZY_MIN_ROWS", 16)
+    monkeypatch.setattr(E, "CHUNK_ROWS", 32)
+    where, fanout = set(), []
+    real_code, real_pipe, real_tasks = S.code_tensor, parallel.pipeline, parallel.run_tasks
+
+    def code_spy(*a, **kw):
+        where.add(threading.current_thread().name.split("_")[0])
+        return real_code(*a, **kw)
+
+    def pipe_spy(plans, threads, init=None):
+        fanout.append(("pipeline", len(plans), threads))
+        return real_pipe(plans, threads, init)
+
+    def tasks_spy(tasks, threads, init=None):
+        fanout.append(("tasks", len(tasks), threads))
+        return real_tasks(tasks, threads, init)
+
+    monkeypatch.setattr(S, "code_tensor", code_spy)
+    monkeypatch.setattr(parallel, "pipeline", pipe_spy)
+    monkeypatch.setattr(parallel, "run_tasks", tasks_spy)
+    trellis = E.trellis_id(quantizer, 8) if quantizer == "tcq" else 0
+    data = {}
+    for label, kw in (("t1", dict(threads=1)), ("t2", dict(threads=2)), ("t3", dict(threads=3)), ("w2", dict(workers=2)),
+                      ("t0", dict(threads=0))):
+        where.clear()
+        fanout.clear()
+        out = tmp_path / f"{label}.acz"
+        S.encode_stream(d, out, _opts(text_file, trellis=trellis, calibration=calibration, **kw), tokenizer=ToyTokenizer(),
+                        progress=False)
+        data[label] = out.read_bytes()
+        if label == "t1":
+            assert where == {"MainThread"} and all(t == 1 for _k, _n, t in fanout)
+        if label == "t2":  # the parallel paths did run: linears in the pool, chunks on two threads
+            assert "acz-encode" in where
+            kind = "pipeline" if quantizer == "tcq" else "tasks"
+            assert any(k == kind and n > 1 and t == 2 for k, n, t in fanout), fanout
+    assert all(v == data["t1"] for v in data.values()), [k for k, v in data.items() if v != data["t1"]]
+    archive.verify(tmp_path / "t2.acz")
+
+
 def test_no_calibration_without_config(tmp_path):
     d = make_checkpoint(tmp_path / "m", "llama", False)
     os.unlink(d / "config.json")
@@ -485,3 +538,46 @@ def test_gram_from_the_lower_triangle_is_the_full_product(n, tile):
     assert torch.allclose(G, full, rtol=1e-5, atol=1e-4)
     if tile >= n:
         assert torch.equal(G, S.E.symmetrize_(full))
+
+
+def _save_word_tokenizer(folder, text: str, first_id: int) -> int:
+    """A word-level fast tokenizer beside the weights whose words get ids from ``first_id`` up
+    (a tokenizer of another model); returns its size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<x{i}>": i for i in range(3, first_id)}}
+    for i, w in enumerate(sorted(set(text.split()))):
+        vocab[w] = first_id + i
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(str(folder))
+    return max(vocab.values()) + 1
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_a_named_input_error(tmp_path, text_file, capsys):
+    """A tokenizer of another model beside the weights (ids beyond the vocabulary: a 49,152-token
+    tokenizer beside a 32,000-token Mistral) is TokenizerMismatchError, exit 3, naming the id and
+    the vocabulary, before any output; the model's own vocabulary range encodes."""
+    import tiny_arch
+    from aligncodec.tools.cli import EXIT_IO, exit_code_for, main
+
+    d = make_checkpoint(tmp_path / "m", "mistral", False, max_shard_size="100KB")  # sharded, untied, vocab 96
+    vocab = tiny_arch.COMMON["vocab_size"]
+    size = _save_word_tokenizer(d, TEXT, first_id=vocab + 50)
+    out = tmp_path / "o.acz"
+    with pytest.raises(S.TokenizerMismatchError) as ei:
+        S.encode_stream(d, out, _opts(text_file, calib_tokens=100), progress=False)
+    msg = str(ei.value)
+    assert f"vocabulary of {vocab} (config vocab_size)" in msg and f"of {size} tokens" in msg
+    top = int(re.search(r"gives token id (\d+)", msg).group(1))
+    assert vocab <= top < size
+    assert exit_code_for(ei.value) == EXIT_IO and isinstance(ei.value, archive.InputError)
+    assert not out.exists()
+    assert main(["compress", str(d), "-o", str(out), "--bpw", "3", "--calib-text", str(text_file), "--calib-tokens", "100"]) == EXIT_IO
+    err = capsys.readouterr().err
+    assert "TokenizerMismatchError" in err and str(vocab) in err and not out.exists()
+    # ids inside the vocabulary: the same folder encodes
+    _save_word_tokenizer(d, TEXT, first_id=3)
+    S.encode_stream(d, out, _opts(text_file, calib_tokens=100), progress=False)
+    archive.verify(out)

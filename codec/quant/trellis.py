@@ -36,10 +36,10 @@ import numba
 import numpy as np
 import torch
 
-from aligncodec.codec.entropy.rans import KERNEL_LOCK, histogram
+from aligncodec.codec.entropy.rans import histogram, launch, serial_twin
 from aligncodec.codec.modes.lossy import MAX_ABS_TCQ_SYMBOL, trellis_machine
 
-__all__ = ["LAMBDA_C", "prior_bits", "symbol_bits", "class_rate", "tcq_levels", "gptq_tcq", "tcq_independent"]
+__all__ = ["LAMBDA_C", "prior_bits", "symbol_bits", "class_rate", "tcq_levels", "gptq_tcq", "gptq_tcq_steps", "tcq_independent"]
 
 LAMBDA_C = 0.25  # λ = c·Δ²: with the prior table (no extra pass) c = 0.25 beat 0.4 and 0.6 inside GPTQ (docs/results/2026-11-30-tcq.md)
 _TAIL_BITS = 2.0  # bits per unit of |k| beyond the table's seen range
@@ -187,6 +187,9 @@ def _tcq_block(W1, U1, step, lam, bits, rtab, ctab, trans, qsel, S1, K1, Q1, E1)
                 W1[r, j] -= err * U1[i, j]
 
 
+_tcq_block_serial = serial_twin(_tcq_block)
+
+
 @numba.njit(parallel=True, cache=True)
 def _tcq_columns(W, step, lam, bits, rtab, ctab, trans, qsel, St, K):  # pragma: no cover - numba
     """No feedback (Σ = I after the transform): one independent search per column, in parallel,
@@ -202,6 +205,9 @@ def _tcq_columns(W, step, lam, bits, rtab, ctab, trans, qsel, St, K):  # pragma:
         St[j] = _viterbi(col, step, lam, bits, tab, trans, qsel, St[j], ok, ol, bk, bs, cost, newc)
         for r in range(rows):
             K[r, j] = ok[r]
+
+
+_tcq_columns_serial = serial_twin(_tcq_columns)
 
 
 def _machine(mid: int):
@@ -265,8 +271,7 @@ def tcq_independent(C: np.ndarray, step: float, mid: int, bits: np.ndarray, lam_
     bits, rtab, ctab = _rate_arrays((bits, rtab, ctab), *C.shape)
     st = _states(state, C.shape[1], len(trans))
     K = np.empty(C.shape, np.int32)
-    with KERNEL_LOCK:
-        _tcq_columns(C, float(step), lam_c * step * step, bits, rtab, ctab, trans, qsel, st, K)
+    launch(_tcq_columns, _tcq_columns_serial, C, float(step), lam_c * step * step, bits, rtab, ctab, trans, qsel, st, K)
     if state is not None:
         state[...] = st
     return K
@@ -288,14 +293,32 @@ def gptq_tcq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, 
     other start states cost +inf) and ends in its best end state, which is written back into
     ``state``: row chunks coded in order with one such array are the decoder's walk exactly.
     GPTQ's rows are independent given H, so only the trellis state crosses a chunk boundary."""
-    from aligncodec.codec.quant.gptq import lazy_batches
+    steps = gptq_tcq_steps(C, R, perm, step, mid, lam_c=lam_c, block=block, rate=rate, state=state)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def gptq_tcq_steps(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, mid: int, *,
+                   lam_c: float = LAMBDA_C, block: int = 128, rate=None, state: np.ndarray | None = None):
+    """:func:`gptq_tcq` as a generator that yields after each lazy batch and returns the symbols.
+    A ``state`` that is a C-contiguous int64 array is read and written batch by batch, in place
+    (a batch reads and writes its own columns' states only): row chunks of one tensor sharing
+    that array may then run batch k of chunk c + 1 as soon as batch k of chunk c is done
+    (``parallel.pipeline``), with the symbols of running the chunks one after another.
+    Any other ``state`` is copied at the start and written back at the end."""
+    from aligncodec.codec.quant.gptq import lazy_batch_steps
 
     trans, qsel = _machine(mid)
     lam = lam_c * step * step
     rows, n = C.shape
     bits, rtab, ctab = _rate_arrays(rate if rate is not None else (prior_bits(C, step), None, None), rows, n)
     pn = perm.numpy()
-    final = _states(state, n, len(trans)).copy()  # the entry states, overwritten with the end states
+    st = _states(state, n, len(trans))
+    in_place = state is not None and st is state
+    final = st if in_place else st.copy()  # the entry states, overwritten with the end states
     out = np.empty((rows, n), dtype=np.int32)
     cperm = np.ascontiguousarray(ctab[pn])
 
@@ -304,15 +327,14 @@ def gptq_tcq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, 
         Q1 = np.empty_like(W1)
         K1 = np.empty(W1.shape, dtype=np.int32)
         S1 = np.ascontiguousarray(final[pn[i1:i2]])
-        with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
-            _tcq_block(W1, U1, float(step), lam, bits, rtab, np.ascontiguousarray(cperm[i1:i2]), trans, qsel,
-                       S1, K1, Q1, E1)
+        launch(_tcq_block, _tcq_block_serial, W1, U1, float(step), lam, bits, rtab, np.ascontiguousarray(cperm[i1:i2]),
+               trans, qsel, S1, K1, Q1, E1)
         out[:, pn[i1:i2]] = K1
         final[pn[i1:i2]] = S1
         return Q1
 
-    lazy_batches(C, R, perm, block, run_block)
-    if state is not None:
+    yield from lazy_batch_steps(C, R, perm, block, run_block)
+    if state is not None and not in_place:
         state[...] = final
     return torch.from_numpy(out)
 
