@@ -70,6 +70,7 @@ SCOPES = ("all", "linear")
 MIN_NUMEL = 4096
 LOG2_GRID = np.arange(-24.0, 6.0 + 1e-9, 0.125)  # log2 of the steps the rate curves are measured at
 SAMPLE_VALUES = 1 << 14  # values per tensor in the rate pass
+HEAD_STEP = 1.0  # default step multiplier of the output head (StreamOptions.head_step)
 
 
 class CalibrationError(RuntimeError):
@@ -98,6 +99,8 @@ class StreamOptions:
     device: str | None = None  # torch device of the calibration forward passes (None: cuda if present, else cpu)
     trellis: int = 0  # 0: mode 2 ecsq; else mode 4 tcq with this state machine (encoder.trellis_id)
     nonfinite: str = "error"  # a lossy candidate holding NaN/Inf: NonFiniteError, or coded lossless ("lossless")
+    # the output head's step (a tied embedding, or an untied lm_head) as a multiple of the blocks' step
+    head_step: float = HEAD_STEP
 
     def __post_init__(self):
         if self.nonfinite not in ("error", "lossless"):
@@ -115,6 +118,8 @@ class StreamOptions:
                 raise ValueError(f"unknown candidate {c!r}; choose from {', '.join(E.CANDIDATES)}")
         if self.trellis and self.trellis not in lossy.TRELLIS_MACHINES:
             raise ValueError(f"unknown trellis state-machine id {self.trellis}")
+        if not (self.head_step > 0 and math.isfinite(self.head_step)):
+            raise ValueError(f"head step multiplier must be positive, got {self.head_step}")
         if self.lossy_embeddings is None:
             self.lossy_embeddings = self.scope == "all"
 
@@ -185,9 +190,10 @@ def measure_curve(name: str, kind: str, W: torch.Tensor, hadamard: bool, seed: i
 class RateController:
     """Chooses the step for the tensors still to code so the total lands on the budget."""
 
-    def __init__(self, budget: float, curves: dict[str, RateCurve]):
+    def __init__(self, budget: float, curves: dict[str, RateCurve], offsets: dict[str, float] | None = None):
         self.budget = budget
         self.curves = curves
+        self.offsets = dict(offsets or {})  # tensor name -> log2 of its step's multiple of the common step
         self.remaining = set(curves)
         self.spent = 0.0
         self.actual: dict[str, float] = {}
@@ -202,8 +208,12 @@ class RateController:
         a, p = sum(self.actual.values()), sum(self.predicted.values())
         return a / p if p > 0 else 1.0
 
+    def offset(self, name: str) -> float:
+        """log2 of the multiple of the common step at which ``name`` is coded."""
+        return self.offsets.get(name, 0.0)
+
     def predict(self, x: float, names) -> float:
-        return sum(self.ratio(self.curves[t].kind) * self.curves[t].bytes_at(x) for t in names)
+        return sum(self.ratio(self.curves[t].kind) * self.curves[t].bytes_at(x + self.offset(t)) for t in names)
 
     def _aggregate(self, names) -> tuple[np.ndarray, float, float]:
         """The remaining tensors' curves summed once (every curve lives on LOG2_GRID, and
@@ -213,7 +223,11 @@ class RateController:
         for t in names:
             c = self.curves[t]
             r = self.ratio(c.kind)
-            agg += (r * c.numel) * c.bits
+            off = self.offsets.get(t, 0.0)
+            # the curve at x + off, on the grid (interpolation is linear; beyond the fine end: 1 bit per halving)
+            bits = c.bits if off == 0.0 else (np.interp(LOG2_GRID + off, LOG2_GRID, c.bits)
+                                              + np.maximum(0.0, LOG2_GRID[0] - (LOG2_GRID + off)))
+            agg += (r * c.numel) * bits
             n_w += r * c.numel
             fixed += r * 512
         return agg, n_w, fixed
@@ -241,6 +255,7 @@ class RateController:
         return hi
 
     def record(self, name: str, x: float, nbytes: int) -> None:
+        """``name`` coded at log2 step ``x`` (its own step: the common one plus its offset)."""
         c = self.curves[name]
         self.actual[c.kind] = self.actual.get(c.kind, 0.0) + nbytes
         self.predicted[c.kind] = self.predicted.get(c.kind, 0.0) + c.bytes_at(x)
@@ -979,7 +994,12 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         else:
             budget = opts.bpw * n_linear / 8
             curves_ctl = {n: c for n, c in curves.items() if n in linear_names}
-        ctl = RateController(budget, curves if opts.scope == "all" else curves_ctl)
+        # the output head (a tied embedding, or an untied lm_head) at head_step x the blocks' step
+        head_name = None
+        if plan is not None and opts.lossy_embeddings:
+            head_name = plan.embedding if plan.tied else plan.lm_head
+        offsets = {head_name: math.log2(opts.head_step)} if head_name in curves and opts.head_step != 1.0 else {}
+        ctl = RateController(budget, curves if opts.scope == "all" else curves_ctl, offsets)
         if budget <= 0 and order:
             raise ValueError(f"--bpw {opts.bpw}: the lossless tensors alone take {8 * other_bytes / n_params:.3f} bits per parameter")
 
@@ -1005,7 +1025,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     "n_params": n_params, "n_lossy_weights": n_coded, "n_linear_weights": n_lin,
                     "bpw_linear_all_in": 8 * lin_bytes / max(1, n_lin),
                     "bpw_lossy_all_in": 8 * sum(c.nbytes for c in coded.values()) / max(1, n_coded), "modes": modes,
-                    "nonfinite": opts.nonfinite, "lossless": dict(sorted(lossless_why.items()))}
+                    "nonfinite": opts.nonfinite, "lossless": dict(sorted(lossless_why.items())),
+                    "head": head_name, "head_step": opts.head_step}
             return {**meta, "acz.lossy": json.dumps(per, sort_keys=True), "acz.lossy.summary": json.dumps(summ, sort_keys=True)}
 
         def exact_overhead(n_more: int) -> int:
@@ -1134,8 +1155,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     S = S_head
                 W = tensor_rows(ckpt, nm)
                 dtype = ckpt.tensors[nm].dtype
-                if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step
-                    st = ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()
+                if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step (the head at its multiple)
+                    st = (ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()) * (opts.head_step if nm == head_name else 1.0)
                     tc, job = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False)
                     put(nm, tc, math.log2(st), job.unfit)
                     continue
@@ -1198,7 +1219,7 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
     corrected by the measured ratio of full to estimated bytes, only if the first misses the
     target by more than ``tol_bytes``. The full code runs row chunk by row chunk and keeps no
     reconstruction: memory beyond the symbols is a few row chunks, whatever the tensor's size."""
-    x = ctl.solve()
+    x = ctl.solve() + ctl.offset(nm)  # its own step: the common one times its multiple (the head's)
     rows = W.shape[0]
     job = E.TensorJob(nm, W, dtype, S, trellis=opts.trellis)
     E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache={}, lazy=isinstance(W, E.RowView))

@@ -221,6 +221,10 @@ class TensorJob:
     tcq_lambda: float | None = None  # tcq: λ = c·Δ² of the trellis search
     tcq_passes: int | None = None  # tcq: searches again with the previous pass's class tables
     refine_classes: bool | None = None  # class maps refined by lossy.refine_classes
+    # tcq: per-row multipliers of the trellis search's λ (None: all 1). A row whose error matters
+    # less (a rare token's row of an embedding / output head) trades more error for rate; the
+    # step, and so the format, is unchanged
+    row_lambda: np.ndarray | None = None
 
     def settings(self) -> tuple[float, int, bool]:
         """(tcq λ factor, tcq rate passes, class refinement): the fields, or where None the
@@ -442,11 +446,14 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     chunks = row_chunks(q.shape[0])
     lam_c, passes, refine = job.settings()
 
+    rl = None if job.row_lambda is None else np.asarray(job.row_lambda, dtype=np.float64)[sl]
+
     def tcq_search(rate=None):
         state = np.zeros(q.shape[1], np.int64)  # row 0 of every column: state 0
         for r in chunks:
             rr = None if rate is None else (rate[0], rate[1][r], rate[2])
-            q[r] = gptq_tcq(Ct[r], cand.R, cand.perm, step, job.trellis, lam_c=lam_c, rate=rr, state=state).numpy()
+            q[r] = gptq_tcq(Ct[r], cand.R, cand.perm, step, job.trellis, lam_c=lam_c, rate=rr, state=state,
+                            row_lambda=None if rl is None else rl[r]).numpy()
 
     if job.trellis:  # mode 4: the trellis search per column inside GPTQ (codec/quant/trellis.py)
         tcq_search()

@@ -354,6 +354,29 @@ def test_controller_aggregate_matches_per_tensor_prediction():
     assert ctl.predict(x, names) == pytest.approx(ctl.budget - ctl.spent, rel=1e-6)
 
 
+def test_controller_offsets_price_a_tensor_at_its_own_step():
+    """A tensor with an offset (the output head's step multiple) is predicted at x + offset, in
+    the aggregate as per tensor; the solved step meets the budget with it."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    curves = {}
+    for i in range(6):
+        bits = np.sort(rng.uniform(0, 12, len(S.LOG2_GRID)))[::-1].copy()
+        curves[f"t{i}"] = S.RateCurve(f"t{i}", ("q_proj", "down_proj", "embedding")[i % 3], int(rng.integers(4096, 10**6)), bits)
+    off = {"t2": -1.25}
+    ctl, plain = S.RateController(3e6, curves, off), S.RateController(3e6, curves)
+    assert ctl.offset("t2") == -1.25 and ctl.offset("t1") == 0.0
+    names = sorted(ctl.remaining)
+    agg = ctl._aggregate(names)
+    for x in (-7.3, -4.0, -1.0, 0.4):
+        assert ctl._predict_agg(x, *agg) == pytest.approx(ctl.predict(x, names), rel=1e-9)
+        assert ctl.predict(x, ["t2"]) == pytest.approx(plain.predict(x - 1.25, ["t2"]), rel=1e-12)
+    x = ctl.solve()
+    assert ctl.predict(x, names) == pytest.approx(ctl.budget, rel=1e-6)
+    assert x > plain.solve()  # the finer head leaves the others a coarser step
+
+
 def test_thread_limits_set_and_restore():
     import numba
 
