@@ -70,7 +70,23 @@ SCOPES = ("all", "linear")
 MIN_NUMEL = 4096
 LOG2_GRID = np.arange(-24.0, 6.0 + 1e-9, 0.125)  # log2 of the steps the rate curves are measured at
 SAMPLE_VALUES = 1 << 14  # values per tensor in the rate pass
-HEAD_STEP = 1.0  # default step multiplier of the output head (StreamOptions.head_step)
+# The output head's step multiple when not given (StreamOptions.head_step None): the balance of
+# marginal KL per byte between the head and the other lossy tensors (docs/lossy-encoder.md,
+# "The output head's step"). KL_h ∝ m² (D ∝ Δ²); the others' KL falls e^(-BLOCK_KL_SLOPE) per bit
+# per weight, and each bit per head weight the head takes costs them r = N_head / N_others bits
+# per weight; with equal KL from both at m = 1 (SmolLM2's calibration text: 0.142 vs 0.146) the
+# optimum is m = (β/2)^(1/(2+β)), β = BLOCK_KL_SLOPE·r/ln 2
+BLOCK_KL_SLOPE = 1.5  # ln KLD per bit per weight around 3 bpw (SmolLM2 1.42–1.73, Gemma-3 1.57: results 2026-12-01)
+HEAD_STEP_RANGE = (0.25, 4.0)
+
+
+def auto_head_step(n_head: int, n_others: int) -> float:
+    """The head's step multiple m from the parameter ratio r = n_head / n_others (see HEAD_STEP's
+    note above): SmolLM2-135M (r = 0.27) 0.62, Gemma-3-270M (r = 1.67) 1.11."""
+    if n_head <= 0 or n_others <= 0:
+        return 1.0
+    beta = BLOCK_KL_SLOPE * (n_head / n_others) / math.log(2)
+    return float(min(max((beta / 2) ** (1 / (2 + beta)), HEAD_STEP_RANGE[0]), HEAD_STEP_RANGE[1]))
 
 
 class CalibrationError(RuntimeError):
@@ -99,8 +115,9 @@ class StreamOptions:
     device: str | None = None  # torch device of the calibration forward passes (None: cuda if present, else cpu)
     trellis: int = 0  # 0: mode 2 ecsq; else mode 4 tcq with this state machine (encoder.trellis_id)
     nonfinite: str = "error"  # a lossy candidate holding NaN/Inf: NonFiniteError, or coded lossless ("lossless")
-    # the output head's step (a tied embedding, or an untied lm_head) as a multiple of the blocks' step
-    head_step: float = HEAD_STEP
+    # the output head's step (a tied embedding, or an untied lm_head) as a multiple of the blocks'
+    # step; None: auto_head_step (whole-file scope; 1 in linear scope, where the head is not in the target)
+    head_step: float | None = None
 
     def __post_init__(self):
         if self.nonfinite not in ("error", "lossless"):
@@ -118,7 +135,7 @@ class StreamOptions:
                 raise ValueError(f"unknown candidate {c!r}; choose from {', '.join(E.CANDIDATES)}")
         if self.trellis and self.trellis not in lossy.TRELLIS_MACHINES:
             raise ValueError(f"unknown trellis state-machine id {self.trellis}")
-        if not (self.head_step > 0 and math.isfinite(self.head_step)):
+        if self.head_step is not None and not (self.head_step > 0 and math.isfinite(self.head_step)):
             raise ValueError(f"head step multiplier must be positive, got {self.head_step}")
         if self.lossy_embeddings is None:
             self.lossy_embeddings = self.scope == "all"
@@ -998,7 +1015,13 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         head_name = None
         if plan is not None and opts.lossy_embeddings:
             head_name = plan.embedding if plan.tied else plan.lm_head
-        offsets = {head_name: math.log2(opts.head_step)} if head_name in curves and opts.head_step != 1.0 else {}
+        head_step = opts.head_step
+        if head_step is None:
+            head_step = 1.0
+            if opts.scope == "all" and head_name in curves:
+                n_head = curves[head_name].numel
+                head_step = auto_head_step(n_head, sum(c.numel for c in curves.values()) - n_head)
+        offsets = {head_name: math.log2(head_step)} if head_name in curves and head_step != 1.0 else {}
         ctl = RateController(budget, curves if opts.scope == "all" else curves_ctl, offsets)
         if budget <= 0 and order:
             raise ValueError(f"--bpw {opts.bpw}: the lossless tensors alone take {8 * other_bytes / n_params:.3f} bits per parameter")
@@ -1026,7 +1049,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     "bpw_linear_all_in": 8 * lin_bytes / max(1, n_lin),
                     "bpw_lossy_all_in": 8 * sum(c.nbytes for c in coded.values()) / max(1, n_coded), "modes": modes,
                     "nonfinite": opts.nonfinite, "lossless": dict(sorted(lossless_why.items())),
-                    "head": head_name, "head_step": opts.head_step}
+                    "head": head_name, "head_step": head_step, "head_step_given": opts.head_step is not None}
             return {**meta, "acz.lossy": json.dumps(per, sort_keys=True), "acz.lossy.summary": json.dumps(summ, sort_keys=True)}
 
         def exact_overhead(n_more: int) -> int:
@@ -1156,7 +1179,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                 W = tensor_rows(ckpt, nm)
                 dtype = ckpt.tensors[nm].dtype
                 if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step (the head at its multiple)
-                    st = (ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()) * (opts.head_step if nm == head_name else 1.0)
+                    st = (ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()) * (head_step if nm == head_name else 1.0)
                     tc, job = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False)
                     put(nm, tc, math.log2(st), job.unfit)
                     continue

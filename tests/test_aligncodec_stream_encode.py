@@ -487,6 +487,24 @@ def test_head_step_multiple_is_recorded_decodes_and_lands_on_the_rate(tmp_path, 
     assert outs[0.5][0][0].read_bytes() == outs[0.5][1][0].read_bytes()
     with pytest.raises(ValueError, match="head step"):
         S.StreamOptions(bpw=3.0, head_step=0.0)
+    # not given: the balance rule from the parameter ratio, recorded as such
+    out = tmp_path / "auto.acz"
+    summ = S.encode_stream(d, out, _opts(text_file, trellis=2), tokenizer=ToyTokenizer(), progress=False)
+    ckpt = A.Checkpoint(d)
+    n_head = ckpt.tensors[head].numel
+    n_others = summ["n_lossy_weights"] - n_head
+    assert summ["head_step"] == pytest.approx(S.auto_head_step(n_head, n_others)) and not summ["head_step_given"]
+    assert abs(8 * os.path.getsize(out) / archive.inspect(out)["n_weights"] / 4.0 - 1) <= 0.01
+
+
+def test_auto_head_step_balances_the_head_against_the_rest():
+    """A small head (SmolLM2's share) gets a finer step than the blocks, a head larger than the
+    rest (Gemma-3's 262k-token embedding) a coarser one; m rises with the head's share."""
+    ms = [S.auto_head_step(h, 100) for h in (1, 10, 27, 60, 100, 167, 400)]
+    assert all(a < b for a, b in zip(ms, ms[1:]))
+    assert 0.55 < S.auto_head_step(28_311_552, 106_168_320) < 0.7
+    assert 1.0 < S.auto_head_step(167_772_160, 100_300_000) < 1.25
+    assert S.auto_head_step(0, 100) == 1.0 == S.auto_head_step(5, 0)
 
 
 def test_cli_default_encoder_is_stream_and_checks_each_tensor(tmp_path, capsys, monkeypatch):
