@@ -78,6 +78,15 @@ SAMPLE_VALUES = 1 << 14  # values per tensor in the rate pass
 # optimum is m = (β/2)^(1/(2+β)), β = BLOCK_KL_SLOPE·r/ln 2
 BLOCK_KL_SLOPE = 1.5  # ln KLD per bit per weight around 3 bpw (SmolLM2 1.42–1.73, Gemma-3 1.57: results 2026-12-01)
 HEAD_STEP_RANGE = (0.25, 4.0)
+# transforms the embeddings and lm_head try besides opts.candidates (by J, on a row subsample: cheap).
+# SmolLM2's tied embedding at its 3.0 bpw step: identity D 3286 / 10.54 MB against hadamard's
+# 3461 / 10.81 MB (J −3 %); the output head's Σ has a few massive channels (diag max/median 305)
+OUTER_EXTRA_CANDIDATES = ("identity",)
+
+
+def outer_candidates(opts: "StreamOptions") -> tuple[str, ...]:
+    """The candidates of the tensors outside the blocks (embeddings, lm_head)."""
+    return tuple(opts.candidates) + tuple(c for c in OUTER_EXTRA_CANDIDATES if c not in opts.candidates)
 
 
 def auto_head_step(n_head: int, n_others: int) -> float:
@@ -765,12 +774,14 @@ def check_coded(w: ArchiveWriter, entry, tc: E.TensorCode, ckpt: A.Checkpoint, n
 
 
 def code_tensor(name: str, W: "torch.Tensor | E.RowView", dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
-                cache: dict, keep_w_hat: bool = True, energy: float | None = None) -> tuple[E.TensorCode, E.TensorJob]:
+                cache: dict, keep_w_hat: bool = True, energy: float | None = None,
+                candidates: tuple[str, ...] | None = None) -> tuple[E.TensorCode, E.TensorJob]:
     """Code one tensor at ``step``: candidates by J on a row subsample, then the chosen one in
     full (a :class:`E.RowView` ``W``: row chunk by row chunk). ``energy``: tr(W Σ Wᵀ) if known
     (:func:`run_block`'s), else measured."""
     job = E.TensorJob(name, W, dtype, S, trellis=opts.trellis, energy=energy)
-    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache, lazy=isinstance(W, E.RowView))
+    E.build_candidates(job, candidates or opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache,
+                       lazy=isinstance(W, E.RowView))
     if len(job.cands) > 1:
         cand, _ = E.choose(job, step, E.stride_for(W.shape[0], opts.sample_rows))
     else:
@@ -1180,7 +1191,7 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                 dtype = ckpt.tensors[nm].dtype
                 if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step (the head at its multiple)
                     st = (ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()) * (head_step if nm == head_name else 1.0)
-                    tc, job = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False)
+                    tc, job = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False, candidates=outer_candidates(opts))
                     put(nm, tc, math.log2(st), job.unfit)
                     continue
                 last = i == len(rest) - 1
@@ -1245,7 +1256,7 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
     x = ctl.solve() + ctl.offset(nm)  # its own step: the common one times its multiple (the head's)
     rows = W.shape[0]
     job = E.TensorJob(nm, W, dtype, S, trellis=opts.trellis)
-    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache={}, lazy=isinstance(W, E.RowView))
+    E.build_candidates(job, outer_candidates(opts), alpha=opts.alpha, seed=opts.seed, cache={}, lazy=isinstance(W, E.RowView))
     try:
         def pick(z):
             if len(job.cands) > 1:
