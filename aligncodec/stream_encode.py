@@ -70,6 +70,32 @@ SCOPES = ("all", "linear")
 MIN_NUMEL = 4096
 LOG2_GRID = np.arange(-24.0, 6.0 + 1e-9, 0.125)  # log2 of the steps the rate curves are measured at
 SAMPLE_VALUES = 1 << 14  # values per tensor in the rate pass
+# The output head's step multiple when not given (StreamOptions.head_step None): the balance of
+# marginal KL per byte between the head and the other lossy tensors (docs/lossy-encoder.md,
+# "The output head's step"). KL_h ∝ m² (D ∝ Δ²); the others' KL falls e^(-BLOCK_KL_SLOPE) per bit
+# per weight, and each bit per head weight the head takes costs them r = N_head / N_others bits
+# per weight; with equal KL from both at m = 1 (SmolLM2's calibration text: 0.142 vs 0.146) the
+# optimum is m = (β/2)^(1/(2+β)), β = BLOCK_KL_SLOPE·r/ln 2
+BLOCK_KL_SLOPE = 1.5  # ln KLD per bit per weight around 3 bpw (SmolLM2 1.42–1.73, Gemma-3 1.57: results 2026-12-01)
+HEAD_STEP_RANGE = (0.25, 4.0)
+# transforms the embeddings and lm_head try besides opts.candidates (by J, on a row subsample: cheap).
+# SmolLM2's tied embedding at its 3.0 bpw step: identity D 3286 / 10.54 MB against hadamard's
+# 3461 / 10.81 MB (J −3 %); the output head's Σ has a few massive channels (diag max/median 305)
+OUTER_EXTRA_CANDIDATES = ("identity",)
+
+
+def outer_candidates(opts: "StreamOptions") -> tuple[str, ...]:
+    """The candidates of the tensors outside the blocks (embeddings, lm_head)."""
+    return tuple(opts.candidates) + tuple(c for c in OUTER_EXTRA_CANDIDATES if c not in opts.candidates)
+
+
+def auto_head_step(n_head: int, n_others: int) -> float:
+    """The head's step multiple m from the parameter ratio r = n_head / n_others (see HEAD_STEP's
+    note above): SmolLM2-135M (r = 0.27) 0.62, Gemma-3-270M (r = 1.67) 1.11."""
+    if n_head <= 0 or n_others <= 0:
+        return 1.0
+    beta = BLOCK_KL_SLOPE * (n_head / n_others) / math.log(2)
+    return float(min(max((beta / 2) ** (1 / (2 + beta)), HEAD_STEP_RANGE[0]), HEAD_STEP_RANGE[1]))
 
 
 class CalibrationError(RuntimeError):
@@ -124,6 +150,9 @@ class StreamOptions:
     device: str | None = None  # torch device of the calibration forward passes (None: cuda if present, else cpu)
     trellis: int = 0  # 0: mode 2 ecsq; else mode 4 tcq with this state machine (encoder.trellis_id)
     nonfinite: str = "error"  # a lossy candidate holding NaN/Inf: NonFiniteError, or coded lossless ("lossless")
+    # the output head's step (a tied embedding, or an untied lm_head) as a multiple of the blocks'
+    # step; None: auto_head_step (whole-file scope; 1 in linear scope, where the head is not in the target)
+    head_step: float | None = None
 
     def __post_init__(self):
         if self.nonfinite not in ("error", "lossless"):
@@ -141,6 +170,8 @@ class StreamOptions:
                 raise ValueError(f"unknown candidate {c!r}; choose from {', '.join(E.CANDIDATES)}")
         if self.trellis and self.trellis not in lossy.TRELLIS_MACHINES:
             raise ValueError(f"unknown trellis state-machine id {self.trellis}")
+        if self.head_step is not None and not (self.head_step > 0 and math.isfinite(self.head_step)):
+            raise ValueError(f"head step multiplier must be positive, got {self.head_step}")
         if self.lossy_embeddings is None:
             self.lossy_embeddings = self.scope == "all"
         for k in ("threads", "workers"):
@@ -222,9 +253,10 @@ def measure_curve(name: str, kind: str, W: torch.Tensor, hadamard: bool, seed: i
 class RateController:
     """Chooses the step for the tensors still to code so the total lands on the budget."""
 
-    def __init__(self, budget: float, curves: dict[str, RateCurve]):
+    def __init__(self, budget: float, curves: dict[str, RateCurve], offsets: dict[str, float] | None = None):
         self.budget = budget
         self.curves = curves
+        self.offsets = dict(offsets or {})  # tensor name -> log2 of its step's multiple of the common step
         self.remaining = set(curves)
         self.spent = 0.0
         self.actual: dict[str, float] = {}
@@ -239,8 +271,12 @@ class RateController:
         a, p = sum(self.actual.values()), sum(self.predicted.values())
         return a / p if p > 0 else 1.0
 
+    def offset(self, name: str) -> float:
+        """log2 of the multiple of the common step at which ``name`` is coded."""
+        return self.offsets.get(name, 0.0)
+
     def predict(self, x: float, names) -> float:
-        return sum(self.ratio(self.curves[t].kind) * self.curves[t].bytes_at(x) for t in names)
+        return sum(self.ratio(self.curves[t].kind) * self.curves[t].bytes_at(x + self.offset(t)) for t in names)
 
     def _aggregate(self, names) -> tuple[np.ndarray, float, float]:
         """The remaining tensors' curves summed once (every curve lives on LOG2_GRID, and
@@ -250,7 +286,11 @@ class RateController:
         for t in names:
             c = self.curves[t]
             r = self.ratio(c.kind)
-            agg += (r * c.numel) * c.bits
+            off = self.offsets.get(t, 0.0)
+            # the curve at x + off, on the grid (interpolation is linear; beyond the fine end: 1 bit per halving)
+            bits = c.bits if off == 0.0 else (np.interp(LOG2_GRID + off, LOG2_GRID, c.bits)
+                                              + np.maximum(0.0, LOG2_GRID[0] - (LOG2_GRID + off)))
+            agg += (r * c.numel) * bits
             n_w += r * c.numel
             fixed += r * 512
         return agg, n_w, fixed
@@ -278,6 +318,7 @@ class RateController:
         return hi
 
     def record(self, name: str, x: float, nbytes: int) -> None:
+        """``name`` coded at log2 step ``x`` (its own step: the common one plus its offset)."""
         c = self.curves[name]
         self.actual[c.kind] = self.actual.get(c.kind, 0.0) + nbytes
         self.predicted[c.kind] = self.predicted.get(c.kind, 0.0) + c.bytes_at(x)
@@ -770,12 +811,14 @@ def check_coded(w: ArchiveWriter, entry, tc: E.TensorCode, ckpt: A.Checkpoint, n
 
 
 def code_tensor(name: str, W: "torch.Tensor | E.RowView", dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
-                cache: dict, keep_w_hat: bool = True, energy: float | None = None) -> tuple[E.TensorCode, E.TensorJob]:
+                cache: dict, keep_w_hat: bool = True, energy: float | None = None,
+                candidates: tuple[str, ...] | None = None) -> tuple[E.TensorCode, E.TensorJob]:
     """Code one tensor at ``step``: candidates by J on a row subsample, then the chosen one in
     full (a :class:`E.RowView` ``W``: row chunk by row chunk). ``energy``: tr(W Σ Wᵀ) if known
     (:func:`run_block`'s), else measured."""
     job = E.TensorJob(name, W, dtype, S, trellis=opts.trellis, energy=energy)
-    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache, lazy=isinstance(W, E.RowView))
+    E.build_candidates(job, candidates or opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache,
+                       lazy=isinstance(W, E.RowView))
     if len(job.cands) > 1:
         cand, _ = E.choose(job, step, E.stride_for(W.shape[0], opts.sample_rows))
     else:
@@ -1049,7 +1092,18 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         else:
             budget = opts.bpw * n_linear / 8
             curves_ctl = {n: c for n, c in curves.items() if n in linear_names}
-        ctl = RateController(budget, curves if opts.scope == "all" else curves_ctl)
+        # the output head (a tied embedding, or an untied lm_head) at head_step x the blocks' step
+        head_name = None
+        if plan is not None and opts.lossy_embeddings:
+            head_name = plan.embedding if plan.tied else plan.lm_head
+        head_step = opts.head_step
+        if head_step is None:
+            head_step = 1.0
+            if opts.scope == "all" and head_name in curves:
+                n_head = curves[head_name].numel
+                head_step = auto_head_step(n_head, sum(c.numel for c in curves.values()) - n_head)
+        offsets = {head_name: math.log2(head_step)} if head_name in curves and head_step != 1.0 else {}
+        ctl = RateController(budget, curves if opts.scope == "all" else curves_ctl, offsets)
         if budget <= 0 and order:
             raise ValueError(f"--bpw {opts.bpw}: the lossless tensors alone take {8 * other_bytes / n_params:.3f} bits per parameter")
 
@@ -1075,7 +1129,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     "n_params": n_params, "n_lossy_weights": n_coded, "n_linear_weights": n_lin,
                     "bpw_linear_all_in": 8 * lin_bytes / max(1, n_lin),
                     "bpw_lossy_all_in": 8 * sum(c.nbytes for c in coded.values()) / max(1, n_coded), "modes": modes,
-                    "nonfinite": opts.nonfinite, "lossless": dict(sorted(lossless_why.items()))}
+                    "nonfinite": opts.nonfinite, "lossless": dict(sorted(lossless_why.items())),
+                    "head": head_name, "head_step": head_step, "head_step_given": opts.head_step is not None}
             return {**meta, "acz.lossy": json.dumps(per, sort_keys=True), "acz.lossy.summary": json.dumps(summ, sort_keys=True)}
 
         def exact_overhead(n_more: int) -> int:
@@ -1225,9 +1280,9 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     S = S_head
                 W = tensor_rows(ckpt, nm)
                 dtype = ckpt.tensors[nm].dtype
-                if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step
-                    st = ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()
-                    tc, job = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False)
+                if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step (the head at its multiple)
+                    st = (ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()) * (head_step if nm == head_name else 1.0)
+                    tc, job = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False, candidates=outer_candidates(opts))
                     put(nm, tc, math.log2(st), job.unfit)
                     continue
                 last = i == len(rest) - 1
@@ -1318,10 +1373,10 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
     corrected by the measured ratio of full to estimated bytes, only if the first misses the
     target by more than ``tol_bytes``. The full code runs row chunk by row chunk and keeps no
     reconstruction: memory beyond the symbols is a few row chunks, whatever the tensor's size."""
-    x = ctl.solve()
+    x = ctl.solve() + ctl.offset(nm)  # its own step: the common one times its multiple (the head's)
     rows = W.shape[0]
     job = E.TensorJob(nm, W, dtype, S, trellis=opts.trellis)
-    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache={}, lazy=isinstance(W, E.RowView))
+    E.build_candidates(job, outer_candidates(opts), alpha=opts.alpha, seed=opts.seed, cache={}, lazy=isinstance(W, E.RowView))
     try:
         def pick(z):
             if len(job.cands) > 1:

@@ -223,6 +223,10 @@ class TensorJob:
     tcq_lambda: float | None = None  # tcq: λ = c·Δ² of the trellis search
     tcq_passes: int | None = None  # tcq: searches again with the previous pass's class tables
     refine_classes: bool | None = None  # class maps refined by lossy.refine_classes
+    # tcq: per-row multipliers of the trellis search's λ (None: all 1). A row whose error matters
+    # less (a rare token's row of an embedding / output head) trades more error for rate; the
+    # step, and so the format, is unchanged
+    row_lambda: np.ndarray | None = None
 
     def settings(self) -> tuple[float, int, bool]:
         """(tcq λ factor, tcq rate passes, class refinement): the fields, or where None the
@@ -464,12 +468,15 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     # the stream encoder's scheduling thread; 1 elsewhere), each chunk's arithmetic unchanged
     threads, init = parallel.inner_threads(), _thread_init()
 
+    rl = None if job.row_lambda is None else np.asarray(job.row_lambda, dtype=np.float64)[sl]
+
     def tcq_search(rate=None):
         state = np.zeros(q.shape[1], np.int64)  # row 0 of every column: state 0
 
         def plan(r):
             rr = None if rate is None else (rate[0], rate[1][r], rate[2])
-            k = yield from gptq_tcq_steps(Ct[r], cand.R, cand.perm, step, job.trellis, lam_c=lam_c, rate=rr, state=state)
+            k = yield from gptq_tcq_steps(Ct[r], cand.R, cand.perm, step, job.trellis, lam_c=lam_c, rate=rr, state=state,
+                                          row_lambda=None if rl is None else rl[r])
             q[r] = k.numpy()
 
         # chunk c's batch k after chunk c − 1's (the trellis states it enters in): a wavefront

@@ -7,6 +7,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -407,6 +408,29 @@ def test_controller_aggregate_matches_per_tensor_prediction():
     assert ctl.predict(x, names) == pytest.approx(ctl.budget - ctl.spent, rel=1e-6)
 
 
+def test_controller_offsets_price_a_tensor_at_its_own_step():
+    """A tensor with an offset (the output head's step multiple) is predicted at x + offset, in
+    the aggregate as per tensor; the solved step meets the budget with it."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    curves = {}
+    for i in range(6):
+        bits = np.sort(rng.uniform(0, 12, len(S.LOG2_GRID)))[::-1].copy()
+        curves[f"t{i}"] = S.RateCurve(f"t{i}", ("q_proj", "down_proj", "embedding")[i % 3], int(rng.integers(4096, 10**6)), bits)
+    off = {"t2": -1.25}
+    ctl, plain = S.RateController(3e6, curves, off), S.RateController(3e6, curves)
+    assert ctl.offset("t2") == -1.25 and ctl.offset("t1") == 0.0
+    names = sorted(ctl.remaining)
+    agg = ctl._aggregate(names)
+    for x in (-7.3, -4.0, -1.0, 0.4):
+        assert ctl._predict_agg(x, *agg) == pytest.approx(ctl.predict(x, names), rel=1e-9)
+        assert ctl.predict(x, ["t2"]) == pytest.approx(plain.predict(x - 1.25, ["t2"]), rel=1e-12)
+    x = ctl.solve()
+    assert ctl.predict(x, names) == pytest.approx(ctl.budget, rel=1e-6)
+    assert x > plain.solve()  # the finer head leaves the others a coarser step
+
+
 def test_thread_limits_set_and_restore():
     import numba
 
@@ -487,6 +511,53 @@ def test_stream_encoder_writes_tcq_that_decodes_to_what_it_measured(tmp_path, te
     archive.verify(out)
     with pytest.raises(ValueError):
         S.StreamOptions(bpw=3.0, trellis=9)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_step_multiple_is_recorded_decodes_and_lands_on_the_rate(tmp_path, text_file, tied):
+    """head_step: the output head (tied embedding or untied lm_head) coded at a finer step than the
+    blocks, recorded per tensor and in the summary; the file still lands within 1 % of the target;
+    the same bytes on a second run; the archive verifies (its check decodes every tensor)."""
+    import math
+
+    d = make_checkpoint(tmp_path / "m", "llama", tied)
+    plan = A.plan_model(d)
+    head = plan.embedding if tied else plan.lm_head
+    outs = {}
+    for hs in (1.0, 0.5, 0.5):
+        out = tmp_path / f"m{hs}-{len(outs)}.acz"
+        summ = S.encode_stream(d, out, _opts(text_file, head_step=hs, trellis=2), tokenizer=ToyTokenizer(), progress=False)
+        info = archive.inspect(out)
+        assert abs(8 * os.path.getsize(out) / info["n_weights"] / 4.0 - 1) <= 0.01
+        assert summ["head_step"] == hs and summ["head"] == head
+        per = json.loads(info["metadata"]["acz.lossy"])
+        blocks = [per[li.weight]["step"] for b in plan.blocks for li in b.linears if li.weight in per]
+        ratio = per[head]["step"] / float(np.median(blocks))
+        outs.setdefault(hs, []).append((out, ratio))
+        archive.verify(out)
+    # the head absorbs the controller's miss (two blocks: a large one), so compare the two runs
+    assert math.log2(outs[1.0][0][1] / outs[0.5][0][1]) > 0.5
+    assert outs[0.5][0][0].read_bytes() == outs[0.5][1][0].read_bytes()
+    with pytest.raises(ValueError, match="head step"):
+        S.StreamOptions(bpw=3.0, head_step=0.0)
+    # not given: the balance rule from the parameter ratio, recorded as such
+    out = tmp_path / "auto.acz"
+    summ = S.encode_stream(d, out, _opts(text_file, trellis=2), tokenizer=ToyTokenizer(), progress=False)
+    ckpt = A.Checkpoint(d)
+    n_head = ckpt.tensors[head].numel
+    n_others = summ["n_lossy_weights"] - n_head
+    assert summ["head_step"] == pytest.approx(S.auto_head_step(n_head, n_others)) and not summ["head_step_given"]
+    assert abs(8 * os.path.getsize(out) / archive.inspect(out)["n_weights"] / 4.0 - 1) <= 0.01
+
+
+def test_auto_head_step_balances_the_head_against_the_rest():
+    """A small head (SmolLM2's share) gets a finer step than the blocks, a head larger than the
+    rest (Gemma-3's 262k-token embedding) a coarser one; m rises with the head's share."""
+    ms = [S.auto_head_step(h, 100) for h in (1, 10, 27, 60, 100, 167, 400)]
+    assert all(a < b for a, b in zip(ms, ms[1:]))
+    assert 0.55 < S.auto_head_step(28_311_552, 106_168_320) < 0.7
+    assert 1.0 < S.auto_head_step(167_772_160, 100_300_000) < 1.25
+    assert S.auto_head_step(0, 100) == 1.0 == S.auto_head_step(5, 0)
 
 
 def test_cli_default_encoder_is_stream_and_checks_each_tensor(tmp_path, capsys, monkeypatch):

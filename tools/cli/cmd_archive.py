@@ -115,7 +115,7 @@ def _compress(args: argparse.Namespace) -> int:
 
 WHOLE_ONLY = (("distortion", "--distortion"), ("tune_norms", "--tune-norms"))
 STREAM_ONLY = (("resume", "--resume"), ("workers", "--workers"), ("calib_tokens", "--calib-tokens"),
-               ("calibration", "--calibration"), ("threads", "--threads"))
+               ("calibration", "--calibration"), ("threads", "--threads"), ("head_step", "--head-step"))
 
 
 def _pick_encoder(args: argparse.Namespace) -> str:
@@ -163,7 +163,8 @@ def _compress_stream(args: argparse.Namespace) -> int:
     # the stream-only flags default to None on the command line (so that _pick_encoder sees
     # whether they were given): StreamOptions' own defaults apply to those not given
     given = {k: v for k, v in (("calibration", args.calibration), ("calib_tokens", args.calib_tokens),
-                               ("workers", args.workers), ("threads", args.threads)) if v is not None}
+                               ("workers", args.workers), ("threads", args.threads), ("head_step", args.head_step))
+             if v is not None}
     if args.no_calibration:
         given["calibration"] = "none"
     try:
@@ -303,6 +304,9 @@ def add_parser(sub) -> None:
                         "block's forward pass, the row chunks of a tall tensor), each library's own pool (torch, numba, "
                         "BLAS) at one thread. Pass --threads 1 where CPU seconds are compared")
     p.add_argument("--resume", action="store_true", help="lossy (stream): continue an interrupted encode from its spool folder")
+    p.add_argument("--head-step", type=float, default=None, metavar="M",
+                   help="lossy (stream): the output head's step (a tied embedding, or an untied lm_head) as a multiple "
+                        "of the blocks' step; < 1 spends more of the budget on it (default: see docs/lossy-encoder.md)")
     p.add_argument("--distortion", type=float, help="lossy (whole): target mean activation-weighted relative error per tensor instead of --bpw")
     p.add_argument("--candidates", default="hadamard,colscale",
                    help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")
