@@ -321,7 +321,11 @@ class EcsqJob:
     reconstruction: one launch for rows of up to SHARED_FLOATS); :meth:`check` copies the
     chunk status back (one copy, a synchronisation) and raises on a corrupt chunk."""
 
-    def __init__(self, entry, streams, *, stream_obj=0, pool_key=0):
+    def __init__(self, entry, streams, *, stream_obj=0, pool_key=0, st=None, sym_base=0):
+        """``st`` given (a batch of tensors, :mod:`aligncodec.codec.modes.gpu_batch`): stage the
+        streams (``self.prepared``, symbols at ``sym_base`` of the batch's symbol buffer) and the
+        tables into it and stop there; the batch uploads, plans one rANS launch for all its
+        tensors and sets ``views``, ``syms`` and ``buf`` before :meth:`reconstruct`."""
         decode_cuda.require()
         params, sstreams, scales, hd, cm = lossy.parse(entry, streams)
         self.entry, self.params, self.stream_obj, self.name = entry, params, stream_obj, entry.name
@@ -329,8 +333,10 @@ class EcsqJob:
         self.rows, self.n, self.numel = rows, n, rows * n
         self.kind = KIND[entry.dtype]
         rowterm, colbase, colstride, offrow, offcol, bases = gather_tables(entry, params, cm)
-        st = decode_cuda.Staging()
-        self.plan = decode_cuda.plan_symbols(sstreams, bases, st)
+        own = st is None
+        if own:
+            st = decode_cuda.Staging()
+        self.prepared = decode_cuda.prepare_streams(sstreams, [sym_base + b for b in bases])
         d = lossy.column_steps(params, scales)
         d = np.asarray(d, dtype=np.float32) if isinstance(d, np.ndarray) else np.full(n, d, dtype=np.float32)
         self.oI = tuple(st.add(a.astype(np.int64)) for a in (rowterm, colbase, colstride, offrow, offcol))
@@ -343,19 +349,27 @@ class EcsqJob:
         if params.transform != lossy.TRANSFORM_IDENTITY:
             self.oQ = st.add(hd.Q.astype(np.float32).reshape(-1))
             self.oS = st.add(hd.signs.astype(np.float32))
+        self.batch = self.buf = None
+        if params.transform != lossy.TRANSFORM_IDENTITY and n > SHARED_FLOATS and self.numel:
+            self.batch = max(1, min(rows, BUFFER_BYTES // (4 * n)))  # rows through the float32 buffer at a time
+        if not own:
+            return
+        self.plan = decode_cuda.plan_prepared(self.prepared, st)
         self.pool = decode_cuda.pool(pool_key)
         self.views = self.pool.upload(st, self.name, stream_obj)
         self.d_status = self.pool.status(self.plan.n_chunks, self.name, stream_obj)
         self.syms = self.pool.array("syms", max(1, self.numel), np.uint16, self.name, stream_obj)
-        self.batch = self.buf = None
-        if params.transform != lossy.TRANSFORM_IDENTITY and n > SHARED_FLOATS and self.numel:
-            self.batch = max(1, min(rows, BUFFER_BYTES // (4 * n)))  # rows through the float32 buffer at a time
+        if self.batch is not None:
             self.buf = self.pool.array("rowbuf", self.batch * n, np.float32, self.name, stream_obj)
 
     def launch(self, out) -> None:
+        decode_cuda.launch_symbols(self.plan, self.views, self.syms, self.d_status, self.stream_obj)
+        self.reconstruct(out)
+
+    def reconstruct(self, out) -> None:
+        """The kernels after the symbols: the tcq level pass, then the reconstruction into ``out``."""
         rows, n, m, p = self.rows, self.n, self.m, self.p
         so, kind = self.stream_obj, self.kind
-        decode_cuda.launch_symbols(self.plan, self.views, self.syms, self.d_status, so)
         if self.numel == 0:
             return
         I, F = self.views["i8"], self.views["f4"]

@@ -1,0 +1,293 @@
+"""Many tensors decoded on a CUDA device per batch: the loader's GPU path (``load(device="cuda")``).
+
+A batch is a run of consecutive GPU-decodable tensors of an archive (float-split, ecsq, tcq), up
+to :data:`BATCH_TENSORS` tensors, :data:`BATCH_STAGE_BYTES` of compressed bytes and
+:data:`BATCH_OUT_BYTES` of decoded bytes (a whole SmolLM2 decoder block fits; a large tensor
+is a batch of its own). Per batch, not per tensor:
+
+* ONE pinned staging buffer (this batch slot's :class:`decode_cuda.Pool`) holding every
+  stream's words, chunk and slot tables and every tensor's reconstruction tables, sent with
+  ONE asynchronous host-to-device copy (on a copy stream; the decode stream waits on an event);
+* ONE rANS launch for every stream of every tensor of the batch, into one symbol buffer;
+* the reconstruction launches, one per tensor (two for tcq: the level pass, then ecsq's);
+  they write straight into each tensor's own output (torch memory, one allocation per tensor,
+  so no two yielded tensors share storage);
+* ONE copy of every chunk's status back and ONE wait (an event), when the batch is finished.
+
+Two batch slots alternate: the loader stages and submits batch N+1 before it waits for batch N,
+so the GPU always has the next batch queued and the host packs one batch while the GPU decodes
+the other. Errors keep file order: a tensor whose header, streams or chunks are bad raises the
+CPU decoder's named error when its turn comes, after every earlier tensor was yielded.
+
+Tensors in modes without a GPU decoder (``stored``, ``bytegroup``) are not batched: the loader
+decodes them on the CPU worker pool as soon as they are read (so while the GPU works) and
+copies each to the device when its turn comes. A mode with a GPU decoder but no batch
+stager here (a future one) is decoded tensor by tensor through its registry ``decode_gpu``.
+
+The device side (memory, streams, output tensors) comes from a backend: :class:`TorchBackend`
+(torch tensors on a CUDA device) in the loader; the CUDA-simulator tests use numba arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from aligncodec.codec.entropy import decode_cpu, decode_cuda
+from aligncodec.formats.constants import FLOAT_FORMATS, MODE_ECSQ, MODE_FLOAT_SPLIT, MODE_TCQ
+
+BATCH_TENSORS = 32  # tensors per batch at most
+BATCH_STAGE_BYTES = 32 << 20  # compressed bytes per batch (the pinned staging buffer), unless one tensor is larger
+BATCH_OUT_BYTES = 512 << 20  # decoded bytes per batch (GPU memory being written at once), unless one tensor is larger
+SLOTS = 2  # batches in flight: one decoding, the next staged and queued
+
+_OUT_NP = {16: np.uint16, 32: np.uint32, 64: np.uint64}
+
+
+class TorchBackend:
+    """Output tensors and the stream of a torch CUDA device."""
+
+    def __init__(self, device):
+        import torch
+
+        self.dev = torch.device(device)
+        self.pool_key = self.dev.index
+        self._copy = None
+
+    def context(self):
+        import torch
+
+        return torch.cuda.device(self.dev)
+
+    def stream(self):
+        return decode_cuda._numba_stream(self.dev)  # torch's current stream: torch sees the outputs in order
+
+    def copy_stream(self):
+        from numba import cuda
+
+        if self._copy is None:
+            self._copy = cuda.stream()
+        return self._copy
+
+    def alloc(self, entry):
+        """(numba view of the output's bit patterns, a function giving the tensor to yield)."""
+        import torch
+
+        from aligncodec.codec.torch_interop import torch_dtype
+
+        dt = torch_dtype(entry.dtype)
+        t = decode_cuda.torch_empty(entry.numel, dt, self.dev, entry.name)
+        width = torch.tensor([], dtype=dt).element_size() * 8
+        iv = t.view({16: torch.int16, 32: torch.int32, 64: torch.int64}[width])
+        return decode_cuda._as_numba(iv, _OUT_NP[width]), lambda: t.reshape(entry.shape)
+
+    def single(self, entry, streams):
+        from aligncodec.codec.modes import decode_entry_gpu
+
+        return decode_entry_gpu(entry, streams, self.dev)
+
+
+def _event():
+    from numba import cuda
+
+    try:
+        return cuda.event(timing=False)
+    except TypeError:  # the simulator's Event takes no argument
+        return cuda.event()
+
+
+def batchable(entry) -> bool:
+    """True for the modes staged into a batch here."""
+    return entry.mode in (MODE_FLOAT_SPLIT, MODE_ECSQ, MODE_TCQ)
+
+
+class _Item:
+    __slots__ = ("entry", "streams", "kind", "job", "base", "p0", "p1", "error", "result", "extra")
+
+    def __init__(self, entry, streams):
+        self.entry, self.streams = entry, streams
+        self.kind = self.job = self.error = self.result = self.extra = None
+        self.base = self.p0 = self.p1 = 0
+
+
+class Batch:
+    """Tensors staged for one launch of the rANS kernel (module doc)."""
+
+    def __init__(self, slot: int, check=None):
+        self.slot = slot
+        self.check = check  # check_entry(entry, streams) before staging (the loader's verify checks)
+        self.st = decode_cuda.Staging()
+        self.items: list[_Item] = []
+        self.prepared: list = []
+        self.nsym = 0
+        self.in_bytes = 0
+        self.out_bytes = 0
+        self.submitted = self.finished = False
+        self.plan = None
+        self.views = None
+        self.pool = None
+        self.done = None
+
+    def fits(self, entry) -> bool:
+        if not self.items:
+            return True
+        return (len(self.items) < BATCH_TENSORS and self.st.nbytes + entry.size <= BATCH_STAGE_BYTES
+                and self.out_bytes + entry.nbytes <= BATCH_OUT_BYTES)
+
+    def add(self, entry, streams) -> int:
+        """Stage one tensor (errors are kept and raised in its turn); returns its index."""
+        it = _Item(entry, streams)
+        self.items.append(it)
+        self.in_bytes += entry.size
+        self.out_bytes += entry.nbytes
+        try:
+            if self.check is not None:
+                self.check(entry, streams)
+            if entry.mode == MODE_FLOAT_SPLIT:
+                self._stage_float_split(it)
+            elif entry.mode in (MODE_ECSQ, MODE_TCQ):
+                self._stage_lossy(it)
+            else:
+                it.kind = "single"
+        except Exception as exc:  # noqa: BLE001 - raised in file order by finish()
+            it.error = exc
+        return len(self.items) - 1
+
+    def _take(self, it, prepared) -> None:
+        it.p0 = len(self.prepared)
+        self.prepared.extend(prepared)
+        it.p1 = len(self.prepared)
+
+    def _stage_float_split(self, it) -> None:
+        from aligncodec.codec.modes import lossless
+
+        entry, streams = it.entry, it.streams
+        lossless.validate(entry, streams)
+        width, e = FLOAT_FORMATS[entry.dtype]
+        k = entry.params[0]
+        rest = lossless._bytes_from(streams[1], lossless.packed_size(entry.numel, width - e - k), entry.name)
+        w, rw, low, raw = decode_cpu.float_split_layout(streams[0], rest, entry.dtype, k)
+        it.base = self.nsym
+        prepared = decode_cuda.prepare_streams([streams[0]], [it.base])
+        roff = self.st.add(np.ascontiguousarray(raw).reshape(-1).view(np.uint8)) if entry.numel else 0
+        self._take(it, prepared)
+        it.kind, it.extra = "float-split", (roff, rw, low, w)
+        self.nsym += entry.numel
+
+    def _stage_lossy(self, it) -> None:
+        from aligncodec.codec.modes import lossy_cuda
+
+        it.base = self.nsym
+        job = lossy_cuda.EcsqJob(it.entry, it.streams, st=self.st, sym_base=it.base)
+        self._take(it, job.prepared)
+        it.kind, it.job = "lossy", job
+        self.nsym += it.entry.numel
+
+    def submit(self, backend) -> None:
+        """Upload the batch (one copy), launch its kernels; returns without waiting."""
+        from aligncodec.codec.modes import lossy_cuda
+
+        so = backend.stream()
+        name = self.items[0].entry.name if self.items else "?"
+        self.plan = decode_cuda.plan_prepared(self.prepared, self.st)
+        self.pool = p = decode_cuda.pool((backend.pool_key, self.slot))
+        cs = backend.copy_stream()
+        self.views = p.upload(self.st, name, cs if cs is not None else so)
+        if cs is not None:
+            ev = _event()
+            ev.record(cs)
+            ev.wait(so)
+        self.st = None  # the host parts stay referenced by views["_host"] until the batch is finished
+        d_status = p.status(max(1, self.plan.n_chunks), name, so)
+        syms = p.array("syms", max(1, self.nsym), np.uint16, name, so)
+        need_buf = max((it.job.batch * it.job.n for it in self.items if it.kind == "lossy" and it.error is None
+                        and it.job.batch is not None), default=0)
+        buf = p.array("rowbuf", need_buf, np.float32, name, so) if need_buf else None
+        decode_cuda.launch_symbols(self.plan, self.views, syms, d_status, so)
+        tpb = decode_cuda.JOIN_THREADS_PER_BLOCK
+        for it in self.items:
+            if it.error is not None:
+                break  # nothing after a bad tensor is yielded
+            if it.kind == "single":
+                continue
+            try:
+                out, it.result = backend.alloc(it.entry)
+                n = it.entry.numel
+                if it.kind == "float-split":
+                    if n:
+                        roff, rw, low, width = it.extra
+                        decode_cuda.join_from_kernel[decode_cuda._grid(n, tpb), tpb, so](
+                            out, syms, it.base, self.views["u1"], roff, n, rw, low, width)
+                else:
+                    job = it.job
+                    job.views, job.buf, job.stream_obj = self.views, buf, so
+                    job.syms = syms[it.base : it.base + max(1, n)] if n else syms
+                    job.reconstruct(out)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of GPU memory, raised in its turn
+                it.error = exc
+                break
+        if self.plan.n_chunks:
+            decode_cuda._d2h(p.h_status, p.d_status, 4 * self.plan.n_chunks, so)
+        self.done = _event()
+        self.done.record(so)
+        self.submitted = True
+
+    def finish(self, backend) -> None:
+        """Wait for the batch (its event), check every chunk's status, keep each tensor's result
+        or error (the first corrupt tensor's CPU error; nothing after it is kept)."""
+        if self.finished:
+            return
+        self.done.synchronize()
+        self.finished = True
+        h = self.pool.h_status
+        bad = self.plan.n_chunks and h[: self.plan.n_chunks].any()
+        stop = False
+        for it in self.items:
+            if stop:
+                it.result = None
+                it.error = it.error or RuntimeError("not decoded: an earlier tensor of its batch failed")
+                continue
+            if it.error is not None:
+                stop = True
+                continue
+            if bad:
+                try:
+                    for sb, nch in self.plan.spans[it.p0 : it.p1]:
+                        decode_cpu._raise_status(h[sb : sb + nch])
+                except Exception as exc:  # noqa: BLE001
+                    it.error, it.result, stop = exc, None, True
+                    continue
+        self.views = None  # the staging buffer is this slot's again
+        self.prepared = []
+
+    def take(self, i: int, backend):
+        """Tensor i of the finished batch (or its error, raised)."""
+        it = self.items[i]
+        self.items[i] = None  # the loader keeps no reference once yielded
+        if it.error is not None:
+            raise it.error
+        if it.kind == "single":
+            return backend.single(it.entry, it.streams)
+        return it.result()
+
+
+def decode_all(pairs, backend, *, check=None) -> list:
+    """Decode ``(entry, streams)`` pairs in batches (tests and benchmarks; the loader pipelines
+    its own): a list of tensors in order, the first error raised in its turn."""
+    out = []
+    batches = []
+    b = None
+    for entry, streams in pairs:
+        if b is None or not b.fits(entry):
+            b = Batch(len(batches) % SLOTS, check)
+            batches.append(b)
+        b.add(entry, streams)
+    with backend.context():
+        for k, b in enumerate(batches):
+            if not b.submitted:
+                b.submit(backend)
+            if k + 1 < len(batches):
+                batches[k + 1].submit(backend)  # queued before batch k is waited for
+            b.finish(backend)
+            for i in range(len(b.items)):
+                out.append(b.take(i, backend))
+    return out
