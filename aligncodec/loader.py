@@ -20,10 +20,14 @@ been yielded.
 CPU decoding runs on a pool of worker threads (:mod:`aligncodec.codec.parallel`;
 ``threads=``, default all CPUs or ``ACZ_THREADS``): numba ``nogil`` kernels
 parallel over rANS chunks and rows, and over the tensors in flight, so reading,
-CRC, zstd and decoding overlap. On a CUDA device the GPU decoder is used
-(:mod:`aligncodec.codec.entropy.decode_cuda`) for the modes it supports, when
-numba's CUDA target works; the others (``stored``, and ``bytegroup``, which has no
-GPU decoder yet: its registry entry has none) are decoded on the CPU and copied.
+CRC, zstd and decoding overlap. On a CUDA device the GPU decoder is used for the
+modes it supports (float-split, ecsq, tcq), when numba's CUDA target works, in
+batches of consecutive tensors (:mod:`aligncodec.codec.modes.gpu_batch`: one
+staging copy, one rANS launch, one status copy and one wait per batch, the next
+batch queued before the current one is waited for; the reader then holds up to two
+batches, bounded by their compressed bytes); the others (``stored``, and
+``bytegroup``, which has no GPU decoder: its registry entry has none) are decoded
+on the CPU pool as soon as they are read, while the GPU works, and copied.
 
 :func:`load_hf_model` builds the Transformers model from the ``config.json``
 carried in the archive (auxiliary entry ``acz:file/config.json``) with its
@@ -562,7 +566,7 @@ def _consume_gpu(pf, dev, mapped, base, st, capacity, max_bytes, lim):
     from collections import deque
 
     from aligncodec.codec.modes import gpu_batch
-    from aligncodec.validation import check_entry
+    from aligncodec.validation import check_entry, check_entry_header
 
     backend = gpu_batch.TorchBackend(dev)
     pending: deque = deque()  # (entry, job, batch, index) in file order; batch None: a CPU job
@@ -573,6 +577,9 @@ def _consume_gpu(pf, dev, mapped, base, st, capacity, max_bytes, lim):
 
     def check(entry, streams):
         check_entry(entry, streams, lim)
+
+    def check_header(entry):
+        check_entry_header(entry, lim)
 
     def submit(b):
         k = state["next"] % gpu_batch.SLOTS
@@ -614,7 +621,7 @@ def _consume_gpu(pf, dev, mapped, base, st, capacity, max_bytes, lim):
             b = state["open"]
             if b is None or not b.fits(entry):
                 close_open()
-                b = state["open"] = gpu_batch.Batch(0, check)
+                b = state["open"] = gpu_batch.Batch(0, check, check_header)
             pending.append((entry, job, b, b.add(entry, job.streams)))
         else:
             pending.append((entry, job, None, 0))

@@ -9,9 +9,10 @@ is a batch of its own). Per batch, not per tensor:
   stream's words, chunk and slot tables and every tensor's reconstruction tables, sent with
   ONE asynchronous host-to-device copy (on a copy stream; the decode stream waits on an event);
 * ONE rANS launch for every stream of every tensor of the batch, into one symbol buffer;
-* the reconstruction launches, one per tensor (two for tcq: the level pass, then ecsq's);
-  they write straight into each tensor's own output (torch memory, one allocation per tensor,
-  so no two yielded tensors share storage);
+* ONE launch of the tcq level pass for every tcq tensor of the batch (spec §7.6);
+* the reconstruction launches, one per tensor (rows longer than the shared-memory segment:
+  a few more); they write straight into each tensor's own output (torch memory, one
+  allocation per tensor, so no two yielded tensors share storage);
 * ONE copy of every chunk's status back and ONE wait (an event), when the batch is finished.
 
 Two batch slots alternate: the loader stages and submits batch N+1 before it waits for batch N,
@@ -112,15 +113,20 @@ class _Item:
 class Batch:
     """Tensors staged for one launch of the rANS kernel (module doc)."""
 
-    def __init__(self, slot: int, check=None):
+    def __init__(self, slot: int, check=None, check_header=None):
         self.slot = slot
-        self.check = check  # check_entry(entry, streams) before staging (the loader's verify checks)
+        # the loader's verify checks before staging: check(entry, streams) in full (header entry and
+        # streams), check_header(entry) the header entry alone, for the batched modes, whose staging
+        # runs the same stream validation (lossy.parse, lossless.validate) once instead of twice
+        self.check = check
+        self.check_header = check_header
         self.st = decode_cuda.Staging()
         self.items: list[_Item] = []
         self.prepared: list = []
         self.nsym = 0
         self.in_bytes = 0
         self.out_bytes = 0
+        self.levels: list = []  # (item index, job) of the tcq tensors: one level-pass launch for all
         self.submitted = self.finished = False
         self.plan = None
         self.views = None
@@ -140,7 +146,9 @@ class Batch:
         self.in_bytes += entry.size
         self.out_bytes += entry.nbytes
         try:
-            if self.check is not None:
+            if batchable(entry) and self.check_header is not None:
+                self.check_header(entry)
+            elif self.check is not None:
                 self.check(entry, streams)
             if entry.mode == MODE_FLOAT_SPLIT:
                 self._stage_float_split(it)
@@ -180,14 +188,28 @@ class Batch:
         job = lossy_cuda.EcsqJob(it.entry, it.streams, st=self.st, sym_base=it.base)
         self._take(it, job.prepared)
         it.kind, it.job = "lossy", job
+        if job.params.trellis and job.numel:
+            self.levels.append(job)
         self.nsym += it.entry.numel
 
     def submit(self, backend) -> None:
         """Upload the batch (one copy), launch its kernels; returns without waiting."""
-        from aligncodec.codec.modes import lossy_cuda
+        from aligncodec.codec.modes import lossy, lossy_cuda
 
         so = backend.stream()
         name = self.items[0].entry.name if self.items else "?"
+        good = next((k for k, it in enumerate(self.items) if it.error is not None), len(self.items))
+        lv = [j for j in self.levels if any(it.job is j for it in self.items[:good])]  # tensors before a bad one
+        tpb_l = lossy_cuda.THREADS_PER_BLOCK
+        if lv:
+            recs, blocks = [], []
+            for t, j in enumerate(lv):
+                n_states, taps = lossy.TRELLIS_MACHINES[j.params.trellis]
+                recs.append(j.oI + (j.rows, j.n, n_states.bit_length() - 1, taps, j.sym_base))
+                blocks.extend((t, c0) for c0 in range(0, j.n, tpb_l))
+                j.levels_done = True
+            o_recs = self.st.add(np.asarray(recs, np.int64).reshape(-1))
+            o_blocks = self.st.add(np.asarray(blocks, np.int64).reshape(-1))
         self.plan = decode_cuda.plan_prepared(self.prepared, self.st)
         self.pool = p = decode_cuda.pool((backend.pool_key, self.slot))
         cs = backend.copy_stream()
@@ -203,6 +225,8 @@ class Batch:
                         and it.job.batch is not None), default=0)
         buf = p.array("rowbuf", need_buf, np.float32, name, so) if need_buf else None
         decode_cuda.launch_symbols(self.plan, self.views, syms, d_status, so)
+        if lv:
+            lossy_cuda.levels_multi_kernel[len(blocks), tpb_l, so](syms, self.views["i8"], o_recs, o_blocks)
         tpb = decode_cuda.JOIN_THREADS_PER_BLOCK
         for it in self.items:
             if it.error is not None:
@@ -270,7 +294,7 @@ class Batch:
         return it.result()
 
 
-def decode_all(pairs, backend, *, check=None) -> list:
+def decode_all(pairs, backend, *, check=None, check_header=None) -> list:
     """Decode ``(entry, streams)`` pairs in batches (tests and benchmarks; the loader pipelines
     its own): a list of tensors in order, the first error raised in its turn."""
     out = []
@@ -278,7 +302,7 @@ def decode_all(pairs, backend, *, check=None) -> list:
     b = None
     for entry, streams in pairs:
         if b is None or not b.fits(entry):
-            b = Batch(len(batches) % SLOTS, check)
+            b = Batch(len(batches) % SLOTS, check, check_header)
             batches.append(b)
         b.add(entry, streams)
     with backend.context():
