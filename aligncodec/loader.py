@@ -557,6 +557,11 @@ def load(
         release_decoder_scratch()  # the symbol buffers kept for the next lossy tensor
 
 
+def _to_device(t, dev):
+    """A CPU-decoded tensor (stored, bytegroup) copied to the load's device."""
+    return t.to(dev) if t.device != dev else t
+
+
 def _consume_gpu(pf, dev, mapped, base, st, capacity, max_bytes, lim):
     """The consumer side of :func:`load` on a CUDA device: runs of GPU-decodable tensors go into
     batches (:mod:`aligncodec.codec.modes.gpu_batch`: one staging copy, one rANS launch, one
@@ -656,9 +661,7 @@ def _consume_gpu(pf, dev, mapped, base, st, capacity, max_bytes, lim):
                     if job.want is not None and t.is_floating_point() and t.dtype != job.want:
                         t = t.to(job.want)
                 else:
-                    t = job.result()
-                    if t.device != dev:
-                        t = t.to(dev)
+                    t = _to_device(job.result(), dev)
                 pending.popleft()
                 del job, b
                 if mapped is not None:
