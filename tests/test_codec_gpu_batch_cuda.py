@@ -386,3 +386,37 @@ def test_reader_bounded_by_bytes():
         n += 1
     pf.close(join=True)
     assert n == 50 and held["max"] <= 4, held  # 35 bytes of 10-byte tensors: 4 at most
+
+
+@pytest.mark.skipif(IN_SIM, reason="compiles for a real GPU target (the parent process)")
+def test_batch_kernels_compile_to_ptx(monkeypatch):
+    """The batch's kernels (float-split join from the shared symbol buffer, the level pass of
+    every tcq tensor, and the per-tensor level kernel built on the same device function) compile
+    for sm_90 with numba's real CUDA target: the simulator does not type-check them. Needs
+    libNVVM (a CUDA toolkit), not a GPU; skipped where it is missing."""
+    from numba import cuda
+    from numba import types as T
+
+    try:
+        cuda.compile_ptx(lambda a: None, "void(float32[:])", cc=(9, 0))
+    except Exception as exc:  # no NVVM / toolkit here
+        pytest.skip(f"no NVVM: {type(exc).__name__}")
+    import numba.cuda.dispatcher as d
+
+    class Dev:
+        compute_capability = (9, 0)
+
+    monkeypatch.setattr(d, "get_current_device", lambda: Dev(), raising=False)
+    from aligncodec.codec.entropy import decode_cuda as DC
+    from aligncodec.codec.modes import lossy_cuda as LC
+
+    A = lambda t: t[::1]  # noqa: E731
+    cases = [
+        (DC.join_from_kernel, (A(T.uint16), A(T.uint16), T.int64, A(T.uint8), T.int64, T.int64, T.int64, T.int64, T.int64)),
+        (DC.join_from_kernel, (A(T.uint32), A(T.uint16), T.int64, A(T.uint8), T.int64, T.int64, T.int64, T.int64, T.int64)),
+        (LC.levels_multi_kernel, (A(T.uint16), A(T.int64), T.int64, T.int64)),
+        (LC.levels_kernel, (A(T.uint16), A(T.int64)) + (T.int64,) * 9),
+    ]
+    for k, sig in cases:
+        ptx, _ = cuda.compile_ptx(k.py_func, T.void(*sig), cc=(9, 0))
+        assert ".entry" in ptx, k.py_func.__name__
