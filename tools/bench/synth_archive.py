@@ -4,7 +4,7 @@ never for quality.
 
     python -m aligncodec.tools.bench.synth_archive --size 1.5b --layers 4 -o /tmp/synth-1.5b-l4.acz
 
-Every linear layer of the checkpoint's layout (same names, shapes and order) is a lossy tensor
+Every linear layer of the checkpoint's layout (same names and shapes; the archive lists tensors by name) is a lossy tensor
 in the default mode, ``tcq`` with 64 states (spec §7.6), randomized Hadamard transform, column
 scales and 4 row classes, holding random symbols (Laplace, scale ``--scale``: about 3 bits per
 symbol before side information at the default), in the encoder's default rANS layout. The
