@@ -196,6 +196,7 @@ class Batch:
         """Upload the batch (one copy), launch its kernels; returns without waiting."""
         from aligncodec.codec.modes import lossy, lossy_cuda
 
+        decode_cuda.require()
         so = backend.stream()
         name = self.items[0].entry.name if self.items else "?"
         good = next((k for k, it in enumerate(self.items) if it.error is not None), len(self.items))

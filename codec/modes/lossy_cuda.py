@@ -349,8 +349,10 @@ class EcsqJob:
         """``st`` given (a batch of tensors, :mod:`aligncodec.codec.modes.gpu_batch`): stage the
         streams (``self.prepared``, symbols at ``sym_base`` of the batch's symbol buffer) and the
         tables into it and stop there; the batch uploads, plans one rANS launch for all its
-        tensors and sets ``views``, ``syms`` and ``buf`` before :meth:`reconstruct`."""
-        decode_cuda.require()
+        tensors and sets ``views``, ``syms`` and ``buf`` before :meth:`reconstruct` (staging is host
+        work: the batch checks the device when it submits)."""
+        if st is None:
+            decode_cuda.require()
         params, sstreams, scales, hd, cm = lossy.parse(entry, streams)
         self.entry, self.params, self.stream_obj, self.name = entry, params, stream_obj, entry.name
         rows, n = entry.shape
