@@ -642,8 +642,8 @@ def _consume_gpu(pf, dev, mapped, base, st, capacity, max_bytes, lim):
         return len(live) < 2  # read on until the next batch is queued behind it
 
     try:
-        with backend.context():
-            while True:
+        while True:
+            with backend.context():  # the device made current for our work only, never across a yield
                 while not state["ended"] and held[0] < capacity and held[1] < max_bytes and need_more():
                     pull()
                 if not pending:
@@ -662,24 +662,25 @@ def _consume_gpu(pf, dev, mapped, base, st, capacity, max_bytes, lim):
                         t = t.to(job.want)
                 else:
                     t = _to_device(job.result(), dev)
-                pending.popleft()
-                del job, b
-                if mapped is not None:
-                    mapped.drop(base + entry.offset, base + entry.offset + entry.size)
-                pf.release(entry.size)
-                held[0] -= 1
-                held[1] -= entry.size
-                st.tensors += 1
-                st.decoded_bytes += t.numel() * t.element_size()
-                out = (entry.name, t)
-                del t
-                yield out
-                del out
-            if state["failure"] is not None:
-                raise state["failure"]
+            pending.popleft()
+            del job, b
+            if mapped is not None:
+                mapped.drop(base + entry.offset, base + entry.offset + entry.size)
+            pf.release(entry.size)
+            held[0] -= 1
+            held[1] -= entry.size
+            st.tensors += 1
+            st.decoded_bytes += t.numel() * t.element_size()
+            out = (entry.name, t)
+            del t
+            yield out
+            del out
+        if state["failure"] is not None:
+            raise state["failure"]
     finally:
         for b in live:  # a load ended early: no kernel may still use the pools' buffers
-            b.done.synchronize()
+            if b.done is not None:
+                b.done.synchronize()
 
 
 def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1,

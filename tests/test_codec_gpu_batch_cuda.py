@@ -23,7 +23,7 @@ sim_only = pytest.mark.skipif(not ON_GPU, reason="runs in the NUMBA_ENABLE_CUDAS
 
 LOSSY = sorted(glob.glob(os.path.join(ROOT, "spec", "vectors", "lossy", "*.acz")))
 FLOAT_SPLIT = [os.path.join(ROOT, "spec", "vectors", "valid", f) for f in ("mixed_layouts.acz", "rans_lanes.acz", "odd_shapes.acz")]
-N_SIM_TESTS = 6  # the 5 device tests and the plain one
+N_SIM_TESTS = 7  # the 6 device tests and the plain one
 
 
 @pytest.mark.skipif(IN_SIM or ON_GPU, reason="the parent process runs the simulator")
@@ -180,6 +180,37 @@ def test_errors_in_file_order(gb):
     assert b.take(0, be) == _cpu(*pairs[0])
     with pytest.raises(type(cpu_ei.value)):
         b.take(1, be)
+
+
+@sim_only
+def test_batch_failure_raised_in_its_turn(gb, monkeypatch):
+    """A batch that cannot get its device buffers (out of GPU memory while the previous batch is
+    in flight): the previous batch's tensors are still returned, the failing batch's first
+    tensor raises DeviceOutOfMemoryError naming it, the rest of that batch is not returned."""
+    from aligncodec.codec.entropy import decode_cuda
+
+    pairs = _pairs(LOSSY[:4])
+    decode_cuda.release_pools()  # cold pools: the second batch must allocate its slot's buffers
+    be = SimBackend(copy_stream=False)
+    b0, b1 = gb.Batch(0), gb.Batch(1)
+    for e, s in pairs[:2]:
+        b0.add(e, s)
+    for e, s in pairs[2:]:
+        b1.add(e, s)
+    b0.submit(be)
+
+    def full(n, dtype, stream_obj):
+        raise MemoryError("CUDA_ERROR_OUT_OF_MEMORY")
+
+    monkeypatch.setattr(decode_cuda, "_raw_device_array", full)
+    b1.submit(be)  # queued before b0 is waited for; fails as a whole
+    b0.finish(be)
+    assert [b0.take(0, be), b0.take(1, be)] == [_cpu(*pairs[0]), _cpu(*pairs[1])]
+    b1.finish(be)
+    with pytest.raises(decode_cuda.DeviceOutOfMemoryError, match=pairs[2][0].name):
+        b1.take(0, be)
+    with pytest.raises(RuntimeError, match="earlier tensor"):
+        b1.take(1, be)
 
 
 @sim_only

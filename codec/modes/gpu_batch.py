@@ -193,7 +193,25 @@ class Batch:
         self.nsym += it.entry.numel
 
     def submit(self, backend) -> None:
-        """Upload the batch (one copy), launch its kernels; returns without waiting."""
+        """Upload the batch (one copy), launch its kernels; returns without waiting. A failure of
+        the batch as a whole (no usable device, out of device or pinned memory for its buffers)
+        is kept as the error of its first tensor not already failed, raised in that tensor's
+        turn (so the tensors of earlier batches are still yielded first)."""
+        try:
+            self._submit(backend)
+        except Exception as exc:  # noqa: BLE001
+            try:
+                decode_cuda._sync(backend.stream())  # nothing of this batch may still run on its slot's buffers
+            except Exception:  # noqa: BLE001
+                pass
+            first = next((it for it in self.items if it.error is None), None)
+            if first is not None:
+                first.error, first.result = exc, None
+            self.done = None
+            self.plan = None
+            self.submitted = True
+
+    def _submit(self, backend) -> None:
         from aligncodec.codec.modes import lossy, lossy_cuda
 
         decode_cuda.require()
@@ -261,10 +279,11 @@ class Batch:
         or error (the first corrupt tensor's CPU error; nothing after it is kept)."""
         if self.finished:
             return
-        self.done.synchronize()
+        if self.done is not None:
+            self.done.synchronize()
         self.finished = True
-        h = self.pool.h_status
-        bad = self.plan.n_chunks and h[: self.plan.n_chunks].any()
+        h = self.pool.h_status if self.plan is not None else None
+        bad = self.plan is not None and self.plan.n_chunks and h[: self.plan.n_chunks].any()
         stop = False
         for it in self.items:
             if stop:
