@@ -181,3 +181,10 @@ def test_synth_archive_stand_in(tmp_path):
     assert info["tensors"] == len(specs)
     sd = aligncodec.load_state_dict(p, threads=1)
     assert all(t.dtype == torch.bfloat16 and torch.isfinite(t.float()).all() for t in sd.values())
+    # the lossless stand-in: every tensor synth_checkpoint's values, bit for bit
+    q = tmp_path / "l.acz"
+    synth_archive.write("tiny", q, layers=1, embeddings=False, lossless=True)
+    cfg = SC.config_dict("tiny", 1)
+    for name, t in aligncodec.load(q, threads=1):
+        shape, kind = next((s, k) for n, s, k in specs if n == name)
+        assert torch.equal(t.view(torch.int16), SC.make_tensor(name, shape, kind, cfg["num_hidden_layers"], 0).view(torch.int16)), name

@@ -24,7 +24,7 @@
      rows longer than the shared segment): kernels only (streams and tables already on the
      device), and from host streams to the bf16 tensor on the device; lossy tcq bf16 (64 states,
      the default lossy mode) at the first shape, the same two timings (``--no-kernels``: none of these);
-   - ``--archive`` and ``--synth SIZE:LAYERS[:noembed]`` (a stand-in lossy archive of synth_checkpoint's
+   - ``--archive`` and ``--synth SIZE:LAYERS[:noembed][:lossless]`` (a stand-in lossy archive of synth_checkpoint's
      widths, tools/bench/synth_archive.py, written first): the whole archive through
      load_state_dict(device="cuda") (the batched GPU path) checked against the CPU decoder, then
      timed, wall time from a warm page cache, in GB/s of bf16 (2 bytes per weight) and of the
@@ -93,9 +93,10 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", default="16384x1,131072x32", help="rANS layouts to time: KxW (chunk symbols x lanes)")
     ap.add_argument("--archive", action="append", default=[], help="an .acz to check tensor by tensor and to load (repeatable)")
     ap.add_argument("--json", metavar="OUT", help="write the report as JSON")
-    ap.add_argument("--synth", action="append", default=[], metavar="SIZE:LAYERS[:noembed]",
+    ap.add_argument("--synth", action="append", default=[], metavar="SIZE:LAYERS[:noembed][:lossless]",
                     help="also load a stand-in lossy archive of synth_checkpoint's widths (tools/bench/synth_archive.py), "
-                         "e.g. 1.5b:4, or 1.5b:2:noembed without the float-split embeddings (repeatable)")
+                         "e.g. 1.5b:4, or 1.5b:2:noembed without the float-split embeddings, or 135m:30:lossless "
+                         "(every tensor float-split: a lossless stand-in at SmolLM2-135M widths) (repeatable)")
     ap.add_argument("--cpu-threads", type=int, default=0, help="threads of the CPU decoder the archive loads are compared with (0: every core)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the kernel throughput table (archives only)")
     ap.add_argument("--vectors", type=Path, default=ROOT / "spec" / "vectors" / "lossy",
@@ -209,11 +210,12 @@ def main(argv=None) -> int:
     for spec in args.synth:
         from aligncodec.tools.bench import synth_archive
 
-        size, layers, *rest = (spec.split(":") + ["4"])[:3] if ":" in spec else (spec, "4")
-        embed = "noembed" not in rest
-        p = Path(synth_dir) / f"synth-{size}-l{layers}{'' if embed else '-noembed'}.acz"
+        parts = spec.split(":")
+        size, layers, rest = parts[0], (parts[1] if len(parts) > 1 else "4"), parts[2:]
+        embed, ll = "noembed" not in rest, "lossless" in rest
+        p = Path(synth_dir) / f"synth-{size}-l{layers}{'' if embed else '-noembed'}{'-lossless' if ll else ''}.acz"
         t1 = time.time()
-        info = synth_archive.write(size, p, layers=int(layers), embeddings=embed)
+        info = synth_archive.write(size, p, layers=int(layers), embeddings=embed, lossless=ll)
         print(f"stand-in archive {p.name}: {info['tensors']} tensors, {info['weights'] / 1e6:.0f} M weights, "
               f"{info['bytes'] / 2**20:.0f} MiB, written in {time.time() - t1:.0f}s", flush=True)
         synth.append(str(p))

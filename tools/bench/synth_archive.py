@@ -10,7 +10,8 @@ scales and 4 row classes, holding random symbols (Laplace, scale ``--scale``: ab
 symbol before side information at the default), in the encoder's default rANS layout. The
 embeddings and lm_head are synth_checkpoint's random BF16 values coded losslessly (float-split),
 the norms likewise (whatever lossless mode is smallest), as the whole-file lossy encoder leaves
-them. The archive is a valid .acz: every decoder gives the same bytes (the decoders do not care
+them (``--lossless``: every tensor so, a lossless stand-in). The archive is a valid .acz:
+every decoder gives the same bytes (the decoders do not care
 that the symbols came from no real weights).
 """
 
@@ -23,11 +24,13 @@ from pathlib import Path
 import numpy as np
 
 
-def write(size: str, out, *, layers: int | None = 4, seed: int = 0, scale: float = 1.3, embeddings: bool = True) -> dict:
-    """Write the stand-in archive; returns counts (tensors, weights, bytes)."""
+def write(size: str, out, *, layers: int | None = 4, seed: int = 0, scale: float = 1.3, embeddings: bool = True,
+          lossless: bool = False) -> dict:
+    """Write the stand-in archive; returns counts (tensors, weights, bytes). ``lossless``: every
+    tensor is synth_checkpoint's random BF16 values coded float-split (a lossless stand-in)."""
     import torch
 
-    from aligncodec.codec.modes import lossless, lossy
+    from aligncodec.codec.modes import lossless as ll_mode, lossy
     from aligncodec.formats.writer import ArchiveWriter
     from aligncodec.tools.bench import synth_checkpoint as sc
 
@@ -37,7 +40,7 @@ def write(size: str, out, *, layers: int | None = 4, seed: int = 0, scale: float
     n_t = n_w = 0
     with ArchiveWriter(out) as w:
         for name, shape, kind in sc.tensor_specs(cfg):
-            if kind in ("in", "out"):
+            if kind in ("in", "out") and not lossless:
                 rows, n = shape
                 q = np.round(rng.laplace(0, scale, size=shape)).astype(np.int32)
                 _, m = lossy.split_pow2(n)
@@ -52,7 +55,7 @@ def write(size: str, out, *, layers: int | None = 4, seed: int = 0, scale: float
                     continue
                 t = sc.make_tensor(name, shape, kind, cfg["num_hidden_layers"], seed)
                 raw = t.contiguous().view(torch.uint8).numpy()
-                mode, params, streams = lossless.encode(raw, "BF16", t.numel(), policy="float-split")
+                mode, params, streams = ll_mode.encode(raw, "BF16", t.numel(), policy="float-split")
                 w.add(name, "BF16", shape, mode, streams, params)
             n_t += 1
             n_w += int(np.prod(shape))
@@ -67,10 +70,12 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="decoder blocks (the size's widths)")
     ap.add_argument("--no-embeddings", action="store_true", help="leave out embed_tokens and lm_head")
     ap.add_argument("--scale", type=float, default=1.3, help="Laplace scale of the random symbols")
+    ap.add_argument("--lossless", action="store_true", help="every tensor synth_checkpoint's random BF16 values, float-split")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args(argv)
-    r = write(args.size, args.output, layers=args.layers, seed=args.seed, scale=args.scale, embeddings=not args.no_embeddings)
+    r = write(args.size, args.output, layers=args.layers, seed=args.seed, scale=args.scale, embeddings=not args.no_embeddings,
+              lossless=args.lossless)
     print(f"{args.output}: {r['tensors']} tensors, {r['weights'] / 1e6:.1f} M weights, {r['bytes'] / 2**20:.1f} MiB, "
           f"{8 * r['bytes'] / r['weights']:.2f} bits/weight")
     return 0
