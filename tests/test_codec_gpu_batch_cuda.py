@@ -65,6 +65,16 @@ class SimBackend:
         raise AssertionError("every mode here is batched")
 
 
+class SimScratchBackend(SimBackend):
+    """As TorchBackend: the batch's scratch (symbols, row buffer) from the backend, per batch."""
+
+    def scratch(self, n, dtype, name):
+        from numba import cuda
+
+        a = cuda.device_array(n, dtype)
+        return a, a
+
+
 def _pairs(paths):
     from aligncodec.formats.reader import ArchiveReader
 
@@ -116,10 +126,12 @@ def test_one_batch_every_vector_bit_exact(gb):
 @sim_only
 def test_many_batches_both_slots(gb, monkeypatch):
     """Small batch limits: the tensors spread over several batches (both slots alternate, each
-    batch queued before the previous one is waited for), no copy stream; same bytes."""
+    batch queued before the previous one is waited for), no copy stream, the scratch arrays from
+    the backend (as torch's allocator gives them on a GPU); same bytes."""
     monkeypatch.setattr(gb, "BATCH_TENSORS", 3)
     pairs = _pairs(LOSSY + FLOAT_SPLIT[:1])
-    got = gb.decode_all(pairs, SimBackend(copy_stream=False))
+    be = SimScratchBackend(copy_stream=False)
+    got = gb.decode_all(pairs, be)
     assert [g for g in got] == [_cpu(e, st) for e, st in pairs]
 
 

@@ -38,7 +38,7 @@ from aligncodec.formats.constants import FLOAT_FORMATS, MODE_ECSQ, MODE_FLOAT_SP
 
 BATCH_TENSORS = 32  # tensors per batch at most
 BATCH_STAGE_BYTES = 32 << 20  # compressed bytes per batch (the pinned staging buffer), unless one tensor is larger
-BATCH_OUT_BYTES = 512 << 20  # decoded bytes per batch (GPU memory being written at once), unless one tensor is larger
+BATCH_OUT_BYTES = 256 << 20  # decoded bytes per batch (GPU memory being written at once, plus its symbols), unless one tensor is larger
 SLOTS = 2  # batches in flight: one decoding, the next staged and queued
 
 _OUT_NP = {16: np.uint16, 32: np.uint32, 64: np.uint64}
@@ -80,6 +80,16 @@ class TorchBackend:
         width = torch.tensor([], dtype=dt).element_size() * 8
         iv = t.view({16: torch.int16, 32: torch.int32, 64: torch.int64}[width])
         return decode_cuda._as_numba(iv, _OUT_NP[width]), lambda: t.reshape(entry.shape)
+
+    def scratch(self, n: int, dtype, name: str):
+        """A device scratch array of n elements from torch's caching allocator (on this backend's
+        stream, the one every kernel of a batch runs on): (numba view, the torch tensor to keep
+        until the batch is finished)."""
+        import torch
+
+        tdt = {np.dtype(np.uint16): torch.int16, np.dtype(np.float32): torch.float32}[np.dtype(dtype)]
+        t = decode_cuda.torch_empty(n, tdt, self.dev, name)
+        return decode_cuda._as_numba(t, dtype if tdt == torch.int16 else None), t
 
     def single(self, entry, streams):
         from aligncodec.codec.modes import decode_entry_gpu
@@ -132,6 +142,7 @@ class Batch:
         self.views = None
         self.pool = None
         self.done = None
+        self._keep: list = []
 
     def fits(self, entry) -> bool:
         if not self.items:
@@ -239,10 +250,20 @@ class Batch:
             ev.wait(so)
         self.st = None  # the host parts stay referenced by views["_host"] until the batch is finished
         d_status = p.status(max(1, self.plan.n_chunks), name, so)
-        syms = p.array("syms", max(1, self.nsym), np.uint16, name, so)
+        scratch = getattr(backend, "scratch", None)
+        if scratch is not None:  # torch's caching allocator: no cudaMalloc/cudaFree (a device-wide wait) per batch
+            syms, keep = scratch(max(1, self.nsym), np.uint16, name)
+            self._keep.append(keep)
+        else:
+            syms = p.array("syms", max(1, self.nsym), np.uint16, name, so)
         need_buf = max((it.job.batch * it.job.n for it in self.items if it.kind == "lossy" and it.error is None
                         and it.job.batch is not None), default=0)
-        buf = p.array("rowbuf", need_buf, np.float32, name, so) if need_buf else None
+        buf = None
+        if need_buf and scratch is not None:
+            buf, keep = scratch(need_buf, np.float32, name)
+            self._keep.append(keep)
+        elif need_buf:
+            buf = p.array("rowbuf", need_buf, np.float32, name, so)
         decode_cuda.launch_symbols(self.plan, self.views, syms, d_status, so)
         if lv:
             lossy_cuda.levels_multi_kernel[len(blocks), tpb_l, so](syms, self.views["i8"], o_recs, o_blocks)
@@ -302,6 +323,7 @@ class Batch:
                     continue
         self.views = None  # the staging buffer is this slot's again
         self.prepared = []
+        self._keep = []  # the scratch tensors go back to torch's cache (stream-ordered: our stream)
 
     def take(self, i: int, backend):
         """Tensor i of the finished batch (or its error, raised)."""
