@@ -4,7 +4,7 @@
 
 Prints the batches :mod:`aligncodec.codec.modes.gpu_batch` forms from the archive's GPU-decodable
 tensors (float-split, ecsq, tcq), the CUDA driver calls they cost by the per-batch counts the
-simulator tests check (tests/test_codec_gpu_batch_cuda.py: one copy in, one rANS launch, one tcq
+simulator tests check (tests/test_codec_modes_gpu_batch_cuda.py: one copy in, one rANS launch, one tcq
 level-pass launch, one reconstruction launch per tensor, one status copy, one wait, plus three
 event calls for the copy stream and the done event) against the single-tensor path (one copy in,
 one rANS launch, the level pass for tcq, the reconstruction, one status copy, one wait per tensor),

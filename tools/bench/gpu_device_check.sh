@@ -49,7 +49,7 @@ if [ "$PHASE" = main ]; then
   #        corrupt-chunk verdicts, batches of tensors, the batched loader path)
   echo "=== 1. device tests on the GPU $(el)"
   ACZ_TEST_REAL_GPU=1 timeout 120 python3 -m pytest -q -p no:cacheprovider $R/tests/test_codec_modes_lossy_cuda.py \
-    $R/tests/test_codec_entropy_decode_cuda.py $R/tests/test_codec_modes_tcq_cuda.py $R/tests/test_codec_gpu_batch_cuda.py \
+    $R/tests/test_codec_entropy_decode_cuda.py $R/tests/test_codec_modes_tcq_cuda.py $R/tests/test_codec_modes_gpu_batch_cuda.py \
     -k "not under_simulator" 2>&1 | tail -25 | tee $OUT/pytest_gpu.log
   # --- 2. bench_gpu 4096²: all checks, the kernel table (float-split, ecsq m=1/3, tcq 64 states), the
   #        1.5B stand-in lossy archive (2 blocks of 1.5B widths, 121 M tcq weights: written on the device in

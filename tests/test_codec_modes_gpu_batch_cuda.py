@@ -4,7 +4,7 @@ the float-split vectors decoded together in one batch; errors in file order; the
 tensor counted (one staging copy, one rANS launch and one status copy per batch).
 
 The device tests run in a child process with NUMBA_ENABLE_CUDASIM=1 (tests/simulator.py);
-``ACZ_TEST_REAL_GPU=1 pytest tests/test_codec_gpu_batch_cuda.py -k "not under_simulator"`` runs
+``ACZ_TEST_REAL_GPU=1 pytest tests/test_codec_modes_gpu_batch_cuda.py -k "not under_simulator"`` runs
 them on a CUDA device."""
 
 import contextlib
