@@ -77,7 +77,7 @@ class TorchBackend:
 
         dt = torch_dtype(entry.dtype)
         t = decode_cuda.torch_empty(entry.numel, dt, self.dev, entry.name)
-        width = torch.tensor([], dtype=dt).element_size() * 8
+        width = 8 * entry.itemsize
         iv = t.view({16: torch.int16, 32: torch.int32, 64: torch.int64}[width])
         return decode_cuda._as_numba(iv, _OUT_NP[width]), lambda: t.reshape(entry.shape)
 
