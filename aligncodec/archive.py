@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
 from aligncodec import __version__
-from aligncodec.auxfiles import AUX_PREFIX, add_aux_file, aux_name_problem, extract_aux_files, find_aux_files, is_aux
+from aligncodec.auxfiles import AUX_MAX_BYTES, AUX_PREFIX, AUX_SUFFIXES, add_aux_file, aux_name_problem, file_name, find_aux_files, is_aux
 from aligncodec.formats import errors as E
 from aligncodec.formats import metadata as M
 from aligncodec.formats.limits import Limits
@@ -29,19 +30,8 @@ from aligncodec.formats.constants import DATA_ALIGN
 from aligncodec.formats.layout import TensorEntry, align
 from aligncodec.formats.reader import ArchiveReader
 from aligncodec.formats.writer import ArchiveWriter
+from aligncodec.errors import InputError, OutputError  # noqa: F401 - re-exported: archive.InputError
 from aligncodec.validation import check_entry, open_archive
-
-
-class InputError(Exception):
-    """The input checkpoint cannot be read (missing, not safetensors, corrupt safetensors,
-    duplicate tensor names, an auxiliary file name outside the portable set, a symlink
-    leaving the input folder)."""
-
-    exit_code = 3  # the CLI's exit code (README)
-
-
-class OutputError(OSError):
-    """An output could not be written (disk full, permission, an existing destination)."""
 
 
 def printable(s: str) -> str:
@@ -65,6 +55,46 @@ class Source:
     files: list[Path]  # safetensors files
     aux: list[Path]  # other small files of a model folder
     root: Path
+    indexes: list[Path] = field(default_factory=list)  # shard indexes (*.safetensors.index.json): rebuilt, not stored
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, why) of folder entries not archived
+
+    def metadata(self) -> tuple[dict[str, str], list[str]]:
+        """The source's reserved metadata, ``acz.files`` and (a sharded folder) ``acz.index``,
+        and notes for the user (files not archived, an index whose bytes will differ). Raises
+        InputError on a file that is not safetensors, a tensor in two files, a reserved tensor
+        name, an index that disagrees with the shards (ShardIndexError)."""
+        from aligncodec.shard_index import index_metadata
+
+        files = _file_metadata(self)
+        names: dict[str, str] = {}
+        for fname, info in files.items():
+            for n in info["tensors"]:
+                if n in names:
+                    raise InputError(f"tensor {n!r} appears in both {names[n]} and {fname}")
+                if n.startswith(AUX_PREFIX):
+                    raise InputError(f"tensor name {n!r} uses the reserved prefix {AUX_PREFIX!r}")
+                names[n] = fname
+        meta = {M.KEY_FILES: json.dumps({f: {"metadata": i["metadata"], "tensors": i["tensors"]} for f, i in files.items()},
+                                        sort_keys=True)}
+        idx, notes = index_metadata(self.indexes, files)
+        meta.update(idx)
+        notes = [f"not archived: {printable(n)} ({why})" for n, why in self.skipped] + notes
+        return meta, notes
+
+
+def _why_skipped(f: Path) -> str | None:
+    """Why a folder entry is not archived (None: it is a weight file, an index or an auxiliary file)."""
+    if f.is_dir():
+        return "a folder; only the files at the top of the model folder travel"
+    if not f.is_file():
+        return "not a regular file"
+    if f.name.startswith("."):
+        return "a hidden file"
+    if f.suffix not in AUX_SUFFIXES:
+        return "not a weight, index or auxiliary file type (" + ", ".join(f"*{s}" for s in AUX_SUFFIXES) + ")"
+    if f.stat().st_size > AUX_MAX_BYTES:
+        return f"an auxiliary file larger than {AUX_MAX_BYTES >> 20} MiB"
+    return None
 
 
 def _check_link(f: Path, root: Path, follow_symlinks: bool) -> None:
@@ -98,17 +128,22 @@ def find_inputs(path: str | os.PathLike, *, follow_symlinks: bool = False) -> So
     files = sorted(p.glob("*.safetensors"))
     if not files:
         raise InputError(f"folder {str(p)!r} holds no .safetensors file")
+    from aligncodec.shard_index import find_indexes, is_index_name
+
     # the shard index of a sharded folder describes the shards, which travel as tensors (their
-    # split is in acz.files): it is not an auxiliary file
-    aux = [f for f in find_aux_files(p) if not f.name.lower().endswith(".safetensors.index.json")]
-    for f in files + aux:
+    # split is in acz.files): it is not an auxiliary file but rebuilt from acz.index (spec §3.1)
+    indexes = find_indexes(p)
+    aux = [f for f in find_aux_files(p) if not is_index_name(f.name)]
+    for f in files + indexes + aux:
         _check_link(f, p, follow_symlinks)
     for f in aux:
         why = aux_name_problem(f.name)
         if why:
             raise InputError(f"auxiliary file {str(f)!r} cannot be archived: its name is {why} "
                              "(rename it, or remove it from the folder)")
-    return Source(files, aux, p)
+    taken = {f.name for f in files + indexes + aux}
+    skipped = [(f.name, why) for f in sorted(p.iterdir()) if f.name not in taken and (why := _why_skipped(f))]
+    return Source(files, aux, p, indexes, skipped)
 
 
 def _safetensors_error() -> type[BaseException]:
@@ -138,14 +173,37 @@ def iter_checkpoint(src: Source) -> Iterator[tuple[str, str, str, tuple[int, ...
             raise InputError(f"{str(f)!r} is not a valid safetensors file: {type(exc).__name__}: {exc}") from None
 
 
-def _reference_model_of(folder: Path) -> str | None:
-    """The reference model name (tools/eval/models.py) whose cached folder this is, if any."""
+def _reference_model_of(folder: Path, files: list[Path] | None = None) -> str | None:
+    """The reference model name (tools/eval/models.py) whose weights the input is, if any: its
+    cached folder itself, or (``files``: the input's safetensors files) one file with the size
+    and the sha256 the cached model's manifest records for its weights, e.g. the model copied to
+    a plain folder (hashed only when the sizes agree). ``eval`` takes it as the KLD reference."""
     from aligncodec.tools.eval import models
 
     for name in models.MODELS:
         d = models.model_dir(name)
         if d.is_dir() and d.resolve() == Path(folder).resolve():
             return name
+    if not files or len(files) != 1:
+        return None
+    f = Path(files[0])
+    try:
+        size = f.stat().st_size
+    except OSError:
+        return None
+    digest = None
+    for name in models.MODELS:
+        cached = models.model_dir(name) / models.WEIGHTS
+        try:
+            if not cached.is_file() or cached.stat().st_size != size:
+                continue
+            want = (models.read_manifest(name) or {}).get("files", {}).get(models.WEIGHTS)
+        except (OSError, ValueError, AttributeError):  # an unreadable manifest: no match
+            continue
+        if isinstance(want, str):
+            digest = digest or models.sha256_file(f)
+            if digest == want:
+                return name
     return None
 
 
@@ -188,20 +246,12 @@ def compress(
     from aligncodec.codec.modes import lossless
 
     src = find_inputs(inp, follow_symlinks=follow_symlinks)
-    files = _file_metadata(src)
-    names: dict[str, str] = {}
-    for fname, info in files.items():
-        for n in info["tensors"]:
-            if n in names:
-                raise InputError(f"tensor {n!r} appears in both {names[n]} and {fname}")
-            if n.startswith(AUX_PREFIX):
-                raise InputError(f"tensor name {n!r} uses the reserved prefix {AUX_PREFIX!r}")
-            names[n] = fname
-    meta = {
-        "acz.tool": f"aligncodec {__version__}",
-        "acz.files": json.dumps({f: {"metadata": i["metadata"], "tensors": i["tensors"]} for f, i in files.items()}, sort_keys=True),
-    }
-    src_model = _reference_model_of(src.root)
+    src_meta, notes = src.metadata()
+    meta = {"acz.tool": f"aligncodec {__version__}", **src_meta}
+    if progress:
+        for n in notes:
+            print(f"note: {n}", file=sys.stderr)
+    src_model = _reference_model_of(src.root, src.files)
     if src_model:
         meta["acz.source_model"] = src_model
     meta.update(metadata or {})
@@ -272,7 +322,8 @@ def _save_safetensors(sd: dict, path: str, metadata: dict | None) -> None:
 def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progress: bool = True,
                limits: Limits | None = None, force: bool = False) -> list[Path]:
     """Write the archive's tensors back as safetensors files (the original file
-    split and per-file metadata) plus its auxiliary files. Returns the paths written.
+    split and per-file metadata), the shard index of a sharded folder (its weight map
+    derived from that split, spec §3.1) and the auxiliary files. Returns the paths written.
     ``limits``: the reader's limits (formats/limits.py).
 
     Everything is written into a temporary folder beside ``outdir`` and renamed into
@@ -283,6 +334,7 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
 
     from aligncodec.codec.modes import decode_entry
     from aligncodec.codec.torch_interop import bytes_to_tensor
+    from aligncodec.shard_index import index_bytes
 
     outdir = Path(outdir)
     if outdir.is_dir() and not force and any(outdir.iterdir()):
@@ -290,6 +342,7 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
     written: list[Path] = []
     with open_archive(archive, limits) as r:  # aux names (spec §7.3) and acz.files checked on open
         files = M.parse_files(r.metadata.get(M.KEY_FILES, "{}"))
+        listed = {f: dict(info) for f, info in files.items()}  # as written by the encoder, before orphans are added
         tensors = [t for t in r.tensors if not is_aux(t.name)]
         assigned = {n for info in files.values() for n in info.get("tensors", [])}
         orphans = [t.name for t in tensors if t.name not in assigned]
@@ -316,6 +369,11 @@ def decompress(archive: str | os.PathLike, outdir: str | os.PathLike, *, progres
                 _save_safetensors(sd, os.path.join(tmpdir, fname), info.get("metadata") or None)
                 written.append(outdir / fname)
                 del sd
+            # shard indexes: their weight maps derived from the file split (acz.index, spec §3.1)
+            for iname, spec in sorted(M.parse_index(r.metadata.get(M.KEY_INDEX, "{}"), listed).items()):
+                data = index_bytes(spec, listed)
+                Path(tmpdir, iname).write_bytes(data)
+                written.append(outdir / iname)
             for e in r.tensors:
                 if is_aux(e.name):
                     fname = e.name[len(AUX_PREFIX):]
@@ -382,7 +440,7 @@ def inspect(archive: str | os.PathLike, *, limits: Limits | None = None) -> dict
             "bpw": (file_bytes - aux_bytes) * 8 / n_weights if n_weights else None,
             "bpw_file": file_bytes * 8 / n_weights if n_weights else None,  # auxiliary files included
             "bpw_linear": bpw_linear,
-            "metadata": {k: v for k, v in r.metadata.items() if k != "acz.files"},
+            "metadata": {k: v for k, v in r.metadata.items() if k not in (M.KEY_FILES, M.KEY_INDEX)},
             "tensors": rows,
         }
 
@@ -404,3 +462,30 @@ def verify(archive: str | os.PathLike, *, decode: bool = True, progress: bool = 
                 if out.size != e.nbytes:
                     raise E.StreamError(f"tensor {e.name!r} decoded to {out.size} bytes, {e.nbytes} expected")
         return {"file": os.fspath(archive), "tensors": len(r.tensors), "ok": True}
+
+
+# ----------------------------------------------------------------- auxiliary files
+
+
+def iter_aux_files(archive: str | os.PathLike, limits=None) -> Iterator[tuple[str, bytes]]:
+    """``(file name, bytes)`` of each auxiliary file of an archive on disk, by random access."""
+    from aligncodec.codec.modes import decode_entry
+
+    with open_archive(archive, limits) as r:  # every aux name checked on open (validation.check_header)
+        for e in r.tensors:
+            if is_aux(e.name):
+                fname = file_name(e.name)
+                yield fname, decode_entry(e, r.read_streams(e)).tobytes()
+
+
+def read_aux_files(archive: str | os.PathLike, limits=None) -> dict[str, bytes]:
+    """All auxiliary files of an archive on disk, by file name."""
+    return dict(iter_aux_files(archive, limits))
+
+
+def extract_aux_files(archive: str | os.PathLike, outdir: str | os.PathLike, limits=None) -> list[Path]:
+    """Write the archive's auxiliary files into ``outdir`` (each atomically); returns their paths."""
+    written = []
+    for fname, data in iter_aux_files(archive, limits):
+        written.append(atomic_write(Path(outdir) / fname, lambda tmp, data=data: tmp.write_bytes(data)))
+    return written

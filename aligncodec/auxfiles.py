@@ -9,9 +9,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
-from aligncodec.formats.atomic import atomic_write
 from aligncodec.formats.constants import AUX_PREFIX
 from aligncodec.formats.errors import HeaderError
 from aligncodec.formats.reader import ArchiveReader
@@ -21,7 +20,7 @@ AUX_MAX_BYTES = 256 << 20  # auxiliary files above this size are refused
 AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".py", ".tiktoken", ".vocab")
 
 __all__ = ["AUX_PREFIX", "AUX_MAX_BYTES", "AUX_SUFFIXES", "is_aux", "find_aux_files", "add_aux_file",
-           "iter_aux_files", "read_aux_files", "extract_aux_files", "file_name_problem", "aux_name_problem",
+           "file_name_problem", "aux_name_problem",
            "check_aux_names", "archive_aux_names"]
 
 # ----------------------------------------------------------------- portable names (spec §7.3)
@@ -110,28 +109,3 @@ def add_aux_file(writer: ArchiveWriter, path: Path) -> None:
     data = Path(path).read_bytes()
     mode, params, streams = lossless.encode(data, "U8", len(data))
     writer.add(AUX_PREFIX + Path(path).name, "U8", (len(data),), mode, streams, params)
-
-
-def iter_aux_files(archive: str | os.PathLike, limits=None) -> Iterator[tuple[str, bytes]]:
-    """``(file name, bytes)`` of each auxiliary file of an archive on disk, by random access."""
-    from aligncodec.codec.modes import decode_entry
-    from aligncodec.validation import open_archive
-
-    with open_archive(archive, limits) as r:  # every aux name checked on open (validation.check_header)
-        for e in r.tensors:
-            if is_aux(e.name):
-                fname = file_name(e.name)
-                yield fname, decode_entry(e, r.read_streams(e)).tobytes()
-
-
-def read_aux_files(archive: str | os.PathLike, limits=None) -> dict[str, bytes]:
-    """All auxiliary files of an archive on disk, by file name."""
-    return dict(iter_aux_files(archive, limits))
-
-
-def extract_aux_files(archive: str | os.PathLike, outdir: str | os.PathLike, limits=None) -> list[Path]:
-    """Write the archive's auxiliary files into ``outdir`` (each atomically); returns their paths."""
-    written = []
-    for fname, data in iter_aux_files(archive, limits):
-        written.append(atomic_write(Path(outdir) / fname, lambda tmp, data=data: tmp.write_bytes(data)))
-    return written

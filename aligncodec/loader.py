@@ -20,10 +20,14 @@ been yielded.
 CPU decoding runs on a pool of worker threads (:mod:`aligncodec.codec.parallel`;
 ``threads=``, default all CPUs or ``ACZ_THREADS``): numba ``nogil`` kernels
 parallel over rANS chunks and rows, and over the tensors in flight, so reading,
-CRC, zstd and decoding overlap. On a CUDA device the GPU decoder is used
-(:mod:`aligncodec.codec.entropy.decode_cuda`) for the modes it supports, when
-numba's CUDA target works; the others (``stored``, and ``bytegroup``, which has no
-GPU decoder yet: its registry entry has none) are decoded on the CPU and copied.
+CRC, zstd and decoding overlap. On a CUDA device the GPU decoder is used for the
+modes it supports (float-split, ecsq, tcq), when numba's CUDA target works, in
+batches of consecutive tensors (:mod:`aligncodec.codec.modes.gpu_batch`: one
+staging copy, one rANS launch, one status copy and one wait per batch, the next
+batch queued before the current one is waited for; the reader then holds up to two
+batches, bounded by their compressed bytes); the others (``stored``, and
+``bytegroup``, which has no GPU decoder: its registry entry has none) are decoded
+on the CPU pool as soon as they are read, while the GPU works, and copied.
 
 :func:`load_hf_model` builds the Transformers model from the ``config.json``
 carried in the archive (auxiliary entry ``acz:file/config.json``) with its
@@ -200,12 +204,17 @@ class _Prefetcher:
 
     _END = object()
 
-    def __init__(self, it, capacity: int, stats: LoadStats, start):
+    def __init__(self, it, capacity: int, stats: LoadStats, start, max_bytes: int | None = None):
         self.it = it
         self.start = start
         self.q: queue.Queue = queue.Queue()
         self.slots = threading.Semaphore(capacity)
         self.lock = threading.Lock()
+        # max_bytes (the GPU path's batches): the reader also waits while the tensors in flight
+        # hold this many compressed bytes (one tensor may go over), released by the consumer
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.room = threading.Condition(self.lock)
         self.stop = threading.Event()
         self.done = False  # the reader has finished (or failed)
         self.stats = stats
@@ -219,6 +228,11 @@ class _Prefetcher:
                 self.stats.reader_idle.set()
         if not got:
             self.slots.acquire()
+        if self.max_bytes is not None:
+            with self.room:
+                while self.bytes >= self.max_bytes and not self.stop.is_set():
+                    self.stats.reader_idle.set()
+                    self.room.wait()
         if self.stop.is_set():
             return False
         with self.lock:
@@ -226,9 +240,12 @@ class _Prefetcher:
             self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
         return True
 
-    def release(self) -> None:
-        """The consumer is done with one tensor."""
+    def release(self, nbytes: int = 0) -> None:
+        """The consumer is done with one tensor (``nbytes``: its compressed size, with ``max_bytes``)."""
         with self.lock:
+            if self.max_bytes is not None:
+                self.bytes -= nbytes
+                self.room.notify_all()
             self.stats.in_flight -= 1
             if not self.done:
                 self.stats.reader_idle.clear()
@@ -248,6 +265,9 @@ class _Prefetcher:
                     with self.lock:
                         self.stats.in_flight -= 1
                     break
+                if self.max_bytes is not None:
+                    with self.lock:
+                        self.bytes += entry.size
                 self.q.put(("tensor", (entry, self.start(entry, streams))))
                 del entry, streams
             self.q.put(("end", None))
@@ -267,6 +287,8 @@ class _Prefetcher:
     def close(self, join: bool = False) -> None:
         self.stop.set()
         self.slots.release()
+        with self.room:
+            self.room.notify_all()
         if join and self.thread is not threading.current_thread():
             self.thread.join()
 
@@ -364,14 +386,22 @@ def decode_tensor(entry: TensorEntry, streams: list, *, device="cpu", dtype=None
     return t.to(dev) if t.device != dev else t
 
 
-class _Deferred:
-    """Work run by the consumer when it asks for the result (the Future interface it uses)."""
+class _GpuItem:
+    """A tensor read for the GPU path: decoded in a batch by the consumer (:func:`_consume_gpu`)."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    __slots__ = ("streams", "want")
 
-    def result(self):
-        return self.fn()
+    def __init__(self, streams, want):
+        self.streams, self.want = streams, want
+
+
+def _gpu_device_ok(dev) -> bool:
+    """True when ``dev`` is a CUDA device and numba's CUDA kernels run (checked once per process)."""
+    if dev.type != "cuda":
+        return False
+    from aligncodec.codec.entropy import decode_cuda
+
+    return decode_cuda.available()
 
 
 def _failed(exc: BaseException):
@@ -440,11 +470,7 @@ def load(
         it = iter_archive(reader, lim)
     from aligncodec.codec.modes import has_gpu_path
 
-    gpu = dev.type == "cuda"
-    if gpu:
-        from aligncodec.codec.entropy import decode_cuda
-
-        gpu = decode_cuda.available()
+    gpu = _gpu_device_ok(dev)
 
     def checked(it):
         """The header as verify checks it (and ``on_header``), before any tensor is read or decoded."""
@@ -470,21 +496,29 @@ def load(
             if pf_box and pf_box[0].stop.is_set():
                 return None
         want = None if aux else dtype
-        if gpu and has_gpu_path(entry):  # the CUDA path runs in the consumer's thread
-            return _Deferred(lambda: decode_tensor(entry, streams, device=dev, dtype=want, threads=threads, limits=lim))
+        if gpu and has_gpu_path(entry):  # decoded in batches in the consumer's thread (_consume_gpu)
+            return _GpuItem(streams, want)
         try:
             return decode_tensor(entry, streams, dtype=want, threads=threads, limits=lim, asynchronous=True)
         except BaseException as exc:  # noqa: BLE001 - reported in file order by the consumer
             return _failed(exc)
 
     pf_box: list = []
-    pf = _Prefetcher(checked(it), 1 + prefetch, st, start)
+    capacity, max_bytes = 1 + prefetch, None
+    if gpu:  # room for two batches in flight (codec.modes.gpu_batch), bounded by compressed bytes too
+        from aligncodec.codec.modes import gpu_batch
+
+        capacity += gpu_batch.SLOTS * gpu_batch.BATCH_TENSORS
+        max_bytes = gpu_batch.SLOTS * gpu_batch.BATCH_STAGE_BYTES
+    pf = _Prefetcher(checked(it), capacity, st, start, max_bytes)
     pf_box.append(pf)
     try:
         kind, header = pf.get()
         base = header.data_offset
         del header
-        while True:
+        if gpu:
+            yield from _consume_gpu(pf, dev, mapped, base, st, capacity, max_bytes, lim)
+        while not gpu:
             kind, item = pf.get()
             if kind == "end":
                 break
@@ -521,6 +555,132 @@ def load(
         from aligncodec.codec.modes import release_decoder_scratch
 
         release_decoder_scratch()  # the symbol buffers kept for the next lossy tensor
+
+
+def _to_device(t, dev):
+    """A CPU-decoded tensor (stored, bytegroup) copied to the load's device."""
+    return t.to(dev) if t.device != dev else t
+
+
+def _consume_gpu(pf, dev, mapped, base, st, capacity, max_bytes, lim):
+    """The consumer side of :func:`load` on a CUDA device: runs of GPU-decodable tensors go into
+    batches (:mod:`aligncodec.codec.modes.gpu_batch`: one staging copy, one rANS launch, one
+    status copy and one wait per batch); the next batch is submitted before the one at the front
+    is waited for; other tensors (decoded on the CPU pool as soon as read) are copied to the
+    device in their turn. Tensors are yielded in file order; an error is raised in its turn."""
+    from collections import deque
+
+    from aligncodec.codec.modes import gpu_batch
+    from aligncodec.validation import check_entry, check_entry_header
+
+    backend = gpu_batch.TorchBackend(dev)
+    pending: deque = deque()  # (entry, job, batch, index) in file order; batch None: a CPU job
+    held = [0, 0]  # tensors and compressed bytes received and not yet released
+    slots: list = [None] * gpu_batch.SLOTS  # the batch holding each slot's buffers
+    live: list = []  # batches submitted and not yet finished
+    state = {"open": None, "ended": False, "failure": None, "next": 0}
+
+    def check(entry, streams):
+        check_entry(entry, streams, lim)
+
+    def check_header(entry):
+        check_entry_header(entry, lim)
+
+    def submit(b):
+        k = state["next"] % gpu_batch.SLOTS
+        state["next"] += 1
+        owner = slots[k]
+        if owner is not None and not owner.finished:
+            owner.finish(backend)
+            live.remove(owner)
+        b.slot = k
+        slots[k] = b
+        b.submit(backend)
+        live.append(b)
+
+    def close_open():
+        b = state["open"]
+        if b is not None:
+            state["open"] = None
+            submit(b)
+
+    def pull():
+        try:
+            kind, item = pf.get()
+        except BaseException as exc:  # noqa: BLE001 - raised after the tensors before it
+            state["ended"], state["failure"] = True, exc
+            return
+        if kind == "end":
+            state["ended"] = True
+            return
+        entry, job = item
+        st.compressed_bytes += entry.size
+        if job is None:  # an auxiliary file not asked for
+            pf.release(entry.size)
+            if mapped is not None:
+                mapped.drop(base + entry.offset, base + entry.offset + entry.size)
+            return
+        held[0] += 1
+        held[1] += entry.size
+        if isinstance(job, _GpuItem):
+            b = state["open"]
+            if b is None or not b.fits(entry):
+                close_open()
+                b = state["open"] = gpu_batch.Batch(0, check, check_header)
+            pending.append((entry, job, b, b.add(entry, job.streams)))
+        else:
+            pending.append((entry, job, None, 0))
+
+    def need_more() -> bool:
+        if not pending:
+            return True
+        b = pending[0][2]
+        if b is None:
+            return False  # a CPU tensor at the front: yield it
+        if not b.submitted:
+            return True  # its batch is still filling
+        return len(live) < 2  # read on until the next batch is queued behind it
+
+    try:
+        while True:
+            with backend.context():  # the device made current for our work only, never across a yield
+                while not state["ended"] and held[0] < capacity and held[1] < max_bytes and need_more():
+                    pull()
+                if not pending:
+                    break
+                entry, job, b, i = pending[0]
+                if b is not None:
+                    if not b.submitted:
+                        close_open()
+                    elif state["open"] is not None and len(live) < 2:
+                        close_open()  # queue the next batch before waiting for this one
+                    if not b.finished:
+                        b.finish(backend)
+                        live.remove(b)
+                    t = b.take(i, backend)  # the tensor, or its error in file order
+                    if job.want is not None and t.is_floating_point() and t.dtype != job.want:
+                        t = t.to(job.want)
+                else:
+                    t = _to_device(job.result(), dev)
+            pending.popleft()
+            del job, b
+            if mapped is not None:
+                mapped.drop(base + entry.offset, base + entry.offset + entry.size)
+            pf.release(entry.size)
+            held[0] -= 1
+            held[1] -= entry.size
+            st.tensors += 1
+            st.decoded_bytes += t.numel() * t.element_size()
+            out = (entry.name, t)
+            del t
+            yield out
+            del out
+        if state["failure"] is not None:
+            raise state["failure"]
+    finally:
+        for b in live:  # a load ended early: no kernel may still use the pools' buffers
+            if b.done is not None:
+                b.done.synchronize()
 
 
 def load_state_dict(source, device="cpu", dtype=None, *, threads: int | None = None, prefetch: int = 1,

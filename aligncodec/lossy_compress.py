@@ -97,7 +97,9 @@ def build_jobs(src: Path, sigma: dict | None = None, *, lossy_embeddings: bool =
     lossless = {} if lossless is None else lossless
     jobs = []
     bad: dict[str, int] = {}
-    for _f, name, dtype, shape, raw in archive.iter_checkpoint(archive.find_inputs(src, follow_symlinks=follow_symlinks)):
+    source = archive.find_inputs(src, follow_symlinks=follow_symlinks)
+    source.metadata()  # InputError (an index that disagrees with its shards, ...) before any coding, as the stream encoder
+    for _f, name, dtype, shape, raw in archive.iter_checkpoint(source):
         if names is not None and name not in names:
             continue
         if not is_lossy_candidate(name, dtype, shape, lossy_embeddings):

@@ -70,6 +70,32 @@ SCOPES = ("all", "linear")
 MIN_NUMEL = 4096
 LOG2_GRID = np.arange(-24.0, 6.0 + 1e-9, 0.125)  # log2 of the steps the rate curves are measured at
 SAMPLE_VALUES = 1 << 14  # values per tensor in the rate pass
+# The output head's step multiple when not given (StreamOptions.head_step None): the balance of
+# marginal KL per byte between the head and the other lossy tensors (docs/lossy-encoder.md,
+# "The output head's step"). KL_h ∝ m² (D ∝ Δ²); the others' KL falls e^(-BLOCK_KL_SLOPE) per bit
+# per weight, and each bit per head weight the head takes costs them r = N_head / N_others bits
+# per weight; with equal KL from both at m = 1 (SmolLM2's calibration text: 0.142 vs 0.146) the
+# optimum is m = (β/2)^(1/(2+β)), β = BLOCK_KL_SLOPE·r/ln 2
+BLOCK_KL_SLOPE = 1.5  # ln KLD per bit per weight around 3 bpw (SmolLM2 1.42–1.73, Gemma-3 1.57: results 2026-12-01)
+HEAD_STEP_RANGE = (0.25, 4.0)
+# transforms the embeddings and lm_head try besides opts.candidates (by J, on a row subsample: cheap).
+# SmolLM2's tied embedding at its 3.0 bpw step: identity D 3286 / 10.54 MB against hadamard's
+# 3461 / 10.81 MB (J −3 %); the output head's Σ has a few massive channels (diag max/median 305)
+OUTER_EXTRA_CANDIDATES = ("identity",)
+
+
+def outer_candidates(opts: "StreamOptions") -> tuple[str, ...]:
+    """The candidates of the tensors outside the blocks (embeddings, lm_head)."""
+    return tuple(opts.candidates) + tuple(c for c in OUTER_EXTRA_CANDIDATES if c not in opts.candidates)
+
+
+def auto_head_step(n_head: int, n_others: int) -> float:
+    """The head's step multiple m from the parameter ratio r = n_head / n_others (see HEAD_STEP's
+    note above): SmolLM2-135M (r = 0.27) 0.62, Gemma-3-270M (r = 1.67) 1.11."""
+    if n_head <= 0 or n_others <= 0:
+        return 1.0
+    beta = BLOCK_KL_SLOPE * (n_head / n_others) / math.log(2)
+    return float(min(max((beta / 2) ** (1 / (2 + beta)), HEAD_STEP_RANGE[0]), HEAD_STEP_RANGE[1]))
 
 
 class CalibrationError(RuntimeError):
@@ -78,6 +104,32 @@ class CalibrationError(RuntimeError):
 
 class NonFiniteError(A.CheckpointError, E.NonFiniteError):
     """A weight to be coded holds NaN or Inf (``nonfinite="error"``, the default)."""
+
+
+class TokenizerMismatchError(A.CheckpointError):
+    """The calibration tokenizer yields token ids the model has no embedding row for (a
+    tokenizer that belongs to another model beside the weights)."""
+
+
+def check_vocab(plan: A.ModelPlan, ckpt: A.Checkpoint, windows, tokenizer_size=None) -> None:
+    """Raise TokenizerMismatchError, naming both numbers, when a calibration token id is not
+    below the model's vocabulary: its config's ``vocab_size`` and its input embedding's rows
+    (before any work; the first forward pass would otherwise fail deep in the embedding lookup).
+    ``tokenizer_size``: a callable giving len(tokenizer) for the message (called on error only)."""
+    top = max((int(w.max()) for w in windows if w.numel()), default=-1)
+    cfg = plan.config
+    vs = getattr(cfg, "vocab_size", None) or getattr(getattr(cfg, "text_config", None), "vocab_size", None)
+    rows = ckpt.tensors[plan.embedding].shape[0] if plan.embedding in ckpt.tensors else None
+    limits = [(int(v), what) for v, what in ((vs, "config vocab_size"), (rows, f"rows of {plan.embedding}")) if v]
+    bad = [(v, what) for v, what in limits if top >= v]
+    if bad:
+        v, what = min(bad)
+        size = tokenizer_size() if callable(tokenizer_size) else tokenizer_size
+        tok = f" (of {size:,} tokens)" if size and size > top else ""
+        raise TokenizerMismatchError(
+            f"the calibration tokenizer{tok} gives token id {top:,}, but the model has a vocabulary of {v:,} "
+            f"({what}): the tokenizer does not belong to this model; put the model's own tokenizer beside its weights, "
+            "or use --no-calibration")
 
 
 @dataclass
@@ -92,12 +144,15 @@ class StreamOptions:
     calib_text: str | None = None  # a file path
     window: int = 1024
     lossy_embeddings: bool | None = None  # None: True for scope "all", False for "linear"
-    threads: int | None = 1  # per thread pool (torch, numba, BLAS); None/0: the libraries' defaults (all cores)
+    threads: int | None = None  # threads of the encode (None/0: every core, parallel.default_threads); the archive is the same for any count
     sample_rows: int = 64
-    workers: int = 1
+    workers: int | None = None  # deprecated: the thread count when ``threads`` is not given
     device: str | None = None  # torch device of the calibration forward passes (None: cuda if present, else cpu)
     trellis: int = 0  # 0: mode 2 ecsq; else mode 4 tcq with this state machine (encoder.trellis_id)
     nonfinite: str = "error"  # a lossy candidate holding NaN/Inf: NonFiniteError, or coded lossless ("lossless")
+    # the output head's step (a tied embedding, or an untied lm_head) as a multiple of the blocks'
+    # step; None: auto_head_step (whole-file scope; 1 in linear scope, where the head is not in the target)
+    head_step: float | None = None
 
     def __post_init__(self):
         if self.nonfinite not in ("error", "lossless"):
@@ -115,8 +170,21 @@ class StreamOptions:
                 raise ValueError(f"unknown candidate {c!r}; choose from {', '.join(E.CANDIDATES)}")
         if self.trellis and self.trellis not in lossy.TRELLIS_MACHINES:
             raise ValueError(f"unknown trellis state-machine id {self.trellis}")
+        if self.head_step is not None and not (self.head_step > 0 and math.isfinite(self.head_step)):
+            raise ValueError(f"head step multiplier must be positive, got {self.head_step}")
         if self.lossy_embeddings is None:
             self.lossy_embeddings = self.scope == "all"
+        for k in ("threads", "workers"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ValueError(f"{k} must be a non-negative integer (0: every core), not {v!r}")
+
+    def n_threads(self) -> int:
+        """The encode's threads: ``threads`` (or the deprecated ``workers``) when given and
+        non-zero, else every core (``ACZ_THREADS`` if set; :func:`parallel.default_threads`)."""
+        from aligncodec.codec import parallel
+
+        return (self.threads if self.threads is not None else self.workers) or parallel.default_threads()
 
     def fingerprint(self) -> dict:
         """What the archive bytes depend on (workers and device do not change them)."""
@@ -185,9 +253,10 @@ def measure_curve(name: str, kind: str, W: torch.Tensor, hadamard: bool, seed: i
 class RateController:
     """Chooses the step for the tensors still to code so the total lands on the budget."""
 
-    def __init__(self, budget: float, curves: dict[str, RateCurve]):
+    def __init__(self, budget: float, curves: dict[str, RateCurve], offsets: dict[str, float] | None = None):
         self.budget = budget
         self.curves = curves
+        self.offsets = dict(offsets or {})  # tensor name -> log2 of its step's multiple of the common step
         self.remaining = set(curves)
         self.spent = 0.0
         self.actual: dict[str, float] = {}
@@ -202,8 +271,12 @@ class RateController:
         a, p = sum(self.actual.values()), sum(self.predicted.values())
         return a / p if p > 0 else 1.0
 
+    def offset(self, name: str) -> float:
+        """log2 of the multiple of the common step at which ``name`` is coded."""
+        return self.offsets.get(name, 0.0)
+
     def predict(self, x: float, names) -> float:
-        return sum(self.ratio(self.curves[t].kind) * self.curves[t].bytes_at(x) for t in names)
+        return sum(self.ratio(self.curves[t].kind) * self.curves[t].bytes_at(x + self.offset(t)) for t in names)
 
     def _aggregate(self, names) -> tuple[np.ndarray, float, float]:
         """The remaining tensors' curves summed once (every curve lives on LOG2_GRID, and
@@ -213,7 +286,11 @@ class RateController:
         for t in names:
             c = self.curves[t]
             r = self.ratio(c.kind)
-            agg += (r * c.numel) * c.bits
+            off = self.offsets.get(t, 0.0)
+            # the curve at x + off, on the grid (interpolation is linear; beyond the fine end: 1 bit per halving)
+            bits = c.bits if off == 0.0 else (np.interp(LOG2_GRID + off, LOG2_GRID, c.bits)
+                                              + np.maximum(0.0, LOG2_GRID[0] - (LOG2_GRID + off)))
+            agg += (r * c.numel) * bits
             n_w += r * c.numel
             fixed += r * 512
         return agg, n_w, fixed
@@ -241,6 +318,7 @@ class RateController:
         return hi
 
     def record(self, name: str, x: float, nbytes: int) -> None:
+        """``name`` coded at log2 step ``x`` (its own step: the common one plus its offset)."""
         c = self.curves[name]
         self.actual[c.kind] = self.actual.get(c.kind, 0.0) + nbytes
         self.predicted[c.kind] = self.predicted.get(c.kind, 0.0) + c.bytes_at(x)
@@ -733,12 +811,14 @@ def check_coded(w: ArchiveWriter, entry, tc: E.TensorCode, ckpt: A.Checkpoint, n
 
 
 def code_tensor(name: str, W: "torch.Tensor | E.RowView", dtype: str, S: torch.Tensor | None, step: float, opts: StreamOptions,
-                cache: dict, keep_w_hat: bool = True, energy: float | None = None) -> tuple[E.TensorCode, E.TensorJob]:
+                cache: dict, keep_w_hat: bool = True, energy: float | None = None,
+                candidates: tuple[str, ...] | None = None) -> tuple[E.TensorCode, E.TensorJob]:
     """Code one tensor at ``step``: candidates by J on a row subsample, then the chosen one in
     full (a :class:`E.RowView` ``W``: row chunk by row chunk). ``energy``: tr(W Σ Wᵀ) if known
     (:func:`run_block`'s), else measured."""
     job = E.TensorJob(name, W, dtype, S, trellis=opts.trellis, energy=energy)
-    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache, lazy=isinstance(W, E.RowView))
+    E.build_candidates(job, candidates or opts.candidates, alpha=opts.alpha, seed=opts.seed, cache=cache,
+                       lazy=isinstance(W, E.RowView))
     if len(job.cands) > 1:
         cand, _ = E.choose(job, step, E.stride_for(W.shape[0], opts.sample_rows))
     else:
@@ -799,19 +879,31 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _worker_threads(n: int | None) -> None:
-    """numba's thread count is per calling thread: a worker thread sets its own."""
-    if n:
-        import numba
+def _worker_init() -> None:
+    """A thread of the encoder's pool: one numba thread (numba's count is per calling thread;
+    one thread selects the kernels' serial, GIL-free twins, rans.launch) and no fan-out of its
+    own (parallel.inner_threads, and the decoder of check_coded, run inline in it)."""
+    import numba
 
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    from aligncodec.codec import parallel
+
+    numba.set_num_threads(1)
+    parallel.set_thread_default(1)
 
 
 def encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: StreamOptions, *, progress: bool = True,
                   tokenizer=None, resume: bool = False, on_block=None, follow_symlinks: bool = False) -> dict:
     """Encode ``model`` block by block into ``out`` (see the module doc). Returns a summary.
-    Runs with at most ``opts.threads`` threads per pool (:func:`thread_limits`)."""
-    with thread_limits(opts.threads):
+
+    Runs on ``opts.n_threads()`` threads (default: every core). Each library's own thread pool
+    (torch's intra-op pool, numba's kernels, numpy's BLAS) is held at one thread
+    (:func:`thread_limits`) and the parallel work is whole tasks, each computed exactly as with
+    one thread: a block's linears, the next block's calibration forward pass (float
+    calibration), the rate pass's tensors, the row chunks of a tall tensor (a wavefront for
+    tcq). The archive is therefore the same bytes for every thread count."""
+    from aligncodec.codec import parallel
+
+    with thread_limits(1), parallel.threads_override(opts.n_threads()):
         return _encode_stream(model, out, opts, progress=progress, tokenizer=tokenizer, resume=resume, on_block=on_block,
                               follow_symlinks=follow_symlinks)
 
@@ -829,7 +921,9 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         src_path = resolve_input(model)
     folder = src_path.parent if src_path.is_file() else src_path
     src = archive.find_inputs(src_path, follow_symlinks=follow_symlinks)  # InputError before any work (symlinks, names,
-    files_meta = archive._file_metadata(src)  # a file that is not safetensors), as the whole encoder
+    src_meta, notes = src.metadata()  # a file that is not safetensors, an index that disagrees with its shards), as
+    for n in notes:  # the whole encoder
+        log(f"note: {n}")
     ckpt = A.Checkpoint(src_path)
     calibrate = opts.calibration != "none"
     has_config = (folder / "config.json").is_file()
@@ -878,31 +972,48 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
     # encoder's build_jobs): NaN/Inf is NonFiniteError naming every such tensor, or (nonfinite
     # "lossless") that tensor goes lossless; so do all-zero tensors, weights beyond the lossy
     # range, rms outside the rate grid, and every tensor when the target is beyond lossy coding
+    # ---- calibration text, tokenized and checked against the model's vocabulary before any work
+    data = None
+    if calibrate and opts.bpw < E.LOSSY_MAX_BPW:
+        data = calibration_windows(folder, opts, tokenizer)
+        check_vocab(plan, ckpt, data.windows, lambda: _tokenizer_size(folder, tokenizer))
+
     had = any(c.startswith("hadamard") for c in opts.candidates)
     curves: dict[str, RateCurve] = {}
     lossless_why: dict[str, str] = {}  # lossy candidates coded lossless instead, with the reason
     bad: dict[str, int] = {}
     t_rate = time.perf_counter()
-    for nm, kind, _b in order:
+
+    def rate_one(item):
+        """(non-finite count, why the tensor goes lossless or None, its rate curve or None)."""
+        nm, kind, _b = item
         t = ckpt.get(nm)
         n_bad = E.count_nonfinite(t)
         if n_bad:
             bad[nm] = n_bad
-            lossless_why[nm] = f"{n_bad} NaN/Inf values"
-            continue
+            return n_bad, f"{n_bad} NaN/Inf values", None
         if opts.nonfinite == "error" and bad:
-            continue  # an error follows: no curve needed
+            return 0, None, None  # an error follows: no curve needed
         why = E.lossless_reason(t)
         if why is None and opts.bpw >= E.LOSSY_MAX_BPW:
             why = f"target {opts.bpw:g} bpw is beyond what lossy coding delivers (< {E.LOSSY_MAX_BPW:g} bpw)"
+        curve = None
         if why is None:
             try:
-                curves[nm] = measure_curve(nm, kind, t, had, opts.seed, E.TCQ_STEP_RATIO if opts.trellis else 1.0)
+                curve = measure_curve(nm, kind, t, had, opts.seed, E.TCQ_STEP_RATIO if opts.trellis else 1.0)
             except NonFiniteError as exc:  # finite, but no useful step on the grid
                 why = str(exc)
+        return 0, why, curve
+
+    from aligncodec.codec import parallel
+
+    rated = parallel.run_tasks([lambda o=o: rate_one(o) for o in order], parallel.inner_threads(), _worker_init)
+    for (nm, _kind, _b), (n_bad, why, curve) in zip(order, rated):
+        if curve is not None:
+            curves[nm] = curve
         if why is not None:
             lossless_why[nm] = why
-        del t
+    del rated
     if bad and opts.nonfinite == "error":
         try:
             E.check_finite(bad)
@@ -926,7 +1037,9 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
     # ---- calibration inputs (before any coding: a model that cannot run fails here)
     windows = None
     if calibrate:
-        data = calibration_windows(folder, opts, tokenizer)
+        if data is None:
+            data = calibration_windows(folder, opts, tokenizer)
+            check_vocab(plan, ckpt, data.windows, lambda: _tokenizer_size(folder, tokenizer))
         windows = data.windows
         for path, cname in plan.outer.items():
             # the output projection is never run (its input is captured by a hook that stops there)
@@ -945,8 +1058,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
 
     from aligncodec import __version__
 
-    meta = {"acz.tool": f"aligncodec {__version__}", "acz.files": json.dumps(files_meta, sort_keys=True)}
-    src_model = archive._reference_model_of(src.root)
+    meta = {"acz.tool": f"aligncodec {__version__}", **src_meta}
+    src_model = archive._reference_model_of(src.root, src.files)
     if src_model:
         meta["acz.source_model"] = src_model
     w = ArchiveWriter(out, meta)
@@ -979,7 +1092,18 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         else:
             budget = opts.bpw * n_linear / 8
             curves_ctl = {n: c for n, c in curves.items() if n in linear_names}
-        ctl = RateController(budget, curves if opts.scope == "all" else curves_ctl)
+        # the output head (a tied embedding, or an untied lm_head) at head_step x the blocks' step
+        head_name = None
+        if plan is not None and opts.lossy_embeddings:
+            head_name = plan.embedding if plan.tied else plan.lm_head
+        head_step = opts.head_step
+        if head_step is None:
+            head_step = 1.0
+            if opts.scope == "all" and head_name in curves:
+                n_head = curves[head_name].numel
+                head_step = auto_head_step(n_head, sum(c.numel for c in curves.values()) - n_head)
+        offsets = {head_name: math.log2(head_step)} if head_name in curves and head_step != 1.0 else {}
+        ctl = RateController(budget, curves if opts.scope == "all" else curves_ctl, offsets)
         if budget <= 0 and order:
             raise ValueError(f"--bpw {opts.bpw}: the lossless tensors alone take {8 * other_bytes / n_params:.3f} bits per parameter")
 
@@ -1005,7 +1129,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     "n_params": n_params, "n_lossy_weights": n_coded, "n_linear_weights": n_lin,
                     "bpw_linear_all_in": 8 * lin_bytes / max(1, n_lin),
                     "bpw_lossy_all_in": 8 * sum(c.nbytes for c in coded.values()) / max(1, n_coded), "modes": modes,
-                    "nonfinite": opts.nonfinite, "lossless": dict(sorted(lossless_why.items()))}
+                    "nonfinite": opts.nonfinite, "lossless": dict(sorted(lossless_why.items())),
+                    "head": head_name, "head_step": head_step, "head_step_given": opts.head_step is not None}
             return {**meta, "acz.lossy": json.dumps(per, sort_keys=True), "acz.lossy.summary": json.dumps(summ, sort_keys=True)}
 
         def exact_overhead(n_more: int) -> int:
@@ -1060,65 +1185,86 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         dev = torch.device(opts.device) if opts.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if calibrate and dev.type != "cpu":
             kws = [[_to(kw, dev) for kw in per] for per in kws]
+        # threads: a block's linears are coded side by side (all at the step solved before the block,
+        # their results taken in order); with float calibration the next block's forward pass runs
+        # beside them (its inputs are the unmodified model's: they do not wait for any coding)
+        n_threads = opts.n_threads()
         pool = None
-        if opts.workers > 1:
+        if n_threads > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            pool = ThreadPoolExecutor(max_workers=opts.workers)
+            pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="acz-encode", initializer=_worker_init)
+        lookahead = pool is not None and calibrate and opts.calibration == "float"
+
+        def forward(b, hs_in):
+            """Block ``b``'s weights in place and its calibration pass: (outputs, Σ, energies)."""
+            energies: dict[str, float] = {}
+            for path, cname in b.params.items():
+                A.set_param(plan.model, path, ckpt.float32(cname).to(dev))
+            cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
+            outs, sig = run_block(blocks_mod[b.index], hs_in, kws[b.index], cap, dev,
+                                  sigma_only=opts.calibration == "quantized", energy=energies)
+            return outs, sig, energies
+
         bar = tqdm(total=len(blocks_list), initial=done, desc="blocks", unit="blk", disable=not progress, leave=False)
         cpu_mark = time.process_time()
-        for b in blocks_list[done:]:
-            blk = blocks_mod[b.index]
-            energies: dict[str, float] = {}
-            if calibrate:
-                for path, cname in b.params.items():
-                    A.set_param(plan.model, path, ckpt.float32(cname).to(dev))
-                lin_by_w = {li.weight: li for li in b.linears}
-                cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
-                outs, sig = run_block(blk, hs, kws[b.index], cap, dev, sigma_only=opts.calibration == "quantized",
-                                      energy=energies)
-            else:
-                sig = {}
-            x = ctl.solve()
-            ctl.steps.append(2.0**x)
-            cache: dict = {}
-            names = by_block.get(b.index, [])
+        todo = blocks_list[done:]
+        ahead = None  # the next block's forward pass, running in the pool
+        try:
+            for i, b in enumerate(todo):
+                blk = blocks_mod[b.index]
+                energies: dict[str, float] = {}
+                sig: dict = {}
+                if calibrate:
+                    outs, sig, energies = ahead.result() if ahead is not None else forward(b, hs)
+                    ahead = None
+                    if lookahead and i + 1 < len(todo):
+                        ahead = pool.submit(forward, todo[i + 1], outs)
+                    lin_by_w = {li.weight: li for li in b.linears}
+                x = ctl.solve()
+                ctl.steps.append(2.0**x)
+                cache: dict = {}
+                names = by_block.get(b.index, [])
 
-            def work(nm, x=x, sig=sig, cache=cache, energies=energies):
-                _worker_threads(opts.threads)
-                tc, job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache,
-                                      energy=energies.get(nm))
-                return tc, job.unfit
+                def work(nm, x=x, sig=sig, cache=cache, energies=energies):
+                    tc, job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache,
+                                          energy=energies.get(nm))
+                    return tc, job.unfit
 
-            results = pool.map(work, names) if pool is not None else map(work, names)
-            entries = []
-            for nm, (tc, unfit) in zip(names, results):
-                entries.append(put(nm, tc, x, unfit))
-                if calibrate and opts.calibration == "quantized" and not unfit:
-                    A.set_param(plan.model, lin_by_w[nm].module + ".weight", torch.from_numpy(tc.W_hat).to(dev))
-                del tc
-            cache.clear()
-            if calibrate:
-                if opts.calibration == "quantized":
-                    outs, _ = run_block(blk, hs, kws[b.index], None, dev)
-                hs = outs
-                for path in b.params:
-                    A.set_param(plan.model, path, None)
-            sig = None
-            spool.save_step(f"block{b.index}", {"entries": entries, "ctl": ctl.state(),
-                                               "coded": [asdict(coded[n]) for n in names if n in coded],
-                                               "lossless": {n: lossless_why[n] for n in names if n in lossless_why}},
-                            hs if calibrate else None)
-            release_free_memory()
-            if on_block is not None:  # tests: interrupt after a given block
-                on_block(b.index)
-            bar.update(1)
-            bar.set_postfix_str(f"step {2.0**x:.4g}, {8 * ctl.spent / max(1, sum(ckpt.tensors[n].numel for n in coded)):.3f} bpw, "
-                                f"peak RSS {_peak_rss_gb():.2f} GB, CPU {time.process_time() - cpu_mark:.1f} s")
-            cpu_mark = time.process_time()
-        bar.close()
-        if pool is not None:
-            pool.shutdown()
+                if pool is not None:
+                    futs = {nm: pool.submit(work, nm) for nm in _largest_first(names, ckpt, sig)}
+                    results = (futs[nm].result() for nm in names)
+                else:
+                    results = map(work, names)
+                entries = []
+                for nm, (tc, unfit) in zip(names, results):
+                    entries.append(put(nm, tc, x, unfit))
+                    if calibrate and opts.calibration == "quantized" and not unfit:
+                        A.set_param(plan.model, lin_by_w[nm].module + ".weight", torch.from_numpy(tc.W_hat).to(dev))
+                    del tc
+                cache.clear()
+                if calibrate:
+                    if opts.calibration == "quantized":
+                        outs, _ = run_block(blk, hs, kws[b.index], None, dev)
+                    hs = outs
+                    for path in b.params:
+                        A.set_param(plan.model, path, None)
+                sig = energies = None
+                spool.save_step(f"block{b.index}", {"entries": entries, "ctl": ctl.state(),
+                                                   "coded": [asdict(coded[n]) for n in names if n in coded],
+                                                   "lossless": {n: lossless_why[n] for n in names if n in lossless_why}},
+                                hs if calibrate else None)
+                release_free_memory()
+                if on_block is not None:  # tests: interrupt after a given block
+                    on_block(b.index)
+                bar.update(1)
+                bar.set_postfix_str(f"step {2.0**x:.4g}, {8 * ctl.spent / max(1, sum(ckpt.tensors[n].numel for n in coded)):.3f} bpw, "
+                                    f"peak RSS {_peak_rss_gb():.2f} GB, CPU {time.process_time() - cpu_mark:.1f} s")
+                cpu_mark = time.process_time()
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
         # ---- tensors outside the blocks (embeddings, lm_head; everything without a plan)
         rest = by_block.get(None, [])
@@ -1134,9 +1280,9 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                     S = S_head
                 W = tensor_rows(ckpt, nm)
                 dtype = ckpt.tensors[nm].dtype
-                if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step
-                    st = ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()
-                    tc, job = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False)
+                if nm not in ctl.curves:  # linear scope: lossy embeddings at the last step (the head at its multiple)
+                    st = (ctl.steps[-1] if ctl.steps else 2.0 ** ctl.solve()) * (head_step if nm == head_name else 1.0)
+                    tc, job = code_tensor(nm, W, dtype, S, st, opts, {}, keep_w_hat=False, candidates=outer_candidates(opts))
                     put(nm, tc, math.log2(st), job.unfit)
                     continue
                 last = i == len(rest) - 1
@@ -1169,6 +1315,35 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
     return summ
 
 
+def _largest_first(names: list[str], ckpt: A.Checkpoint, sig: dict) -> list[str]:
+    """The order a block's tensors are handed to the pool: the largest first (the block ends
+    when its last tensor does), and of equal sizes one whose input site (Σ) differs from the
+    previous one's first (tensors of one site share the Cholesky factors, computed once: the
+    second would wait for the first)."""
+    left = sorted(names, key=lambda n: -ckpt.tensors[n].numel)  # stable: equal sizes in block order
+    out: list[str] = []
+    while left:
+        prev = id(sig.get(out[-1])) if out and sig.get(out[-1]) is not None else None
+        big = ckpt.tensors[left[0]].numel
+        pick = next((n for n in left if ckpt.tensors[n].numel == big and (sig.get(n) is None or id(sig.get(n)) != prev)),
+                    left[0])
+        out.append(pick)
+        left.remove(pick)
+    return out
+
+
+def _tokenizer_size(folder: Path, tokenizer) -> int | None:
+    """len(tokenizer) of the given tokenizer, or of the folder's (for an error message only)."""
+    try:
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return len(tokenizer)
+    except Exception:  # noqa: BLE001 - only a detail of the message
+        return None
+
+
 def _peak_rss_gb() -> float:
     """The process's peak resident set so far (getrusage; 0 where unavailable)."""
     try:
@@ -1198,10 +1373,10 @@ def _search_last(nm, W, dtype, S, ctl: RateController, opts: StreamOptions, exac
     corrected by the measured ratio of full to estimated bytes, only if the first misses the
     target by more than ``tol_bytes``. The full code runs row chunk by row chunk and keeps no
     reconstruction: memory beyond the symbols is a few row chunks, whatever the tensor's size."""
-    x = ctl.solve()
+    x = ctl.solve() + ctl.offset(nm)  # its own step: the common one times its multiple (the head's)
     rows = W.shape[0]
     job = E.TensorJob(nm, W, dtype, S, trellis=opts.trellis)
-    E.build_candidates(job, opts.candidates, alpha=opts.alpha, seed=opts.seed, cache={}, lazy=isinstance(W, E.RowView))
+    E.build_candidates(job, outer_candidates(opts), alpha=opts.alpha, seed=opts.seed, cache={}, lazy=isinstance(W, E.RowView))
     try:
         def pick(z):
             if len(job.cands) > 1:

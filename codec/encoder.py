@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -48,7 +49,8 @@ import torch
 
 from aligncodec.codec.modes import lossy
 from aligncodec.codec.quant.gptq import gptq_ecsq, hessian_factor
-from aligncodec.codec.quant.trellis import LAMBDA_C, class_rate, gptq_tcq
+from aligncodec.codec.quant.trellis import LAMBDA_C, class_rate, gptq_tcq_steps
+from aligncodec.codec import parallel
 from aligncodec.codec.entropy.rans import histogram
 from aligncodec.codec.quant.rate import secant_search
 
@@ -221,6 +223,10 @@ class TensorJob:
     tcq_lambda: float | None = None  # tcq: λ = c·Δ² of the trellis search
     tcq_passes: int | None = None  # tcq: searches again with the previous pass's class tables
     refine_classes: bool | None = None  # class maps refined by lossy.refine_classes
+    # tcq: per-row multipliers of the trellis search's λ (None: all 1). A row whose error matters
+    # less (a rare token's row of an embedding / output head) trades more error for rate; the
+    # step, and so the format, is unchanged
+    row_lambda: np.ndarray | None = None
 
     def settings(self) -> tuple[float, int, bool]:
         """(tcq λ factor, tcq rate passes, class refinement): the fields, or where None the
@@ -345,6 +351,13 @@ class RowView:
         return self.rows(s)
 
 
+def _factor_lock(cache: dict, key) -> threading.Lock:
+    """The lock under which ``cache[key]`` is computed (stored in the cache itself: the stream
+    encoder codes the tensors of one input site in parallel threads, which then wait for the
+    first one's factor instead of computing it again)."""
+    return cache.setdefault(("lock", key), threading.Lock())
+
+
 def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float = 0.5, seed: int = 0, damp: float = 0.01,
             cache: dict | None = None, lazy: bool = False) -> None:
     """Build the job's candidates (transform, scales, factor). ``cache`` shares the Cholesky
@@ -382,24 +395,25 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
         else:
             key = (key_s, kind, alpha)
             hd = None
-        if key not in cache:
-            if S is None:  # Tᵀ I T = I, taken as exact
-                St = torch.eye(n, dtype=torch.float64)
-            elif had:  # Tᵀ Σ T by two fast transforms
-                St = torch.from_numpy(rotate_sigma(S.numpy(), hd))
-            else:  # Σ itself: one float64 copy (H is built in place in it)
-                St = S.to(torch.float64, copy=True)
-            sc = col_scales(torch.diag(St), alpha) if kind.endswith("colscale") else None
-            # H = 2·diag(sc)·St·diag(sc), built in place in this candidate's own float64 array
-            Hm = St
-            del St
-            if sc is not None:
-                v = torch.from_numpy(sc).to(Hm.dtype)
-                Hm.mul_(v[:, None]).mul_(v[None, :])
-            box = [Hm.mul_(2)]  # hessian_factor takes the only reference
-            del Hm
-            R, perm, _ = hessian_factor(box, damp, act_order=True, factor="reverse", dtype=torch.float32)
-            cache[key] = (sc, R, perm)
+        with _factor_lock(cache, key):  # tensors coded in parallel threads: one factorisation per key
+            if key not in cache:
+                if S is None:  # Tᵀ I T = I, taken as exact
+                    St = torch.eye(n, dtype=torch.float64)
+                elif had:  # Tᵀ Σ T by two fast transforms
+                    St = torch.from_numpy(rotate_sigma(S.numpy(), hd))
+                else:  # Σ itself: one float64 copy (H is built in place in it)
+                    St = S.to(torch.float64, copy=True)
+                sc = col_scales(torch.diag(St), alpha) if kind.endswith("colscale") else None
+                # H = 2·diag(sc)·St·diag(sc), built in place in this candidate's own float64 array
+                Hm = St
+                del St
+                if sc is not None:
+                    v = torch.from_numpy(sc).to(Hm.dtype)
+                    Hm.mul_(v[:, None]).mul_(v[None, :])
+                box = [Hm.mul_(2)]  # hessian_factor takes the only reference
+                del Hm
+                R, perm, _ = hessian_factor(box, damp, act_order=True, factor="reverse", dtype=torch.float32)
+                cache[key] = (sc, R, perm)
         sc, R, perm = cache[key]
         if lazy:  # rows computed when read (a large tensor: no full float32 copy per candidate)
             C = RowView(lambda sl, W=job.W, hd=hd, sc=sc: candidate_rows(W.rows(sl), hd, sc), job.W.shape)
@@ -412,6 +426,15 @@ def build_candidates(job: TensorJob, kinds=DEFAULT_CANDIDATES, *, alpha: float =
 
 
 # --------------------------------------------------------------------------- coding one tensor
+
+
+def _thread_init():
+    """What a thread started for this one's fan-out runs first: this thread's numba thread count
+    (numba's is per thread; one thread selects the kernels' serial twins, rans.launch)."""
+    import numba
+
+    n = numba.get_num_threads()
+    return lambda: numba.set_num_threads(n)
 
 
 # symbol classes tried per tensor (k, axis): each class has its own frequency table (spec §7.4)
@@ -441,12 +464,23 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     # SmolLM2's 49,152-row embedding decoded with 1.8x the error the encoder measured).
     chunks = row_chunks(q.shape[0])
     lam_c, passes, refine = job.settings()
+    # the row chunks of a tall tensor run on the threads the caller allows (parallel.inner_threads:
+    # the stream encoder's scheduling thread; 1 elsewhere), each chunk's arithmetic unchanged
+    threads, init = parallel.inner_threads(), _thread_init()
+
+    rl = None if job.row_lambda is None else np.asarray(job.row_lambda, dtype=np.float64)[sl]
 
     def tcq_search(rate=None):
         state = np.zeros(q.shape[1], np.int64)  # row 0 of every column: state 0
-        for r in chunks:
+
+        def plan(r):
             rr = None if rate is None else (rate[0], rate[1][r], rate[2])
-            q[r] = gptq_tcq(Ct[r], cand.R, cand.perm, step, job.trellis, lam_c=lam_c, rate=rr, state=state).numpy()
+            k = yield from gptq_tcq_steps(Ct[r], cand.R, cand.perm, step, job.trellis, lam_c=lam_c, rate=rr, state=state,
+                                          row_lambda=None if rl is None else rl[r])
+            q[r] = k.numpy()
+
+        # chunk c's batch k after chunk c − 1's (the trellis states it enters in): a wavefront
+        parallel.pipeline([lambda r=r: plan(r) for r in chunks], threads, init)
 
     if job.trellis:  # mode 4: the trellis search per column inside GPTQ (codec/quant/trellis.py)
         tcq_search()
@@ -457,8 +491,10 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
             ids = None if cls[0] == 1 else (cls[2] if len(cls) > 2 else lossy.make_classes(q, *cls))
             tcq_search(class_rate(q, ids, cls[1]))  # the tables are taken before q is overwritten
     else:
-        for r in chunks:
+        def ecsq_chunk(r):
             q[r] = gptq_ecsq(Ct[r], cand.R, cand.perm, step, maxq=lossy.MAX_ABS_SYMBOL).numpy()
+
+        parallel.run_tasks([lambda r=r: ecsq_chunk(r) for r in chunks], threads, init)
     del Ct
     qmax = lossy.MAX_ABS_TCQ_SYMBOL if job.trellis else lossy.MAX_ABS_SYMBOL
     saturated = bool(q.size) and max(int(q.max()), -int(q.min())) >= qmax
@@ -476,7 +512,8 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     if job.trellis:  # tcq: the levels of each column's whole walk first (int32, in place), then row chunks as ecsq's
         lossy.trellis_levels(q, job.trellis, out=q)
         rparams = dataclasses.replace(params, trellis=0)
-    for r in row_chunks(q.shape[0]):  # one chunk (the plain expressions) unless the tensor is large
+
+    def measure(r):  # one chunk (the plain expressions) unless the tensor is large
         # element-wise float32 work: the same bits in row chunks
         Wh = lossy.rounded_f32(lossy.reconstruct_from(rparams, q[r], cand.scales, cand.hd), job.dtype)
         if W_hat is not None:
@@ -484,10 +521,14 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
         Wr = Wt[r]
         D = torch.from_numpy(Wh) - Wr
         D64 = D.double()
-        d += sigma_quad(D, S) if S is not None else float((D64 ** 2).sum())
-        sig += float((Wr.double() ** 2).sum())
-        noise += float((D64 ** 2).sum())
-        del D, D64, Wh, Wr
+        return (sigma_quad(D, S) if S is not None else float((D64 ** 2).sum()), float((Wr.double() ** 2).sum()),
+                float((D64 ** 2).sum()))
+
+    # the chunks on the caller's threads; their sums added in chunk order (the bits of one thread)
+    for dc, sc_, nc in parallel.run_tasks([lambda r=r: measure(r) for r in row_chunks(q.shape[0])], threads, init):
+        d += dc
+        sig += sc_
+        noise += nc
     del q
     nbytes = int(round(nbytes))
     sqnr = 10 * math.log10(sig / noise) if noise > 0 and sig > 0 else (math.inf if noise == 0 else -math.inf)

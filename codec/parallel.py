@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Generator, Iterable
@@ -75,6 +76,12 @@ def threads_override(threads: int | None):
         yield
     finally:
         _local.threads = old
+
+
+def set_thread_default(threads: int) -> None:
+    """From now on, ``threads=None`` in this thread means ``threads`` (a worker thread's setting
+    for its life; :func:`threads_override` for a block of code)."""
+    _local.threads = resolve_threads(threads)
 
 
 def resolve_threads(threads: int | None) -> int:
@@ -239,4 +246,139 @@ def together(plans: Iterable[Plan]) -> Plan:
         active = still
         if tasks:
             yield tasks
+    return results
+
+
+# ----------------------------------------------------------------- the encoders' fan-out
+
+
+def inner_threads() -> int:
+    """Threads a computation started in this thread may fan out to: the :func:`threads_override`
+    in force in this thread, else 1 (the encoders fan out only where their caller asked for it;
+    the stream encoder sets it to its thread count in its scheduling thread, to 1 in its workers)."""
+    return getattr(_local, "threads", None) or 1
+
+
+def _spawn(target, init, threads_in_child: int) -> threading.Thread:
+    def body():
+        _local.threads = threads_in_child
+        if init is not None:
+            init()
+        target()
+
+    t = threading.Thread(target=body, daemon=True, name="acz-encode")
+    t.start()
+    return t
+
+
+def run_tasks(tasks: list[Task], threads: int, init: Callable[[], None] | None = None) -> list:
+    """Run independent callables on up to ``threads`` threads (the calling thread one of them;
+    the others started for the call and run ``init`` first); their results in order. The first
+    error is raised after every thread has stopped taking tasks."""
+    tasks = list(tasks)
+    t = min(max(1, threads), len(tasks))
+    if t <= 1:
+        return [f() for f in tasks]
+    results: list = [None] * len(tasks)
+    lock = threading.Lock()
+    nxt = [0]
+    errors: list[BaseException] = []
+
+    def loop():
+        while True:
+            with lock:
+                if errors or nxt[0] >= len(tasks):
+                    return
+                i = nxt[0]
+                nxt[0] += 1
+            try:
+                results[i] = tasks[i]()
+            except BaseException as exc:  # noqa: BLE001 - raised in the calling thread
+                with lock:
+                    errors.append(exc)
+                return
+
+    others = [_spawn(loop, init, 1) for _ in range(t - 1)]
+    try:
+        loop()
+    finally:
+        for th in others:
+            th.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def pipeline(plans: list[Callable[[], Generator]], threads: int, init: Callable[[], None] | None = None) -> list:
+    """Run step-wise plans in a wavefront: ``plans[c]()`` makes a generator whose every
+    ``next()`` does one step (and whose return value is the plan's result); step k of plan c
+    runs after step k of plan c − 1, its end after plan c − 1's end (the dependence of the
+    row chunks of one tcq search: batch k of a chunk needs the trellis states that batch k of
+    the chunk above ends in). Plan c runs on thread c mod T (T = min(threads, plans)), plans of
+    one thread one after another: at most T plans are open at a time. The results, in order,
+    are those of running the plans one after another. The other threads run ``init`` first."""
+    n = len(plans)
+    t = min(max(1, threads), n)
+    results: list = [None] * n
+    if t <= 1:
+        for c, mk in enumerate(plans):
+            g = mk()
+            while True:
+                try:
+                    next(g)
+                except StopIteration as stop:
+                    results[c] = stop.value
+                    break
+        return results
+    done = [0] * n  # steps finished per plan
+    ended = [False] * n
+    errors: list[BaseException] = []
+    cond = threading.Condition()
+
+    def chain(j: int) -> None:
+        for c in range(j, n, t):
+            g = None
+            k = 0
+            try:
+                g = plans[c]()
+                while True:
+                    if c:
+                        with cond:
+                            while not errors and not (ended[c - 1] or done[c - 1] > k):
+                                cond.wait()
+                            if errors:
+                                return
+                    try:
+                        next(g)
+                    except StopIteration as stop:
+                        results[c] = stop.value
+                        with cond:
+                            ended[c] = True
+                            cond.notify_all()
+                        break
+                    k += 1
+                    with cond:
+                        done[c] = k
+                        cond.notify_all()
+            except BaseException as exc:  # noqa: BLE001 - raised in the calling thread
+                with cond:
+                    errors.append(exc)
+                    cond.notify_all()
+                return
+            finally:
+                if g is not None:
+                    g.close()
+
+    others = [_spawn(lambda j=j: chain(j), init, 1) for j in range(1, t)]
+    try:
+        chain(0)
+    finally:
+        if sys.exc_info()[0] is not None:  # interrupted in this thread: the others stop at their next step
+            with cond:
+                errors.append(sys.exc_info()[1])
+                cond.notify_all()
+        for th in others:
+            th.join()
+    if errors:
+        raise errors[0]
     return results

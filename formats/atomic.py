@@ -17,6 +17,11 @@ Outputs get mode ``0o666 & ~umask`` like any other program's files (``tempfile.m
 would make every output 0600, and safetensors writes 0600 too: the mode is set again
 before the rename).
 
+Every temporary that a live :func:`atomic_path` or :func:`atomic_dir` holds is listed in a
+process-wide registry, so that a program ending at once (the command line's Ctrl-C handler
+ends the process with ``os._exit(130)`` rather than unwinding through C++ callbacks)
+can still remove them: :func:`remove_live_temporaries`.
+
 The writer's host and process id are part of every temporary name, so a later write
 to the same folder can remove the leftovers of a writer that died (``kill -9``, power
 loss) without ever touching a live writer's file: :func:`clean_stale` removes an
@@ -40,6 +45,38 @@ TMP_PREFIX = ".acz-tmp-"
 STALE_SECONDS = 24 * 3600
 _TMP_RE = re.compile(r"^\.acz-tmp-(?:(?P<host>[A-Za-z0-9_]{1,32})-(?P<pid>\d{1,10})-)?[A-Za-z0-9_]+\.(?:part(?:\.[A-Za-z0-9_]{1,16})?|d)$")
 _SUFFIX_RE = re.compile(r"\.[A-Za-z0-9_]{1,16}")
+
+
+# Temporaries of the live atomic writes of this process (insertion-ordered; plain dict
+# operations only, so a signal handler in the main thread can read it without a lock).
+_LIVE: dict[str, None] = {}
+
+
+def remove_live_temporaries() -> list[str]:
+    """Remove every temporary a live atomic write of this process holds (best effort, never
+    raises); returns their paths. For a handler that ends the process without unwinding."""
+    removed = []
+    for p in list(_LIVE):
+        try:
+            _remove(p)
+            removed.append(p)
+        except OSError:
+            pass
+        _LIVE.pop(p, None)
+    return removed
+
+
+@contextlib.contextmanager
+def tracked(path: str | os.PathLike) -> Iterator[None]:
+    """List ``path`` (a scratch file or folder its owner removes when done) with the live
+    temporaries for the duration of the body, so :func:`remove_live_temporaries` removes it
+    too if the process ends at once."""
+    p = os.path.abspath(os.fspath(path))
+    _LIVE[p] = None
+    try:
+        yield
+    finally:
+        _LIVE.pop(p, None)
 
 
 def _host_tag() -> str:
@@ -155,8 +192,9 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     clean_stale(d)
     suffix = os.path.splitext(dest)[1]
     tmp = os.path.join(d, temp_name(".part" + (suffix if _SUFFIX_RE.fullmatch(suffix) else "")))
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    _LIVE[tmp] = None
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -165,6 +203,8 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        _LIVE.pop(tmp, None)
     _fsync_dir(d)
 
 
@@ -198,8 +238,9 @@ def atomic_dir(dest: str | os.PathLike, *, merge: bool = False) -> Iterator[str]
     os.makedirs(parent, exist_ok=True)
     clean_stale(parent)
     tmp = os.path.join(parent, temp_name(".d"))
-    os.mkdir(tmp)
+    _LIVE[tmp] = None
     try:
+        os.mkdir(tmp)
         yield tmp
         for name in os.listdir(tmp):
             if os.path.isfile(os.path.join(tmp, name)):
@@ -219,3 +260,5 @@ def atomic_dir(dest: str | os.PathLike, *, merge: bool = False) -> Iterator[str]
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        _LIVE.pop(tmp, None)

@@ -14,7 +14,10 @@ import math
 
 from aligncodec.formats import errors as E
 from aligncodec.formats.constants import AUX_PREFIX
+
 KEY_FILES = "acz.files"
+KEY_INDEX = "acz.index"
+INDEX_SUFFIX = ".safetensors.index.json"
 KEY_LOSSY = "acz.lossy"
 KEY_LOSSY_SUMMARY = "acz.lossy.summary"
 MAX_FILE_NAME_BYTES = 255
@@ -139,6 +142,88 @@ def parse_files(text: str, tensor_names=None) -> dict[str, dict]:
     return obj
 
 
+def _index_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be the file name of a shard index (spec §3.1), or None: one portable
+    file name (ASCII letters, digits, ``.``, ``_``, ``-``, ``+``; not starting with ``.``, ``-``,
+    ``+``), at most 200 bytes, ending in ``.safetensors.index.json``."""
+    if not isinstance(name, str) or not name.endswith(INDEX_SUFFIX) or name == INDEX_SUFFIX:
+        return f"does not end in {INDEX_SUFFIX!r} after a stem"
+    if len(name) > 200 or not all(c.isascii() and (c.isalnum() or c in "._+-") for c in name) or name[0] in ".-+":
+        return "is not a portable file name"
+    if name.split(".")[0].lower() in _WINDOWS_DEVICES:
+        return "is a reserved device name"
+    return None
+
+
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+_LAYOUT_SORTED = {"indent", "sort_keys", "ascii", "newline"}
+_LAYOUT_ORDERED = _LAYOUT_SORTED | {"at", "order"}
+
+
+def parse_index(text: str, files: dict[str, dict]) -> dict[str, dict]:
+    """``acz.index``: the shard indexes of the source folder (spec §3.1), given the parsed
+    ``acz.files``: ``{index file name: {"files": [...], "fields": {...}, "layout": {...} | null}}``.
+
+    The weight map of an index is never stored: it is derived from ``acz.files`` (every tensor of
+    every file in ``files``). ``fields`` are the index's other top-level members (normally
+    ``metadata``), ``layout`` how to write the JSON text back byte for byte."""
+    obj = loads(text, KEY_INDEX)
+    if not isinstance(obj, dict):
+        raise E.HeaderError(f"{KEY_INDEX} must be a JSON object, not {type(obj).__name__}")
+    owner: dict[str, str] = {}
+    lower: dict[str, str] = {}
+    for name, spec in obj.items():
+        why = _index_name_problem(name)
+        if why:
+            raise E.HeaderError(f"{KEY_INDEX} names an index file {name!r} that {why}")
+        if name.lower() in lower:
+            raise E.HeaderError(f"{KEY_INDEX} names index files {lower[name.lower()]!r} and {name!r} that differ only in case")
+        lower[name.lower()] = name
+        where = f"{KEY_INDEX}[{name!r}]"
+        if not isinstance(spec, dict) or set(spec) != {"files", "fields", "layout"}:
+            raise E.HeaderError(f"{where} must be an object with exactly 'files', 'fields' and 'layout'")
+        shards = spec["files"]
+        if not isinstance(shards, list) or not all(isinstance(f, str) for f in shards):
+            raise E.HeaderError(f"{where}.files must be a list of strings")
+        for f in shards:
+            if f not in files:
+                raise E.HeaderError(f"{where}.files names {f!r}, which {KEY_FILES} lacks")
+            if f in owner:
+                raise E.HeaderError(f"{where}.files names {f!r} twice or in two indexes")
+            owner[f] = name
+        fields = spec["fields"]
+        if not isinstance(fields, dict) or "weight_map" in fields:
+            raise E.HeaderError(f"{where}.fields must be an object without 'weight_map'")
+        if "metadata" in fields:
+            md = fields["metadata"]
+            if not isinstance(md, dict):
+                raise E.HeaderError(f"{where}.fields.metadata must be an object")
+            ts = md.get("total_size", 0)
+            if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts < 0:
+                raise E.HeaderError(f"{where}.fields.metadata.total_size must be a non-negative number")
+        lay = spec["layout"]
+        if lay is None:
+            continue
+        if not isinstance(lay, dict) or not isinstance(lay.get("sort_keys"), bool):
+            raise E.HeaderError(f"{where}.layout must be null or an object with a boolean 'sort_keys'")
+        if set(lay) != (_LAYOUT_SORTED if lay["sort_keys"] else _LAYOUT_ORDERED):
+            raise E.HeaderError(f"{where}.layout must have exactly the fields "
+                                + ", ".join(sorted(_LAYOUT_SORTED if lay["sort_keys"] else _LAYOUT_ORDERED)))
+        ind = lay["indent"]
+        if ind is not None and (isinstance(ind, bool) or not isinstance(ind, int) or not 0 <= ind <= 16):
+            raise E.HeaderError(f"{where}.layout.indent must be null or an integer 0..16")
+        if not isinstance(lay["ascii"], bool) or not isinstance(lay["newline"], bool):
+            raise E.HeaderError(f"{where}.layout.ascii and .newline must be booleans")
+        if not lay["sort_keys"]:
+            at, order = lay["at"], lay["order"]
+            if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at <= len(fields):
+                raise E.HeaderError(f"{where}.layout.at must be an integer 0..{len(fields)}")
+            want = [t for f in shards for t in files[f].get("tensors", [])]
+            if not isinstance(order, list) or len(order) != len(want) or set(order) != set(want):
+                raise E.HeaderError(f"{where}.layout.order must list the index's tensors, each once")
+    return obj
+
+
 def parse_lossy(text: str) -> dict[str, dict]:
     """``acz.lossy``: ``{tensor name: {"kind", "bpw", "act_rel_err", ...}}`` (informative; typed)."""
     obj = loads(text, KEY_LOSSY)
@@ -157,6 +242,8 @@ def check_reserved(metadata: dict[str, str], tensor_names=None) -> None:
     """Validate the reserved keys an archive carries (spec §3.1); others are the user's."""
     if KEY_FILES in metadata:
         parse_files(metadata[KEY_FILES], tensor_names)
+    if KEY_INDEX in metadata:
+        parse_index(metadata[KEY_INDEX], parse_files(metadata.get(KEY_FILES, "{}")))
     if KEY_LOSSY in metadata:
         parse_lossy(metadata[KEY_LOSSY])
     if KEY_LOSSY_SUMMARY in metadata and not isinstance(loads(metadata[KEY_LOSSY_SUMMARY], KEY_LOSSY_SUMMARY), dict):

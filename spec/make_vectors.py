@@ -115,7 +115,39 @@ def valid_cases() -> dict[str, list[tuple]]:
         ("acz:file/config.json", "U8", (16,), b'{"hidden": 576}\n', None),
     ]
     cases["bytegroup"] = bytegroup_case()
+    cases["sharded_index"] = [
+        ("a.weight", "F32", (2, 3), _bits("F32", np.arange(6) * 0.25), None),
+        ("b.bias", "F32", (1,), _bits("F32", np.array([-1.0])), None),
+        ("b.weight", "F32", (2, 3), _bits("F32", np.arange(6) * -0.5), None),
+    ]
     return cases
+
+
+# metadata of the valid vectors that carry reserved keys (the others: _BASE_META only)
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+SHARDED_FILES = {SHARDS[0]: {"metadata": {"format": "pt"}, "tensors": ["a.weight"]},
+                 SHARDS[1]: {"metadata": {"format": "pt"}, "tensors": ["b.bias", "b.weight"]}}
+SHARDED_INDEX = {"model.safetensors.index.json": {
+    "files": list(SHARDS),
+    "fields": {"metadata": {"total_size": 52, "total_parameters": 13}},
+    # huggingface_hub's layout: unsorted, weight map in the writer's order, no final newline
+    "layout": {"indent": 2, "sort_keys": False, "ascii": True, "newline": False, "at": 0,
+               "order": ["b.bias", "a.weight", "b.weight"]}}}
+VALID_META = {"sharded_index": {"acz.files": json.dumps(SHARDED_FILES, sort_keys=True),
+                                "acz.index": json.dumps(SHARDED_INDEX, separators=(",", ":"))}}
+# the index file a tool that rebuilds the source files writes (spec §3.1.1), spelled out by hand
+SHARDED_INDEX_TEXT = """{
+  "weight_map": {
+    "b.bias": "model-00002-of-00002.safetensors",
+    "a.weight": "model-00001-of-00002.safetensors",
+    "b.weight": "model-00002-of-00002.safetensors"
+  },
+  "metadata": {
+    "total_size": 52,
+    "total_parameters": 13
+  }
+}"""
+VALID_FILES = {"sharded_index": {"model.safetensors.index.json": SHARDED_INDEX_TEXT}}
 
 
 def _special(dtype: str, n: int, seed: int) -> bytes:
@@ -145,9 +177,9 @@ def bytegroup_case() -> list[tuple]:
     return out
 
 
-def _write_valid(path: Path, tensors: list[tuple], extensions=()) -> list[dict]:
+def _write_valid(path: Path, tensors: list[tuple], extensions=(), metadata=None) -> list[dict]:
     expect = []
-    with ArchiveWriter(path, {"acz.tool": "spec/make_vectors.py", "purpose": "golden vector"}) as w:
+    with ArchiveWriter(path, {"acz.tool": "spec/make_vectors.py", "purpose": "golden vector", **(metadata or {})}) as w:
         for name, dtype, shape, data, override in tensors:
             data = bytes(data)
             numel = int(np.prod(shape, dtype=np.int64))
@@ -279,6 +311,7 @@ def invalid_cases() -> dict[str, tuple[bytes, str]]:
     lcor = RansStream(ls.precision, ls.chunk_symbols, ls.n_symbols, ls.freqs, ls.chunk_lengths, ls.payload[:4 * 7] + bytes([ls.payload[28] ^ 0x21]) + ls.payload[29:], 32)
     e14, d14 = _entry("w", "BF16", (40, 100), mode, [lcor, lrest_s], params)
     out["lanes_state_corrupt"] = (_archive([(e14, d14)]), "CorruptStreamError")
+    out.update(index_invalid(good_e, good_d))
     out.update(bytegroup_invalid())
     out.update(tcq_invalid())
     b = bytearray(good); pad_at = 64 + len(hdr)
@@ -289,6 +322,29 @@ def invalid_cases() -> dict[str, tuple[bytes, str]]:
         out["nonzero_header_padding"] = (bytes(b), "LayoutError")
     del raw
     return out
+
+
+def index_invalid(good_e, good_d) -> dict[str, tuple[bytes, str]]:
+    """acz.index (spec §3.1.1) defects on an archive of one weight "w"."""
+    files = json.dumps({"model.safetensors": {"metadata": {}, "tensors": ["w"]}})
+    lay = {"indent": 2, "sort_keys": True, "ascii": True, "newline": True}
+    ok = {"files": ["model.safetensors"], "fields": {"metadata": {"total_size": 8000}}, "layout": lay}
+
+    def arch(index: dict, with_files: bool = True) -> bytes:
+        meta = {"acz.index": json.dumps(index, separators=(",", ":"))}
+        if with_files:
+            meta["acz.files"] = files
+        return _archive([(good_e, good_d)], metadata=meta)
+
+    return {
+        "index_unknown_shard": (arch({"model.safetensors.index.json": {**ok, "files": ["other.safetensors"]}}), "HeaderError"),
+        "index_without_files": (arch({"model.safetensors.index.json": ok}, with_files=False), "HeaderError"),
+        "index_name_path": (arch({"../model.safetensors.index.json": ok}), "HeaderError"),
+        "index_name_not_index": (arch({"config.json": ok}), "HeaderError"),
+        "index_weight_map_stored": (arch({"model.safetensors.index.json": {**ok, "fields": {"weight_map": {"w": "x.safetensors"}}}}), "HeaderError"),
+        "index_order_not_permutation": (arch({"model.safetensors.index.json": {**ok, "layout": {**lay, "sort_keys": False, "at": 0, "order": ["w", "w"]}}}),
+                                        "HeaderError"),
+    }
 
 
 def bytegroup_invalid() -> dict[str, tuple[bytes, str]]:
@@ -362,8 +418,10 @@ def _generate(root: Path) -> None:
     (root / "invalid").mkdir(parents=True, exist_ok=True)
     for name, tensors in valid_cases().items():
         exts = [(0x0100, 0, b"an optional extension a reader skips")] if name == "aux_file" else ()
-        expect = _write_valid(root / "valid" / f"{name}.acz", tensors, exts)
-        (root / "valid" / f"{name}.json").write_text(json.dumps({"tensors": expect}, indent=1) + "\n")
+        expect = {"tensors": _write_valid(root / "valid" / f"{name}.acz", tensors, exts, VALID_META.get(name))}
+        if name in VALID_FILES:  # files a tool that rebuilds the source folder writes besides the shards
+            expect["files"] = {f: {"sha256": hashlib.sha256(t.encode()).hexdigest(), "text": t} for f, t in VALID_FILES[name].items()}
+        (root / "valid" / f"{name}.json").write_text(json.dumps(expect, indent=1) + "\n")
     for name, (data, err) in invalid_cases().items():
         (root / "invalid" / f"{name}.acz").write_bytes(data)
         (root / "invalid" / f"{name}.json").write_text(json.dumps({"error": err}) + "\n")

@@ -25,8 +25,9 @@ def count_calls(monkeypatch) -> dict:
         def __getitem__(self, cfg):
             return counted("launch", self.k[cfg])
 
-    for m, names in ((decode_cuda, ("rans_multi_kernel", "join_kernel")),
-                     (lossy_cuda, ("identity_kernel", "segment_kernel", "load_kernel", "stage_kernel", "finish_kernel"))):
+    for m, names in ((decode_cuda, ("rans_multi_kernel", "join_kernel", "join_from_kernel")),
+                     (lossy_cuda, ("identity_kernel", "segment_kernel", "load_kernel", "stage_kernel", "finish_kernel",
+                                   "levels_kernel", "levels_multi_kernel"))):
         for nm in names:
             monkeypatch.setattr(m, nm, Launches(getattr(m, nm)))
     return calls

@@ -136,6 +136,21 @@ def files_meta(files) -> dict:
 W = stored("w", b"\x01\x02\x03\x04", "F32", (1,))  # one small valid weight
 FILES_W = {"model.safetensors": {"metadata": {}, "tensors": ["w"]}}
 
+INDEX = "model.safetensors.index.json"
+INDEX_W = {"files": ["model.safetensors"], "fields": {"metadata": {"total_size": 4}},
+           "layout": {"indent": 2, "sort_keys": True, "ascii": True, "newline": True}}
+
+
+def index_meta(index, files=FILES_W) -> dict:
+    """Metadata with ``acz.files`` and ``acz.index`` (spec §3.1); ``index`` a dict or the raw text."""
+    meta = files_meta(files) if files is not None else {"acz.tool": "hostile"}
+    meta["acz.index"] = index if isinstance(index, str) else json.dumps(index)
+    return meta
+
+
+def _index_with(**kw) -> dict:
+    return {INDEX: {**INDEX_W, **kw}}
+
 
 # --------------------------------------------------------------------------- cases
 
@@ -209,6 +224,36 @@ CASES: dict[str, Case] = {
                                "HeaderError", "acz.files names a file with NUL (ValueError)"),
     "acz_files_escape_name": Case(lambda: build(files_meta({"\x1b]0;x\x07.safetensors": {"metadata": {}, "tensors": ["w"]}}), [W]),
                                   "HeaderError", "acz.files names a file with an escape sequence"),
+    # ---- acz.index (issue 26): the shard index is derived, never smuggled in, never a path
+    "aux_index_smuggled": Case(lambda: build(index_meta({INDEX: INDEX_W}), [W, stored("acz:file/" + INDEX, b'{"weight_map":{"w":"../x"}}')]),
+                               "HeaderError", "an auxiliary file named like the shard index (it would replace the derived one)"),
+    "aux_index_smuggled_case": Case(lambda: build(index_meta({INDEX: INDEX_W}), [W, stored("acz:file/Model.SafeTensors.Index.JSON", b"{}")]),
+                                    "HeaderError", "an auxiliary file named like the shard index up to case"),
+    "acz_index_list": Case(lambda: build(index_meta("[]"), [W]), "HeaderError", "acz.index is a list"),
+    "acz_index_nested": Case(lambda: build(index_meta("[" * 100000), [W]), "HeaderError", "acz.index nested 100000 deep"),
+    "acz_index_path_name": Case(lambda: build(index_meta({"../m.safetensors.index.json": INDEX_W}), [W]),
+                                "HeaderError", "acz.index names a path outside the output folder"),
+    "acz_index_other_name": Case(lambda: build(index_meta({"config.json": INDEX_W}), [W]),
+                                 "HeaderError", "acz.index names a file that is not an index (it would replace config.json)"),
+    "acz_index_case_names": Case(lambda: build(index_meta({INDEX: INDEX_W, "Model.safetensors.index.json": {**INDEX_W, "files": []}}), [W]),
+                                 "HeaderError", "two index names equal up to case"),
+    "acz_index_unknown_file": Case(lambda: build(index_meta(_index_with(files=["other.safetensors"])), [W]),
+                                   "HeaderError", "acz.index names a shard acz.files lacks"),
+    "acz_index_without_files": Case(lambda: build(index_meta({INDEX: INDEX_W}, files=None), [W]),
+                                    "HeaderError", "acz.index without acz.files"),
+    "acz_index_file_twice": Case(lambda: build(index_meta({INDEX: INDEX_W, "b.safetensors.index.json": INDEX_W}), [W]),
+                                 "HeaderError", "one shard named by two indexes"),
+    "acz_index_weight_map_field": Case(lambda: build(index_meta(_index_with(fields={"weight_map": {"w": "x.safetensors"}})), [W]),
+                                       "HeaderError", "acz.index carries a weight map of its own"),
+    "acz_index_total_size": Case(lambda: build(index_meta(_index_with(fields={"metadata": {"total_size": "4"}})), [W]),
+                                 "HeaderError", "metadata.total_size is a string"),
+    "acz_index_extra_field": Case(lambda: build(index_meta({INDEX: {**INDEX_W, "bytes": "{}"}}), [W]),
+                                  "HeaderError", "an unknown field in an acz.index entry"),
+    "acz_index_order": Case(lambda: build(index_meta(_index_with(layout={"indent": 2, "sort_keys": False, "ascii": True, "newline": True,
+                                                                          "at": 1, "order": ["w", "w"]})), [W]),
+                            "HeaderError", "a weight-map order that is not a permutation of the index's tensors"),
+    "acz_index_indent": Case(lambda: build(index_meta(_index_with(layout={"indent": 1 << 30, "sort_keys": True, "ascii": True, "newline": True})), [W]),
+                             "HeaderError", "an indent of 2^30 (a 2^30-byte line per member)"),
     # ---- acz.lossy of the wrong shape
     "acz_lossy_list": Case(lambda: build({"acz.lossy": '["w"]'}, [W]), "HeaderError", "acz.lossy is a list (TypeError in inspect)"),
     "acz_lossy_string": Case(lambda: build({"acz.lossy": '"w"'}, [W]), "HeaderError", "acz.lossy is a string (TypeError in inspect)"),
@@ -285,6 +330,8 @@ CASES: dict[str, Case] = {
                                                 [stored("a", b"\x01"), stored("b", b"\x02")]),
                                   "OK", "a tensor not in acz.files while extra.safetensors exists (its tensors were silently dropped)",
                                   {"a": b"\x01", "b": b"\x02"}),
+    "acz_index_ok": Case(lambda: build(index_meta({INDEX: INDEX_W}), [W]), "OK", "a valid shard index entry",
+                         {"w": b"\x01\x02\x03\x04"}),
     "zero_size_ok": Case(lambda: build({}, [T("z", "BF16", (0, 1 << 20), C.MODE_STORED, [C.RawStream(b"")])]), "OK",
                          "a zero-size tensor with a large (representable) dimension", {"z": b""}),
     "zstd_rle_under_slack": Case(lambda: build({}, [T("w", "U8", (2 * MiB,), C.MODE_STORED, [C.ZstdStream(zstd_rle_frame(2 * MiB, 7), 2 * MiB)])]),

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -280,6 +282,58 @@ def test_workers_give_the_same_bytes(tmp_path, text_file):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.parametrize("quantizer,calibration", [("tcq", "float"), ("ecsq", "quantized")])
+def test_thread_counts_give_the_same_bytes(tmp_path, text_file, monkeypatch, quantizer, calibration):
+    """Every thread count (0: every core; the deprecated workers) writes the same archive bytes:
+    what runs in parallel (a block's linears, the next block's forward pass, the rate pass, the
+    row chunks of a tall tensor: a wavefront for tcq) is computed exactly as with one thread.
+    Small row chunks give the embedding and lm_head several chunks, so the wavefront runs."""
+    import threading
+
+    from aligncodec.codec import encoder as E
+    from aligncodec.codec import parallel
+
+    d = make_checkpoint(tmp_path / "m", "llama", False)
+    monkeypatch.setattr(S, "LAZY_MIN_ROWS", 16)
+    monkeypatch.setattr(E, "CHUNK_ROWS", 32)
+    where, fanout = set(), []
+    real_code, real_pipe, real_tasks = S.code_tensor, parallel.pipeline, parallel.run_tasks
+
+    def code_spy(*a, **kw):
+        where.add(threading.current_thread().name.split("_")[0])
+        return real_code(*a, **kw)
+
+    def pipe_spy(plans, threads, init=None):
+        fanout.append(("pipeline", len(plans), threads))
+        return real_pipe(plans, threads, init)
+
+    def tasks_spy(tasks, threads, init=None):
+        fanout.append(("tasks", len(tasks), threads))
+        return real_tasks(tasks, threads, init)
+
+    monkeypatch.setattr(S, "code_tensor", code_spy)
+    monkeypatch.setattr(parallel, "pipeline", pipe_spy)
+    monkeypatch.setattr(parallel, "run_tasks", tasks_spy)
+    trellis = E.trellis_id(quantizer, 8) if quantizer == "tcq" else 0
+    data = {}
+    for label, kw in (("t1", dict(threads=1)), ("t2", dict(threads=2)), ("t3", dict(threads=3)), ("w2", dict(workers=2)),
+                      ("t0", dict(threads=0))):
+        where.clear()
+        fanout.clear()
+        out = tmp_path / f"{label}.acz"
+        S.encode_stream(d, out, _opts(text_file, trellis=trellis, calibration=calibration, **kw), tokenizer=ToyTokenizer(),
+                        progress=False)
+        data[label] = out.read_bytes()
+        if label == "t1":
+            assert where == {"MainThread"} and all(t == 1 for _k, _n, t in fanout)
+        if label == "t2":  # the parallel paths did run: linears in the pool, chunks on two threads
+            assert "acz-encode" in where
+            kind = "pipeline" if quantizer == "tcq" else "tasks"
+            assert any(k == kind and n > 1 and t == 2 for k, n, t in fanout), fanout
+    assert all(v == data["t1"] for v in data.values()), [k for k, v in data.items() if v != data["t1"]]
+    archive.verify(tmp_path / "t2.acz")
+
+
 def test_no_calibration_without_config(tmp_path):
     d = make_checkpoint(tmp_path / "m", "llama", False)
     os.unlink(d / "config.json")
@@ -352,6 +406,29 @@ def test_controller_aggregate_matches_per_tensor_prediction():
         assert ctl._predict_agg(x, *agg) == pytest.approx(ctl.predict(x, names), rel=1e-12)
     x = ctl.solve()
     assert ctl.predict(x, names) == pytest.approx(ctl.budget - ctl.spent, rel=1e-6)
+
+
+def test_controller_offsets_price_a_tensor_at_its_own_step():
+    """A tensor with an offset (the output head's step multiple) is predicted at x + offset, in
+    the aggregate as per tensor; the solved step meets the budget with it."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    curves = {}
+    for i in range(6):
+        bits = np.sort(rng.uniform(0, 12, len(S.LOG2_GRID)))[::-1].copy()
+        curves[f"t{i}"] = S.RateCurve(f"t{i}", ("q_proj", "down_proj", "embedding")[i % 3], int(rng.integers(4096, 10**6)), bits)
+    off = {"t2": -1.25}
+    ctl, plain = S.RateController(3e6, curves, off), S.RateController(3e6, curves)
+    assert ctl.offset("t2") == -1.25 and ctl.offset("t1") == 0.0
+    names = sorted(ctl.remaining)
+    agg = ctl._aggregate(names)
+    for x in (-7.3, -4.0, -1.0, 0.4):
+        assert ctl._predict_agg(x, *agg) == pytest.approx(ctl.predict(x, names), rel=1e-9)
+        assert ctl.predict(x, ["t2"]) == pytest.approx(plain.predict(x - 1.25, ["t2"]), rel=1e-12)
+    x = ctl.solve()
+    assert ctl.predict(x, names) == pytest.approx(ctl.budget, rel=1e-6)
+    assert x > plain.solve()  # the finer head leaves the others a coarser step
 
 
 def test_thread_limits_set_and_restore():
@@ -436,6 +513,53 @@ def test_stream_encoder_writes_tcq_that_decodes_to_what_it_measured(tmp_path, te
         S.StreamOptions(bpw=3.0, trellis=9)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_head_step_multiple_is_recorded_decodes_and_lands_on_the_rate(tmp_path, text_file, tied):
+    """head_step: the output head (tied embedding or untied lm_head) coded at a finer step than the
+    blocks, recorded per tensor and in the summary; the file still lands within 1 % of the target;
+    the same bytes on a second run; the archive verifies (its check decodes every tensor)."""
+    import math
+
+    d = make_checkpoint(tmp_path / "m", "llama", tied)
+    plan = A.plan_model(d)
+    head = plan.embedding if tied else plan.lm_head
+    outs = {}
+    for hs in (1.0, 0.5, 0.5):
+        out = tmp_path / f"m{hs}-{len(outs)}.acz"
+        summ = S.encode_stream(d, out, _opts(text_file, head_step=hs, trellis=2), tokenizer=ToyTokenizer(), progress=False)
+        info = archive.inspect(out)
+        assert abs(8 * os.path.getsize(out) / info["n_weights"] / 4.0 - 1) <= 0.01
+        assert summ["head_step"] == hs and summ["head"] == head
+        per = json.loads(info["metadata"]["acz.lossy"])
+        blocks = [per[li.weight]["step"] for b in plan.blocks for li in b.linears if li.weight in per]
+        ratio = per[head]["step"] / float(np.median(blocks))
+        outs.setdefault(hs, []).append((out, ratio))
+        archive.verify(out)
+    # the head absorbs the controller's miss (two blocks: a large one), so compare the two runs
+    assert math.log2(outs[1.0][0][1] / outs[0.5][0][1]) > 0.5
+    assert outs[0.5][0][0].read_bytes() == outs[0.5][1][0].read_bytes()
+    with pytest.raises(ValueError, match="head step"):
+        S.StreamOptions(bpw=3.0, head_step=0.0)
+    # not given: the balance rule from the parameter ratio, recorded as such
+    out = tmp_path / "auto.acz"
+    summ = S.encode_stream(d, out, _opts(text_file, trellis=2), tokenizer=ToyTokenizer(), progress=False)
+    ckpt = A.Checkpoint(d)
+    n_head = ckpt.tensors[head].numel
+    n_others = summ["n_lossy_weights"] - n_head
+    assert summ["head_step"] == pytest.approx(S.auto_head_step(n_head, n_others)) and not summ["head_step_given"]
+    assert abs(8 * os.path.getsize(out) / archive.inspect(out)["n_weights"] / 4.0 - 1) <= 0.01
+
+
+def test_auto_head_step_balances_the_head_against_the_rest():
+    """A small head (SmolLM2's share) gets a finer step than the blocks, a head larger than the
+    rest (Gemma-3's 262k-token embedding) a coarser one; m rises with the head's share."""
+    ms = [S.auto_head_step(h, 100) for h in (1, 10, 27, 60, 100, 167, 400)]
+    assert all(a < b for a, b in zip(ms, ms[1:]))
+    assert 0.55 < S.auto_head_step(28_311_552, 106_168_320) < 0.7
+    assert 1.0 < S.auto_head_step(167_772_160, 100_300_000) < 1.25
+    assert S.auto_head_step(0, 100) == 1.0 == S.auto_head_step(5, 0)
+
+
 def test_cli_default_encoder_is_stream_and_checks_each_tensor(tmp_path, capsys, monkeypatch):
     """`compress --bpw` without --encoder is the stream encoder (whole-file --bpw); its check of
     each block tensor compares the decoded values bit for bit with the encoder's reconstruction:
@@ -485,3 +609,46 @@ def test_gram_from_the_lower_triangle_is_the_full_product(n, tile):
     assert torch.allclose(G, full, rtol=1e-5, atol=1e-4)
     if tile >= n:
         assert torch.equal(G, S.E.symmetrize_(full))
+
+
+def _save_word_tokenizer(folder, text: str, first_id: int) -> int:
+    """A word-level fast tokenizer beside the weights whose words get ids from ``first_id`` up
+    (a tokenizer of another model); returns its size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<x{i}>": i for i in range(3, first_id)}}
+    for i, w in enumerate(sorted(set(text.split()))):
+        vocab[w] = first_id + i
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(str(folder))
+    return max(vocab.values()) + 1
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_a_named_input_error(tmp_path, text_file, capsys):
+    """A tokenizer of another model beside the weights (ids beyond the vocabulary: a 49,152-token
+    tokenizer beside a 32,000-token Mistral) is TokenizerMismatchError, exit 3, naming the id and
+    the vocabulary, before any output; the model's own vocabulary range encodes."""
+    import tiny_arch
+    from aligncodec.tools.cli import EXIT_IO, exit_code_for, main
+
+    d = make_checkpoint(tmp_path / "m", "mistral", False, max_shard_size="100KB")  # sharded, untied, vocab 96
+    vocab = tiny_arch.COMMON["vocab_size"]
+    size = _save_word_tokenizer(d, TEXT, first_id=vocab + 50)
+    out = tmp_path / "o.acz"
+    with pytest.raises(S.TokenizerMismatchError) as ei:
+        S.encode_stream(d, out, _opts(text_file, calib_tokens=100), progress=False)
+    msg = str(ei.value)
+    assert f"vocabulary of {vocab} (config vocab_size)" in msg and f"of {size} tokens" in msg
+    top = int(re.search(r"gives token id (\d+)", msg).group(1))
+    assert vocab <= top < size
+    assert exit_code_for(ei.value) == EXIT_IO and isinstance(ei.value, archive.InputError)
+    assert not out.exists()
+    assert main(["compress", str(d), "-o", str(out), "--bpw", "3", "--calib-text", str(text_file), "--calib-tokens", "100"]) == EXIT_IO
+    err = capsys.readouterr().err
+    assert "TokenizerMismatchError" in err and str(vocab) in err and not out.exists()
+    # ids inside the vocabulary: the same folder encodes
+    _save_word_tokenizer(d, TEXT, first_id=3)
+    S.encode_stream(d, out, _opts(text_file, calib_tokens=100), progress=False)
+    archive.verify(out)

@@ -69,6 +69,33 @@ def test_gptq_without_feedback_is_the_independent_search():
     assert np.abs(K).max() <= lossy.MAX_ABS_TCQ_SYMBOL
 
 
+def test_row_lambda_weights_the_rate_of_each_row():
+    """row_lambda None and all ones are the same search (bit for bit); a larger λ on some rows
+    lowers their rate (more zero symbols), raises their error and leaves the plain rows' cost
+    the same or better, with and without GPTQ feedback."""
+    rng = np.random.default_rng(5)
+    C = torch.from_numpy(rng.standard_normal((256, 48)).astype(np.float32))
+    X = torch.randn(600, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    R, perm, _ = hessian_factor(2 * X.T @ X / 600, 0.01, act_order=True, factor="reverse", dtype=torch.float32)
+    step = 0.3
+    bits = T.prior_bits(C, step)
+    plain = T.gptq_tcq(C, R, perm, step, 2).numpy()
+    assert np.array_equal(plain, T.gptq_tcq(C, R, perm, step, 2, row_lambda=np.ones(256)).numpy())
+    K0 = T.tcq_independent(C.numpy(), step, 2, bits)
+    assert np.array_equal(K0, T.tcq_independent(C.numpy(), step, 2, bits, row_lambda=np.ones(256)))
+    rl = np.ones(256)
+    rl[::2] = 16.0  # the even rows: their rate weighs 16x
+    for ref, K1 in ((plain, T.gptq_tcq(C, R, perm, step, 2, row_lambda=rl).numpy()),
+                    (K0, T.tcq_independent(C.numpy(), step, 2, bits, row_lambda=rl))):
+        assert (K1[::2] == 0).mean() > (ref[::2] == 0).mean() + 0.05  # the weighted rows: cheaper
+        assert np.abs(K1[::2]).mean() < 0.9 * np.abs(ref[::2]).mean()
+        assert abs((K1[1::2] == 0).mean() - (ref[1::2] == 0).mean()) < 0.05  # the others: about as before
+    with pytest.raises(ValueError, match="row_lambda"):
+        T.gptq_tcq(C, R, perm, step, 2, row_lambda=np.ones(3))
+    with pytest.raises(ValueError, match="row_lambda"):
+        T.tcq_independent(C.numpy(), step, 2, bits, row_lambda=-np.ones(256))
+
+
 def test_tcq_beats_ecsq_on_gaussian_columns():
     """About 1 dB at equal entropy on i.i.d. Gaussian data (no feedback): the trellis's gain."""
     rng = np.random.default_rng(4)

@@ -43,3 +43,24 @@ def test_error_before_any_byte_creates_nothing(tmp_path):
     with pytest.raises(ValueError):
         atomic_write(dest, lambda tmp: (_ for _ in ()).throw(ValueError("no")))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_live_temporaries_are_listed_and_removed_for_an_abrupt_exit(tmp_path):
+    """The command line's Ctrl-C handler ends the process without unwinding; it removes what
+    the live atomic writes (and tracked scratch paths) hold, and only those."""
+    from aligncodec.formats import atomic
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with pytest.raises(FileNotFoundError):
+        with atomic.atomic_path(tmp_path / "a.acz") as tmp, atomic.atomic_dir(tmp_path / "d") as tmpdir:
+            with atomic.tracked(scratch):
+                assert {str(tmp), tmpdir, str(scratch)} <= set(atomic._LIVE)
+                removed = atomic.remove_live_temporaries()
+                assert set(removed) == {str(tmp), tmpdir, str(scratch)}
+                assert not tmp.exists() and not os.path.exists(tmpdir) and not scratch.exists()
+    assert not atomic._LIVE
+    assert not (tmp_path / "a.acz").exists() and not (tmp_path / "d").exists()
+    with atomic.atomic_path(tmp_path / "b.acz") as tmp:
+        tmp.write_bytes(b"x")
+    assert not atomic._LIVE and (tmp_path / "b.acz").read_bytes() == b"x"

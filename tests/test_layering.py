@@ -44,6 +44,15 @@ def test_codec_imports_no_tools_nor_public_api():
                                 "aligncodec.lossy_compress")) == []
 
 
+def test_public_api_modules_import_no_circle():
+    """No two modules of the aligncodec/ folder import each other, lazily or not (auxfiles.py holds the
+    auxiliary-file rules that validation.py checks; the readers of auxiliary files live in archive.py)."""
+    edges = {(Path(f).stem, m.split(".")[1]) for f, m in _imports("aligncodec")
+             if f.count("/") == 1 and m.startswith("aligncodec.") and m.count(".") >= 1}
+    assert ("auxfiles", "validation") not in edges  # the circle issue 23 names
+    assert sorted((a, b) for a, b in edges if a != b and (b, a) in edges) == []
+
+
 def test_formats_runs_without_torch():
     code = ("import sys, aligncodec.formats.reader, aligncodec.formats.writer, aligncodec.formats.atomic, "
             "aligncodec.codec.modes; bad = sorted(m for m in ('torch', 'numba') if m in sys.modules); "

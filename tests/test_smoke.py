@@ -9,7 +9,8 @@ from aligncodec import archive
 from aligncodec.tools.eval import models
 from aligncodec.codec.modes import decode_entry
 from aligncodec.codec.torch_interop import tensor_bytes
-from aligncodec.auxfiles import AUX_PREFIX, read_aux_files
+from aligncodec.archive import read_aux_files
+from aligncodec.auxfiles import AUX_PREFIX
 
 pytestmark = [pytest.mark.smoke, pytest.mark.model, pytest.mark.slow]
 

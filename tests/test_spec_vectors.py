@@ -37,6 +37,20 @@ def test_valid_vector(path):
     assert got == expect
 
 
+@pytest.mark.parametrize("path", [p for p in VALID if "files" in json.loads(p.with_suffix(".json").read_text())],
+                         ids=lambda p: p.stem)
+def test_valid_vector_rebuilds_its_files(path, tmp_path):
+    """A vector whose .json names files (the shard index, spec §3.1.1): decompress writes each,
+    byte for byte, beside the shards of acz.files."""
+    files = json.loads(path.with_suffix(".json").read_text())["files"]
+    written = archive.decompress(path, tmp_path / "out", progress=False)
+    for name, want in files.items():
+        data = (tmp_path / "out" / name).read_bytes()
+        assert data.decode() == want["text"] and hashlib.sha256(data).hexdigest() == want["sha256"]
+    index = json.loads(files["model.safetensors.index.json"]["text"])
+    assert sorted(p.name for p in written) == sorted([*files, *set(index["weight_map"].values())])
+
+
 @pytest.mark.parametrize("path", INVALID, ids=lambda p: p.stem)
 def test_invalid_vector(path):
     err = json.loads(path.with_suffix(".json").read_text())["error"]

@@ -155,3 +155,39 @@ def test_load_profile_splits_bytegroup_planes(tmp_path):
     assert T["total"] > 0 and T["bytegroup_zstd"] > 0 and T["bytegroup_join"] > 0
     assert 0 < T["plane0_stored_fraction"] <= 1 and 0 < T["plane1_stored_fraction"] < T["plane0_stored_fraction"]
     assert np.isfinite(T["plane0_zstd"]) and T["plane1_zstd"] > 0
+
+
+def test_synth_archive_stand_in(tmp_path):
+    """tools/bench/synth_archive.py: synth_checkpoint's tensor names and shapes, the
+    linear layers in the default lossy mode (tcq, 64 states) at about 3 bits per weight, the
+    rest lossless; the archive decodes (CPU decoder) to finite bf16 tensors of those shapes."""
+    import torch
+
+    import aligncodec
+    from aligncodec.codec.modes import lossy
+    from aligncodec.formats.constants import MODE_TCQ
+    from aligncodec.formats.reader import ArchiveReader
+    from aligncodec.tools.bench import synth_archive, synth_checkpoint as SC
+
+    p = tmp_path / "s.acz"
+    info = synth_archive.write("tiny", p, layers=1, embeddings=False)
+    specs = [s for s in SC.tensor_specs(SC.config_dict("tiny", 1)) if s[2] != "embed"]
+    with ArchiveReader(p) as r:
+        ts = r.tensors
+        assert sorted((e.name, e.shape) for e in ts) == sorted((n, tuple(s)) for n, s, _ in specs)  # the writer's order
+        kinds = {n: k for n, _, k in specs}
+        lin = [e for e in ts if kinds[e.name] in ("in", "out")]
+        assert lin and all(e.mode == MODE_TCQ for e in lin)
+        assert all(lossy.EcsqParams.unpack(e.params, e.name, e.mode).trellis == max(lossy.TRELLIS_MACHINES) for e in lin)
+        bpw = 8 * sum(e.size for e in lin) / sum(e.numel for e in lin)
+        assert 2.0 < bpw < 4.0, bpw
+    assert info["tensors"] == len(specs)
+    sd = aligncodec.load_state_dict(p, threads=1)
+    assert all(t.dtype == torch.bfloat16 and torch.isfinite(t.float()).all() for t in sd.values())
+    # the lossless stand-in: every tensor synth_checkpoint's values, bit for bit
+    q = tmp_path / "l.acz"
+    synth_archive.write("tiny", q, layers=1, embeddings=False, lossless=True)
+    cfg = SC.config_dict("tiny", 1)
+    for name, t in aligncodec.load(q, threads=1):
+        shape, kind = next((s, k) for n, s, k in specs if n == name)
+        assert torch.equal(t.view(torch.int16), SC.make_tensor(name, shape, kind, cfg["num_hidden_layers"], 0).view(torch.int16)), name

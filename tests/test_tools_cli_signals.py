@@ -1,8 +1,10 @@
 """The command line reports only named errors with documented exit codes, tracebacks only
 with --traceback, and Ctrl-C is exit 130 at any point (a real SIGINT sent to a child process:
-during the imports, during the encoder's work, twice in a row)."""
+during the imports, during the encoder's work, twice in a row, at random moments with the machine
+busy)."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from safetensors.torch import save_file
 
 from aligncodec.tools.cli import main
 
-RUN = [sys.executable, "-c", "import sys; from aligncodec.tools.cli import main; sys.exit(main())"]
+RUN = [sys.executable, "-m", "aligncodec"]  # what the console script runs: aligncodec.__main__.run
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,36 @@ def test_sigint_is_exit_130_without_traceback(big_ckpt, tmp_path, delays, encode
     assert not out.exists()
     if len(delays) == 1:  # clean-up ran (a second Ctrl-C stops it; the next write removes what is left)
         assert not [f for f in tmp_path.iterdir() if f.name.startswith(".acz-tmp-")]
+
+
+def _busy(seconds: float) -> subprocess.Popen:
+    """A process that keeps one core busy for ``seconds`` (the machine under load)."""
+    return subprocess.Popen([sys.executable, "-c", f"import time\nt = time.time() + {seconds}\nwhile time.time() < t: pass"])
+
+
+def test_sigint_at_random_moments_under_load(big_ckpt, tmp_path):
+    """Ctrl-C at random moments from 0.2 s after start (imports of torch and numba, planning,
+    encoding), with every core kept busy by other processes: always exit 130, no traceback,
+    no output and no temporary left. ACZ_SIGINT_TRIES sets the number of tries (default 6;
+    the closing note's 50-in-a-row run sets 50)."""
+    tries = int(os.environ.get("ACZ_SIGINT_TRIES", "6"))
+    rng = random.Random(int(os.environ.get("ACZ_SIGINT_SEED", "0")))
+    load = [_busy(6 * tries) for _ in range(os.cpu_count() or 1)]
+    try:
+        for i in range(tries):
+            out = tmp_path / f"m{i}.acz"
+            delay = rng.uniform(0.2, 2.5)
+            rc, err = _interrupt(["compress", str(big_ckpt), "-o", str(out), "--bpw", "3", "--no-calibration", "-q"],
+                                 [delay], tmp_path)
+            assert rc == 130, f"try {i}, Ctrl-C after {delay:.2f} s: exit {rc}\n{err}"
+            assert "Traceback" not in err and "terminate called" not in err, err
+            assert err.strip().endswith("aligncodec: interrupted"), err
+            assert not out.exists()
+            assert not [f for f in tmp_path.iterdir() if f.name.startswith(".acz-tmp-")]
+    finally:
+        for p in load:
+            p.kill()
+            p.wait()
 
 
 def test_sigint_while_decoding(big_ckpt, tmp_path):

@@ -225,3 +225,63 @@ def test_smollm2_short_eval_and_bytes():
     res = E.evaluate(model, tok, 1100, ref_model=model, progress=False)
     assert res["kld_mean"] == 0.0
     assert 5 < res["perplexity"] < 60
+
+
+def test_eval_of_an_archive_finds_its_reference_or_says_it_cannot(tiny, tmp_path, monkeypatch, capsys):
+    """An archive of a plain folder holding a copy of a cached reference model's weights records
+    that model as its source (acz.source_model: eval's KLD reference); an archive of a modified
+    copy (same config, same file size) records none, and eval says so in one stderr line and
+    scores no KLD; --ref DIR names the reference folder."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import save_model
+
+    from aligncodec import archive
+    from aligncodec.formats.reader import ArchiveReader
+    from aligncodec.tools.cli import main
+    from aligncodec.tools.eval import models as M
+
+    monkeypatch.setenv("ALIGNCODEC_HOME", str(tmp_path / "home"))
+    model, tok = tiny
+    cached = M.model_dir("smollm2")
+    cached.mkdir(parents=True)
+    model.config.save_pretrained(cached)
+    tok.save_pretrained(cached)
+    save_model(model, str(cached / M.WEIGHTS))
+    (cached / M.MANIFEST).write_text(json.dumps({"format": M.MANIFEST_FORMAT, "name": "smollm2",
+                                                 "files": M._hash_tree(cached)}))
+    copy, mod = tmp_path / "copy", tmp_path / "mod"
+    shutil.copytree(cached, copy)
+    os.unlink(copy / M.MANIFEST)
+    shutil.copytree(copy, mod)
+    save_model(_perturbed(model), str(mod / M.WEIGHTS))
+    assert os.path.getsize(mod / M.WEIGHTS) == os.path.getsize(copy / M.WEIGHTS)
+
+    def source_of(acz):
+        with ArchiveReader(acz) as r:
+            return r.metadata.get("acz.source_model")
+
+    a_copy, a_mod = tmp_path / "copy.acz", tmp_path / "mod.acz"
+    archive.compress(copy, a_copy, progress=False)
+    archive.compress(mod, a_mod, progress=False)
+    assert source_of(a_copy) == "smollm2" and E.find_reference(str(a_copy)) == ("smollm2", None)
+    assert source_of(a_mod) is None
+    name, why = E.find_reference(str(a_mod))
+    assert name is None and "does not record" in why
+
+    assert main(["eval", str(a_mod), "--tokens", "40", "--json", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if "no KLD reference" in ln]
+    assert len(lines) == 1 and "--ref" in lines[0]
+    res = json.loads(out)
+    assert res["ref"] is None and res.get("kld_mean") is None
+    assert main(["eval", str(a_mod), "--ref", str(copy), "--tokens", "40", "--json", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    res = json.loads(out)
+    assert "no KLD reference" not in err and res["ref"] == str(copy) and res["kld_mean"] > 0
+    assert main(["eval", str(a_copy), "--tokens", "40", "--json", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    res = json.loads(out)
+    assert "no KLD reference" not in err and res["ref"] == "smollm2" and res["kld_mean"] == 0.0

@@ -261,6 +261,24 @@ def join_kernel(out, rest, roff, n, rw, low, width):
         out[i] = ((r >> np.uint64(low)) << np.uint64(width - 1)) | (s << np.uint64(low)) | (r & np.uint64((1 << low) - 1))
 
 
+@cuda.jit(cache=True)
+def join_from_kernel(out, syms, soff, rest, roff, n, rw, low, width):
+    """As :func:`join_kernel`, the symbols read from ``syms[soff:]`` (a batch's shared symbol
+    buffer, :mod:`aligncodec.codec.modes.gpu_batch`) instead of ``out`` itself."""
+    i = cuda.grid(1)
+    if i < n:
+        bit = i * rw
+        pos = roff + (bit >> 3)
+        sh = bit & 7
+        nbytes = (sh + rw + 7) >> 3
+        acc = np.uint64(0)
+        for j in range(nbytes):
+            acc |= np.uint64(rest[pos + j]) << np.uint64(8 * j)
+        r = (acc >> np.uint64(sh)) & np.uint64((1 << rw) - 1)
+        s = np.uint64(syms[soff + i])
+        out[i] = ((r >> np.uint64(low)) << np.uint64(width - 1)) | (s << np.uint64(low)) | (r & np.uint64((1 << low) - 1))
+
+
 # ----------------------------------------------------------------- host side: errors, probe
 
 
@@ -533,13 +551,25 @@ class SymbolsPlan:
 def plan_symbols(streams: list, bases: list, st: Staging) -> SymbolsPlan:
     """Check every stream (in order, as the CPU decoder does: chunk layout, slot table) and stage
     its words, chunk table, slot table and record; stream i's symbols go to ``out[bases[i]:]``."""
-    plan = SymbolsPlan()
-    live = [(s, b) for s, b in zip(streams, bases) if s.n_symbols > 0]
+    return plan_prepared(prepare_streams(streams, bases), st)
+
+
+def prepare_streams(streams: list, bases: list) -> list:
+    """Check every stream in order (chunk layout, slot table: the CPU decoder's errors) and
+    return what :func:`plan_prepared` stages; stream i's symbols go to ``out[bases[i]:]``."""
     prepared = []
-    for s, b in live:
-        words, chunk_w = decode_cpu._words(s)
-        tab = decode_cpu.slot_table(s.freqs, s.precision)
-        prepared.append((s, b, words, chunk_w, tab))
+    for s, b in zip(streams, bases):
+        if s.n_symbols > 0:
+            words, chunk_w = decode_cpu._words(s)
+            tab = decode_cpu.slot_table(s.freqs, s.precision)
+            prepared.append((s, b, words, chunk_w, tab))
+    return prepared
+
+
+def plan_prepared(prepared: list, st: Staging) -> SymbolsPlan:
+    """Stage the words, chunk tables, slot tables and records of prepared streams (of one or
+    of many tensors: one launch decodes them all)."""
+    plan = SymbolsPlan()
     if not prepared:
         return plan
     any_lanes = any(s.lanes > 1 for s, *_ in prepared)

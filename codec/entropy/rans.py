@@ -30,6 +30,34 @@ from aligncodec.formats.streams import RansStream
 # held around every parallel numba kernel the encoders launch (codec/quant/gptq.py's gptq_ecsq too)
 KERNEL_LOCK = threading.RLock()
 
+
+def serial_twin(kernel):
+    """A ``nogil``, serial copy of the ``parallel=True`` numba kernel ``kernel`` (its ``prange``
+    loops run as plain loops, in order): the same results wherever the parallel loop's
+    iterations are independent (no reductions across them), which holds for every kernel
+    given a twin. Called with one numba thread (:func:`launch`), it releases the GIL and
+    needs no KERNEL_LOCK, so that encoder threads (aligncodec/stream_encode.py) run such
+    kernels side by side. Its own qualified name keeps numba's on-disk cache apart from the
+    parallel kernel's (the cache index does not tell the compile flags apart)."""
+    import types
+
+    py = kernel.py_func
+    f = types.FunctionType(py.__code__, py.__globals__, py.__name__ + "_serial", py.__defaults__, py.__closure__)
+    f.__qualname__ = py.__qualname__ + "_serial"
+    f.__module__ = py.__module__
+    f.__doc__ = py.__doc__
+    return nb.njit(nogil=True, cache=True)(f)
+
+
+def launch(kernel, twin, *args):
+    """Run ``kernel(*args)`` (a parallel numba kernel) under KERNEL_LOCK, or, when the calling
+    thread's numba thread count is 1, its :func:`serial_twin` ``twin`` without the lock and
+    without the GIL (the same results)."""
+    if nb.get_num_threads() == 1:
+        return twin(*args)
+    with KERNEL_LOCK:
+        return kernel(*args)
+
 DEFAULT_CHUNK_SYMBOLS = 1 << 14  # chunked layout (coder 2): symbols per chunk
 # The layout the encoder writes when a caller names none (chunk_symbols=None, lanes=None).
 # Chosen by measurement (tools/bench/layout_rate.py; README "Stream layout").
@@ -187,6 +215,9 @@ def _encode_all(sym, chunk_symbols, freq, cum, precision, n_chunks, offset):
     return states, nwords, scratch
 
 
+_encode_all_serial = serial_twin(_encode_all)
+
+
 @nb.njit(cache=True)
 def _encode_chunk_lanes(sym, start, stop, freq, cum, precision, lanes, out_words, states, offset):
     """Interleaved lanes (spec §6.6): symbol k of the chunk goes to lane k mod lanes, all
@@ -222,6 +253,9 @@ def _encode_all_lanes(sym, chunk_symbols, freq, cum, precision, n_chunks, lanes,
         b = min(a + chunk_symbols, n)
         nwords[c] = _encode_chunk_lanes(sym, a, b, freq, cum, precision, lanes, scratch[a:b], states[c], offset)
     return states, nwords, scratch
+
+
+_encode_all_lanes_serial = serial_twin(_encode_all_lanes)
 
 
 @nb.njit(cache=True)
@@ -372,13 +406,14 @@ def encode(symbols: np.ndarray, *, alphabet_size: int | None = None, precision: 
         part = sym[a:a + per_group]
         m = int(part.size)
         n_chunks = -(-m // chunk_symbols)
-        with KERNEL_LOCK:  # numba's default (workqueue) threading layer must not be entered by two threads at once
-            if lanes > 1:
-                states, nwords, scratch = _encode_all_lanes(part, chunk_symbols, freqs, cum, precision, n_chunks, lanes,
-                                                            offset)
-            else:
-                states, nwords, scratch = _encode_all(part, chunk_symbols, freqs, cum, precision, n_chunks, offset)
-                states = states.astype(np.uint64).reshape(-1, 1)  # one lane per chunk
+        # numba's default (workqueue) threading layer must not be entered by two threads at once (launch)
+        if lanes > 1:
+            states, nwords, scratch = launch(_encode_all_lanes, _encode_all_lanes_serial, part, chunk_symbols, freqs, cum,
+                                             precision, n_chunks, lanes, offset)
+        else:
+            states, nwords, scratch = launch(_encode_all, _encode_all_serial, part, chunk_symbols, freqs, cum, precision,
+                                             n_chunks, offset)
+            states = states.astype(np.uint64).reshape(-1, 1)  # one lane per chunk
         payload, lengths = _pack(states, nwords, scratch, chunk_symbols, m, lanes)
         del scratch
         payloads.append(payload)

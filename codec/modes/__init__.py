@@ -48,8 +48,9 @@ MODES: dict[int, Mode] = {
     MODE_FLOAT_SPLIT: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), lazy(_CUDA, "decode_float_split_tensor"),
                            lazy(_LOSSLESS, "check_params")),
     MODE_ECSQ: Mode(lazy(_LOSSY, "validate"), lazy(_LOSSY, "decode"), lazy(_LOSSY_CUDA, "decode_gpu"), lazy(_LOSSY, "check_params")),
-    # no GPU path yet: for a CUDA device the loader decodes a bytegroup tensor on the CPU (zstd +
-    # the byte-plane join, GB/s on a few cores) and copies it to the device
+    # no GPU path: for a CUDA device the loader decodes a bytegroup tensor on the CPU pool as soon as
+    # it is read (zstd + the byte-plane join, GB/s on a few cores), while the GPU decodes the batches
+    # of the other modes (gpu_batch), and copies it to the device in its turn
     MODE_BYTEGROUP: Mode(lazy(_LOSSLESS, "validate"), lazy(_LOSSLESS, "decode"), None, lazy(_LOSSLESS, "check_params")),
     # trellis-coded ecsq (spec §7.6): the same streams and reconstruction after an integer pass
     # over the symbols (the level walk down each column), on the CPU and on the GPU

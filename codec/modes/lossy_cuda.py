@@ -244,6 +244,29 @@ def finish_kernel(buf, r0, nrows, n, m, F, oQ, g, oS, out, kind):
 LEVEL_BIAS = 32767  # as lossy_cpu: the symbols are overwritten by L + 32767 (|L| ≤ 32767), offset −32767
 
 
+@cuda.jit(device=True)
+def _level_column(syms, I, oRT, oCB, oCS, oOR, oOC, rows, j, bits, taps, base):
+    """Walk column j's rows from state 0 and write L[i, j] + LEVEL_BIAS over symbol (i, j) at
+    ``syms[base + index]`` (spec §7.6)."""
+    top = bits - 1
+    s = np.int64(0)
+    for i in range(rows):
+        idx = base + I[oRT + i] + I[oCB + j] + i * I[oCS + j]
+        q = np.int64(syms[idx]) + I[oOR + i] + I[oOC + j]
+        lv = 2 * q
+        if (s >> top) & 1:
+            if q > 0:
+                lv -= 1
+            elif q < 0:
+                lv += 1
+        syms[idx] = np.uint16(lv + LEVEL_BIAS)
+        f = s & taps  # parity of the tapped bits (S ≤ 256: at most 8 bits)
+        f ^= f >> 4
+        f ^= f >> 2
+        f ^= f >> 1
+        s = (s >> 1) | (((q ^ f) & 1) << top)
+
+
 @cuda.jit(cache=True)
 def levels_kernel(syms, I, oRT, oCB, oCS, oOR, oOC, rows, n, bits, taps):
     """One thread per column j (grid-stride): walk its rows from state 0 and write
@@ -251,25 +274,26 @@ def levels_kernel(syms, I, oRT, oCB, oCS, oOR, oOC, rows, n, bits, taps):
     threads touch adjacent symbols (a row's symbols are contiguous within its class stream)."""
     j = cuda.grid(1)
     step = cuda.gridsize(1)
-    top = bits - 1
     while j < n:
-        s = np.int64(0)
-        for i in range(rows):
-            idx = I[oRT + i] + I[oCB + j] + i * I[oCS + j]
-            q = np.int64(syms[idx]) + I[oOR + i] + I[oOC + j]
-            lv = 2 * q
-            if (s >> top) & 1:
-                if q > 0:
-                    lv -= 1
-                elif q < 0:
-                    lv += 1
-            syms[idx] = np.uint16(lv + LEVEL_BIAS)
-            f = s & taps  # parity of the tapped bits (S ≤ 256: at most 8 bits)
-            f ^= f >> 4
-            f ^= f >> 2
-            f ^= f >> 1
-            s = (s >> 1) | (((q ^ f) & 1) << top)
+        _level_column(syms, I, oRT, oCB, oCS, oOR, oOC, rows, j, bits, taps, 0)
         j += step
+
+
+LREC = 10  # int64 fields of a levels record (levels_multi_kernel)
+
+
+@cuda.jit(cache=True)
+def levels_multi_kernel(syms, I, recs, blocks):
+    """The level pass of every tcq tensor of a batch in one launch: block b walks columns
+    c0 .. c0 + blockDim - 1 of tensor t (``I[blocks + 2b] = t, I[blocks + 2b + 1] = c0``); the
+    tensor's record at ``I[recs + LREC*t]``: its five table offsets, rows, columns, state bits,
+    taps and the start of its symbols in the batch's symbol buffer."""
+    b = cuda.blockIdx.x
+    t = I[blocks + 2 * b]
+    j = I[blocks + 2 * b + 1] + cuda.threadIdx.x
+    r = recs + LREC * t
+    if j < I[r + 6]:
+        _level_column(syms, I, I[r], I[r + 1], I[r + 2], I[r + 3], I[r + 4], I[r + 5], j, I[r + 7], I[r + 8], I[r + 9])
 
 
 # ----------------------------------------------------------------- host side
@@ -292,10 +316,10 @@ def gather_tables(entry, params, cm):
     ids = cm.ids.astype(np.int64)
     k = cm.k
     cnt = np.bincount(ids, minlength=k).astype(np.int64)
-    rank = np.zeros(len(ids), np.int64)
-    for c in range(k):
-        sel = np.flatnonzero(ids == c)
-        rank[sel] = np.arange(len(sel))
+    order = np.argsort(ids, kind="stable")  # by class, file order within a class
+    first = np.concatenate([[0], np.cumsum(cnt)[:-1]]).astype(np.int64)
+    rank = np.empty(len(ids), np.int64)
+    rank[order] = np.arange(len(ids), dtype=np.int64) - first[ids[order]]  # position within its class
     off = np.asarray(cm.offsets, np.int32)
     other = n if params.class_axis == 0 else rows
     base = np.concatenate([[0], np.cumsum(cnt * other)[:-1]]).astype(np.int64)
@@ -321,16 +345,25 @@ class EcsqJob:
     reconstruction: one launch for rows of up to SHARED_FLOATS); :meth:`check` copies the
     chunk status back (one copy, a synchronisation) and raises on a corrupt chunk."""
 
-    def __init__(self, entry, streams, *, stream_obj=0, pool_key=0):
-        decode_cuda.require()
+    def __init__(self, entry, streams, *, stream_obj=0, pool_key=0, st=None, sym_base=0):
+        """``st`` given (a batch of tensors, :mod:`aligncodec.codec.modes.gpu_batch`): stage the
+        streams (``self.prepared``, symbols at ``sym_base`` of the batch's symbol buffer) and the
+        tables into it and stop there; the batch uploads, plans one rANS launch for all its
+        tensors and sets ``views``, ``syms`` and ``buf`` before :meth:`reconstruct` (staging is host
+        work: the batch checks the device when it submits)."""
+        if st is None:
+            decode_cuda.require()
         params, sstreams, scales, hd, cm = lossy.parse(entry, streams)
         self.entry, self.params, self.stream_obj, self.name = entry, params, stream_obj, entry.name
         rows, n = entry.shape
         self.rows, self.n, self.numel = rows, n, rows * n
         self.kind = KIND[entry.dtype]
         rowterm, colbase, colstride, offrow, offcol, bases = gather_tables(entry, params, cm)
-        st = decode_cuda.Staging()
-        self.plan = decode_cuda.plan_symbols(sstreams, bases, st)
+        own = st is None
+        if own:
+            st = decode_cuda.Staging()
+        self.sym_base = sym_base
+        self.prepared = decode_cuda.prepare_streams(sstreams, [sym_base + b for b in bases])
         d = lossy.column_steps(params, scales)
         d = np.asarray(d, dtype=np.float32) if isinstance(d, np.ndarray) else np.full(n, d, dtype=np.float32)
         self.oI = tuple(st.add(a.astype(np.int64)) for a in (rowterm, colbase, colstride, offrow, offcol))
@@ -343,24 +376,33 @@ class EcsqJob:
         if params.transform != lossy.TRANSFORM_IDENTITY:
             self.oQ = st.add(hd.Q.astype(np.float32).reshape(-1))
             self.oS = st.add(hd.signs.astype(np.float32))
+        self.batch = self.buf = None
+        self.levels_done = False  # a batch ran the tcq level pass of all its tensors (levels_multi_kernel)
+        if params.transform != lossy.TRANSFORM_IDENTITY and n > SHARED_FLOATS and self.numel:
+            self.batch = max(1, min(rows, BUFFER_BYTES // (4 * n)))  # rows through the float32 buffer at a time
+        if not own:
+            return
+        self.plan = decode_cuda.plan_prepared(self.prepared, st)
         self.pool = decode_cuda.pool(pool_key)
         self.views = self.pool.upload(st, self.name, stream_obj)
         self.d_status = self.pool.status(self.plan.n_chunks, self.name, stream_obj)
         self.syms = self.pool.array("syms", max(1, self.numel), np.uint16, self.name, stream_obj)
-        self.batch = self.buf = None
-        if params.transform != lossy.TRANSFORM_IDENTITY and n > SHARED_FLOATS and self.numel:
-            self.batch = max(1, min(rows, BUFFER_BYTES // (4 * n)))  # rows through the float32 buffer at a time
+        if self.batch is not None:
             self.buf = self.pool.array("rowbuf", self.batch * n, np.float32, self.name, stream_obj)
 
     def launch(self, out) -> None:
+        decode_cuda.launch_symbols(self.plan, self.views, self.syms, self.d_status, self.stream_obj)
+        self.reconstruct(out)
+
+    def reconstruct(self, out) -> None:
+        """The kernels after the symbols: the tcq level pass, then the reconstruction into ``out``."""
         rows, n, m, p = self.rows, self.n, self.m, self.p
         so, kind = self.stream_obj, self.kind
-        decode_cuda.launch_symbols(self.plan, self.views, self.syms, self.d_status, so)
         if self.numel == 0:
             return
         I, F = self.views["i8"], self.views["f4"]
         tpb = THREADS_PER_BLOCK
-        if self.params.trellis:
+        if self.params.trellis and not self.levels_done:
             n_states, taps = lossy.TRELLIS_MACHINES[self.params.trellis]
             levels_kernel[_grid(n, tpb), tpb, so](self.syms, I, *self.oI, rows, n, n_states.bit_length() - 1, taps)
         tables = (self.syms, I, F) + self.oI_rec + (self.oD,)

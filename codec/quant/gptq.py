@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import torch
 
-from aligncodec.codec.entropy.rans import KERNEL_LOCK
+from aligncodec.codec.entropy.rans import launch, serial_twin
 from aligncodec.codec.quant.grids import QuantResult, check_weight, column_groups
 
 __all__ = ["hessian_factor", "gptq_affine_block", "gptq", "gptq_ecsq"]
@@ -93,6 +93,13 @@ def lazy_batches(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, block: in
     ``run_block(W1, U1, i1, i2)`` quantizes the batch's weights W1 (rows × b, float32,
     contiguous, overwritten by the column loop) with the factor block U1 and returns their
     quantized values (rows × b)."""
+    for _ in lazy_batch_steps(C, R, perm, block, run_block):
+        pass
+
+
+def lazy_batch_steps(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, block: int, run_block):
+    """:func:`lazy_batches` as a generator that yields after each batch (callers interleave the
+    batches of several row chunks: ``trellis.gptq_tcq_steps``)."""
     W = C[:, perm].contiguous().numpy()  # a copy (indexing by perm): C is not modified
     Rn = R.to(C.dtype).contiguous().numpy()
     n = W.shape[1]
@@ -106,6 +113,7 @@ def lazy_batches(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, block: in
             W1 += (W[:, :i1] @ Rn[:i1, i1:i2]) @ U1
         Q1 = run_block(W1, U1, i1, i2)
         W[:, i1:i2] -= Q1  # D_B: the batch's columns now hold W − Q
+        yield
 
 
 @numba.njit(parallel=True, cache=True)
@@ -128,6 +136,9 @@ def gptq_affine_block(W1, Hinv1, scale, zero, lo, hi, S1, Q1, E1):  # pragma: no
             E1[r, i] = err
             for j in range(i + 1, b):
                 W1[r, j] -= err * Hinv1[i, j]
+
+
+_gptq_affine_block_serial = serial_twin(gptq_affine_block)
 
 
 def gptq(
@@ -230,8 +241,8 @@ def gptq_ecsq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float,
         V1 = np.empty_like(W1)
         S1 = np.empty(W1.shape, dtype=np.int64)
         scale = np.full(W1.shape, step, dtype=W1.dtype)
-        with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
-            gptq_affine_block(W1, U1, scale, np.zeros_like(scale), float(-maxq), float(maxq), S1, V1, E1)
+        launch(gptq_affine_block, _gptq_affine_block_serial, W1, U1, scale, np.zeros_like(scale), float(-maxq), float(maxq),
+               S1, V1, E1)
         out[:, pn[i1:i2]] = S1
         return V1
 

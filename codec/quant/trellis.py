@@ -36,10 +36,10 @@ import numba
 import numpy as np
 import torch
 
-from aligncodec.codec.entropy.rans import KERNEL_LOCK, histogram
+from aligncodec.codec.entropy.rans import histogram, launch, serial_twin
 from aligncodec.codec.modes.lossy import MAX_ABS_TCQ_SYMBOL, trellis_machine
 
-__all__ = ["LAMBDA_C", "prior_bits", "symbol_bits", "class_rate", "tcq_levels", "gptq_tcq", "tcq_independent"]
+__all__ = ["LAMBDA_C", "prior_bits", "symbol_bits", "class_rate", "tcq_levels", "gptq_tcq", "gptq_tcq_steps", "tcq_independent"]
 
 LAMBDA_C = 0.25  # λ = c·Δ²: with the prior table (no extra pass) c = 0.25 beat 0.4 and 0.6 inside GPTQ (docs/results/2026-11-30-tcq.md)
 _TAIL_BITS = 2.0  # bits per unit of |k| beyond the table's seen range
@@ -85,12 +85,12 @@ def _level(q, k):  # pragma: no cover - numba
 
 
 @numba.njit(cache=True)
-def _viterbi(w, step, lam, bits, tab, trans, qsel, s0, out_k, out_l, bk, bs, cost, newc):  # pragma: no cover - numba
+def _viterbi(w, step, lam, rlam, bits, tab, trans, qsel, s0, out_k, out_l, bk, bs, cost, newc):  # pragma: no cover - numba
     """One column w (rows) whose walk enters row 0 in state ``s0`` (the decoder's state after
     the column's earlier rows; 0 at the top): symbols into out_k, levels into out_l; returns
     the state after the last row of the chosen path (its best end state). bk/bs (rows × S):
     scratch. ``bits`` (tables × (2·kmax + 1)): rate tables; row i's symbol is priced by table
-    ``tab[i]``."""
+    ``tab[i]``, with the rate weight lam·rlam[i] (rlam: per-row multipliers of λ)."""
     rows = w.shape[0]
     S = trans.shape[0]
     kmax = (bits.shape[1] - 1) // 2
@@ -105,6 +105,7 @@ def _viterbi(w, step, lam, bits, tab, trans, qsel, s0, out_k, out_l, bk, bs, cos
         wi = np.float64(w[i])
         t = wi * inv
         ti = tab[i]
+        li = lam * rlam[i]
         for s in range(S):
             c0 = cost[s]
             if c0 == np.inf:
@@ -133,7 +134,7 @@ def _viterbi(w, step, lam, bits, tab, trans, qsel, s0, out_k, out_l, bk, bs, cos
                 elif k < -kcap:
                     k = -kcap
                 e = wi - _level(q, k) * step
-                c = c0 + e * e + lam * bits[ti, k + kmax]
+                c = c0 + e * e + li * bits[ti, k + kmax]
                 ns = trans[s, k & 1]
                 if c < newc[ns]:
                     newc[ns] = c
@@ -163,7 +164,7 @@ def _scratch(rows, S):  # pragma: no cover - numba
 
 
 @numba.njit(parallel=True, cache=True)
-def _tcq_block(W1, U1, step, lam, bits, rtab, ctab, trans, qsel, S1, K1, Q1, E1):  # pragma: no cover - numba
+def _tcq_block(W1, U1, step, lam, rlam, bits, rtab, ctab, trans, qsel, S1, K1, Q1, E1):  # pragma: no cover - numba
     """GPTQ's column loop over one block with the trellis where the rounding is: the column's
     search (sequential over rows, entering in state S1[i]; S1[i] becomes its final state), then
     its error fed forward in the block (parallel over rows). Symbol (r, i) is priced by rate
@@ -175,7 +176,7 @@ def _tcq_block(W1, U1, step, lam, bits, rtab, ctab, trans, qsel, S1, K1, Q1, E1)
         for r in range(rows):
             col[r] = W1[r, i]
             tab[r] = rtab[r] + ctab[i]
-        S1[i] = _viterbi(col, step, lam, bits, tab, trans, qsel, S1[i], ok, ol, bk, bs, cost, newc)
+        S1[i] = _viterbi(col, step, lam, rlam, bits, tab, trans, qsel, S1[i], ok, ol, bk, bs, cost, newc)
         d = U1[i, i]
         for r in numba.prange(rows):
             K1[r, i] = ok[r]
@@ -187,8 +188,11 @@ def _tcq_block(W1, U1, step, lam, bits, rtab, ctab, trans, qsel, S1, K1, Q1, E1)
                 W1[r, j] -= err * U1[i, j]
 
 
+_tcq_block_serial = serial_twin(_tcq_block)
+
+
 @numba.njit(parallel=True, cache=True)
-def _tcq_columns(W, step, lam, bits, rtab, ctab, trans, qsel, St, K):  # pragma: no cover - numba
+def _tcq_columns(W, step, lam, rlam, bits, rtab, ctab, trans, qsel, St, K):  # pragma: no cover - numba
     """No feedback (Σ = I after the transform): one independent search per column, in parallel,
     column j entering in state St[j] (overwritten by its final state). Symbol (r, j) is priced
     by rate table ``rtab[r] + ctab[j]``."""
@@ -199,9 +203,12 @@ def _tcq_columns(W, step, lam, bits, rtab, ctab, trans, qsel, St, K):  # pragma:
         for r in range(rows):
             col[r] = W[r, j]
             tab[r] = rtab[r] + ctab[j]
-        St[j] = _viterbi(col, step, lam, bits, tab, trans, qsel, St[j], ok, ol, bk, bs, cost, newc)
+        St[j] = _viterbi(col, step, lam, rlam, bits, tab, trans, qsel, St[j], ok, ol, bk, bs, cost, newc)
         for r in range(rows):
             K[r, j] = ok[r]
+
+
+_tcq_columns_serial = serial_twin(_tcq_columns)
 
 
 def _machine(mid: int):
@@ -244,6 +251,16 @@ def _rate_arrays(rate, rows: int, n: int):
     return bits, rtab, ctab
 
 
+def _row_lambda(row_lambda, rows: int) -> np.ndarray:
+    """Per-row λ multipliers as the kernels' float64 array (None: all 1, the plain search)."""
+    if row_lambda is None:
+        return np.ones(rows, np.float64)
+    rl = np.ascontiguousarray(row_lambda, dtype=np.float64)
+    if rl.shape != (rows,) or not bool(np.all(np.isfinite(rl))) or (rows and float(rl.min()) < 0):
+        raise ValueError(f"row_lambda must be {rows} finite non-negative values")
+    return rl
+
+
 def _states(state: np.ndarray | None, n: int, n_states: int) -> np.ndarray:
     """The per-column entry states as the kernels' int64 array (None: state 0, the top of a column)."""
     if state is None:
@@ -256,7 +273,7 @@ def _states(state: np.ndarray | None, n: int, n_states: int) -> np.ndarray:
 
 def tcq_independent(C: np.ndarray, step: float, mid: int, bits: np.ndarray, lam_c: float = LAMBDA_C,
                     rtab: np.ndarray | None = None, ctab: np.ndarray | None = None,
-                    state: np.ndarray | None = None) -> np.ndarray:
+                    state: np.ndarray | None = None, row_lambda: np.ndarray | None = None) -> np.ndarray:
     """Symbols (int32) of a trellis search per column without error feedback. ``bits``: one rate
     table, or several with ``rtab``/``ctab`` (see :func:`class_rate`). ``state``: as
     :func:`gptq_tcq` (the columns' entry states, overwritten with their final states)."""
@@ -265,8 +282,8 @@ def tcq_independent(C: np.ndarray, step: float, mid: int, bits: np.ndarray, lam_
     bits, rtab, ctab = _rate_arrays((bits, rtab, ctab), *C.shape)
     st = _states(state, C.shape[1], len(trans))
     K = np.empty(C.shape, np.int32)
-    with KERNEL_LOCK:
-        _tcq_columns(C, float(step), lam_c * step * step, bits, rtab, ctab, trans, qsel, st, K)
+    launch(_tcq_columns, _tcq_columns_serial, C, float(step), lam_c * step * step, _row_lambda(row_lambda, C.shape[0]),
+           bits, rtab, ctab, trans, qsel, st, K)
     if state is not None:
         state[...] = st
     return K
@@ -274,7 +291,7 @@ def tcq_independent(C: np.ndarray, step: float, mid: int, bits: np.ndarray, lam_
 
 def gptq_tcq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, mid: int, *,
              lam_c: float = LAMBDA_C, block: int = 128, rate=None,
-             state: np.ndarray | None = None) -> torch.Tensor:
+             state: np.ndarray | None = None, row_lambda: np.ndarray | None = None) -> torch.Tensor:
     """GPTQ (act order, lazy batches: ``gptq.lazy_batches``, R the reverse Cholesky factor of H,
     as :func:`aligncodec.codec.quant.gptq.gptq_ecsq`) with the trellis search of state machine
     ``mid`` per column: tcq symbols k (int32, |k| ≤ MAX_ABS_TCQ_SYMBOL) in the original column
@@ -287,32 +304,55 @@ def gptq_tcq(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, 
     column from state 0 at row 0 down to the last row). Each column's search starts there (the
     other start states cost +inf) and ends in its best end state, which is written back into
     ``state``: row chunks coded in order with one such array are the decoder's walk exactly.
-    GPTQ's rows are independent given H, so only the trellis state crosses a chunk boundary."""
-    from aligncodec.codec.quant.gptq import lazy_batches
+    GPTQ's rows are independent given H, so only the trellis state crosses a chunk boundary.
+
+    ``row_lambda`` (float, one per row; None: all 1): row i's rate weight is λ·row_lambda[i] —
+    a row whose error matters less (a rare token's embedding row) trades more error for rate.
+    The decoder is unchanged (the step is one per tensor)."""
+    steps = gptq_tcq_steps(C, R, perm, step, mid, lam_c=lam_c, block=block, rate=rate, state=state, row_lambda=row_lambda)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def gptq_tcq_steps(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: float, mid: int, *,
+                   lam_c: float = LAMBDA_C, block: int = 128, rate=None, state: np.ndarray | None = None,
+                   row_lambda: np.ndarray | None = None):
+    """:func:`gptq_tcq` as a generator that yields after each lazy batch and returns the symbols.
+    A ``state`` that is a C-contiguous int64 array is read and written batch by batch, in place
+    (a batch reads and writes its own columns' states only): row chunks of one tensor sharing
+    that array may then run batch k of chunk c + 1 as soon as batch k of chunk c is done
+    (``parallel.pipeline``), with the symbols of running the chunks one after another.
+    Any other ``state`` is copied at the start and written back at the end."""
+    from aligncodec.codec.quant.gptq import lazy_batch_steps
 
     trans, qsel = _machine(mid)
     lam = lam_c * step * step
     rows, n = C.shape
     bits, rtab, ctab = _rate_arrays(rate if rate is not None else (prior_bits(C, step), None, None), rows, n)
     pn = perm.numpy()
-    final = _states(state, n, len(trans)).copy()  # the entry states, overwritten with the end states
+    st = _states(state, n, len(trans))
+    in_place = state is not None and st is state
+    final = st if in_place else st.copy()  # the entry states, overwritten with the end states
     out = np.empty((rows, n), dtype=np.int32)
     cperm = np.ascontiguousarray(ctab[pn])
+    rlam = _row_lambda(row_lambda, rows)
 
     def run_block(W1, U1, i1, i2):
         E1 = np.empty_like(W1)
         Q1 = np.empty_like(W1)
         K1 = np.empty(W1.shape, dtype=np.int32)
         S1 = np.ascontiguousarray(final[pn[i1:i2]])
-        with KERNEL_LOCK:  # numba's default threading layer must not be entered by two threads at once
-            _tcq_block(W1, U1, float(step), lam, bits, rtab, np.ascontiguousarray(cperm[i1:i2]), trans, qsel,
-                       S1, K1, Q1, E1)
+        launch(_tcq_block, _tcq_block_serial, W1, U1, float(step), lam, rlam, bits, rtab,
+               np.ascontiguousarray(cperm[i1:i2]), trans, qsel, S1, K1, Q1, E1)
         out[:, pn[i1:i2]] = K1
         final[pn[i1:i2]] = S1
         return Q1
 
-    lazy_batches(C, R, perm, block, run_block)
-    if state is not None:
+    yield from lazy_batch_steps(C, R, perm, block, run_block)
+    if state is not None and not in_place:
         state[...] = final
     return torch.from_numpy(out)
 

@@ -22,10 +22,14 @@
      and from host bytes (staging, one copy in, kernels, one status copy back);
    - lossy ecsq bf16 (hadamard, column scales, 4 row classes; m = 1 and m = 3, the latter with
      rows longer than the shared segment): kernels only (streams and tables already on the
-     device), and from host streams to the bf16 tensor on the device; lossy tcq bf16 (8 states)
-     at the first shape, the same two timings;
-   - ``--archive``: load_state_dict(device="cuda") of the whole archive, wall time, in GB/s of
-     bf16 (2 bytes per weight) and of the archive's own dtypes (``GBps_own_dtype_*``).
+     device), and from host streams to the bf16 tensor on the device; lossy tcq bf16 (64 states,
+     the default lossy mode) at the first shape, the same two timings (``--no-kernels``: none of these);
+   - ``--archive`` and ``--synth SIZE:LAYERS[:noembed][:lossless]`` (a stand-in lossy archive of synth_checkpoint's
+     widths, tools/bench/synth_archive.py, written first): the whole archive through
+     load_state_dict(device="cuda") (the batched GPU path) checked against the CPU decoder, then
+     timed, wall time from a warm page cache, in GB/s of bf16 (2 bytes per weight) and of the
+     archive's own dtypes (``GBps_own_dtype_*``), beside the CPU decoder's load with
+     ``--cpu-threads`` (default every core) on the same machine (``gpu_over_cpu``).
 Exit status 2 without a CUDA device or when numba cannot compile a kernel (CudaUnavailableError,
 e.g. numba-cuda 0.30.4 with numpy 2.5).
 Exit status 0 only if every bit-exactness check passed.
@@ -35,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -87,6 +93,12 @@ def main(argv=None) -> int:
     ap.add_argument("--layouts", default="16384x1,131072x32", help="rANS layouts to time: KxW (chunk symbols x lanes)")
     ap.add_argument("--archive", action="append", default=[], help="an .acz to check tensor by tensor and to load (repeatable)")
     ap.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    ap.add_argument("--synth", action="append", default=[], metavar="SIZE:LAYERS[:noembed][:lossless]",
+                    help="also load a stand-in lossy archive of synth_checkpoint's widths (tools/bench/synth_archive.py), "
+                         "e.g. 1.5b:4, or 1.5b:2:noembed without the float-split embeddings, or 135m:30:lossless "
+                         "(every tensor float-split: a lossless stand-in at SmolLM2-135M widths) (repeatable)")
+    ap.add_argument("--cpu-threads", type=int, default=0, help="threads of the CPU decoder the archive loads are compared with (0: every core)")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the kernel throughput table (archives only)")
     ap.add_argument("--vectors", type=Path, default=ROOT / "spec" / "vectors" / "lossy",
                     help="the lossy golden vectors (spec/vectors/lossy of a source checkout; needed when installed from a wheel)")
     args = ap.parse_args(argv)
@@ -176,8 +188,6 @@ def main(argv=None) -> int:
             check(f"tcq machine {mid} {rows}x{n} {lossy.TRANSFORM_NAMES[tr]} K={cls[0]} axis={cls[1]} scales={sc} {dt}",
                   same_as_cpu(e, st))
     # the loader, device="cuda", on an archive with both layouts and both kinds
-    import tempfile
-
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "mixed.acz"
         e1, s1 = _ecsq_case(rng, 48, 96, lossy.TRANSFORM_HADAMARD, (2, 0), True, "BF16", layouts[0], "a.lossy")
@@ -195,13 +205,37 @@ def main(argv=None) -> int:
         gpu = aligncodec.load_state_dict(p, device="cuda")
         check("loader device=cuda, mixed layouts", set(cpu) == set(gpu) and all(
             gpu[k].device.type == "cuda" and torch.equal(gpu[k].cpu().view(torch.int16), cpu[k].view(torch.int16)) for k in cpu))
-    for a in args.archive:
-        ok = True
-        with ArchiveReader(a) as r:
-            for e in r.tensors:
-                if not e.name.startswith("acz:file/"):
-                    ok = ok and same_as_cpu(e, r.read_streams(e))
-        check(f"archive {Path(a).name}: every tensor", ok)
+    synth_dir = tempfile.mkdtemp(prefix="acz-synth-")
+    synth = []
+    for spec in args.synth:
+        from aligncodec.tools.bench import synth_archive
+
+        parts = spec.split(":")
+        size, layers, rest = parts[0], (parts[1] if len(parts) > 1 else "4"), parts[2:]
+        embed, ll = "noembed" not in rest, "lossless" in rest
+        p = Path(synth_dir) / f"synth-{size}-l{layers}{'' if embed else '-noembed'}{'-lossless' if ll else ''}.acz"
+        t1 = time.time()
+        info = synth_archive.write(size, p, layers=int(layers), embeddings=embed, lossless=ll)
+        print(f"stand-in archive {p.name}: {info['tensors']} tensors, {info['weights'] / 1e6:.0f} M weights, "
+              f"{info['bytes'] / 2**20:.0f} MiB, written in {time.time() - t1:.0f}s", flush=True)
+        synth.append(str(p))
+    cpu_threads = args.cpu_threads or os.cpu_count()
+    for a in args.archive + synth:
+        if a not in synth:  # tensor by tensor through decode_tensor (the single-tensor path)
+            ok = True
+            with ArchiveReader(a) as r:
+                for e in r.tensors:
+                    if not e.name.startswith("acz:file/"):
+                        ok = ok and same_as_cpu(e, r.read_streams(e))
+            check(f"archive {Path(a).name}: every tensor", ok)
+        # the whole archive through the loader's batched GPU path against the CPU decoder
+        cpu = aligncodec.load_state_dict(a, threads=cpu_threads)
+        gpu = aligncodec.load_state_dict(a, device="cuda")
+        check(f"archive {Path(a).name}: load(device=cuda) batched", list(cpu) == list(gpu) and all(
+            gpu[k].device.type == "cuda" and torch.equal(gpu[k].cpu().view(torch.uint8), cpu[k].view(torch.uint8)) for k in cpu))
+        del cpu, gpu
+        if a in synth:
+            checks[f"archive {Path(a).name}: every tensor"] = checks[f"archive {Path(a).name}: load(device=cuda) batched"]
     print(f"{len(checks)} checks in {time.time() - t0:.1f}s: {sum(checks.values())} ok", flush=True)
 
     # ---------------------------------------------------------------- 2. throughput (checked cases only)
@@ -233,7 +267,7 @@ def main(argv=None) -> int:
     kb = lossless.DEFAULT_MANTISSA_BITS["BF16"]
     fsym, rest = lossless.split_float(bits, "BF16", kb)
     packed = lossless.pack_bits(rest, 16 - 8 - kb)
-    for lay in layouts:
+    for lay in ([] if args.no_kernels else layouts):
         s = rans.encode(fsym, alphabet_size=1 << (8 + kb), chunk_symbols=lay[0], lanes=lay[1])
         out_t = torch.empty(n, dtype=torch.int16, device=dev)
         d_out = cuda.as_cuda_array(out_t).view(np.uint16)
@@ -252,8 +286,10 @@ def main(argv=None) -> int:
         row("lossless bf16 float-split, from host bytes", lay, n,
             cuda_time(lambda: decode_cuda.decode_float_split_device(s, packed, "BF16", kb, out=d_out)), extra)
     # ecsq at two shapes, and tcq (8 states: ecsq + the level kernel) at the first
-    for rows_, cols_, trellis in ((args.rows, args.cols, 0), (max(1, args.rows // 2), 3 * args.cols, 0),
-                                  (args.rows, args.cols, 2)):
+    tcq_default = max(lossy.TRELLIS_MACHINES)  # 64 states, the encoder's default
+    for rows_, cols_, trellis in (() if args.no_kernels else
+                                  ((args.rows, args.cols, 0), (max(1, args.rows // 2), 3 * args.cols, 0),
+                                   (args.rows, args.cols, tcq_default))):
         mname = "tcq" if trellis else "ecsq"
         for lay in layouts:
             e, st = _ecsq_case(rng, rows_, cols_, lossy.TRANSFORM_HADAMARD, (4, 0), True, "BF16", lay, "lossy", trellis)
@@ -277,8 +313,8 @@ def main(argv=None) -> int:
                     job.check()
                 row(f"lossy {mname} bf16 {rows_}x{cols_} (m={m}), host streams", lay, e.numel,
                     cuda_time(lambda: lossy_cuda.reconstruct_device(e, st, d_out)), {"bytes": e.size})
-    for a in args.archive:
-        if not checks.get(f"archive {Path(a).name}: every tensor"):
+    for a in args.archive + synth:
+        if not checks.get(f"archive {Path(a).name}: every tensor") or not checks.get(f"archive {Path(a).name}: load(device=cuda) batched"):
             continue
         with ArchiveReader(a) as r:
             tensors = [e for e in r.tensors if not e.name.startswith("acz:file/")]
@@ -293,10 +329,18 @@ def main(argv=None) -> int:
             times.append(time.perf_counter() - t)
             del sd
         best, med = min(times), float(np.median(times))
+        ctimes = []
+        for _ in range(max(1, min(3, args.repeat))):
+            t = time.perf_counter()
+            sd = aligncodec.load_state_dict(a, threads=cpu_threads)
+            ctimes.append(time.perf_counter() - t)
+            del sd
+        cmed = float(np.median(ctimes))
         row(f"load_state_dict(device=cuda) {Path(a).name}", None, weights, (best, med),
-            {"note": "wall time: file read, CRC, host-side parsing and every kernel; GBps_* count 2 bytes per weight",
+            {"note": "wall time, warm page cache: file read, CRC, host-side parsing and every kernel; GBps_* count 2 bytes per weight",
              "bytes_own_dtype": nbytes, "GBps_own_dtype_best": nbytes / best / 1e9, "GBps_own_dtype_median": nbytes / med / 1e9,
-             "seconds_median": med})
+             "seconds_median": med, "cpu_threads": cpu_threads, "cpu_seconds_median": cmed, "gpu_over_cpu": med / cmed})
+        print(f"  {'  CPU decoder, ' + str(cpu_threads) + ' threads':44s} {'':>10s} {cmed:8.3f} s (median); GPU/CPU = {med / cmed:.2f}", flush=True)
         print(f"  {'  (own dtypes: ' + format(nbytes / 2**20, '.1f') + ' MiB decoded)':44s} {'':>10s} {nbytes / med / 1e9:8.2f} GB/s (median), {med:.3f} s", flush=True)
 
     all_ok = all(checks.values())
@@ -307,6 +351,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)
+    import shutil
+
+    shutil.rmtree(synth_dir, ignore_errors=True)
     return 0 if all_ok else 1
 
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", default="float", choices=("float", "quantized"))
     ap.add_argument("--quantizer", default=None, choices=("ecsq", "tcq"), help="default: the encoder's")
     ap.add_argument("--trellis-states", type=int, default=None, help="tcq: default the encoder's")
-    ap.add_argument("--threads", type=int, default=1, help="0: the libraries' defaults")
+    ap.add_argument("--threads", type=int, default=1, help="encoder threads (default 1; 0: every core)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N top functions of blocks 1..")
     args = ap.parse_args(argv)
     from aligncodec import stream_encode as S
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     quantizer = args.quantizer or E.DEFAULT_QUANTIZER
     trellis = E.trellis_id(quantizer, args.trellis_states or E.DEFAULT_TRELLIS_STATES)
     opts = S.StreamOptions(bpw=args.bpw, scope=args.scope, calibration=args.calibration,
-                           calib_tokens=args.calib_tokens, threads=args.threads or None, trellis=trellis)
+                           calib_tokens=args.calib_tokens, threads=args.threads, trellis=trellis)
     wall, cpu = [], []
     mark = [time.perf_counter(), time.process_time()]
     prof = cProfile.Profile()

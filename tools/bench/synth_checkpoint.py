@@ -13,6 +13,7 @@ encoder's calibration pass runs as on a real model. Never commit the output.
 Shapes (SmolLM2-family widths, Llama layout, untied embeddings, grouped KV heads):
 
     size   hidden  inter  layers  heads/kv  parameters
+    135m   576     1536   30      9/3       ≈ 0.16 B (SmolLM2-135M widths, embeddings untied)
     0.5b   1280    3584   20      20/5      ≈ 0.52 B
     1.5b   2048    8192   24      32/8      ≈ 1.71 B (SmolLM2-1.7B widths)
     3b     2560    8192   32      32/8      ≈ 3.02 B
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 SIZES = {
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3),
     "0.5b": dict(hidden_size=1280, intermediate_size=3584, num_hidden_layers=20, num_attention_heads=20, num_key_value_heads=5),
     "1.5b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=8),
     "3b": dict(hidden_size=2560, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),

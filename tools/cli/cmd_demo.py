@@ -1,10 +1,23 @@
-"""``aligncodec demo``: the newcomer's main job on the built-in default model.
+"""``aligncodec demo``: the newcomer's main job on the built-in default model, in minutes.
 
-Default (lossy): fetch SmolLM2, compress it with the alignment encoder at one rate
-(``--bpw``, default 3.0, all-in over the linear layers), verify the archive, evaluate the
-*decoded archive* (perplexity and KLD against the unmodified model), then run the rotation
-baseline — randomized Hadamard + GPTQ + the same entropy coder, the same rate search and
-the same bit counting — at the same rate and print both side by side.
+Default (lossy), the CLI's own path and two rotation-only baselines at the same size:
+
+1. fetch the model (once);
+2. ``aligncodec compress MODEL --bpw B`` as the command line runs it (the block-sequential
+   encoder, B = file bytes × 8 / every parameter), with ``--calib-tokens`` set to the demo's
+   calibration size so that the whole demo fits in about five minutes on two cores;
+3. decode the archive (every checksum, every stream) and evaluate the decoded model:
+   perplexity and KL divergence against the unmodified model on held-out text;
+4. the same coder with the randomized Hadamard rotation only (``--candidates hadamard``),
+   same rate control, same file size: isolates the basis choice;
+5. the fixed-rate QuaRot-style integer quantiser people deploy: randomized Hadamard + GPTQ,
+   an integer grid with per-group scales (fp16 scale and zero-point per 128 weights), no
+   entropy coding, the embedding/output head at 8 bits per row. A fixed-rate format cannot
+   land on an arbitrary size: it takes the standard widths (3-bit linears by default,
+   ``--fixed-bits``), its file is counted as its integer codes and scales plus the bytes our
+   archive spends on everything else (norms, config, tokenizer), and its size is printed
+   beside ours;
+6. one table.
 
 ``--lossless``: the bit-exact path instead (compress, per-tensor table, verify).
 """
@@ -12,7 +25,6 @@ the same bit counting — at the same rate and print both side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -22,6 +34,9 @@ from aligncodec import archive
 from aligncodec.tools.cli import add_command, add_quantizer_arguments, trellis_arg
 from aligncodec.tools.cli.cmd_archive import _print_table
 from aligncodec.tools.eval import models
+
+DEMO_CALIB_TOKENS = 2048  # calibration tokens of the demo's encodes (the CLI's default is text.DEFAULT_CALIB_TOKENS)
+DEMO_EVAL_TOKENS = 4096  # evaluation tokens of the demo (the studies use 8,192 and 32,768)
 
 
 def _lossless(args, src: Path, out_dir: Path) -> int:
@@ -42,85 +57,143 @@ def _lossless(args, src: Path, out_dir: Path) -> int:
     return 0
 
 
-def _modes_line(modes_by_type: dict) -> str:
-    return "; ".join(f"{t}: " + ", ".join(f"{k} {n}" for k, n in sorted(m.items())) for t, m in sorted(modes_by_type.items()))
+def _encode(args, src: Path, acz: Path, candidates: tuple[str, ...]) -> dict:
+    from aligncodec import stream_encode as S
+
+    opts = S.StreamOptions(bpw=args.bpw, trellis=trellis_arg(args), calib_tokens=args.calib_tokens,
+                           threads=args.threads or None, candidates=candidates)
+    return S.encode_stream(src, acz, opts, progress=True)
+
+
+def _evaluate_archive(args, acz: Path, ref) -> dict:
+    from aligncodec.tools.eval import evaluate as Ev
+
+    archive.verify(acz, progress=False)  # every checksum and padding byte, every stream decoded
+    model, tok = Ev.load_model_for_eval(str(acz))
+    return Ev.evaluate(model, tok, n_tokens=args.tokens, ref_model=ref, threads=args.threads or None,
+                       progress=True, label=acz.name)
+
+
+def _lossy_bytes(acz: Path) -> int:
+    from aligncodec.formats.constants import MODE_ECSQ, MODE_TCQ
+    from aligncodec.formats.reader import ArchiveReader
+
+    with ArchiveReader(acz) as r:
+        return sum(e.size for e in r.tensors if e.mode in (MODE_ECSQ, MODE_TCQ))
+
+
+def _fixed_rate(args, ref, rest_bytes: int) -> dict:
+    """QuaRot-style fixed rate: Hadamard + GPTQ (act order) on an integer grid with per-group
+    scales for every linear, the embedding (and a tied head) RTN at 8 bits per row."""
+    import torch
+
+    from aligncodec.codec import baselines as B
+    from aligncodec.codec.baselines import quantize as BQ
+    from aligncodec.tools.eval import evaluate as Ev
+    from aligncodec.tools.eval.calibrate import load_sigma
+    from aligncodec.tools.experiments.baseline import linear_weights, quantize_model_weights
+
+    t0 = time.perf_counter()
+    model, tok = models.load_causal_lm(args.model)
+    mods = linear_weights(model)  # every linear; a head tied to the embedding is the embedding below
+    weights = {n: m.weight.detach().clone() for n, m in mods.items()}
+    sigma = load_sigma(args.model, n_tokens=args.calib_tokens, progress=True)
+    res = quantize_model_weights(weights, sigma, B.get_method("hadamard-gptq", args.fixed_group), bits=args.fixed_bits,
+                                 act_order=True, progress=True)
+    emb = model.get_input_embeddings().weight
+    er = BQ.quantize_site({"embedding": emb.detach()}, B.get_method("rtn", 0), bits=8)[0]
+    with torch.no_grad():
+        for t in res:
+            mods[t.name].weight.copy_(t.W_hat)
+        emb.copy_(er.W_hat)
+    code_bits = sum(t.bits for t in res) + er.bits
+    secs = time.perf_counter() - t0
+    ev = Ev.evaluate(model, tok, n_tokens=args.tokens, ref_model=ref, threads=args.threads or None, progress=True,
+                     label="hadamard-gptq fixed")
+    return {"file_bytes": math.ceil(code_bits / 8) + rest_bytes, "seconds": secs, "eval": ev}
 
 
 def _lossy(args, src: Path, out_dir: Path) -> int:
-    import torch
-
-    from aligncodec import lossy_compress as enc
     from aligncodec.tools.eval import evaluate as Ev
-    from aligncodec.tools.experiments import rd
 
-    bpw = args.bpw
+    t_start = time.perf_counter()
+    from aligncodec.codec.modes import lossy
+
     trellis = trellis_arg(args)
-    coder = rd.method_label("align", trellis).replace("align", "").lstrip("+") or "ecsq"
-    acz = out_dir / f"{args.model}-align-{coder}-{bpw:g}bpw.acz"
-    print(f"[2/5] align encoder ({coder}) at {bpw:g} bits per weight (all-in over the linear layers) -> {acz}")
-    print("      (first run: calibration Σ of every linear input from 16,384 calibration tokens, cached)")
-    t0 = time.perf_counter()
-    summ = enc.compress_lossy(args.model, acz, bpw=bpw, candidates=rd.ENCODER_METHODS["align"], progress=True,
-                              trellis=trellis)
-    t_align = time.perf_counter() - t0
-    per = json.loads(archive.inspect(acz)["metadata"]["acz.lossy"])
-    modes = enc.modes_by_type((v["type"], v["kind"]) for v in per.values())
-    print(f"      {summ['n_lossy_weights']:,} lossy weights at {summ['bpw_lossy_in_archive']:.4f} bits/weight all-in; "
-          f"file {summ['file_bytes'] / 1e6:.1f} MB (norms, embeddings, tokenizer lossless); {t_align:.0f} s")
-    print(f"      modes by layer type: {_modes_line(modes)}")
-    print("[3/5] verify: every checksum, every stream decoded")
-    archive.verify(acz, progress=True)
-    print(f"[4/5] evaluate the decoded archive: {args.tokens} tokens of the evaluation text, KLD vs the unmodified model")
-    ref = Ev.reference_stats(args.model, args.tokens, topk=256, threads=args.threads, progress=True)
+    coder = f"tcq{lossy.TRELLIS_MACHINES[trellis][0]}" if trellis else "ecsq"
+    print(f"      sizes: {args.calib_tokens:,} calibration tokens (calibration half of the text), {args.tokens:,} "
+          f"evaluation tokens (held-out half), threads: {args.threads or 'all cores'}")
+    acz = out_dir / f"{args.model}-{args.bpw:g}bpw.acz"
+    print(f"[2/6] aligncodec compress {args.model} --bpw {args.bpw:g} --calib-tokens {args.calib_tokens} -o {acz}")
+    from aligncodec.codec import encoder as E
+
+    ours = _encode(args, src, acz, tuple(args.candidates.split(",")) if args.candidates else E.DEFAULT_CANDIDATES)
+    print(f"      {ours['file_bytes'] / 1e6:.2f} MB, {ours['bpw_file']:.4f} bits per parameter (whole file), "
+          f"{ours['seconds_total']:.0f} s")
+    print("[3/6] decode the archive (every checksum, every stream) and evaluate it against the unmodified model")
+    ref = Ev.reference_stats(args.model, args.tokens, topk=256, threads=args.threads or None, progress=True)
     ppl_ref = math.exp(-float(ref.target_logp[: args.tokens].double().mean()))
-    model, tok = Ev.load_model_for_eval(str(acz))
-    ev = Ev.evaluate(model, tok, n_tokens=args.tokens, ref_model=ref, threads=args.threads, progress=True,
-                     label=acz.name)
-    del model
-    print(f"[5/5] rotation baseline at the same rate: randomized Hadamard + GPTQ, same coder ({coder}) and counting")
-    model, tok = models.load_causal_lm(args.model)
-    torch.set_num_threads(args.threads)
-    had = rd.run_encoder_method(args.model, "hadamard", bpw, model=model, tok=tok, ref=ref, n_tokens=args.tokens,
-                                threads=args.threads, progress=True, trellis=trellis)
+    ev = _evaluate_archive(args, acz, ref)
+    had_acz = out_dir / f"{args.model}-{args.bpw:g}bpw-hadamard.acz"
+    print(f"[4/6] the same coder, randomized Hadamard only (--candidates hadamard), same size -> {had_acz}")
+    had = _encode(args, src, had_acz, ("hadamard",))
+    had_ev = _evaluate_archive(args, had_acz, ref)
+    print(f"[5/6] fixed-rate QuaRot-style: Hadamard + GPTQ, {args.fixed_bits}-bit integer grid, scales per "
+          f"{args.fixed_group} weights, embedding 8-bit per row, no entropy coding")
+    rest = ours["file_bytes"] - _lossy_bytes(acz)
+    fx = _fixed_rate(args, ref, rest)
+    n = ours["n_params"]
     print()
-    print(f"model {args.model}, {args.tokens} evaluation tokens, KLD against the top-256 reference log-probs")
-    print(f"| method | all-in bpw (linear) | perplexity | KLD (nats) | encode s |")
-    print(f"|---|---|---|---|---|")
-    print(f"| unmodified (float32) | 32 | {ppl_ref:.3f} | 0 | - |")
-    print(f"| align + {coder} (archive, decoded) | {summ['bpw_lossy_in_archive']:.4f} | {ev['perplexity']:.3f} | {ev['kld_mean']:.4f} | "
-          f"{summ['seconds_total']:.0f} |")
-    print(f"| hadamard + GPTQ + {coder} (rotation) | {had['bpw']:.4f} | {had['perplexity']:.3f} | {had['kld']:.4f} | "
-          f"{had['encode_seconds']:.0f} |")
-    d = had["kld"] - ev["kld_mean"]
-    rel = d / max(had["kld"], 1e-12)
-    verdict = ("a tie (difference under 2 % of the KLD)" if abs(rel) < 0.02
-               else "align is better" if d > 0 else "the rotation baseline is better")
-    print(f"KLD difference (hadamard − align): {d:+.4f} nats ({100 * rel:+.1f} %): {verdict} at this rate.")
+    print(f"[6/6] {args.model}, {n:,} parameters; {args.tokens:,} held-out tokens; KLD against the unmodified model's "
+          f"top-256 log-probs; bpw = file bytes x 8 / every parameter")
+    print("| method | file MB | bpw | perplexity | KLD (nats) | encode s |")
+    print("|---|---|---|---|---|---|")
+    print(f"| unmodified (float32) | {4 * n / 1e6:.1f} | 32 | {ppl_ref:.3f} | 0 | - |")
+    rows = [(f"aligncodec --bpw {args.bpw:g} ({coder}, default path)", ours["file_bytes"], ev, ours["seconds_total"]),
+            (f"same coder, Hadamard only", had["file_bytes"], had_ev, had["seconds_total"]),
+            (f"Hadamard + GPTQ int{args.fixed_bits} g{args.fixed_group}, fixed rate (QuaRot-style)", fx["file_bytes"],
+             fx["eval"], fx["seconds"])]
+    for label, fb, e, secs in rows:
+        print(f"| {label} | {fb / 1e6:.2f} | {8 * fb / n:.3f} | {e['perplexity']:.3f} | {e['kld_mean']:.4f} | {secs:.0f} |")
+    k, kh, kf = ev["kld_mean"], had_ev["kld_mean"], fx["eval"]["kld_mean"]
+    print(f"basis choice: KLD {k:.4f} vs Hadamard only {kh:.4f} ({100 * (kh - k) / max(kh, 1e-12):+.1f} % of the "
+          f"rotation's KLD) at the same file size")
+    print(f"entropy coding + trellis vs fixed rate: KLD {k:.4f} vs {kf:.4f} ({kf / max(k, 1e-12):.2f}x) with "
+          f"{100 * (fx['file_bytes'] / ours['file_bytes'] - 1):+.1f} % bytes for the fixed-rate file")
+    print(f"demo wall time {time.perf_counter() - t_start:.0f} s (after the model fetch)")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from aligncodec.tools.cli import EXIT_USAGE, CLIError
+
     out_dir = Path(args.out_dir or models.cache_root() / "demo")
     out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[1/{3 if args.lossless else 5}] reference model {args.model!r} (fetched once into {models.model_dir(args.model)})")
+    if args.threads < 0 or args.tokens < 1 or args.calib_tokens < 1:
+        raise CLIError("--threads must be >= 0, --tokens and --calib-tokens >= 1", EXIT_USAGE)
+    print(f"[1/{3 if args.lossless else 6}] reference model {args.model!r} (fetched once into {models.model_dir(args.model)})")
     src = models.fetch(args.model, log=lambda *a: print("      ", *a))
     if args.lossless:
         return _lossless(args, src, out_dir)
     if not models.MODELS[args.model].causal_lm:
-        from aligncodec.tools.cli import CLIError
-
         raise CLIError(f"{args.model} is not a causal LM: the lossy demo evaluates perplexity; use --lossless")
     return _lossy(args, src, out_dir)
 
 
 def add_parser(sub) -> None:
-    p = add_command(sub, "demo", description="Lossy (default): align-encode the model at --bpw, verify, evaluate the decoded archive, and "
-                    "compare with randomized Hadamard + GPTQ through the same coder at the same rate. "
+    p = add_command(sub, "demo", description="Lossy (default): `aligncodec compress MODEL --bpw B` as the command line runs "
+                    "it, decode and evaluate the archive, then the same coder with Hadamard only and the fixed-rate "
+                    "QuaRot-style quantiser (Hadamard + GPTQ, integer grid, group scales), one table. "
                     "--lossless: bit-exact compression, per-tensor table, verify.")
     p.add_argument("--model", default=models.DEFAULT_MODEL, choices=sorted(models.MODELS), help="reference model (default: %(default)s)")
-    p.add_argument("--bpw", type=float, default=3.0, help="lossy: target bits per weight over the linear layers (default 3.0)")
-    p.add_argument("--tokens", type=int, default=8192, help="lossy: evaluation tokens (default 8192)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--bpw", type=float, default=3.0, help="lossy: bits per parameter over the whole file (default 3.0)")
+    p.add_argument("--tokens", type=int, default=DEMO_EVAL_TOKENS, help=f"lossy: evaluation tokens (default {DEMO_EVAL_TOKENS})")
+    p.add_argument("--calib-tokens", type=int, default=DEMO_CALIB_TOKENS,
+                   help=f"lossy: calibration tokens of every arm (default {DEMO_CALIB_TOKENS})")
+    p.add_argument("--candidates", help="lossy: transforms tried per tensor in the first arm (default: the encoder's)")
+    p.add_argument("--fixed-bits", type=int, default=3, choices=(2, 3, 4, 8), help="fixed-rate arm: integer bits of the linears (default 3)")
+    p.add_argument("--fixed-group", type=int, default=128, help="fixed-rate arm: weights per scale (default 128)")
+    p.add_argument("--threads", type=int, default=0, help="threads (default 0: every core)")
     p.add_argument("--lossless", action="store_true", help="bit-exact compression instead (table + verify)")
     p.add_argument("--out-dir", help="where archives go (default: <cache>/demo)")
     add_quantizer_arguments(p)

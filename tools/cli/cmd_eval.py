@@ -18,10 +18,11 @@ from aligncodec.tools.cli.cmd_models import model_errors
 def add_parser(sub) -> None:
     p = add_command(sub, "eval", description=__doc__)
     add_model_argument(p, MODEL_HELP + " or .acz archive", metavar="MODEL_OR_ARCHIVE")
-    p.add_argument("--ref", default=None, metavar="MODEL",
-                   help="reference model for KLD; 'none' to skip. Default: the unmodified model this one "
-                        "derives from (found from safetensors metadata 'aligncodec.base_model' or a "
-                        "matching config), none for a reference model itself")
+    p.add_argument("--ref", default=None, metavar="MODEL_OR_DIR",
+                   help="reference model for KLD: a cached model name or a model folder; 'none' to skip. Default: the "
+                        "unmodified model this one derives from (an archive: the reference model its writer recorded, "
+                        "metadata acz.source_model; a folder: safetensors metadata 'aligncodec.base_model' or a matching "
+                        "config), none for a reference model itself; when none is found, one line on stderr says so")
     add_eval_arguments(p, tokens_help="evaluation tokens to score; 32768 for reported numbers")
     p.add_argument("--split", choices=("eval", "calib"), default="eval",
                    help="text half to score (default eval; calib only for diagnostics)")
@@ -36,8 +37,12 @@ def run(args) -> int:
 
     with model_errors():
         model, tok = E.load_model_for_eval(args.model)
-        ref_name = E.default_reference(args.model) if args.ref is None else (
-            None if args.ref.lower() == "none" else args.ref)
+        if args.ref is None:
+            ref_name, why = E.find_reference(args.model)
+            if ref_name is None and why:
+                print(f"note: no KLD reference for {args.model}: {why}; --ref MODEL_OR_DIR names one", file=sys.stderr)
+        else:
+            ref_name = None if args.ref.lower() == "none" else args.ref
         ref = None
         if ref_name is not None:
             if args.kld_topk > 0:

