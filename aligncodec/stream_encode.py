@@ -1210,50 +1210,61 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
         cpu_mark = time.process_time()
         todo = blocks_list[done:]
         ahead = None  # the next block's forward pass, running in the pool
+
+        def start(i: int) -> dict:
+            """Block todo[i] under way: its calibration pass done (or taken from the pool), the
+            following block's pass handed to the pool (float calibration), its step solved and
+            its tensors handed to the pool (threads > 1) or left for ``results`` (one thread)."""
+            nonlocal ahead
+            b = todo[i]
+            st: dict = {"b": b, "sig": {}, "energies": {}, "outs": None}
+            if calibrate:
+                st["outs"], st["sig"], st["energies"] = ahead.result() if ahead is not None else forward(b, hs)
+                ahead = None
+                if lookahead and i + 1 < len(todo):
+                    ahead = pool.submit(forward, todo[i + 1], st["outs"])
+            x = ctl.solve()
+            ctl.steps.append(2.0**x)
+            st["x"], st["cache"], st["names"] = x, {}, by_block.get(b.index, [])
+
+            def work(nm, x=x, sig=st["sig"], cache=st["cache"], energies=st["energies"]):
+                tc, job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache,
+                                      energy=energies.get(nm))
+                return tc, job.unfit
+
+            if pool is not None:
+                futs = {nm: pool.submit(work, nm) for nm in _largest_first(st["names"], ckpt, st["sig"])}
+                st["results"] = (futs[nm].result() for nm in st["names"])
+            else:
+                st["results"] = map(work, st["names"])
+            return st
+
         try:
-            for i, b in enumerate(todo):
+            cur = start(0) if todo else None
+            for i in range(len(todo)):
+                b, x, names, outs = cur["b"], cur["x"], cur["names"], cur["outs"]
                 blk = blocks_mod[b.index]
-                energies: dict[str, float] = {}
-                sig: dict = {}
-                if calibrate:
-                    outs, sig, energies = ahead.result() if ahead is not None else forward(b, hs)
-                    ahead = None
-                    if lookahead and i + 1 < len(todo):
-                        ahead = pool.submit(forward, todo[i + 1], outs)
-                    lin_by_w = {li.weight: li for li in b.linears}
-                x = ctl.solve()
-                ctl.steps.append(2.0**x)
-                cache: dict = {}
-                names = by_block.get(b.index, [])
-
-                def work(nm, x=x, sig=sig, cache=cache, energies=energies):
-                    tc, job = code_tensor(nm, ckpt.float32(nm), ckpt.tensors[nm].dtype, sig.get(nm), 2.0**x, opts, cache,
-                                          energy=energies.get(nm))
-                    return tc, job.unfit
-
-                if pool is not None:
-                    futs = {nm: pool.submit(work, nm) for nm in _largest_first(names, ckpt, sig)}
-                    results = (futs[nm].result() for nm in names)
-                else:
-                    results = map(work, names)
+                lin_by_w = {li.weight: li for li in b.linears}
                 entries = []
-                for nm, (tc, unfit) in zip(names, results):
+                for nm, (tc, unfit) in zip(names, cur["results"]):
                     entries.append(put(nm, tc, x, unfit))
                     if calibrate and opts.calibration == "quantized" and not unfit:
                         A.set_param(plan.model, lin_by_w[nm].module + ".weight", torch.from_numpy(tc.W_hat).to(dev))
                     del tc
-                cache.clear()
+                cur["cache"].clear()
                 if calibrate:
                     if opts.calibration == "quantized":
                         outs, _ = run_block(blk, hs, kws[b.index], None, dev)
                     hs = outs
                     for path in b.params:
                         A.set_param(plan.model, path, None)
-                sig = energies = None
-                spool.save_step(f"block{b.index}", {"entries": entries, "ctl": ctl.state(),
-                                                   "coded": [asdict(coded[n]) for n in names if n in coded],
-                                                   "lossless": {n: lossless_why[n] for n in names if n in lossless_why}},
-                                hs if calibrate else None)
+                cur = None
+                step = {"entries": entries, "ctl": ctl.state(), "coded": [asdict(coded[n]) for n in names if n in coded],
+                        "lossless": {n: lossless_why[n] for n in names if n in lossless_why}}
+                if pool is not None and i + 1 < len(todo):
+                    cur = start(i + 1)  # the pool works on the next block while this one is saved
+                spool.save_step(f"block{b.index}", step, hs if calibrate else None)
+                del step, entries
                 release_free_memory()
                 if on_block is not None:  # tests: interrupt after a given block
                     on_block(b.index)
@@ -1261,6 +1272,8 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
                 bar.set_postfix_str(f"step {2.0**x:.4g}, {8 * ctl.spent / max(1, sum(ckpt.tensors[n].numel for n in coded)):.3f} bpw, "
                                     f"peak RSS {_peak_rss_gb():.2f} GB, CPU {time.process_time() - cpu_mark:.1f} s")
                 cpu_mark = time.process_time()
+                if cur is None and i + 1 < len(todo):
+                    cur = start(i + 1)
         finally:
             bar.close()
             if pool is not None:
@@ -1316,17 +1329,22 @@ def _encode_stream(model: str | os.PathLike, out: str | os.PathLike, opts: Strea
 
 
 def _largest_first(names: list[str], ckpt: A.Checkpoint, sig: dict) -> list[str]:
-    """The order a block's tensors are handed to the pool: the largest first (the block ends
-    when its last tensor does), and of equal sizes one whose input site (Σ) differs from the
-    previous one's first (tensors of one site share the Cholesky factors, computed once: the
-    second would wait for the first)."""
-    left = sorted(names, key=lambda n: -ckpt.tensors[n].numel)  # stable: equal sizes in block order
+    """The order a block's tensors are handed to the pool: the most work first (the block ends
+    when its last tensor does), work ~ rows·n·(1 + n/1024) for an (rows × n) tensor (the column
+    sweep's error feedback grows with n; SmolLM2: down_proj 576 × 1536 takes 1.45× the CPU of
+    gate_proj 1536 × 576), and of equal work one whose input site (Σ) differs from the previous
+    one's first (tensors of one site share the Cholesky factors, computed once: the second
+    would wait for the first)."""
+    def work(n):
+        rows, cols = ckpt.tensors[n].shape[0], ckpt.tensors[n].shape[-1]
+        return rows * cols * (1 + cols / 1024)
+
+    left = sorted(names, key=lambda n: -work(n))  # stable: equal work in block order
     out: list[str] = []
     while left:
         prev = id(sig.get(out[-1])) if out and sig.get(out[-1]) is not None else None
-        big = ckpt.tensors[left[0]].numel
-        pick = next((n for n in left if ckpt.tensors[n].numel == big and (sig.get(n) is None or id(sig.get(n)) != prev)),
-                    left[0])
+        big = work(left[0])
+        pick = next((n for n in left if work(n) == big and (sig.get(n) is None or id(sig.get(n)) != prev)), left[0])
         out.append(pick)
         left.remove(pick)
     return out

@@ -50,6 +50,7 @@ import torch
 from aligncodec.codec.modes import lossy
 from aligncodec.codec.quant.gptq import gptq_ecsq, hessian_factor
 from aligncodec.codec.quant.trellis import LAMBDA_C, class_rate, gptq_tcq_steps
+from aligncodec.codec.quant.trellis import levels as trellis_levels
 from aligncodec.codec import parallel
 from aligncodec.codec.entropy.rans import histogram
 from aligncodec.codec.quant.rate import secant_search
@@ -487,7 +488,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
         # search again, each symbol priced by its class's table of the previous pass (the
         # classes chosen as below): the rate the format's class streams will charge
         for _ in range(passes):
-            cls = choose_classes(q, f, class_options, refine)
+            cls = choose_classes(q, f, class_options, refine, threads, init)
             ids = None if cls[0] == 1 else (cls[2] if len(cls) > 2 else lossy.make_classes(q, *cls))
             tcq_search(class_rate(q, ids, cls[1]))  # the tables are taken before q is overwritten
     else:
@@ -500,7 +501,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     saturated = bool(q.size) and max(int(q.max()), -int(q.min())) >= qmax
     base = lossy.EcsqParams(cand.transform, step, 0, lossy.FLAG_COL_SCALES if cand.scales is not None else 0,
                             cand.hd.m if cand.hd is not None else 0, trellis=job.trellis)
-    best_cls = choose_classes(q, f, class_options, refine)
+    best_cls = choose_classes(q, f, class_options, refine, threads, init)
     params, streams = lossy.encode_symbols(q, base, cand.scales, cand.hd, classes=best_cls)
     nbytes = lossy.entry_bytes(job.name, 2, lossy.PARAMS_SIZE, lossy.streams_bytes(streams))
     if stride > 1:  # whole-tensor estimate: the symbol payload scales with the rows
@@ -510,7 +511,7 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
     d = sig = noise = 0.0
     rparams = params
     if job.trellis:  # tcq: the levels of each column's whole walk first (int32, in place), then row chunks as ecsq's
-        lossy.trellis_levels(q, job.trellis, out=q)
+        trellis_levels(q, job.trellis, out=q, threads=threads, init=init)  # lossy.trellis_levels' walk, in numba
         rparams = dataclasses.replace(params, trellis=0)
 
     def measure(r):  # one chunk (the plain expressions) unless the tensor is large
@@ -540,14 +541,16 @@ def code_candidate(job: TensorJob, cand: Candidate, step: float, stride: int = 1
                       sqnr, noise, saturated)
 
 
-def choose_classes(q: np.ndarray, f: float = 1.0, class_options=None, refine: bool = False) -> tuple:
+def choose_classes(q: np.ndarray, f: float = 1.0, class_options=None, refine: bool = False, threads: int = 1,
+                   init=None) -> tuple:
     """The symbol classes of the least order-0 estimate (entropy + table + stream headers + class
     map, the symbol part scaled by ``f`` for a subsample): (k, axis) with the class map of
     ``lossy.make_classes``, or with ``refine`` (k, axis, ids), each option's map refined by
     ``lossy.refine_classes`` before it is estimated. rANS table fitting is the slow part, so only
-    the chosen option is coded for real."""
-    best_cls, best_est = (1, 0), math.inf
-    for cls in (class_options if class_options is not None else CLASS_OPTIONS):
+    the chosen option is coded for real. The options are estimated on up to ``threads`` threads
+    (``parallel.run_tasks``), the least taken in option order (the first of equal ones)."""
+
+    def estimate(cls):
         k, axis = cls
         k = min(k, q.shape[axis])
         ids = None
@@ -562,8 +565,13 @@ def choose_classes(q: np.ndarray, f: float = 1.0, class_options=None, refine: bo
             cnt = histogram(part, int(part.min()), int(part.max()))
             nz = cnt[cnt > 0].astype(np.float64)
             est += f * float(-(nz * np.log2(nz / part.size)).sum()) / 8 + 1.2 * len(cnt) + 56
+        return ((k, axis, ids) if refine and k > 1 else (k, axis)), est
+
+    best_cls, best_est = (1, 0), math.inf
+    options = list(class_options if class_options is not None else CLASS_OPTIONS)
+    for cls, est in parallel.run_tasks([lambda c=c: estimate(c) for c in options], threads, init):
         if est < best_est:
-            best_cls, best_est = ((k, axis, ids) if refine and k > 1 else (k, axis)), est
+            best_cls, best_est = cls, est
     return best_cls
 
 

@@ -429,3 +429,22 @@ def test_tcq_encoder_in_small_row_chunks_decodes_exactly_and_close_to_the_all_ro
     assert float(((D @ S) * D).sum()) == pytest.approx(tc.dist, rel=1e-4)
     assert tc.dist <= 1.1 * whole.dist
     assert abs(tc.bytes_all_in - whole.bytes_all_in) <= 0.05 * whole.bytes_all_in
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_levels_kernel_is_the_reference_walk(threads):
+    """trellis.levels (the encoder's numba walk, columns split over threads) gives the integers of
+    lossy.trellis_levels (the spec's reference form), in a new array or in place in the symbols."""
+    from aligncodec.codec.modes import lossy
+    from aligncodec.codec.quant import trellis as T
+
+    rng = np.random.default_rng(threads)
+    for mid in lossy.TRELLIS_MACHINES:
+        for shape in ((1, 1), (9, 3), (257, 130)):
+            K = rng.integers(-lossy.MAX_ABS_TCQ_SYMBOL, lossy.MAX_ABS_TCQ_SYMBOL + 1, size=shape).astype(np.int16)
+            K[: shape[0] // 2] //= 64  # small symbols too
+            ref = lossy.trellis_levels(K, mid)
+            assert np.array_equal(T.levels(K, mid, threads=threads), ref)
+            K2 = K.copy()
+            T.levels(K2, mid, out=K2, threads=threads)
+            assert np.array_equal(K2, ref)

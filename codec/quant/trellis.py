@@ -357,6 +357,41 @@ def gptq_tcq_steps(C: torch.Tensor, R: torch.Tensor, perm: torch.Tensor, step: f
     return torch.from_numpy(out)
 
 
+@numba.njit(cache=True, nogil=True)
+def _levels_cols(q, L, trans, qsel, j0, j1):  # pragma: no cover - numba
+    """lossy.trellis_levels on columns j0..j1 (each walks its rows from state 0); L may be q."""
+    rows = q.shape[0]
+    st = np.zeros(j1 - j0, np.int64)
+    for i in range(rows):
+        for j in range(j0, j1):
+            k = np.int64(q[i, j])
+            s = st[j - j0]
+            lv = 2 * k
+            if qsel[s] == 1:
+                if k > 0:
+                    lv -= 1
+                elif k < 0:
+                    lv += 1
+            L[i, j] = lv
+            st[j - j0] = trans[s, k & 1]
+
+
+def levels(K: np.ndarray, mid: int, out: np.ndarray | None = None, threads: int = 1, init=None) -> np.ndarray:
+    """The integer levels of tcq symbols K: the walk of ``lossy.trellis_levels`` (the spec's
+    reference form, one numpy step per row) as a GIL-free numba kernel, its columns split over
+    ``threads`` (``parallel.run_tasks``; each column's walk is its own): the same integers.
+    ``out`` as there (K itself is fine)."""
+    from aligncodec.codec import parallel
+
+    trans, qsel = _machine(mid)
+    K = np.asarray(K)
+    L = np.empty(K.shape, np.int32) if out is None else out
+    n = K.shape[1]
+    parts = parallel.split_ranges(n, max(1, threads), minimum=64)
+    parallel.run_tasks([lambda a=a, b=b: _levels_cols(K, L, trans, qsel, a, b) for a, b in parts], threads, init)
+    return L
+
+
 def tcq_levels(K: np.ndarray, mid: int) -> np.ndarray:
     """Integer levels of symbols K: the decoder's own walk (``lossy.trellis_levels``)."""
     from aligncodec.codec.modes.lossy import trellis_levels

@@ -9,7 +9,7 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _butterflies_inplace(X):  # pragma: no cover - numba
     k, p, m = X.shape
     for r in range(k):
@@ -29,11 +29,11 @@ def butterflies_inplace(X: np.ndarray) -> np.ndarray:
     """H_p along axis 1 of a C-contiguous (k, p, m) array, p a power of two, in place. Returns X."""
     if X.ndim != 3 or not X.flags.c_contiguous:
         raise ValueError("butterflies_inplace: a C-contiguous (k, p, m) array")
-    _butterflies_inplace(X)  # not a parallel kernel: no lock needed
+    _butterflies_inplace(X)  # not a parallel kernel: no lock needed; nogil: encoder threads run it side by side
     return X
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _signed_butterflies(X, signs, out):  # pragma: no cover - numba
     k, p, m = out.shape
     for r in range(k):
