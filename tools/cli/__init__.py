@@ -113,7 +113,7 @@ def add_quantizer_arguments(p: argparse.ArgumentParser) -> None:
                    help="lossy: scalar quantiser (ecsq, mode 2) or trellis-coded quantiser (tcq, mode 4, spec §7.6); "
                         "default: the encoder's (codec/encoder.py DEFAULT_QUANTIZER)")
     p.add_argument("--trellis-states", type=int, choices=(4, 8, 16, 32, 64), default=None,
-                   help="lossy, --quantizer tcq: states of the trellis (default 8)")
+                   help="lossy, --quantizer tcq: states of the trellis (default: codec/encoder.py DEFAULT_TRELLIS_STATES, 64)")
 
 
 def trellis_arg(args: argparse.Namespace) -> int:
