@@ -63,7 +63,7 @@ from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossless, lossy
 from aligncodec.formats.constants import PREAMBLE_SIZE, SECTION_METADATA
 from aligncodec.formats.writer import ArchiveWriter, build_section
-from aligncodec.tools.eval.text import DEFAULT_CALIB_TOKENS
+from aligncodec.tools.eval.text import STREAM_CALIB_TOKENS
 
 CALIB_MODES = ("quantized", "float", "none")
 SCOPES = ("all", "linear")
@@ -114,7 +114,7 @@ class StreamOptions:
     candidates: tuple[str, ...] = E.DEFAULT_CANDIDATES
     alpha: float = 0.25
     seed: int = 0
-    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    calib_tokens: int = STREAM_CALIB_TOKENS
     calib_text: str | None = None  # a file path
     window: int = 1024
     lossy_embeddings: bool | None = None  # None: True for scope "all", False for "linear"
