@@ -91,8 +91,8 @@ def outer_candidates(opts: "StreamOptions") -> tuple[str, ...]:
 
 
 def auto_head_step(n_head: int, n_others: int) -> float:
-    """The head's step multiple m from the parameter ratio r = n_head / n_others (see HEAD_STEP's
-    note above): SmolLM2-135M (r = 0.27) 0.62, Gemma-3-270M (r = 1.67) 1.11."""
+    """The head's step multiple m from the parameter ratio r = n_head / n_others (see the note
+    above BLOCK_KL_SLOPE): SmolLM2-135M (r = 0.27) 0.62, Gemma-3-270M (r = 1.67) 1.11."""
     if n_head <= 0 or n_others <= 0:
         return 1.0
     beta = BLOCK_KL_SLOPE * (n_head / n_others) / math.log(2)
