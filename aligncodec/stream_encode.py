@@ -63,7 +63,7 @@ from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossless, lossy
 from aligncodec.formats.constants import PREAMBLE_SIZE, SECTION_METADATA
 from aligncodec.formats.writer import ArchiveWriter, build_section
-from aligncodec.tools.eval.text import DEFAULT_CALIB_TOKENS
+from aligncodec.tools.eval.text import STREAM_CALIB_TOKENS
 
 CALIB_MODES = ("quantized", "float", "none")
 SCOPES = ("all", "linear")
@@ -78,10 +78,11 @@ SAMPLE_VALUES = 1 << 14  # values per tensor in the rate pass
 # optimum is m = (β/2)^(1/(2+β)), β = BLOCK_KL_SLOPE·r/ln 2
 BLOCK_KL_SLOPE = 1.5  # ln KLD per bit per weight around 3 bpw (SmolLM2 1.42–1.73, Gemma-3 1.57: results 2026-12-01)
 HEAD_STEP_RANGE = (0.25, 4.0)
-# transforms the embeddings and lm_head try besides opts.candidates (by J, on a row subsample: cheap).
-# SmolLM2's tied embedding at its 3.0 bpw step: identity D 3286 / 10.54 MB against hadamard's
-# 3461 / 10.81 MB (J −3 %); the output head's Σ has a few massive channels (diag max/median 305)
-OUTER_EXTRA_CANDIDATES = ("identity",)
+# transforms the embeddings and lm_head try besides opts.candidates (by J, on a row subsample).
+# None: `identity` was tried and dropped — on SmolLM2's tied head it wins J (same D at 2.6 % fewer
+# bytes) but its KL on held-out calibration text is 26 % higher than hadamard's (0.0881 vs 0.0698 at
+# M = 0.7): D weighs every vocabulary row alike, and identity-domain zeros shrink rows (a logit bias)
+OUTER_EXTRA_CANDIDATES: tuple[str, ...] = ()
 
 
 def outer_candidates(opts: "StreamOptions") -> tuple[str, ...]:
@@ -90,8 +91,8 @@ def outer_candidates(opts: "StreamOptions") -> tuple[str, ...]:
 
 
 def auto_head_step(n_head: int, n_others: int) -> float:
-    """The head's step multiple m from the parameter ratio r = n_head / n_others (see HEAD_STEP's
-    note above): SmolLM2-135M (r = 0.27) 0.62, Gemma-3-270M (r = 1.67) 1.11."""
+    """The head's step multiple m from the parameter ratio r = n_head / n_others (see the note
+    above BLOCK_KL_SLOPE): SmolLM2-135M (r = 0.27) 0.62, Gemma-3-270M (r = 1.67) 1.11."""
     if n_head <= 0 or n_others <= 0:
         return 1.0
     beta = BLOCK_KL_SLOPE * (n_head / n_others) / math.log(2)
@@ -140,7 +141,7 @@ class StreamOptions:
     candidates: tuple[str, ...] = E.DEFAULT_CANDIDATES
     alpha: float = 0.25
     seed: int = 0
-    calib_tokens: int = DEFAULT_CALIB_TOKENS
+    calib_tokens: int = STREAM_CALIB_TOKENS
     calib_text: str | None = None  # a file path
     window: int = 1024
     lossy_embeddings: bool | None = None  # None: True for scope "all", False for "linear"

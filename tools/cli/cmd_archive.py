@@ -9,7 +9,7 @@ import sys
 import time
 
 from aligncodec import archive
-from aligncodec.tools.eval.text import DEFAULT_CALIB_TOKENS
+from aligncodec.tools.eval.text import STREAM_CALIB_TOKENS
 from aligncodec.tools.cli import EXIT_DEPENDENCY, EXIT_IO, EXIT_USAGE, CLIError, add_command, add_quantizer_arguments, trellis_arg
 
 
@@ -311,7 +311,7 @@ def add_parser(sub) -> None:
                    help="lossy (stream): Σ of block L from the unmodified model's activations (float, default) or "
                         "from the outputs of the already encoded blocks (quantized; same KLD on SmolLM2, worse perplexity)")
     p.add_argument("--calib-text", metavar="FILE", help="lossy (stream, and --tune-norms): calibration text (UTF-8) instead of the built-in calibration half")
-    p.add_argument("--calib-tokens", type=int, default=None, help=f"lossy (stream): calibration tokens (default {DEFAULT_CALIB_TOKENS})")
+    p.add_argument("--calib-tokens", type=int, default=None, help=f"lossy (stream): calibration tokens (default {STREAM_CALIB_TOKENS})")
     p.add_argument("--workers", type=int, default=None, help="lossy (stream): deprecated, the same as --threads")
     p.add_argument("--threads", type=int, default=None, metavar="T",
                    help="--lossless: coding threads (default, and 0: every CPU, or ACZ_THREADS; the archive's bytes do not "
