@@ -244,21 +244,26 @@ def rans_multi_kernel(W, I, T, blocks, recs, out, status):
             status[sb + c] = code
 
 
+@cuda.jit(device=True)
+def _joined(s, rest, roff, i, rw, low, width):  # pragma: no cover - device code
+    """Float bits from symbol ``s`` (uint64) and the rw-bit rest i (LSB-first at bit i*rw of rest[roff:])."""
+    bit = i * rw
+    pos = roff + (bit >> 3)
+    sh = bit & 7
+    nbytes = (sh + rw + 7) >> 3
+    acc = np.uint64(0)
+    for j in range(nbytes):
+        acc |= np.uint64(rest[pos + j]) << np.uint64(8 * j)
+    r = (acc >> np.uint64(sh)) & np.uint64((1 << rw) - 1)
+    return ((r >> np.uint64(low)) << np.uint64(width - 1)) | (s << np.uint64(low)) | (r & np.uint64((1 << low) - 1))
+
+
 @cuda.jit(cache=True)
 def join_kernel(out, rest, roff, n, rw, low, width):
     """out[i] := float bits from symbol out[i] and the rw-bit rest i (LSB-first at bit i*rw of rest[roff:])."""
     i = cuda.grid(1)
     if i < n:
-        bit = i * rw
-        pos = roff + (bit >> 3)
-        sh = bit & 7
-        nbytes = (sh + rw + 7) >> 3
-        acc = np.uint64(0)
-        for j in range(nbytes):
-            acc |= np.uint64(rest[pos + j]) << np.uint64(8 * j)
-        r = (acc >> np.uint64(sh)) & np.uint64((1 << rw) - 1)
-        s = np.uint64(out[i])
-        out[i] = ((r >> np.uint64(low)) << np.uint64(width - 1)) | (s << np.uint64(low)) | (r & np.uint64((1 << low) - 1))
+        out[i] = _joined(np.uint64(out[i]), rest, roff, i, rw, low, width)
 
 
 @cuda.jit(cache=True)
@@ -267,16 +272,7 @@ def join_from_kernel(out, syms, soff, rest, roff, n, rw, low, width):
     buffer, :mod:`aligncodec.codec.modes.gpu_batch`) instead of ``out`` itself."""
     i = cuda.grid(1)
     if i < n:
-        bit = i * rw
-        pos = roff + (bit >> 3)
-        sh = bit & 7
-        nbytes = (sh + rw + 7) >> 3
-        acc = np.uint64(0)
-        for j in range(nbytes):
-            acc |= np.uint64(rest[pos + j]) << np.uint64(8 * j)
-        r = (acc >> np.uint64(sh)) & np.uint64((1 << rw) - 1)
-        s = np.uint64(syms[soff + i])
-        out[i] = ((r >> np.uint64(low)) << np.uint64(width - 1)) | (s << np.uint64(low)) | (r & np.uint64((1 << low) - 1))
+        out[i] = _joined(np.uint64(syms[soff + i]), rest, roff, i, rw, low, width)
 
 
 # ----------------------------------------------------------------- host side: errors, probe
