@@ -426,8 +426,8 @@ def inspect(archive: str | os.PathLike, *, limits: Limits | None = None) -> dict
             summ = json.loads(r.metadata.get("acz.lossy.summary", "{}"))
         except ValueError:
             summ = {}
-        # the lossy encoders' own figure: all-in bits per weight of the decoder blocks' linear layers
-        # (the stream encoder) or of the lossy tensors (the whole-model encoder)
+        # the lossy encoder's own figure: all-in bits per weight of the decoder blocks' linear layers
+        # (archives of the removed whole-model encoder: of the lossy tensors)
         bpw_linear = summ.get("bpw_linear_all_in", summ.get("bpw_lossy_all_in")) if isinstance(summ, dict) else None
         return {
             "file": os.fspath(archive),

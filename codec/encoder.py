@@ -1,6 +1,6 @@
-"""The lossy encoder: per-tensor transform choice, GPTQ error feedback with entropy-coded
-uniform scalar quantisation (ECSQ), exact all-in rate, and one global step found by
-bisection to meet a bits-per-weight (or distortion) target. Pure functions on arrays.
+"""The per-tensor lossy coder: transform choice, GPTQ error feedback with the run's quantiser
+(entropy-coded uniform scalar quantisation, ECSQ, or the trellis, codec/quant/registry.py),
+exact all-in rate. Pure functions on arrays; the encoder (aligncodec/encode/) decides the step.
 
 Per lossy tensor W (out × in) with input second moment Σ (calibration; identity if
 unknown) the encoder tries each *candidate* (a transform T of the input space and
@@ -30,9 +30,9 @@ Candidates (``CANDIDATES``):
                    given Δ equals that of a uniform step; s sent as float16;
 * ``hadamard-colscale`` the same scales on the diagonal of Tᵀ Σ T.
 
-The global step Δ is one absolute weight-domain step for every tensor (measured
-to beat equal-SQNR allocation: docs/results/2026-11-28-rd.md), optionally multiplied per layer type by
-``type_weights`` (allocation experiments).
+The step Δ is one absolute weight-domain step for every tensor (measured to beat equal-SQNR
+allocation: docs/results/2026-11-28-rd.md), chosen by the encoder's rate control
+(aligncodec/encode/rate.py).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,7 +52,6 @@ from aligncodec.codec.quant.trellis import LAMBDA_C, class_rate, gptq_tcq_steps
 from aligncodec.codec.quant.trellis import levels as trellis_levels
 from aligncodec.codec import parallel
 from aligncodec.codec.entropy.rans import histogram
-from aligncodec.codec.quant.rate import secant_search
 
 CANDIDATES = ("identity", "hadamard", "colscale", "hadamard-colscale")
 
@@ -147,34 +145,11 @@ def unfit_reason(code: "TensorCode", job: "TensorJob") -> str | None:
         return "the coding error is not finite"
     return None
 DEFAULT_CANDIDATES = ("hadamard", "colscale")
-QUANTIZERS = ("ecsq", "tcq")  # mode 2 (scalar) or mode 4 (trellis-coded, spec §7.6)
-# the CLI's default (compress, rd): tcq measured better at equal rate (SmolLM2 3.0 bpw: exact KLD
-# 0.2418 vs 0.2944; MiniLM weight domain 3.29 vs 3.44 bpw at 20 dB; docs/results/2026-11-30-tcq.md).
-# The library functions (encode_model, StreamOptions, rd) code ecsq unless given a trellis id.
-# 64 states since 2026-12-01 (docs/results/2026-12-01-table32k-final.md): against 8 states, SmolLM2
-# whole file 3.0 bpw KLD 0.3328 vs 0.3511 (8,192 tokens) for 1.36x the encode CPU; linear scope,
-# whole encoder, 32,768 tokens: 0.2210 vs 0.2385; CPU decode at 0.90-0.98 of 8 states' speed.
-DEFAULT_QUANTIZER = "tcq"
-DEFAULT_TRELLIS_STATES = 64
-
-
-def trellis_id(quantizer: str, states: int = DEFAULT_TRELLIS_STATES) -> int:
-    """The ``TensorJob.trellis`` value of a quantiser: 0 for ecsq, else the state-machine id of
-    tcq with ``states`` states (lossy.TRELLIS_MACHINES)."""
-    if quantizer == "ecsq":
-        return 0
-    if quantizer != "tcq":
-        raise ValueError(f"unknown quantizer {quantizer!r}; choose from {', '.join(QUANTIZERS)}")
-    ids = {s: mid for mid, (s, _taps) in lossy.TRELLIS_MACHINES.items()}
-    if states not in ids:
-        raise ValueError(f"tcq has no {states}-state machine; choose from {', '.join(map(str, sorted(ids)))}")
-    return ids[states]
 # (tcq λ factor, tcq rate passes, class-map refinement) by domain. Calibrated (GPTQ): as measured
 # for SmolLM2 (docs/results/2026-11-30-tcq.md). Weight domain (Σ = I, no GPTQ feedback, the search
 # is cheap): measured on MiniLM fp32 (docs/results/2026-11-30-tcq.md, "Weight-domain tuning").
 CALIBRATED_SETTINGS = (LAMBDA_C, 0, False)
 WEIGHT_DOMAIN_SETTINGS = (0.35, 1, True)
-TCQ_STEP_RATIO = 0.6  # tcq's union-grid step over the ECSQ step at about equal rate (a start for the search)
 SCALE_MIN, SCALE_MAX = 2.0**-14, 2.0**15
 
 
@@ -215,7 +190,6 @@ class TensorJob:
     W: torch.Tensor  # float32 (out × in)
     dtype: str
     sigma: torch.Tensor | None  # (in × in), float64 (or float32), None → identity
-    type_weight: float = 1.0
     cands: list[Candidate] = field(default_factory=list)
     energy: float | None = None  # tr(W Σ Wᵀ); None: build_candidates computes it
     sig_mean: float = 1.0  # mean diag Σ
@@ -582,123 +556,10 @@ def choose(job: TensorJob, step: float, stride: int = 1) -> tuple[Candidate, Ten
     weight, so −dD/dR_bits = 2 ln 2 · D / N, with D the *measured* distortion (the least
     over the candidates). A slope from Δ²/12 would ignore GPTQ's noise shaping, which
     lowers the output error well below Δ²/12 per weight, and over-reward rate savings."""
-    st = step * job.type_weight
-    codes = [(cand, code_candidate(job, cand, st, stride)) for cand in job.cands]
+    codes = [(cand, code_candidate(job, cand, step, stride)) for cand in job.cands]
     lam = 2 * math.log(2) * min(tc.dist for _, tc in codes) / job.numel
     return min(codes, key=lambda ct: ct[1].dist + lam * 8 * ct[1].bytes_all_in)
 
 
 def stride_for(rows: int, sample_rows: int) -> int:
     return max(1, rows // max(1, sample_rows))
-
-
-# --------------------------------------------------------------------------- the global step
-
-
-@dataclass
-class EncodeResult:
-    codes: dict[str, TensorCode]
-    step: float
-    bpw: float  # all-in over the lossy tensors
-    n_weights: int
-    history: list[tuple[float, float]]
-    seconds: float
-
-    def summary(self) -> dict:
-        kinds: dict[str, int] = {}
-        for c in self.codes.values():
-            kinds[c.kind] = kinds.get(c.kind, 0) + 1
-        return {"step": self.step, "bpw": self.bpw, "n_weights": self.n_weights, "modes": kinds,
-                "history": self.history, "seconds": self.seconds}
-
-
-def total_rate(codes: dict[str, TensorCode], n_weights: int) -> float:
-    return 8 * sum(c.bytes_all_in for c in codes.values()) / n_weights
-
-
-def total_rel_err(codes: dict[str, TensorCode], jobs: list[TensorJob]) -> float:
-    """Mean over tensors of the activation-weighted relative error."""
-    return float(np.mean([codes[j.name].rel_err for j in jobs]))
-
-
-def encode_jobs(jobs: list[TensorJob], *, bpw: float | None = None, distortion: float | None = None,
-                tol: float = 0.009, step0: float | None = None, sample_rows: int = 64, max_full: int = 3,
-                progress: Callable[[str], None] | None = None) -> EncodeResult:
-    """Code every job at one global step chosen to meet ``bpw`` (relative tolerance ``tol``,
-    all-in over these tensors) or ``distortion`` (mean activation-weighted relative error,
-    relative tolerance 4·tol).
-
-    Search: (1) on a subsample of ~``sample_rows`` rows per tensor, choose each tensor's
-    candidate by J at the start step, secant-search the step, re-choose at that step and
-    search again; (2) code every tensor in full with its candidate, and correct the step by
-    secant steps on the exact rates until within tolerance (at most ``max_full`` full passes;
-    the best one is kept)."""
-    check_target(bpw, distortion)
-    if not jobs:
-        raise ValueError("no tensors to code")
-    t0 = time.perf_counter()
-    n_weights = sum(j.numel for j in jobs)
-    say = progress or (lambda m: None)
-    if step0 is None:  # ECSQ of a Gaussian at the target rate
-        rms = math.sqrt(sum(float((j.W.double() ** 2).sum()) for j in jobs) / n_weights)
-        step0 = rms * math.sqrt(2 * math.pi * math.e) * 2.0 ** (-(bpw if bpw is not None else 3.0))
-        if any(j.trellis for j in jobs):  # tcq's union-grid step sits near 0.6 × the ECSQ step at equal rate
-            step0 *= TCQ_STEP_RATIO
-    hist: list[tuple[float, float]] = []
-    tol_f = tol if bpw is not None else 4 * tol
-
-    def objective(codes: dict[str, TensorCode]) -> tuple[float, float]:
-        if bpw is not None:
-            r = total_rate(codes, n_weights)
-            return r, r / bpw - 1.0  # > 0: rate too high, raise the step
-        e = total_rel_err(codes, jobs)
-        return e, distortion / max(e, 1e-300) - 1.0  # > 0: error too low, raise the step
-
-    chosen: dict[str, Candidate] = {}
-
-    def sample_pass(x: float, decide: bool) -> float:
-        st = 2.0**x
-        codes = {}
-        for j in jobs:
-            k = stride_for(j.W.shape[0], sample_rows)
-            if decide or j.name not in chosen:
-                chosen[j.name], codes[j.name] = choose(j, st, k)
-            else:
-                codes[j.name] = code_candidate(j, chosen[j.name], st * j.type_weight, k)
-        v, f = objective(codes)
-        say(f"sample step {st:.4g}: {v:.5f}")
-        return f
-
-    def secant(f_of_x, x0: float, f0: float, max_iter: int, tolerance: float) -> float:
-        first = bpw if bpw is not None else 0.5  # a guess: ~1 bit per halving of the step
-        return secant_search(f_of_x, x0, f0, tol=tolerance, max_iter=max_iter, first_step=first, max_jump=3.0,
-                             flat_step=0.5)[0]
-
-    x = math.log2(step0)
-    x_start = x
-    f = sample_pass(x, True)
-    x = secant(lambda z: sample_pass(z, False), x, f, 10, tol_f / 2)
-    if abs(x - x_start) > 0.25:  # the step moved by more than ~19 %: re-decide the modes there
-        f = sample_pass(x, True)
-        x = secant(lambda z: sample_pass(z, False), x, f, 10, tol_f / 2)
-
-    fvals: dict[float, float] = {}
-    best_codes: dict[str, TensorCode] | None = None
-
-    def full_pass(z: float) -> float:
-        nonlocal best_codes
-        st = 2.0**z
-        codes = {j.name: code_candidate(j, chosen[j.name], st * j.type_weight) for j in jobs}
-        v, fz = objective(codes)
-        hist.append((st, v))
-        say(f"full step {st:.4g}: {v:.5f}")
-        if best_codes is None or abs(fz) < min(abs(v) for v in fvals.values()):
-            best_codes = codes
-        fvals[z] = fz
-        return fz
-
-    f = full_pass(x)
-    if abs(f) > tol_f:
-        secant(full_pass, x, f, max_full - 1, tol_f)
-    bx = min(fvals, key=lambda k: abs(fvals[k]))
-    return EncodeResult(best_codes, 2.0**bx, total_rate(best_codes, n_weights), n_weights, hist, time.perf_counter() - t0)

@@ -27,6 +27,17 @@ def serialize_entry(e: TensorEntry) -> bytes:
     return fixed + struct.pack(f"<{len(e.shape)}Q", *e.shape) + name + e.params
 
 
+def serialize_streams(streams: Sequence[Stream]) -> bytes:
+    """A tensor's data bytes: its streams, each but the last padded to STREAM_ALIGN (spec §5)."""
+    parts = []
+    for i, s in enumerate(streams):
+        b = serialize_stream(s)
+        if i + 1 < len(streams):
+            b += bytes(align(len(b), STREAM_ALIGN) - len(b))
+        parts.append(b)
+    return b"".join(parts)
+
+
 class ArchiveWriter:
     """Write an .acz archive tensor by tensor with bounded memory.
 
@@ -60,13 +71,7 @@ class ArchiveWriter:
             raise ValueError(f"tensor name must be 1..{MAX_NAME_BYTES} UTF-8 bytes")
         if len(shape) > MAX_NDIM or not 1 <= len(streams) <= MAX_STREAMS:
             raise ValueError("too many dimensions or streams")
-        parts = []
-        for i, s in enumerate(streams):
-            b = serialize_stream(s)
-            if i + 1 < len(streams):
-                b += bytes(align(len(b), STREAM_ALIGN) - len(b))
-            parts.append(b)
-        data = b"".join(parts)
+        data = serialize_streams(streams)
         off = self._spool.seek(0, io.SEEK_END)
         self._spool.write(data)
         entry = TensorEntry(name, dtype, tuple(int(d) for d in shape), int(mode), len(streams), 0, len(data), crc32(data), bytes(params))

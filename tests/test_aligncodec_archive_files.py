@@ -188,7 +188,7 @@ def test_corrupt_input_safetensors_is_input_error(tmp_path, capsys, content):
         p.write_bytes(p.read_bytes()[:-100])
     else:
         p.write_bytes(content)
-    for extra in (["--lossless"], ["--bpw", "3", "--no-calibration"], ["--bpw", "3", "--no-calibration", "--encoder", "whole"]):
+    for extra in (["--lossless"], ["--bpw", "3", "--no-calibration"], ["--distortion", "0.01", "--no-calibration"]):
         assert main(["compress", str(p), "-o", str(tmp_path / "m.acz"), "-q", *extra]) == 3, (content, extra)
         err = capsys.readouterr().err
         assert "InputError" in err and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""``--tune-norms`` (aligncodec/tune_norms.py) on a tiny random Llama: the tuned archive decodes
+"""``--tune-norms`` (aligncodec/encode/tune.py) on a tiny random Llama: the tuned archive decodes
 with the very same lossy tensors as the untuned one, different norm gains, and a lower KL to
 the unmodified model on the calibration text, measured by the evaluation harness."""
 
@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from aligncodec import lossy_compress as LC  # noqa: E402
-from aligncodec import tune_norms as TN  # noqa: E402
+from aligncodec import encode as S  # noqa: E402
+from aligncodec.encode import tune as TN  # noqa: E402
 from aligncodec.loader import load_hf_model, load_state_dict  # noqa: E402
 from aligncodec.tools.cli import EXIT_USAGE, main  # noqa: E402
 
@@ -31,6 +31,12 @@ def tiny(tmp_path_factory):
     return src, text
 
 
+def _compress(src, out, bpw, tune=None):
+    """The lossy tensors of the block linears at ``bpw`` (embeddings lossless), weight MSE."""
+    opts = S.EncodeOptions(bpw=bpw, scope="linear", calibration="none", tune=tune)
+    return S.encode(src, out, opts, progress=False, tokenizer=ToyTokenizer())
+
+
 def _kl_on_calib(acz, src, text, window=256, n_tokens=1024):
     from transformers import AutoModelForCausalLM
 
@@ -47,9 +53,8 @@ def test_tuned_archive_keeps_lossy_tensors_and_lowers_calibration_kl(tmp_path, t
     src, text = tiny
     opts = TN.TuneOptions(steps=24, tokens=1024, window=256, lr=2e-2, calib_text=str(text), threads=1)
     plain, tuned = tmp_path / "plain.acz", tmp_path / "tuned.acz"
-    kw = dict(bpw=2.5, sigma="none", progress=False)
-    LC.compress_lossy(src, plain, **kw)
-    summ = LC.compress_lossy(src, tuned, tune_norms=opts, tokenizer=ToyTokenizer(), **kw)
+    _compress(src, plain, 2.5)
+    summ = _compress(src, tuned, 2.5, opts)
     info = summ["tune_norms"]
     assert info["kept"] and info["kl_calib_after"] < info["kl_calib_before"] and info["steps"] == 24
     a, b = load_state_dict(plain), load_state_dict(tuned)
@@ -76,7 +81,7 @@ def test_not_kept_when_it_does_not_help(tmp_path, tiny, monkeypatch):
     src, text = tiny
     opts = TN.TuneOptions(steps=0, tokens=512, window=256, calib_text=str(text), threads=1)
     out = tmp_path / "t.acz"
-    summ = LC.compress_lossy(src, out, bpw=3.0, sigma="none", progress=False, tune_norms=opts, tokenizer=ToyTokenizer())
+    summ = _compress(src, out, 3.0, opts)
     assert summ["tune_norms"]["kept"] is False and summ["tune_norms"]["steps"] == 0
     plain = load_state_dict(out)
     from safetensors.torch import load_file
@@ -101,14 +106,13 @@ def test_cli_flag_errors(tmp_path, tiny, capsys):
     assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--tune-steps", "4", "-q"]) == EXIT_USAGE
     assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--tune-norms", "--tune-steps", "-2", "-q",
                  "--no-calibration"]) == EXIT_USAGE
-    assert main(["compress", str(src), "-o", str(out), "--bpw", "3", "--tune-norms", "--encoder", "stream", "-q"]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "Traceback" not in err and "--tune-norms" in err
     assert not out.exists()
 
 
 def test_cli_no_tokenizer_is_named(tmp_path, tiny, capsys):
-    """The tiny folder has no tokenizer: the CLI names the problem (exit 7), writes nothing."""
+    """The tiny folder has no tokenizer: the CLI names the problem (exit 7) before any coding, writes nothing."""
     src, text = tiny
     out = tmp_path / "x.acz"
     rc = main(["compress", str(src), "-o", str(out), "--bpw", "3", "--no-calibration", "--tune-norms", "--tune-steps", "1",
@@ -124,7 +128,7 @@ def test_held_out_check_stops_a_diverging_run_early(tmp_path, tiny):
     src, text = tiny
     opts = TN.TuneOptions(steps=12, tokens=512, window=256, lr=30.0, val_tokens=512, calib_text=str(text), threads=1)
     out = tmp_path / "t.acz"
-    summ = LC.compress_lossy(src, out, bpw=3.0, sigma="none", progress=False, tune_norms=opts, tokenizer=ToyTokenizer())
+    summ = _compress(src, out, 3.0, opts)
     info = summ["tune_norms"]
     assert info["val_tokens"] == 512 and info["steps"] == 12
     assert info["best_step"] < 12, info
@@ -144,6 +148,5 @@ def test_too_little_calibration_text_for_the_hold_out_is_named(tmp_path, tiny):
     short.write_text(TEXT[:1200])
     opts = TN.TuneOptions(steps=1, tokens=512, window=256, val_tokens=4096, calib_text=str(short), threads=1)
     with pytest.raises(TN.TuneError, match="val_tokens"):
-        LC.compress_lossy(src, tmp_path / "t.acz", bpw=3.0, sigma="none", progress=False, tune_norms=opts,
-                          tokenizer=ToyTokenizer())
+        _compress(src, tmp_path / "t.acz", 3.0, opts)
     assert not (tmp_path / "t.acz").exists()

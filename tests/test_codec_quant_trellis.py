@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from aligncodec import lossy_compress as LC
+from aligncodec import encode as S
+from aligncodec.codec.quant import registry as Q
 from aligncodec.codec import encoder as E
 from aligncodec.codec.modes import lossy
 from aligncodec.codec.quant import trellis as T
@@ -138,24 +139,44 @@ def _ckpt(tmp_path, dtype=torch.float32):
 
 
 def test_trellis_id():
-    assert E.trellis_id("ecsq") == 0
-    assert [lossy.TRELLIS_MACHINES[E.trellis_id("tcq", s)][0] for s in (4, 8, 16, 32, 64)] == [4, 8, 16, 32, 64]
+    assert Q.trellis_id("ecsq") == 0
+    assert [lossy.TRELLIS_MACHINES[Q.trellis_id("tcq", s)][0] for s in (4, 8, 16, 32, 64)] == [4, 8, 16, 32, 64]
     with pytest.raises(ValueError):
-        E.trellis_id("tcq", 5)
+        Q.trellis_id("tcq", 5)
     with pytest.raises(ValueError):
-        E.trellis_id("tcq", 128)
+        Q.trellis_id("tcq", 128)
     with pytest.raises(ValueError):
-        E.trellis_id("vq")
+        Q.trellis_id("vq")
+
+
+def test_registry_is_what_the_command_line_offers():
+    """codec/quant/registry.py: each quantiser's mode and labels; the CLI's --quantizer and
+    --trellis-states choices are the registry's (a new entry needs no CLI edit)."""
+    from aligncodec.tools.cli import build_parser
+
+    assert Q.by_trellis(0).mode == lossy.MODE_ECSQ and Q.label(0) == "ecsq"
+    for mid, (states, _taps) in lossy.TRELLIS_MACHINES.items():
+        assert Q.by_trellis(mid).mode == lossy.MODE_TCQ and Q.label(mid) == f"tcq{states}"
+        assert Q.trellis_id("tcq", states) == mid
+    assert Q.label(Q.default_trellis()) == "tcq64"
+    with pytest.raises(ValueError):
+        Q.by_trellis(99)
+    with pytest.raises(ValueError):
+        Q.trellis_id("ecsq", 8)
+    act = {a.dest: a for a in build_parser("compress")._subparsers._group_actions[0].choices["compress"]._actions}
+    assert tuple(act["quantizer"].choices) == tuple(Q.QUANTIZERS)
+    assert list(act["trellis_states"].choices) == sorted(Q.QUANTIZERS["tcq"].states)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cands", [("identity",), ("hadamard", "colscale")])
-def test_tcq_archive_decodes_to_the_encoders_w_hat(tmp_path, dtype, cands):
+def test_tcq_archive_decodes_to_the_encoders_w_hat(tmp_path, dtype, cands, full_codes):
     src, sd = _ckpt(tmp_path, dtype)
-    res, jobs, info = LC.encode_model(src, bpw=3.0, sigma="none", progress=False, candidates=cands, trellis=2)
-    assert info["quantizer"] == "tcq8"
     out = tmp_path / "m.acz"
-    LC.write_archive(src, out, res, LC.lossy_metadata(res, jobs, info, {"bpw": 3.0}), False, jobs=jobs)
+    summ = S.encode(src, out, S.EncodeOptions(bpw=3.0, scope="linear", calibration="none", candidates=cands, trellis=2),
+                    progress=False)
+    assert summ["quantizer"] == "tcq8"
+    res_codes = {n: full_codes[n] for n in json.loads(__import__("aligncodec").archive.inspect(out)["metadata"]["acz.lossy"])}
     d = tmp_path / "dec"
     assert main(["decompress", str(out), "-o", str(d), "-q"]) == 0
     dec = load_file(str(d / "model.safetensors"))
@@ -163,17 +184,17 @@ def test_tcq_archive_decodes_to_the_encoders_w_hat(tmp_path, dtype, cands):
 
     with ArchiveReader(out) as r:
         modes = {e.name: e.mode for e in r.tensors}
-    for name, code in res.codes.items():
+    assert res_codes
+    for name, code in res_codes.items():
         assert code.params.trellis == 2 and modes[name] == lossy.MODE_TCQ
         got = dec[name].to(torch.float32).numpy()
         assert np.array_equal(got.view(np.uint32), code.W_hat.view(np.uint32))  # bit-exact: what was measured
 
 
-@pytest.mark.parametrize("encoder", [["--encoder", "whole"], ["--bpw-scope", "linear"]], ids=["whole", "stream"])
-def test_tcq_rate_lands_and_beats_ecsq_at_equal_rate(tmp_path, capsys, encoder):
+def test_tcq_rate_lands_and_beats_ecsq_at_equal_rate(tmp_path, capsys):
     """The rate search meets the target with tcq, and at that rate the weight error is lower
-    than ecsq's (Σ = I, Gaussian weights: no calibration); both encoders (stream: the default,
-    at the lossy tensors' rate)."""
+    than ecsq's (Σ = I, Gaussian weights: no calibration; at the lossy tensors' rate)."""
+    encoder = ["--bpw-scope", "linear"]
     src, sd = _ckpt(tmp_path)
     err = {}
     for q in ("ecsq", "tcq"):
@@ -211,7 +232,7 @@ def test_cli_quantizer_errors(tmp_path, capsys):
     out = tmp_path / "m.acz"
     assert main(["compress", str(src), "-o", str(out), "--no-calibration", "-q", "--bpw", "3",
                  "--quantizer", "ecsq", "--trellis-states", "4"]) == 2
-    assert "--trellis-states needs --quantizer tcq" in capsys.readouterr().err
+    assert "--trellis-states needs a trellis quantizer (tcq)" in capsys.readouterr().err
     assert not out.exists()
     with pytest.raises(SystemExit):
         main(["compress", str(src), "-o", str(out), "--bpw", "3", "--quantizer", "tcq", "--trellis-states", "5"])

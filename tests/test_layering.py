@@ -36,12 +36,12 @@ def _offending(folder: str, banned: tuple[str, ...]) -> list[tuple[str, str]]:
 
 def test_formats_imports_no_torch_codec_or_tools():
     assert _offending("formats", ("torch", "numba", "aligncodec.codec", "aligncodec.tools", "aligncodec.archive",
-                                  "aligncodec.loader", "aligncodec.auxfiles", "aligncodec.lossy_compress")) == []
+                                  "aligncodec.loader", "aligncodec.auxfiles", "aligncodec.encode")) == []
 
 
 def test_codec_imports_no_tools_nor_public_api():
     assert _offending("codec", ("aligncodec.tools", "aligncodec.archive", "aligncodec.loader", "aligncodec.auxfiles",
-                                "aligncodec.lossy_compress")) == []
+                                "aligncodec.encode")) == []
 
 
 def test_public_api_modules_import_no_circle():
@@ -66,11 +66,13 @@ def test_formats_runs_without_torch():
                                   ["inspect", str(LOSSY)], ["verify", "-q", str(LOSSY)],
                                   ["verify", "-q", "--no-decode", str(LOSSY)]])
 def test_inspect_and_verify_import_neither_torch_nor_the_encoder(argv):
-    # inspect and verify --no-decode decode nothing: not even numba (the decoders' JIT) is imported
+    # inspect and verify --no-decode decode nothing: not even numba (the decoders' JIT) is imported;
+    # the quantiser registry (codec/quant/registry.py, plain data the CLI's choices read) may be
     jit = ", 'numba'" if argv[0] == "inspect" or "--no-decode" in argv else ""
     code = ("import sys\nfrom aligncodec.tools.cli import main\nrc = main(sys.argv[1:])\n"
-            "heavy = ('torch', 'transformers', 'aligncodec.codec.encoder', 'aligncodec.codec.quant', "
-            f"'aligncodec.codec.baselines', 'aligncodec.lossy_compress'{jit})\n"
+            "heavy = ('torch', 'transformers', 'aligncodec.codec.encoder', 'aligncodec.codec.quant.gptq', "
+            "'aligncodec.codec.quant.trellis', 'aligncodec.codec.quant.grids', "
+            f"'aligncodec.codec.baselines', 'aligncodec.encode'{jit})\n"
             "bad = sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in heavy))\n"
             "print('HEAVY', bad, file=sys.stderr)\nsys.exit(rc or (3 if bad else 0))\n")
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)

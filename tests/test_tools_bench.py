@@ -57,14 +57,13 @@ def test_bench_load_tiny_llama(tmp_path):
 def test_bench_load_lossy_warm_and_cold(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aligncodec import lossy_compress as enc
+    from aligncodec import encode as S
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=32)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    res, jobs, info = enc.encode_model(tmp_path / "tiny", bpw=3.0, sigma="none", progress=False)
     lossy = tmp_path / "tiny-3.acz"
-    enc.write_archive(tmp_path / "tiny", lossy, res, enc.lossy_metadata(res, jobs, info, {"bpw": 3.0}), progress=False)
+    S.encode(tmp_path / "tiny", lossy, S.EncodeOptions(bpw=3.0, scope="linear", calibration="none"), progress=False)
     out = bench.bench_load(str(tmp_path / "tiny"), repeat=1, workdir=tmp_path / "work", progress=False,
                            kinds=("st-sd", "acz-sd"), lossy=lossy, caches=("warm", "cold"), threads=2)
     assert [r["kind"] for r in out["rows"]] == ["st-sd", "acz-sd", "lossy-sd"]

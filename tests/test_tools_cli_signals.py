@@ -42,11 +42,10 @@ def _interrupt(argv, delays, tmp_path):
     return p.returncode, err.decode(errors="replace")
 
 
-@pytest.mark.parametrize("encoder", [[], ["--encoder", "whole"]], ids=["stream", "whole"])  # [] : the default
 @pytest.mark.parametrize("delays", [[0.5], [2.5], [2.5, 0.01]], ids=["imports", "encoding", "twice"])
-def test_sigint_is_exit_130_without_traceback(big_ckpt, tmp_path, delays, encoder):
+def test_sigint_is_exit_130_without_traceback(big_ckpt, tmp_path, delays):
     out = tmp_path / "m.acz"
-    rc, err = _interrupt(["compress", str(big_ckpt), "-o", str(out), "--bpw", "3", "--no-calibration", "-q", *encoder],
+    rc, err = _interrupt(["compress", str(big_ckpt), "-o", str(out), "--bpw", "3", "--no-calibration", "-q"],
                          delays, tmp_path)
     assert rc == 130, err
     assert "Traceback" not in err

@@ -76,3 +76,18 @@ def test_merge_refuses_mixed_or_bad_inputs(tmp_path, case, capsys):
     assert main(["rd", "--merge", str(a), str(b), "-o", str(tmp_path / "out")]) == 2
     assert "aligncodec" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_weight_domain_curve_codes_an_encoder_only_model_tensor_by_tensor(tmp_path):
+    """MiniLM-like input (a BERT folder: no causal LM, no block plan): without calibration the one
+    encoder codes its linear weights one by one with weight MSE; the SQNR is measured on what
+    the decoder reads back, and it rises with the rate."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "bert")
+    res = rd.weight_domain_curve(str(tmp_path / "bert"), rates=(2.5, 4.0), candidates_by_method={"ecsq": ("identity",)})
+    pts = res["ecsq"]["points"]
+    assert [abs(p["bpw"] / r - 1) <= 0.01 for p, r in zip(pts, (2.5, 4.0))] == [True, True]
+    assert 5 < pts[0]["sqnr_db"] < pts[1]["sqnr_db"] < 40

@@ -36,7 +36,7 @@ def serial_twin(kernel):
     loops run as plain loops, in order): the same results wherever the parallel loop's
     iterations are independent (no reductions across them), which holds for every kernel
     given a twin. Called with one numba thread (:func:`launch`), it releases the GIL and
-    needs no KERNEL_LOCK, so that encoder threads (aligncodec/stream_encode.py) run such
+    needs no KERNEL_LOCK, so that encoder threads (aligncodec/encode/) run such
     kernels side by side. Its own qualified name keeps numba's on-disk cache apart from the
     parallel kernel's (the cache index does not tell the compile flags apart)."""
     import types

@@ -158,10 +158,10 @@ def bench_decode(rows: int = 4096, cols: int = 4096, *, threads=(1, 2), repeat: 
         # symbols, so the tcq/ecsq ratio is the cost of the trellis walk alone; their runs
         # alternate (a busy machine's load then drifts over both alike). Other machines
         # (tcq_states) likewise, each as tcqS.
-        from aligncodec.codec import encoder as enc
+        from aligncodec.codec.quant import registry as Q
 
-        arms = [("ecsq", 0), ("tcq", enc.trellis_id("tcq", 8))]
-        arms += [(f"tcq{S}", enc.trellis_id("tcq", S)) for S in tcq_states if S != 8]
+        arms = [("ecsq", 0), ("tcq", Q.trellis_id("tcq", 8))]
+        arms += [(Q.label(Q.trellis_id("tcq", S)), Q.trellis_id("tcq", S)) for S in tcq_states if S != 8]
         cases = []
         for label, trellis in arms:
             e, st = lossy_entry(rows, cols, trellis=trellis)

@@ -1,4 +1,4 @@
-"""Seconds per block of the block-sequential encoder (aligncodec/stream_encode.py), wall and
+"""Seconds per block of the lossy encoder (aligncodec/encode/), wall and
 CPU, with an optional cProfile of the blocks after the first (block 0 carries numba
 compilation and setup). A benchmark, not a test: the numbers depend on the machine and its load.
 
@@ -37,17 +37,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="encoder threads (default 1; 0: every core)")
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="print the N top functions of blocks 1..")
     args = ap.parse_args(argv)
-    from aligncodec import stream_encode as S
-    from aligncodec.codec import encoder as E
+    from aligncodec import encode as S
+    from aligncodec.codec.quant import registry as Q
 
     model = args.model
     if not os.path.exists(model):
         from aligncodec.tools.eval.models import resolve_model
 
         model = resolve_model(model)
-    quantizer = args.quantizer or E.DEFAULT_QUANTIZER
-    trellis = E.trellis_id(quantizer, args.trellis_states or E.DEFAULT_TRELLIS_STATES)
-    opts = S.StreamOptions(bpw=args.bpw, scope=args.scope, calibration=args.calibration,
+    trellis = Q.trellis_id(args.quantizer or Q.DEFAULT, args.trellis_states)
+    opts = S.EncodeOptions(bpw=args.bpw, scope=args.scope, calibration=args.calibration,
                            calib_tokens=args.calib_tokens, threads=args.threads, trellis=trellis)
     wall, cpu = [], []
     mark = [time.perf_counter(), time.process_time()]
@@ -66,11 +65,11 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as d:
         try:
-            S.encode_stream(model, os.path.join(d, "out.acz"), opts, progress=False, on_block=on_block)
+            S.encode(model, os.path.join(d, "out.acz"), opts, progress=False, on_block=on_block)
         except _Stop:
             pass
     print(json.dumps({"model": str(args.model), "calib_tokens": args.calib_tokens, "threads": args.threads,
-                      "quantizer": quantizer, "trellis": trellis,
+                      "quantizer": Q.label(trellis), "trellis": trellis,
                       "calibration": args.calibration, "wall_s_per_block": [round(t, 3) for t in wall],
                       "cpu_s_per_block": [round(t, 3) for t in cpu], "loadavg": os.getloadavg()}))
     if args.profile and wall[1:]:

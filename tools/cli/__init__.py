@@ -107,24 +107,29 @@ def add_eval_arguments(p: argparse.ArgumentParser, *, kld_topk: int = 0, tokens_
 
 
 def add_quantizer_arguments(p: argparse.ArgumentParser) -> None:
-    """--quantizer ecsq|tcq and --trellis-states 4|8|16|32|64 of the commands that run the lossy encoder
-    (resolved by :func:`trellis_arg`)."""
-    p.add_argument("--quantizer", choices=("ecsq", "tcq"), default=None,
-                   help="lossy: scalar quantiser (ecsq, mode 2) or trellis-coded quantiser (tcq, mode 4, spec §7.6); "
-                        "default: the encoder's (codec/encoder.py DEFAULT_QUANTIZER)")
-    p.add_argument("--trellis-states", type=int, choices=(4, 8, 16, 32, 64), default=None,
-                   help="lossy, --quantizer tcq: states of the trellis (default: codec/encoder.py DEFAULT_TRELLIS_STATES, 64)")
+    """--quantizer and --trellis-states of the commands that run the lossy encoder, their choices
+    read from the quantiser registry (codec/quant/registry.py; resolved by :func:`trellis_arg`)."""
+    from aligncodec.codec.quant import registry as Q
+
+    p.add_argument("--quantizer", choices=tuple(Q.QUANTIZERS), default=None,
+                   help="lossy: " + "; ".join(f"{q.name}: {q.summary}" for q in Q.QUANTIZERS.values())
+                        + f" (default {Q.DEFAULT})")
+    states = sorted({s for q in Q.QUANTIZERS.values() for s in q.states})
+    p.add_argument("--trellis-states", type=int, choices=states, default=None,
+                   help="lossy, a trellis quantiser: states of the trellis (default "
+                        + ", ".join(f"{q.name} {q.default_states}" for q in Q.QUANTIZERS.values() if q.states) + ")")
 
 
 def trellis_arg(args: argparse.Namespace) -> int:
     """--quantizer/--trellis-states as the encoder's trellis id (0: ecsq); CLIError (usage) if bad."""
-    from aligncodec.codec import encoder
+    from aligncodec.codec.quant import registry as Q
 
-    quantizer = args.quantizer or encoder.DEFAULT_QUANTIZER
-    if args.trellis_states is not None and quantizer != "tcq":
-        raise CLIError("--trellis-states needs --quantizer tcq", EXIT_USAGE)
+    quantizer = args.quantizer or Q.DEFAULT
+    if args.trellis_states is not None and not Q.QUANTIZERS[quantizer].states:
+        raise CLIError(f"--trellis-states needs a trellis quantizer ({', '.join(n for n, q in Q.QUANTIZERS.items() if q.states)})",
+                       EXIT_USAGE)
     try:
-        return encoder.trellis_id(quantizer, args.trellis_states or encoder.DEFAULT_TRELLIS_STATES)
+        return Q.trellis_id(quantizer, args.trellis_states)
     except ValueError as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
 

@@ -45,64 +45,7 @@ def _compress(args: argparse.Namespace) -> int:
     if args.tune_norms and not lossy_target:
         raise CLIError("--tune-norms tunes a lossy archive: give --bpw or --distortion", EXIT_USAGE)
     if lossy_target:
-        if args.bpw is not None and args.distortion is not None:
-            raise CLIError("give --bpw or --distortion, not both", EXIT_USAGE)
-        encoder_kind = _pick_encoder(args)
-        if encoder_kind == "stream":
-            if args.tune_norms:
-                raise CLIError("--tune-norms needs the whole-model encoder (--encoder whole)", EXIT_USAGE)
-            return _compress_stream(args)
-        tune = None
-        if args.tune_norms:
-            from aligncodec.tune_norms import TuneOptions
-
-            if args.calib_text and not os.path.isfile(args.calib_text):
-                raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
-            try:
-                tune = TuneOptions(**{opt: getattr(args, attr) for _, attr, opt in TUNE_FLAGS if getattr(args, attr) is not None},
-                                   calib_text=args.calib_text)
-            except ValueError as exc:
-                raise CLIError(str(exc), EXIT_USAGE) from None
-        if args.bpw_scope == "all":
-            raise CLIError("--bpw-scope all needs the stream encoder (the whole-model encoder counts the lossy tensors only)", EXIT_USAGE)
-        from aligncodec import lossy_compress as _enc
-        from aligncodec.codec import encoder
-
-        trellis = trellis_arg(args)
-        try:
-            encoder.check_target(args.bpw, args.distortion)
-            summ = _enc.compress_lossy(args.input, args.output, bpw=args.bpw, distortion=args.distortion,
-                                       candidates=tuple(args.candidates.split(",")), alpha=args.alpha,
-                                       lossy_embeddings=args.lossy_embeddings, seed=args.seed,
-                                       sigma="none" if args.no_calibration else "auto", progress=not args.quiet,
-                                       nonfinite=args.nonfinite, follow_symlinks=args.follow_symlinks, tune_norms=tune,
-                                       trellis=trellis)
-        except encoder.EncodeError:
-            raise  # TargetError (2), NonFiniteError (3), EncodeVerifyError (8): named, exit code on the class
-        except (archive.InputError, OSError):
-            raise  # named, exit 3
-        except _enc.CalibrationUnavailableError as exc:
-            raise CLIError(str(exc), EXIT_DEPENDENCY) from None
-        except _tune_error() as exc:
-            raise CLIError(f"--tune-norms: {exc}", EXIT_DEPENDENCY) from None
-        except ValueError as exc:
-            raise CLIError(str(exc), EXIT_USAGE) from None
-        if not args.quiet:
-            _print_table(archive.inspect(args.output))
-            n_ll = len(summ.get("lossless") or {})
-            if summ["n_lossy_weights"]:
-                print(f"lossy tensors: {summ['n_lossy_weights']:,} weights at {summ['bpw_lossy_in_archive']:.4f} bits/weight all-in "
-                      f"(step {summ['step']:.5g}, modes {summ['modes']}); encoded in {summ['seconds_total']:.1f} s")
-            tn = summ.get("tune_norms")
-            if tn:
-                held = (f", held-out KL {tn['kl_val_before']:.5f} -> {tn['kl_val_after']:.5f} (values of step {tn['best_step']})"
-                        if tn.get("kl_val_before") is not None else "")
-                print(f"tune-norms: calibration KL {tn['kl_calib_before']:.5f} -> {tn['kl_calib_after']:.5f}{held} "
-                      f"({'kept' if tn['kept'] else 'not lower: the original values were kept'}); {tn['steps']} steps on "
-                      f"{tn['tokens']} tokens in {tn['seconds_total']:.1f} s")
-            if n_ll:
-                print(f"{n_ll} tensor(s) chosen for lossy coding were coded lossless (reasons in the archive's acz.lossy.summary)")
-        return 0
+        return _compress_lossy(args)
     if (args.threads or 0) < 0:
         raise CLIError("--threads must be >= 0", EXIT_USAGE)
     t0 = time.perf_counter()
@@ -116,89 +59,71 @@ def _compress(args: argparse.Namespace) -> int:
     return 0
 
 
-WHOLE_ONLY = (("distortion", "--distortion"), ("tune_norms", "--tune-norms"))
-STREAM_ONLY = (("resume", "--resume"), ("workers", "--workers"), ("calib_tokens", "--calib-tokens"),
-               ("calibration", "--calibration"), ("threads", "--threads"), ("head_step", "--head-step"))
-
-
-def _pick_encoder(args: argparse.Namespace) -> str:
-    """The lossy encoder: ``--encoder`` when given; else the block-sequential stream encoder
-    (the default: memory of one block, --bpw over the whole file), unless a flag only the
-    whole-model encoder knows is given (--distortion, --tune-norms): then the whole encoder,
-    said in one stderr line (its --bpw counts the lossy linear layers). A stream-only flag given
-    with the whole encoder, or --bpw-scope all with a whole-only flag, is a usage error."""
-    whole_flags = [f for a, f in WHOLE_ONLY if getattr(args, a)]
-    stream_flags = [f for a, f in STREAM_ONLY if getattr(args, a) not in (None, False)]
-    kind = args.encoder
-    if kind is None:
-        kind = "whole" if whole_flags else "stream"
-        if whole_flags:
-            if args.bpw_scope == "all":
-                raise CLIError(f"{', '.join(whole_flags)} need the whole-model encoder, which only knows --bpw-scope linear", EXIT_USAGE)
-            if stream_flags:
-                raise CLIError(f"{', '.join(whole_flags)} need the whole-model encoder; {', '.join(stream_flags)} the stream encoder",
-                               EXIT_USAGE)
-            if not args.quiet:
-                scope = "; --bpw counts the lossy linear layers only (--bpw-scope linear)" if args.bpw is not None else ""
-                print(f"note: {', '.join(whole_flags)}: using the whole-model encoder (--encoder whole){scope}", file=sys.stderr)
-    elif kind == "whole" and stream_flags:
-        raise CLIError(f"{', '.join(stream_flags)} need the stream encoder (--encoder stream, the default)", EXIT_USAGE)
-    return kind
-
-
-def _tune_error():
-    from aligncodec.tune_norms import TuneError
-
-    return TuneError
-
-
-def _compress_stream(args: argparse.Namespace) -> int:
-    """The block-sequential encoder (aligncodec/stream_encode.py)."""
-    from aligncodec import arch
-    from aligncodec import stream_encode as S
+def _compress_lossy(args: argparse.Namespace) -> int:
+    """The lossy encoder (aligncodec/encode/)."""
+    from aligncodec import encode as S
+    from aligncodec.codec import encoder
+    from aligncodec.encode import arch
+    from aligncodec.encode.calibration import CalibrationError
+    from aligncodec.encode.tune import TuneError, TuneOptions
     from aligncodec.tools.cli import EXIT_UNSUPPORTED
 
-    from aligncodec.codec import encoder
-
-    if args.distortion is not None:
-        raise CLIError("the stream encoder takes --bpw; use --encoder whole for --distortion", 2)
-    encoder.check_target(args.bpw, None)  # TargetError (exit 2), as the whole encoder
-    # the stream-only flags default to None on the command line (so that _pick_encoder sees
-    # whether they were given): StreamOptions' own defaults apply to those not given
+    if args.bpw is not None and args.distortion is not None:
+        raise CLIError("give --bpw or --distortion, not both", EXIT_USAGE)
+    encoder.check_target(args.bpw, args.distortion)  # TargetError (exit 2)
+    if args.distortion is not None and args.bpw_scope is not None:
+        raise CLIError("--bpw-scope is what --bpw counts; --distortion has no scope", EXIT_USAGE)
+    if (args.threads or 0) < 0 or (args.workers or 0) < 0:
+        raise CLIError("--threads and --workers must be >= 0", EXIT_USAGE)
+    if args.calib_text and not os.path.isfile(args.calib_text):
+        raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
+    # options not given on the command line keep EncodeOptions' own defaults
     given = {k: v for k, v in (("calibration", args.calibration), ("calib_tokens", args.calib_tokens),
                                ("workers", args.workers), ("threads", args.threads), ("head_step", args.head_step))
              if v is not None}
     if args.no_calibration:
         given["calibration"] = "none"
     try:
-        opts = S.StreamOptions(bpw=args.bpw, scope=args.bpw_scope or "all", trellis=trellis_arg(args),
-                               candidates=tuple(args.candidates.split(",")), alpha=args.alpha, seed=args.seed,
-                               calib_text=args.calib_text, lossy_embeddings=True if args.lossy_embeddings else None,
-                               nonfinite=args.nonfinite, **given)
+        if args.tune_norms:
+            given["tune"] = TuneOptions(**{opt: getattr(args, attr) for _, attr, opt in TUNE_FLAGS if getattr(args, attr) is not None},
+                                        calib_text=args.calib_text)
+        opts = S.EncodeOptions(bpw=args.bpw, distortion=args.distortion, scope=args.bpw_scope or "all",
+                               trellis=trellis_arg(args), candidates=tuple(args.candidates.split(",")), alpha=args.alpha,
+                               seed=args.seed, calib_text=args.calib_text,
+                               lossy_embeddings=True if args.lossy_embeddings else None, nonfinite=args.nonfinite, **given)
+    except encoder.EncodeError:
+        raise
     except ValueError as exc:
-        raise CLIError(str(exc), 2) from None
-    if (args.threads or 0) < 0 or (args.workers or 0) < 0:
-        raise CLIError("--threads and --workers must be >= 0", 2)
-    if args.calib_text and not os.path.isfile(args.calib_text):
-        raise CLIError(f"--calib-text {args.calib_text}: no such file", EXIT_IO)
+        raise CLIError(str(exc), EXIT_USAGE) from None
     try:
-        summ = S.encode_stream(args.input, args.output, opts, progress=not args.quiet, resume=bool(args.resume),
-                               follow_symlinks=args.follow_symlinks)
+        summ = S.encode(args.input, args.output, opts, progress=not args.quiet, resume=bool(args.resume),
+                        follow_symlinks=args.follow_symlinks)
     except encoder.EncodeError:
         raise  # NonFiniteError (3), EncodeVerifyError (8): named, exit code on the class
     except arch.UnsupportedArchitectureError as exc:
         raise CLIError(f"unsupported architecture: {exc}", EXIT_UNSUPPORTED) from None
     except archive.InputError:
         raise  # named (InputError, CheckpointError, ...), exit 3
-    except (FileNotFoundError, S.CalibrationError) as exc:
+    except (FileNotFoundError, CalibrationError) as exc:
         raise CLIError(f"{type(exc).__name__}: {exc}", EXIT_IO) from None
+    except TuneError as exc:
+        raise CLIError(f"--tune-norms: {exc}", EXIT_DEPENDENCY) from None
     except ValueError as exc:
-        raise CLIError(str(exc), 2) from None
+        raise CLIError(str(exc), EXIT_USAGE) from None
     if not args.quiet:
         _print_table(archive.inspect(args.output))
+        got = (f"mean activation-weighted relative error {summ['mean_act_rel_err']:.5g} (target {args.distortion:g}); "
+               if args.distortion is not None and summ.get("mean_act_rel_err") is not None else "")
         print(f"{summ['file_bytes']:,} bytes: {summ['bpw_file']:.4f} bits per parameter over the whole file "
-              f"({summ['n_params']:,} parameters), linear layers {summ['bpw_linear_all_in']:.4f} bits/weight all-in; "
+              f"({summ['n_params']:,} parameters), linear layers {summ['bpw_linear_all_in']:.4f} bits/weight all-in; {got}"
               f"calibration {summ['calibration']}, modes {summ['modes']}; encoded in {summ['seconds_total']:.1f} s")
+        tn = summ.get("tune_norms")
+        if tn:
+            held = (f", held-out KL {tn['kl_val_before']:.5f} -> {tn['kl_val_after']:.5f} (values of step {tn['best_step']})"
+                    if tn.get("kl_val_before") is not None else "")
+            print(f"tune-norms: calibration KL {tn['kl_calib_before']:.5f} -> {tn['kl_calib_after']:.5f}{held} "
+                  f"({'kept' if tn['kept'] else 'not lower: the original values were kept'}); {tn['steps']} steps on "
+                  f"{tn['tokens']} tokens in {tn['seconds_total']:.1f} s")
         n_ll = len(summ.get("lossless") or {})
         if n_ll:
             print(f"{n_ll} tensor(s) chosen for lossy coding were coded lossless (reasons in the archive's acz.lossy.summary)")
@@ -302,28 +227,27 @@ def add_parser(sub) -> None:
                    "(--bpw-scope all, as llama.cpp quotes its formats); --bpw-scope linear: all-in over the lossy linear layers")
     p.add_argument("--bpw-scope", choices=("all", "linear"), default=None,
                    help="lossy: what --bpw counts: all (default: the whole file, every parameter) or linear (the lossy linear "
-                        "layers all-in, embeddings lossless; the studies' definition and the only one --encoder whole knows)")
-    p.add_argument("--encoder", choices=("stream", "whole"), default=None,
-                   help="lossy: stream (default) = block by block, memory of one block, any Transformers causal LM, --resume; "
-                        "whole = every lossy tensor at once (the studies' encoder, ~40 bytes of memory per parameter; "
-                        "--bpw-scope linear only); chosen without asking when --distortion or --tune-norms is given")
+                        "layers all-in, embeddings lossless; the studies' definition)")
+    p.add_argument("--encoder", choices=("stream",), default=None, help=argparse.SUPPRESS)  # the one encoder (before 2026-12-08 also "whole")
     p.add_argument("--calibration", choices=("quantized", "float"), default=None,
-                   help="lossy (stream): Σ of block L from the unmodified model's activations (float, default) or "
+                   help="lossy: Σ of block L from the unmodified model's activations (float, default) or "
                         "from the outputs of the already encoded blocks (quantized; same KLD on SmolLM2, worse perplexity)")
-    p.add_argument("--calib-text", metavar="FILE", help="lossy (stream, and --tune-norms): calibration text (UTF-8) instead of the built-in calibration half")
-    p.add_argument("--calib-tokens", type=int, default=None, help=f"lossy (stream): calibration tokens (default {STREAM_CALIB_TOKENS})")
-    p.add_argument("--workers", type=int, default=None, help="lossy (stream): deprecated, the same as --threads")
+    p.add_argument("--calib-text", metavar="FILE", help="lossy (and --tune-norms): calibration text (UTF-8) instead of the built-in calibration half")
+    p.add_argument("--calib-tokens", type=int, default=None, help=f"lossy: calibration tokens (default {STREAM_CALIB_TOKENS})")
+    p.add_argument("--workers", type=int, default=None, help="lossy: deprecated, the same as --threads")
     p.add_argument("--threads", type=int, default=None, metavar="T",
                    help="--lossless: coding threads (default, and 0: every CPU, or ACZ_THREADS; the archive's bytes do not "
-                        "depend on it). lossy (stream): threads of the encode (default, and 0: every core, or ACZ_THREADS); the archive "
+                        "depend on it). lossy: threads of the encode (default, and 0: every core, or ACZ_THREADS); the archive "
                         "is the same bytes for every count. The work runs as whole tasks (a block's linears, the next "
                         "block's forward pass, the row chunks of a tall tensor), each library's own pool (torch, numba, "
                         "BLAS) at one thread. Pass --threads 1 where CPU seconds are compared")
-    p.add_argument("--resume", action="store_true", help="lossy (stream): continue an interrupted encode from its spool folder")
+    p.add_argument("--resume", action="store_true", help="lossy: continue an interrupted encode from its spool folder")
     p.add_argument("--head-step", type=float, default=None, metavar="M",
-                   help="lossy (stream): the output head's step (a tied embedding, or an untied lm_head) as a multiple "
+                   help="lossy: the output head's step (a tied embedding, or an untied lm_head) as a multiple "
                         "of the blocks' step; < 1 spends more of the budget on it (default: see docs/lossy-encoder.md)")
-    p.add_argument("--distortion", type=float, help="lossy (whole): target mean activation-weighted relative error per tensor instead of --bpw")
+    p.add_argument("--distortion", type=float, metavar="D",
+                   help="lossy: instead of --bpw, the target mean over the lossy tensors of the activation-weighted relative "
+                        "error tr(dW S dW^T)/tr(W S W^T), in (0, 1); the rate controller meets it within a few percent")
     p.add_argument("--candidates", default="hadamard,colscale",
                    help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")
     add_quantizer_arguments(p)
@@ -335,7 +259,7 @@ def add_parser(sub) -> None:
     p.add_argument("--nonfinite", choices=("error", "lossless"), default="error",
                    help="lossy: a tensor holding NaN or Inf is an error (default) or is coded lossless")
     p.add_argument("--tune-norms", action="store_true",
-                   help="lossy (whole): after coding, fit the norm gains and biases (stored losslessly) to the unmodified model's "
+                   help="lossy: after coding, fit the norm gains and biases (stored losslessly) to the unmodified model's "
                         "outputs on calibration text, lossy weights frozen at their decoded values (docs/lossy-encoder.md)")
     p.add_argument("--tune-steps", type=int, default=None, help="--tune-norms: optimiser steps, one window each (default 32)")
     p.add_argument("--tune-tokens", type=int, default=None, help="--tune-norms: calibration tokens (default 4096)")

@@ -85,12 +85,12 @@ def run(args) -> int:
             raise CLIError(f"--threads must be comma-separated integers, not {args.threads!r}", EXIT_USAGE) from None
         if not threads or min(threads) < 1 or args.rows < 1 or args.cols < 1:
             raise CLIError("--threads, --rows and --cols must be positive", EXIT_USAGE)
-        from aligncodec.codec import encoder
+        from aligncodec.codec.quant import registry as Q
 
         try:
             tcq_states = tuple(int(x) for x in args.tcq_states.split(",") if x.strip())
             for S in tcq_states:
-                encoder.trellis_id("tcq", S)
+                Q.trellis_id("tcq", S)
         except ValueError as exc:
             raise CLIError(f"--tcq-states {args.tcq_states!r}: {exc}", EXIT_USAGE) from None
         res = bench.bench_decode(args.rows, args.cols, threads=threads, repeat=args.repeat,

@@ -3,8 +3,8 @@
 Default (lossy), the CLI's own path and two rotation-only baselines at the same size:
 
 1. fetch the model (once);
-2. ``aligncodec compress MODEL --bpw B`` as the command line runs it (the block-sequential
-   encoder, B = file bytes × 8 / every parameter), with ``--calib-tokens`` set to the demo's
+2. ``aligncodec compress MODEL --bpw B`` as the command line runs it (the lossy encoder,
+   aligncodec/encode/, B = file bytes × 8 / every parameter), with ``--calib-tokens`` set to the demo's
    calibration size so that the whole demo fits in about five minutes on two cores;
 3. decode the archive (every checksum, every stream) and evaluate the decoded model:
    perplexity and KL divergence against the unmodified model on held-out text;
@@ -58,11 +58,11 @@ def _lossless(args, src: Path, out_dir: Path) -> int:
 
 
 def _encode(args, src: Path, acz: Path, candidates: tuple[str, ...]) -> dict:
-    from aligncodec import stream_encode as S
+    from aligncodec import encode as S
 
-    opts = S.StreamOptions(bpw=args.bpw, trellis=trellis_arg(args), calib_tokens=args.calib_tokens,
+    opts = S.EncodeOptions(bpw=args.bpw, trellis=trellis_arg(args), calib_tokens=args.calib_tokens,
                            threads=args.threads or None, candidates=candidates)
-    return S.encode_stream(src, acz, opts, progress=True)
+    return S.encode(src, acz, opts, progress=True)
 
 
 def _evaluate_archive(args, acz: Path, ref) -> dict:
@@ -117,10 +117,10 @@ def _lossy(args, src: Path, out_dir: Path) -> int:
     from aligncodec.tools.eval import evaluate as Ev
 
     t_start = time.perf_counter()
-    from aligncodec.codec.modes import lossy
+    from aligncodec.codec.quant import registry as Q
 
     trellis = trellis_arg(args)
-    coder = f"tcq{lossy.TRELLIS_MACHINES[trellis][0]}" if trellis else "ecsq"
+    coder = Q.label(trellis)
     print(f"      sizes: {args.calib_tokens:,} calibration tokens (calibration half of the text), {args.tokens:,} "
           f"evaluation tokens (held-out half), threads: {args.threads or 'all cores'}")
     acz = out_dir / f"{args.model}-{args.bpw:g}bpw.acz"
@@ -150,7 +150,7 @@ def _lossy(args, src: Path, out_dir: Path) -> int:
     print("|---|---|---|---|---|---|")
     print(f"| unmodified (float32) | {4 * n / 1e6:.1f} | 32 | {ppl_ref:.3f} | 0 | - |")
     rows = [(f"aligncodec --bpw {args.bpw:g} ({coder}, default path)", ours["file_bytes"], ev, ours["seconds_total"]),
-            (f"same coder, Hadamard only", had["file_bytes"], had_ev, had["seconds_total"]),
+            ("same coder, Hadamard only", had["file_bytes"], had_ev, had["seconds_total"]),
             (f"Hadamard + GPTQ int{args.fixed_bits} g{args.fixed_group}, fixed rate (QuaRot-style)", fx["file_bytes"],
              fx["eval"], fx["seconds"])]
     for label, fb, e, secs in rows:

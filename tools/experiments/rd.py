@@ -3,8 +3,8 @@ perplexity, KLD, activation-weighted SQNR; JSON, a markdown table and a PNG.
 
 Methods:
 
-* ``align``      the lossy encoder (codec/encoder.py) with the alignment candidates
-                 (per-tensor choice by J = D + λR among ``ALIGN_CANDIDATES``);
+* ``align``      the lossy encoder (aligncodec/encode/, at ``--bpw-scope linear``) with the
+                 alignment candidates (per-tensor choice by J = D + λR);
 * ``hadamard``   the same encoder, GPTQ and coder, but the randomized Hadamard basis
                  for every tensor (QuaRot's rotation + GPTQ + ECSQ) — the rotation
                  baseline through the very same entropy coder and counting;
@@ -18,7 +18,11 @@ Methods:
 
 Rates count every bit a decoder needs for the lossy tensors (the linear layers):
 symbols, tables, chunk tables, stream headers, params, header entries (for the
-encoder's methods). Embeddings and norms are untouched and not counted.
+encoder's methods: its ``bpw_lossy_all_in``, the bytes of the lossy entries of the archive it
+writes). Embeddings and norms are untouched and not counted. The encoder's methods write a
+real archive (in a temporary folder) and evaluate the weights the decoder reads back from it.
+Before 2026-12-08 they ran the whole-model encoder (removed); docs/results/README.md says
+how to reproduce the pages of that time.
 
 Weight-domain curve (``weight_domain_curve``): SQNR against all-in bits per weight on
 the fp32 MiniLM linear weights (Σ = I, no quantisation grid underneath).
@@ -35,9 +39,7 @@ import numpy as np
 import torch
 
 
-from aligncodec import lossy_compress as enc
-from aligncodec.codec.modes import lossy
-from aligncodec.codec.naming import layer_type
+from aligncodec.codec.quant import registry as Q
 from aligncodec.formats.atomic import atomic_write
 
 ENCODER_METHODS = {
@@ -57,33 +59,67 @@ def _act_sqnr(mean_rel_err: float) -> float:
 def method_label(method: str, trellis: int = 0) -> str:
     """The row label of an encoder method: the method, plus ``+tcqS`` when coded with the
     S-state trellis (mode 4); ecsq rows keep the plain method name."""
-    return method if not trellis else f"{method}+tcq{lossy.TRELLIS_MACHINES[trellis][0]}"
+    return method if not trellis else f"{method}+{Q.label(trellis)}"
+
+
+def encode_linear(model_name: str, candidates: tuple[str, ...], bpw: float, out, *, calibration: str = "float",
+                  trellis: int = 0, progress: bool = True, threads: int | None = None) -> tuple[dict, dict]:
+    """The model's block linears coded by the one encoder at ``bpw`` all-in over them
+    (``--bpw-scope linear``; embeddings and norms lossless) into the archive ``out``.
+    Returns (the encoder's summary, the archive's per-tensor results)."""
+    from aligncodec import archive
+    from aligncodec import encode as S
+
+    opts = S.EncodeOptions(bpw=bpw, scope="linear", candidates=tuple(candidates), calibration=calibration,
+                           trellis=trellis, threads=threads)
+    summ = S.encode(model_name, out, opts, progress=progress)
+    per = json.loads(archive.inspect(out)["metadata"]["acz.lossy"])
+    return summ, per
+
+
+def decoded_lossy(acz) -> dict[str, torch.Tensor]:
+    """The lossy tensors of an archive as the decoder reads them (float32)."""
+    from aligncodec import archive
+    from aligncodec.loader import load_state_dict
+
+    names = set(json.loads(archive.inspect(acz)["metadata"]["acz.lossy"]))
+    sd = load_state_dict(acz)
+    return {n: sd[n].to(torch.float32) for n in names}
 
 
 def run_encoder_method(model_name: str, method: str, bpw: float, *, model=None, tok=None, ref=None,
                        n_tokens: int = 8192, threads: int = 2, progress: bool = True, evaluate: bool = True,
-                       sigma="auto", trellis: int = 0, **kw) -> dict:
-    """Encode the model's linear layers with the encoder, put the decoder's reconstruction
-    into ``model`` (restored afterwards) and evaluate. ``trellis``: 0 ecsq, else tcq's machine id."""
+                       sigma="auto", trellis: int = 0) -> dict:
+    """Encode the model's linear layers with the one encoder into a temporary archive, put the
+    weights the decoder reads back into ``model`` (restored afterwards) and evaluate.
+    ``trellis``: 0 ecsq, else tcq's machine id; ``sigma="none"``: no calibration (weight MSE)."""
+    import tempfile
+
     from aligncodec.tools.eval import evaluate as Ev
 
-    res, jobs, info = enc.encode_model(model_name, bpw=bpw, candidates=ENCODER_METHODS[method], sigma=sigma,
-                                       progress=progress, trellis=trellis, **kw)
-    modes = enc.modes_by_type((layer_type(j.name), res.codes[j.name].kind) for j in jobs)
-    rel = [res.codes[j.name].rel_err for j in jobs]
-    out = {"method": method_label(method, trellis), "target_bpw": bpw, "bpw": res.bpw, "step": res.step,
+    with tempfile.TemporaryDirectory(prefix="acz-rd-") as d:
+        acz = Path(d) / "rd.acz"
+        summ, per = encode_linear(model_name, ENCODER_METHODS[method], bpw, acz, trellis=trellis, progress=progress,
+                                  calibration="none" if sigma == "none" else "float")
+        decoded = decoded_lossy(acz) if evaluate and model is not None else {}
+    modes: dict[str, dict[str, int]] = {}
+    for r in per.values():
+        modes.setdefault(r["type"], {}).setdefault(r["kind"], 0)
+        modes[r["type"]][r["kind"]] += 1
+    rel = [r["act_rel_err"] for r in per.values()]
+    out = {"method": method_label(method, trellis), "target_bpw": bpw, "bpw": summ["bpw_lossy_all_in"], "step": summ["step"],
            "mean_act_rel_err": float(np.mean(rel)), "act_sqnr_db": _act_sqnr(float(np.mean(rel))),
-           "mean_sqnr_db": float(np.mean([res.codes[j.name].sqnr_db for j in jobs])),
-           "modes_by_type": modes, "encode_seconds": info["seconds_total"], "encode_info": info,
-           "search": res.history}
-    if evaluate and model is not None:
+           "mean_sqnr_db": float(np.mean([r["sqnr_db"] for r in per.values()])),
+           "modes_by_type": modes, "encode_seconds": summ["seconds_total"], "encode_info": summ,
+           "search": summ["steps"]}
+    if decoded:
         params = dict(model.named_parameters())
         saved = {}
         with torch.no_grad():
-            for j in jobs:
-                p = params[j.name]
-                saved[j.name] = p.detach().clone()
-                p.copy_(torch.from_numpy(res.codes[j.name].W_hat))
+            for n, W in decoded.items():
+                p = params[n]
+                saved[n] = p.detach().clone()
+                p.copy_(W)
         try:
             ev = Ev.evaluate(model, tok, n_tokens=n_tokens, ref_model=ref, threads=threads, progress=progress,
                              label=f"{method}@{bpw}")
@@ -279,18 +315,35 @@ def weight_domain_curve(model_name: str = "minilm", rates=(2.0, 2.5, 3.0, 3.5, 4
                         candidates_by_method=None, progress: bool = False, trellis: int = 0) -> dict:
     """SQNR (dB, weight domain, Σ = I) against all-in bpw on a model's linear weights, and the
     bpw each method needs for 20 dB (interpolated). ``trellis``: every method coded as tcq with
-    that state machine (labels ``tcqS`` for ``ecsq``'s identity candidate, else ``METHOD+tcqS``)."""
+    that state machine (labels ``tcqS`` for ``ecsq``'s identity candidate, else ``METHOD+tcqS``).
+    Each point is an archive the one encoder writes without calibration at ``--bpw-scope linear``;
+    the SQNR is measured on the weights the decoder reads back."""
+    import tempfile
+
+    from aligncodec.encode.plan import resolve_input
+    from safetensors import safe_open
+
     cands = candidates_by_method or WEIGHT_DOMAIN_METHODS
     out = {}
     for m0, cs in cands.items():
-        m = m0 if not trellis else (f"tcq{lossy.TRELLIS_MACHINES[trellis][0]}" if m0 == "ecsq" else method_label(m0, trellis))
+        m = m0 if not trellis else (Q.label(trellis) if m0 == "ecsq" else method_label(m0, trellis))
         pts = []
         for r in rates:
-            res, jobs, info = enc.encode_model(model_name, bpw=r, candidates=cs, sigma="none", progress=progress,
-                                               trellis=trellis)
-            sig = sum(float((j.W.double() ** 2).sum()) for j in jobs)
-            noise = sum(float(((torch.from_numpy(res.codes[j.name].W_hat) - j.W).double() ** 2).sum()) for j in jobs)
-            pts.append({"bpw": res.bpw, "sqnr_db": 10 * math.log10(sig / noise), "seconds": info["seconds_total"]})
+            with tempfile.TemporaryDirectory(prefix="acz-wd-") as d:
+                acz = Path(d) / "wd.acz"
+                summ, _per = encode_linear(model_name, cs, r, acz, calibration="none", trellis=trellis, progress=progress)
+                dec = decoded_lossy(acz)
+            sig = noise = 0.0
+            src = resolve_input(model_name)
+            files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
+            for f in files:
+                with safe_open(str(f), framework="pt") as st:
+                    for n in st.keys():
+                        if n in dec:
+                            W = st.get_tensor(n).to(torch.float32)
+                            sig += float((W.double() ** 2).sum())
+                            noise += float(((dec[n] - W).double() ** 2).sum())
+            pts.append({"bpw": summ["bpw_lossy_all_in"], "sqnr_db": 10 * math.log10(sig / noise), "seconds": summ["seconds_total"]})
         b = [p["bpw"] for p in pts]
         s = [p["sqnr_db"] for p in pts]
         out[m] = {"points": pts, "bpw_at_20db": float(np.interp(20.0, s, b)) if min(s) <= 20 <= max(s) else None}

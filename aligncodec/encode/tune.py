@@ -1,4 +1,4 @@
-"""``--tune-norms``: fit the losslessly stored 1-D parameters (norm gains, norm and linear
+"""Stage 6 (optional, ``--tune-norms``): fit the losslessly stored 1-D parameters (norm gains, norm and linear
 biases) of a lossy-coded causal LM to the unmodified model, in the style of norm tweaking.
 
 Every lossy weight is frozen at the value the decoder reconstructs (``TensorCode.W_hat``);
@@ -245,3 +245,38 @@ def tune_norms(folder: Path, decoded: dict[str, torch.Tensor | np.ndarray], dtyp
         + (f", held out {val0:.5f} -> {val1:.5f} (values of step {best[1]})" if val else "")
         + f" ({'kept' if kept else 'not kept'}), {steps} steps, {info['seconds_total']:.0f} s")
     return tuned, info
+
+
+def tunable_names(run) -> set[str]:
+    """Checkpoint tensors ``--tune-norms`` may change: every floating-point 1-D tensor that is not
+    coded lossy (the model's free parameters; :func:`tunable` checks them against the model)."""
+    from aligncodec.codec.modes import lossy
+
+    lossy_names = run.lossy_names
+    return {n for n, ti in run.ckpt.tensors.items() if len(ti.shape) == 1 and ti.dtype in lossy.LOSSY_DTYPES
+            and n not in lossy_names}
+
+
+def check_inputs(run, tokenizer=None) -> None:
+    """Before any coding: the model folder has a tokenizer and enough calibration text for the
+    tuning and its hold-out (TuneError otherwise)."""
+    calibration_windows(run.folder, run.opts.tune, tokenizer)
+
+
+def tune_stage(run, tokenizer=None) -> dict:
+    """Stage 6 on a :class:`~aligncodec.encode.state.Run`: the deferred 1-D tensors fitted with
+    every lossy tensor frozen at its decoded value (``run.decoded``, filled by the checks of the
+    block pass and the head), then written losslessly (the fitted values when the held-out check
+    keeps them, else the originals). Returns the tuning summary."""
+    from aligncodec.codec.torch_interop import tensor_bytes, torch_dtype
+
+    dtypes = {n: torch_dtype(run.ckpt.tensors[n].dtype) for n in run.ckpt.tensors}
+    decoded = {n: W for n, W in run.decoded.items() if n not in run.lossless_why}
+    tuned, info = tune_norms(run.folder, decoded, dtypes, run.opts.tune, tokenizer=tokenizer, progress=run.log)
+    run.decoded = None
+    for nm in sorted(run.deferred):
+        ti = run.ckpt.tensors[nm]
+        raw = tensor_bytes(tuned[nm]) if nm in tuned else tensor_bytes(run.ckpt.get(nm))
+        run.add_lossless(nm, ti.dtype, ti.shape, raw)
+    run.deferred.clear()
+    return info

@@ -2,10 +2,8 @@
 weights, --bpw 48 / 100 / inf / nan / 0, all-zero and constant-3e38 tensors, clamped steps,
 and the post-write check of the archive. Small synthetic checkpoints, through the CLI.
 
-Every --bpw case runs on both encoders (the ``enc`` fixture): the whole-model encoder
-(``--encoder whole``) and the default one, the block-sequential stream encoder, at
-``--bpw-scope linear`` (on checkpoints this small the file's fixed overhead, a few KB,
-would take most of a whole-file budget)."""
+Every --bpw case runs at ``--bpw-scope linear`` (the ``enc`` fixture; on checkpoints this
+small the file's fixed overhead, a few KB, would take most of a whole-file budget)."""
 
 import json
 
@@ -13,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from aligncodec import lossy_compress
 from aligncodec.codec import encoder
 from aligncodec.tools.cli import main
 
@@ -34,7 +31,7 @@ def _ckpt(tmp_path, edit=None, name="model.safetensors"):
     return p, sd
 
 
-ENCODERS = {"whole": ["--encoder", "whole"], "stream": ["--bpw-scope", "linear"]}  # stream: the default, no --encoder
+ENCODERS = {"linear": ["--bpw-scope", "linear"]}
 
 
 @pytest.fixture(params=sorted(ENCODERS))
@@ -72,20 +69,19 @@ def _poison(value, count=1):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_is_a_named_error_before_any_work(tmp_path, capsys, monkeypatch, value, enc):
-    from aligncodec import stream_encode
+    from aligncodec.encode import calibration, spool
 
     src, _ = _ckpt(tmp_path, _poison(value, 3))
     called = []
     monkeypatch.setattr(encoder, "build_candidates", lambda *a, **k: called.append(1))
-    monkeypatch.setattr(lossy_compress, "get_sigma", lambda *a, **k: called.append(2))
-    monkeypatch.setattr(stream_encode, "calibration_windows", lambda *a, **k: called.append(3))
+    monkeypatch.setattr(calibration, "calibration_windows", lambda *a, **k: called.append(3))
     out = tmp_path / "m.acz"
     assert _compress(src, out, "--bpw", "3", enc=enc) == 3
     err = capsys.readouterr().err
     assert "NonFiniteError" in err and DOWN in err and "3 NaN/Inf" in err and "Traceback" not in err
     assert not called  # no calibration, no encoding
     _no_leftovers(tmp_path, out)
-    assert not stream_encode.spool_dir(out).exists()  # not even a resume spool
+    assert not spool.spool_dir(out).exists()  # not even a resume spool
 
 
 def test_nonfinite_lossless_flag(tmp_path, capsys, enc):
@@ -204,8 +200,7 @@ def test_unfit_reason_underflowing_step():
 
 
 def test_post_write_check_rejects_a_mismatch(tmp_path, capsys, monkeypatch, enc):
-    """The archive is decoded after writing (the stream encoder: each tensor right after coding
-    it) and each lossy tensor's error compared with what the encoder measured; a mismatch is
+    """Each tensor is decoded right after coding it and its error compared with what the encoder measured; a mismatch is
     EncodeVerifyError (exit 8) and no output is kept."""
     src, _ = _ckpt(tmp_path)
     real = encoder.code_candidate

@@ -1,4 +1,4 @@
-"""Block-sequential encoder (aligncodec/stream_encode.py, aligncodec/arch.py) on tiny random
+"""The lossy encoder (aligncodec/encode/) on tiny random
 checkpoints of several architectures built from Transformers' own config classes."""
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from aligncodec import arch as A  # noqa: E402
+from aligncodec.encode import arch as A  # noqa: E402
 from aligncodec import archive  # noqa: E402
-from aligncodec import stream_encode as S  # noqa: E402
+from aligncodec import encode as S  # noqa: E402
+from aligncodec.codec import encoder as E  # noqa: E402
+from aligncodec.codec.quant import registry as Q  # noqa: E402
+from aligncodec.encode import blocks as B, calibration as C, head as H, plan as P, rate as R, spool as SP  # noqa: E402
 
 from tiny_arch import ARCHS, ToyTokenizer, make_checkpoint  # noqa: E402
 
@@ -33,7 +36,7 @@ def text_file(tmp_path_factory):
 def _opts(text_file, **kw):
     base = dict(bpw=4.0, calib_tokens=1500, calib_text=str(text_file), window=256)
     base.update(kw)
-    return S.StreamOptions(**base)
+    return S.EncodeOptions(**base)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -111,17 +114,17 @@ def test_float_mode_sigma_matches_whole_model_calibration(tmp_path, text_file):
                            threads=None, progress=False, text=TEXT)
     plan = A.plan_model(d)
     ckpt = A.Checkpoint(d)
-    data = S.calibration_windows(d, _opts(text_file, calib_tokens=1000), tok)
+    data = C.calibration_windows(d, _opts(text_file, calib_tokens=1000), tok)
     for path, cname in plan.outer.items():
         A.set_param(plan.model, path, ckpt.float32(cname))
-    hs, kws = S.record_block_inputs(plan, data.windows)
+    hs, kws = C.record_block_inputs(plan, data.windows)
     blocks = A.get_module(plan.model, plan.blocks_path)
     for b in plan.blocks:
         for path, cname in b.params.items():
             A.set_param(plan.model, path, ckpt.float32(cname))
         cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
         en = {}
-        hs, sig = S.run_block(blocks[b.index], hs, kws[b.index], cap, energy=en)
+        hs, sig = C.run_block(blocks[b.index], hs, kws[b.index], cap, energy=en)
         assert set(en) == {li.weight for li in b.linears}
         for li in b.linears:
             assert sig[li.weight].dtype == torch.float64
@@ -141,7 +144,7 @@ def test_float_mode_sigma_matches_whole_model_calibration(tmp_path, text_file):
 def test_encode_whole_file_rate_and_roundtrip(tmp_path, text_file, arch, tied):
     d = make_checkpoint(tmp_path / "m", arch, tied)
     out = tmp_path / "m.acz"
-    summ = S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    summ = S.encode(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
     info = archive.inspect(out)
     n = info["n_weights"]
     assert abs(8 * os.path.getsize(out) / n / 4.0 - 1) <= 0.01
@@ -154,7 +157,7 @@ def test_encode_whole_file_rate_and_roundtrip(tmp_path, text_file, arch, tied):
         for li in b.linears:
             if li.bias:
                 assert rows[li.bias]["mode"] != "ecsq"
-    assert not S.spool_dir(out).exists()
+    assert not SP.spool_dir(out).exists()
     # the decoded archive runs as a model
     from aligncodec.loader import load_state_dict
 
@@ -165,7 +168,7 @@ def test_encode_whole_file_rate_and_roundtrip(tmp_path, text_file, arch, tied):
 def test_linear_scope_keeps_embeddings_lossless(tmp_path, text_file):
     d = make_checkpoint(tmp_path / "m", "llama", False)
     out = tmp_path / "m.acz"
-    summ = S.encode_stream(d, out, _opts(text_file, scope="linear", bpw=3.0), tokenizer=ToyTokenizer(), progress=False)
+    summ = S.encode(d, out, _opts(text_file, scope="linear", bpw=3.0), tokenizer=ToyTokenizer(), progress=False)
     rows = {r["name"]: r for r in archive.inspect(out)["tensors"]}
     assert rows["model.embed_tokens.weight"]["mode"] != "ecsq" and rows["lm_head.weight"]["mode"] != "ecsq"
     assert abs(summ["bpw_linear_all_in"] / 3.0 - 1) <= 0.03  # two blocks only: the controller has one correction
@@ -174,8 +177,8 @@ def test_linear_scope_keeps_embeddings_lossless(tmp_path, text_file):
 def test_quantized_and_float_calibration_differ(tmp_path, text_file):
     d = make_checkpoint(tmp_path / "m", "llama")
     a, b = tmp_path / "q.acz", tmp_path / "f.acz"
-    S.encode_stream(d, a, _opts(text_file, calibration="quantized"), tokenizer=ToyTokenizer(), progress=False)
-    S.encode_stream(d, b, _opts(text_file, calibration="float"), tokenizer=ToyTokenizer(), progress=False)
+    S.encode(d, a, _opts(text_file, calibration="quantized"), tokenizer=ToyTokenizer(), progress=False)
+    S.encode(d, b, _opts(text_file, calibration="float"), tokenizer=ToyTokenizer(), progress=False)
     qa = json.loads(archive.inspect(a)["metadata"]["acz.lossy.summary"])
     qb = json.loads(archive.inspect(b)["metadata"]["acz.lossy.summary"])
     assert qa["calibration"] == "quantized" and qb["calibration"] == "float"
@@ -186,7 +189,7 @@ def test_quantized_and_float_calibration_differ(tmp_path, text_file):
 def test_interrupt_then_resume_is_byte_identical(tmp_path, text_file, cal):
     d = make_checkpoint(tmp_path / "m", "llama", False)
     ref = tmp_path / "ref.acz"
-    S.encode_stream(d, ref, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False)
+    S.encode(d, ref, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False)
     out = tmp_path / "out.acz"
 
     def stop(i):
@@ -194,28 +197,28 @@ def test_interrupt_then_resume_is_byte_identical(tmp_path, text_file, cal):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        S.encode_stream(d, out, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False, on_block=stop)
-    assert not out.exists() and S.spool_dir(out).is_dir()
+        S.encode(d, out, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False, on_block=stop)
+    assert not out.exists() and SP.spool_dir(out).is_dir()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".acz")]  # no writer temp left
-    with pytest.raises(S.ResumeError, match="settings"):
-        S.encode_stream(d, out, _opts(text_file, bpw=3.0, calibration=cal), tokenizer=ToyTokenizer(), progress=False, resume=True)
-    S.encode_stream(d, out, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    with pytest.raises(SP.ResumeError, match="settings"):
+        S.encode(d, out, _opts(text_file, bpw=3.0, calibration=cal), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    S.encode(d, out, _opts(text_file, calibration=cal), tokenizer=ToyTokenizer(), progress=False, resume=True)
     assert out.read_bytes() == ref.read_bytes()
-    assert not S.spool_dir(out).exists()
+    assert not SP.spool_dir(out).exists()
 
 
 _KILL_CHILD = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-from aligncodec import stream_encode as S
+from aligncodec import encode as S
 from tiny_arch import ToyTokenizer
 
 def die(i):
     if i == 0:  # block 0 finished and spooled: the process dies as under kill -9 (no cleanup runs)
         os.kill(os.getpid(), signal.SIGKILL)
 
-opts = S.StreamOptions(bpw=4.0, calib_tokens=1500, calib_text={text!r}, window=256)
-S.encode_stream({src!r}, {out!r}, opts, tokenizer=ToyTokenizer(), progress=False, on_block=die)
+opts = S.EncodeOptions(bpw=4.0, calib_tokens=1500, calib_text={text!r}, window=256)
+S.encode({src!r}, {out!r}, opts, tokenizer=ToyTokenizer(), progress=False, on_block=die)
 """
 
 
@@ -229,16 +232,16 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, text_file):
 
     d = make_checkpoint(tmp_path / "m", "llama", True)
     ref = tmp_path / "ref.acz"
-    S.encode_stream(d, ref, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    S.encode(d, ref, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
     out = tmp_path / "out.acz"
     code = _KILL_CHILD.format(tests=str(Path(__file__).parent), text=str(text_file), src=str(d), out=str(out))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    assert not out.exists() and S.spool_dir(out).is_dir()
+    assert not out.exists() and SP.spool_dir(out).is_dir()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".acz")]  # no writer temp left
-    S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    S.encode(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
     assert out.read_bytes() == ref.read_bytes()
-    assert not S.spool_dir(out).exists()
+    assert not SP.spool_dir(out).exists()
 
 
 def test_resume_against_other_input_or_damaged_spool(tmp_path, text_file):
@@ -249,15 +252,15 @@ def test_resume_against_other_input_or_damaged_spool(tmp_path, text_file):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, on_block=stop)
-    sp = S.spool_dir(out)
+        S.encode(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, on_block=stop)
+    sp = SP.spool_dir(out)
     step = sorted(sp.glob("step-*.pt"))[0]
     step.write_bytes(step.read_bytes()[:-3])
-    with pytest.raises(S.ResumeError, match="damaged"):
-        S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    with pytest.raises(SP.ResumeError, match="damaged"):
+        S.encode(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
     d2 = make_checkpoint(tmp_path / "m2", "llama", seed=1)
-    with pytest.raises(S.ResumeError, match="input"):
-        S.encode_stream(d2, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
+    with pytest.raises(SP.ResumeError, match="input"):
+        S.encode(d2, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False, resume=True)
 
 
 def test_nan_weight_fails_before_any_output(tmp_path, text_file):
@@ -269,16 +272,16 @@ def test_nan_weight_fails_before_any_output(tmp_path, text_file):
     sd["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(sd, str(f), metadata={"format": "pt"})
     out = tmp_path / "out.acz"
-    with pytest.raises(S.NonFiniteError, match="up_proj"):
-        S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    with pytest.raises(P.NonFiniteError, match="up_proj"):
+        S.encode(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
     assert not out.exists()
 
 
 def test_workers_give_the_same_bytes(tmp_path, text_file):
     d = make_checkpoint(tmp_path / "m", "llama")
     a, b = tmp_path / "a.acz", tmp_path / "b.acz"
-    S.encode_stream(d, a, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
-    S.encode_stream(d, b, _opts(text_file, workers=3), tokenizer=ToyTokenizer(), progress=False)
+    S.encode(d, a, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    S.encode(d, b, _opts(text_file, workers=3), tokenizer=ToyTokenizer(), progress=False)
     assert a.read_bytes() == b.read_bytes()
 
 
@@ -294,10 +297,10 @@ def test_thread_counts_give_the_same_bytes(tmp_path, text_file, monkeypatch, qua
     from aligncodec.codec import parallel
 
     d = make_checkpoint(tmp_path / "m", "llama", False)
-    monkeypatch.setattr(S, "LAZY_MIN_ROWS", 16)
+    monkeypatch.setattr(B, "LAZY_MIN_ROWS", 16)
     monkeypatch.setattr(E, "CHUNK_ROWS", 32)
     where, fanout = set(), []
-    real_code, real_pipe, real_tasks = S.code_tensor, parallel.pipeline, parallel.run_tasks
+    real_code, real_pipe, real_tasks = B.code_tensor, parallel.pipeline, parallel.run_tasks
 
     def code_spy(*a, **kw):
         where.add(threading.current_thread().name.split("_")[0])
@@ -311,17 +314,17 @@ def test_thread_counts_give_the_same_bytes(tmp_path, text_file, monkeypatch, qua
         fanout.append(("tasks", len(tasks), threads))
         return real_tasks(tasks, threads, init)
 
-    monkeypatch.setattr(S, "code_tensor", code_spy)
+    monkeypatch.setattr(B, "code_tensor", code_spy)
     monkeypatch.setattr(parallel, "pipeline", pipe_spy)
     monkeypatch.setattr(parallel, "run_tasks", tasks_spy)
-    trellis = E.trellis_id(quantizer, 8) if quantizer == "tcq" else 0
+    trellis = Q.trellis_id(quantizer, 8 if quantizer == "tcq" else None)
     data = {}
     for label, kw in (("t1", dict(threads=1)), ("t2", dict(threads=2)), ("t3", dict(threads=3)), ("w2", dict(workers=2)),
                       ("t0", dict(threads=0))):
         where.clear()
         fanout.clear()
         out = tmp_path / f"{label}.acz"
-        S.encode_stream(d, out, _opts(text_file, trellis=trellis, calibration=calibration, **kw), tokenizer=ToyTokenizer(),
+        S.encode(d, out, _opts(text_file, trellis=trellis, calibration=calibration, **kw), tokenizer=ToyTokenizer(),
                         progress=False)
         data[label] = out.read_bytes()
         if label == "t1":
@@ -339,8 +342,8 @@ def test_no_calibration_without_config(tmp_path):
     os.unlink(d / "config.json")
     out = tmp_path / "o.acz"
     with pytest.raises(A.UnsupportedArchitectureError):
-        S.encode_stream(d, out, S.StreamOptions(bpw=4.0), progress=False)
-    summ = S.encode_stream(d, out, S.StreamOptions(bpw=4.0, calibration="none"), progress=False)
+        S.encode(d, out, S.EncodeOptions(bpw=4.0), progress=False)
+    summ = S.encode(d, out, S.EncodeOptions(bpw=4.0, calibration="none"), progress=False)
     assert summ["calibration"] == "none" and abs(summ["bpw_file"] / 4.0 - 1) <= 0.01
 
 
@@ -357,7 +360,10 @@ def test_cli_stream_compress_and_named_errors(tmp_path, capsys):
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert abs(info["bpw_file"] / 4 - 1) <= 0.01 and info["bpw_linear"] > 0
-    assert main(["compress", str(d), "-o", str(out), "-f", "--bpw", "4", "--encoder", "whole", "--bpw-scope", "all"]) == 2
+    # the whole-model encoder is gone (2026-12-08): asking for it is a usage error
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", str(d), "-o", str(out), "-f", "--bpw", "4", "--encoder", "whole"])
+    assert exc.value.code == 2
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "no_such_model"
     (d / "config.json").write_text(json.dumps(cfg))
@@ -371,17 +377,17 @@ def test_sigma_only_pass_gives_the_same_sigma(tmp_path, text_file):
     d = make_checkpoint(tmp_path, "llama", dtype=torch.float32)
     plan = A.plan_model(d)
     ckpt = A.Checkpoint(d)
-    data = S.calibration_windows(d, _opts(text_file, calib_tokens=600), ToyTokenizer())
+    data = C.calibration_windows(d, _opts(text_file, calib_tokens=600), ToyTokenizer())
     for path, cname in plan.outer.items():
         A.set_param(plan.model, path, ckpt.float32(cname))
-    hs, kws = S.record_block_inputs(plan, data.windows)
+    hs, kws = C.record_block_inputs(plan, data.windows)
     b = plan.blocks[0]
     for path, cname in b.params.items():
         A.set_param(plan.model, path, ckpt.float32(cname))
     blk = A.get_module(plan.model, plan.blocks_path)[0]
     cap = [(li.weight, A.get_module(plan.model, li.module)) for li in b.linears]
-    outs, full = S.run_block(blk, hs, kws[0], cap)
-    none, part = S.run_block(blk, hs, kws[0], cap, sigma_only=True)
+    outs, full = C.run_block(blk, hs, kws[0], cap)
+    none, part = C.run_block(blk, hs, kws[0], cap, sigma_only=True)
     assert len(outs) == len(hs) and none == []
     assert set(full) == set(part) == {li.weight for li in b.linears}
     for k in full:
@@ -395,9 +401,9 @@ def test_controller_aggregate_matches_per_tensor_prediction():
     rng = np.random.default_rng(1)
     curves = {}
     for i in range(12):
-        bits = np.sort(rng.uniform(0, 12, len(S.LOG2_GRID)))[::-1].copy()
-        curves[f"t{i}"] = S.RateCurve(f"t{i}", ("q_proj", "down_proj", "embedding")[i % 3], int(rng.integers(4096, 10**6)), bits)
-    ctl = S.RateController(3e6, curves)
+        bits = np.sort(rng.uniform(0, 12, len(R.LOG2_GRID)))[::-1].copy()
+        curves[f"t{i}"] = R.RateCurve(f"t{i}", ("q_proj", "down_proj", "embedding")[i % 3], int(rng.integers(4096, 10**6)), bits)
+    ctl = R.RateController(3e6, curves)
     ctl.record("t0", -3.0, 90_000)
     ctl.record("t4", -3.0, 50_000)
     names = sorted(ctl.remaining)
@@ -416,10 +422,10 @@ def test_controller_offsets_price_a_tensor_at_its_own_step():
     rng = np.random.default_rng(2)
     curves = {}
     for i in range(6):
-        bits = np.sort(rng.uniform(0, 12, len(S.LOG2_GRID)))[::-1].copy()
-        curves[f"t{i}"] = S.RateCurve(f"t{i}", ("q_proj", "down_proj", "embedding")[i % 3], int(rng.integers(4096, 10**6)), bits)
+        bits = np.sort(rng.uniform(0, 12, len(R.LOG2_GRID)))[::-1].copy()
+        curves[f"t{i}"] = R.RateCurve(f"t{i}", ("q_proj", "down_proj", "embedding")[i % 3], int(rng.integers(4096, 10**6)), bits)
     off = {"t2": -1.25}
-    ctl, plain = S.RateController(3e6, curves, off), S.RateController(3e6, curves)
+    ctl, plain = R.RateController(3e6, curves, off), R.RateController(3e6, curves)
     assert ctl.offset("t2") == -1.25 and ctl.offset("t1") == 0.0
     names = sorted(ctl.remaining)
     agg = ctl._aggregate(names)
@@ -435,10 +441,10 @@ def test_thread_limits_set_and_restore():
     import numba
 
     before = (torch.get_num_threads(), numba.get_num_threads())
-    with S.thread_limits(1):
+    with B.thread_limits(1):
         assert torch.get_num_threads() == 1 and numba.get_num_threads() == 1
     assert (torch.get_num_threads(), numba.get_num_threads()) == before
-    with S.thread_limits(None):
+    with B.thread_limits(None):
         assert torch.get_num_threads() == before[0]
 
 
@@ -448,11 +454,11 @@ def test_row_chunked_embeddings_give_the_same_archive(tmp_path, text_file, monke
     vocabulary gets) write the same archive bytes as the whole-tensor path."""
     d = make_checkpoint(tmp_path / "m", "llama", tied)
     ref, out = tmp_path / "ref.acz", tmp_path / "out.acz"
-    monkeypatch.setattr(S, "LAZY_MIN_ROWS", 1 << 30)
-    S.encode_stream(d, ref, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    monkeypatch.setattr(B, "LAZY_MIN_ROWS", 1 << 30)
+    S.encode(d, ref, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
     from aligncodec.codec import encoder as E
 
-    monkeypatch.setattr(S, "LAZY_MIN_ROWS", 16)
+    monkeypatch.setattr(B, "LAZY_MIN_ROWS", 16)
     monkeypatch.setattr(E, "CHUNK_ROWS", 32)
     seen = []
     real = A.Checkpoint.rows_float32
@@ -463,7 +469,7 @@ def test_row_chunked_embeddings_give_the_same_archive(tmp_path, text_file, monke
         return t
 
     monkeypatch.setattr(A.Checkpoint, "rows_float32", spy)
-    S.encode_stream(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
+    S.encode(d, out, _opts(text_file), tokenizer=ToyTokenizer(), progress=False)
     assert seen and max(seen) <= 32
     assert out.read_bytes() == ref.read_bytes()
 
@@ -476,7 +482,7 @@ def test_last_tensor_is_searched_on_a_subsample_and_coded_in_full_once(tmp_path,
 
     monkeypatch.setitem(tiny_arch.COMMON, "vocab_size", 4096)  # the embedding: 4096 x 64, most of the file
     d = make_checkpoint(tmp_path / "m", "llama", True)
-    monkeypatch.setattr(S, "SEARCH_ROWS", 512)
+    monkeypatch.setattr(H, "SEARCH_ROWS", 512)
     calls = []
     real = E.code_candidate
 
@@ -486,7 +492,7 @@ def test_last_tensor_is_searched_on_a_subsample_and_coded_in_full_once(tmp_path,
 
     monkeypatch.setattr(E, "code_candidate", spy)
     out = tmp_path / "m.acz"
-    S.encode_stream(d, out, _opts(text_file, bpw=3.0), tokenizer=ToyTokenizer(vocab=4096), progress=False)
+    S.encode(d, out, _opts(text_file, bpw=3.0), tokenizer=ToyTokenizer(vocab=4096), progress=False)
     emb = [s for n, s in calls if n == "model.embed_tokens.weight"]
     assert emb.count(1) == 1  # one full code
     assert len(emb) >= 3 and all(s == 8 for s in emb if s != 1 and s != 4096 // 64)  # the search: stride 8 (4096 / 512 rows)
@@ -500,7 +506,7 @@ def test_stream_encoder_writes_tcq_that_decodes_to_what_it_measured(tmp_path, te
     the rate, and the decoded linears carry the error the encoder recorded (the archive verifies)."""
     d = make_checkpoint(tmp_path / "m", "llama", True)
     out = tmp_path / "m.acz"
-    summ = S.encode_stream(d, out, _opts(text_file, trellis=2), tokenizer=ToyTokenizer(), progress=False)
+    summ = S.encode(d, out, _opts(text_file, trellis=2), tokenizer=ToyTokenizer(), progress=False)
     assert summ["quantizer"] == "tcq8"
     info = archive.inspect(out)
     modes = {r["name"]: r["mode"] for r in info["tensors"]}
@@ -510,7 +516,7 @@ def test_stream_encoder_writes_tcq_that_decodes_to_what_it_measured(tmp_path, te
     assert abs(8 * os.path.getsize(out) / info["n_weights"] / 4.0 - 1) <= 0.01
     archive.verify(out)
     with pytest.raises(ValueError):
-        S.StreamOptions(bpw=3.0, trellis=9)
+        S.EncodeOptions(bpw=3.0, trellis=9)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -526,7 +532,7 @@ def test_head_step_multiple_is_recorded_decodes_and_lands_on_the_rate(tmp_path, 
     outs = {}
     for hs in (1.0, 0.5, 0.5):
         out = tmp_path / f"m{hs}-{len(outs)}.acz"
-        summ = S.encode_stream(d, out, _opts(text_file, head_step=hs, trellis=2), tokenizer=ToyTokenizer(), progress=False)
+        summ = S.encode(d, out, _opts(text_file, head_step=hs, trellis=2), tokenizer=ToyTokenizer(), progress=False)
         info = archive.inspect(out)
         assert abs(8 * os.path.getsize(out) / info["n_weights"] / 4.0 - 1) <= 0.01
         assert summ["head_step"] == hs and summ["head"] == head
@@ -539,25 +545,25 @@ def test_head_step_multiple_is_recorded_decodes_and_lands_on_the_rate(tmp_path, 
     assert math.log2(outs[1.0][0][1] / outs[0.5][0][1]) > 0.5
     assert outs[0.5][0][0].read_bytes() == outs[0.5][1][0].read_bytes()
     with pytest.raises(ValueError, match="head step"):
-        S.StreamOptions(bpw=3.0, head_step=0.0)
+        S.EncodeOptions(bpw=3.0, head_step=0.0)
     # not given: the balance rule from the parameter ratio, recorded as such
     out = tmp_path / "auto.acz"
-    summ = S.encode_stream(d, out, _opts(text_file, trellis=2), tokenizer=ToyTokenizer(), progress=False)
+    summ = S.encode(d, out, _opts(text_file, trellis=2), tokenizer=ToyTokenizer(), progress=False)
     ckpt = A.Checkpoint(d)
     n_head = ckpt.tensors[head].numel
     n_others = summ["n_lossy_weights"] - n_head
-    assert summ["head_step"] == pytest.approx(S.auto_head_step(n_head, n_others)) and not summ["head_step_given"]
+    assert summ["head_step"] == pytest.approx(H.auto_head_step(n_head, n_others)) and not summ["head_step_given"]
     assert abs(8 * os.path.getsize(out) / archive.inspect(out)["n_weights"] / 4.0 - 1) <= 0.01
 
 
 def test_auto_head_step_balances_the_head_against_the_rest():
     """A small head (SmolLM2's share) gets a finer step than the blocks, a head larger than the
     rest (Gemma-3's 262k-token embedding) a coarser one; m rises with the head's share."""
-    ms = [S.auto_head_step(h, 100) for h in (1, 10, 27, 60, 100, 167, 400)]
+    ms = [H.auto_head_step(h, 100) for h in (1, 10, 27, 60, 100, 167, 400)]
     assert all(a < b for a, b in zip(ms, ms[1:]))
-    assert 0.55 < S.auto_head_step(28_311_552, 106_168_320) < 0.7
-    assert 1.0 < S.auto_head_step(167_772_160, 100_300_000) < 1.25
-    assert S.auto_head_step(0, 100) == 1.0 == S.auto_head_step(5, 0)
+    assert 0.55 < H.auto_head_step(28_311_552, 106_168_320) < 0.7
+    assert 1.0 < H.auto_head_step(167_772_160, 100_300_000) < 1.25
+    assert H.auto_head_step(0, 100) == 1.0 == H.auto_head_step(5, 0)
 
 
 def test_cli_default_encoder_is_stream_and_checks_each_tensor(tmp_path, capsys, monkeypatch):
@@ -602,13 +608,13 @@ def test_gram_from_the_lower_triangle_is_the_full_product(n, tile):
     G = torch.zeros(n, n, dtype=torch.float64)
     full = torch.zeros(n, n, dtype=torch.float64)
     for x in xs:
-        S.add_gram_lower_(G, x, tile)
+        C.add_gram_lower_(G, x, tile)
         full.add_(x.T @ x)
-    S.mirror_lower_(G, tile)
+    C.mirror_lower_(G, tile)
     assert torch.equal(G, G.T)
     assert torch.allclose(G, full, rtol=1e-5, atol=1e-4)
     if tile >= n:
-        assert torch.equal(G, S.E.symmetrize_(full))
+        assert torch.equal(G, E.symmetrize_(full))
 
 
 def _save_word_tokenizer(folder, text: str, first_id: int) -> int:
@@ -637,8 +643,8 @@ def test_tokenizer_that_does_not_fit_the_model_is_a_named_input_error(tmp_path, 
     vocab = tiny_arch.COMMON["vocab_size"]
     size = _save_word_tokenizer(d, TEXT, first_id=vocab + 50)
     out = tmp_path / "o.acz"
-    with pytest.raises(S.TokenizerMismatchError) as ei:
-        S.encode_stream(d, out, _opts(text_file, calib_tokens=100), progress=False)
+    with pytest.raises(P.TokenizerMismatchError) as ei:
+        S.encode(d, out, _opts(text_file, calib_tokens=100), progress=False)
     msg = str(ei.value)
     assert f"vocabulary of {vocab} (config vocab_size)" in msg and f"of {size} tokens" in msg
     top = int(re.search(r"gives token id (\d+)", msg).group(1))
@@ -650,5 +656,5 @@ def test_tokenizer_that_does_not_fit_the_model_is_a_named_input_error(tmp_path, 
     assert "TokenizerMismatchError" in err and str(vocab) in err and not out.exists()
     # ids inside the vocabulary: the same folder encodes
     _save_word_tokenizer(d, TEXT, first_id=3)
-    S.encode_stream(d, out, _opts(text_file, calib_tokens=100), progress=False)
+    S.encode(d, out, _opts(text_file, calib_tokens=100), progress=False)
     archive.verify(out)
