@@ -61,6 +61,22 @@ def test_linear_weights_skip_tied_head_and_sites(tiny):
     assert sorted(len(g) for g in groups) == [1, 1, 1, 1, 2, 2, 3, 3]
 
 
+def test_sites_side_by_side_give_the_one_thread_results(tiny):
+    """threads > 1 (the demo's fixed-rate arm): whole sites at once, each on one torch thread;
+    the results, in site order, are bit for bit those of the sites one after another on one thread."""
+    from aligncodec.encode.blocks import thread_limits
+
+    model, ids, sig = tiny
+    weights = {n: m.weight.detach().clone() for n, m in BL.linear_weights(model).items()}
+    m = B.get_method("hadamard-gptq", 32)
+    with thread_limits(1):
+        one = BL.quantize_model_weights(weights, sig, m, bits=3, act_order=True)
+    two = BL.quantize_model_weights(weights, sig, m, bits=3, act_order=True, threads=3)
+    assert [r.name for r in two] == [r.name for r in one]
+    for a, b in zip(one, two):
+        assert torch.equal(a.W_hat, b.W_hat) and a.bits == b.bits
+
+
 @pytest.mark.parametrize("method", ["rtn", "rtn-g128", "hadamard-rtn", "gptq", "hadamard-gptq"])
 def test_quantised_tiny_model_close_at_8_bits_and_bits_add_up(tiny, method):
     model, ids, sig = tiny

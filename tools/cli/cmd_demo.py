@@ -68,7 +68,8 @@ def _encode(args, src: Path, acz: Path, candidates: tuple[str, ...]) -> dict:
 def _evaluate_archive(args, acz: Path, ref) -> dict:
     from aligncodec.tools.eval import evaluate as Ev
 
-    archive.verify(acz, progress=False)  # every checksum and padding byte, every stream decoded
+    # the load decodes every stream after checking its checksum, with the structural checks of
+    # `aligncodec verify` (one decode: verify's own would be a second)
     model, tok = Ev.load_model_for_eval(str(acz))
     return Ev.evaluate(model, tok, n_tokens=args.tokens, ref_model=ref, threads=args.threads or None,
                        progress=True, label=acz.name)
@@ -98,8 +99,10 @@ def _fixed_rate(args, ref, rest_bytes: int) -> dict:
     mods = linear_weights(model)  # every linear; a head tied to the embedding is the embedding below
     weights = {n: m.weight.detach().clone() for n, m in mods.items()}
     sigma = load_sigma(args.model, n_tokens=args.calib_tokens, progress=True)
+    from aligncodec.codec import parallel
+
     res = quantize_model_weights(weights, sigma, B.get_method("hadamard-gptq", args.fixed_group), bits=args.fixed_bits,
-                                 act_order=True, progress=True)
+                                 act_order=True, progress=True, threads=args.threads or parallel.default_threads())
     emb = model.get_input_embeddings().weight
     er = BQ.quantize_site({"embedding": emb.detach()}, B.get_method("rtn", 0), bits=8)[0]
     with torch.no_grad():
