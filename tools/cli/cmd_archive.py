@@ -247,7 +247,7 @@ def add_parser(sub) -> None:
                         "of the blocks' step; < 1 spends more of the budget on it (default: see docs/lossy-encoder.md)")
     p.add_argument("--distortion", type=float, metavar="D",
                    help="lossy: instead of --bpw, the target mean over the lossy tensors of the activation-weighted relative "
-                        "error tr(dW S dW^T)/tr(W S W^T), in (0, 1); the rate controller meets it within a few percent")
+                        "error tr(dW S dW^T)/tr(W S W^T), in (0, 1); met within 10 %% (usually far closer: docs/lossy-encoder.md)")
     p.add_argument("--candidates", default="hadamard,colscale",
                    help="lossy: transforms tried per tensor, by J = D + λR (identity, hadamard, colscale, hadamard-colscale)")
     add_quantizer_arguments(p)
