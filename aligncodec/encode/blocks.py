@@ -56,12 +56,10 @@ def check_coded(w: ArchiveWriter, entry, tc: E.TensorCode, ckpt: A.Checkpoint, n
     measured (‖W − Ŵ‖² within VERIFY_RTOL). A mismatch is EncodeVerifyError (exit 8): the
     archive never gets its final name. Returns the decoded error. ``keep``: a dict that receives
     the decoded float32 weight under ``nm`` (--tune-norms)."""
-    from aligncodec.codec.modes import decode_entry, release_decoder_scratch
-    from aligncodec.codec.torch_interop import bytes_to_tensor
-    from aligncodec.formats.streams import parse_streams
+    from aligncodec.codec.modes import release_decoder_scratch
 
     try:
-        What = bytes_to_tensor(entry, decode_entry(entry, parse_streams(w.read_back(entry), entry.stream_count)))
+        What = read_written(w, entry)
     except Exception as exc:  # noqa: BLE001 - any failure to decode what was just written is the check failing
         raise E.EncodeVerifyError(f"tensor {nm!r} does not decode ({type(exc).__name__}: {exc})") from None
     if tuple(What.shape) != tuple(ckpt.tensors[nm].shape):
@@ -209,7 +207,7 @@ def resume_blocks(run, spool) -> int:
         for nm, dtype, shape, mode, params, streams in pl["entries"]:
             e = run.w.add(nm, dtype, shape, mode, streams, params)
             if run.decoded is not None and nm in run.lossy_names and nm not in pl.get("lossless", {}):
-                run.decoded[nm] = decode_written(run.w, e)
+                run.decoded[nm] = read_written(run.w, e).to(torch.float32)
         for c in pl["coded"]:
             run.coded[c["name"]] = Coded(**c)
         run.lossless_why.update(pl.get("lossless", {}))
@@ -220,13 +218,13 @@ def resume_blocks(run, spool) -> int:
     return len(spool.steps)
 
 
-def decode_written(w: ArchiveWriter, entry) -> torch.Tensor:
-    """An entry just written, read back from the writer and decoded (float32)."""
+def read_written(w: ArchiveWriter, entry) -> torch.Tensor:
+    """An entry just written, read back from the writer's spool and decoded (its own dtype)."""
     from aligncodec.codec.modes import decode_entry
     from aligncodec.codec.torch_interop import bytes_to_tensor
     from aligncodec.formats.streams import parse_streams
 
-    return bytes_to_tensor(entry, decode_entry(entry, parse_streams(w.read_back(entry), entry.stream_count))).to(torch.float32)
+    return bytes_to_tensor(entry, decode_entry(entry, parse_streams(w.read_back(entry), entry.stream_count)))
 
 
 def block_pass(run, spool, *, resume: bool, on_block=None, progress: bool = True) -> None:

@@ -34,6 +34,18 @@ LOG2_GRID = np.arange(-24.0, 6.0 + 1e-9, 0.125)  # log2 of the steps the rate cu
 SAMPLE_VALUES = 1 << 14  # values per tensor in the rate pass
 
 
+def bisect_boundary(pred, lo: float, hi: float, iters: int = 60) -> tuple[float, float]:
+    """[lo, hi] narrowed by bisection to where the monotone ``pred`` (True at lo, False at hi)
+    changes: the controllers' step solves."""
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if pred(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
+
+
 class OffGridError(ValueError):
     """A finite tensor whose rms puts every useful step outside the rate grid (it goes lossless)."""
 
@@ -164,13 +176,7 @@ class RateController:
         lo, hi = -40.0, 12.0
         if self._predict_agg(hi, *agg) > left:
             return hi
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            if self._predict_agg(mid, *agg) > left:
-                lo = mid
-            else:
-                hi = mid
-        return hi
+        return bisect_boundary(lambda x: self._predict_agg(x, *agg) > left, lo, hi)[1]
 
     def record(self, name: str, x: float, nbytes: int, rel_err: float | None = None) -> None:
         """``name`` coded at log2 step ``x`` (its own step: the common one plus its offset)."""
@@ -261,13 +267,7 @@ class DistortionController(RateController):
             return hi
         if mean_err(lo) >= self.target:
             return lo
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            if mean_err(mid) > self.target:
-                hi = mid
-            else:
-                lo = mid
-        return lo
+        return bisect_boundary(lambda x: mean_err(x) <= self.target, lo, hi)[0]
 
     def record(self, name: str, x: float, nbytes: int, rel_err: float | None = None) -> None:
         c = self.curves[name]

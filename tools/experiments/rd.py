@@ -320,6 +320,7 @@ def weight_domain_curve(model_name: str = "minilm", rates=(2.0, 2.5, 3.0, 3.5, 4
     the SQNR is measured on the weights the decoder reads back."""
     import tempfile
 
+    from aligncodec import archive
     from aligncodec.encode.plan import resolve_input
     from safetensors import safe_open
 
@@ -334,9 +335,7 @@ def weight_domain_curve(model_name: str = "minilm", rates=(2.0, 2.5, 3.0, 3.5, 4
                 summ, _per = encode_linear(model_name, cs, r, acz, calibration="none", trellis=trellis, progress=progress)
                 dec = decoded_lossy(acz)
             sig = noise = 0.0
-            src = resolve_input(model_name)
-            files = sorted(src.glob("*.safetensors")) if src.is_dir() else [src]
-            for f in files:
+            for f in archive.find_inputs(resolve_input(model_name)).files:
                 with safe_open(str(f), framework="pt") as st:
                     for n in st.keys():
                         if n in dec:
